@@ -1,0 +1,190 @@
+"""Annotations (Pascal-VOC XML, COCO JSON) and the training-crop sampler.
+
+Large aerial images are not resized to fit a network: training samples crops at (near) native
+resolution, so a 10 px crown stays 10 px. Each sample applies a random scale (jitter), one of the
+8 flips/90-degree rotations (aerial imagery has no "up"), colour jitter and occasional greyscale.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["Annotated", "load_voc", "load_coco", "load_annotations", "CropSampler", "read_image"]
+
+Image.MAX_IMAGE_PIXELS = 20_000 ** 2
+
+
+@dataclass
+class Annotated:
+    """One image with boxes `[N, 4]` (x1, y1, x2, y2 pixels) and labels (1-based class ids)."""
+
+    image_path: Path
+    boxes: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...] = field(default=("object",))
+    image_id: int = 0
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """`[H, W, 3]` uint8 RGB."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def load_voc(xml_path: str | Path, *, single_class: str | None = None, image_dir: str | Path | None = None) -> Annotated:
+    """One Pascal-VOC XML file. `single_class` maps every object to that one class."""
+    xml_path = Path(xml_path)
+    root = ET.parse(xml_path).getroot()
+    filename = root.findtext("filename") or xml_path.with_suffix(".png").name
+    image_path = Path(image_dir or xml_path.parent) / filename
+    names, boxes = [], []
+    for obj in root.iter("object"):
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise ValueError(f"{xml_path}: object without bndbox")
+        box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        if box[2] <= box[0] or box[3] <= box[1]:
+            continue
+        boxes.append(box)
+        names.append(single_class or obj.findtext("name") or "object")
+    classes = tuple(sorted(set(names))) if not single_class else (single_class,)
+    labels = np.array([classes.index(n) + 1 for n in names], dtype=np.int64)
+    return Annotated(image_path, np.array(boxes, dtype=np.float32).reshape(-1, 4), labels, classes)
+
+
+def load_coco(json_path: str | Path, *, single_class: str | None = None) -> list[Annotated]:
+    """Every image of a COCO detection JSON (boxes converted from xywh)."""
+    json_path = Path(json_path)
+    coco = json.loads(json_path.read_text())
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    classes = (single_class,) if single_class else tuple(c["name"] for c in cats)
+    cat_index = {c["id"]: i + 1 for i, c in enumerate(cats)}
+    by_image: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    out = []
+    for img in coco["images"]:
+        anns = [a for a in by_image.get(img["id"], []) if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=np.float32)
+        labels = np.array([1 if single_class else cat_index[a["category_id"]] for a in anns], dtype=np.int64)
+        out.append(Annotated(json_path.parent / img["file_name"], boxes.reshape(-1, 4), labels, classes, img["id"]))
+    return out
+
+
+def load_annotations(paths: list[str | Path], *, single_class: str | None = None) -> list[Annotated]:
+    """VOC XML files, COCO JSON files, or directories of either."""
+    out: list[Annotated] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(p.glob("*.xml")) + sorted(p.glob("*.json"))
+            if not files:
+                raise FileNotFoundError(f"{p}: no .xml or .json annotation files")
+        elif p.exists():
+            files = [p]
+        else:
+            raise FileNotFoundError(f"annotation file {p} does not exist")
+        for f in files:
+            if f.suffix == ".json":
+                out.extend(load_coco(f, single_class=single_class))
+            else:
+                out.append(load_voc(f, single_class=single_class))
+    for i, a in enumerate(out):
+        a.image_id = i + 1
+    return out
+
+
+def _dihedral(img: Tensor, boxes: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Apply one of the 8 flips/rotations (k in 0..7) to a `[3, H, W]` image and its boxes."""
+    if k >= 4:
+        img = img.flip(-1)
+        w = img.shape[-1]
+        boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+    for _ in range(k % 4):  # rotate 90 degrees counter-clockwise: (x, y) -> (y, W - x)
+        w = img.shape[-1]
+        img = torch.rot90(img, 1, (-2, -1))
+        boxes = torch.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], 1)
+    return img, boxes
+
+
+class CropSampler:
+    """Random training crops from annotated images.
+
+    Args:
+        items: the annotated images (read once into memory as uint8).
+        crop: output side in pixels.
+        scale_range: random resize factor range applied before cropping.
+        object_centred: fraction of crops centred near a random object.
+        min_visible: a box cut by the crop is kept if this fraction of its area stays inside.
+    """
+
+    def __init__(self, items: list[Annotated], *, crop: int = 384, scale_range: tuple[float, float] = (0.6, 1.4),
+                 object_centred: float = 0.75, min_visible: float = 0.5, colour: float = 0.3, grey: float = 0.1,
+                 seed: int = 0):
+        if not items:
+            raise ValueError("no annotated images to train on")
+        self.items = items
+        self.images = [torch.from_numpy(read_image(a.image_path)).permute(2, 0, 1).contiguous() for a in items]
+        self.crop, self.scale_range = crop, scale_range
+        self.object_centred, self.min_visible = object_centred, min_visible
+        self.colour, self.grey = colour, grey
+        self.rng = random.Random(seed)
+
+    def sample(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """One `[3, crop, crop]` float image in [0, 1] and its target dict."""
+        rng = self.rng
+        i = rng.randrange(len(self.items))
+        img, ann = self.images[i], self.items[i]
+        s = math.exp(rng.uniform(math.log(self.scale_range[0]), math.log(self.scale_range[1])))
+        _, h, w = img.shape
+        src = min(int(round(self.crop / s)), h, w)  # source window side that maps to the crop
+        boxes = torch.from_numpy(ann.boxes)
+        if len(boxes) and rng.random() < self.object_centred:
+            b = boxes[rng.randrange(len(boxes))]
+            cx = (b[0] + b[2]).item() / 2 + rng.uniform(-src / 3, src / 3)
+            cy = (b[1] + b[3]).item() / 2 + rng.uniform(-src / 3, src / 3)
+            x0, y0 = int(cx - src / 2), int(cy - src / 2)
+        else:
+            x0, y0 = rng.randint(0, w - src), rng.randint(0, h - src)
+        x0, y0 = max(0, min(x0, w - src)), max(0, min(y0, h - src))
+        patch = img[:, y0:y0 + src, x0:x0 + src].float().div_(255)
+        out_side = max(1, int(round(src * s)))
+        patch = F.interpolate(patch[None], size=(out_side, out_side), mode="bilinear", align_corners=False,
+                              antialias=s < 1)[0]
+        labels = torch.from_numpy(ann.labels)
+        if len(boxes):
+            shifted = (boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)) * (out_side / src)
+            clipped = shifted.clamp(0, out_side)
+            area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
+            area_in = (clipped[:, 2] - clipped[:, 0]).clamp(min=0) * (clipped[:, 3] - clipped[:, 1]).clamp(min=0)
+            keep = (area_in >= self.min_visible * area) & (clipped[:, 2] - clipped[:, 0] >= 2) & (clipped[:, 3] - clipped[:, 1] >= 2)
+            boxes, labels = clipped[keep], labels[keep]
+        patch, boxes = _dihedral(patch, boxes.reshape(-1, 4), rng.randrange(8))
+        patch = self._colour(patch)
+        return patch.contiguous(), {"boxes": boxes.float(), "labels": labels}
+
+    def _colour(self, x: Tensor) -> Tensor:
+        rng, c = self.rng, self.colour
+        if c > 0:
+            x = x * rng.uniform(1 - c, 1 + c)  # brightness
+            mean = x.mean()
+            x = (x - mean) * rng.uniform(1 - c, 1 + c) + mean  # contrast
+            grey = x.mean(0, keepdim=True)
+            x = (x - grey) * rng.uniform(1 - c, 1 + c) + grey  # saturation
+            x = x * torch.tensor([rng.uniform(1 - c / 3, 1 + c / 3) for _ in range(3)])[:, None, None]  # tint
+        if rng.random() < self.grey:
+            x = x.mean(0, keepdim=True).repeat(3, 1, 1)
+        return x.clamp_(0, 1)
+
+    def batch(self, n: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        images, targets = zip(*(self.sample() for _ in range(n)))
+        return list(images), list(targets)

@@ -1,0 +1,201 @@
+"""Detector builders: Faster R-CNN, RetinaNet and Mask R-CNN on any backbone x neck.
+
+`build_detector(cfg)` is the one place that reads a `ModelConfig`: backbone -> neck -> torchvision
+heads (RPN, RoI heads, RetinaNet head, mask head), anchor generator and RoI pooler.
+
+In eval mode the models return torchvision's per-image dicts (`boxes` `[N, 4]` in input-image
+pixels, `scores`, `labels`, `masks` for Mask R-CNN) plus `levels` `[N]`: the pyramid level that
+produced each box (RetinaNet: the level of its anchor; R-CNNs: the level its box pools from,
+`assign_levels`).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops import boxes as box_ops
+
+from .backbone import build_backbone, group_norm, level_names, norm_layer
+from .config import ModelConfig
+from .fpn import build_neck
+from .levels import PyramidRoIAlign, assign_levels
+
+__all__ = ["BackboneWithNeck", "build_detector", "count_parameters"]
+
+
+class BackboneWithNeck(nn.Module):
+    """Bottom-up pathway + neck: `[B, 3, H, W]` -> `{"p2": [B, d, H/4, W/4], ...}`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.body = build_backbone(cfg)
+        self.neck = build_neck(cfg, self.body.channels, self.body.names)
+        self.out_channels = cfg.out_channels
+        self.names = level_names("p", cfg.levels)
+        self.strides = [2 ** level for level in cfg.levels]
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        return self.neck(self.body(x))
+
+
+class FPNTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform with an optional fixed resize factor and level tagging.
+
+    `scale=None` keeps torchvision's rule (shorter side to `min_size`); `scale=1.0` runs at native
+    resolution, `2.0` upsamples (for tiny objects). Before boxes are mapped back to the original
+    image, R-CNN detections get their pyramid `levels` (assignment needs input-image sizes).
+    """
+
+    def __init__(self, cfg: ModelConfig, roi_levels: tuple[int, ...] | None):
+        super().__init__(cfg.min_size, cfg.max_size, list(cfg.image_mean), list(cfg.image_std))
+        self.scale = cfg.scale
+        self.roi_levels = roi_levels
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
+        if self.scale is None:
+            return super().resize(image, target)
+        if self.scale == 1.0:
+            return image, target
+        h, w = image.shape[-2:]
+        image = torch.nn.functional.interpolate(
+            image[None], scale_factor=self.scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+        )[0]
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
+            if "masks" in target:
+                target["masks"] = torch.nn.functional.interpolate(
+                    target["masks"][:, None].float(), size=image.shape[-2:]
+                )[:, 0].byte()
+        return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.roi_levels is not None:
+            for r in result:
+                if "levels" not in r:
+                    r["levels"] = assign_levels(r["boxes"], self.roi_levels[0], self.roi_levels[-1])
+        return super().postprocess(result, image_shapes, original_image_sizes)
+
+
+class FPNRetinaNet(RetinaNet):
+    """torchvision's RetinaNet that also reports the pyramid level of each detection.
+
+    `postprocess_detections` is torchvision's, with the level of each kept anchor carried along
+    (torchvision drops it when it concatenates the levels).
+    """
+
+    pyramid_levels: tuple[int, ...] = ()
+
+    def postprocess_detections(self, head_outputs, anchors, image_shapes):
+        detections = []
+        for index, image_shape in enumerate(image_shapes):
+            per_level = zip(
+                [br[index] for br in head_outputs["bbox_regression"]],
+                [cl[index] for cl in head_outputs["cls_logits"]],
+                anchors[index],
+                self.pyramid_levels,
+            )
+            boxes, scores, labels, levels = [], [], [], []
+            for regression, logits, level_anchors, level in per_level:
+                num_classes = logits.shape[-1]
+                level_scores = torch.sigmoid(logits).flatten()
+                keep = level_scores > self.score_thresh
+                level_scores = level_scores[keep]
+                topk_idxs = torch.where(keep)[0]
+                num_topk = det_utils._topk_min(topk_idxs, self.topk_candidates, 0)
+                level_scores, idxs = level_scores.topk(num_topk)
+                topk_idxs = topk_idxs[idxs]
+                anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
+                level_boxes = self.box_coder.decode_single(regression[anchor_idxs], level_anchors[anchor_idxs])
+                boxes.append(box_ops.clip_boxes_to_image(level_boxes, image_shape))
+                scores.append(level_scores)
+                labels.append(topk_idxs % num_classes)
+                levels.append(torch.full_like(topk_idxs, level))
+            boxes_t, scores_t, labels_t, levels_t = (torch.cat(t) for t in (boxes, scores, labels, levels))
+            keep = box_ops.batched_nms(boxes_t, scores_t, labels_t, self.nms_thresh)[: self.detections_per_img]
+            detections.append(
+                {"boxes": boxes_t[keep], "scores": scores_t[keep], "labels": labels_t[keep], "levels": levels_t[keep]}
+            )
+        return detections
+
+
+def _anchors(cfg: ModelConfig) -> AnchorGenerator:
+    return AnchorGenerator(cfg.anchor_sizes, (tuple(cfg.aspect_ratios),) * len(cfg.anchor_sizes))
+
+
+def _head_norm(cfg: ModelConfig) -> Any:
+    """Normalisation of the v2 heads: the neck's choice, else BatchNorm as torchvision's v2 models."""
+    return norm_layer(cfg.neck_norm) or nn.BatchNorm2d
+
+
+def _rcnn_kwargs(cfg: ModelConfig, backbone: BackboneWithNeck) -> dict[str, Any]:
+    anchors = _anchors(cfg)
+    d = cfg.out_channels
+    roi_names = level_names("p", cfg.roi_levels)
+    dim = cfg.box_head_dim
+    kwargs: dict[str, Any] = dict(
+        box_head=TwoMLPHead(d * 7 * 7, dim),
+        box_predictor=FastRCNNPredictor(dim, cfg.num_classes),
+        rpn_anchor_generator=anchors,
+        box_roi_pool=PyramidRoIAlign(featmap_names=roi_names, output_size=7, sampling_ratio=2),
+        box_score_thresh=cfg.score_thresh,
+        box_nms_thresh=cfg.nms_thresh,
+        box_detections_per_img=cfg.detections_per_img,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        rpn_score_thresh=cfg.rpn_score_thresh,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+    )
+    if cfg.head_style == "v2":
+        kwargs["rpn_head"] = RPNHead(d, anchors.num_anchors_per_location()[0], conv_depth=2)
+        kwargs["box_head"] = FastRCNNConvFCHead((d, 7, 7), [256, 256, 256, 256], [dim], norm_layer=_head_norm(cfg))
+    if cfg.arch == "mask_rcnn":
+        kwargs["mask_roi_pool"] = PyramidRoIAlign(featmap_names=roi_names, output_size=14, sampling_ratio=2)
+        kwargs["mask_predictor"] = MaskRCNNPredictor(256, 256, cfg.num_classes)
+        if cfg.head_style == "v2":
+            kwargs["mask_head"] = MaskRCNNHeads(d, [256, 256, 256, 256], 1, norm_layer=_head_norm(cfg))
+    return kwargs
+
+
+def build_detector(cfg: ModelConfig) -> nn.Module:
+    """Faster R-CNN, RetinaNet or Mask R-CNN for `cfg` (random initialisation)."""
+    backbone = BackboneWithNeck(cfg)
+    if cfg.arch == "retinanet":
+        anchors = _anchors(cfg)
+        head_norm = partial(nn.GroupNorm, 32) if cfg.head_style == "v2" and cfg.neck_norm != "gn" else None
+        if cfg.neck_norm == "gn":
+            head_norm = group_norm
+        head = RetinaNetHead(cfg.out_channels, anchors.num_anchors_per_location()[0], cfg.num_classes,
+                             norm_layer=head_norm)
+        if cfg.giou_loss or cfg.head_style == "v2":
+            head.regression_head._loss_type = "giou"
+        model: nn.Module = FPNRetinaNet(
+            backbone, cfg.num_classes, anchor_generator=anchors, head=head, score_thresh=cfg.score_thresh,
+            nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
+        )
+        model.pyramid_levels = cfg.levels
+        roi_levels = None
+    else:
+        cls = MaskRCNN if cfg.arch == "mask_rcnn" else FasterRCNN
+        model = cls(backbone, **_rcnn_kwargs(cfg, backbone))
+        roi_levels = cfg.roi_levels
+    model.transform = FPNTransform(cfg, roi_levels)
+    model.config = cfg
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

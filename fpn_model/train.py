@@ -1,0 +1,164 @@
+"""Training loop: random crops from annotated images, AdamW with warm-up and cosine decay.
+
+`train(TrainConfig)` is the single-process loop behind `fpn train`; `train_step` is the piece a
+distributed trainer (Ray Train) calls on each worker. Progress goes to the `log` callback
+(the CLI prints it); the best checkpoint by validation AP50 and the last one are written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .data import Annotated, CropSampler, load_annotations
+from .detectors import build_detector
+from .evaluate import evaluate
+from .predict import Predictor, TileConfig
+from .weights import save_checkpoint
+
+__all__ = ["TrainConfig", "train", "train_step", "make_optimizer", "lr_at"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    train: tuple[str, ...]
+    val: tuple[str, ...] = ()
+    output: str = "runs/model.safetensors"
+    single_class: str | None = None
+    steps: int = 2000
+    minutes: float | None = None  # stop (and finish the cosine schedule) by wall-clock time instead
+    batch_size: int = 8
+    crop: int = 384
+    scale_range: tuple[float, float] = (0.6, 1.4)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    clip: float = 10.0
+    eval_every: int = 200
+    threads: int | None = None
+    seed: int = 0
+    save_dtype: str = "float16"
+    val_tile: int = 1024
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("train: at least one annotation file or directory is required")
+        for name in ("steps", "batch_size", "crop", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.save_dtype not in ("float16", "float32", "bfloat16"):
+            raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
+
+
+def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+
+
+def lr_at(progress: float, step: int, tc: TrainConfig) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 1% over `progress` in [0, 1]."""
+    warm = min(1.0, (step + 1) / tc.warmup)
+    return tc.lr * warm * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, images, targets, clip: float) -> dict[str, float]:
+    losses = model(images, targets)
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"loss is {total.item()}: {({k: v.item() for k, v in losses.items()})}")
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    opt.step()
+    return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> dict:
+    """Train `tc.model` on `tc.train`; returns the summary (also written next to the checkpoint)."""
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    items = load_annotations(list(tc.train), single_class=tc.single_class)
+    val_items: list[Annotated] = load_annotations(list(tc.val), single_class=tc.single_class) if tc.val else []
+    class_names = items[0].class_names
+    cfg = tc.model.replace(num_classes=len(class_names) + 1,  # label 0 = background (unused by RetinaNet)
+                           class_names=class_names)
+    model = build_detector(cfg)
+    sampler = CropSampler(items, crop=tc.crop, scale_range=tc.scale_range, seed=tc.seed)
+    opt = make_optimizer(model, tc)
+    out = Path(tc.output)
+    best_path = out
+    last_path = out.with_name(out.stem + ".last.safetensors")
+    history: list[dict] = []
+    best = {"AP50": -1.0}
+    start = time.monotonic()
+    step = 0
+    emit = log_fn or (lambda rec: log.info("%s", rec))
+
+    def progress() -> float:
+        if tc.minutes is not None:
+            return (time.monotonic() - start) / (tc.minutes * 60)
+        return step / tc.steps
+
+    def validate() -> None:
+        nonlocal best
+        if not val_items:
+            return
+        model.eval()
+        metrics = evaluate(Predictor(model, tile=TileConfig(size=tc.val_tile, overlap=tc.val_tile // 8)), val_items)
+        model.train()
+        rec = {"step": step, "minutes": round((time.monotonic() - start) / 60, 2), **{k: round(v, 4) for k, v in metrics.items()}}
+        history.append(rec)
+        emit({"event": "eval", **rec})
+        if metrics["AP50"] > best["AP50"]:
+            best = rec
+            save_checkpoint(model, best_path, dtype=_dtype(tc.save_dtype), extra={"val": rec, "train": _summary(tc)})
+
+    model.train()
+    while progress() < 1.0 and (tc.minutes is not None or step < tc.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress(), step, tc)
+        images, targets = sampler.batch(tc.batch_size)
+        t0 = time.monotonic()
+        losses = train_step(model, opt, images, targets, tc.clip)
+        step += 1
+        if step % 20 == 0 or step == 1:
+            emit({"event": "step", "step": step, "lr": round(opt.param_groups[0]["lr"], 6),
+                  "s_per_step": round(time.monotonic() - t0, 3), "elapsed_min": round((time.monotonic() - start) / 60, 2),
+                  **{k: round(v, 4) for k, v in losses.items()}})
+        if step % tc.eval_every == 0:
+            validate()
+    validate()
+    save_checkpoint(model, last_path, dtype=_dtype(tc.save_dtype), extra={"train": _summary(tc)})
+    if not val_items:
+        save_checkpoint(model, best_path, dtype=_dtype(tc.save_dtype), extra={"train": _summary(tc)})
+    summary = {"steps": step, "minutes": round((time.monotonic() - start) / 60, 2), "best": best,
+               "history": history, "checkpoint": str(best_path), "last": str(last_path), "config": _summary(tc)}
+    out.with_suffix(".train.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _summary(tc: TrainConfig) -> dict:
+    d = asdict(tc)
+    d["model"] = tc.model.to_dict()
+    return d

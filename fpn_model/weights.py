@@ -1,0 +1,198 @@
+"""Checkpoints and torchvision weight import.
+
+The checkpoint format is a single safetensors file: tensors only, so loading it can never run
+code, with the `ModelConfig` (JSON, class names included) in the file's metadata. Weights may be
+stored in fp16 to halve the file (`save_checkpoint(..., dtype=torch.float16)`); they are cast back
+to the model's dtype on load.
+
+torchvision's COCO detectors (pickled state dicts) are imported with `torch.load(weights_only=True)`,
+which refuses any pickle that would execute code, and renamed onto our modules.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig, preset
+from .detectors import build_detector
+
+__all__ = [
+    "save_checkpoint", "load_checkpoint", "read_config", "file_sha256", "TORCHVISION_MODELS",
+    "import_torchvision", "torchvision_to_ours", "CheckpointError",
+]
+
+FORMAT = "fpn-pipeline/1"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint (wrong format, unsafe pickle, mismatched weights)."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write `model` (built by `build_detector`) with its config to `path` (safetensors)."""
+    cfg: ModelConfig = model.config
+    tensors = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "extra": json.dumps(extra or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def _metadata(path: str | os.PathLike) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint {path} does not exist") from e
+        raise CheckpointError(f"{path} is not an fpn-pipeline checkpoint (safetensors): {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not an fpn-pipeline checkpoint (no '{FORMAT}' metadata)")
+    return meta
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config and extra metadata of a checkpoint, without loading the weights."""
+    meta = _metadata(path)
+    return ModelConfig.from_dict(json.loads(meta["config"])), json.loads(meta.get("extra", "{}"))
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                    **overrides: Any) -> nn.Module:
+    """Rebuild the model stored in `path` (eval mode). `overrides` change inference-time config
+    fields (score_thresh, scale, detections_per_img, ...)."""
+    cfg, _ = read_config(path)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    model = build_detector(cfg)
+    state = load_file(str(path), device=str(map_location))
+    _load_strict(model, state, str(path))
+    return model.to(map_location).eval()
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+        if v.is_floating_point():
+            state[k] = v.to(own[k].dtype)
+    model.load_state_dict(state)
+
+
+# -- torchvision import ----------------------------------------------------------------------------
+def _tv_configs() -> dict[str, ModelConfig]:
+    v2 = dict(head_style="v2", neck_norm="bn")
+    return {
+        "fasterrcnn_resnet50_fpn": preset("faster_rcnn_r50_fpn"),
+        "fasterrcnn_resnet50_fpn_v2": preset("faster_rcnn_r50_fpn", **v2),
+        "retinanet_resnet50_fpn": preset("retinanet_r50_fpn"),
+        "retinanet_resnet50_fpn_v2": preset("retinanet_r50_fpn", head_style="v2", extra="p6p7_c5"),
+        "maskrcnn_resnet50_fpn": preset("mask_rcnn_r50_fpn"),
+        "maskrcnn_resnet50_fpn_v2": preset("mask_rcnn_r50_fpn", **v2),
+        "fasterrcnn_mobilenet_v3_large_fpn": preset("faster_rcnn_mobilenet_v3_fpn"),
+    }
+
+
+TORCHVISION_MODELS = tuple(_tv_configs())
+
+_RENAMES = [
+    (re.compile(r"^backbone\.body\."), "backbone.body.trunk."),
+    (re.compile(r"^backbone\.fpn\.inner_blocks\."), "backbone.neck.lateral."),
+    (re.compile(r"^backbone\.fpn\.layer_blocks\."), "backbone.neck.output."),
+    (re.compile(r"^backbone\.fpn\.extra_blocks\."), "backbone.neck.extra."),
+]
+
+
+def torchvision_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a torchvision detection state dict onto our module names."""
+    out = {}
+    for k, v in state.items():
+        for pattern, repl in _RENAMES:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    return out
+
+
+def _safe_torch_load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing {path}: it is a pickle that would run code or build non-tensor objects "
+            f"(loaded with weights_only=True): {str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a PyTorch state dict: {e}") from e
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def import_torchvision(name: str, source: str | os.PathLike | dict | None = None, **overrides: Any) -> nn.Module:
+    """Our model carrying torchvision's `name` weights.
+
+    `source`: a local `.pth` file, a state dict, or None to download torchvision's COCO weights
+    (`DEFAULT`), which needs a network.
+    """
+    configs = _tv_configs()
+    if name not in configs:
+        raise ValueError(f"unknown torchvision model {name!r}; choose from {', '.join(configs)}")
+    cfg = configs[name]
+    class_names: tuple[str, ...] = ()
+    if source is None:
+        from torchvision.models import get_model_weights
+
+        weights = get_model_weights(name).DEFAULT
+        state = weights.get_state_dict(progress=True)
+        class_names = tuple(weights.meta["categories"])
+    elif isinstance(source, dict):
+        state = source
+    else:
+        state = _safe_torch_load(source)
+    if class_names:
+        cfg = cfg.replace(class_names=class_names)
+    model = build_detector(cfg.replace(**overrides))
+    ours = torchvision_to_ours(state)
+    own = model.state_dict()
+    ours = {k: v for k, v in ours.items() if not (k.endswith("num_batches_tracked") and k not in own)}
+    _load_strict(model, ours, str(source) if not isinstance(source, dict) else name)
+    return model.eval()

@@ -1,0 +1,350 @@
+"""`fpn`: run detection jobs over video and aerial archives, train and evaluate models.
+
+Only this module prints. Library errors become one-line `click.ClickException`s (exit 1).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+__all__ = ["cli"]
+
+
+def _fail_cleanly(fn):
+    """Turn the project's and storage's expected errors into one clear line and exit 1."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        from fpn_model.weights import CheckpointError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, PermissionError, CheckpointError, LookupError) as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def _emit(rows: list[dict], fmt: str, columns: list[str]) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if fmt == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        return
+    widths = {c: max([len(c)] + [len(_cell(r.get(c))) for r in rows]) for c in columns}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for r in rows:
+        click.echo("  ".join(_cell(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+                             show_default=True, help="Output format.")
+
+
+@click.group()
+@click.version_option(package_name="fpn-pipeline")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Find small objects in video and aerial archives with Feature Pyramid Network detectors on Ray.
+
+    Example: fpn run flights/*.mp4 --output results/ --every-n 5
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+# -- run ------------------------------------------------------------------------------------------
+def _storage_options(endpoint_url, profile, anon) -> dict | None:
+    opts: dict[str, Any] = {}
+    if endpoint_url:
+        opts["endpoint_url"] = endpoint_url
+    if profile:
+        opts["profile"] = profile
+    if anon:
+        opts["anon"] = True
+    return opts or None
+
+
+def _print_summary(doc: dict) -> None:
+    click.echo(
+        f"\n{doc['state']}: {doc['frames']} frames, {doc['detections']} detections, {doc['errors']} errors "
+        f"in {doc['wall_s']:.1f} s ({doc.get('frames_per_s') or 0:.2f} frames/s"
+        + (f"; {doc['skipped_frames']} frames already written were skipped" if doc.get("skipped_frames") else "")
+        + ")"
+    )
+    click.echo(f"output: {doc['spec']['output']}")
+    click.echo(f"query it: fpn query {doc['spec']['output']} \"SELECT count(*) FROM detections\"")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", help="Output directory or URL (OUTPUT/frames, errors, _job.json).")
+@click.option("-m", "--model", help="Zoo name or checkpoint path.  [default: trees]")
+@click.option("--batch-size", type=int, help="Frames per detector call.")
+@click.option("--every-n", type=int, help="Process every Nth video frame.")
+@click.option("--fps", type=float, help="Process about this many video frames per second.")
+@click.option("--start", "start_s", type=float, help="Skip video before this time (s).")
+@click.option("--end", "end_s", type=float, help="Stop video at this time (s).")
+@click.option("--tile", type=int, help="Tile frames larger than this many pixels a side.")
+@click.option("--tile-overlap", type=int, help="Overlap between tiles (pixels).")
+@click.option("--no-tile", is_flag=True, help="Feed frames whole, however large.")
+@click.option("--score-thresh", type=float, help="Drop detections scoring below this.")
+@click.option("--scale", type=float, help="Resize frames by this factor on the device (2 = upscale tiny objects).")
+@click.option("--segment-frames", type=int, help="Frames per video segment (decode parallelism).")
+@click.option("--num-detectors", type=int, help="Detector actors (model copies).")
+@click.option("--gpus-per-detector", type=float, help="GPUs per detector actor.")
+@click.option("--cpus-per-detector", type=float, help="CPUs per detector actor (its torch threads).")
+@click.option("--video-backend", type=click.Choice(["decord", "pyav"]), help="Video decoder.")
+@click.option("--endpoint-url", help="S3-compatible endpoint URL for s3:// inputs and outputs.")
+@click.option("--profile", help="AWS profile for s3:// access.")
+@click.option("--anon", is_flag=True, help="Anonymous access to public buckets.")
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join (default: embedded local Ray).")
+@_fail_cleanly
+def run(inputs, output, model, batch_size, every_n, fps, start_s, end_s, tile, tile_overlap, no_tile, score_thresh,
+        scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, video_backend, endpoint_url,
+        profile, anon, address):
+    """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
+
+    INPUTS are files, directories, globs, s3:// or other fsspec URLs, manifests (one URI a line),
+    or a single job spec (.yaml) whose fields the flags override.
+
+    Example: fpn run s3://bucket/flights/**.mp4 -o s3://bucket/out --fps 2 --endpoint-url http://127.0.0.1:9000
+    """
+    from jobs.runner import run as run_plan
+    from jobs.spec import load_spec, plan_from_dict
+
+    sampling = {k: v for k, v in dict(every_n=every_n, fps=fps, start_s=start_s, end_s=end_s).items() if v is not None}
+    tile_d = {k: v for k, v in dict(size=tile, overlap=tile_overlap).items() if v is not None}
+    resources = {k: v for k, v in dict(num_detectors=num_detectors, gpus_per_detector=gpus_per_detector,
+                                       cpus_per_detector=cpus_per_detector).items() if v is not None}
+    flags: dict[str, Any] = dict(output=output, model=model, batch_size=batch_size, score_thresh=score_thresh,
+                                 scale=scale, segment_frames=segment_frames, video_backend=video_backend,
+                                 storage_options=_storage_options(endpoint_url, profile, anon))
+    if sampling:
+        flags["sampling"] = sampling
+    if resources:
+        flags["resources"] = resources
+    if no_tile:
+        flags["tile"] = None
+    elif tile_d:
+        flags["tile"] = tile_d
+    if len(inputs) == 1 and inputs[0].endswith((".yaml", ".yml")):
+        plan = load_spec(inputs[0], **{k: v for k, v in flags.items() if v is not None or k == "tile"})
+    else:
+        if not output:
+            raise click.UsageError("--output is required (or give a job spec .yaml)")
+        data = {k: v for k, v in flags.items() if v is not None or (k == "tile" and no_tile)}
+        plan = plan_from_dict({"inputs": list(inputs), **data})
+    click.echo(f"running {plan.model_id} over {len(plan.inputs)} input(s) -> {plan.output}", err=True)
+    doc = run_plan(plan, address=address)
+    _print_summary(doc)
+
+
+# -- models ---------------------------------------------------------------------------------------
+@cli.command()
+@format_option
+@_fail_cleanly
+def models(fmt):
+    """List bundled checkpoints, presets and importable torchvision models.
+
+    Example: fpn models --format json
+    """
+    from fpn_model.config import ARCHS, BACKBONES, NECKS, PRESETS, UPSAMPLES
+    from fpn_model.weights import TORCHVISION_MODELS, read_config
+    from fpn_model.zoo import bundled
+
+    rows = []
+    for name, path in bundled().items():
+        cfg, extra = read_config(path)
+        val = extra.get("val", {})
+        rows.append({"name": name, "kind": "checkpoint", "arch": cfg.arch, "backbone": cfg.backbone, "neck": cfg.neck,
+                     "levels": "P" + "-P".join(map(str, (cfg.levels[0], cfg.levels[-1]))),
+                     "classes": ",".join(cfg.class_names), "AP50": val.get("AP50"),
+                     "size_mb": round(path.stat().st_size / 2**20, 1), "description": str(path)})
+    for name, (desc, cfg) in PRESETS.items():
+        rows.append({"name": name, "kind": "preset", "arch": cfg.arch, "backbone": cfg.backbone, "neck": cfg.neck,
+                     "levels": f"P{cfg.levels[0]}-P{cfg.levels[-1]}", "description": desc})
+    for name in TORCHVISION_MODELS:
+        rows.append({"name": name, "kind": "torchvision", "description": "COCO weights: fpn import-torchvision " + name})
+    if fmt == "json":
+        _emit(rows, fmt, [])
+        return
+    _emit(rows, fmt, ["name", "kind", "arch", "backbone", "neck", "levels", "AP50", "description"])
+    click.echo(f"\narchitectures: {', '.join(ARCHS)}; backbones: {', '.join(BACKBONES)}; necks: {', '.join(NECKS)}; "
+               f"upsampling: {', '.join(UPSAMPLES)}")
+
+
+@cli.command("import-torchvision")
+@click.argument("name")
+@click.argument("dest")
+@click.option("--state-dict", type=click.Path(exists=True, dir_okay=False),
+              help="A local .pth state dict instead of downloading torchvision's COCO weights.")
+@_fail_cleanly
+def import_torchvision_cmd(name, dest, state_dict):
+    """Convert a torchvision COCO detector into an fpn checkpoint.
+
+    Example: fpn import-torchvision fasterrcnn_resnet50_fpn models/frcnn-coco.safetensors
+    """
+    from fpn_model.weights import import_torchvision, save_checkpoint
+
+    model = import_torchvision(name, state_dict)
+    click.echo(f"wrote {save_checkpoint(model, dest)}")
+
+
+# -- train / eval ---------------------------------------------------------------------------------
+def _parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
+    out = {}
+    for s in sets:
+        if "=" not in s:
+            raise click.BadParameter(f"{s!r}: expected FIELD=VALUE", param_hint="--set")
+        k, v = s.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _model_config(preset_name: str, sets: tuple[str, ...]):
+    from fpn_model.config import ModelConfig, preset
+
+    base = preset(preset_name)
+    changes = _parse_sets(sets)
+    return ModelConfig.from_dict({**base.to_dict(), **changes})
+
+
+@cli.command()
+@click.option("--train", "train_paths", multiple=True, required=True, help="VOC XML / COCO JSON file or directory.")
+@click.option("--val", "val_paths", multiple=True, help="Validation annotations (COCO metrics during training).")
+@click.option("--preset", "preset_name", default="trees", show_default=True, help="Model preset (fpn models).")
+@click.option("--set", "sets", multiple=True, help="Override a model config field, e.g. --set neck=panet.")
+@click.option("--single-class", help="Count every object as this one class (e.g. Tree).")
+@click.option("-o", "--output", default="runs/model.safetensors", show_default=True, help="Checkpoint to write.")
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--minutes", type=float, help="Train for this long instead (the schedule follows the clock).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--crop", type=int, default=320, show_default=True, help="Training crop side (pixels).")
+@click.option("--scale-min", type=float, default=0.5, show_default=True)
+@click.option("--scale-max", type=float, default=1.3, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--eval-every", type=int, default=150, show_default=True)
+@click.option("--threads", type=int, help="torch CPU threads.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--address", help="Ray cluster for distributed training (with --workers).")
+@click.option("--workers", type=int, default=0, help="Ray Train workers (DDP); 0 trains in this process.")
+@_fail_cleanly
+def train(train_paths, val_paths, preset_name, sets, single_class, output, steps, minutes, batch_size, crop, scale_min,
+          scale_max, lr, eval_every, threads, seed, address, workers):
+    """Train a detector on Pascal-VOC or COCO annotations; writes a checkpoint.
+
+    Example: fpn train --train data/trees/big.xml --val data/trees/val.xml --single-class Tree --minutes 30
+    """
+    from fpn_model.train import TrainConfig
+    from fpn_model.train import train as run_train
+
+    if workers:
+        raise click.ClickException("distributed training (--workers) is not available in this version")
+    tc = TrainConfig(model=_model_config(preset_name, sets), train=train_paths, val=val_paths, output=output,
+                     single_class=single_class, steps=steps, minutes=minutes, batch_size=batch_size, crop=crop,
+                     scale_range=(scale_min, scale_max), lr=lr, eval_every=eval_every, threads=threads, seed=seed)
+
+    def show(rec: dict) -> None:
+        if rec["event"] == "step":
+            click.echo(f"step {rec['step']:>6}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+                       f"{rec['s_per_step']:.2f} s/step  {rec['elapsed_min']:.1f} min", err=True)
+        else:
+            click.echo(f"eval @ {rec['step']}: AP {rec['AP']:.3f}  AP50 {rec['AP50']:.3f}  AP75 {rec['AP75']:.3f}  "
+                       f"AP_S {rec['AP_S']:.3f}  AR1000 {rec['AR1000']:.3f}", err=True)
+
+    summary = run_train(tc, log_fn=show)
+    click.echo(f"checkpoint: {summary['checkpoint']} (best AP50 {summary['best'].get('AP50')}); "
+               f"last: {summary['last']}; {summary['steps']} steps in {summary['minutes']} min")
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.argument("annotations", nargs=-1, required=True)
+@click.option("--single-class", help="Count every object as this one class.")
+@click.option("--score-thresh", type=float, help="Override the model's score threshold.")
+@click.option("--scale", type=float, help="Override the model's input scale (upscaling).")
+@click.option("--tile", type=int, default=1024, show_default=True, help="Tile images larger than this.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
+@format_option
+@_fail_cleanly
+def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, json_out, fmt):
+    """COCO box metrics (AP, AP50, AP75, AP_S/M/L, AR) of MODEL on annotated images.
+
+    Example: fpn eval trees data/aerial-trees/SOAP_061.xml --single-class Tree
+    """
+    from fpn_model.data import load_annotations
+    from fpn_model.evaluate import evaluate
+    from fpn_model.predict import Predictor, TileConfig
+    from fpn_model.weights import load_checkpoint
+    from fpn_model.zoo import resolve
+
+    overrides = {k: v for k, v in dict(score_thresh=score_thresh, scale=scale).items() if v is not None}
+    net = load_checkpoint(resolve(model), **overrides)
+    items = load_annotations(list(annotations), single_class=single_class)
+    metrics = evaluate(Predictor(net, tile=TileConfig(size=tile, overlap=tile // 8)), items)
+    if json_out:
+        Path(json_out).write_text(json.dumps({"model": str(model), "images": len(items), **metrics}, indent=2))
+    if fmt == "json":
+        click.echo(json.dumps(metrics, indent=2))
+    else:
+        _emit([{"metric": k, "value": round(v, 4)} for k, v in metrics.items()], "table", ["metric", "value"])
+
+
+# -- demo / render ----------------------------------------------------------------------------------
+@cli.command()
+@click.option("-o", "--output", default="demo-output", show_default=True, help="Where the demo writes.")
+@_fail_cleanly
+def demo(output):
+    """Run the bundled tree-crown model over the bundled aerial image, a flyover clip and a street video.
+
+    Writes OUTPUT/job (the job's Parquet output) and OUTPUT/detections.png, and prints a summary.
+    """
+    from jobs.demo import run_demo
+
+    doc, png, stats = run_demo(output)
+    _print_summary(doc)
+    click.echo(f"aerial detections drawn on: {png}")
+    for line in stats:
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("output")
+@click.argument("source")
+@click.argument("png")
+@click.option("--frame-index", type=int, default=0, show_default=True)
+@click.option("--min-score", type=float, default=0.3, show_default=True)
+@_fail_cleanly
+def render(output, source, png, frame_index, min_score):
+    """Draw one image's detections from OUTPUT onto it and save PNG.
+
+    Example: fpn render results/ data/aerial-trees/SOAP_061.png trees.png
+    """
+    from jobs.render import render_frame
+
+    n = render_frame(output, source, png, frame_index=frame_index, min_score=min_score)
+    click.echo(f"{png}: {n} detections drawn")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()

@@ -1,0 +1,161 @@
+"""Job specs: YAML (or CLI flags) -> a validated `pipeline.Plan`, before any work starts.
+
+A spec file mirrors the Plan's fields, nested where the Plan nests:
+
+    inputs: [s3://bucket/flights/**.mp4]
+    output: s3://bucket/results/flights
+    model: trees                       # zoo name or checkpoint path
+    storage_options: {endpoint_url: http://127.0.0.1:9000}
+    sampling: {every_n: 5}             # or fps / start_s / end_s
+    tile: {size: 1024, overlap: 128}   # null: frames whole
+    batch_size: 8
+    score_thresh: 0.3                  # model overrides: score_thresh, scale, detections_per_img
+    resources: {num_detectors: 2, gpus_per_detector: 1}
+
+Unknown or invalid fields raise `SpecError` naming the field (`sampling.evry_n`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fpn_model.predict import TileConfig
+from fpn_model.zoo import DEFAULT_MODEL, model_id, resolve
+from pipeline.decode import Sampling
+from pipeline.plan import Plan, Resources
+
+__all__ = ["SpecError", "load_spec", "plan_from_dict", "MODEL_OVERRIDES", "plan_to_dict"]
+
+MODEL_OVERRIDES = ("score_thresh", "scale", "detections_per_img", "nms_thresh")
+_NESTED = {"sampling": Sampling, "tile": TileConfig, "resources": Resources}
+_TOP = {f.name for f in dataclasses.fields(Plan)} - {"checkpoint", "model_id", "model_overrides"}
+_TOP |= {"model", *MODEL_OVERRIDES}
+
+
+class SpecError(ValueError):
+    """An invalid job spec; the message names the field."""
+
+
+def _coerce(field: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(field, value, a)
+            except SpecError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_coerce(field, v, args[0]) for v in value)
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    name = getattr(tp, "__name__", str(tp))
+    raise SpecError(f"spec field {field}: expected {name}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise SpecError(f"spec field {prefix}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            raise SpecError(f"spec field {prefix}.{k}: unknown (known: {', '.join(fields)})")
+        kwargs[k] = _coerce(f"{prefix}.{k}", v, hints[k])
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise SpecError(f"spec field {prefix}: {e}") from e
+
+
+def plan_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> Plan:
+    """Validate a spec mapping and resolve its model; raises SpecError naming the bad field."""
+    if not isinstance(data, dict):
+        raise SpecError("a job spec must be a mapping of fields")
+    unknown = sorted(set(data) - _TOP)
+    if unknown:
+        raise SpecError(f"spec field {unknown[0]}: unknown (known: {', '.join(sorted(_TOP))})")
+    d = dict(data)
+    inputs = d.pop("inputs", None)
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not inputs or not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+        raise SpecError("spec field inputs: a list of paths or URLs is required")
+    if base_dir is not None:  # relative local paths in a spec file are relative to the file
+        inputs = [i if "://" in i or Path(i).is_absolute() else str(base_dir / i) for i in inputs]
+    output = d.pop("output", None)
+    if not isinstance(output, str) or not output:
+        raise SpecError("spec field output: a path or URL is required")
+    model = d.pop("model", None) or DEFAULT_MODEL
+    try:
+        ckpt = resolve(str(model))
+    except FileNotFoundError as e:
+        raise SpecError(f"spec field model: {e}") from e
+    overrides = {}
+    for k in MODEL_OVERRIDES:
+        if k in d and d[k] is not None:
+            overrides[k] = _coerce(k, d.pop(k), float if k != "detections_per_img" else int)
+        d.pop(k, None)
+    nested = {}
+    for k, cls in _NESTED.items():
+        if k in d:
+            v = d.pop(k)
+            nested[k] = None if v is None or v is False else _build(cls, v, k)
+    hints = typing.get_type_hints(Plan)
+    plain = {k: _coerce(k, v, hints[k]) for k, v in d.items()}
+    mid, _ = model_id(ckpt)
+    try:
+        return Plan(inputs=tuple(inputs), output=output, checkpoint=str(ckpt), model_id=mid,
+                    model_overrides=overrides, **nested, **plain)
+    except ValueError as e:
+        raise SpecError(f"spec: {e}") from e
+
+
+def load_spec(path: str | Path, **overrides: Any) -> Plan:
+    """Read a YAML spec file; `overrides` (from CLI flags) replace its top-level fields."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {path} must hold a mapping of fields")
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k in _NESTED and isinstance(v, dict):
+            data[k] = {**(data.get(k) or {}), **v}
+        else:
+            data[k] = v
+    return plan_from_dict(data, base_dir=p.parent.resolve())
+
+
+def plan_to_dict(plan: Plan, *, redact_fn=None) -> dict[str, Any]:
+    """The plan as a spec mapping (storage secrets redacted) for `_job.json`."""
+    d = dataclasses.asdict(plan)
+    if redact_fn is not None:
+        d["storage_options"] = redact_fn(plan.storage_options)
+    d["inputs"] = list(plan.inputs)
+    return d

@@ -1,0 +1,97 @@
+"""The detector actor: a Ray Data callable class holding one model on its device.
+
+`__init__` loads the checkpoint once per actor onto its GPU (or the CPU, with as many torch threads
+as the actor was allotted CPUs); `__call__` runs one batched forward per batch of uint8 frames
+(tiles of large frames batched together) and returns the frame rows of the output contract.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fpn_model.predict import Predictor, TileConfig
+from fpn_model.weights import load_checkpoint
+
+from .sink import frame_schema
+
+__all__ = ["Detector", "detections_to_rows"]
+
+log = logging.getLogger(__name__)
+
+
+def _allotted(resource: str) -> float:
+    try:
+        import ray
+
+        return float(ray.get_runtime_context().get_assigned_resources().get(resource, 0.0))
+    except Exception:  # outside Ray
+        return 0.0
+
+
+class Detector:
+    """Callable class for `Dataset.map_batches`.
+
+    Args:
+        checkpoint: path of an fpn-pipeline checkpoint.
+        model_id: the name written into every row's `model` column.
+        tile: TileConfig fields as a dict, or None.
+        amp: "bf16" | "fp16" | None (GPU only).
+        overrides: inference-time model config changes (score_thresh, scale, ...).
+    """
+
+    def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, amp: str | None = None,
+                 overrides: dict | None = None, max_batch: int = 16):
+        cpus = _allotted("CPU")
+        if cpus >= 1:
+            torch.set_num_threads(max(1, math.floor(cpus)))
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from actors not given one
+        model = load_checkpoint(checkpoint, map_location=device, **(overrides or {}))
+        self.cfg = model.config
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
+        self.predictor = Predictor(model, device=device, tile=TileConfig(**tile) if tile else None, amp=dtype,
+                                   channels_last=device == "cuda", max_batch=max_batch)
+        self.model_id = model_id
+        self.schema = frame_schema(self.predictor.has_masks)
+        log.info("detector on %s with %d threads", device, torch.get_num_threads())
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        images = batch["image"]
+        dets = self.predictor(list(images))
+        return detections_to_rows(batch, dets, self.cfg.label_name, self.model_id, self.schema)
+
+
+def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: str, schema: pa.Schema) -> pa.Table:
+    """Frame rows (the output contract) from a decoded batch and its detections. Raster windows keep only
+    detections whose centre lies in the window's core, shifted to raster pixels."""
+    n = len(dets)
+    detections_col, counts = [], []
+    for i, d in enumerate(dets):
+        boxes = d.boxes + np.array([batch["offset_x"][i], batch["offset_y"][i]] * 2, dtype=np.float32)
+        keep = np.ones(len(boxes), dtype=bool)
+        if batch["source_kind"][i] == "raster":
+            cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+            x, y = batch["window_x"][i], batch["window_y"][i]
+            w, h = batch["window_width"][i], batch["window_height"][i]
+            keep = (cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h)
+        rows = []
+        for j in np.flatnonzero(keep):
+            b = boxes[j]
+            r = {"x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]),
+                 "score": float(d.scores[j]), "label": int(d.labels[j]), "label_name": label_name(int(d.labels[j])),
+                 "level": int(d.levels[j])}
+            if d.masks is not None:
+                r["mask"] = d.masks[j]
+            rows.append(r)
+        detections_col.append(rows)
+        counts.append(len(rows))
+    cols = {name: batch[name] for name in ("frame_id", "source", "source_kind", "frame_index", "pts_s", "width",
+                                           "height", "window_x", "window_y", "window_width", "window_height")}
+    cols = {k: list(v) for k, v in cols.items()}
+    cols["pts_s"] = [None if p is None or (isinstance(p, float) and math.isnan(p)) else float(p) for p in cols["pts_s"]]
+    cols.update(num_detections=counts, detections=detections_col, model=[model_id] * n)
+    return pa.Table.from_pydict(cols, schema=schema)

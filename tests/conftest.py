@@ -1,0 +1,107 @@
+"""Shared fixtures: one real local Ray session, a real S3 API (moto's server on 127.0.0.1),
+videos written with known frame count, fps and content."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+SOAP = DATA / "aerial-trees" / "SOAP_061.png"
+SOAP_XML = DATA / "aerial-trees" / "SOAP_061.xml"
+BIKES = DATA / "video" / "bikes.mp4"
+
+
+def index_frame(i: int, h: int = 64, w: int = 96) -> np.ndarray:
+    """A frame whose content encodes `i`: 8 vertical bars, bar k white when bit k of i is set."""
+    img = np.full((h, w, 3), 40, np.uint8)
+    bar = w // 8
+    for k in range(8):
+        if (i >> k) & 1:
+            img[:, k * bar:(k + 1) * bar] = 230
+    return img
+
+
+def read_index(frame: np.ndarray) -> int:
+    bar = frame.shape[1] // 8
+    return sum(1 << k for k in range(8) if frame[:, k * bar + bar // 4:(k + 1) * bar - bar // 4].mean() > 135)
+
+
+@pytest.fixture(scope="session")
+def make_video(tmp_path_factory):
+    from jobs.demo import write_video
+
+    root = tmp_path_factory.mktemp("videos")
+
+    def make(name: str, frames: int, fps: float) -> Path:
+        path = root / name
+        if not path.exists():
+            write_video((index_frame(i) for i in range(frames)), path, fps)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    # workers inherit the driver's environment: AWS credentials for the moto server, as a user sets them
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(k, v)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the whole session; yields its endpoint URL."""
+    port = _free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket `test` on the moto server; credentials in the environment as a user has them."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    if fs.exists("test"):
+        fs.rm("test", recursive=True)
+    fs.mkdir("test")
+    yield fs, s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
