@@ -38,7 +38,7 @@ class Annotated:
 def read_image(path: str | Path) -> np.ndarray:
     """`[H, W, 3]` uint8 RGB."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))
 
 
 def load_voc(xml_path: str | Path, *, single_class: str | None = None, image_dir: str | Path | None = None) -> Annotated:
@@ -121,19 +121,21 @@ class CropSampler:
 
     Args:
         items: the annotated images (read once into memory as uint8).
+        images: their pixels `[H, W, 3]` uint8, if already in memory.
         crop: output side in pixels.
         scale_range: random resize factor range applied before cropping.
         object_centred: fraction of crops centred near a random object.
         min_visible: a box cut by the crop is kept if this fraction of its area stays inside.
     """
 
-    def __init__(self, items: list[Annotated], *, crop: int = 384, scale_range: tuple[float, float] = (0.6, 1.4),
+    def __init__(self, items: list[Annotated], *, images: list[np.ndarray] | None = None, crop: int = 384, scale_range: tuple[float, float] = (0.6, 1.4),
                  object_centred: float = 0.75, min_visible: float = 0.5, colour: float = 0.3, grey: float = 0.1,
                  seed: int = 0):
         if not items:
             raise ValueError("no annotated images to train on")
         self.items = items
-        self.images = [torch.from_numpy(read_image(a.image_path)).permute(2, 0, 1).contiguous() for a in items]
+        arrays = images if images is not None else [read_image(a.image_path) for a in items]
+        self.images = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays]
         self.crop, self.scale_range = crop, scale_range
         self.object_centred, self.min_visible = object_centred, min_visible
         self.colour, self.grey = colour, grey

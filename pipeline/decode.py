@@ -17,6 +17,10 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
+# GDAL (rasterio) must be loaded before decord: decord's bundled libraries, loaded first, break
+# GDAL's PNG reader in the same process ("libpng: bad parameters to zlib"). Import order fixes it.
+import rasterio  # noqa: F401,E402  isort: skip
+
 from .sink import frame_id
 from .sources import WorkUnit, media_kind, raster_windows
 from .storage import filesystem, local_path, translate_error

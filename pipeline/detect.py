@@ -92,6 +92,6 @@ def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: 
     cols = {name: batch[name] for name in ("frame_id", "source", "source_kind", "frame_index", "pts_s", "width",
                                            "height", "window_x", "window_y", "window_width", "window_height")}
     cols = {k: list(v) for k, v in cols.items()}
-    cols["pts_s"] = [None if p is None or (isinstance(p, float) and math.isnan(p)) else float(p) for p in cols["pts_s"]]
+    cols["pts_s"] = [None if p is None or p != p else float(p) for p in cols["pts_s"]]  # NaN = no timestamp
     cols.update(num_detections=counts, detections=detections_col, model=[model_id] * n)
     return pa.Table.from_pydict(cols, schema=schema)

@@ -1,0 +1,74 @@
+"""The `fpn` CLI as a user drives it: help everywhere, clear one-line errors, run end to end."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import SOAP, SOAP_XML
+from jobs.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_every_command_has_help():
+    for name, cmd in cli.commands.items():
+        assert cmd.help and len(cmd.help.strip()) > 20, name
+        r = invoke(name, "--help")
+        assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_models_lists_bundled_checkpoint_as_json():
+    r = invoke("models", "--format", "json")
+    rows = json.loads(r.output)
+    trees = [x for x in rows if x["name"] == "trees" and x["kind"] == "checkpoint"]
+    assert trees and trees[0]["arch"] == "faster_rcnn" and trees[0]["classes"] == "Tree"
+    assert {"small", "trees", "faster_rcnn_r50_fpn", "fasterrcnn_resnet50_fpn"} <= {x["name"] for x in rows}
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"inputs": ["x.mp4"], "output": "o", "sampling": {"evry_n": 3}}, "sampling.evry_n"),
+    ({"inputs": ["x.mp4"], "output": "o", "batch_size": "big"}, "batch_size"),
+    ({"inputs": ["x.mp4"], "output": "o", "tile": {"size": 512, "overlap": 600}}, "tile"),
+    ({"inputs": ["x.mp4"], "output": "o", "colour": "red"}, "colour"),
+    ({"inputs": ["x.mp4"], "output": "o", "model": "no-such-model"}, "model"),
+    ({"output": "o"}, "inputs"),
+])
+def test_bad_spec_fails_before_work_naming_the_field(tmp_path, spec, field):
+    import yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = CliRunner().invoke(cli, ["run", str(path)])
+    assert r.exit_code == 1
+    assert f"spec field {field}" in r.output or f"spec: " in r.output and field in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_missing_input_is_one_clear_line(tmp_path):
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "nope.mp4 does not exist" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_run_spec_file_with_flag_override_then_render(ray_session, make_video, tmp_path):
+    import yaml
+
+    v = make_video("cli24.mp4", 24, 12.0)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"inputs": [str(v), str(SOAP)], "output": str(tmp_path / "out"),
+                                    "sampling": {"every_n": 2}, "batch_size": 4}))
+    r = invoke("run", spec, "--every-n", 6)
+    assert r.exit_code == 0, r.output
+    assert "succeeded: 5 frames" in r.output and "frames/s" in r.output and str(tmp_path / "out") in r.output
+    r = invoke("render", tmp_path / "out", SOAP, tmp_path / "soap.png", "--min-score", 0.0)
+    assert r.exit_code == 0 and (tmp_path / "soap.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_eval_prints_coco_metrics(tmp_path):
+    r = invoke("eval", "trees", SOAP_XML, "--single-class", "Tree", "--json", tmp_path / "m.json")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert {"AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1000"} <= set(m) and 0 < m["AP50"] <= 1

@@ -1,0 +1,98 @@
+"""Sources and decoding without Ray: sampling, segments, frame content and timestamps, bad files."""
+import numpy as np
+import pytest
+
+from conftest import read_index
+from pipeline.decode import Sampling, decode_unit, probe, sample_indices
+from pipeline.sink import frame_id
+from pipeline.sources import WorkUnit, expand_inputs, plan_units
+
+
+def _frames(unit, sampling=Sampling(), backend="decord", done=frozenset()):
+    rows = []
+    for b in decode_unit(unit, sampling=sampling, batch_size=4, done=done, video_backend=backend):
+        assert b["image"].dtype == np.uint8 and b["image"].ndim == 4
+        for k in range(len(b["frame_index"])):
+            rows.append((b["frame_index"][k], b["pts_s"][k], read_index(b["image"][k]), b["frame_id"][k]))
+    return rows
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_segments_decode_the_right_frames_with_timestamps(make_video, backend):
+    path = str(make_video("idx40.mp4", 40, 10.0))
+    units = list(plan_units(path, segment_frames=16, raster_pixels=10**8, window=2048, windows_per_unit=4,
+                            video_backend=backend))
+    assert [(u.start, u.stop) for u in units] == [(0, 16), (16, 32), (32, 40)]
+    rows = [r for u in units for r in _frames(u, Sampling(every_n=3), backend)]
+    assert [r[0] for r in rows] == list(range(0, 40, 3))
+    for index, pts, content, fid in rows:
+        assert content == index  # the decoded pixels are that frame's
+        assert pts == pytest.approx(index / 10.0, abs=1e-3)
+        assert fid == frame_id(path, index)
+
+
+def test_fps_sampling_and_time_range():
+    assert sample_indices(50, 25.0, Sampling(fps=5)) == list(range(0, 50, 5))
+    assert sample_indices(30, 30.0, Sampling(fps=12)) == [i for i in range(30) if i == 0 or int(i / 2.5) != int((i - 1) / 2.5)]
+    assert sample_indices(100, 10.0, Sampling(start_s=2.0, end_s=4.0)) == list(range(20, 40))
+    # segment borders do not change what is sampled
+    whole = sample_indices(100, 30.0, Sampling(fps=7, every_n=1))
+    parts = sample_indices(100, 30.0, Sampling(fps=7), 0, 33) + sample_indices(100, 30.0, Sampling(fps=7), 33, 100)
+    assert whole == parts
+
+
+def test_already_written_frames_are_skipped_before_decoding(make_video):
+    path = str(make_video("idx20.mp4", 20, 10.0))
+    unit = WorkUnit(path, "video", 0, 20, 20, 10.0, 96, 64)
+    done = {frame_id(path, i) for i in range(0, 10)}
+    assert [r[0] for r in _frames(unit, done=done)] == list(range(10, 20))
+
+
+def test_image_unit_and_probe_errors(tmp_path):
+    from conftest import SOAP
+
+    assert [u.kind for u in plan_units(str(SOAP), segment_frames=8, raster_pixels=10**8, window=2048,
+                                       windows_per_unit=4)] == ["image"]
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        probe(str(empty))
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(ValueError, match="cannot decode video"):
+        probe(str(junk))
+    text = tmp_path / "notes.csv"
+    text.write_text("a,b")
+    with pytest.raises(ValueError, match="not a supported media file"):
+        probe(str(text))
+
+
+def test_large_image_becomes_raster_windows(tmp_path):
+    from PIL import Image
+
+    img = np.random.default_rng(0).integers(0, 255, (700, 900, 3), dtype=np.uint8)
+    path = tmp_path / "big.png"
+    Image.fromarray(img).save(path)
+    units = list(plan_units(str(path), segment_frames=8, raster_pixels=100_000, window=256, windows_per_unit=5))
+    assert {u.kind for u in units} == {"raster"} and units[-1].stop == 12  # 4 x 3 windows
+    batches = [b for u in units for b in decode_unit(u, sampling=Sampling(), batch_size=4, window=256, window_margin=32)]
+    assert len(batches) == 12
+    b = batches[5]  # window (1, 1): x 256..512, y 256..512, padded by 32
+    assert (b["window_x"][0], b["window_y"][0], b["offset_x"][0], b["offset_y"][0]) == (256, 256, 224, 224)
+    np.testing.assert_array_equal(b["image"][0], img[224:544, 224:544])
+
+
+def test_expand_inputs_globs_directories_manifests(tmp_path, make_video):
+    v = make_video("idx40.mp4", 40, 10.0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"x")
+    (tmp_path / "a" / "readme.txt").write_text("not media")
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"# flights\n{v}\n{tmp_path / 'a' / 'x.png'}\n")
+    assert expand_inputs([str(tmp_path / "a")]) == [str(tmp_path / "a" / "x.png")]
+    assert expand_inputs([str(manifest)]) == sorted([str(v), str(tmp_path / "a" / "x.png")])
+    assert expand_inputs([str(tmp_path / "a" / "*.png")]) == [str(tmp_path / "a" / "x.png")]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        expand_inputs([str(tmp_path / "missing.mp4")])
+    with pytest.raises(FileNotFoundError, match="matches no media"):
+        expand_inputs([str(tmp_path / "*.mkv")])

@@ -1,0 +1,102 @@
+"""Sliced inference, merging, training steps and COCO metrics."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import SOAP_XML
+from fpn_model.config import preset
+from fpn_model.data import CropSampler, load_annotations
+from fpn_model.detectors import build_detector
+from fpn_model.evaluate import coco_metrics
+from fpn_model.predict import Predictor, TileConfig
+from fpn_model.tiling import merge_detections, plan_tiles
+from fpn_model.train import TrainConfig, train
+from fpn_model.weights import load_checkpoint
+
+
+def test_tiles_cover_the_frame_with_the_overlap():
+    tiles = plan_tiles(1000, 1500, 512, 64)
+    cover = np.zeros((1000, 1500), bool)
+    for x0, y0, x1, y1 in tiles:
+        assert (x1 - x0, y1 - y0) == (512, 512)
+        cover[y0:y1, x0:x1] = True
+    assert cover.all()
+    xs = sorted({t[0] for t in tiles})
+    assert all(b - a <= 512 - 64 for a, b in zip(xs, xs[1:]))
+    assert plan_tiles(300, 200, 512, 64) == [(0, 0, 200, 300)]
+    with pytest.raises(ValueError, match="overlap"):
+        plan_tiles(100, 100, 64, 64)
+
+
+def test_merge_methods():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 6], [50, 50, 60, 60], [1, 1, 11, 11.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([1, 1, 1, 2])
+    keep, merged = merge_detections(boxes, scores, labels, threshold=0.5, method="nms", metric="iou")
+    assert sorted(keep.tolist()) == [0, 2, 3]  # IoU(box 0, box 1) = 0.6 > 0.5: box 1 suppressed
+    keep, _ = merge_detections(boxes, scores, labels, threshold=0.65, method="nms", metric="iou")
+    assert sorted(keep.tolist()) == [0, 1, 2, 3]  # 0.6 IoU survives 0.65
+    keep, _ = merge_detections(boxes, scores, labels, threshold=0.65, method="nms", metric="ios")
+    assert sorted(keep.tolist()) == [0, 2, 3]  # box 1 lies inside box 0: IoS 1.0; label 2 is separate
+    keep, merged = merge_detections(torch.tensor([[0, 0, 10, 10], [5, 0, 20, 10.0]]), torch.tensor([0.9, 0.5]),
+                                    torch.tensor([1, 1]), threshold=0.2, method="nmm", metric="iou")  # IoU 0.25
+    assert keep.tolist() == [0] and merged.tolist() == [[0, 0, 20, 10]]
+
+
+def test_object_cut_by_tile_border_is_reported_once(tmp_path):
+    """Tile-level boxes from two tiles overlapping the same object merge to one detection."""
+    cfg = preset("trees", num_classes=2, class_names=("Tree",), score_thresh=0.0, detections_per_img=50)
+    model = build_detector(cfg).eval()
+    pred = Predictor(model, tile=TileConfig(size=128, overlap=32, merge="nms", metric="ios", threshold=0.5))
+    frame = np.random.default_rng(0).integers(0, 255, (200, 230, 3), dtype=np.uint8)
+    det = pred([frame])[0]
+    assert len(det.boxes) > 0
+    assert (det.boxes[:, 2] <= 230 + 1e-3).all() and (det.boxes[:, 3] <= 200 + 1e-3).all()
+    whole = Predictor(model)([frame])[0]
+    assert len(whole.boxes) <= 50  # untiled: one image, the per-image cap holds
+    # no pair of the same label is left overlapping above the merge threshold (IoS)
+    b = torch.as_tensor(det.boxes)
+    lt, rb = torch.max(b[:, None, :2], b[None, :, :2]), torch.min(b[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = (b[:, 2:] - b[:, :2]).prod(-1)
+    ios = inter / torch.min(area[:, None], area[None, :]).clamp(min=1e-6)
+    ios.fill_diagonal_(0)
+    assert ios.max() <= 0.5 + 1e-6
+
+
+def test_coco_metrics_perfect_and_empty():
+    items = load_annotations([SOAP_XML], single_class="Tree")
+    a = items[0]
+    perfect = coco_metrics(items, [(a.boxes, np.ones(len(a.boxes)), a.labels)])
+    assert perfect["AP"] == pytest.approx(1.0) and perfect["AP50"] == pytest.approx(1.0)
+    shifted = a.boxes + np.array([0, 0, 1000, 1000], np.float32)  # wildly wrong boxes
+    assert coco_metrics(items, [(shifted, np.ones(len(a.boxes)), a.labels)])["AP50"] == 0.0
+
+
+def test_crops_keep_boxes_aligned_with_pixels():
+    """A box drawn into the image stays on its pixels through scale, crop and the 8 flips/rotations."""
+    from fpn_model.data import Annotated
+
+    img = np.zeros((300, 300, 3), np.uint8)
+    img[100:140, 150:200] = 255
+    ann = Annotated(None, np.array([[150, 100, 200, 140]], np.float32), np.array([1]), ("x",))
+    sampler = CropSampler([ann], images=[img], crop=128, scale_range=(0.7, 1.3), object_centred=1.0, min_visible=0.9,
+                          colour=0.0, grey=0.0, seed=3)
+    for _ in range(24):
+        x, t = sampler.sample()
+        assert len(t["boxes"]) == 1
+        x1, y1, x2, y2 = t["boxes"][0].round().int().tolist()
+        inside = x[0, y1 + 2:y2 - 2, x1 + 2:x2 - 2]
+        assert inside.numel() and inside.mean() > 0.9
+
+
+@pytest.mark.slow
+def test_a_few_training_steps_write_a_loadable_checkpoint(tmp_path):
+    from conftest import SOAP_XML
+
+    tc = TrainConfig(model=preset("trees"), train=(str(SOAP_XML),), val=(str(SOAP_XML),), single_class="Tree",
+                     output=str(tmp_path / "m.safetensors"), steps=3, batch_size=2, crop=128, eval_every=3, threads=2)
+    summary = train(tc)
+    model = load_checkpoint(summary["checkpoint"])
+    assert model.config.class_names == ("Tree",) and summary["steps"] == 3
+    assert summary["history"] and set(summary["history"][0]) >= {"AP50", "AP_S"}
