@@ -17,10 +17,10 @@ demo: venv
 	$(VENV)/bin/fpn demo --output demo-output
 
 test: venv
-	$(PY) -m pytest -q
+	scripts/loopback-only $(PY) -m pytest -q
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	scripts/loopback-only $(PY) -m pytest -q -m "not slow"
 
 bench: venv
 	$(PY) benchmarks/neck_cost.py

@@ -24,7 +24,7 @@ from .evaluate import evaluate
 from .predict import Predictor, TileConfig
 from .weights import save_checkpoint
 
-__all__ = ["TrainConfig", "train", "train_step", "make_optimizer", "lr_at"]
+__all__ = ["TrainConfig", "train", "train_step", "make_optimizer", "lr_at", "model_config_for"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.save_dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
+
+
+def model_config_for(tc: TrainConfig, items: list[Annotated]) -> ModelConfig:
+    """The model config with the training data's classes (label 0 = background, unused by RetinaNet)."""
+    class_names = items[0].class_names
+    return tc.model.replace(num_classes=len(class_names) + 1, class_names=class_names)
 
 
 def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -100,10 +106,7 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> d
     torch.manual_seed(tc.seed)
     items = load_annotations(list(tc.train), single_class=tc.single_class)
     val_items: list[Annotated] = load_annotations(list(tc.val), single_class=tc.single_class) if tc.val else []
-    class_names = items[0].class_names
-    cfg = tc.model.replace(num_classes=len(class_names) + 1,  # label 0 = background (unused by RetinaNet)
-                           class_names=class_names)
-    model = build_detector(cfg)
+    model = build_detector(model_config_for(tc, items))
     sampler = CropSampler(items, crop=tc.crop, scale_range=tc.scale_range, seed=tc.seed)
     opt = make_optimizer(model, tc)
     out = Path(tc.output)

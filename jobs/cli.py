@@ -27,7 +27,7 @@ def _fail_cleanly(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, PermissionError, CheckpointError, LookupError) as e:
+        except (ValueError, FileNotFoundError, PermissionError, CheckpointError, LookupError, ConnectionError) as e:
             raise click.ClickException(str(e)) from e
 
     return wrapper
@@ -118,10 +118,11 @@ def _print_summary(doc: dict) -> None:
 @click.option("--profile", help="AWS profile for s3:// access.")
 @click.option("--anon", is_flag=True, help="Anonymous access to public buckets.")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join (default: embedded local Ray).")
+@click.option("--job-id", help="Id recorded in OUTPUT/_job.json (set by fpn submit).")
 @_fail_cleanly
 def run(inputs, output, model, batch_size, every_n, fps, start_s, end_s, tile, tile_overlap, no_tile, score_thresh,
         scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, video_backend, endpoint_url,
-        profile, anon, address):
+        profile, anon, address, job_id):
     """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
 
     INPUTS are files, directories, globs, s3:// or other fsspec URLs, manifests (one URI a line),
@@ -155,8 +156,179 @@ def run(inputs, output, model, batch_size, every_n, fps, start_s, end_s, tile, t
         data = {k: v for k, v in flags.items() if v is not None or (k == "tile" and no_tile)}
         plan = plan_from_dict({"inputs": list(inputs), **data})
     click.echo(f"running {plan.model_id} over {len(plan.inputs)} input(s) -> {plan.output}", err=True)
-    doc = run_plan(plan, address=address)
+    doc = run_plan(plan, address=address, job_id=job_id)
     _print_summary(doc)
+
+
+# -- cluster jobs ---------------------------------------------------------------------------------
+address_option = click.option("--address", envvar="RAY_ADDRESS", help="Ray dashboard, e.g. http://HEAD:8265 "
+                              "(or RAY_ADDRESS).")
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return ""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", help="Override the spec's output.")
+@click.option("--job-id", help="Submission id (default: fpn-DATE-TIME-RANDOM).")
+@address_option
+@_fail_cleanly
+def submit(spec, output, job_id, address):
+    """Submit a job spec to a Ray cluster through the Ray Jobs API.
+
+    The spec is validated here first; the cluster runs `fpn run` on it.
+
+    Example: fpn submit flights.yaml --address http://head:8265
+    """
+    from jobs.manager import submit as submit_job
+
+    jid, data = submit_job(spec, address=address, overrides={"output": output}, job_id=job_id)
+    addr = address or "$RAY_ADDRESS"
+    click.echo(f"submitted {jid} (output: {data['output']})\n")
+    click.echo("next steps:")
+    click.echo(f"  fpn status {jid} --address {addr}")
+    click.echo(f"  fpn logs {jid} --follow --address {addr}")
+    click.echo(f"  fpn cancel {jid} --address {addr}")
+    click.echo(f"  fpn query {data['output']} \"SELECT label_name, count(*) FROM detections GROUP BY 1\"")
+
+
+@cli.command()
+@click.argument("job_id")
+@address_option
+@format_option
+@_fail_cleanly
+def status(job_id, address, fmt):
+    """State and progress of a submitted job: frames done / planned, frames/s, errors, ETA.
+
+    Exits 1 when the job failed. Example: fpn status fpn-20261124-120000-ab12cd
+    """
+    from jobs.manager import job_status
+
+    row = _public(job_status(job_id, address=address))
+    if fmt == "json":
+        click.echo(json.dumps(row, indent=2, default=str))
+    else:
+        done, planned = row.get("frames_done"), row.get("frames_planned")
+        pct = f" ({100 * done / planned:.0f}%)" if planned else ""
+        click.echo(f"job:      {row['job_id']}\nstate:    {row['status']}")
+        if row.get("message"):
+            click.echo(f"message:  {row['message']}")
+        click.echo(f"output:   {row.get('output')}")
+        click.echo(f"frames:   {done if done is not None else '?'} / {planned if planned is not None else '?'}{pct}")
+        click.echo(f"rate:     {row['frames_per_s']:.2f} frames/s" if row.get("frames_per_s") else "rate:     -")
+        click.echo(f"errors:   {row.get('errors', 0)}")
+        click.echo(f"eta:      {_fmt_s(row.get('eta_s')) or '-'}")
+        click.echo(f"started:  {row.get('start_time')}  ended: {row.get('end_time') or '-'}")
+    if row["status"] == "FAILED":
+        sys.exit(1)
+
+
+@cli.command("list")
+@address_option
+@format_option
+@_fail_cleanly
+def list_cmd(address, fmt):
+    """The jobs fpn submitted to the cluster, newest first.
+
+    Example: fpn list --format json
+    """
+    from jobs.manager import list_jobs
+
+    rows = [_public(r) for r in list_jobs(address=address)]
+    _emit(rows, fmt, ["job_id", "status", "start_time", "end_time", "output"])
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@address_option
+@_fail_cleanly
+def logs(job_id, follow, address):
+    """Print a submitted job's driver log.
+
+    Example: fpn logs fpn-20261124-120000-ab12cd --follow
+    """
+    from jobs.manager import logs as job_logs
+
+    for chunk in job_logs(job_id, address=address, follow=follow):
+        click.echo(chunk, nl=False)
+
+
+@cli.command()
+@click.argument("job_id")
+@address_option
+@_fail_cleanly
+def cancel(job_id, address):
+    """Stop a submitted job; what it wrote stays, and `fpn resume` continues it.
+
+    Example: fpn cancel fpn-20261124-120000-ab12cd
+    """
+    from jobs.manager import cancel as cancel_job
+
+    click.echo(f"{job_id}: {cancel_job(job_id, address=address)}")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--endpoint-url", help="S3-compatible endpoint for an s3:// OUTPUT.")
+@address_option
+@_fail_cleanly
+def resume(target, endpoint_url, address):
+    """Continue a failed or cancelled job, skipping every frame already written.
+
+    TARGET is a job id (resubmitted to the --address cluster with the same spec) or an OUTPUT
+    directory/URL (run again here, on embedded Ray, from its _job.json).
+
+    Example: fpn resume fpn-20261124-120000-ab12cd --address http://head:8265
+    """
+    import tempfile
+
+    from jobs.manager import resume_spec, submit as submit_job
+    from jobs.runner import run as run_plan
+    from jobs.spec import plan_from_record
+    from pipeline.sink import read_job_json
+
+    opts = _storage_options(endpoint_url, None, False)
+    is_output = "://" in target or Path(target).exists()
+    if not is_output:
+        spec = resume_spec(target, address=address)
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "spec.yaml"
+            p.write_text(yaml.safe_dump(spec))
+            jid, _ = submit_job(str(p), address=address)
+        click.echo(f"resubmitted {target} as {jid}: frames already written are skipped")
+        click.echo(f"  fpn status {jid}")
+        return
+    record = read_job_json(target, opts)
+    plan = plan_from_record(record["spec"], opts)
+    doc = run_plan(plan, job_id=record.get("job_id"))
+    _print_summary(doc)
+
+
+@cli.command()
+@click.argument("output")
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--endpoint-url", help="S3-compatible endpoint for an s3:// OUTPUT.")
+@_fail_cleanly
+def query(output, sql, fmt, endpoint_url):
+    """Run SQL (DuckDB) over an output: views `frames` and `detections` (one row per detection).
+
+    Example: fpn query out/ "SELECT source, count(*) FROM detections WHERE score > 0.5 GROUP BY 1"
+    """
+    from jobs.query import query as run_query
+
+    cols, rows = run_query(output, sql, _storage_options(endpoint_url, None, False))
+    _emit([dict(zip(cols, r)) for r in rows], fmt, cols)
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -246,7 +418,7 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
 @click.option("--eval-every", type=int, default=150, show_default=True)
 @click.option("--threads", type=int, help="torch CPU threads.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--address", help="Ray cluster for distributed training (with --workers).")
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
 @click.option("--workers", type=int, default=0, help="Ray Train workers (DDP); 0 trains in this process.")
 @_fail_cleanly
 def train(train_paths, val_paths, preset_name, sets, single_class, output, steps, minutes, batch_size, crop, scale_min,
@@ -258,8 +430,6 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
     from fpn_model.train import TrainConfig
     from fpn_model.train import train as run_train
 
-    if workers:
-        raise click.ClickException("distributed training (--workers) is not available in this version")
     tc = TrainConfig(model=_model_config(preset_name, sets), train=train_paths, val=val_paths, output=output,
                      single_class=single_class, steps=steps, minutes=minutes, batch_size=batch_size, crop=crop,
                      scale_range=(scale_min, scale_max), lr=lr, eval_every=eval_every, threads=threads, seed=seed)
@@ -272,6 +442,13 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
             click.echo(f"eval @ {rec['step']}: AP {rec['AP']:.3f}  AP50 {rec['AP50']:.3f}  AP75 {rec['AP75']:.3f}  "
                        f"AP_S {rec['AP_S']:.3f}  AR1000 {rec['AR1000']:.3f}", err=True)
 
+    if workers:
+        from jobs.train_dist import train_distributed
+
+        result = train_distributed(tc, workers=workers, address=address)
+        click.echo(f"checkpoint: {result['checkpoint']} ({result.get('step')} steps on {result.get('workers')} "
+                   f"workers, final loss {result.get('loss', float('nan')):.4f})")
+        return
     summary = run_train(tc, log_fn=show)
     click.echo(f"checkpoint: {summary['checkpoint']} (best AP50 {summary['best'].get('AP50')}); "
                f"last: {summary['last']}; {summary['steps']} steps in {summary['minutes']} min")

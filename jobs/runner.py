@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 
 from fpn_model.weights import read_config
 from fpn_model.zoo import model_id
-from pipeline.plan import Plan, execute
+from pipeline.plan import Plan, count_planned, execute, plan_work
 from pipeline.sink import read_done_ids, read_job_json, write_job_json
 from pipeline.sources import expand_inputs
 from pipeline.storage import filesystem, join, redact
@@ -100,7 +100,11 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     doc["skipped_frames"] = len(done)
     init_ray(address)
     try:
-        execute(plan, uris, done, with_masks=cfg.arch == "mask_rcnn")
+        units = plan_work(plan, uris)
+        doc["planned_frames"] = count_planned(plan, units)
+        doc["work_units"] = units.count()
+        write_job_json(plan.output, doc, plan.storage_options)
+        execute(plan, units, done, with_masks=cfg.arch == "mask_rcnn")
     except BaseException as e:
         doc.update(state="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                    wall_s=round(time.monotonic() - t0, 2), **count_output(plan.output, plan.storage_options))

@@ -29,7 +29,7 @@ from fpn_model.zoo import DEFAULT_MODEL, model_id, resolve
 from pipeline.decode import Sampling
 from pipeline.plan import Plan, Resources
 
-__all__ = ["SpecError", "load_spec", "plan_from_dict", "MODEL_OVERRIDES", "plan_to_dict"]
+__all__ = ["SpecError", "load_spec", "plan_from_dict", "MODEL_OVERRIDES", "plan_to_dict", "plan_from_record"]
 
 MODEL_OVERRIDES = ("score_thresh", "scale", "detections_per_img", "nms_thresh")
 _NESTED = {"sampling": Sampling, "tile": TileConfig, "resources": Resources}
@@ -159,3 +159,19 @@ def plan_to_dict(plan: Plan, *, redact_fn=None) -> dict[str, Any]:
         d["storage_options"] = redact_fn(plan.storage_options)
     d["inputs"] = list(plan.inputs)
     return d
+
+
+def plan_from_record(d: dict[str, Any], storage_options: dict | None = None) -> Plan:
+    """Rebuild a Plan from its `_job.json` record (for `fpn resume OUTPUT`). Redacted secrets are
+    dropped: credentials come from the environment or `storage_options`."""
+    d = dict(d)
+    for k, cls in _NESTED.items():
+        if d.get(k) is not None:
+            d[k] = cls(**d[k])
+    kept = {k: v for k, v in (d.get("storage_options") or {}).items() if v != "***"}
+    d["storage_options"] = {**kept, **(storage_options or {})}
+    d["inputs"] = tuple(d["inputs"])
+    try:
+        return Plan(**d)
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"the job record's spec is not usable: {e}") from e

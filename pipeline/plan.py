@@ -2,6 +2,7 @@
 
     from_items(uris)
       .flat_map(plan units)            CPU tasks: probe each file, cut videos into segments
+      .materialize()                   the planned frame count is known up front
       .map_batches(decode)             CPU tasks: sampled uint8 frames, a generator of batches
       .map_batches(Detector, ...)      actor pool: model resident on its device
       .write_datasink(FrameSink)       atomic Parquet files, deterministic names
@@ -18,11 +19,11 @@ from typing import Any, Iterator
 
 from fpn_model.predict import TileConfig
 
-from .decode import Sampling, decode_unit
+from .decode import Sampling, decode_unit, sample_indices
 from .sink import FrameSink, write_errors
 from .sources import WorkUnit, plan_units
 
-__all__ = ["Plan", "Resources", "build_dataset"]
+__all__ = ["Plan", "Resources", "plan_work", "count_planned", "build_dataset", "execute"]
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +131,39 @@ def _scalar(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def build_dataset(plan: Plan, uris: list[str], done: frozenset[str] = frozenset()):
-    """The lazy Ray Dataset of frame rows for `uris` (nothing runs until it is written)."""
+def plan_work(plan: Plan, uris: list[str]):
+    """Probe every URI (parallel CPU tasks) and return its work units, materialised: the planned
+    frame count is known before decoding starts (progress, ETA)."""
     import ray.data
 
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, len(uris)))
+    units = ds.flat_map(_PlanUnits(plan), num_cpus=plan.resources.decode_cpus).materialize()
+    # one block per unit: each segment decodes in its own task (in parallel), and its frames reach
+    # the sink as soon as they are detected instead of with the rest of their video
+    return units.repartition(max(1, units.count())).materialize()
+
+
+def count_planned(plan: Plan, units) -> int:
+    """Frames (or raster windows) the units will produce under the plan's sampling."""
+    total = 0
+    for u in units.iter_rows():
+        if u["kind"] == "video":
+            total += len(sample_indices(u["num_frames"], u["fps"], plan.sampling, u["start"], u["stop"]))
+        else:
+            total += u["stop"] - u["start"]
+    return total
+
+
+def build_dataset(plan: Plan, units, done: frozenset[str] = frozenset()):
+    """The lazy Ray Dataset of frame rows for the work `units` (nothing runs until it is written)."""
     from .detect import Detector
 
     r = plan.resources
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, len(uris)))
-    ds = ds.flat_map(_PlanUnits(plan), num_cpus=r.decode_cpus)
-    ds = ds.map_batches(_Decode(plan, done), batch_size=1, num_cpus=r.decode_cpus)
+    ds = units.map_batches(_Decode(plan, done), batch_size=1, num_cpus=r.decode_cpus)
     tile = None if plan.tile is None else {
         "size": plan.tile.size, "overlap": plan.tile.overlap, "merge": plan.tile.merge,
         "metric": plan.tile.metric, "threshold": plan.tile.threshold}
-    ds = ds.map_batches(
+    return ds.map_batches(
         Detector,
         batch_size=plan.batch_size,
         concurrency=r.num_detectors,
@@ -153,9 +173,8 @@ def build_dataset(plan: Plan, uris: list[str], done: frozenset[str] = frozenset(
                                    overrides=plan.model_overrides, max_batch=r.max_batch),
         batch_format="numpy",
     )
-    return ds
 
 
-def execute(plan: Plan, uris: list[str], done: frozenset[str] = frozenset(), *, with_masks: bool = False) -> None:
-    """Run the plan to completion, writing `OUTPUT/frames/` (and `errors/`)."""
-    build_dataset(plan, uris, done).write_datasink(FrameSink(plan.output, plan.storage_options, with_masks))
+def execute(plan: Plan, units, done: frozenset[str] = frozenset(), *, with_masks: bool = False) -> None:
+    """Decode and detect the work `units`, writing `OUTPUT/frames/` (and `errors/`)."""
+    build_dataset(plan, units, done).write_datasink(FrameSink(plan.output, plan.storage_options, with_masks))

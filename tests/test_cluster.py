@@ -1,0 +1,137 @@
+"""Jobs on a real two-node Ray cluster (head with dashboard + one worker raylet on 127.0.0.1):
+submit, status, list, logs, cancel, resume, with every frame written exactly once and detector
+actors on both nodes."""
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import REPO, SOAP, _free_port
+from jobs.cli import cli
+
+pytestmark = pytest.mark.slow
+SCRIPT = REPO / "cluster" / "local-cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    port, dash = _free_port(), _free_port()
+    d = f"/tmp/fpnt-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
+    args = ["--dir", d, "--port", str(port), "--dashboard-port", str(dash)]
+    subprocess.run([str(SCRIPT), "start", "--workers", "1", "--head-cpus", "2", "--worker-cpus", "2", *args],
+                   check=True, env=env, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        yield address
+    finally:
+        subprocess.run([str(SCRIPT), "stop", *args], env=env, timeout=60)
+        if old is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = old
+
+
+def fpn(*args):
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, r.output
+
+
+def wait_for(address, job_id, states, timeout=400):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        code, out = fpn("status", job_id, "--address", address, "--format", "json")
+        row = json.loads(out) if out.strip().startswith("{") else {}
+        if row.get("status") in states:
+            return row
+        time.sleep(2)
+    raise TimeoutError(f"{job_id} did not reach {states}; last: {out}")
+
+
+def frames(out):
+    return pads.dataset(str(Path(out) / "frames"), format="parquet").to_table()
+
+
+def detector_nodes(address):
+    """Nodes that ran detector actors, from Ray's state API (a fresh process, as a user runs it)."""
+    ray = str(Path(os.sys.executable).parent / "ray")
+    out = subprocess.run([ray, "list", "actors", "--address", address, "--detail", "--format", "json", "--limit", "1000"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    actors = json.loads(out.stdout)
+    return {a["node_id"] for a in actors if "Detector" in (a.get("class_name") or "")}
+
+
+def spec_file(tmp_path, inputs, out, **extra):
+    spec = {"inputs": [str(i) for i in inputs], "output": str(out), "batch_size": 4, "segment_frames": 16,
+            "resources": {"num_detectors": 2, "cpus_per_detector": 1.5, "decode_cpus": 0.25}, **extra}
+    p = tmp_path / f"{uuid.uuid4().hex[:6]}.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def test_submit_status_list_logs_on_two_nodes(cluster, make_video, tmp_path):
+    video = make_video("cluster64.mp4", 64, 16.0)
+    out = tmp_path / "out"
+    code, text = fpn("submit", spec_file(tmp_path, [video, SOAP], out), "--address", cluster)
+    assert code == 0, text
+    job_id = text.split()[1]
+    assert "fpn status" in text and "fpn logs" in text
+    row = wait_for(cluster, job_id, {"SUCCEEDED", "FAILED"})
+    assert row["status"] == "SUCCEEDED", fpn("logs", job_id, "--address", cluster)[1]
+    assert row["frames_done"] == row["frames_planned"] == 65
+    t = frames(out)
+    ids = t.column("frame_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 65
+    assert len(detector_nodes(cluster)) == 2  # one detector actor on each node
+
+    code, text = fpn("status", job_id, "--address", cluster)
+    assert code == 0 and "SUCCEEDED" in text and "65 / 65 (100%)" in text
+    code, text = fpn("list", "--address", cluster, "--format", "json")
+    assert job_id in [r["job_id"] for r in json.loads(text)]
+    code, text = fpn("logs", job_id, "--address", cluster)
+    assert code == 0 and "succeeded: 65 frames" in text
+
+
+def test_cancel_then_resume_writes_every_frame_once(cluster, tmp_path):
+    from jobs.demo import write_video
+    from conftest import index_frame
+
+    video = tmp_path / "long.mp4"
+    total = 240
+    write_video((index_frame(i, 144, 192) for i in range(total)), video, 24.0)
+    out = tmp_path / "out"
+    code, text = fpn("submit", spec_file(tmp_path, [video], out), "--address", cluster)
+    job_id = text.split()[1]
+    deadline = time.time() + 600
+    while time.time() < deadline:  # cancel as soon as some frames are written
+        row = json.loads(fpn("status", job_id, "--address", cluster, "--format", "json")[1])
+        if (row.get("frames_done") or 0) > 0 or row["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(0.5)
+    assert row["status"] == "RUNNING" and row["frames_planned"] == total
+    code, text = fpn("cancel", job_id, "--address", cluster)
+    assert code == 0 and "STOPPED" in text
+    partial = frames(out).num_rows
+    assert 0 < partial < total
+    code, text = fpn("resume", job_id, "--address", cluster)
+    assert code == 0, text
+    new_id = text.split()[3].rstrip(":")
+    row = wait_for(cluster, new_id, {"SUCCEEDED", "FAILED"})
+    assert row["status"] == "SUCCEEDED"
+    t = frames(out)
+    assert sorted(t.column("frame_index").to_pylist()) == list(range(total))  # all, none twice
+    record = json.loads((out / "_job.json").read_text())
+    assert record["runs"] == 2 and record["skipped_frames"] >= partial
+    code, text = fpn("list", "--address", cluster)
+    assert job_id in text and new_id in text and "STOPPED" in text
