@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-RAY=${RAY:-$(command -v ray)}
+RAY=${RAY:-$(command -v ray || echo ray)}
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 
 merge() {  # merge() BASE_JSON EXTRA_JSON -> one JSON object
