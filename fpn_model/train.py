@@ -22,7 +22,7 @@ from .data import Annotated, CropSampler, load_annotations
 from .detectors import build_detector
 from .evaluate import evaluate
 from .predict import Predictor, TileConfig
-from .weights import save_checkpoint
+from .weights import load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "train", "train_step", "make_optimizer", "lr_at", "model_config_for"]
 
@@ -50,6 +50,9 @@ class TrainConfig:
     seed: int = 0
     save_dtype: str = "float16"
     val_tile: int = 1024
+    init: str | None = None  # checkpoint whose weights start the training (fine-tuning)
+    colour: float = 0.3
+    grey: float = 0.1
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -107,7 +110,10 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> d
     items = load_annotations(list(tc.train), single_class=tc.single_class)
     val_items: list[Annotated] = load_annotations(list(tc.val), single_class=tc.single_class) if tc.val else []
     model = build_detector(model_config_for(tc, items))
-    sampler = CropSampler(items, crop=tc.crop, scale_range=tc.scale_range, seed=tc.seed)
+    if tc.init:
+        model.load_state_dict(load_checkpoint(tc.init).state_dict())
+    sampler = CropSampler(items, crop=tc.crop, scale_range=tc.scale_range, colour=tc.colour, grey=tc.grey,
+                          seed=tc.seed)
     opt = make_optimizer(model, tc)
     out = Path(tc.output)
     best_path = out

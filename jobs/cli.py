@@ -295,7 +295,7 @@ def resume(target, endpoint_url, address):
     from jobs.manager import resume_spec, submit as submit_job
     from jobs.runner import run as run_plan
     from jobs.spec import plan_from_record
-    from pipeline.sink import read_job_json
+    from pipeline.record import read_job_json
 
     opts = _storage_options(endpoint_url, None, False)
     is_output = "://" in target or Path(target).exists()
@@ -418,11 +418,14 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
 @click.option("--eval-every", type=int, default=150, show_default=True)
 @click.option("--threads", type=int, help="torch CPU threads.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--init", "init", help="Start from this checkpoint's weights (fine-tuning; same architecture).")
+@click.option("--colour", type=float, default=0.3, show_default=True, help="Colour jitter strength.")
+@click.option("--grey", type=float, default=0.1, show_default=True, help="Fraction of greyscale crops.")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
 @click.option("--workers", type=int, default=0, help="Ray Train workers (DDP); 0 trains in this process.")
 @_fail_cleanly
 def train(train_paths, val_paths, preset_name, sets, single_class, output, steps, minutes, batch_size, crop, scale_min,
-          scale_max, lr, eval_every, threads, seed, address, workers):
+          scale_max, lr, eval_every, threads, seed, init, colour, grey, address, workers):
     """Train a detector on Pascal-VOC or COCO annotations; writes a checkpoint.
 
     Example: fpn train --train data/trees/big.xml --val data/trees/val.xml --single-class Tree --minutes 30
@@ -432,7 +435,8 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
 
     tc = TrainConfig(model=_model_config(preset_name, sets), train=train_paths, val=val_paths, output=output,
                      single_class=single_class, steps=steps, minutes=minutes, batch_size=batch_size, crop=crop,
-                     scale_range=(scale_min, scale_max), lr=lr, eval_every=eval_every, threads=threads, seed=seed)
+                     scale_range=(scale_min, scale_max), lr=lr, eval_every=eval_every, threads=threads, seed=seed,
+                     init=init, colour=colour, grey=grey)
 
     def show(rec: dict) -> None:
         if rec["event"] == "step":

@@ -16,10 +16,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.sink import read_job_json
+from pipeline.record import read_job_json
 from pipeline.storage import filesystem, join
 
-from .spec import load_spec
 
 __all__ = ["client", "submit", "job_status", "list_jobs", "progress", "cancel", "logs", "resume_spec", "TERMINAL"]
 
@@ -68,6 +67,8 @@ def submit(spec_path: str, *, address: str | None, overrides: dict | None = None
 
     Returns `(job_id, spec)`.
     """
+    from .spec import load_spec
+
     path = Path(spec_path)
     load_spec(path, **(overrides or {}))  # validation: a bad field fails here, naming it
     spec = yaml.safe_load(path.read_text()) or {}

@@ -17,7 +17,8 @@ import pyarrow.dataset as pads
 from fpn_model.weights import read_config
 from fpn_model.zoo import model_id
 from pipeline.plan import Plan, count_planned, execute, plan_work
-from pipeline.sink import read_done_ids, read_job_json, write_job_json
+from pipeline.record import read_job_json, write_job_json
+from pipeline.sink import read_done_ids
 from pipeline.sources import expand_inputs
 from pipeline.storage import filesystem, join, redact
 

@@ -2,7 +2,7 @@
 
     OUTPUT/frames/*.parquet   one row per sampled frame (detections nested), exactly once
     OUTPUT/errors/*.parquet   one row per input, segment or frame that failed
-    OUTPUT/_job.json          spec, model, versions, state and counts
+    OUTPUT/_job.json          spec, model, versions, state and counts (pipeline/record.py)
 
 `FrameSink` is a Ray Data datasink. Ray's own Parquet sink writes files in place under names drawn
 from a per-write UUID, so a killed task can leave a partial file that readers see, and a resumed job
@@ -12,7 +12,6 @@ storage), and its name is a hash of the frame ids it holds, so a retried task re
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from typing import Any, Iterable
 
@@ -24,7 +23,7 @@ from .storage import filesystem, join
 
 __all__ = [
     "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_id", "FrameSink", "write_errors",
-    "read_done_ids", "write_job_json", "read_job_json", "empty_frames_table",
+    "read_done_ids", "empty_frames_table",
 ]
 
 DETECTION_TYPE = pa.struct([
@@ -125,15 +124,3 @@ def read_done_ids(output: str, storage_options: dict | None = None) -> set[str]:
         with fs.open(f, "rb") as fh:
             done.update(pq.read_table(fh, columns=["frame_id"]).column("frame_id").to_pylist())
     return done
-
-
-def write_job_json(output: str, doc: dict, storage_options: dict | None = None) -> None:
-    fs, path = filesystem(output, storage_options)
-    fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(join(path, "_job.json"), json.dumps(doc, indent=2, default=str).encode())
-
-
-def read_job_json(output: str, storage_options: dict | None = None) -> dict:
-    fs, path = filesystem(output, storage_options)
-    with fs.open(join(path, "_job.json"), "rb") as f:
-        return json.loads(f.read())

@@ -72,3 +72,19 @@ def test_eval_prints_coco_metrics(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "m.json").read_text())
     assert {"AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1000"} <= set(m) and 0 < m["AP50"] <= 1
+
+
+def test_import_torchvision_from_a_local_state_dict(tmp_path):
+    import torch
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    from fpn_model.weights import load_checkpoint
+
+    ref = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)
+    torch.save(ref.state_dict(), tmp_path / "coco.pth")
+    r = invoke("import-torchvision", "fasterrcnn_mobilenet_v3_large_fpn", tmp_path / "m.safetensors",
+               "--state-dict", tmp_path / "coco.pth")
+    assert r.exit_code == 0 and "wrote" in r.output
+    ours = load_checkpoint(tmp_path / "m.safetensors")
+    head = "roi_heads.box_predictor.cls_score.weight"
+    assert torch.equal(ours.state_dict()[head], ref.state_dict()[head])

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from pipeline.sink import FRAME_SCHEMA, _atomic_write, frame_id, write_job_json
+from pipeline.record import write_job_json
+from pipeline.sink import FRAME_SCHEMA, _atomic_write, frame_id
 
 
 def _box(x, y, s, score, label=1):
