@@ -156,6 +156,8 @@ def count_planned(plan: Plan, units) -> int:
 
 def build_dataset(plan: Plan, units, done: frozenset[str] = frozenset()):
     """The lazy Ray Dataset of frame rows for the work `units` (nothing runs until it is written)."""
+    import ray.data
+
     from .detect import Detector
 
     r = plan.resources
@@ -166,7 +168,7 @@ def build_dataset(plan: Plan, units, done: frozenset[str] = frozenset()):
     return ds.map_batches(
         Detector,
         batch_size=plan.batch_size,
-        concurrency=r.num_detectors,
+        compute=ray.data.ActorPoolStrategy(size=r.num_detectors),
         num_cpus=r.cpus_per_detector,
         num_gpus=r.gpus_per_detector or None,
         fn_constructor_kwargs=dict(checkpoint=plan.checkpoint, model_id=plan.model_id, tile=tile, amp=r.amp,
@@ -177,4 +179,7 @@ def build_dataset(plan: Plan, units, done: frozenset[str] = frozenset()):
 
 def execute(plan: Plan, units, done: frozenset[str] = frozenset(), *, with_masks: bool = False) -> None:
     """Decode and detect the work `units`, writing `OUTPUT/frames/` (and `errors/`)."""
-    build_dataset(plan, units, done).write_datasink(FrameSink(plan.output, plan.storage_options, with_masks))
+    # writing is I/O: a small CPU reservation, so files land while the detector actors hold the CPUs
+    # (with the default of one CPU a write waits until detection of every frame has finished)
+    build_dataset(plan, units, done).write_datasink(FrameSink(plan.output, plan.storage_options, with_masks),
+                                                    ray_remote_args={"num_cpus": 0.1})
