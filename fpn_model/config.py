@@ -66,7 +66,7 @@ class ModelConfig:
     rpn_batch_size_per_image: int = 256
     rpn_score_thresh: float = 0.0
     giou_loss: bool = False
-    extra_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    extra_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # reserved; in saved configs
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, ARCHS)
@@ -90,8 +90,6 @@ class ModelConfig:
                 f"anchor_sizes has {len(self.anchor_sizes)} levels but the pyramid has {self.num_levels} "
                 f"(levels {self.levels})"
             )
-        if self.arch == "retinanet" and self.neck == "single":
-            pass  # allowed: a single-level RetinaNet is a valid ablation
         if self.class_names and len(self.class_names) not in (self.num_classes, self.num_classes - 1):
             raise ValueError(f"class_names has {len(self.class_names)} names for num_classes={self.num_classes}")
 

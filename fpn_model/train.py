@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +53,6 @@ class TrainConfig:
     init: str | None = None  # checkpoint whose weights start the training (fine-tuning)
     colour: float = 0.3
     grey: float = 0.1
-    extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.train:

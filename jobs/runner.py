@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import pyarrow.dataset as pads
@@ -18,7 +19,7 @@ from fpn_model.weights import read_config
 from fpn_model.zoo import model_id
 from pipeline.plan import Plan, count_planned, execute, plan_work
 from pipeline.record import read_job_json, write_job_json
-from pipeline.sink import read_done_ids
+from pipeline.sink import read_done_ids, write_empty_frames
 from pipeline.sources import expand_inputs
 from pipeline.storage import filesystem, join, redact
 
@@ -80,7 +81,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     t0 = time.monotonic()
     uris = expand_inputs(list(plan.inputs), plan.storage_options)
     cfg, extra = read_config(plan.checkpoint)
-    _, digest = model_id(__import__("pathlib").Path(plan.checkpoint))
+    _, digest = model_id(Path(plan.checkpoint))
     try:
         previous = read_job_json(plan.output, plan.storage_options)
     except (FileNotFoundError, OSError):
@@ -113,6 +114,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
         raise
     wall = time.monotonic() - t0
     counts = count_output(plan.output, plan.storage_options)
+    if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
+        write_empty_frames(plan.output, plan.storage_options, with_masks=cfg.arch == "mask_rcnn")
     new_frames = counts["frames"] - len(done)
     doc.update(state="succeeded", wall_s=round(wall, 2), frames_per_s=round(new_frames / wall, 3) if wall else None,
                finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **counts)

@@ -23,7 +23,7 @@ from .storage import filesystem, join
 
 __all__ = [
     "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_id", "FrameSink", "write_errors",
-    "read_done_ids", "empty_frames_table",
+    "read_done_ids", "write_empty_frames",
 ]
 
 DETECTION_TYPE = pa.struct([
@@ -58,8 +58,9 @@ def frame_id(source: str, frame_index: int) -> str:
     return hashlib.sha1(f"{source}\x00{frame_index}".encode()).hexdigest()[:24]
 
 
-def empty_frames_table(with_masks: bool = False) -> pa.Table:
-    return frame_schema(with_masks).empty_table()
+def write_empty_frames(output: str, storage_options: dict | None = None, *, with_masks: bool = False) -> None:
+    """A zero-row frames file, so readers of an output without frames still find the schema."""
+    _atomic_write(frame_schema(with_masks).empty_table(), join(output, "frames", "part-empty.parquet"), storage_options)
 
 
 def _atomic_write(table: pa.Table, url: str, storage_options: dict | None) -> None:

@@ -153,3 +153,14 @@ def test_large_raster_windows_give_each_object_once(ray_session, tmp_path):
     quadrant = [d for d in boxes if d["x2"] < 380 and d["y2"] < 380]  # away from window borders
     shifted = [d for d in boxes if d["x1"] > 420 and d["y1"] > 420 and d["x2"] < 780 and d["y2"] < 780]
     assert abs(len(quadrant) - len(shifted)) <= max(2, len(quadrant) // 5)
+
+
+def test_output_of_a_job_whose_inputs_all_fail_still_has_the_schema(ray_session, tmp_path):
+    from pipeline.sink import FRAME_SCHEMA
+
+    bad = tmp_path / "zero.mp4"
+    bad.write_bytes(b"")
+    doc = job([bad], tmp_path / "out")
+    assert (doc["frames"], doc["errors"]) == (0, 1)
+    t = frames_table(tmp_path / "out")
+    assert t.num_rows == 0 and t.schema.names == FRAME_SCHEMA.names
