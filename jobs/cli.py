@@ -423,9 +423,10 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
 @click.option("--grey", type=float, default=0.1, show_default=True, help="Fraction of greyscale crops.")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
 @click.option("--workers", type=int, default=0, help="Ray Train workers (DDP); 0 trains in this process.")
+@click.option("--use-gpu", is_flag=True, help="With --workers: one GPU per worker (DDP over nccl).")
 @_fail_cleanly
 def train(train_paths, val_paths, preset_name, sets, single_class, output, steps, minutes, batch_size, crop, scale_min,
-          scale_max, lr, eval_every, threads, seed, init, colour, grey, address, workers):
+          scale_max, lr, eval_every, threads, seed, init, colour, grey, address, workers, use_gpu):
     """Train a detector on Pascal-VOC or COCO annotations; writes a checkpoint.
 
     Example: fpn train --train data/trees/big.xml --val data/trees/val.xml --single-class Tree --minutes 30
@@ -449,7 +450,7 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
     if workers:
         from jobs.train_dist import train_distributed
 
-        result = train_distributed(tc, workers=workers, address=address)
+        result = train_distributed(tc, workers=workers, address=address, use_gpu=use_gpu)
         click.echo(f"checkpoint: {result['checkpoint']} ({result.get('step')} steps on {result.get('workers')} "
                    f"workers, final loss {result.get('loss', float('nan')):.4f})")
         return

@@ -257,6 +257,9 @@ def decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done: fr
                 idx = wanted[i:i + batch_size]
                 frames = v.frames(idx)
                 pts = v.timestamps(idx)
+                if len(pts) > 1 and not np.all(np.diff(pts) > 0):
+                    raise ValueError(f"{unit.uri}: frame timestamps are not increasing around frames {idx[0]}-{idx[-1]}"
+                                     " (broken index); try --video-backend pyav")
                 rows = [_row(unit, j, float(p), frames.shape[2], frames.shape[1]) for j, p in zip(idx, pts)]
                 yield _batch(rows, list(frames))
             v.close()

@@ -88,3 +88,26 @@ def test_import_torchvision_from_a_local_state_dict(tmp_path):
     ours = load_checkpoint(tmp_path / "m.safetensors")
     head = "roi_heads.box_predictor.cls_score.weight"
     assert torch.equal(ours.state_dict()[head], ref.state_dict()[head])
+
+
+@pytest.mark.slow
+def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(ray_session, tmp_path):
+    """`fpn train --workers 2`: Ray Train DDP (gloo) on a crop of the shared aerial data."""
+    from PIL import Image
+
+    from fpn_model.data import load_voc
+    from fpn_model.weights import load_checkpoint, read_config
+
+    ann = load_voc(SOAP_XML)
+    Image.open(SOAP).crop((0, 0, 200, 200)).save(tmp_path / "crop.png")
+    keep = [b for b in ann.boxes if b[2] <= 200 and b[3] <= 200]
+    objs = "".join(f"<object><name>Tree</name><bndbox><xmin>{b[0]:.0f}</xmin><ymin>{b[1]:.0f}</ymin>"
+                   f"<xmax>{b[2]:.0f}</xmax><ymax>{b[3]:.0f}</ymax></bndbox></object>" for b in keep)
+    (tmp_path / "crop.xml").write_text(f"<annotation><filename>crop.png</filename>{objs}</annotation>")
+    r = invoke("train", "--train", tmp_path / "crop.xml", "--single-class", "Tree", "--steps", 4, "--batch-size", 2,
+               "--crop", 128, "--workers", 2, "-o", tmp_path / "dist.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "on 2 workers" in r.output
+    model = load_checkpoint(tmp_path / "dist.safetensors")
+    assert model.config.class_names == ("Tree",)
+    assert read_config(tmp_path / "dist.safetensors")[1]["train"]["distributed"]["workers"] == 2
