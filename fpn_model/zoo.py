@@ -1,4 +1,4 @@
-"""The model zoo: checkpoints shipped with the package (`fpn_model/zoo/*.safetensors`) and named presets.
+"""The model zoo: checkpoints shipped with the package (`fpn_model/checkpoints/*.safetensors`) and named presets.
 
 `resolve(name_or_path)` turns a zoo name (`trees`) or a path/URL into a local checkpoint path.
 """
@@ -11,7 +11,7 @@ from .weights import file_sha256
 
 __all__ = ["ZOO_DIR", "DEFAULT_MODEL", "bundled", "resolve", "model_id"]
 
-ZOO_DIR = Path(__file__).parent / "zoo"
+ZOO_DIR = Path(__file__).parent / "checkpoints"
 DEFAULT_MODEL = "trees"
 
 
