@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.record import read_job_json
-from pipeline.storage import filesystem, join
+from pipeline.storage import filesystem, join, parquet_files
 
 
 __all__ = ["client", "submit", "job_status", "list_jobs", "progress", "cancel", "logs", "resume_spec", "TERMINAL"]
@@ -113,18 +113,14 @@ def progress(output: str, storage_options: dict | None = None, *, now_s: float |
         doc = read_job_json(output, storage_options)
     except (FileNotFoundError, OSError):
         doc = {}
-    written = 0
-    frames = join(path, "frames")
-    if fs.exists(frames):
-        for f in fs.glob(join(frames, "*.parquet")):
-            if not f.rsplit("/", 1)[-1].startswith("."):
-                with fs.open(f, "rb") as fh:
-                    written += pq.ParquetFile(fh).metadata.num_rows
-    errors = 0
-    if fs.exists(join(path, "errors")):
-        for f in fs.glob(join(path, "errors", "*.parquet")):
+    def rows(sub: str) -> int:  # from the Parquet footers alone
+        total = 0
+        for f in parquet_files(fs, join(path, sub)):
             with fs.open(f, "rb") as fh:
-                errors += pq.ParquetFile(fh).metadata.num_rows
+                total += pq.ParquetFile(fh).metadata.num_rows
+        return total
+
+    written, errors = rows("frames"), rows("errors")
     planned = doc.get("planned_frames")
     started = doc.get("started_at")
     rate = eta = None

@@ -21,7 +21,7 @@ from pipeline.plan import Plan, count_planned, execute, plan_work
 from pipeline.record import read_job_json, write_job_json
 from pipeline.sink import read_done_ids, write_empty_frames
 from pipeline.sources import expand_inputs
-from pipeline.storage import filesystem, join, redact
+from pipeline.storage import filesystem, join, parquet_files, redact
 
 from .spec import plan_to_dict
 
@@ -60,10 +60,7 @@ def count_output(output: str, storage_options: dict | None = None) -> dict[str, 
     fs, path = filesystem(output, storage_options)
     counts = {"frames": 0, "detections": 0, "errors": 0}
     for sub, col in (("frames", "num_detections"), ("errors", None)):
-        d = join(path, sub)
-        if not fs.exists(d):
-            continue
-        files = [f for f in fs.glob(join(d, "*.parquet")) if not f.rsplit("/", 1)[-1].startswith(".")]
+        files = parquet_files(fs, join(path, sub))
         if not files:
             continue
         ds = pads.dataset(files, filesystem=fs, format="parquet")
@@ -80,7 +77,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     """Execute `plan`; returns the summary that `_job.json` also records."""
     t0 = time.monotonic()
     uris = expand_inputs(list(plan.inputs), plan.storage_options)
-    cfg, extra = read_config(plan.checkpoint)
+    cfg, _ = read_config(plan.checkpoint)
+    with_masks = cfg.arch == "mask_rcnn"
     _, digest = model_id(Path(plan.checkpoint))
     try:
         previous = read_job_json(plan.output, plan.storage_options)
@@ -106,7 +104,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
         doc["planned_frames"] = count_planned(plan, units)
         doc["work_units"] = units.count()
         write_job_json(plan.output, doc, plan.storage_options)
-        execute(plan, units, done, with_masks=cfg.arch == "mask_rcnn")
+        execute(plan, units, done, with_masks=with_masks)
     except BaseException as e:
         doc.update(state="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                    wall_s=round(time.monotonic() - t0, 2), **count_output(plan.output, plan.storage_options))
@@ -115,7 +113,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     wall = time.monotonic() - t0
     counts = count_output(plan.output, plan.storage_options)
     if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
-        write_empty_frames(plan.output, plan.storage_options, with_masks=cfg.arch == "mask_rcnn")
+        write_empty_frames(plan.output, plan.storage_options, with_masks=with_masks)
     new_frames = counts["frames"] - len(done)
     doc.update(state="succeeded", wall_s=round(wall, 2), frames_per_s=round(new_frames / wall, 3) if wall else None,
                finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **counts)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from .storage import filesystem, join
+from .storage import filesystem, join, parquet_files
 
 __all__ = [
     "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_id", "FrameSink", "write_errors",
@@ -115,13 +115,8 @@ def write_errors(output: str, rows: list[dict], key: str, storage_options: dict 
 def read_done_ids(output: str, storage_options: dict | None = None) -> set[str]:
     """Frame ids already written under `OUTPUT/frames` (reads one column)."""
     fs, path = filesystem(output, storage_options)
-    frames = join(path, "frames")
-    if not fs.exists(frames):
-        return set()
     done: set[str] = set()
-    for f in fs.glob(join(frames, "*.parquet")):
-        if f.rsplit("/", 1)[-1].startswith("."):
-            continue
+    for f in parquet_files(fs, join(path, "frames")):
         with fs.open(f, "rb") as fh:
             done.update(pq.read_table(fh, columns=["frame_id"]).column("frame_id").to_pylist())
     return done

@@ -11,7 +11,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-__all__ = ["filesystem", "join", "redact", "translate_error", "local_path"]
+__all__ = ["filesystem", "join", "parquet_files", "redact", "translate_error", "local_path"]
 
 _SECRET_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
                 "aws_session_token", "session_token"}
@@ -33,6 +33,14 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
+
+
+def parquet_files(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
+    """Finished Parquet files in `directory` (none if it does not exist). Files being written carry a
+    temporary dot-name until they are complete, and are left out."""
+    if not fs.exists(directory):
+        return []
+    return sorted(f for f in fs.glob(join(directory, "*.parquet")) if not f.rsplit("/", 1)[-1].startswith("."))
 
 
 def redact(options: dict[str, Any] | None) -> dict[str, Any]:
