@@ -290,9 +290,7 @@ def resume(target, endpoint_url, address):
 
     Example: fpn resume fpn-20261124-120000-ab12cd --address http://head:8265
     """
-    import tempfile
-
-    from jobs.manager import resume_spec, submit as submit_job
+    from jobs.manager import resume as resume_job
     from jobs.runner import run as run_plan
     from jobs.spec import plan_from_record
     from pipeline.record import read_job_json
@@ -300,11 +298,7 @@ def resume(target, endpoint_url, address):
     opts = _storage_options(endpoint_url, None, False)
     is_output = "://" in target or Path(target).exists()
     if not is_output:
-        spec = resume_spec(target, address=address)
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / "spec.yaml"
-            p.write_text(yaml.safe_dump(spec))
-            jid, _ = submit_job(str(p), address=address)
+        jid = resume_job(target, address=address)
         click.echo(f"resubmitted {target} as {jid}: frames already written are skipped")
         click.echo(f"  fpn status {jid}")
         return

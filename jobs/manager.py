@@ -20,7 +20,7 @@ from pipeline.record import read_job_json
 from pipeline.storage import filesystem, join, parquet_files
 
 
-__all__ = ["client", "submit", "job_status", "list_jobs", "progress", "cancel", "logs", "resume_spec", "TERMINAL"]
+__all__ = ["client", "submit", "job_status", "list_jobs", "progress", "cancel", "logs", "resume", "TERMINAL"]
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 _FPN_KEY = "fpn_job"
@@ -76,18 +76,47 @@ def submit(spec_path: str, *, address: str | None, overrides: dict | None = None
         if v is not None:
             spec[k] = v
     spec = _absolute_inputs(spec, path.parent.resolve())
+    return _submit_spec(spec, address=address, job_id=job_id, entrypoint_num_cpus=entrypoint_num_cpus), spec
+
+
+def resume(job_id: str, *, address: str | None) -> str:
+    """Submit a job's recorded spec again (validated first); frames already written are skipped.
+    Returns the new job id."""
+    from .spec import plan_from_dict
+
+    info = _job_info(job_id, address)
+    md = info.metadata or {}
+    if not md.get(_FPN_KEY) or not md.get("spec"):
+        raise LookupError(f"job {job_id} was not submitted by fpn (no spec in its metadata)")
+    spec = yaml.safe_load(md["spec"])
+    plan_from_dict(spec)
+    return _submit_spec(spec, address=address)
+
+
+def _job_info(job_id: str, address: str | None) -> Any:
+    try:
+        return client(address).get_job_info(job_id)
+    except RuntimeError as e:
+        raise LookupError(f"job {job_id}: not found on {address or os.environ.get('RAY_ADDRESS')}") from e
+
+
+def _submit_spec(spec: dict, *, address: str | None, job_id: str | None = None,
+                 entrypoint_num_cpus: float = 0.0) -> str:
+    """Submit `fpn run` of a validated spec whose local paths are absolute; the spec travels in the
+    job's working directory and its metadata."""
     job_id = job_id or f"fpn-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     c = client(address)
+    text = yaml.safe_dump(spec, sort_keys=False)
     with tempfile.TemporaryDirectory(prefix="fpn-submit-") as wd:
-        Path(wd, "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        Path(wd, "spec.yaml").write_text(text)
         c.submit_job(
             entrypoint=f"fpn run spec.yaml --job-id {job_id}",
             submission_id=job_id,
             runtime_env={"working_dir": wd},
-            metadata={_FPN_KEY: "1", "output": str(spec["output"]), "spec": yaml.safe_dump(spec, sort_keys=False)},
+            metadata={_FPN_KEY: "1", "output": str(spec["output"]), "spec": text},
             entrypoint_num_cpus=entrypoint_num_cpus,
         )
-    return job_id, spec
+    return job_id
 
 
 def _info_row(info: Any) -> dict[str, Any]:
@@ -139,12 +168,7 @@ def progress(output: str, storage_options: dict | None = None, *, now_s: float |
 
 
 def job_status(job_id: str, *, address: str | None) -> dict[str, Any]:
-    c = client(address)
-    try:
-        info = c.get_job_info(job_id)
-    except RuntimeError as e:
-        raise LookupError(f"job {job_id}: not found on {address or os.environ.get('RAY_ADDRESS')}") from e
-    row = _info_row(info)
+    row = _info_row(_job_info(job_id, address))
     if row["output"]:
         try:
             row.update(progress(row["output"], _spec_storage(row["_spec"])))
@@ -200,12 +224,3 @@ def logs(job_id: str, *, address: str | None, follow: bool = False):
                 return
     finally:
         loop.close()
-
-
-def resume_spec(job_id: str, *, address: str | None) -> dict:
-    """The spec a job was submitted with (to resubmit it)."""
-    info = client(address).get_job_info(job_id)
-    md = info.metadata or {}
-    if not md.get(_FPN_KEY) or not md.get("spec"):
-        raise LookupError(f"job {job_id} was not submitted by fpn (no spec in its metadata)")
-    return yaml.safe_load(md["spec"])
