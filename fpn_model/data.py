@@ -126,11 +126,19 @@ class CropSampler:
         scale_range: random resize factor range applied before cropping.
         object_centred: fraction of crops centred near a random object.
         min_visible: a box cut by the crop is kept if this fraction of its area stays inside.
+        colour: brightness/contrast/saturation jitter strength (factors in 1 +- colour).
+        saturation_min: lowest saturation factor (default 1 - colour); imagery from another sensor
+            or season can be far less saturated than the training image (aerial: 3x less).
+        grey: fraction of crops turned greyscale.
+        rare: fraction of crops centred on a *rare-looking* object: one whose mean
+            saturation is among the lowest `rare_quantile` of all objects (dead snags, bare crowns
+            in green imagery). Appearance-balanced sampling, because a handful of such objects among
+            hundreds would otherwise be seen in a few percent of the batches.
     """
 
     def __init__(self, items: list[Annotated], *, images: list[np.ndarray] | None = None, crop: int = 384, scale_range: tuple[float, float] = (0.6, 1.4),
                  object_centred: float = 0.75, min_visible: float = 0.5, colour: float = 0.3, grey: float = 0.1,
-                 seed: int = 0):
+                 saturation_min: float | None = None, rare: float = 0.0, rare_quantile: float = 0.05, seed: int = 0):
         if not items:
             raise ValueError("no annotated images to train on")
         self.items = items
@@ -139,19 +147,33 @@ class CropSampler:
         self.crop, self.scale_range = crop, scale_range
         self.object_centred, self.min_visible = object_centred, min_visible
         self.colour, self.grey = colour, grey
+        self.saturation = (1 - colour if saturation_min is None else saturation_min, 1 + colour)
+        if not 0 < self.saturation[0] <= self.saturation[1]:
+            raise ValueError(f"saturation_min must be in (0, {1 + colour}], got {saturation_min}")
+        self.rare = rare
+        self.rare_objects = _least_saturated(self.images, items, rare_quantile) if rare > 0 else []
         self.rng = random.Random(seed)
+
+    def _choose(self) -> tuple[int, int | None]:
+        """(image index, index of the object to centre the crop on or None for a random window)."""
+        rng = self.rng
+        if self.rare_objects and rng.random() < self.rare:
+            return rng.choice(self.rare_objects)
+        i = rng.randrange(len(self.items))
+        n = len(self.items[i].boxes)
+        return i, (rng.randrange(n) if n and rng.random() < self.object_centred else None)
 
     def sample(self) -> tuple[Tensor, dict[str, Tensor]]:
         """One `[3, crop, crop]` float image in [0, 1] and its target dict."""
         rng = self.rng
-        i = rng.randrange(len(self.items))
+        i, centre = self._choose()
         img, ann = self.images[i], self.items[i]
         s = math.exp(rng.uniform(math.log(self.scale_range[0]), math.log(self.scale_range[1])))
         _, h, w = img.shape
         src = min(int(round(self.crop / s)), h, w)  # source window side that maps to the crop
         boxes = torch.from_numpy(ann.boxes)
-        if len(boxes) and rng.random() < self.object_centred:
-            b = boxes[rng.randrange(len(boxes))]
+        if centre is not None:
+            b = boxes[centre]
             cx = (b[0] + b[2]).item() / 2 + rng.uniform(-src / 3, src / 3)
             cy = (b[1] + b[3]).item() / 2 + rng.uniform(-src / 3, src / 3)
             x0, y0 = int(cx - src / 2), int(cy - src / 2)
@@ -181,7 +203,8 @@ class CropSampler:
             mean = x.mean()
             x = (x - mean) * rng.uniform(1 - c, 1 + c) + mean  # contrast
             grey = x.mean(0, keepdim=True)
-            x = (x - grey) * rng.uniform(1 - c, 1 + c) + grey  # saturation
+            lo, hi = self.saturation
+            x = (x - grey) * math.exp(rng.uniform(math.log(lo), math.log(hi))) + grey  # saturation
             x = x * torch.tensor([rng.uniform(1 - c / 3, 1 + c / 3) for _ in range(3)])[:, None, None]  # tint
         if rng.random() < self.grey:
             x = x.mean(0, keepdim=True).repeat(3, 1, 1)
@@ -190,3 +213,15 @@ class CropSampler:
     def batch(self, n: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         images, targets = zip(*(self.sample() for _ in range(n)))
         return list(images), list(targets)
+
+
+def _least_saturated(images: list[Tensor], items: list[Annotated], quantile: float) -> list[tuple[int, int]]:
+    """(image index, object index) of the least saturated `quantile` of all objects (at least one)."""
+    keys = []
+    for i, (img, ann) in enumerate(zip(images, items)):
+        for j, (x1, y1, x2, y2) in enumerate(np.round(ann.boxes).astype(int)):
+            patch = img[:, max(0, y1):max(y1 + 1, y2), max(0, x1):max(x1 + 1, x2)].float()
+            hi, lo = patch.max(0).values, patch.min(0).values
+            keys.append((float(((hi - lo) / hi.clamp(min=1)).mean()), i, j))
+    keys.sort()
+    return [(i, j) for _, i, j in keys[:max(1, round(quantile * len(keys)))]] if keys else []

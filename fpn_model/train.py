@@ -24,7 +24,8 @@ from .evaluate import evaluate
 from .predict import Predictor, TileConfig
 from .weights import load_checkpoint, save_checkpoint
 
-__all__ = ["TrainConfig", "train", "train_step", "make_optimizer", "lr_at", "model_config_for"]
+__all__ = ["TrainConfig", "train", "train_step", "make_optimizer", "make_sampler", "build_model", "lr_at",
+           "model_config_for"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class TrainConfig:
     init: str | None = None  # checkpoint whose weights start the training (fine-tuning)
     colour: float = 0.3
     grey: float = 0.1
+    saturation_min: float | None = None  # lowest saturation factor of the colour jitter (default 1 - colour)
+    rare: float = 0.0  # fraction of crops centred on the least saturated 5% of objects (CropSampler)
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -68,6 +71,19 @@ def model_config_for(tc: TrainConfig, items: list[Annotated]) -> ModelConfig:
     """The model config with the training data's classes (label 0 = background, unused by RetinaNet)."""
     class_names = items[0].class_names
     return tc.model.replace(num_classes=len(class_names) + 1, class_names=class_names)
+
+
+def build_model(tc: TrainConfig, items: list[Annotated]) -> nn.Module:
+    """The detector to train: fresh weights, or `tc.init`'s for fine-tuning."""
+    model = build_detector(model_config_for(tc, items))
+    if tc.init:
+        model.load_state_dict(load_checkpoint(tc.init).state_dict())
+    return model
+
+
+def make_sampler(tc: TrainConfig, items: list[Annotated], *, seed: int) -> CropSampler:
+    return CropSampler(items, crop=tc.crop, scale_range=tc.scale_range, colour=tc.colour, grey=tc.grey,
+                       saturation_min=tc.saturation_min, rare=tc.rare, seed=seed)
 
 
 def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -108,11 +124,8 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> d
     torch.manual_seed(tc.seed)
     items = load_annotations(list(tc.train), single_class=tc.single_class)
     val_items: list[Annotated] = load_annotations(list(tc.val), single_class=tc.single_class) if tc.val else []
-    model = build_detector(model_config_for(tc, items))
-    if tc.init:
-        model.load_state_dict(load_checkpoint(tc.init).state_dict())
-    sampler = CropSampler(items, crop=tc.crop, scale_range=tc.scale_range, colour=tc.colour, grey=tc.grey,
-                          seed=tc.seed)
+    model = build_model(tc, items)
+    sampler = make_sampler(tc, items, seed=tc.seed)
     opt = make_optimizer(model, tc)
     out = Path(tc.output)
     best_path = out

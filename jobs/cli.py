@@ -415,12 +415,17 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
 @click.option("--init", "init", help="Start from this checkpoint's weights (fine-tuning; same architecture).")
 @click.option("--colour", type=float, default=0.3, show_default=True, help="Colour jitter strength.")
 @click.option("--grey", type=float, default=0.1, show_default=True, help="Fraction of greyscale crops.")
+@click.option("--saturation-min", type=float,
+              help="Lowest saturation factor of the colour jitter (default 1 - colour); e.g. 0.25 for duller imagery.")
+@click.option("--rare", type=float, default=0.0, show_default=True,
+              help="Fraction of crops centred on the least saturated 5%% of objects (e.g. dead trees among green).")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
 @click.option("--workers", type=int, default=0, help="Ray Train workers (DDP); 0 trains in this process.")
 @click.option("--use-gpu", is_flag=True, help="With --workers: one GPU per worker (DDP over nccl).")
 @_fail_cleanly
 def train(train_paths, val_paths, preset_name, sets, single_class, output, steps, minutes, batch_size, crop, scale_min,
-          scale_max, lr, eval_every, threads, seed, init, colour, grey, address, workers, use_gpu):
+          scale_max, lr, eval_every, threads, seed, init, colour, grey, saturation_min, rare, address, workers,
+          use_gpu):
     """Train a detector on Pascal-VOC or COCO annotations; writes a checkpoint.
 
     Example: fpn train --train data/trees/big.xml --val data/trees/val.xml --single-class Tree --minutes 30
@@ -431,7 +436,7 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
     tc = TrainConfig(model=_model_config(preset_name, sets), train=train_paths, val=val_paths, output=output,
                      single_class=single_class, steps=steps, minutes=minutes, batch_size=batch_size, crop=crop,
                      scale_range=(scale_min, scale_max), lr=lr, eval_every=eval_every, threads=threads, seed=seed,
-                     init=init, colour=colour, grey=grey)
+                     init=init, colour=colour, grey=grey, saturation_min=saturation_min, rare=rare)
 
     def show(rec: dict) -> None:
         if rec["event"] == "step":

@@ -22,9 +22,8 @@ def _loop(config: dict) -> None:
     import torch
     from ray.train.torch import prepare_model
 
-    from fpn_model.data import CropSampler, load_annotations
-    from fpn_model.detectors import build_detector
-    from fpn_model.train import lr_at, make_optimizer, model_config_for, train_step
+    from fpn_model.data import load_annotations
+    from fpn_model.train import build_model, lr_at, make_optimizer, make_sampler, train_step
     from fpn_model.weights import save_checkpoint
 
     tc: TrainConfig = config["tc"]
@@ -33,8 +32,8 @@ def _loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     torch.manual_seed(tc.seed)  # same initial weights on every worker
     items = load_annotations(list(tc.train), single_class=tc.single_class)
-    model = build_detector(model_config_for(tc, items))
-    sampler = CropSampler(items, crop=tc.crop, scale_range=tc.scale_range, seed=tc.seed + rank)
+    model = build_model(tc, items)
+    sampler = make_sampler(tc, items, seed=tc.seed + rank)
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     opt = make_optimizer(ddp, tc)
     ddp.train()

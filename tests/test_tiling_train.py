@@ -90,6 +90,46 @@ def test_crops_keep_boxes_aligned_with_pixels():
         assert inside.numel() and inside.mean() > 0.9
 
 
+def test_rare_sampling_centres_crops_on_the_least_saturated_objects():
+    """With rare=1 every crop holds the one grey object among 20 green ones; with rare=0 most do not."""
+    from fpn_model.data import Annotated
+
+    img = np.zeros((1000, 1000, 3), np.uint8)
+    img[:] = (40, 120, 40)
+    boxes = [[50 * i, 900, 50 * i + 30, 930] for i in range(20)]  # green crowns along the bottom
+    boxes.append([100, 100, 130, 130])  # one grey crown far from them
+    img[100:130, 100:130] = 200
+    ann = Annotated(None, np.array(boxes, np.float32), np.ones(21, np.int64), ("x",))
+
+    def grey_crops(rare: float) -> int:
+        sampler = CropSampler([ann], images=[img], crop=128, scale_range=(1.0, 1.0), colour=0.0, grey=0.0,
+                              rare=rare, rare_quantile=0.05, seed=0)
+        assert sampler.rare_objects == ([(0, 20)] if rare else [])
+        crops = [sampler.sample()[0] for _ in range(40)]
+        return sum(bool(((c[0] > 0.7) & (c[1] > 0.7)).any()) for c in crops)  # grey pixels in the crop
+
+    assert grey_crops(1.0) == 40
+    assert grey_crops(0.0) < 20
+
+
+def test_saturation_jitter_reaches_the_requested_floor():
+    from fpn_model.data import Annotated
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:] = (200, 40, 40)  # saturated red
+    ann = Annotated(None, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), ("x",))
+    sat = []
+    for floor in (None, 0.1):
+        sampler = CropSampler([ann], images=[img], crop=64, scale_range=(1.0, 1.0), colour=0.3, grey=0.0,
+                              saturation_min=floor, seed=0)
+        xs = torch.stack([sampler.sample()[0] for _ in range(200)])
+        hi, lo = xs.amax(1), xs.amin(1)
+        sat.append((hi - lo).div(hi.clamp(min=1e-6)).mean((1, 2)).min().item())
+    assert sat[1] < 0.5 * sat[0]
+    with pytest.raises(ValueError, match="saturation_min"):
+        CropSampler([ann], images=[img], crop=64, saturation_min=0.0)
+
+
 @pytest.mark.slow
 def test_a_few_training_steps_write_a_loadable_checkpoint(tmp_path):
     from conftest import SOAP_XML
