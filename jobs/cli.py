@@ -418,7 +418,7 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
 @click.option("--saturation-min", type=float,
               help="Lowest saturation factor of the colour jitter (default 1 - colour); e.g. 0.25 for duller imagery.")
 @click.option("--rare", type=float, default=0.0, show_default=True,
-              help="Fraction of crops centred on the least saturated 5%% of objects (e.g. dead trees among green).")
+              help="Fraction of crops centred on the least saturated 5% of objects (e.g. dead trees among green).")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
 @click.option("--workers", type=int, default=0, help="Ray Train workers (DDP); 0 trains in this process.")
 @click.option("--use-gpu", is_flag=True, help="With --workers: one GPU per worker (DDP over nccl).")
