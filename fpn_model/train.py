@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import ModelConfig
 from .data import Annotated, CropSampler, load_annotations
@@ -56,6 +57,8 @@ class TrainConfig:
     grey: float = 0.1
     saturation_min: float | None = None  # lowest saturation factor of the colour jitter (default 1 - colour)
     rare: float = 0.0  # fraction of crops centred on the least saturated 5% of objects (CropSampler)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is
+    #                   what is evaluated and saved
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -127,6 +130,8 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> d
     model = build_model(tc, items)
     sampler = make_sampler(tc, items, seed=tc.seed)
     opt = make_optimizer(model, tc)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True) if tc.ema else None
+    product = ema.module if ema is not None else model  # the weights that are evaluated and saved
     out = Path(tc.output)
     best_path = out
     last_path = out.with_name(out.stem + ".last.safetensors")
@@ -145,15 +150,14 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> d
         nonlocal best
         if not val_items:
             return
-        model.eval()
-        metrics = evaluate(Predictor(model, tile=TileConfig(size=tc.val_tile, overlap=tc.val_tile // 8)), val_items)
+        metrics = evaluate(Predictor(product, tile=TileConfig(size=tc.val_tile, overlap=tc.val_tile // 8)), val_items)
         model.train()
         rec = {"step": step, "minutes": round((time.monotonic() - start) / 60, 2), **{k: round(v, 4) for k, v in metrics.items()}}
         history.append(rec)
         emit({"event": "eval", **rec})
         if metrics["AP50"] > best["AP50"]:
             best = rec
-            save_checkpoint(model, best_path, dtype=_dtype(tc.save_dtype), extra={"val": rec, "train": _summary(tc)})
+            save_checkpoint(product, best_path, dtype=_dtype(tc.save_dtype), extra={"val": rec, "train": _summary(tc)})
 
     model.train()
     while progress() < 1.0 and (tc.minutes is not None or step < tc.steps):
@@ -162,6 +166,8 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> d
         images, targets = sampler.batch(tc.batch_size)
         t0 = time.monotonic()
         losses = train_step(model, opt, images, targets, tc.clip)
+        if ema is not None:
+            ema.update_parameters(model)
         step += 1
         if step % 20 == 0 or step == 1:
             emit({"event": "step", "step": step, "lr": round(opt.param_groups[0]["lr"], 6),
@@ -170,9 +176,9 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> d
         if step % tc.eval_every == 0:
             validate()
     validate()
-    save_checkpoint(model, last_path, dtype=_dtype(tc.save_dtype), extra={"train": _summary(tc)})
+    save_checkpoint(product, last_path, dtype=_dtype(tc.save_dtype), extra={"train": _summary(tc)})
     if not val_items:
-        save_checkpoint(model, best_path, dtype=_dtype(tc.save_dtype), extra={"train": _summary(tc)})
+        save_checkpoint(product, best_path, dtype=_dtype(tc.save_dtype), extra={"train": _summary(tc)})
     summary = {"steps": step, "minutes": round((time.monotonic() - start) / 60, 2), "best": best,
                "history": history, "checkpoint": str(best_path), "last": str(last_path), "config": _summary(tc)}
     out.with_suffix(".train.json").write_text(json.dumps(summary, indent=2))

@@ -419,12 +419,14 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
               help="Lowest saturation factor of the colour jitter (default 1 - colour); e.g. 0.25 for duller imagery.")
 @click.option("--rare", type=float, default=0.0, show_default=True,
               help="Fraction of crops centred on the least saturated 5% of objects (e.g. dead trees among green).")
+@click.option("--ema", type=float, default=0.0, show_default=True,
+              help="Evaluate and save an exponential moving average of the weights with this decay (e.g. 0.998).")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
 @click.option("--workers", type=int, default=0, help="Ray Train workers (DDP); 0 trains in this process.")
 @click.option("--use-gpu", is_flag=True, help="With --workers: one GPU per worker (DDP over nccl).")
 @_fail_cleanly
 def train(train_paths, val_paths, preset_name, sets, single_class, output, steps, minutes, batch_size, crop, scale_min,
-          scale_max, lr, eval_every, threads, seed, init, colour, grey, saturation_min, rare, address, workers,
+          scale_max, lr, eval_every, threads, seed, init, colour, grey, saturation_min, rare, ema, address, workers,
           use_gpu):
     """Train a detector on Pascal-VOC or COCO annotations; writes a checkpoint.
 
@@ -436,7 +438,7 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
     tc = TrainConfig(model=_model_config(preset_name, sets), train=train_paths, val=val_paths, output=output,
                      single_class=single_class, steps=steps, minutes=minutes, batch_size=batch_size, crop=crop,
                      scale_range=(scale_min, scale_max), lr=lr, eval_every=eval_every, threads=threads, seed=seed,
-                     init=init, colour=colour, grey=grey, saturation_min=saturation_min, rare=rare)
+                     init=init, colour=colour, grey=grey, saturation_min=saturation_min, rare=rare, ema=ema)
 
     def show(rec: dict) -> None:
         if rec["event"] == "step":

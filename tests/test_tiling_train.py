@@ -140,3 +140,19 @@ def test_a_few_training_steps_write_a_loadable_checkpoint(tmp_path):
     model = load_checkpoint(summary["checkpoint"])
     assert model.config.class_names == ("Tree",) and summary["steps"] == 3
     assert summary["history"] and set(summary["history"][0]) >= {"AP50", "AP_S"}
+
+
+def test_ema_is_what_training_evaluates_and_saves(tmp_path):
+    """torch's AveragedModel starts from the weights after the first step; with a decay of ~1 it stays
+    there, so 3 steps with EMA save the weights of 1 step without, and not those of 3 steps without."""
+    def trained(steps: int, ema: float) -> dict:
+        tc = TrainConfig(model=preset("trees"), train=(str(SOAP_XML),), single_class="Tree", steps=steps,
+                         output=str(tmp_path / f"s{steps}-ema{ema}.safetensors"), batch_size=1, crop=96,
+                         threads=1, ema=ema, save_dtype="float32", warmup=1)
+        return load_checkpoint(train(tc)["last"]).state_dict()
+
+    def diff(a: dict, b: dict) -> float:
+        return max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
+
+    averaged = trained(3, 1 - 1e-9)
+    assert diff(averaged, trained(1, 0.0)) < 1e-6 < diff(averaged, trained(3, 0.0))
