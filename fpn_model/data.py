@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["Annotated", "load_voc", "load_coco", "load_annotations", "CropSampler", "read_image"]
+__all__ = ["Annotated", "load_voc", "load_coco", "load_annotations", "CropSampler", "read_image", "dihedral"]
 
 Image.MAX_IMAGE_PIXELS = 20_000 ** 2
 
@@ -103,7 +103,7 @@ def load_annotations(paths: list[str | Path], *, single_class: str | None = None
     return out
 
 
-def _dihedral(img: Tensor, boxes: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def dihedral(img: Tensor, boxes: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Apply one of the 8 flips/rotations (k in 0..7) to a `[3, H, W]` image and its boxes."""
     if k >= 4:
         img = img.flip(-1)
@@ -192,7 +192,7 @@ class CropSampler:
             area_in = (clipped[:, 2] - clipped[:, 0]).clamp(min=0) * (clipped[:, 3] - clipped[:, 1]).clamp(min=0)
             keep = (area_in >= self.min_visible * area) & (clipped[:, 2] - clipped[:, 0] >= 2) & (clipped[:, 3] - clipped[:, 1] >= 2)
             boxes, labels = clipped[keep], labels[keep]
-        patch, boxes = _dihedral(patch, boxes.reshape(-1, 4), rng.randrange(8))
+        patch, boxes = dihedral(patch, boxes.reshape(-1, 4), rng.randrange(8))
         patch = self._colour(patch)
         return patch.contiguous(), {"boxes": boxes.float(), "labels": labels}
 

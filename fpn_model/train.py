@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     save_dtype: str = "float16"
     val_tile: int = 1024
+    val_views: int = 8  # validation metrics averaged over the 8 flips/rotations (1: as given)
     init: str | None = None  # checkpoint whose weights start the training (fine-tuning)
     colour: float = 0.3
     grey: float = 0.1
@@ -150,7 +151,8 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> d
         nonlocal best
         if not val_items:
             return
-        metrics = evaluate(Predictor(product, tile=TileConfig(size=tc.val_tile, overlap=tc.val_tile // 8)), val_items)
+        metrics = evaluate(Predictor(product, tile=TileConfig(size=tc.val_tile, overlap=tc.val_tile // 8)), val_items,
+                           views=tc.val_views)
         model.train()
         rec = {"step": step, "minutes": round((time.monotonic() - start) / 60, 2), **{k: round(v, 4) for k, v in metrics.items()}}
         history.append(rec)

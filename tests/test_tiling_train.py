@@ -90,6 +90,38 @@ def test_crops_keep_boxes_aligned_with_pixels():
         assert inside.numel() and inside.mean() > 0.9
 
 
+def test_eval_over_8_views_turns_images_and_boxes_together(tmp_path):
+    """A detector that finds the grey rectangles scores 1 in all 8 orientations of a non-square image;
+    one that always answers the upright boxes scores 1 upright only, so its 8-view mean drops."""
+    from PIL import Image
+
+    from fpn_model.data import Annotated
+    from fpn_model.evaluate import evaluate
+    from fpn_model.predict import Detections
+
+    img = np.zeros((120, 200, 3), np.uint8)
+    boxes = np.array([[10, 20, 40, 35], [150, 70, 190, 110], [90, 5, 100, 60]], np.float32)
+    for value, (x1, y1, x2, y2) in zip((100, 180, 255), boxes.astype(int)):
+        img[y1:y2, x1:x2] = value
+    Image.fromarray(img).save(tmp_path / "r.png")
+    items = [Annotated(tmp_path / "r.png", boxes, np.ones(3, np.int64), ("x",), 1)]
+
+    def found(frames):
+        from torchvision.ops import masks_to_boxes
+
+        grey = torch.from_numpy(np.ascontiguousarray(frames[0][..., 0]))
+        b = (masks_to_boxes(torch.stack([grey == v for v in (100, 180, 255)])) + torch.tensor([0, 0, 1, 1])).numpy()
+        return [Detections(b, np.ones(len(b), np.float32), np.ones(len(b), np.int32), np.zeros(len(b), np.int8))]
+
+    def upright(frames):
+        return [Detections(boxes, np.ones(3, np.float32), np.ones(3, np.int32), np.zeros(3, np.int8))]
+
+    m = evaluate(found, items, views=8)
+    assert m["AP50"] == pytest.approx(1.0) and m["AP50_sd"] == pytest.approx(0.0)
+    assert evaluate(upright, items)["AP50"] == pytest.approx(1.0)
+    assert evaluate(upright, items, views=8)["AP50"] < 0.5
+
+
 def test_rare_sampling_centres_crops_on_the_least_saturated_objects():
     """With rare=1 every crop holds the one grey object among 20 green ones; with rare=0 most do not."""
     from fpn_model.data import Annotated
