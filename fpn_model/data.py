@@ -148,8 +148,9 @@ class CropSampler:
         self.object_centred, self.min_visible = object_centred, min_visible
         self.colour, self.grey = colour, grey
         self.saturation = (1 - colour if saturation_min is None else saturation_min, 1 + colour)
-        if not 0 < self.saturation[0] <= self.saturation[1]:
-            raise ValueError(f"saturation_min must be in (0, {1 + colour}], got {saturation_min}")
+        if not 0 < self.saturation[0] <= self.saturation[1] or (saturation_min is not None and colour <= 0):
+            raise ValueError(f"saturation_min must be in (0, {1 + colour}] with colour > 0, got {saturation_min}"
+                             f" with colour {colour}")
         self.rare = rare
         self.rare_objects = _least_saturated(self.images, items, rare_quantile) if rare > 0 else []
         self.rng = random.Random(seed)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-
 from dataclasses import replace
 
 import numpy as np

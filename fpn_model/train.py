@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .predict import Predictor, TileConfig
 from .weights import load_checkpoint, save_checkpoint
 
-__all__ = ["TrainConfig", "train", "train_step", "make_optimizer", "make_sampler", "build_model", "lr_at",
+__all__ = ["TrainConfig", "train", "train_step", "make_optimizer", "make_sampler", "make_ema", "build_model", "lr_at",
            "model_config_for"]
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,11 @@ def make_sampler(tc: TrainConfig, items: list[Annotated], *, seed: int) -> CropS
                        saturation_min=tc.saturation_min, rare=tc.rare, seed=seed)
 
 
+def make_ema(model: nn.Module, tc: TrainConfig) -> AveragedModel | None:
+    """The moving average of `model`'s weights that `tc.ema` asks for (update it after each step), or None."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True) if tc.ema else None
+
+
 def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -131,7 +136,7 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> d
     model = build_model(tc, items)
     sampler = make_sampler(tc, items, seed=tc.seed)
     opt = make_optimizer(model, tc)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True) if tc.ema else None
+    ema = make_ema(model, tc)
     product = ema.module if ema is not None else model  # the weights that are evaluated and saved
     out = Path(tc.output)
     best_path = out

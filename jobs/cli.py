@@ -440,7 +440,8 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
     tc = TrainConfig(model=_model_config(preset_name, sets), train=train_paths, val=val_paths, output=output,
                      single_class=single_class, steps=steps, minutes=minutes, batch_size=batch_size, crop=crop,
                      scale_range=(scale_min, scale_max), lr=lr, eval_every=eval_every, threads=threads, seed=seed,
-                     init=init, colour=colour, grey=grey, saturation_min=saturation_min, rare=rare, ema=ema, val_views=int(val_views))
+                     init=init, colour=colour, grey=grey, saturation_min=saturation_min, rare=rare, ema=ema,
+                     val_views=int(val_views))
 
     def show(rec: dict) -> None:
         if rec["event"] == "step":

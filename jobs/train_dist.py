@@ -23,7 +23,7 @@ def _loop(config: dict) -> None:
     from ray.train.torch import prepare_model
 
     from fpn_model.data import load_annotations
-    from fpn_model.train import build_model, lr_at, make_optimizer, make_sampler, train_step
+    from fpn_model.train import build_model, lr_at, make_ema, make_optimizer, make_sampler, train_step
     from fpn_model.weights import save_checkpoint
 
     tc: TrainConfig = config["tc"]
@@ -36,6 +36,7 @@ def _loop(config: dict) -> None:
     sampler = make_sampler(tc, items, seed=tc.seed + rank)
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     opt = make_optimizer(ddp, tc)
+    ema = make_ema(model, tc) if rank == 0 else None  # DDP keeps the replicas equal: one average suffices
     ddp.train()
     t0 = time.monotonic()
     losses: dict = {}
@@ -47,12 +48,14 @@ def _loop(config: dict) -> None:
         images = [i.to(device) for i in images]
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         losses = train_step(ddp, opt, images, targets, tc.clip)
+        if ema is not None:
+            ema.update_parameters(model)
         if (step + 1) % max(1, tc.steps // 10) == 0 and step + 1 < tc.steps:
             ray.train.report({"step": step + 1, **losses})
     metrics = {"step": tc.steps, "minutes": round((time.monotonic() - t0) / 60, 2), "workers": ctx.get_world_size(), **losses}
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(model, Path(d) / "model.safetensors", extra={"train": {"distributed": metrics}})
+            save_checkpoint(model if ema is None else ema.module, Path(d) / "model.safetensors", extra={"train": {"distributed": metrics}})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics)
@@ -73,7 +76,8 @@ def train_distributed(tc: TrainConfig, *, workers: int, address: str | None = No
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     # workers run elsewhere (another directory, another node): hand them absolute paths
-    tc = dataclasses.replace(tc, train=tuple(_absolute(p) for p in tc.train), val=tuple(_absolute(p) for p in tc.val))
+    tc = dataclasses.replace(tc, train=tuple(_absolute(p) for p in tc.train), val=tuple(_absolute(p) for p in tc.val),
+                             init=tc.init and _absolute(tc.init))
     init_ray(address)
     storage = storage_path or tempfile.mkdtemp(prefix="fpn-train-")
     trainer = TorchTrainer(

@@ -91,8 +91,9 @@ def test_import_torchvision_from_a_local_state_dict(tmp_path):
 
 
 @pytest.mark.slow
-def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(ray_session, tmp_path):
-    """`fpn train --workers 2`: Ray Train DDP (gloo) on a crop of the shared aerial data."""
+def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(ray_session, tmp_path, monkeypatch):
+    """`fpn train --workers 2`: Ray Train DDP (gloo) on a crop of the shared aerial data; then a fine-tune
+    from that checkpoint given by a relative path, with a moving average of the weights."""
     from PIL import Image
 
     from fpn_model.data import load_voc
@@ -111,3 +112,8 @@ def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(ray_se
     model = load_checkpoint(tmp_path / "dist.safetensors")
     assert model.config.class_names == ("Tree",)
     assert read_config(tmp_path / "dist.safetensors")[1]["train"]["distributed"]["workers"] == 2
+    monkeypatch.chdir(tmp_path)
+    r = invoke("train", "--train", "crop.xml", "--single-class", "Tree", "--steps", 2, "--batch-size", 2,
+               "--crop", 128, "--workers", 2, "--init", "dist.safetensors", "--ema", 0.9, "-o", "tuned.safetensors")
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(tmp_path / "tuned.safetensors").config.class_names == ("Tree",)

@@ -160,6 +160,8 @@ def test_saturation_jitter_reaches_the_requested_floor():
     assert sat[1] < 0.5 * sat[0]
     with pytest.raises(ValueError, match="saturation_min"):
         CropSampler([ann], images=[img], crop=64, saturation_min=0.0)
+    with pytest.raises(ValueError, match="saturation_min"):  # the colour jitter is off: it would be ignored
+        CropSampler([ann], images=[img], crop=64, colour=0.0, saturation_min=0.5)
 
 
 @pytest.mark.slow
