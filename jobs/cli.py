@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from functools import wraps
 from pathlib import Path
@@ -19,16 +18,19 @@ __all__ = ["cli"]
 
 
 def _fail_cleanly(fn):
-    """Turn the project's and storage's expected errors into one clear line and exit 1."""
+    """Turn the project's and storage's expected errors into one clear line (secrets redacted) and exit 1."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         from fpn_model.weights import CheckpointError
+        from pipeline.output import OutputBusyError
+        from pipeline.storage import redact_text
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, PermissionError, CheckpointError, LookupError, ConnectionError) as e:
-            raise click.ClickException(str(e)) from e
+        except (ValueError, FileNotFoundError, PermissionError, CheckpointError, LookupError, ConnectionError,
+                OutputBusyError, TimeoutError) as e:
+            raise click.ClickException(redact_text(str(e))) from e
 
     return wrapper
 
@@ -73,26 +75,45 @@ def cli(verbose: int) -> None:
 
 
 # -- run ------------------------------------------------------------------------------------------
-def _storage_options(endpoint_url, profile, anon) -> dict | None:
-    opts: dict[str, Any] = {}
-    if endpoint_url:
-        opts["endpoint_url"] = endpoint_url
-    if profile:
-        opts["profile"] = profile
-    if anon:
-        opts["anon"] = True
-    return opts or None
+def _storage_flags(endpoint_url=None, profile=None, anon=False) -> dict[str, Any]:
+    """Spec fields from the storage flags: endpoint and profile for every s3:// URL, `--anon` for s3:// inputs
+    only (read a public bucket, write a private output)."""
+    s3 = {k: v for k, v in dict(endpoint_url=endpoint_url, profile=profile).items() if v}
+    flags: dict[str, Any] = {}
+    if s3 or anon:
+        flags["storage_options"] = {"s3": {**s3, **({"anon": True} if anon else {})}}
+    if s3 and anon:
+        flags["output_storage_options"] = {"s3": s3}
+    return flags
 
 
 def _print_summary(doc: dict) -> None:
+    state = doc["state"].replace("_", " ")
     click.echo(
-        f"\n{doc['state']}: {doc['frames']} frames, {doc['detections']} detections, {doc['errors']} errors "
-        f"in {doc['wall_s']:.1f} s ({doc.get('frames_per_s') or 0:.2f} frames/s"
+        f"\n{state}: {doc.get('frames', 0)} frames, {doc.get('detections', 0)} detections, {doc.get('errors', 0)} "
+        f"errors in {doc['wall_s']:.1f} s ({doc.get('frames_per_s') or 0:.2f} frames/s"
         + (f"; {doc['skipped_frames']} frames already written were skipped" if doc.get("skipped_frames") else "")
         + ")"
     )
-    click.echo(f"output: {doc['spec']['output']}")
-    click.echo(f"query it: fpn query {doc['spec']['output']} \"SELECT count(*) FROM detections\"")
+    out = doc["spec"]["output"]
+    click.echo(f"output: {out}")
+    if doc.get("errors"):
+        click.echo(f"errors: fpn query {out} \"SELECT source, stage, error_type, message FROM errors\"")
+    click.echo(f"query it: fpn query {out} \"SELECT count(*) FROM detections\"")
+
+
+def _run_and_exit(plan, **kwargs) -> None:
+    """Run a plan, print the summary and exit with the state's code (pipeline.output.EXIT_CODES)."""
+    from jobs.runner import run as run_plan
+    from pipeline.output import EXIT_CODES
+
+    try:
+        doc = run_plan(plan, **kwargs)
+    except KeyboardInterrupt:
+        click.echo(f"\ncancelled: what was written stays; continue with: fpn resume {plan.output}", err=True)
+        sys.exit(EXIT_CODES["cancelled"])
+    _print_summary(doc)
+    sys.exit(EXIT_CODES[doc["state"]])
 
 
 @cli.command()
@@ -113,7 +134,9 @@ def _print_summary(doc: dict) -> None:
 @click.option("--num-detectors", type=int, help="Detector actors (model copies).")
 @click.option("--gpus-per-detector", type=float, help="GPUs per detector actor.")
 @click.option("--cpus-per-detector", type=float, help="CPUs per detector actor (its torch threads).")
-@click.option("--video-backend", type=click.Choice(["decord", "pyav"]), help="Video decoder.")
+@click.option("--video-backend", help="Video decoder: decord (default), pyav, or module:Class of your own.")
+@click.option("--decode-timeout", "decode_timeout_s", type=float,
+              help="Seconds to wait for the next decoded batch before a decoder counts as hung.  [default: 300]")
 @click.option("--endpoint-url", help="S3-compatible endpoint URL for s3:// inputs and outputs.")
 @click.option("--profile", help="AWS profile for s3:// access.")
 @click.option("--anon", is_flag=True, help="Anonymous access to public buckets.")
@@ -121,7 +144,7 @@ def _print_summary(doc: dict) -> None:
 @click.option("--job-id", help="Id recorded in OUTPUT/_job.json (set by fpn submit).")
 @_fail_cleanly
 def run(inputs, output, model, batch_size, every_n, fps, start_s, end_s, tile, tile_overlap, no_tile, score_thresh,
-        scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, video_backend, endpoint_url,
+        scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, video_backend, decode_timeout_s, endpoint_url,
         profile, anon, address, job_id):
     """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
 
@@ -130,34 +153,42 @@ def run(inputs, output, model, batch_size, every_n, fps, start_s, end_s, tile, t
 
     Example: fpn run s3://bucket/flights/**.mp4 -o s3://bucket/out --fps 2 --endpoint-url http://127.0.0.1:9000
     """
-    from jobs.runner import run as run_plan
-    from jobs.spec import load_spec, plan_from_dict
+    from jobs.spec import merge_fields, plan_from_dict, read_spec_file
 
-    sampling = {k: v for k, v in dict(every_n=every_n, fps=fps, start_s=start_s, end_s=end_s).items() if v is not None}
-    tile_d = {k: v for k, v in dict(size=tile, overlap=tile_overlap).items() if v is not None}
-    resources = {k: v for k, v in dict(num_detectors=num_detectors, gpus_per_detector=gpus_per_detector,
-                                       cpus_per_detector=cpus_per_detector).items() if v is not None}
-    flags: dict[str, Any] = dict(output=output, model=model, batch_size=batch_size, score_thresh=score_thresh,
-                                 scale=scale, segment_frames=segment_frames, video_backend=video_backend,
-                                 storage_options=_storage_options(endpoint_url, profile, anon))
-    if sampling:
-        flags["sampling"] = sampling
-    if resources:
-        flags["resources"] = resources
-    if no_tile:
-        flags["tile"] = None
-    elif tile_d:
-        flags["tile"] = tile_d
+    flags = _run_flags(output=output, model=model, batch_size=batch_size, score_thresh=score_thresh, scale=scale,
+                       segment_frames=segment_frames, video_backend=video_backend,
+                       decode_timeout_s=decode_timeout_s,
+                       sampling=dict(every_n=every_n, fps=fps, start_s=start_s, end_s=end_s),
+                       resources=dict(num_detectors=num_detectors, gpus_per_detector=gpus_per_detector,
+                                      cpus_per_detector=cpus_per_detector),
+                       tile=dict(size=tile, overlap=tile_overlap), no_tile=no_tile)
+    flags.update(_storage_flags(endpoint_url, profile, anon))
     if len(inputs) == 1 and inputs[0].endswith((".yaml", ".yml")):
-        plan = load_spec(inputs[0], **{k: v for k, v in flags.items() if v is not None or k == "tile"})
+        from jobs.manager import restore_secrets  # secrets of a submitted spec travel in the job's environment
+
+        plan = plan_from_dict(merge_fields(restore_secrets(read_spec_file(inputs[0])), flags))
     else:
         if not output:
             raise click.UsageError("--output is required (or give a job spec .yaml)")
-        data = {k: v for k, v in flags.items() if v is not None or (k == "tile" and no_tile)}
-        plan = plan_from_dict({"inputs": list(inputs), **data})
+        plan = plan_from_dict({"inputs": list(inputs), **flags})
     click.echo(f"running {plan.model_id} over {len(plan.inputs)} input(s) -> {plan.output}", err=True)
-    doc = run_plan(plan, address=address, job_id=job_id)
-    _print_summary(doc)
+    _run_and_exit(plan, address=address, job_id=job_id)
+
+
+def _run_flags(*, tile, no_tile, **fields) -> dict[str, Any]:
+    """The spec fields the user gave as flags (None = not given; nested ones keep their given keys); `--no-tile`
+    is an explicit `tile: null`."""
+    flags: dict[str, Any] = {}
+    for k, v in fields.items():
+        if isinstance(v, dict):
+            v = {kk: vv for kk, vv in v.items() if vv is not None} or None
+        if v is not None:
+            flags[k] = v
+    if no_tile:
+        flags["tile"] = None
+    elif any(v is not None for v in tile.values()):
+        flags["tile"] = {k: v for k, v in tile.items() if v is not None}
+    return flags
 
 
 # -- cluster jobs ---------------------------------------------------------------------------------
@@ -201,35 +232,50 @@ def submit(spec, output, job_id, address):
     click.echo(f"  fpn query {data['output']} \"SELECT label_name, count(*) FROM detections GROUP BY 1\"")
 
 
+def _is_output(target: str) -> bool:
+    return "://" in target or Path(target).exists()
+
+
 @cli.command()
-@click.argument("job_id")
+@click.argument("target")
+@click.option("--endpoint-url", help="S3-compatible endpoint for an s3:// OUTPUT.")
 @address_option
 @format_option
 @_fail_cleanly
-def status(job_id, address, fmt):
-    """State and progress of a submitted job: frames done / planned, frames/s, errors, ETA.
+def status(target, endpoint_url, address, fmt):
+    """State and progress of a job: frames done / planned, frames/s, errors, ETA.
 
-    Exits 1 when the job failed. Example: fpn status fpn-20261124-120000-ab12cd
+    TARGET is a submitted job's id (asks the --address cluster) or an OUTPUT directory/URL (reads it). The exit
+    code follows the state: 0 running or succeeded, 1 failed, 3 finished with errors, 4 interrupted (the writer
+    vanished: fpn resume continues), 130 cancelled. Example: fpn status fpn-20261124-120000-ab12cd
     """
-    from jobs.manager import job_status
+    from pipeline.output import EXIT_CODES, Output
 
-    row = _public(job_status(job_id, address=address))
+    if _is_output(target):
+        row = {"output": target, **Output(target, _storage_flags(endpoint_url).get("storage_options")).progress()}
+    else:
+        from jobs.manager import job_status
+
+        row = _public(job_status(target, address=address))
     if fmt == "json":
         click.echo(json.dumps(row, indent=2, default=str))
     else:
         done, planned = row.get("frames_done"), row.get("frames_planned")
-        pct = f" ({100 * done / planned:.0f}%)" if planned else ""
-        click.echo(f"job:      {row['job_id']}\nstate:    {row['status']}")
-        if row.get("message"):
-            click.echo(f"message:  {row['message']}")
+        pct = f" ({100 * done / planned:.0f}%)" if planned and done is not None else ""
+        if row.get("job_id"):
+            click.echo(f"job:      {row['job_id']}\ncluster:  {row.get('status')}")
+        click.echo(f"state:    {(row.get('state') or '?').replace('_', ' ')}")
+        for key in ("message", "error"):
+            if row.get(key):
+                click.echo(f"{key + ':':<10}{row[key]}")
         click.echo(f"output:   {row.get('output')}")
         click.echo(f"frames:   {done if done is not None else '?'} / {planned if planned is not None else '?'}{pct}")
         click.echo(f"rate:     {row['frames_per_s']:.2f} frames/s" if row.get("frames_per_s") else "rate:     -")
         click.echo(f"errors:   {row.get('errors', 0)}")
         click.echo(f"eta:      {_fmt_s(row.get('eta_s')) or '-'}")
-        click.echo(f"started:  {row.get('start_time')}  ended: {row.get('end_time') or '-'}")
-    if row["status"] == "FAILED":
-        sys.exit(1)
+        if row.get("job_id"):
+            click.echo(f"started:  {row.get('start_time')}  ended: {row.get('end_time') or '-'}")
+    sys.exit(EXIT_CODES.get(row.get("state") or "", 0))
 
 
 @cli.command("list")
@@ -244,7 +290,7 @@ def list_cmd(address, fmt):
     from jobs.manager import list_jobs
 
     rows = [_public(r) for r in list_jobs(address=address)]
-    _emit(rows, fmt, ["job_id", "status", "start_time", "end_time", "output"])
+    _emit(rows, fmt, ["job_id", "status", "state", "start_time", "end_time", "output"])
 
 
 @cli.command()
@@ -265,16 +311,18 @@ def logs(job_id, follow, address):
 
 @cli.command()
 @click.argument("job_id")
+@click.option("--wait", "wait_s", type=float, default=60, show_default=True,
+              help="Seconds to wait for the job to stop; exit 1 if it has not.")
 @address_option
 @_fail_cleanly
-def cancel(job_id, address):
+def cancel(job_id, wait_s, address):
     """Stop a submitted job; what it wrote stays, and `fpn resume` continues it.
 
     Example: fpn cancel fpn-20261124-120000-ab12cd
     """
     from jobs.manager import cancel as cancel_job
 
-    click.echo(f"{job_id}: {cancel_job(job_id, address=address)}")
+    click.echo(f"{job_id}: {cancel_job(job_id, address=address, wait_s=wait_s)}")
 
 
 @cli.command()
@@ -291,21 +339,19 @@ def resume(target, endpoint_url, address):
     Example: fpn resume fpn-20261124-120000-ab12cd --address http://head:8265
     """
     from jobs.manager import resume as resume_job
-    from jobs.runner import run as run_plan
     from jobs.spec import plan_from_record
-    from pipeline.record import read_job_json
+    from pipeline.output import Output
 
-    opts = _storage_options(endpoint_url, None, False)
     is_output = "://" in target or Path(target).exists()
     if not is_output:
         jid = resume_job(target, address=address)
         click.echo(f"resubmitted {target} as {jid}: frames already written are skipped")
         click.echo(f"  fpn status {jid}")
         return
-    record = read_job_json(target, opts)
-    plan = plan_from_record(record["spec"], opts)
-    doc = run_plan(plan, job_id=record.get("job_id"))
-    _print_summary(doc)
+    flags = _storage_flags(endpoint_url)
+    record = Output(target, flags.get("storage_options")).read_job()
+    plan = plan_from_record(record["spec"], flags)
+    _run_and_exit(plan, job_id=record.get("job_id"))
 
 
 @cli.command()
@@ -315,13 +361,15 @@ def resume(target, endpoint_url, address):
 @click.option("--endpoint-url", help="S3-compatible endpoint for an s3:// OUTPUT.")
 @_fail_cleanly
 def query(output, sql, fmt, endpoint_url):
-    """Run SQL (DuckDB) over an output: views `frames` and `detections` (one row per detection).
+    """Run read-only SQL (DuckDB) over an output: views `frames`, `detections` (one row per detection), `errors`.
+
+    Only files under OUTPUT can be read, and nothing can be written.
 
     Example: fpn query out/ "SELECT source, count(*) FROM detections WHERE score > 0.5 GROUP BY 1"
     """
     from jobs.query import query as run_query
 
-    cols, rows = run_query(output, sql, _storage_options(endpoint_url, None, False))
+    cols, rows = run_query(output, sql, _storage_flags(endpoint_url).get("storage_options"))
     _emit([dict(zip(cols, r)) for r in rows], fmt, cols)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from fpn_model.data import read_image
 from fpn_model.zoo import DEFAULT_MODEL
 
+from .query import connect
 from .render import render_frame
 from .runner import run
 from .spec import plan_from_dict
@@ -67,14 +68,11 @@ def run_demo(output: str | Path) -> tuple[dict, Path, list[str]]:
     doc = run(plan)
     png = out / "detections.png"
     n = render_frame(str(out / "job"), str(aerial), png, min_score=0.5)
-    import duckdb
-
-    con = duckdb.connect()
-    frames = str(out / "job" / "frames" / "*.parquet")
+    con = connect(str(out / "job"))
     stats = ["", "per source (frames, detections with score >= 0.5, first/last timestamp):"]
-    for src, nf, nd, t0, t1 in con.execute(f"""
+    for src, nf, nd, t0, t1 in con.execute("""
         SELECT source, count(*), sum(len(list_filter(detections, lambda d: d.score >= 0.5))), min(pts_s), max(pts_s)
-        FROM read_parquet('{frames}') GROUP BY source ORDER BY source""").fetchall():
+        FROM frames GROUP BY source ORDER BY source""").fetchall():
         span = f"{t0:.2f}-{t1:.2f} s" if t0 is not None else "still image"
         stats.append(f"  {Path(src).name:<14} {nf:>4} frames  {int(nd or 0):>5} detections  {span}")
     stats.append(f"{n} crowns (score >= 0.5) drawn on {aerial.name}")

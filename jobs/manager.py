@@ -4,27 +4,160 @@ A submitted job is `fpn run spec.yaml` running on the cluster (the spec travels 
 working directory); its metadata names it as an fpn job and records its output and spec, so
 `status`/`list` can show progress from the output itself (frames written vs planned) and `resume`
 can submit the same spec again: the runner skips every frame already written.
+
+Secrets never travel in the working directory, the metadata or the entrypoint: anyone who can list
+jobs reads those. `split_secrets` takes out of a spec everything `pipeline.storage.redact` masks
+(storage option secrets, signatures of presigned input URLs) and leaves placeholders; the secrets travel as one environment variable of the job, `FPN_STORAGE_SECRETS`
+(`runtime_env={"env_vars": ...}`, which Ray's dashboard masks for browsers), and `restore_secrets`
+puts them back on the cluster before the spec is loaded. Residual exposure, Ray's own: the Jobs API
+returns the runtime env to authenticated SDK/CLI clients, and each node's runtime-env agent logs it
+(`logs/runtime_env_agent.log`, INFO). Whoever holds the cluster token can run code there anyway; for
+long-lived keys prefer credentials the cluster already has (instance roles, a Kubernetes Secret).
 """
 from __future__ import annotations
 
+import copy
+import json
+import logging
 import os
+import re
+import shlex
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import yaml
 
-from pipeline.record import read_job_json
-from pipeline.storage import filesystem, join, parquet_files
+from pipeline.output import Output
+from pipeline.storage import REDACTED, drop_redacted, redact
 
 
-__all__ = ["client", "submit", "job_status", "list_jobs", "progress", "cancel", "logs", "resume", "TERMINAL"]
+__all__ = ["client", "submit", "job_status", "list_jobs", "cancel", "logs", "resume", "TERMINAL",
+           "SECRETS_ENV", "split_secrets", "restore_secrets", "check_job_id"]
+
+log = logging.getLogger(__name__)
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+SECRETS_ENV = "FPN_STORAGE_SECRETS"
 _FPN_KEY = "fpn_job"
+_OPTION_FIELDS = ("storage_options", "output_storage_options")
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Linux refuses to start a process with one environment string over 128 KiB (MAX_ARG_STRLEN)
+_MAX_SECRETS_BYTES = 128 * 1024 - len(SECRETS_ENV) - 2
 
+
+def check_job_id(job_id: str) -> str:
+    """The job id itself when it is safe as a Ray submission id and a shell word; ValueError otherwise."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise ValueError(f"job id {job_id!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return job_id
+
+
+# -- secrets: out of the spec on submit, back in on the cluster ---------------------------------------
+
+def split_secrets(spec: dict[str, Any]) -> tuple[dict[str, Any], list[list[Any]]]:
+    """`(redacted_spec, secrets)`: the spec with every secret replaced by a placeholder, and the
+    secrets as `[path, value]` pairs (`path`: the keys and list indices leading to the value).
+
+    What is secret is decided by `pipeline.storage.redact` alone, over the whole spec: values of
+    secret-named keys in the storage options (nested per-location dicts or flat legacy ones, lists
+    included), and URLs anywhere (inputs, output, model) whose signature or password it masks.
+    Every leaf it changed is a secret, shipped whole.
+    """
+    redacted = redact(spec)
+    return redacted, [[path, value] for path, value in _changed(spec, redacted, [])]
+
+
+def restore_secrets(spec: dict[str, Any], env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The spec with the placeholders that `split_secrets` left filled from `env[SECRETS_ENV]`.
+
+    Storage options left as `***` are dropped, so that credentials fall back to the environment
+    (AWS_* variables, instance roles); anything else that stays redacted (a presigned input URL, an
+    endpoint URL with a masked password) cannot be used at all and raises ValueError naming it.
+    A spec without placeholders comes back unchanged.
+    """
+    spec = _fill(spec, _secrets_from(env))
+    for field in _OPTION_FIELDS:
+        if isinstance(spec.get(field), dict):
+            spec[field] = drop_redacted(spec[field])
+    left = list(_placeholder_paths(spec, []))
+    if left:
+        raise ValueError(f"spec field {_dotted(left[0])} is redacted and {SECRETS_ENV} does not hold its value")
+    return spec
+
+
+def _changed(original: Any, redacted: Any, path: list):
+    """(path, original value) of every leaf that redaction changed (a whole dict or list that it
+    replaced counts as one leaf)."""
+    if isinstance(original, dict) and isinstance(redacted, dict):
+        for k, v in original.items():
+            yield from _changed(v, redacted.get(k), [*path, k])
+    elif isinstance(original, (list, tuple)) and isinstance(redacted, (list, tuple)) and len(original) == len(redacted):
+        for i, (a, b) in enumerate(zip(original, redacted)):
+            yield from _changed(a, b, [*path, i])
+    elif original != redacted:
+        yield path, original
+
+
+def _is_placeholder(value: Any) -> bool:
+    """'***' itself, or a string that redaction marked (a URL whose signature reads '***')."""
+    return isinstance(value, str) and REDACTED in unquote(value)
+
+
+def _placeholder_paths(value: Any, path: list):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _placeholder_paths(v, [*path, k])
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _placeholder_paths(v, [*path, i])
+    elif _is_placeholder(value):
+        yield path
+
+
+def _secrets_from(env: Mapping[str, str]) -> list[list[Any]]:
+    raw = env.get(SECRETS_ENV)
+    if not raw:
+        return []
+    try:
+        pairs = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"{SECRETS_ENV} is not valid JSON") from None  # the text itself is secret
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], list)
+                                              for p in pairs):
+        raise ValueError(f"{SECRETS_ENV} must be a JSON list of [path, value] pairs")
+    return pairs
+
+
+def _fill(spec: dict[str, Any], secrets: list[list[Any]]) -> dict[str, Any]:
+    """A copy of the spec with each secret put where its path leads, only over a placeholder (a
+    secret meant for another spec never overwrites a real value)."""
+    spec = copy.deepcopy(spec)
+    for path, value in secrets:
+        parent = spec
+        try:
+            for step in path[:-1]:
+                parent = parent[step]
+            ok = path and _is_placeholder(parent[path[-1]])
+        except (KeyError, IndexError, TypeError):
+            ok = False
+        if ok:
+            parent[path[-1]] = value
+        else:
+            log.warning("%s: no placeholder at %s in the spec; that secret is not used", SECRETS_ENV, _dotted(path))
+    return spec
+
+
+def _dotted(path: list) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+# -- the Jobs API --------------------------------------------------------------------------------------
 
 def _auth_headers() -> dict[str, str]:
     """Ray >= 2.52 clusters use token auth: send the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
@@ -50,79 +183,96 @@ def client(address: str | None):
         raise ConnectionError(f"cannot reach the Ray dashboard at {address}: {str(e).splitlines()[0]}") from e
 
 
-def _absolute_inputs(spec: dict, base: Path) -> dict:
-    spec = dict(spec)
-    ins = spec.get("inputs") or []
-    ins = [ins] if isinstance(ins, str) else ins
-    spec["inputs"] = [i if "://" in i or Path(i).is_absolute() else str((base / i).resolve()) for i in ins]
-    out = spec.get("output")
-    if isinstance(out, str) and "://" not in out and not Path(out).is_absolute():
-        spec["output"] = str((base / out).resolve())
-    return spec
-
-
 def submit(spec_path: str, *, address: str | None, overrides: dict | None = None, job_id: str | None = None,
            entrypoint_num_cpus: float = 0.0) -> tuple[str, dict]:
     """Validate the spec here (fails before any work), then submit `fpn run` of it to the cluster.
 
-    Returns `(job_id, spec)`.
+    Returns `(job_id, spec)`, the spec as the cluster records it: secrets replaced by placeholders.
     """
-    from .spec import load_spec
+    from .spec import merge_fields, plan_from_dict, read_spec_file
 
-    path = Path(spec_path)
-    load_spec(path, **(overrides or {}))  # validation: a bad field fails here, naming it
-    spec = yaml.safe_load(path.read_text()) or {}
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            spec[k] = v
-    spec = _absolute_inputs(spec, path.parent.resolve())
-    return _submit_spec(spec, address=address, job_id=job_id, entrypoint_num_cpus=entrypoint_num_cpus), spec
+    if job_id is not None:
+        check_job_id(job_id)
+    spec = merge_fields(read_spec_file(spec_path), {k: v for k, v in (overrides or {}).items() if v is not None})
+    plan_from_dict(spec)  # validation: a bad field fails here, naming it
+    return _submit_spec(spec, address=address, job_id=job_id, entrypoint_num_cpus=entrypoint_num_cpus)
 
 
-def resume(job_id: str, *, address: str | None) -> str:
-    """Submit a job's recorded spec again (validated first); frames already written are skipped.
-    Returns the new job id."""
+def resume(job_id: str, *, address: str | None, env: Mapping[str, str] = os.environ) -> str:
+    """Submit a finished job's recorded spec again (validated first); frames already written are
+    skipped. Returns the new job id.
+
+    Refused (ValueError) while the job still runs: two writers on one output. The recorded spec is
+    the redacted one, and the secrets the old job had lived only in its environment, so they are
+    gone: placeholders are filled from `env[SECRETS_ENV]` (the same JSON list of `[path, value]`
+    pairs that `submit` sends) and sent on the same way; if any stays unfilled, resume refuses and
+    names it, rather than run with other credentials than the job had. Resubmitting the original
+    spec file (`fpn submit`) to the same output does the same work: written frames are skipped.
+    """
     from .spec import plan_from_dict
 
-    info = _job_info(job_id, address)
+    info = _job_info(job_id, address)  # checks the id
     md = info.metadata or {}
     if not md.get(_FPN_KEY) or not md.get("spec"):
         raise LookupError(f"job {job_id} was not submitted by fpn (no spec in its metadata)")
-    spec = yaml.safe_load(md["spec"])
+    status = _status(info)
+    if status not in TERMINAL:
+        raise ValueError(f"job {job_id} is still {status}: cancel it first (fpn cancel {job_id}) or wait")
+    spec = _fill(yaml.safe_load(md["spec"]), _secrets_from(env))
+    missing = [_dotted(p) for p in _placeholder_paths(spec, [])]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"job {job_id} had secrets that were not recorded ({', '.join(missing[:3])}{more}): set "
+                         f"{SECRETS_ENV} or resubmit its spec with fpn submit (written frames are skipped)")
     plan_from_dict(spec)
-    return _submit_spec(spec, address=address)
+    return _submit_spec(spec, address=address)[0]
 
 
 def _job_info(job_id: str, address: str | None) -> Any:
+    check_job_id(job_id)
     try:
         return client(address).get_job_info(job_id)
     except RuntimeError as e:
         raise LookupError(f"job {job_id}: not found on {address or os.environ.get('RAY_ADDRESS')}") from e
 
 
+def _status(info: Any) -> str:
+    return str(info.status.value if hasattr(info.status, "value") else info.status)
+
+
 def _submit_spec(spec: dict, *, address: str | None, job_id: str | None = None,
-                 entrypoint_num_cpus: float = 0.0) -> str:
-    """Submit `fpn run` of a validated spec whose local paths are absolute; the spec travels in the
-    job's working directory and its metadata."""
-    job_id = job_id or f"fpn-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+                 entrypoint_num_cpus: float = 0.0) -> tuple[str, dict]:
+    """Submit `fpn run` of a validated spec whose local paths are absolute. The redacted spec travels
+    in the job's working directory and its metadata, the secrets in its environment only.
+    Returns `(job_id, redacted spec)`."""
+    job_id = check_job_id(job_id or f"fpn-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    redacted, secrets = split_secrets(spec)
+    runtime_env: dict[str, Any] = {}
+    if secrets:
+        value = json.dumps(secrets)
+        if len(value.encode()) > _MAX_SECRETS_BYTES:
+            raise ValueError(f"the spec's secrets ({len(secrets)} values, {len(value.encode())} bytes) do not fit "
+                             f"in one environment variable (128 KiB): use storage credentials instead of that "
+                             f"many presigned URLs")
+        runtime_env["env_vars"] = {SECRETS_ENV: value}
     c = client(address)
-    text = yaml.safe_dump(spec, sort_keys=False)
+    text = yaml.safe_dump(redacted, sort_keys=False)
     with tempfile.TemporaryDirectory(prefix="fpn-submit-") as wd:
         Path(wd, "spec.yaml").write_text(text)
         c.submit_job(
-            entrypoint=f"fpn run spec.yaml --job-id {job_id}",
+            entrypoint=f"fpn run spec.yaml --job-id {shlex.quote(job_id)}",
             submission_id=job_id,
-            runtime_env={"working_dir": wd},
-            metadata={_FPN_KEY: "1", "output": str(spec["output"]), "spec": text},
+            runtime_env={"working_dir": wd, **runtime_env},
+            metadata={_FPN_KEY: "1", "output": str(redacted["output"]), "spec": text},
             entrypoint_num_cpus=entrypoint_num_cpus,
         )
-    return job_id
+    return job_id, redacted
 
 
 def _info_row(info: Any) -> dict[str, Any]:
     md = info.metadata or {}
     return {
-        "job_id": info.submission_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+        "job_id": info.submission_id, "status": _status(info),
         "output": md.get("output"), "entrypoint": info.entrypoint, "message": info.message,
         "start_time": _ts(info.start_time), "end_time": _ts(info.end_time),
         "_start": info.start_time, "_end": info.end_time, "_spec": md.get("spec"),
@@ -133,65 +283,54 @@ def _ts(ms: int | None) -> str | None:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else None
 
 
-def progress(output: str, storage_options: dict | None = None, *, now_s: float | None = None) -> dict[str, Any]:
-    """Frames written vs planned, rate and ETA, read from an output (Parquet footers and _job.json)."""
-    import pyarrow.parquet as pq
-
-    fs, path = filesystem(output, storage_options)
-    try:
-        doc = read_job_json(output, storage_options)
-    except (FileNotFoundError, OSError):
-        doc = {}
-    def rows(sub: str) -> int:  # from the Parquet footers alone
-        total = 0
-        for f in parquet_files(fs, join(path, sub)):
-            with fs.open(f, "rb") as fh:
-                total += pq.ParquetFile(fh).metadata.num_rows
-        return total
-
-    written, errors = rows("frames"), rows("errors")
-    planned = doc.get("planned_frames")
-    started = doc.get("started_at")
-    rate = eta = None
-    if started and doc.get("state") == "running":
-        t0 = time.mktime(time.strptime(started[:19], "%Y-%m-%dT%H:%M:%S"))
-        elapsed = (now_s or time.time()) - t0
-        new = written - doc.get("skipped_frames", 0)
-        if elapsed > 0 and new > 0:
-            rate = new / elapsed
-            if planned:
-                eta = max(0.0, (planned - written) / rate)
-    elif doc.get("frames_per_s"):
-        rate = doc["frames_per_s"]
-    return {"state": doc.get("state"), "frames_done": written, "frames_planned": planned, "errors": errors,
-            "frames_per_s": rate, "eta_s": eta, "runs": doc.get("runs")}
+_RAY_STATES = {"PENDING": "running", "RUNNING": "running", "SUCCEEDED": "succeeded", "STOPPED": "cancelled",
+               "FAILED": "failed"}
 
 
-def job_status(job_id: str, *, address: str | None) -> dict[str, Any]:
-    row = _info_row(_job_info(job_id, address))
+def _with_output_state(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with the output's progress and state (pipeline.output.STATES); the cluster's status decides
+    when the output cannot be read (no access from here, or nothing written yet)."""
+    row["state"] = _RAY_STATES.get(row["status"], row["status"].lower())
     if row["output"]:
         try:
-            row.update(progress(row["output"], _spec_storage(row["_spec"])))
+            p = Output(row["output"], _spec_storage(row["_spec"])).progress()
         except (OSError, ValueError):
-            pass
-    row["state"] = row["status"]
+            return row
+        # the cluster knows whether the driver lives; the output knows how a finished one ended (a driver killed
+        # before recording its end leaves "running"/"interrupted" there: the cluster's word stands)
+        recorded = p.pop("state")
+        if row["status"] in TERMINAL and recorded not in (None, "running", "interrupted"):
+            row["state"] = recorded
+        row.update(p)
     return row
 
 
+def job_status(job_id: str, *, address: str | None) -> dict[str, Any]:
+    return _with_output_state(_info_row(_job_info(job_id, address)))
+
+
 def _spec_storage(spec_text: str | None) -> dict | None:
+    """The recorded spec's options for its output, placeholders dropped: progress is read with the
+    caller's own credentials (environment), never with secrets the job had."""
     if not spec_text:
         return None
-    return (yaml.safe_load(spec_text) or {}).get("storage_options")
+    spec = yaml.safe_load(spec_text) or {}
+    options = spec.get("output_storage_options") or spec.get("storage_options")
+    return drop_redacted(options) if isinstance(options, dict) else None
 
 
 def list_jobs(*, address: str | None) -> list[dict[str, Any]]:
     """fpn jobs known to the cluster, newest first."""
-    rows = [_info_row(j) for j in client(address).list_jobs() if (j.metadata or {}).get(_FPN_KEY)]
+    rows = [_with_output_state(_info_row(j)) for j in client(address).list_jobs() if (j.metadata or {}).get(_FPN_KEY)]
     return sorted(rows, key=lambda r: r["_start"] or 0, reverse=True)
 
 
 def cancel(job_id: str, *, address: str | None, wait_s: float = 60) -> str:
-    """Stop a job and wait until the cluster reports it ended; returns the final status."""
+    """Stop a job and wait until the cluster reports it ended; returns the final status.
+
+    Raises TimeoutError when it has not ended within `wait_s`: the caller must not report a stop
+    that has not happened (a resume now would race the still-running job)."""
+    check_job_id(job_id)
     c = client(address)
     c.stop_job(job_id)
     deadline = time.time() + wait_s
@@ -199,11 +338,14 @@ def cancel(job_id: str, *, address: str | None, wait_s: float = 60) -> str:
     while status not in TERMINAL and time.time() < deadline:
         time.sleep(1)
         status = str(c.get_job_status(job_id).value)
+    if status not in TERMINAL:
+        raise TimeoutError(f"job {job_id} did not stop within {wait_s:g}s (status: {status})")
     return status
 
 
 def logs(job_id: str, *, address: str | None, follow: bool = False):
     """The job's driver log; with `follow`, yields chunks until the job ends."""
+    check_job_id(job_id)
     c = client(address)
     if not follow:
         yield c.get_job_logs(job_id)

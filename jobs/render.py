@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow.dataset as pads
 from PIL import Image, ImageDraw
 
-from pipeline.storage import filesystem, join
+from pipeline.output import Output
+from pipeline.storage import canonical_uri, filesystem
 
 __all__ = ["render_frame"]
 
@@ -18,9 +19,9 @@ def render_frame(output: str, source: str, png: str | Path, *, frame_index: int 
 
     `image` supplies the frame's pixels (for video frames); otherwise `source` is read as an image.
     """
-    fs, path = filesystem(output, storage_options)
-    ds = pads.dataset(join(path, "frames"), filesystem=fs, format="parquet")
-    t = ds.to_table(filter=(pads.field("source") == source) & (pads.field("frame_index") == frame_index),
+    out = Output(output, storage_options)
+    ds = pads.dataset(out.frame_files(), filesystem=out.fs, format="parquet")
+    t = ds.to_table(filter=(pads.field("source") == canonical_uri(source)) & (pads.field("frame_index") == frame_index),
                     columns=["detections"])
     if t.num_rows == 0:
         raise LookupError(f"no frame {frame_index} of {source} in {output}")

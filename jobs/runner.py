@@ -1,31 +1,32 @@
 """Run a `Plan` on embedded local Ray or on a cluster, and account for it in `OUTPUT/_job.json`.
 
-The runner expands the inputs (failing before any work on a missing input), writes `_job.json`
-(state `running`), reads the frame ids already in the output so a rerun or resume skips them,
-executes the Ray Data plan, counts what was written and records the final state.
+The runner expands the inputs (failing before any work on a missing input or a missing output bucket), takes
+the output's single-writer lease, refuses an output written with other settings, records the job (state
+`running`), turns sources that changed since an earlier run into error rows, reads the frame ids already
+written so a rerun or resume skips them, executes the Ray Data plan and records the final state (one of
+`pipeline.output.STATES`), whatever happens: SIGINT/SIGTERM end as `cancelled`, any error as `failed`.
 """
 from __future__ import annotations
 
 import logging
 import os
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.dataset as pads
-
 from fpn_model.weights import read_config
 from fpn_model.zoo import model_id
+from pipeline.output import Output, error_row, final_state
 from pipeline.plan import Plan, count_planned, execute, plan_work
-from pipeline.record import read_job_json, write_job_json
-from pipeline.sink import read_done_ids, write_empty_frames
 from pipeline.sources import expand_inputs
-from pipeline.storage import filesystem, join, parquet_files, redact
+from pipeline.storage import check_output_location, redact_text
 
 from .spec import plan_to_dict
 
-__all__ = ["run", "init_ray", "count_output", "versions"]
+__all__ = ["run", "init_ray", "versions"]
 
 log = logging.getLogger(__name__)
 
@@ -55,67 +56,135 @@ def init_ray(address: str | None = None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def count_output(output: str, storage_options: dict | None = None) -> dict[str, int]:
-    """Frames, detections and error rows under an output (reads two small columns)."""
-    fs, path = filesystem(output, storage_options)
-    counts = {"frames": 0, "detections": 0, "errors": 0}
-    for sub, col in (("frames", "num_detections"), ("errors", None)):
-        files = parquet_files(fs, join(path, sub))
-        if not files:
-            continue
-        ds = pads.dataset(files, filesystem=fs, format="parquet")
-        if col:
-            t = ds.to_table(columns=[col])
-            counts["frames"] = t.num_rows
-            counts["detections"] = int(sum(v for v in t.column(col).to_pylist() if v))
-        else:
-            counts["errors"] = ds.count_rows()
-    return counts
+def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _identity_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {a!r} -> {b!r}")
+    return out
+
+
+class _Stop(KeyboardInterrupt):
+    """SIGTERM (`fpn cancel`, `ray job stop`, kill) raised in the main thread, handled like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stop(f"signal {signal.Signals(signum).name}")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) -> dict[str, Any]:
-    """Execute `plan`; returns the summary that `_job.json` also records."""
+    """Execute `plan`; returns the summary that `_job.json` also records (its `state` says how it ended).
+
+    Raises before any work (nothing written) on a missing input or output bucket, an output held by a live
+    writer (OutputBusyError) or written with other settings (ValueError naming what differs)."""
     t0 = time.monotonic()
-    uris = expand_inputs(list(plan.inputs), plan.storage_options)
+    sources = expand_inputs(list(plan.inputs), plan.storage_options)
+    check_output_location(plan.output, plan.output_options)
     cfg, _ = read_config(plan.checkpoint)
     with_masks = cfg.arch == "mask_rcnn"
     _, digest = model_id(Path(plan.checkpoint))
-    try:
-        previous = read_job_json(plan.output, plan.storage_options)
-    except (FileNotFoundError, OSError):
-        previous = {}
-    doc: dict[str, Any] = {
-        "job_id": job_id or previous.get("job_id"),
-        "state": "running",
-        "spec": plan_to_dict(plan, redact_fn=redact),
-        "model": {"id": plan.model_id, "sha256": digest, "arch": cfg.arch, "backbone": cfg.backbone,
-                  "neck": cfg.neck, "levels": list(cfg.levels), "class_names": list(cfg.class_names)},
-        "versions": versions(),
-        "inputs": len(uris),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "runs": previous.get("runs", 0) + 1,
-    }
-    write_job_json(plan.output, doc, plan.storage_options)
-    done = frozenset(read_done_ids(plan.output, plan.storage_options))
-    doc["skipped_frames"] = len(done)
-    init_ray(address)
-    try:
-        units = plan_work(plan, uris)
-        doc["planned_frames"] = count_planned(plan, units)
-        doc["work_units"] = units.count()
-        write_job_json(plan.output, doc, plan.storage_options)
-        execute(plan, units, done, with_masks=with_masks)
-    except BaseException as e:
-        doc.update(state="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                   wall_s=round(time.monotonic() - t0, 2), **count_output(plan.output, plan.storage_options))
-        write_job_json(plan.output, doc, plan.storage_options)
-        raise
-    wall = time.monotonic() - t0
-    counts = count_output(plan.output, plan.storage_options)
-    if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
-        write_empty_frames(plan.output, plan.storage_options, with_masks=with_masks)
-    new_frames = counts["frames"] - len(done)
-    doc.update(state="succeeded", wall_s=round(wall, 2), frames_per_s=round(new_frames / wall, 3) if wall else None,
-               finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **counts)
-    write_job_json(plan.output, doc, plan.storage_options)
+    identity = plan.identity(digest)
+    probe = Output(plan.output, plan.output_options)
+    with probe.lease(owner=job_id) as lease:
+        previous = probe.read_job(missing_ok=True)
+        if previous.get("identity") and previous["identity"] != identity:
+            diff = "; ".join(_identity_diff(previous["identity"], identity))
+            raise ValueError(f"{plan.output} holds frames made with other settings ({diff}): write to a new output "
+                             "(frame ids would not mean the same)")
+        out = Output(plan.output, plan.output_options, run=previous.get("runs", 0) + 1)
+        removed = out.clean_temporary()
+        if removed:
+            log.info("removed %d temporary files left by killed writers", removed)
+        doc: dict[str, Any] = {
+            "job_id": job_id or previous.get("job_id"), "state": "running", "spec": plan_to_dict(plan),
+            "identity": identity,
+            "model": {"id": plan.model_id, "sha256": digest, "arch": cfg.arch, "backbone": cfg.backbone,
+                      "neck": cfg.neck, "levels": list(cfg.levels), "class_names": list(cfg.class_names)},
+            "versions": versions(), "inputs": len(sources), "started_at": _now(), "runs": out.run,
+            "lease": {k: lease.record[k] for k in ("owner", "host", "pid")},
+        }
+        if lease.took_over:
+            doc["took_over_from"] = {k: lease.took_over.get(k) for k in ("owner", "host", "pid", "heartbeat")}
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            out.write_job(doc)
+            sources = _skip_changed(out, sources)
+            done = frozenset(out.done_ids())
+            doc["skipped_frames"] = len(done)
+            init_ray(address)
+            units = plan_work(plan, out, sources)
+            doc["planned_frames"] = count_planned(plan, units)
+            doc["work_units"] = units.count()
+            out.write_job(doc)
+            execute(plan, out, units, done, with_masks=with_masks)
+            out.drop_stale_errors()  # this run re-attempted everything they named
+            counts = out.counts()
+            if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
+                out.write_empty_frames(with_masks=with_masks)
+            state = final_state(frames=counts["frames"], errors=counts["errors"])
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                state = "interrupted" if lease.lost else "cancelled"
+            else:
+                state = "failed"
+            doc.update(state=state, error=redact_text(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"),
+                       wall_s=round(time.monotonic() - t0, 2), finished_at=_now())
+            if not lease.lost:
+                out.write_job(doc)  # the state first: SIGTERM may be followed by SIGKILL within seconds
+                doc.update(_safe_counts(out))
+                out.write_job(doc)
+            raise
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        wall = time.monotonic() - t0
+        new_frames = counts["frames"] - len(done)
+        doc.update(state=state, wall_s=round(wall, 2), frames_per_s=round(new_frames / wall, 3) if wall else None,
+                   finished_at=_now(), **counts)
+        out.write_job(doc)
     return doc
+
+
+def _safe_counts(out: Output) -> dict[str, int]:
+    try:
+        return out.counts()
+    except Exception as e:  # noqa: BLE001 - the state is recorded even when the output cannot be counted
+        log.warning("cannot count %s: %s", out.url, e)
+        return {}
+
+
+def _skip_changed(out: Output, sources: list) -> list:
+    """Sources that changed (size or version) since an earlier run wrote frames of them become error rows: the
+    frames here are of the old version. Returns the other sources, and records size and version of each source
+    read afresh."""
+    recorded = out.read_sources()
+    current = {s.canonical: {"size": s.size, "version": None if s.version is None else str(s.version)}
+               for s in sources}
+    differs = {src: why for src, cur in current.items() if src in recorded and (why := _change(recorded[src], cur))}
+    stale = out.sources_with_frames(set(differs)) if differs else set()
+    for src in sorted(stale):
+        msg = (f"{src} changed since run {recorded[src].get('first_run')} ({differs[src]}): its frames here are of "
+               "the old version; write to a new output to process it again")
+        out.write_errors([error_row(src, "probe", msg, error_type="SourceChanged")], f"changed:{src}")
+    fresh = {src: {**cur, "first_run": out.run} for src, cur in current.items()
+             if (src not in recorded or src in differs) and src not in stale}
+    if fresh:
+        out.write_sources({**recorded, **fresh})
+    return [s for s in sources if s.canonical not in stale]
+
+
+def _change(old: dict, new: dict) -> str | None:
+    if old.get("size") is not None and new["size"] is not None and old["size"] != new["size"]:
+        return f"size {old['size']} -> {new['size']} bytes"
+    if old.get("version") and new["version"] and old["version"] != new["version"]:
+        return f"version {old['version']} -> {new['version']}"
+    return None

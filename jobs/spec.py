@@ -5,7 +5,10 @@ A spec file mirrors the Plan's fields, nested where the Plan nests:
     inputs: [s3://bucket/flights/**.mp4]
     output: s3://bucket/results/flights
     model: trees                       # zoo name or checkpoint path
-    storage_options: {endpoint_url: http://127.0.0.1:9000}
+    storage_options:                   # per protocol or URL prefix; each URL gets only its own set
+      s3: {endpoint_url: http://127.0.0.1:9000}
+      s3://public-bucket/: {anon: true}
+    output_storage_options: {s3: {profile: writer}}   # the output's own (default: storage_options)
     sampling: {every_n: 5}             # or fps / start_s / end_s
     tile: {size: 1024, overlap: 128}   # null: frames whole
     batch_size: 8
@@ -13,6 +16,10 @@ A spec file mirrors the Plan's fields, nested where the Plan nests:
     resources: {num_detectors: 2, gpus_per_detector: 1}
 
 Unknown or invalid fields raise `SpecError` naming the field (`sampling.evry_n`).
+
+Flags and spec fields merge in one place, `merge_fields`, for `fpn run`, `fpn submit` and `fpn resume`: a flag
+the user gave replaces the field (an explicit None too: `--no-tile` is `tile: null`); nested fields (sampling,
+tile, resources, storage options per location) merge key by key.
 """
 from __future__ import annotations
 
@@ -28,13 +35,16 @@ from fpn_model.predict import TileConfig
 from fpn_model.zoo import DEFAULT_MODEL, model_id, resolve
 from pipeline.decode import Sampling
 from pipeline.plan import Plan, Resources
+from pipeline.storage import drop_redacted, normalize_options, redact, redact_url
 
-__all__ = ["SpecError", "load_spec", "plan_from_dict", "MODEL_OVERRIDES", "plan_to_dict", "plan_from_record"]
+__all__ = ["SpecError", "load_spec", "read_spec_file", "merge_fields", "plan_from_dict", "MODEL_OVERRIDES",
+           "plan_to_dict", "plan_from_record"]
 
 MODEL_OVERRIDES = ("score_thresh", "scale", "detections_per_img", "nms_thresh")
 _NESTED = {"sampling": Sampling, "tile": TileConfig, "resources": Resources}
 _TOP = {f.name for f in dataclasses.fields(Plan)} - {"checkpoint", "model_id", "model_overrides"}
 _TOP |= {"model", *MODEL_OVERRIDES}
+_STORAGE = ("storage_options", "output_storage_options")
 
 
 class SpecError(ValueError):
@@ -88,7 +98,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise SpecError(f"spec field {prefix}: {e}") from e
 
 
-def plan_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> Plan:
+def plan_from_dict(data: dict[str, Any]) -> Plan:
     """Validate a spec mapping and resolve its model; raises SpecError naming the bad field."""
     if not isinstance(data, dict):
         raise SpecError("a job spec must be a mapping of fields")
@@ -101,8 +111,6 @@ def plan_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> Pla
         inputs = [inputs]
     if not inputs or not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
         raise SpecError("spec field inputs: a list of paths or URLs is required")
-    if base_dir is not None:  # relative local paths in a spec file are relative to the file
-        inputs = [i if "://" in i or Path(i).is_absolute() else str(base_dir / i) for i in inputs]
     output = d.pop("output", None)
     if not isinstance(output, str) or not output:
         raise SpecError("spec field output: a path or URL is required")
@@ -116,6 +124,12 @@ def plan_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> Pla
         if k in d and d[k] is not None:
             overrides[k] = _coerce(k, d.pop(k), float if k != "detections_per_img" else int)
         d.pop(k, None)
+    for k in _STORAGE:
+        if d.get(k) is not None:
+            try:
+                d[k] = normalize_options(d[k], field=k)
+            except ValueError as e:
+                raise SpecError(f"spec field {e}" if str(e).startswith(k) else f"spec field {k}: {e}") from e
     nested = {}
     for k, cls in _NESTED.items():
         if k in d:
@@ -131,8 +145,13 @@ def plan_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> Pla
         raise SpecError(f"spec: {e}") from e
 
 
-def load_spec(path: str | Path, **overrides: Any) -> Plan:
-    """Read a YAML spec file; `overrides` (from CLI flags) replace its top-level fields."""
+def _local_absolute(value: str, base_dir: Path) -> str:
+    return value if "://" in value or Path(value).is_absolute() else str((base_dir / value).resolve())
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """A YAML spec file as a mapping, its relative local inputs and output made absolute (relative to the file),
+    so the mapping means the same wherever it is run (`fpn submit` sends it to a cluster)."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
@@ -142,36 +161,59 @@ def load_spec(path: str | Path, **overrides: Any) -> Plan:
         raise SpecError(f"spec file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
         raise SpecError(f"spec file {path} must hold a mapping of fields")
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k in _NESTED and isinstance(v, dict):
-            data[k] = {**(data.get(k) or {}), **v}
+    base = p.parent.resolve()
+    ins = data.get("inputs")
+    if isinstance(ins, str):
+        ins = [ins]
+    if isinstance(ins, list):
+        data["inputs"] = [_local_absolute(i, base) if isinstance(i, str) else i for i in ins]
+    if isinstance(data.get("output"), str) and data["output"]:
+        data["output"] = _local_absolute(data["output"], base)
+    return data
+
+
+def merge_fields(data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """`data` with `flags` applied: each key in `flags` was given by the user and wins (None included); nested
+    mappings (sampling, tile, resources, storage options and their per-location sets) merge key by key."""
+    out = dict(data)
+    for k, v in flags.items():
+        old = out.get(k)
+        if isinstance(v, dict) and isinstance(old, dict):
+            out[k] = merge_fields(old, v)
         else:
-            data[k] = v
-    return plan_from_dict(data, base_dir=p.parent.resolve())
+            out[k] = v
+    return out
 
 
-def plan_to_dict(plan: Plan, *, redact_fn=None) -> dict[str, Any]:
-    """The plan as a spec mapping (storage secrets redacted) for `_job.json`."""
+def load_spec(path: str | Path, flags: dict[str, Any] | None = None) -> Plan:
+    """Read a YAML spec file and apply `flags` (the CLI's, through `merge_fields`)."""
+    return plan_from_dict(merge_fields(read_spec_file(path), flags or {}))
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as a spec mapping for `_job.json`: storage secrets and URL signatures redacted."""
     d = dataclasses.asdict(plan)
-    if redact_fn is not None:
-        d["storage_options"] = redact_fn(plan.storage_options)
-    d["inputs"] = list(plan.inputs)
+    for k in _STORAGE:
+        d[k] = redact(d[k]) if d[k] is not None else None
+    d["inputs"] = [redact_url(i) for i in plan.inputs]
     return d
 
 
-def plan_from_record(d: dict[str, Any], storage_options: dict | None = None) -> Plan:
-    """Rebuild a Plan from its `_job.json` record (for `fpn resume OUTPUT`). Redacted secrets are
-    dropped: credentials come from the environment or `storage_options`."""
+def plan_from_record(d: dict[str, Any], flags: dict[str, Any] | None = None) -> Plan:
+    """Rebuild a Plan from its `_job.json` record (for `fpn resume OUTPUT`), with `flags` merged in. Redacted
+    secrets are dropped (credentials come from the environment or the flags); an input whose URL signature was
+    redacted cannot be read again and fails as that input's error."""
     d = dict(d)
+    for k in _STORAGE:
+        if d.get(k) is not None:
+            d[k] = drop_redacted(d[k])
+    d = merge_fields(d, flags or {})
     for k, cls in _NESTED.items():
         if d.get(k) is not None:
             d[k] = cls(**d[k])
-    kept = {k: v for k, v in (d.get("storage_options") or {}).items() if v != "***"}
-    d["storage_options"] = {**kept, **(storage_options or {})}
     d["inputs"] = tuple(d["inputs"])
     try:
         return Plan(**d)
     except (TypeError, ValueError) as e:
         raise SpecError(f"the job record's spec is not usable: {e}") from e
+

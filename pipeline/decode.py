@@ -11,7 +11,6 @@ window by window with rasterio.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
@@ -21,9 +20,9 @@ import numpy as np
 # GDAL's PNG reader in the same process ("libpng: bad parameters to zlib"). Import order fixes it.
 import rasterio  # noqa: F401,E402  isort: skip
 
-from .sink import frame_id
+from .output import frame_id
 from .sources import WorkUnit, media_kind, raster_windows
-from .storage import filesystem, local_path, translate_error
+from .storage import filesystem, local_copy, translate_error
 
 __all__ = ["Sampling", "sample_indices", "probe", "decode_unit", "VideoDecoder", "open_video", "MediaInfo"]
 
@@ -161,11 +160,28 @@ class PyAVVideo:
 
 
 def open_video(path: str, backend: str = "decord") -> VideoDecoder:
+    """Open `path` with a video backend: "decord", "pyav", or a plugin named "package.module:Class" (or
+    "/path/to/plugin.py:Class", for a file not on the Python path of every worker) whose class takes the path
+    and implements `VideoDecoder`: a decoder of your own, or a test double that hangs or crashes."""
     if backend == "decord":
         return DecordVideo(path)
     if backend == "pyav":
         return PyAVVideo(path)
-    raise ValueError(f"unknown video backend {backend!r}; choose decord or pyav")
+    if ":" not in backend:
+        raise ValueError(f"unknown video backend {backend!r}; choose decord, pyav or module:Class")
+    module, _, name = backend.rpartition(":")
+    try:
+        if module.endswith(".py"):
+            import runpy
+
+            cls = runpy.run_path(module)[name]
+        else:
+            import pkgutil
+
+            cls = pkgutil.resolve_name(backend)
+    except (ImportError, AttributeError, KeyError, OSError, ValueError) as e:
+        raise ValueError(f"video backend {backend!r} cannot be loaded ({type(e).__name__}: {e})") from e
+    return cls(path)
 
 
 def _image_size(uri: str, storage_options: dict | None) -> tuple[int, int]:
@@ -190,16 +206,13 @@ def probe(uri: str, storage_options: dict | None = None, *, video_backend: str =
     if kind is None:
         raise ValueError(f"{uri}: not a supported media file (unknown extension)")
     if kind == "video":
-        local, tmp = local_path(uri, storage_options)
         try:
-            v = open_video(local, video_backend)
-            info = MediaInfo("video", v.width, v.height, v.num_frames, v.fps)
-            v.close()
+            with local_copy(uri, storage_options) as local:
+                v = open_video(local, video_backend)
+                info = MediaInfo("video", v.width, v.height, v.num_frames, v.fps)
+                v.close()
         except Exception as e:
             raise ValueError(f"{uri}: cannot decode video ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-        finally:
-            if tmp:
-                os.unlink(local)
         if info.num_frames <= 0:
             raise ValueError(f"{uri}: video has no frames")
         return info
@@ -212,22 +225,18 @@ def probe(uri: str, storage_options: dict | None = None, *, video_backend: str =
             return MediaInfo("image", w, h)
     import rasterio
 
-    local, tmp = local_path(uri, storage_options)
     try:
-        with rasterio.open(local) as ds:
+        with local_copy(uri, storage_options) as local, rasterio.open(local) as ds:
             return MediaInfo("raster", ds.width, ds.height)
     except Exception as e:
         raise ValueError(f"{uri}: cannot open raster ({type(e).__name__}: {e})") from e
-    finally:
-        if tmp:
-            os.unlink(local)
 
 
 def _row(unit: WorkUnit, index: int, pts: float | None, width: int, height: int, window=(0, 0, 0, 0),
          offset=(0, 0)) -> dict[str, Any]:
     x, y, w, h = window if window[2] else (0, 0, width, height)
     return {
-        "frame_id": frame_id(unit.uri, index), "source": unit.uri, "source_kind": unit.kind,
+        "frame_id": frame_id(unit.source, index), "source": unit.source, "source_kind": unit.kind,
         "frame_index": index, "pts_s": pts, "width": width, "height": height,
         "window_x": x, "window_y": y, "window_width": w, "window_height": h,
         "offset_x": offset[0], "offset_y": offset[1],
@@ -247,27 +256,23 @@ def decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done: fr
     not yet written frames. Exceptions propagate; the caller turns them into error rows."""
     if unit.kind == "video":
         wanted = [i for i in sample_indices(unit.num_frames, unit.fps, sampling, unit.start, unit.stop)
-                  if frame_id(unit.uri, i) not in done]
+                  if frame_id(unit.source, i) not in done]
         if not wanted:
             return
-        local, tmp = local_path(unit.uri, storage_options)
-        try:
+        with local_copy(unit.uri, storage_options) as local:
             v = open_video(local, video_backend)
             for i in range(0, len(wanted), batch_size):
                 idx = wanted[i:i + batch_size]
                 frames = v.frames(idx)
                 pts = v.timestamps(idx)
                 if len(pts) > 1 and not np.all(np.diff(pts) > 0):
-                    raise ValueError(f"{unit.uri}: frame timestamps are not increasing around frames {idx[0]}-{idx[-1]}"
+                    raise ValueError(f"{unit.source}: frame timestamps are not increasing around frames {idx[0]}-{idx[-1]}"
                                      " (broken index); try --video-backend pyav")
                 rows = [_row(unit, j, float(p), frames.shape[2], frames.shape[1]) for j, p in zip(idx, pts)]
                 yield _batch(rows, list(frames))
             v.close()
-        finally:
-            if tmp:
-                os.unlink(local)
     elif unit.kind == "image":
-        if frame_id(unit.uri, 0) in done:
+        if frame_id(unit.source, 0) in done:
             return
         from PIL import Image
 
@@ -285,21 +290,16 @@ def _decode_raster(unit: WorkUnit, done, window: int, margin: int, storage_optio
     from rasterio.windows import Window
 
     windows = raster_windows(unit.width, unit.height, window)
-    local, tmp = local_path(unit.uri, storage_options)
-    try:
-        with rasterio.open(local) as ds:
-            for k in range(unit.start, unit.stop):
-                if frame_id(unit.uri, k) in done:
-                    continue
-                x, y, w, h = windows[k]
-                x0, y0 = max(0, x - margin), max(0, y - margin)
-                x1, y1 = min(unit.width, x + w + margin), min(unit.height, y + h + margin)
-                data = ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))  # [bands, h, w]
-                img = _to_rgb8(data)
-                yield _batch([_row(unit, k, None, unit.width, unit.height, (x, y, w, h), (x0, y0))], [img])
-    finally:
-        if tmp:
-            os.unlink(local)
+    with local_copy(unit.uri, storage_options) as local, rasterio.open(local) as ds:
+        for k in range(unit.start, unit.stop):
+            if frame_id(unit.source, k) in done:
+                continue
+            x, y, w, h = windows[k]
+            x0, y0 = max(0, x - margin), max(0, y - margin)
+            x1, y1 = min(unit.width, x + w + margin), min(unit.height, y + h + margin)
+            data = ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))  # [bands, h, w]
+            img = _to_rgb8(data)
+            yield _batch([_row(unit, k, None, unit.width, unit.height, (x, y, w, h), (x0, y0))], [img])
 
 
 def _to_rgb8(data: np.ndarray) -> np.ndarray:

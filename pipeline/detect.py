@@ -17,7 +17,7 @@ import torch
 from fpn_model.predict import Predictor, TileConfig
 from fpn_model.weights import load_checkpoint
 
-from .sink import frame_schema
+from .output import Output, error_row, frame_schema
 
 __all__ = ["Detector", "detections_to_rows"]
 
@@ -42,10 +42,18 @@ class Detector:
         tile: TileConfig fields as a dict, or None.
         amp: "bf16" | "fp16" | None (GPU only).
         overrides: inference-time model config changes (score_thresh, scale, ...).
+        max_batch: most images (tiles) per forward pass.
+        output: where failed frames become error rows (an `Output`, or its URL with `storage_options`).
+            None: a failing batch raises, as outside a job.
+
+    A batch that fails is retried in parts: halves on out-of-memory (recursively, down to one frame), else frame
+    by frame. A frame that fails alone becomes an error row (stage `detect`) and is left out of the returned
+    rows, so it is not written to `frames/` and a resumed job tries it again; the rest of the batch goes on.
     """
 
     def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, amp: str | None = None,
-                 overrides: dict | None = None, max_batch: int = 16):
+                 overrides: dict | None = None, max_batch: int = 16, output: Output | str | None = None,
+                 storage_options: dict | None = None):
         cpus = _allotted("CPU")
         if cpus >= 1:
             torch.set_num_threads(max(1, math.floor(cpus)))
@@ -57,12 +65,47 @@ class Detector:
                                    channels_last=device == "cuda", max_batch=max_batch)
         self.model_id = model_id
         self.schema = frame_schema(self.predictor.has_masks)
+        self.output = Output(output, storage_options) if isinstance(output, str) else output
         log.info("detector on %s with %d threads", device, torch.get_num_threads())
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        images = batch["image"]
-        dets = self.predictor(list(images))
-        return detections_to_rows(batch, dets, self.cfg.label_name, self.model_id, self.schema)
+        images = list(batch["image"])
+        if self.output is None:
+            return detections_to_rows(batch, self.predictor(images), self.cfg.label_name, self.model_id, self.schema)
+        results = self._predict(images)
+        failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        if failed:
+            self._record_failures(batch, {i: results[i] for i in failed})
+            keep = [i for i in range(len(results)) if i not in failed]
+            batch = {k: v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep] for k, v in batch.items()}
+            results = [results[i] for i in keep]
+        return detections_to_rows(batch, results, self.cfg.label_name, self.model_id, self.schema)
+
+    def _predict(self, images: list[np.ndarray]) -> list:
+        """Detections per image, or the exception that image raised when predicted alone."""
+        try:
+            return list(self.predictor(images))
+        except Exception as e:  # noqa: BLE001 - narrowed down below; a lone frame's error is its result
+            oom = isinstance(e, _OOM_ERRORS)
+            if oom and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(images) == 1:
+                return [e]
+            log.warning("detection of a batch of %d failed (%s: %s); retrying %s", len(images), type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "", "in halves" if oom else "frame by frame")
+            if oom:
+                half = len(images) // 2
+                return self._predict(images[:half]) + self._predict(images[half:])
+            return [r for image in images for r in self._predict([image])]
+
+    def _record_failures(self, batch: dict[str, Any], errors: dict[int, BaseException]) -> None:
+        for i, e in errors.items():
+            row = error_row(str(batch["source"][i]), "detect", e, int(batch["frame_index"][i]))
+            log.warning("detection failed for %s frame %d: %s", row["source"], row["frame_index"], row["message"])
+            self.output.write_errors([row], f"detect:{batch['frame_id'][i]}")
+
+
+_OOM_ERRORS = (torch.OutOfMemoryError, torch.cuda.OutOfMemoryError)  # the same class in recent torch
 
 
 def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: str, schema: pa.Schema) -> pa.Table:

@@ -13,6 +13,7 @@ by side on a small node. Failures of one file, segment or frame become rows in `
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -20,8 +21,10 @@ from typing import Any, Iterator
 from fpn_model.predict import TileConfig
 
 from .decode import Sampling, decode_unit, sample_indices
-from .sink import FrameSink, write_errors
-from .sources import WorkUnit, plan_units
+from .isolate import ChildTimeout, IsolationError, process_child
+from .output import Output, error_row, frame_id
+from .sink import FrameSink
+from .sources import Source, WorkUnit, plan_units
 
 __all__ = ["Plan", "Resources", "plan_work", "count_planned", "build_dataset", "execute"]
 
@@ -59,7 +62,10 @@ class Plan:
     output: str
     checkpoint: str
     model_id: str
+    # keyed by protocol or URL prefix ({"s3": {...}, "s3://bucket/": {...}}): inputs, and the output unless
+    # output_storage_options is given (pipeline.storage.options_for picks each URL's own set)
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    output_storage_options: dict[str, Any] | None = field(default=None, hash=False)
     sampling: Sampling = Sampling()
     tile: TileConfig | None = TileConfig()
     batch_size: int = 8
@@ -68,7 +74,8 @@ class Plan:
     raster_window: int = 2048
     raster_margin: int = 128
     windows_per_unit: int = 4
-    video_backend: str = "decord"
+    video_backend: str = "decord"  # decord | pyav | module:Class (a VideoDecoder)
+    decode_timeout_s: float = 300.0  # longest wait for the next decoded batch; a hung decoder is retried once
     resources: Resources = Resources()
     model_overrides: dict[str, Any] = field(default_factory=dict, hash=False)
 
@@ -80,64 +87,119 @@ class Plan:
         for name in ("batch_size", "segment_frames", "raster_window", "windows_per_unit", "raster_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.video_backend not in ("decord", "pyav"):
-            raise ValueError(f"video_backend must be decord or pyav, got {self.video_backend!r}")
+        if self.video_backend not in ("decord", "pyav") and ":" not in self.video_backend:
+            raise ValueError(f"video_backend must be decord, pyav or module:Class, got {self.video_backend!r}")
+        if self.decode_timeout_s <= 0:
+            raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
 
+    @property
+    def output_options(self) -> dict[str, Any]:
+        """Storage options for the output's URLs."""
+        return self.storage_options if self.output_storage_options is None else self.output_storage_options
 
-def _error(uri: str, stage: str, e: BaseException, frame_index: int | None = None) -> dict:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return {"source": uri, "stage": stage, "frame_index": frame_index, "error_type": type(e).__name__, "message": msg}
+    def identity(self, weights_sha256: str) -> dict[str, Any]:
+        """The settings that change what a frame id means: an output holds frames of one identity only."""
+        return {"model": self.model_id, "weights_sha256": weights_sha256,
+                "model_overrides": dict(sorted(self.model_overrides.items())),
+                "tile": None if self.tile is None else dataclasses.asdict(self.tile),
+                "raster_pixels": self.raster_pixels, "raster_window": self.raster_window,
+                "raster_margin": self.raster_margin}
 
 
 class _PlanUnits:
-    """flat_map: one URI row -> its work units (errors recorded, nothing raised)."""
+    """flat_map: one source row -> its work units (errors recorded, nothing raised)."""
 
-    def __init__(self, plan: Plan):
-        self.plan = plan
+    def __init__(self, plan: Plan, out: Output):
+        self.plan, self.out = plan, out
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         p = self.plan
         try:
             return [u.to_row() for u in plan_units(
-                row["uri"], segment_frames=p.segment_frames, raster_pixels=p.raster_pixels, window=p.raster_window,
-                windows_per_unit=p.windows_per_unit, storage_options=p.storage_options, video_backend=p.video_backend)]
+                row["uri"], row["source"], segment_frames=p.segment_frames, raster_pixels=p.raster_pixels,
+                window=p.raster_window, windows_per_unit=p.windows_per_unit, storage_options=p.storage_options,
+                video_backend=p.video_backend)]
         except Exception as e:  # noqa: BLE001 - any failure of one input is that input's error row
-            log.warning("probe failed for %s: %s", row["uri"], e)
-            write_errors(p.output, [_error(row["uri"], "probe", e)], f"probe:{row['uri']}", p.storage_options)
+            err = error_row(row["source"], "probe", e)
+            log.warning("probe failed for %s: %s", row["source"], err["message"])
+            self.out.write_errors([err], f"probe:{row['source']}")
             return []
 
 
 class _Decode:
-    """map_batches (one unit per call): yields frame batches; a failure ends the unit with an error row."""
+    """map_batches (one unit per call): yields frame batches, decoded in this worker's isolated child process
+    (`pipeline.isolate`), which bounds each wait by `plan.decode_timeout_s` and survives a decoder crash.
 
-    def __init__(self, plan: Plan, done: frozenset[str]):
-        self.plan, self.done = plan, done
+    A hung or crashed decoder is replaced and its unit retried once, skipping the frames already yielded; when
+    the retry fails the same way, or the decoder raises, the unit ends with one error row and the job goes on.
+    """
+
+    def __init__(self, plan: Plan, out: Output, done: frozenset[str]):
+        self.plan, self.out, self.done = plan, out, done
+        self.timeout_s = plan.decode_timeout_s
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        p = self.plan
         for k in range(len(batch["uri"])):
-            unit = WorkUnit(**{f: _scalar(batch[f][k]) for f in WorkUnit.__dataclass_fields__})
+            yield from self._unit(WorkUnit(**{f: _scalar(batch[f][k]) for f in WorkUnit.__dataclass_fields__}))
+
+    def _unit(self, unit: WorkUnit) -> Iterator[dict[str, Any]]:
+        # only this unit's written ids go to the child: a resumed job's whole done set would be pickled per unit
+        done = {i for i in (frame_id(unit.source, k) for k in range(unit.start, unit.stop)) if i in self.done}
+        for attempt in (1, 2):
             try:
-                yield from decode_unit(unit, sampling=p.sampling, batch_size=p.batch_size, done=self.done,
-                                       window=p.raster_window, window_margin=p.raster_margin,
-                                       storage_options=p.storage_options, video_backend=p.video_backend)
-            except Exception as e:  # noqa: BLE001
-                log.warning("decode failed for %s [%d, %d): %s", unit.uri, unit.start, unit.stop, e)
-                write_errors(p.output, [_error(unit.uri, "decode", e, unit.start if unit.kind == "video" else None)],
-                             f"decode:{unit.uri}:{unit.start}", p.storage_options)
+                for b in self._decode(unit, frozenset(done)):
+                    done.update(b["frame_id"])  # a retry skips what was yielded
+                    yield b
+                return
+            except IsolationError as e:
+                if attempt == 1:
+                    log.warning("decoder %s on %s; retrying in a fresh process", _hang_or_crash(e),
+                                _unit_name(unit))
+                    continue
+                self._fail(unit, f"{_unit_name(unit)}: decoder {_hang_or_crash(e)}, twice",
+                           "DecodeTimeout" if isinstance(e, ChildTimeout) else "DecoderCrashed")
+            except Exception as e:  # noqa: BLE001 - a decoder error ends its unit only (no retry: it would repeat)
+                self._fail(unit, e, getattr(e, "error_type", type(e).__name__))
+            return
+
+    def _decode(self, unit: WorkUnit, done: frozenset[str]) -> Iterator[dict[str, Any]]:
+        p = self.plan
+        return process_child(("pipeline.decode",)).stream(
+            decode_unit, unit, timeout_s=self.timeout_s, sampling=p.sampling, batch_size=p.batch_size, done=done,
+            window=p.raster_window, window_margin=p.raster_margin, storage_options=p.storage_options,
+            video_backend=p.video_backend)
+
+    def _fail(self, unit: WorkUnit, e: BaseException | str, error_type: str) -> None:
+        row = error_row(unit.source, "decode", e, unit.start if unit.kind == "video" else None, error_type=error_type)
+        log.warning("decode failed: %s (%s)", row["message"], row["error_type"])
+        self.out.write_errors([row], f"decode:{unit.source}:{unit.start}")
+
+
+def _unit_name(unit: WorkUnit) -> str:
+    """The source and the part of it a unit covers, for messages."""
+    if unit.kind == "image":
+        return unit.source
+    return f"{unit.source} {'frames' if unit.kind == 'video' else 'windows'} [{unit.start}, {unit.stop})"
+
+
+def _hang_or_crash(e: IsolationError) -> str:
+    if isinstance(e, ChildTimeout):
+        return f"hung (no frames within {e.timeout_s:g} s)"
+    return f"crashed ({e.signal_name})" if getattr(e, "signal_name", None) else f"crashed ({e})"
 
 
 def _scalar(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def plan_work(plan: Plan, uris: list[str]):
-    """Probe every URI (parallel CPU tasks) and return its work units, materialised: the planned
+def plan_work(plan: Plan, out: Output, sources: list[Source]):
+    """Probe every source (parallel CPU tasks) and return its work units, materialised: the planned
     frame count is known before decoding starts (progress, ETA)."""
     import ray.data
 
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, len(uris)))
-    units = ds.flat_map(_PlanUnits(plan), num_cpus=plan.resources.decode_cpus).materialize()
+    rows = [{"uri": s.url, "source": s.canonical} for s in sources]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    units = ds.flat_map(_PlanUnits(plan, out), num_cpus=plan.resources.decode_cpus).materialize()
     # one block per unit: each segment decodes in its own task (in parallel), and its frames reach
     # the sink as soon as they are detected instead of with the rest of their video
     return units.repartition(max(1, units.count())).materialize()
@@ -154,17 +216,15 @@ def count_planned(plan: Plan, units) -> int:
     return total
 
 
-def build_dataset(plan: Plan, units, done: frozenset[str] = frozenset()):
+def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozenset()):
     """The lazy Ray Dataset of frame rows for the work `units` (nothing runs until it is written)."""
     import ray.data
 
     from .detect import Detector
 
     r = plan.resources
-    ds = units.map_batches(_Decode(plan, done), batch_size=1, num_cpus=r.decode_cpus)
-    tile = None if plan.tile is None else {
-        "size": plan.tile.size, "overlap": plan.tile.overlap, "merge": plan.tile.merge,
-        "metric": plan.tile.metric, "threshold": plan.tile.threshold}
+    ds = units.map_batches(_Decode(plan, out, done), batch_size=1, num_cpus=r.decode_cpus)
+    tile = None if plan.tile is None else dataclasses.asdict(plan.tile)
     return ds.map_batches(
         Detector,
         batch_size=plan.batch_size,
@@ -172,14 +232,13 @@ def build_dataset(plan: Plan, units, done: frozenset[str] = frozenset()):
         num_cpus=r.cpus_per_detector,
         num_gpus=r.gpus_per_detector or None,
         fn_constructor_kwargs=dict(checkpoint=plan.checkpoint, model_id=plan.model_id, tile=tile, amp=r.amp,
-                                   overrides=plan.model_overrides, max_batch=r.max_batch),
+                                   overrides=plan.model_overrides, max_batch=r.max_batch, output=out),
         batch_format="numpy",
     )
 
 
-def execute(plan: Plan, units, done: frozenset[str] = frozenset(), *, with_masks: bool = False) -> None:
+def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, with_masks: bool = False) -> None:
     """Decode and detect the work `units`, writing `OUTPUT/frames/` (and `errors/`)."""
     # writing is I/O: a small CPU reservation, so files land while the detector actors hold the CPUs
     # (with the default of one CPU a write waits until detection of every frame has finished)
-    build_dataset(plan, units, done).write_datasink(FrameSink(plan.output, plan.storage_options, with_masks),
-                                                    ray_remote_args={"num_cpus": 0.1})
+    build_dataset(plan, out, units, done).write_datasink(FrameSink(out, with_masks), ray_remote_args={"num_cpus": 0.1})

@@ -1,8 +1,8 @@
 """Inputs -> media URIs -> work units.
 
 `expand_inputs` turns paths, directories, globs (`s3://bucket/prefix/**.mp4`), any fsspec URL and
-manifests (`*.txt` / `*.lst`: one URI a line) into media URIs. `plan_units` (run in parallel as a
-Ray Data stage) probes one URI and cuts it into units of work:
+manifests (`*.txt` / `*.lst`: one URI a line) into `Source`s (read URL, identity, size, version).
+`plan_units` (run in parallel as a Ray Data stage) probes one URI and cuts it into units of work:
 
 - a video: segments of `segment_frames` frames, so one long video decodes on many workers;
 - an image: one unit;
@@ -15,9 +15,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
-from .storage import filesystem, translate_error
+from .storage import canonical_uri, filesystem, object_version, protocol_of, translate_error
 
-__all__ = ["WorkUnit", "expand_inputs", "media_kind", "plan_units", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
+__all__ = ["Source", "WorkUnit", "expand_inputs", "media_kind", "plan_units", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
 
 VIDEO_EXT = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -29,7 +29,8 @@ MANIFEST_EXT = {".txt", ".lst", ".manifest"}
 class WorkUnit:
     """One piece of decoding work. Video: frames [start, stop); raster: windows [start, stop)."""
 
-    uri: str
+    uri: str  # the URL to read (a presigned URL keeps its signature here, and only here)
+    source: str  # canonical URI: identity, frame ids, the `source` column
     kind: str  # image | video | raster
     start: int = 0
     stop: int = 1
@@ -53,49 +54,82 @@ def media_kind(uri: str) -> str | None:
     return None
 
 
-def _with_protocol(fs, path: str, original: str) -> str:
-    if "://" not in original:
-        return path
-    return fs.unstrip_protocol(path)
+@dataclass(frozen=True)
+class Source:
+    """One input object: `url` to read it with (a presigned URL keeps its signature), `canonical` its
+    identity (`storage.canonical_uri`: frame ids and the `source` column), and `size` (bytes) and
+    `version` (ETag on object storage and HTTP, else the modification time) from the same listing,
+    so that a resumed job can tell that a source changed."""
+
+    url: str
+    canonical: str
+    size: int | None = None
+    version: str | None = None
 
 
-def expand_inputs(inputs: list[str], storage_options: dict | None = None) -> list[str]:
-    """Media URIs for `inputs`, sorted, without duplicates. Raises FileNotFoundError naming an input
-    that matches nothing; a file with an unknown extension is kept (it fails later as an error row)."""
-    out: list[str] = []
+def _source(fs, name: str, info: dict, original: str) -> Source:
+    """A Source from one listing entry; remote names get their protocol back, local ones stay paths."""
+    url = name if protocol_of(original) == "file" else fs.unstrip_protocol(name)
+    size = info.get("size")
+    return Source(url, canonical_uri(url), int(size) if size is not None else None, object_version(info))
+
+
+def _is_pattern(item: str, path: str) -> bool:
+    """Glob characters in the path; an HTTP(S) URL is never a pattern (`?` starts its query)."""
+    return protocol_of(item) not in ("http", "https") and any(ch in path for ch in "*?[")
+
+
+def _expand_one(item: str, storage_options: dict | None) -> list[Source]:
+    """The Sources of one input: one listing call for a directory or pattern, one info call for a file."""
+    fs, path = filesystem(item, storage_options)
+    if _is_pattern(item, path):
+        found = fs.glob(path, detail=True)
+        out = [_source(fs, n, i, item) for n, i in found.items() if i.get("type") != "directory" and media_kind(n)]
+        if not out:
+            raise FileNotFoundError(f"input {item}: the pattern matches no media files")
+        return out
+    ext = os.path.splitext(path.split("?", 1)[0])[1].lower()
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as e:
+        raise translate_error(e, f"{'manifest' if ext in MANIFEST_EXT else 'input'} {item}") from e
+    if info.get("type") == "directory":
+        found = fs.find(path, detail=True)
+        out = [_source(fs, n, i, item) for n, i in found.items() if media_kind(n)]
+        if not out:
+            raise FileNotFoundError(f"input {item}: the directory holds no media files")
+        return out
+    if ext in MANIFEST_EXT:
+        with fs.open(path, "rt") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        return expand_inputs(lines, storage_options)
+    url = canonical_uri(item) if protocol_of(item) == "file" else item
+    size = info.get("size")
+    return [Source(url, canonical_uri(item), int(size) if size is not None else None, object_version(info))]
+
+
+def expand_inputs(inputs: list[str], storage_options: dict | None = None) -> list[Source]:
+    """The media objects `inputs` name, sorted by identity, one Source per object however often and
+    however it was spelled (`vids/clip.mp4`, `./vids/clip.mp4`, `vids/`, an absolute path): the first
+    spelling's URL is kept for reading. Raises FileNotFoundError naming an input that matches nothing;
+    a file with an unknown extension is kept (it fails later as an error row)."""
+    by_identity: dict[str, Source] = {}
     for item in inputs:
-        fs, path = filesystem(item, storage_options)
-        ext = os.path.splitext(path)[1].lower()
         try:
-            if any(ch in path for ch in "*?["):
-                matches = [p for p in fs.glob(path) if media_kind(p) and not fs.isdir(p)]
-                if not matches:
-                    raise FileNotFoundError(f"input {item}: the pattern matches no media files")
-                out.extend(_with_protocol(fs, p, item) for p in matches)
-            elif fs.isdir(path):
-                matches = [p for p in fs.find(path) if media_kind(p)]
-                if not matches:
-                    raise FileNotFoundError(f"input {item}: the directory holds no media files")
-                out.extend(_with_protocol(fs, p, item) for p in matches)
-            elif ext in MANIFEST_EXT:
-                if not fs.exists(path):
-                    raise FileNotFoundError(f"manifest {item} does not exist")
-                with fs.open(path, "rt") as f:
-                    lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-                out.extend(expand_inputs(lines, storage_options))
-            elif fs.exists(path):
-                out.append(item)
-            else:
-                raise FileNotFoundError(f"input {item} does not exist")
+            found = _expand_one(item, storage_options)
         except (FileNotFoundError, PermissionError):
             raise
-        except OSError as e:
-            raise translate_error(e, f"input {item}") from e
-    seen: set[str] = set()
-    return [u for u in sorted(out) if not (u in seen or seen.add(u))]
+        except Exception as e:
+            translated = translate_error(e, f"input {item}")
+            if translated is e:
+                raise
+            raise translated from e
+        for src in found:
+            by_identity.setdefault(src.canonical, src)
+    return [by_identity[k] for k in sorted(by_identity)]
 
 
-def plan_units(uri: str, *, segment_frames: int, raster_pixels: int, window: int, windows_per_unit: int,
+def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int, window: int, windows_per_unit: int,
                storage_options: dict | None = None, video_backend: str = "decord") -> Iterator[WorkUnit]:
     """Probe `uri` and yield its units. Raises on unreadable input (the caller records the error)."""
     from .decode import probe
@@ -103,14 +137,14 @@ def plan_units(uri: str, *, segment_frames: int, raster_pixels: int, window: int
     info = probe(uri, storage_options, video_backend=video_backend, raster_pixels=raster_pixels)
     if info.kind == "video":
         for start in range(0, info.num_frames, segment_frames):
-            yield WorkUnit(uri, "video", start, min(start + segment_frames, info.num_frames), info.num_frames,
+            yield WorkUnit(uri, source, "video", start, min(start + segment_frames, info.num_frames), info.num_frames,
                            info.fps, info.width, info.height)
     elif info.kind == "raster":
         n = len(raster_windows(info.width, info.height, window))
         for start in range(0, n, windows_per_unit):
-            yield WorkUnit(uri, "raster", start, min(start + windows_per_unit, n), n, 0.0, info.width, info.height)
+            yield WorkUnit(uri, source, "raster", start, min(start + windows_per_unit, n), n, 0.0, info.width, info.height)
     else:
-        yield WorkUnit(uri, "image", 0, 1, 1, 0.0, info.width, info.height)
+        yield WorkUnit(uri, source, "image", 0, 1, 1, 0.0, info.width, info.height)
 
 
 def raster_windows(width: int, height: int, window: int) -> list[tuple[int, int, int, int]]:

@@ -1,33 +1,225 @@
 """fsspec access for local paths, s3:// and any other fsspec URL, with credentials kept out of sight.
 
-Storage options (endpoint URL, profile, anonymous access) come from the job spec or flags; keys come
-from the usual AWS variables. `redact` removes secrets before anything is printed or written.
+Storage options are keyed by location, so that each location gets its own and nothing from one
+protocol ever reaches another (an s3 `key` handed to aiohttp kills an https input)::
+
+    {"s3": {"endpoint_url": "http://127.0.0.1:9000"},         # every s3:// URL
+     "s3://public-bucket/": {"anon": True},                    # merged over "s3" for that prefix
+     "https": {"headers": {"Authorization": "Bearer ..."}}}    # http:// has its own key
+
+A prefix matches at a `/` boundary (`s3://b/data/` covers `s3://b/data/x.mp4`, not `s3://b/data2/`);
+local prefixes are written `file:///abs/dir/`.
+
+`normalize_options` validates that form (and converts the legacy flat form, which meant s3 only);
+`options_for` picks one URL's options; `filesystem` builds the filesystem with them.
+`canonical_uri` is the identity of an object however it was spelled (frame ids, the `source` column).
+`redact`, `redact_url` and `redact_text` are what the project calls before anything is printed,
+logged or written. `translate_error` turns s3fs/botocore failures into plain built-in exceptions.
+
+fpn never creates a bucket: s3fs's `makedirs`/`mkdir` CREATE a bucket when given a bare bucket
+name, so nothing in the project may call them on object storage (`check_output_location` is the
+check to make instead; writing an object needs no directory).
 """
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import inspect
+import logging
 import os
-from typing import Any
+import re
+import shutil
+import sys
+import tempfile
+from functools import lru_cache
+from typing import Any, Iterator
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
-__all__ = ["filesystem", "join", "parquet_files", "redact", "translate_error", "local_path"]
+__all__ = [
+    "filesystem", "join", "parquet_files", "options_for", "normalize_options", "merge_options",
+    "canonical_uri", "redact", "redact_url", "redact_text", "drop_redacted", "translate_error",
+    "check_output_location", "local_copy", "protocol_of", "object_version", "REDACTED",
+]
 
-_SECRET_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
-                "aws_session_token", "session_token"}
+log = logging.getLogger(__name__)
+
+REDACTED = "***"
+
+# ---------------------------------------------------------------------------------------------
+# storage options per location
+
+# Spellings of one protocol that share one options entry (a URL's own scheme is kept otherwise:
+# http and https are separate keys).
+_ALIASES = {"s3a": "s3", "s3n": "s3", "local": "file", "gs": "gcs", "abfss": "abfs"}
+
+# Options every fsspec filesystem accepts through `**kwargs`: the listings cache (fsspec DirCache)
+# and the instance cache switch (consumed by fsspec's metaclass).
+_COMMON_EXTRAS = frozenset({"use_listings_cache", "listings_expiry_time", "skip_instance_cache"})
+
+# Options accepted beyond the named parameters of the filesystem's `__init__`, per protocol.
+# s3: s3fs passes `max_paths` to the listings cache and every other keyword to
+#     `aiobotocore.session.AioSession`, whose only user-facing one is `profile`.
+# http(s): fsspec's HTTPFileSystem passes every other keyword to each aiohttp request
+#     (`session.get(url, **kwargs)`); only request arguments that work with plain YAML values are
+#     listed (not `auth`/`timeout`, which need aiohttp objects: put credentials in `headers`).
+#     HTTPFileSystem pops `use_listings_cache`/`listings_expiry_time`; `max_paths` would reach aiohttp.
+_HTTP_EXTRAS = frozenset({"headers", "params", "cookies", "proxy", "ssl", "allow_redirects", "max_redirects",
+                          "use_listings_cache", "listings_expiry_time", "skip_instance_cache"})
+_EXTRAS = {
+    "s3": _COMMON_EXTRAS | {"max_paths", "profile"},
+    "http": _HTTP_EXTRAS,
+    "https": _HTTP_EXTRAS,
+}
+# Protocols whose extra keywords do NOT go up the class hierarchy (so walking the MRO would be wrong).
+_NO_MRO_WALK = {"s3", "http", "https"}
+# Parameters that take runtime objects (event loop, client factories, sessions), never configuration.
+_NOT_OPTIONS = frozenset({"self", "asynchronous", "loop", "get_client", "session"})
 
 
-def _protocol(url: str) -> str:
-    return url.split("://", 1)[0] if "://" in url else "file"
+def protocol_of(url: str) -> str:
+    """The options key of a URL's protocol: its scheme lower-cased (aliases folded), `file` for paths."""
+    if "://" not in url:
+        return "file"
+    scheme = url.split("://", 1)[0].lower()
+    return _ALIASES.get(scheme, scheme)
+
+
+def _is_protocol_name(name: str) -> bool:
+    from fsspec.registry import known_implementations, registry
+
+    name = _ALIASES.get(name.lower(), name.lower())
+    return name in known_implementations or name in registry
+
+
+@lru_cache(maxsize=None)
+def _known_options(proto: str) -> frozenset[str]:
+    """Option names the filesystem of `proto` takes: the named parameters of its `__init__` (walking
+    up the classes while `**kwargs` is forwarded) plus the documented extras in `_EXTRAS`.
+    Raises ValueError when the filesystem's package is not installed."""
+    try:
+        cls = fsspec.get_filesystem_class(proto)
+    except ImportError as e:
+        raise ValueError(f"the filesystem package for {proto} is not installed ({e})") from None
+    except ValueError:
+        raise ValueError("unknown protocol") from None
+    names: set[str] = set()
+    for klass in cls.__mro__ if proto not in _NO_MRO_WALK else (cls,):
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return frozenset(names - _NOT_OPTIONS) | _EXTRAS.get(proto, _COMMON_EXTRAS)
+
+
+def _check_location(field: str, proto: str, opts: Any) -> dict[str, Any]:
+    if not isinstance(opts, dict):
+        raise ValueError(f"{field}: expected a mapping of options, got {type(opts).__name__}")
+    try:
+        known = _known_options(proto)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
+    for name in opts:
+        if name not in known:
+            raise ValueError(f"{field}.{name}: not an option of the {proto} filesystem (known: {', '.join(sorted(known))})")
+    return dict(opts)
+
+
+def _prefix_key(prefix: str) -> str:
+    """A URL prefix with its scheme lower-cased and aliases folded (`s3a://b/` -> `s3://b/`)."""
+    scheme, rest = prefix.split("://", 1)
+    return f"{protocol_of(prefix)}://{rest}" if scheme else prefix
+
+
+def _is_location_key(key: Any) -> bool:
+    return isinstance(key, str) and ("://" in key or _is_protocol_name(key))
+
+
+def normalize_options(raw: dict[str, Any] | None, *, field: str = "storage_options") -> dict[str, dict[str, Any]]:
+    """Validate storage options and return the nested form `{protocol or URL prefix: {option: value}}`.
+
+    A flat dict (no key is a protocol or a URL prefix: `{"endpoint_url": ..., "key": ...}`, as old specs
+    and old `_job.json` records hold) means options for `s3` only. Raises ValueError naming the field path
+    and the problem (`storage_options.https.key: not an option of the https filesystem (known: ...)`).
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{field}: expected a mapping, got {type(raw).__name__}")
+    if not any(_is_location_key(k) for k in raw):
+        for name, value in raw.items():
+            if isinstance(value, dict) and name not in _known_options("s3"):
+                raise ValueError(f"{field}.{name}: unknown protocol")
+        return {"s3": _check_location(field, "s3", raw)} if raw else {}
+    out: dict[str, dict[str, Any]] = {}
+    for key, opts in raw.items():
+        path = f"{field}.{key}"
+        if not isinstance(key, str) or not _is_location_key(key):
+            hint = "unknown protocol" if isinstance(opts, dict) else \
+                "not a protocol or URL prefix (options of one location go under its key, e.g. storage_options.s3)"
+            raise ValueError(f"{path}: {hint}")
+        norm = _prefix_key(key) if "://" in key else protocol_of(f"{key}://")
+        if norm in out:
+            raise ValueError(f"{path}: the same location is given twice")
+        out[norm] = _check_location(path, protocol_of(norm) if "://" in norm else norm, opts)
+    return out
+
+
+def merge_options(*layers: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Nested options of several layers merged per location, later layers winning option by option
+    (e.g. a `_job.json` record, then the options given to `fpn resume`). Each layer may be flat or nested."""
+    out: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for location, opts in normalize_options(layer).items():
+            out[location] = {**out.get(location, {}), **opts}
+    return out
+
+
+def _prefix_matches(prefix: str, url: str) -> bool:
+    """`s3://bucket/data/` matches `s3://bucket/data/x.mp4` and `s3://bucket/data`, not `s3://bucket/data2/x`."""
+    stem = prefix.rstrip("/")
+    return url == stem or url.startswith(stem + "/")
+
+
+def options_for(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options of one URL: its protocol's dict, then every matching URL prefix's dict merged over it,
+    shortest prefix first (so the longest prefix wins). A URL with no entry gets `{}`. `options` may be
+    nested or the legacy flat form (s3 only)."""
+    nested = normalize_options(options)
+    proto = protocol_of(url)
+    target = _prefix_key(url) if proto != "file" else f"file://{_local_canonical(url)}"
+    out = dict(nested.get(proto, {}))
+    prefixes = sorted((k for k in nested if "://" in k and _prefix_matches(k, target)), key=len)
+    for prefix in prefixes:
+        out.update(nested[prefix])
+    return out
+
+
+def _s3_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """s3fs options with the endpoint taken from the environment when none is given (as the AWS CLI
+    does) and botocore's adaptive retries with backoff, so throttling (SlowDown, 503) is retried."""
+    opts = dict(opts)
+    client_kwargs = dict(opts.get("client_kwargs") or {})
+    if not opts.get("endpoint_url") and not client_kwargs.get("endpoint_url"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+    config_kwargs = dict(opts.get("config_kwargs") or {})
+    config_kwargs.setdefault("retries", {"max_attempts": 10, "mode": "adaptive"})
+    opts["config_kwargs"] = config_kwargs
+    return opts
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for `url` and the path inside it. Options apply to remote protocols only."""
-    opts = dict(storage_options or {}) if _protocol(url) != "file" else {}
-    if _protocol(url) == "s3":
-        endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            opts.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+    """The fsspec filesystem for `url` and the path inside it, built with that URL's options only
+    (see `options_for`; the legacy flat form is read as s3 options)."""
+    opts = options_for(url, storage_options)
+    if protocol_of(url) == "s3":
+        opts = _s3_options(opts)
     return url_to_fs(url, **opts)
 
 
@@ -43,45 +235,375 @@ def parquet_files(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
     return sorted(f for f in fs.glob(join(directory, "*.parquet")) if not f.rsplit("/", 1)[-1].startswith("."))
 
 
-def redact(options: dict[str, Any] | None) -> dict[str, Any]:
-    """Storage options safe to print or write: secrets replaced by '***'."""
-    out: dict[str, Any] = {}
-    for k, v in (options or {}).items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif k.lower() in _SECRET_KEYS:
-            out[k] = "***"
-        else:
-            out[k] = v
+# ---------------------------------------------------------------------------------------------
+# canonical identity
+
+# Query parameters that sign a URL, compared case-insensitively. Removed from identities, masked by
+# `redact_url`. Always: AWS SigV4 (`X-Amz-*`), GCS V4 (`X-Goog-*`), V2 signatures, bearer tokens.
+_SIGNING_PREFIXES = ("x-amz-", "x-goog-")
+_SIGNING_ALWAYS = frozenset({"signature", "awsaccesskeyid", "googleaccessid", "token", "access_token"})
+# Only beside `Signature` (AWS/GCS V2, CloudFront): common words on their own.
+_SIGNING_WITH_SIGNATURE = frozenset({"expires", "key-pair-id", "policy"})
+# Azure SAS fields, only in a URL that carries `sig` (`sp`, `st`, `se` mean other things elsewhere).
+_AZURE_SAS = frozenset({"sig", "se", "sp", "sv", "sr", "st", "spr", "srt", "ss", "si", "sdd", "ses", "skoid",
+                        "sktid", "skt", "ske", "sks", "skv", "saoid", "suoid", "scid"})
+
+
+def _signing_params(names: list[str]) -> set[str]:
+    """Which of a URL's query parameter names (lower-cased) sign it."""
+    lower = {n.lower() for n in names}
+    out = {n for n in lower if n.startswith(_SIGNING_PREFIXES) or n in _SIGNING_ALWAYS}
+    if "signature" in lower:
+        out |= lower & _SIGNING_WITH_SIGNATURE
+    if "sig" in lower:
+        out |= lower & _AZURE_SAS
     return out
 
 
-def translate_error(e: BaseException, what: str) -> BaseException:
-    """A storage error as the built-in a user expects, naming `what` (cause kept by the caller)."""
-    text = str(e)
-    if isinstance(e, FileNotFoundError) or "NoSuchKey" in text or "NoSuchBucket" in text or "Not Found" in text:
-        return FileNotFoundError(f"{what}: not found")
-    if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
-        return PermissionError(f"{what}: access denied")
-    return e
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def local_path(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, bool]:
-    """A local file path for `url`: the path itself for local files, else a downloaded temporary copy.
+def _canonical_http(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port and parts.port != _DEFAULT_PORTS.get(scheme):
+        host = f"{host}:{parts.port}"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    signing = _signing_params([k for k, _ in pairs])
+    query = urlencode(sorted((k, v) for k, v in pairs if k.lower() not in signing), quote_via=quote)
+    return urlunsplit((scheme, host, parts.path or "/", query, ""))
 
-    Returns `(path, is_temporary)`; the caller removes temporary copies.
+
+def _local_canonical(path: str) -> str:
+    if path.lower().startswith("file://"):
+        path = unquote(urlsplit(path).path) if path[7:8] in ("", "/") else path[7:]
+    path = os.path.abspath(os.path.expanduser(path))
+    return re.sub(r"^/{2,}", "/", path)  # POSIX keeps a leading '//'; one file, one spelling
+
+
+def canonical_uri(uri: str) -> str:
+    """The identity of the object `uri` names, however it was spelled: a pure function, no I/O.
+
+    - local paths, with or without `file://`: absolute and normalised (`os.path.abspath`: `.`, `..` and
+      `//` collapsed) plain paths without scheme. Symlinks are NOT resolved (that would need I/O and
+      would change with the filesystem): a file reached through two links has two identities.
+    - `s3://`, `s3a://`, `s3n://`: `s3://bucket/key` with duplicate slashes collapsed.
+    - `http(s)://`: scheme and host lower-cased, default port, userinfo and fragment dropped, signing
+      query parameters (presigned S3/GCS URLs, Azure SAS, tokens) removed; other parameters kept, sorted.
+    - any other protocol: fsspec's `protocol://path` form (its own path normalisation) with `//` collapsed.
     """
-    fs, path = filesystem(url, storage_options)
-    if _protocol(url) == "file":
-        return path, False
-    import tempfile
+    proto = protocol_of(uri)
+    if proto == "file":
+        return _local_canonical(uri)
+    if proto in ("http", "https"):
+        return _canonical_http(uri)
+    scheme, rest = uri.split("://", 1)
+    if proto != "s3":
+        try:
+            cls = fsspec.get_filesystem_class(scheme.lower())
+            rest = cls._strip_protocol(uri)
+            scheme = cls.protocol if isinstance(cls.protocol, str) else cls.protocol[0]
+        except (ImportError, ValueError):
+            pass
+    return f"{proto if proto == 's3' else scheme.lower()}://{re.sub(r'/{2,}', '/', rest)}"
 
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix="fpn-", suffix=suffix)
-    os.close(fd)
+
+# ---------------------------------------------------------------------------------------------
+# redaction
+
+# A key names a secret when one of its words (split at `_`, `-`, `.`, spaces and camelCase) is in
+# _SECRET_WORDS, or its letters contain one of _SECRET_COMPOUNDS (`apiKey`, `AccountKey`, `sastoken`).
+# Exceptions, listed by full name, hold no secret although they contain a secret word.
+_SECRET_WORDS = frozenset({"key", "secret", "token", "password", "passwd", "pwd", "credential", "credentials",
+                           "creds", "sas", "sig", "signature", "auth", "authorization", "session", "cookie",
+                           "cookies"})
+_SECRET_COMPOUNDS = ("password", "passwd", "secret", "token", "credential", "privatekey", "accountkey", "accesskey",
+                     "apikey", "signature", "authorization", "connectionstring")
+_NOT_SECRET = frozenset({"key_prefix", "key_name", "session_name", "role_session_name", "auth_type", "token_type",
+                         "signature_version"})
+
+
+def _words(key: str) -> list[str]:
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key)
+    return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
+
+
+def _is_secret_key(key: Any) -> bool:
+    """Whether a mapping key or parameter name names a secret (rule above; `endpoint_url`, `anon`,
+    `profile`, `region_name` and `key_prefix` do not)."""
+    if not isinstance(key, str):
+        return False
+    words = _words(key)
+    if "_".join(words) in _NOT_SECRET:
+        return False
+    joined = "".join(words)
+    return any(w in _SECRET_WORDS for w in words) or any(c in joined for c in _SECRET_COMPOUNDS)
+
+
+def redact_url(url: str) -> str:
+    """`url` safe to show: the value of each signing query parameter (and of any parameter whose name
+    names a secret) replaced by `***`, the name kept so a reader sees it was signed; a userinfo
+    password replaced by `***`. Anything that is not a URL comes back unchanged."""
     try:
-        fs.get_file(path, tmp)
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.scheme or not parts.netloc:
+        return url
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{hostport}"
+    query = parts.query
+    if query:
+        items = query.split("&")
+        names = [unquote(i.split("=", 1)[0]) for i in items]
+        signing = _signing_params(names)
+        query = "&".join(
+            f"{i.split('=', 1)[0]}={REDACTED}" if "=" in i and (n.lower() in signing or _is_secret_key(n)) else i
+            for i, n in zip(items, names))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+_PAIR_RE = re.compile(r"(?<![\w.-])([A-Za-z_][\w.-]*)(\s*=\s*)(['\"]?)([^\s'\"&;,)}\]]+)")
+_QUOTED_PAIR_RE = re.compile(r"(['\"])([\w.-]+)\1(\s*:\s*)(['\"])(.*?)\4")
+_BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+
+
+def redact_text(text: str) -> str:
+    """Free text (an error message, a log line) safe to show: every URL in it through `redact_url`,
+    the value of each `name=value` or `'name': 'value'` pair whose name names a secret replaced
+    by `***`, and `Bearer <token>` credentials masked."""
+    text = _URL_RE.sub(lambda m: redact_url(m.group(0)), text)
+    text = _PAIR_RE.sub(lambda m: m.group(0) if not _is_secret_key(m.group(1)) or m.group(4) == REDACTED
+                        else f"{m.group(1)}{m.group(2)}{m.group(3)}{REDACTED}", text)
+    text = _QUOTED_PAIR_RE.sub(lambda m: m.group(0) if not _is_secret_key(m.group(2))
+                               else f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}{m.group(4)}{REDACTED}{m.group(4)}",
+                               text)
+    return _BEARER_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+
+
+def redact(obj: Any) -> Any:
+    """`obj` (storage options, a job record, any JSON-like value) safe to print or write.
+
+    Recursive over dicts, lists and tuples: the value of a key that names a secret becomes `***`
+    (None and booleans are kept: they hold no secret); every string elsewhere goes through
+    `redact_text` (URLs lose their signatures, `AccountKey=...` pairs their values)."""
+    if isinstance(obj, dict):
+        return {k: (REDACTED if _is_secret_key(k) and v is not None and not isinstance(v, bool) else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str):
+        return redact_text(obj)
+    return obj
+
+
+def drop_redacted(obj: Any) -> Any:
+    """`obj` without the entries `redact` masked (dict values equal to `***`), e.g. options read back
+    from a `_job.json` record before the real ones are merged over them."""
+    if isinstance(obj, dict):
+        return {k: drop_redacted(v) for k, v in obj.items() if v != REDACTED}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(drop_redacted(v) for v in obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# plain errors
+
+_NO_CREDENTIALS = ("{what}: no credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+                   "or storage_options.s3)")
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "AccountProblem",
+                 "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "InvalidSecurity", "RequestTimeTooSkewed",
+                 "403", "Forbidden", "AuthorizationHeaderMalformed"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchVersion", "NoSuchUpload"}
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                   "TooManyRequestsException", "RequestThrottled", "ServiceUnavailable", "503", "429"}
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """`e` and the exceptions it was raised from or during (s3fs keeps botocore's as `__cause__`)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _client_error(e: BaseException) -> tuple[str, str, dict] | None:
+    """(code, HTTP status, error dict) of a botocore ClientError."""
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict) or "Error" not in response:
+        return None
+    err = response.get("Error") or {}
+    status = str((response.get("ResponseMetadata") or {}).get("HTTPStatusCode", ""))
+    return str(err.get("Code", "")), status, err
+
+
+def _http_error(e: BaseException) -> tuple[str, str, dict] | None:
+    """(reason, HTTP status, {}) of an aiohttp response error (http(s) inputs; fsspec raises them as is)."""
+    status = getattr(e, "status", None)
+    if type(e).__name__ != "ClientResponseError" or not isinstance(status, int):
+        return None
+    return str(getattr(e, "message", "") or status), str(status), {}
+
+
+def _endpoint(e: BaseException) -> str:
+    url = (getattr(e, "kwargs", None) or {}).get("endpoint_url")
+    if url:
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.netloc}"
+    host, port = getattr(e, "host", None), getattr(e, "port", None)
+    return f"{host}:{port}" if host else "the storage endpoint"
+
+
+def _bucket(err: dict, what: str) -> str:
+    if err.get("BucketName"):
+        return str(err["BucketName"])
+    m = re.search(r"\b(?:s3[an]?|gs|gcs)://([^/\s]+)", what)
+    return m.group(1) if m else "(unknown)"
+
+
+def _translate(e: BaseException, what: str) -> BaseException | None:
+    from botocore.exceptions import (ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+                                     PartialCredentialsError)
+
+    chain = list(_chain(e))
+    for exc in chain:
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)) or "Unable to locate credentials" in str(exc):
+            return PermissionError(_NO_CREDENTIALS.format(what=what))
+        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+            return ConnectionError(f"{what}: cannot reach {_endpoint(exc)} ({type(exc).__name__})")
+        found = _client_error(exc) or _http_error(exc)
+        if found is None:
+            continue
+        code, status, err = found
+        if code == "NoSuchBucket":
+            return FileNotFoundError(f"{what}: bucket {_bucket(err, what)} does not exist")
+        if code in _DENIED_CODES or status in ("401", "403"):
+            return PermissionError(f"{what}: access denied ({code})")
+        if code in _MISSING_CODES or status == "404":
+            return FileNotFoundError(f"{what} does not exist")
+        if code in _THROTTLE_CODES or status in ("503", "429"):
+            return OSError(f"{what}: throttled by the storage service ({code}), still failing after retries")
+    for exc in chain:
+        if isinstance(exc, (ConnectionRefusedError, ConnectionResetError)) or type(exc).__name__ == "ClientConnectorError":
+            return ConnectionError(f"{what}: cannot reach {_endpoint(exc)} ({type(exc).__name__})")
+    if isinstance(e, FileNotFoundError):
+        return FileNotFoundError(f"{what} does not exist")
+    if isinstance(e, PermissionError):
+        return PermissionError(f"{what}: access denied")
+    text = str(e)
+    if "NoSuchKey" in text or "Not Found" in text:
+        return FileNotFoundError(f"{what} does not exist")
+    if "AccessDenied" in text or "Forbidden" in text:
+        return PermissionError(f"{what}: access denied")
+    return None
+
+
+def translate_error(e: BaseException, what: str) -> BaseException:
+    """A storage error as the built-in a user expects, one line naming `what`, secrets redacted:
+    PermissionError (no credentials, access denied, bad key or signature), FileNotFoundError (no such
+    bucket, key or object), ConnectionError (endpoint unreachable, named), OSError "throttled" (after
+    botocore's retries). Anything else comes back as it is. Raise it `from e` to keep the cause."""
+    out = _translate(e, what)
+    if out is None:
+        return e
+    out.args = (redact_text(out.args[0]),)
+    return out
+
+
+_OBJECT_STORES = {"s3", "gcs", "az", "abfs", "adl", "oss", "r2"}
+
+
+def check_output_location(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse an output on object storage whose bucket does not exist (FileNotFoundError), cannot be
+    reached (ConnectionError) or is forbidden (PermissionError), before any work starts.
+
+    fpn never creates buckets (a typo would otherwise make one, possibly public, in the wrong
+    account): this only looks, and s3fs's `mkdir`/`makedirs`, which create buckets, must never be
+    called on object storage. Local outputs need no check (their directory is created when written).
+    """
+    proto = protocol_of(url)
+    if proto not in _OBJECT_STORES:
+        return
+    fs, path = filesystem(url, storage_options)
+    bucket = path.strip("/").split("/", 1)[0]
+    what = f"output {url}"
+    try:
+        if proto == "s3":
+            fs.call_s3("head_bucket", Bucket=bucket)
+        elif not fs.exists(bucket):
+            raise FileNotFoundError(f"{what}: bucket {bucket} does not exist")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(redact_text(f"{what}: bucket {bucket} does not exist (fpn never creates buckets)")) from e
     except Exception as e:
-        os.unlink(tmp)
-        raise translate_error(e, url) from e
-    return tmp, True
+        raise translate_error(e, what) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# local copies for libraries that need a file path
+
+_COPY_CHUNK = 8 << 20
+
+
+@contextlib.contextmanager
+def local_copy(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+    """A local file path for `url` while the block runs: the path itself for local files, else a
+    temporary copy that cannot leak when the task is killed.
+
+    On Linux the copy is an unnamed file (`tempfile.TemporaryFile`: O_TMPFILE or unlinked at once), so
+    it never appears in the temporary directory; the path handed out is `/proc/self/fd/N`, which
+    decord, PyAV and rasterio/GDAL open like any file, valid in this process while the block runs.
+    Elsewhere: a named temporary file deleted on exit.
+    """
+    if protocol_of(url) == "file":
+        yield _local_canonical(url)
+        return
+    fs, path = filesystem(url, storage_options)
+    suffix = os.path.splitext(path.split("?", 1)[0])[1]
+    linux = sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd")
+    tmp = tempfile.TemporaryFile(prefix="fpn-", suffix=suffix) if linux else \
+        tempfile.NamedTemporaryFile(prefix="fpn-", suffix=suffix, delete=False)
+    try:
+        try:
+            with fs.open(path, "rb") as src:
+                shutil.copyfileobj(src, tmp, _COPY_CHUNK)
+            tmp.flush()
+        except Exception as e:
+            raise translate_error(e, url) from e
+        log.debug("copied %s to an unnamed local file (%d bytes)", redact_url(url), tmp.tell())
+        yield f"/proc/self/fd/{tmp.fileno()}" if linux else tmp.name
+    finally:
+        tmp.close()
+        if not linux:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp.name)
+
+
+def _iso(value: Any) -> str | None:
+    """A listing's version stamp as a string: an ISO 8601 UTC time for times and epoch seconds."""
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        return value.astimezone(_dt.timezone.utc).isoformat()
+    if isinstance(value, (int, float)):
+        return _dt.datetime.fromtimestamp(value, _dt.timezone.utc).isoformat()
+    return str(value)
+
+
+def object_version(info: dict[str, Any]) -> str | None:
+    """The version of an object from its fsspec `info`/listing entry, to tell that a source changed:
+    its ETag (quotes stripped) on object storage and HTTP, else its modification time (ISO, UTC)."""
+    for key in ("ETag", "etag", "generation", "version_id", "VersionId"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    for key in ("mtime", "LastModified", "last_modified", "Last-Modified", "updated", "modified", "created"):
+        if info.get(key) is not None:
+            return _iso(info[key])
+    return None

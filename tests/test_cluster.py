@@ -21,24 +21,37 @@ SCRIPT = REPO / "cluster" / "local-cluster.sh"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster_dir():
+    """The cluster's --dir: its temp dir, logs and unpacked job working dirs."""
+    return Path(f"/tmp/fpnt-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_dir):
+    """A head and one worker with token auth on, their token in a file of this cluster's own
+    (RAY_AUTH_TOKEN_PATH for the nodes, the jobs they run and this test's clients)."""
     port, dash = _free_port(), _free_port()
-    d = f"/tmp/fpnt-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
+    d = str(cluster_dir)
+    cluster_dir.mkdir(parents=True)
+    token = cluster_dir / "auth_token"
+    token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    token.chmod(0o600)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = {**os.environ, **auth, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
     args = ["--dir", d, "--port", str(port), "--dashboard-port", str(dash)]
-    subprocess.run([str(SCRIPT), "start", "--workers", "1", "--head-cpus", "2", "--worker-cpus", "2", *args],
-                   check=True, env=env, timeout=180)
-    address = f"http://127.0.0.1:{dash}"
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
+    old = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
     try:
-        yield address
+        subprocess.run([str(SCRIPT), "start", "--workers", "1", "--head-cpus", "2", "--worker-cpus", "2", *args],
+                       check=True, env=env, timeout=180)
+        yield f"http://127.0.0.1:{dash}"
     finally:
         subprocess.run([str(SCRIPT), "stop", *args], env=env, timeout=60)
-        if old is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def fpn(*args):
@@ -80,10 +93,15 @@ def spec_file(tmp_path, inputs, out, **extra):
     return p
 
 
-def test_submit_status_list_logs_on_two_nodes(cluster, make_video, tmp_path):
+PLANTED = ("PLANTEDKEY123", "PLANTEDSECRET456")
+
+
+def test_submit_status_list_logs_on_two_nodes(cluster, cluster_dir, make_video, tmp_path):
     video = make_video("cluster64.mp4", 64, 16.0)
     out = tmp_path / "out"
-    code, text = fpn("submit", spec_file(tmp_path, [video, SOAP], out), "--address", cluster)
+    secrets = {"s3": {"key": PLANTED[0], "secret": PLANTED[1]}}  # never used: the inputs are local
+    code, text = fpn("submit", spec_file(tmp_path, [video, SOAP], out, storage_options=secrets),
+                     "--address", cluster)
     assert code == 0, text
     job_id = text.split()[1]
     assert "fpn status" in text and "fpn logs" in text
@@ -101,6 +119,47 @@ def test_submit_status_list_logs_on_two_nodes(cluster, make_video, tmp_path):
     assert job_id in [r["job_id"] for r in json.loads(text)]
     code, text = fpn("logs", job_id, "--address", cluster)
     assert code == 0 and "succeeded: 65 frames" in text
+    assert_no_planted_secret(cluster, cluster_dir, job_id, out)
+
+
+def assert_no_planted_secret(address, cluster_dir, job_id, out):
+    """The storage keys reached the job through its environment alone: not its metadata, entrypoint,
+    logs, status, output files or the spec in its working directory."""
+    from jobs.manager import SECRETS_ENV, client
+
+    info = client(address).get_job_info(job_id)
+    assert SECRETS_ENV in info.runtime_env["env_vars"]  # the one channel they travel by
+    seen = {"metadata": json.dumps(info.metadata), "entrypoint": info.entrypoint,
+            "logs": fpn("logs", job_id, "--address", address)[1],
+            "status": fpn("status", job_id, "--address", address, "--format", "json")[1],
+            "list": fpn("list", "--address", address, "--format", "json")[1]}
+    for f in Path(out).rglob("*"):
+        if f.is_file():
+            seen[str(f)] = f.read_bytes().decode("latin-1")
+    specs = [f for f in cluster_dir.rglob("spec.yaml") if "working_dir" in str(f)]
+    assert specs, "no unpacked working dir found"
+    for f in specs:
+        seen[str(f)] = f.read_text()
+    assert "***" in seen["metadata"]  # the placeholders are there instead
+    for where, text in seen.items():
+        assert not [p for p in PLANTED if p in text], f"a planted secret leaked into {where}"
+
+
+def test_resume_of_a_running_job_is_refused(cluster, tmp_path):
+    from jobs.demo import write_video
+    from conftest import index_frame
+
+    video = tmp_path / "long.mp4"
+    write_video((index_frame(i, 144, 192) for i in range(240)), video, 24.0)
+    code, text = fpn("submit", spec_file(tmp_path, [video], tmp_path / "out"), "--address", cluster)
+    job_id = text.split()[1]
+    wait_for(cluster, job_id, {"RUNNING"})
+    jobs = len(json.loads(fpn("list", "--address", cluster, "--format", "json")[1]))
+    code, text = fpn("resume", job_id, "--address", cluster)
+    assert code == 1 and f"job {job_id} is still RUNNING: cancel it first (fpn cancel {job_id})" in text
+    assert len(json.loads(fpn("list", "--address", cluster, "--format", "json")[1])) == jobs  # nothing submitted
+    code, text = fpn("cancel", job_id, "--address", cluster)
+    assert code == 0 and "STOPPED" in text
 
 
 def test_cancel_then_resume_writes_every_frame_once(cluster, tmp_path):

@@ -30,3 +30,36 @@ def test_dockerfile_installs_the_project_and_local_cluster_script_is_valid_bash(
     assert subprocess.run(["bash", "-n", str(C / "local-cluster.sh")]).returncode == 0
     usage = subprocess.run(["bash", str(C / "local-cluster.sh")], capture_output=True, text=True)
     assert usage.returncode == 2 and "start" in usage.stdout and "stop" in usage.stdout
+
+
+def _kuberay_clusters():
+    """(file, RayClusterSpec) of each KubeRay manifest: the RayCluster's spec, the RayJob's rayClusterSpec."""
+    rc = yaml.safe_load((C / "raycluster.yaml").read_text())["spec"]
+    job = yaml.safe_load((C / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    return [("raycluster.yaml", rc), ("rayjob.yaml", job)]
+
+
+def test_kuberay_clusters_have_token_auth_on():
+    for name, spec in _kuberay_clusters():
+        assert tuple(map(int, spec["rayVersion"].split(".")[:2])) >= (2, 52), name  # the first Ray with token auth
+        assert (spec.get("authOptions") or {}).get("mode") == "token", f"{name}: token auth is off"
+
+
+def test_aws_launcher_starts_every_node_with_token_auth_and_a_local_dashboard():
+    cfg = yaml.safe_load((C / "aws.yaml").read_text())
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    for c in starts:  # each command runs in its own shell: the variable must be on the line itself
+        assert c.startswith("RAY_AUTH_MODE=token ray start"), c
+    head = next(c for c in cfg["head_start_ray_commands"] if "--head" in c)
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # one token on every node
+    text = (C / "aws.yaml").read_text()
+    assert "ray dashboard cluster/aws.yaml" in text  # how a user reaches the head's local dashboard
+
+
+def test_no_cluster_config_binds_everywhere_without_token_auth():
+    for path in C.glob("*.yaml"):
+        text = path.read_text()
+        if "0.0.0.0" in text:
+            assert "authOptions" in text and "mode: token" in text, f"{path.name}: 0.0.0.0 without token auth"

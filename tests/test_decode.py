@@ -4,7 +4,7 @@ import pytest
 
 from conftest import read_index
 from pipeline.decode import Sampling, decode_unit, probe, sample_indices
-from pipeline.sink import frame_id
+from pipeline.output import frame_id
 from pipeline.sources import WorkUnit, expand_inputs, plan_units
 
 
@@ -20,7 +20,7 @@ def _frames(unit, sampling=Sampling(), backend="decord", done=frozenset()):
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_segments_decode_the_right_frames_with_timestamps(make_video, backend):
     path = str(make_video("idx40.mp4", 40, 10.0))
-    units = list(plan_units(path, segment_frames=16, raster_pixels=10**8, window=2048, windows_per_unit=4,
+    units = list(plan_units(path, path, segment_frames=16, raster_pixels=10**8, window=2048, windows_per_unit=4,
                             video_backend=backend))
     assert [(u.start, u.stop) for u in units] == [(0, 16), (16, 32), (32, 40)]
     rows = [r for u in units for r in _frames(u, Sampling(every_n=3), backend)]
@@ -43,7 +43,7 @@ def test_fps_sampling_and_time_range():
 
 def test_already_written_frames_are_skipped_before_decoding(make_video):
     path = str(make_video("idx20.mp4", 20, 10.0))
-    unit = WorkUnit(path, "video", 0, 20, 20, 10.0, 96, 64)
+    unit = WorkUnit(path, path, "video", 0, 20, 20, 10.0, 96, 64)
     done = {frame_id(path, i) for i in range(0, 10)}
     assert [r[0] for r in _frames(unit, done=done)] == list(range(10, 20))
 
@@ -51,7 +51,7 @@ def test_already_written_frames_are_skipped_before_decoding(make_video):
 def test_image_unit_and_probe_errors(tmp_path):
     from conftest import SOAP
 
-    assert [u.kind for u in plan_units(str(SOAP), segment_frames=8, raster_pixels=10**8, window=2048,
+    assert [u.kind for u in plan_units(str(SOAP), str(SOAP), segment_frames=8, raster_pixels=10**8, window=2048,
                                        windows_per_unit=4)] == ["image"]
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
@@ -73,7 +73,7 @@ def test_large_image_becomes_raster_windows(tmp_path):
     img = np.random.default_rng(0).integers(0, 255, (700, 900, 3), dtype=np.uint8)
     path = tmp_path / "big.png"
     Image.fromarray(img).save(path)
-    units = list(plan_units(str(path), segment_frames=8, raster_pixels=100_000, window=256, windows_per_unit=5))
+    units = list(plan_units(str(path), str(path), segment_frames=8, raster_pixels=100_000, window=256, windows_per_unit=5))
     assert {u.kind for u in units} == {"raster"} and units[-1].stop == 12  # 4 x 3 windows
     batches = [b for u in units for b in decode_unit(u, sampling=Sampling(), batch_size=4, window=256, window_margin=32)]
     assert len(batches) == 12
@@ -89,9 +89,9 @@ def test_expand_inputs_globs_directories_manifests(tmp_path, make_video):
     (tmp_path / "a" / "readme.txt").write_text("not media")
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"# flights\n{v}\n{tmp_path / 'a' / 'x.png'}\n")
-    assert expand_inputs([str(tmp_path / "a")]) == [str(tmp_path / "a" / "x.png")]
-    assert expand_inputs([str(manifest)]) == sorted([str(v), str(tmp_path / "a" / "x.png")])
-    assert expand_inputs([str(tmp_path / "a" / "*.png")]) == [str(tmp_path / "a" / "x.png")]
+    assert [s.url for s in expand_inputs([str(tmp_path / "a")])] == [str(tmp_path / "a" / "x.png")]
+    assert [s.url for s in expand_inputs([str(manifest)])] == sorted([str(v), str(tmp_path / "a" / "x.png")])
+    assert [s.url for s in expand_inputs([str(tmp_path / "a" / "*.png")])] == [str(tmp_path / "a" / "x.png")]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         expand_inputs([str(tmp_path / "missing.mp4")])
     with pytest.raises(FileNotFoundError, match="matches no media"):

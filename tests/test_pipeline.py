@@ -14,7 +14,7 @@ from fpn_model.weights import load_checkpoint
 from fpn_model.zoo import resolve
 from jobs.runner import run
 from jobs.spec import plan_from_dict
-from pipeline.sink import frame_id
+from pipeline.output import frame_id
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def test_large_raster_windows_give_each_object_once(ray_session, tmp_path):
 
 
 def test_output_of_a_job_whose_inputs_all_fail_still_has_the_schema(ray_session, tmp_path):
-    from pipeline.sink import FRAME_SCHEMA
+    from pipeline.output import FRAME_SCHEMA
 
     bad = tmp_path / "zero.mp4"
     bad.write_bytes(b"")

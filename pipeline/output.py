@@ -1,0 +1,515 @@
+"""The one owner of an output: layout, schemas, frame ids, atomic writes, the single-writer lease, done ids,
+counts, the job record and job states. Everything else reads and writes an output through this module.
+
+    OUTPUT/frames/*.parquet    one row per sampled frame, exactly once (readers glob these)
+    OUTPUT/errors/*.parquet    one row per input, segment or frame that failed (latest run's view of them)
+    OUTPUT/_job.json           spec (secrets redacted), identity, model, versions, state, counts
+    OUTPUT/_sources.parquet    each source's canonical URI, size and version (ETag/mtime) when first read
+    OUTPUT/_lease.json         the single writer's lease: owner, host, pid, heartbeat
+    OUTPUT/_tmp/               files being written (local outputs); never under frames/ or errors/
+
+Invariants: a Parquet file becomes visible only complete (written under `_tmp/` then renamed, or one PUT on
+object storage), under a name derived from what it holds, so a retried task writes the same name again; one
+writer holds the lease while it writes; `_job.json` is replaced atomically. Imports neither torch nor Ray, so
+`fpn status` and `fpn query` stay light.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .storage import filesystem, join, parquet_files, redact_text
+
+__all__ = [
+    "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_schema", "frame_id", "Output", "Lease",
+    "OutputBusyError", "STATES", "EXIT_CODES", "LEASE_TIMEOUT_S", "final_state", "error_row",
+]
+
+log = logging.getLogger(__name__)
+
+DETECTION_TYPE = pa.struct([
+    ("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32()),
+    ("score", pa.float32()), ("label", pa.int32()), ("label_name", pa.string()), ("level", pa.int8()),
+])
+MASKED_DETECTION_TYPE = pa.struct(list(DETECTION_TYPE) + [pa.field("mask", pa.struct([
+    ("size", pa.list_(pa.int32())), ("counts", pa.string())]))])
+
+FRAME_SCHEMA = pa.schema([
+    ("frame_id", pa.string()), ("source", pa.string()), ("source_kind", pa.string()),
+    ("frame_index", pa.int64()), ("pts_s", pa.float64()), ("width", pa.int32()), ("height", pa.int32()),
+    ("num_detections", pa.int32()), ("detections", pa.list_(DETECTION_TYPE)), ("model", pa.string()),
+    # window of a large raster this row covers (the whole frame otherwise)
+    ("window_x", pa.int32()), ("window_y", pa.int32()), ("window_width", pa.int32()), ("window_height", pa.int32()),
+])
+ERROR_SCHEMA = pa.schema([
+    ("source", pa.string()), ("stage", pa.string()), ("frame_index", pa.int64()),
+    ("error_type", pa.string()), ("message", pa.string()),
+])
+SOURCES_SCHEMA = pa.schema([("source", pa.string()), ("size", pa.int64()), ("version", pa.string()),
+                            ("first_run", pa.int32())])
+
+# Job states, defined once: `_job.json`, the run summary, `fpn status` and `fpn list` all use these.
+STATES = {
+    "running": "a writer holds the output's lease and is working",
+    "succeeded": "every planned frame was written and nothing failed",
+    "finished_with_errors": "the job went through every input; some inputs, segments or frames are error rows",
+    "failed": "the job stopped on an error, or every input failed and no frame was written",
+    "cancelled": "stopped on request (Ctrl-C, SIGTERM, fpn cancel); fpn resume continues it",
+    "interrupted": "the writer vanished (killed, node lost) without recording an end; fpn resume continues it",
+}
+EXIT_CODES = {"running": 0, "succeeded": 0, "failed": 1, "finished_with_errors": 3, "interrupted": 4,
+              "cancelled": 130}
+LEASE_TIMEOUT_S = 120.0  # a lease without a heartbeat for this long is taken over (env FPN_LEASE_TIMEOUT_S)
+
+
+def final_state(*, frames: int, errors: int) -> str:
+    """The state of a run that went through all its work."""
+    if errors == 0:
+        return "succeeded"
+    return "finished_with_errors" if frames else "failed"
+
+
+def frame_schema(with_masks: bool = False) -> pa.Schema:
+    if not with_masks:
+        return FRAME_SCHEMA
+    i = FRAME_SCHEMA.get_field_index("detections")
+    return FRAME_SCHEMA.set(i, pa.field("detections", pa.list_(MASKED_DETECTION_TYPE)))
+
+
+def frame_id(source: str, frame_index: int) -> str:
+    """Deterministic id of a sampled frame (or raster window): a pure function of the source's canonical URI
+    (`pipeline.storage.canonical_uri`: the same object however its path was spelled) and the index."""
+    return hashlib.sha1(f"{source}\x00{frame_index}".encode()).hexdigest()[:24]
+
+
+def error_row(source: str, stage: str, e: BaseException | str, frame_index: int | None = None,
+              error_type: str | None = None) -> dict:
+    """One `errors` row; the message is its first line, with URLs' signatures and secrets redacted."""
+    text = str(e)
+    msg = text.splitlines()[0] if text else type(e).__name__
+    return {"source": source, "stage": stage, "frame_index": frame_index,
+            "error_type": error_type or type(e).__name__, "message": redact_text(msg)}
+
+
+class OutputBusyError(RuntimeError):
+    """Another writer holds the output's lease."""
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+class Output:
+    """An output location: `Output(url, storage_options, run=N)` (`run`: the number of the run writing, which
+    names its error files). Picklable (it keeps the URL and options, and makes
+    its filesystem when first used), so Ray tasks and actors write through it too."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, *, run: int = 0):
+        self.url, self.storage_options, self.run = url.rstrip("/") or url, storage_options, run
+        self._fs = None
+
+    def __getstate__(self):
+        return {"url": self.url, "storage_options": self.storage_options, "run": self.run}
+
+    def __setstate__(self, state):
+        self.__init__(state["url"], state["storage_options"], run=state["run"])
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            self._fs, self._path = filesystem(self.url, self.storage_options)
+        return self._fs
+
+    @property
+    def path(self) -> str:
+        self.fs  # noqa: B018 - resolves the path with the filesystem
+        return self._path
+
+    def _p(self, *parts: str) -> str:
+        return join(self.path, *parts)
+
+    # -- atomic writes ----------------------------------------------------------------------------
+    def _put(self, data: bytes, rel: str) -> None:
+        """Make `OUTPUT/rel` hold `data`, visible only complete: locally a file under `_tmp/` renamed into
+        place; on object storage one PUT (never `makedirs`: s3fs creates buckets)."""
+        fs, dest = self.fs, self._p(rel)
+        if not _is_local(self.url):
+            fs.pipe_file(dest, data)
+            return
+        tmpdir = self._p("_tmp")
+        fs.makedirs(tmpdir, exist_ok=True)
+        fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        tmp = join(tmpdir, f"{uuid.uuid4().hex}-{rel.rsplit('/', 1)[-1]}")
+        try:
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, dest)
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+
+    def write_table(self, table: pa.Table, rel: str) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self._put(sink.getvalue().to_pybytes(), rel)
+
+    def write_frames(self, table: pa.Table) -> int:
+        """A frames file named by the hash of its frame ids (a retried task rewrites the same name)."""
+        if not table.num_rows:
+            return 0
+        h = hashlib.sha1()
+        for i in sorted(table.column("frame_id").to_pylist()):
+            h.update(i.encode())
+        self.write_table(table, f"frames/part-{h.hexdigest()[:20]}.parquet")
+        return table.num_rows
+
+    def write_empty_frames(self, *, with_masks: bool = False) -> None:
+        """A zero-row frames file, so readers of an output without frames still find the schema."""
+        self.write_table(frame_schema(with_masks).empty_table(), "frames/part-empty.parquet")
+
+    def write_errors(self, rows: list[dict], key: str) -> None:
+        """Error rows of one unit of work in this run, under a name from `key` (a retry rewrites it). Files of
+        earlier runs are removed when a run completes (`drop_stale_errors`): it re-attempted all they name."""
+        if rows:
+            table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+            name = f"err-r{self.run:04d}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.parquet"
+            self.write_table(table, f"errors/{name}")
+
+    def drop_stale_errors(self) -> int:
+        """Remove error files of runs before this one (called when this run went through all its work, so each
+        error still true was written again). Returns how many files went."""
+        stale = [f for f in self.error_files() if _error_run(f) < self.run]
+        for f in stale:
+            self.fs.rm(f)
+        return len(stale)
+
+    # -- reading --------------------------------------------------------------------------------
+    def frame_files(self) -> list[str]:
+        return parquet_files(self.fs, self._p("frames"))
+
+    def error_files(self) -> list[str]:
+        return parquet_files(self.fs, self._p("errors"))
+
+    def _footer(self, f: str) -> pq.FileMetaData:
+        try:
+            with self.fs.open(f, "rb") as fh:
+                return pq.ParquetFile(fh).metadata
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out
+            raise _corrupt(f, e) from e
+
+    def done_ids(self) -> set[str]:
+        """Frame ids already written (reads one column). A corrupt file is one line naming it and the way out."""
+        done: set[str] = set()
+        for f in self.frame_files():
+            try:
+                with self.fs.open(f, "rb") as fh:
+                    done.update(pq.read_table(fh, columns=["frame_id"]).column("frame_id").to_pylist())
+            except Exception as e:  # noqa: BLE001
+                raise _corrupt(f, e) from e
+        return done
+
+    def sources_with_frames(self, candidates: set[str]) -> set[str]:
+        """Which of `candidates` have frames in the output (reads the `source` column)."""
+        found: set[str] = set()
+        for f in self.frame_files():
+            with self.fs.open(f, "rb") as fh:
+                found.update(s for s in set(pq.read_table(fh, columns=["source"]).column("source").to_pylist())
+                             if s in candidates)
+        return found
+
+    def counts(self) -> dict[str, int]:
+        """Frames and error rows (from the Parquet footers) and detections (one int32 column)."""
+        frames = errors = detections = 0
+        for f in self.frame_files():
+            meta = self._footer(f)
+            frames += meta.num_rows
+            if meta.num_rows:
+                with self.fs.open(f, "rb") as fh:
+                    col = pq.read_table(fh, columns=["num_detections"]).column("num_detections")
+                detections += int(pc.sum(col).as_py() or 0)
+        for f in self.error_files():
+            errors += self._footer(f).num_rows
+        return {"frames": frames, "detections": detections, "errors": errors}
+
+    # -- the job record ---------------------------------------------------------------------------
+    def read_job(self, *, missing_ok: bool = False) -> dict:
+        """`_job.json` as a dict. Missing: {} with `missing_ok`, else FileNotFoundError. Torn or not JSON:
+        ValueError naming it and the way out."""
+        try:
+            with self.fs.open(self._p("_job.json"), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            if missing_ok:
+                return {}
+            raise FileNotFoundError(f"{self.url}: no _job.json (is it an fpn output?)") from None
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+            return doc
+        except ValueError as e:
+            raise ValueError(f"{self.url}/_job.json is not valid JSON ({e}): delete it; the frames stay and the "
+                             "next fpn run with the same inputs writes it again") from None
+
+    def write_job(self, doc: dict) -> None:
+        self._put(json.dumps(doc, indent=2, default=str).encode(), "_job.json")
+
+    def read_sources(self) -> dict[str, dict]:
+        """{canonical source: {size, version, first_run}} of the sources earlier runs read."""
+        try:
+            with self.fs.open(self._p("_sources.parquet"), "rb") as f:
+                rows = pq.read_table(f).to_pylist()
+        except FileNotFoundError:
+            return {}
+        return {r.pop("source"): r for r in rows}
+
+    def write_sources(self, sources: dict[str, dict]) -> None:
+        rows = [{"source": s, **v} for s, v in sorted(sources.items())]
+        self.write_table(pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA), "_sources.parquet")
+
+    def state(self) -> str | None:
+        """The recorded state, with `running` read as `interrupted` when no live lease backs it."""
+        doc = self.read_job(missing_ok=True)
+        st = doc.get("state")
+        if st == "running":
+            lease = Lease(self).holder()
+            if lease is None or lease.get("stale"):
+                return "interrupted"
+        return st
+
+    def progress(self, *, now_s: float | None = None) -> dict[str, Any]:
+        """State, frames written vs planned, errors, rate and ETA, from `_job.json`, the lease and the Parquet
+        footers (no row is read)."""
+        doc = self.read_job(missing_ok=True)
+        written = sum(self._footer(f).num_rows for f in self.frame_files())
+        errors = sum(self._footer(f).num_rows for f in self.error_files())
+        planned, state = doc.get("planned_frames"), self.state()
+        rate = eta = None
+        if state == "running" and doc.get("started_at"):
+            t0 = time.mktime(time.strptime(doc["started_at"][:19], "%Y-%m-%dT%H:%M:%S"))
+            elapsed = (now_s or time.time()) - t0
+            new = written - doc.get("skipped_frames", 0)
+            if elapsed > 0 and new > 0:
+                rate = new / elapsed
+                if planned:
+                    eta = max(0.0, (planned - written) / rate)
+        elif doc.get("frames_per_s"):
+            rate = doc["frames_per_s"]
+        return {"state": state, "frames_done": written, "frames_planned": planned, "errors": errors,
+                "frames_per_s": rate, "eta_s": eta, "runs": doc.get("runs"), "error": doc.get("error")}
+
+    # -- housekeeping -----------------------------------------------------------------------------
+    def clean_temporary(self) -> int:
+        """Remove what killed writers left in `_tmp/` (only the lease holder calls this). Returns files removed."""
+        if not _is_local(self.url):
+            return 0  # object storage writes are single PUTs: nothing temporary exists
+        tmp = self._p("_tmp")
+        if not self.fs.exists(tmp):
+            return 0
+        files = self.fs.find(tmp)
+        for f in files:
+            self.fs.rm(f)
+        return len(files)
+
+    def lease(self, owner: str | None = None, *, timeout_s: float | None = None) -> "Lease":
+        return Lease(self, owner=owner, timeout_s=timeout_s)
+
+
+def _error_run(path: str) -> int:
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith("err-r") and name[5:9].isdigit():
+        return int(name[5:9])
+    return 0  # files of versions before run numbers: the oldest
+
+
+def _corrupt(f: str, e: BaseException) -> ValueError:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return ValueError(f"{f} is not a readable Parquet file ({type(e).__name__}: {first}): move it out of the "
+                      "output; the next run detects its frames again")
+
+
+class Lease:
+    """The single-writer lease of an output: `OUTPUT/_lease.json` = {owner, host, pid, token, heartbeat_at}.
+
+    Acquired by a conditional create (locally: under `flock` of `OUTPUT/_lease.lock`, released by the kernel
+    even when the holder is SIGKILLed; on S3: PutObject with If-None-Match, and If-Match of the ETag read for a
+    takeover or a heartbeat). A lease whose heartbeat is older than `timeout_s` (default 120 s, env
+    FPN_LEASE_TIMEOUT_S) is taken over. The holder refreshes it every `timeout_s / 4` from a daemon thread; if
+    it finds the lease taken, it interrupts the main thread (the job stops as `interrupted`: another writer owns
+    the output now). Other object stores get the same record without a conditional write (documented race).
+    """
+
+    def __init__(self, out: Output, owner: str | None = None, timeout_s: float | None = None):
+        self.out = out
+        self.timeout_s = float(timeout_s or os.environ.get("FPN_LEASE_TIMEOUT_S") or LEASE_TIMEOUT_S)
+        self.record = {"owner": owner or "fpn run", "host": socket.gethostname(), "pid": os.getpid(),
+                       "token": uuid.uuid4().hex, "started_at": _iso(time.time())}
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.took_over: dict | None = None
+        self.lost = False
+
+    @property
+    def _key(self) -> str:
+        return self.out._p("_lease.json")
+
+    def _s3(self) -> bool:
+        return self.out.url.startswith(("s3://", "s3a://"))
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _read(self) -> tuple[dict | None, str | None]:
+        fs = self.out.fs
+        try:
+            if self._s3():
+                # the ETag before the body: a record that changes in between makes the If-Match of a takeover
+                # fail, which refuses (never a second writer)
+                etag = fs.info(self._key, refresh=True)["ETag"]
+                return json.loads(fs.cat_file(self._key)), etag
+            with fs.open(self._key, "rb") as f:
+                return json.loads(f.read()), None
+        except FileNotFoundError:
+            return None, None
+        except ValueError:  # torn record (only without conditional writes): treat as stale
+            return {"owner": "?", "host": "?", "pid": 0, "token": "", "heartbeat_at": 0}, None
+
+    def _stale(self, rec: dict) -> bool:
+        return time.time() - float(rec.get("heartbeat_at", 0)) > float(rec.get("timeout_s", self.timeout_s))
+
+    def holder(self) -> dict | None:
+        """The current record with `age_s` and `stale` added, or None."""
+        rec, _ = self._read()
+        if rec is None:
+            return None
+        return {**rec, "age_s": round(time.time() - float(rec.get("heartbeat_at", 0)), 1), "stale": self._stale(rec)}
+
+    def _busy(self, rec: dict) -> OutputBusyError:
+        age = time.time() - float(rec.get("heartbeat_at", 0))
+        return OutputBusyError(
+            f"{self.out.url} is being written by {rec.get('owner')} on {rec.get('host')} (pid {rec.get('pid')}), "
+            f"last heartbeat {age:.0f} s ago; its lease is taken over after {rec.get('timeout_s', self.timeout_s):.0f}"
+            " s without a heartbeat")
+
+    # -- writing ----------------------------------------------------------------------------------
+    def _body(self) -> bytes:
+        return json.dumps({**self.record, "heartbeat_at": time.time(), "heartbeat": _iso(time.time()),
+                           "timeout_s": self.timeout_s}).encode()
+
+    def _s3_put(self, condition: dict) -> bool:
+        fs = self.out.fs
+        bucket, key, _ = fs.split_path(self._key)
+        try:
+            r = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), **condition)
+        except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
+            return False
+        except Exception as e:  # noqa: BLE001
+            if "PreconditionFailed" in str(e) or "ConditionalRequestConflict" in str(e):
+                return False
+            raise
+        self._etag = r["ETag"]
+        return True
+
+    @contextlib.contextmanager
+    def _flock(self) -> Iterator[None]:
+        import fcntl
+
+        self.out.fs.makedirs(self.out.path, exist_ok=True)
+        with open(os.path.join(self.out.path, "_lease.lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _local_put(self) -> None:
+        self.out._put(self._body(), "_lease.json")
+
+    def acquire(self) -> "Lease":
+        """Take the lease, or raise OutputBusyError naming the live holder."""
+        if self._s3():
+            if not self._s3_put({"IfNoneMatch": "*"}):
+                rec, etag = self._read()
+                if rec is not None and not self._stale(rec):
+                    raise self._busy(rec)
+                if not self._s3_put({"IfMatch": etag} if etag else {"IfNoneMatch": "*"}):
+                    raise self._busy(self._read()[0] or {})
+                self.took_over = rec
+        elif _is_local(self.out.url):
+            with self._flock():
+                rec, _ = self._read()
+                if rec is not None and not self._stale(rec):
+                    raise self._busy(rec)
+                self.took_over = rec
+                self._local_put()
+        else:
+            rec, _ = self._read()
+            if rec is not None and not self._stale(rec):
+                raise self._busy(rec)
+            self.took_over = rec
+            self.out._put(self._body(), "_lease.json")
+        if self.took_over:
+            log.warning("took over the lease of %s from %s on %s (pid %s): no heartbeat for %.0f s", self.out.url,
+                        self.took_over.get("owner"), self.took_over.get("host"), self.took_over.get("pid"),
+                        time.time() - float(self.took_over.get("heartbeat_at", 0)))
+        self._thread = threading.Thread(target=self._beat, name="fpn-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def heartbeat(self) -> bool:
+        """Refresh the lease; False (and `lost`) when another writer holds it now."""
+        if self._s3():
+            ok = self._s3_put({"IfMatch": self._etag})
+        else:
+            with self._flock() if _is_local(self.out.url) else contextlib.nullcontext():
+                rec, _ = self._read()
+                ok = rec is not None and rec.get("token") == self.record["token"]
+                if ok:
+                    self.out._put(self._body(), "_lease.json")
+        self.lost = self.lost or not ok
+        return ok
+
+    def _beat(self) -> None:
+        import _thread
+
+        while not self._stop.wait(self.timeout_s / 4):
+            try:
+                if not self.heartbeat():
+                    log.error("lost the lease of %s to another writer: stopping", self.out.url)
+                    _thread.interrupt_main()
+                    return
+            except Exception as e:  # noqa: BLE001 - a failed heartbeat is retried at the next beat
+                log.warning("lease heartbeat of %s failed: %s", self.out.url, redact_text(str(e)))
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.lost:
+            return
+        with self._flock() if _is_local(self.out.url) else contextlib.nullcontext():
+            rec, _ = self._read()
+            if rec is not None and rec.get("token") == self.record["token"]:
+                self.out.fs.rm(self._key)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+

@@ -1,0 +1,231 @@
+"""Failure isolation: a decoder that hangs or crashes costs one error row, not the job; a frame that breaks the
+detector costs one error row, not its batch."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+import fakes
+from conftest import SOAP
+from fpn_model.data import read_image
+from fpn_model.zoo import resolve
+from pipeline.isolate import ChildCrashed, ChildError, ChildTimeout, IsolatedChild
+from pipeline.output import frame_id
+
+
+def read_table(path: Path):
+    return pads.dataset(str(path), format="parquet").to_table()
+
+
+# -- the child process on its own ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def child():
+    c = IsolatedChild(preload=("fakes",))
+    yield c
+    c.close()
+
+
+def collect(stream, into: list):
+    for item in stream:
+        into.append(item)
+
+
+def test_isolated_child_streams_items_and_is_reused(child):
+    assert list(child.stream(fakes.count, 3, timeout_s=30)) == [0, 1, 2]
+    first = child.pid
+    assert list(child.stream(fakes.pid, timeout_s=30)) == [first] and first != os.getpid()
+
+
+def test_hung_child_times_out_after_its_items_and_is_replaced(child):
+    got: list = []
+    with pytest.raises(ChildTimeout) as e:
+        collect(child.stream(fakes.count_then_hang, 2, timeout_s=2), got)
+    assert got == [0, 1] and e.value.timeout_s == 2 and "2 s" in str(e.value)
+    assert child.pid is None  # killed; the next call starts a fresh child
+    assert list(child.stream(fakes.count, 2, timeout_s=30)) == [0, 1]
+
+
+def test_crashed_child_names_its_signal_and_is_replaced(child):
+    got: list = []
+    with pytest.raises(ChildCrashed) as e:
+        collect(child.stream(fakes.count_then_crash, 2, timeout_s=30), got)
+    assert got == [0, 1] and e.value.signal_name == "SIGSEGV" and "SIGSEGV" in str(e.value)
+    assert list(child.stream(fakes.count, 2, timeout_s=30)) == [0, 1]
+
+
+def test_exception_in_child_arrives_with_its_type_and_message_and_keeps_the_child(child):
+    [before] = child.stream(fakes.pid, timeout_s=30)
+    got: list = []
+    with pytest.raises(ChildError) as e:
+        collect(child.stream(fakes.count_then_raise, 1, timeout_s=30), got)
+    assert got == [0] and e.value.error_type == "KeyError" and "no such frame" in e.value.message
+    assert "count_then_raise" in e.value.child_traceback
+    assert list(child.stream(fakes.pid, timeout_s=30)) == [before]
+
+
+def test_child_that_died_between_calls_is_replaced(child):
+    [first] = child.stream(fakes.pid, timeout_s=30)
+    os.kill(first, signal.SIGKILL)
+    while _alive(first):
+        time.sleep(0.05)
+    [second] = child.stream(fakes.pid, timeout_s=30)
+    assert second != first
+
+
+def _alive(pid: int) -> bool:
+    """Whether any thread of process `pid` still runs (a zombie whose threads have all ended is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        return not zombie or len(os.listdir(f"/proc/{pid}/task")) > 1
+    except FileNotFoundError:
+        return False
+
+
+def test_child_does_not_outlive_a_killed_parent():
+    # a parent that starts a child which hangs, then is SIGKILLed (as Ray kills a worker): no cleanup runs in it
+    script = (
+        "import sys; sys.path[:0] = sys.argv[1:]\n"
+        "import fakes\n"
+        "from pipeline.isolate import IsolatedChild\n"
+        "c = IsolatedChild(preload=('fakes',))\n"
+        "s = c.stream(fakes.count_then_hang, 1, timeout_s=3600)\n"
+        "next(s)\n"
+        "print(c.pid, flush=True)\n"
+        "next(s)\n"
+    )
+    tests, repo = Path(__file__).parent, Path(__file__).parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tests), str(repo)], stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert _alive(child_pid)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while _alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child_pid)
+
+
+# -- the video backend plugin point ---------------------------------------------------------------------------------
+
+def test_video_backend_plugin_by_module_or_file_and_a_clear_error_otherwise(make_video):
+    from pipeline.decode import PyAVVideo, open_video
+
+    path = str(make_video("good12.mp4", 12, 6.0))
+    by_module = open_video(path, "pipeline.decode:PyAVVideo")
+    by_file = open_video(path, fakes.backend(fakes.HangingVideo))
+    assert isinstance(by_module, PyAVVideo) and type(by_file).__name__ == "HangingVideo"
+    assert by_file.num_frames == 12 and by_file.frames([0, 1]).shape == (2, 64, 96, 3)
+    for bad in ("no_such_module:Video", "pipeline.decode:NoSuchVideo", f"{fakes.FAKES.parent}/missing.py:Video"):
+        with pytest.raises(ValueError, match="cannot be loaded") as e:
+            open_video(path, bad)
+        assert bad in str(e.value)
+
+
+# -- decoding in a job: a hung or crashed decoder -----------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fake, name, error_type, says", [
+    (fakes.HangingVideo, "hang12.mp4", "DecodeTimeout", "hung (no frames within 5 s)"),
+    (fakes.CrashingVideo, "crash12.mp4", "DecoderCrashed", "crashed (SIGSEGV)"),
+])
+def test_hung_or_crashed_decoder_costs_one_error_row_and_the_job_finishes(ray_session, make_video, tmp_path, fake,
+                                                                          name, error_type, says):
+    from jobs.runner import run
+    from jobs.spec import plan_from_dict
+
+    good, bad = make_video("good12.mp4", 12, 6.0), make_video(name, 12, 6.0)
+    out = tmp_path / "out"
+    # segments [0, 6) and [6, 12); batches of 2: the bad segment yields frames 6 and 7, then hangs (or
+    # crashes) on frame 8, is retried in a fresh decoder from frame 8 on, and fails the same way again
+    doc = run(plan_from_dict({
+        "inputs": [str(good), str(bad)], "output": str(out), "video_backend": fakes.backend(fake),
+        "decode_timeout_s": 5.0, "segment_frames": 6, "batch_size": 2}))
+    frames, errors = read_table(out / "frames"), read_table(out / "errors")
+    ids = frames.column("frame_id").to_pylist()
+    assert len(ids) == len(set(ids))  # nothing twice: the retry skipped frames 6 and 7
+    by_source: dict = {}
+    for fid, src, i in zip(ids, frames.column("source").to_pylist(), frames.column("frame_index").to_pylist()):
+        assert fid == frame_id(src, i)
+        by_source.setdefault(Path(src.removeprefix("file://")).name, []).append(i)
+    assert sorted(by_source["good12.mp4"]) == list(range(12))
+    assert sorted(by_source[name]) == list(range(8))
+    assert errors.num_rows == 1
+    row = errors.to_pylist()[0]
+    assert (row["stage"], row["error_type"], row["frame_index"]) == ("decode", error_type, 6)
+    assert name in row["source"] and name in row["message"] and "[6, 12)" in row["message"] and says in row["message"]
+    assert doc["frames"] == 20 and doc["errors"] == 1 and doc["state"] != "failed"
+
+
+# -- detection: a frame that breaks the detector ------------------------------------------------------------------
+
+class FlakyPredictor:
+    """The real predictor, except: out of memory for more than 2 frames at once, and an error on one frame."""
+
+    def __init__(self, predictor, bad: np.ndarray):
+        self.inner, self.bad, self.has_masks = predictor, bad, predictor.has_masks
+
+    def __call__(self, images):
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        if any(np.array_equal(im, self.bad) for im in images):
+            raise ValueError("cannot read this frame")
+        return self.inner(images)
+
+
+def crops_batch(n: int = 5, size: int = 160) -> dict:
+    """A decoded batch (the columns `pipeline.decode` yields) of `n` crops of the aerial image."""
+    img = read_image(SOAP)
+    src = str(SOAP)
+    images = np.stack([img[40 * k:40 * k + size, 50 * k:50 * k + size] for k in range(n)])
+    cols = {"frame_id": [frame_id(src, k) for k in range(n)], "source": [src] * n, "source_kind": ["image"] * n,
+            "frame_index": list(range(n)), "pts_s": [np.nan] * n, "width": [size] * n, "height": [size] * n,
+            "window_x": [0] * n, "window_y": [0] * n, "window_width": [size] * n, "window_height": [size] * n,
+            "offset_x": [0] * n, "offset_y": [0] * n}
+    return {**{k: np.array(v) for k, v in cols.items()}, "image": images}
+
+
+def test_detector_leaves_out_a_failing_frame_as_an_error_row_and_keeps_the_rest(tmp_path):
+    from pipeline.detect import Detector
+
+    det = Detector(str(resolve("trees")), model_id="trees", tile=None, output=str(tmp_path))
+    real = det.predictor
+    batch = crops_batch()
+    det.predictor = FlakyPredictor(real, bad=batch["image"][3])
+
+    table = det(batch)
+
+    assert table.schema == det.schema
+    assert table.column("frame_index").to_pylist() == [0, 1, 2, 4]
+    expected = real([batch["image"][i] for i in (0, 1, 2, 4)])
+    rows = table.to_pylist()
+    assert sum(r["num_detections"] for r in rows) > 0
+    for r, d in zip(rows, expected):
+        assert r["num_detections"] == len(d.boxes)
+        if len(d.boxes):
+            np.testing.assert_allclose([[x["x1"], x["y1"], x["x2"], x["y2"]] for x in r["detections"]],
+                                       d.boxes, atol=1e-2)
+    errors = read_table(tmp_path / "errors").to_pylist()
+    assert [(e["stage"], e["frame_index"], e["error_type"], e["message"]) for e in errors] == [
+        ("detect", 3, "ValueError", "cannot read this frame")]
+    assert errors[0]["source"] == str(SOAP)
+
+
+def test_detector_outside_a_job_still_raises():
+    from pipeline.detect import Detector
+
+    det = Detector(str(resolve("trees")), model_id="trees", tile=None)
+    batch = crops_batch(3)
+    det.predictor = FlakyPredictor(det.predictor, bad=batch["image"][1])
+    with pytest.raises(torch.OutOfMemoryError):
+        det(batch)

@@ -1,0 +1,125 @@
+"""jobs.manager without a cluster: secrets leave a submitted spec and come back on the cluster; job ids
+are checked before they reach a shell or the Jobs API."""
+import json
+import shlex
+
+import pytest
+import yaml
+
+from jobs.manager import SECRETS_ENV, check_job_id, restore_secrets, split_secrets, submit
+
+PRESIGNED = ("https://bucket.s3.us-west-2.amazonaws.com/flights/a.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+             "&X-Amz-Credential=AKIAPRESIGNED%2F20260101%2Fus-west-2%2Fs3%2Faws4_request&X-Amz-Date=20260101T000000Z"
+             "&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Signature=0123456789abcdefSIGNATURE")
+SECRETS = ("AKIAPLANTED", "PLANTEDSECRET", "SESSIONTOKEN", "ACCOUNTKEY", "SASTOKEN", "SIGNATURE", "PLANTEDPASS")
+
+
+def nested_spec():
+    return {
+        "inputs": [PRESIGNED, "/data/local.mp4", "s3://bucket/flights/**.mp4"],
+        "output": "s3://results/flights",
+        "storage_options": {
+            "s3": {"key": "AKIAPLANTED", "secret": "PLANTEDSECRET", "token": "SESSIONTOKEN",
+                   "endpoint_url": "http://127.0.0.1:9000"},
+            "az": {"account_name": "acct", "account_key": "ACCOUNTKEY", "sas_token": "SASTOKEN"},
+            "s3://public-bucket/": {"anon": True},
+        },
+        "output_storage_options": {"s3": {"key": "AKIAPLANTED", "password": "PLANTEDPASS"}},
+        "sampling": {"every_n": 5},
+    }
+
+
+def env_of(secrets):
+    return {SECRETS_ENV: json.dumps(secrets)}
+
+
+def test_split_secrets_leaves_no_secret_in_the_spec_and_restore_gives_it_back():
+    spec = nested_spec()
+    redacted, secrets = split_secrets(spec)
+    text = yaml.safe_dump(redacted)
+    assert not [s for s in SECRETS if s in text]
+    assert redacted["storage_options"]["s3"]["key"] == "***"
+    assert redacted["storage_options"]["s3"]["endpoint_url"] == "http://127.0.0.1:9000"  # not a secret
+    assert redacted["storage_options"]["s3://public-bucket/"] == {"anon": True}
+    assert redacted["inputs"][1:] == spec["inputs"][1:] and redacted["output"] == spec["output"]
+    assert redacted["inputs"][0].startswith("https://bucket.s3.us-west-2.amazonaws.com/flights/a.mp4?")
+    assert ["inputs", 0] in [p for p, _ in secrets]
+    assert restore_secrets(redacted, env_of(secrets)) == spec
+    assert spec == nested_spec()  # neither call changes its argument
+
+
+def test_flat_legacy_options_round_trip():
+    spec = {"inputs": ["s3://b/v.mp4"], "output": "/tmp/out",
+            "storage_options": {"key": "AKIAPLANTED", "secret": "PLANTEDSECRET", "endpoint_url": "http://e:9000"}}
+    redacted, secrets = split_secrets(spec)
+    assert redacted["storage_options"] == {"key": "***", "secret": "***", "endpoint_url": "http://e:9000"}
+    assert sorted(p[-1] for p, _ in secrets) == ["key", "secret"]
+    assert restore_secrets(redacted, env_of(secrets)) == spec
+
+
+def test_a_spec_without_secrets_has_nothing_to_send():
+    spec = {"inputs": ["/data/a.mp4"], "output": "/tmp/out", "storage_options": {"s3": {"anon": True}}}
+    assert split_secrets(spec) == (spec, [])
+    assert restore_secrets(spec, {}) == spec
+
+
+def test_unfilled_storage_placeholders_are_dropped_so_credentials_come_from_the_environment():
+    spec = nested_spec()
+    spec["inputs"] = spec["inputs"][1:]
+    redacted, _ = split_secrets(spec)
+    restored = restore_secrets(redacted, {})
+    assert restored["storage_options"]["s3"] == {"endpoint_url": "http://127.0.0.1:9000"}
+    assert restored["storage_options"]["az"] == {"account_name": "acct"}
+    assert restored["output_storage_options"] == {"s3": {}}
+    assert "***" not in yaml.safe_dump(restored)
+
+
+def test_an_unfilled_presigned_input_is_refused_naming_it():
+    redacted, _ = split_secrets(nested_spec())
+    with pytest.raises(ValueError, match=r"inputs\[0\].*" + SECRETS_ENV):
+        restore_secrets(redacted, {})
+
+
+def test_a_secret_never_overwrites_a_real_value():
+    spec = {"inputs": ["/a.mp4"], "output": "/out", "storage_options": {"s3": {"key": "***", "profile": "p"}}}
+    env = env_of([[["storage_options", "s3", "profile"], "OTHER"], [["storage_options", "s3", "key"], "K"],
+                  [["storage_options", "gcs", "token"], "T"]])
+    assert restore_secrets(spec, env)["storage_options"] == {"s3": {"key": "K", "profile": "p"}}
+
+
+def test_malformed_secrets_variable_is_one_line_without_its_content():
+    spec = {"inputs": ["/a.mp4"], "output": "/out"}
+    with pytest.raises(ValueError) as e:
+        restore_secrets(spec, {SECRETS_ENV: '[["storage_options", "s3", "key"], "AKIAPLANTED"'})
+    assert SECRETS_ENV in str(e.value) and "AKIAPLANTED" not in str(e.value)
+    with pytest.raises(ValueError, match="pairs"):
+        restore_secrets(spec, {SECRETS_ENV: '{"key": "AKIAPLANTED"}'})
+
+
+@pytest.mark.parametrize("job_id", ["fpn-20261124-120000-ab12cd", "raysubmit_AbC123", "a", "x" * 128, "job.v2_1"])
+def test_valid_job_ids_pass_and_stay_one_shell_word(job_id):
+    assert check_job_id(job_id) == job_id
+    assert shlex.split(f"fpn run spec.yaml --job-id {shlex.quote(job_id)}")[-1] == job_id
+
+
+@pytest.mark.parametrize("job_id", ["", "x" * 129, "-rf", ".hidden", "a b", "a;touch /tmp/pwned", "$(id)", "a`id`",
+                                    "a\nb", "a/b", "ü"])
+def test_invalid_job_ids_are_refused_naming_them(job_id):
+    with pytest.raises(ValueError, match="job id") as e:
+        check_job_id(job_id)
+    assert repr(job_id) in str(e.value)
+
+
+def test_submit_refuses_a_bad_job_id_before_contacting_the_cluster(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"inputs": ["/data/a.mp4"], "output": str(tmp_path / "out")}))
+    with pytest.raises(ValueError, match="job id 'x; touch pwned'"):
+        submit(str(spec), address="http://127.0.0.1:9", job_id="x; touch pwned")
+
+
+def test_submit_refuses_more_secrets_than_one_environment_variable_holds(tmp_path):
+    spec = tmp_path / "job.yaml"
+    inputs = [PRESIGNED.replace("a.mp4", f"v{i}.mp4") for i in range(600)]
+    spec.write_text(yaml.safe_dump({"inputs": inputs, "output": str(tmp_path / "out")}))
+    with pytest.raises(ValueError, match="do not fit"):
+        submit(str(spec), address="http://127.0.0.1:9")
