@@ -1,25 +1,22 @@
-"""Exactly once under faults: the output's lease, killed drivers and actors, a failing S3 server, the same input
+"""Exactly once under faults: the output's lease, killed drivers and actors, the same input
 spelled three ways, settings that change frame ids, torn records. Every check reads the output with pyarrow
 alone, as a user's tools would."""
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
-import socketserver
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, SOAP, _free_port, index_frame
+from conftest import REPO, SOAP, index_frame
 from jobs.cli import cli
 from jobs.runner import run
 from jobs.spec import plan_from_dict
@@ -243,70 +240,3 @@ def test_torn_job_record_and_corrupt_parquet_give_one_line_and_a_way_out(ray_ses
     r = invoke("run", SOAP, "-o", out)
     assert r.exit_code == 0
     assert_once(frames(out), 1)
-
-
-# -- S3 answering 500s mid-job -----------------------------------------------------------------------------
-class _Flaky(http.server.BaseHTTPRequestHandler):
-    """A proxy in front of moto that answers every third request with 500 InternalError."""
-
-    upstream = ""
-    count = 0
-    failed = 0
-    lock = threading.Lock()
-
-    def _handle(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        with self.lock:
-            type(self).count += 1
-            fail = self.count % 3 == 0
-            type(self).failed += fail
-        if fail:
-            msg = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
-            self.send_response(500)
-            self.send_header("Content-Length", str(len(msg)))
-            self.end_headers()
-            self.wfile.write(msg)
-            return
-        req = urllib.request.Request(self.upstream + self.path, data=body if body else None, method=self.command,
-                                     headers={k: v for k, v in self.headers.items() if k.lower() not in ("host", "expect")})
-        try:
-            with urllib.request.urlopen(req) as r:
-                status, headers, data = r.status, r.headers, r.read()
-        except urllib.error.HTTPError as e:
-            status, headers, data = e.code, e.headers, e.read()
-        self.send_response(status)
-        for k, v in headers.items():
-            if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-    def log_message(self, *a):
-        pass
-
-
-def test_s3_answering_500s_mid_job_is_retried_and_every_frame_lands_once(ray_session, s3, make_video):
-    fs, endpoint = s3
-    video = make_video("flaky30.mp4", 30, 10.0)
-    fs.put(str(video), "test/in/clip.mp4")
-    fs.put(str(SOAP), "test/in/soap.png")
-    handler = type("H", (_Flaky,), {"upstream": endpoint, "count": 0, "failed": 0})
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", _free_port()), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    proxy = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        doc = run(plan_from_dict({"inputs": ["s3://test/in/"], "output": "s3://test/out",
-                                  "storage_options": {"s3": {"endpoint_url": proxy}},
-                                  "sampling": {"every_n": 3}, "segment_frames": 10}))
-    finally:
-        server.shutdown()
-    assert handler.failed > 5  # the faults really happened
-    assert doc["state"] == "succeeded", doc
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    t = pads.dataset("test/out/frames", filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet").to_table()
-    assert_once(t, 10 + 1)
