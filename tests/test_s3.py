@@ -25,7 +25,7 @@ def test_run_from_s3_to_s3_and_read_back(ray_session, s3, make_video):
         "output": "s3://test/out/job1", "storage_options": opts,
         "sampling": {"every_n": 5}, "segment_frames": 8,
     }))
-    assert doc["state"] == "succeeded" and doc["frames"] == 4 + 1 and doc["errors"] == 1
+    assert doc["state"] == "finished_with_errors" and doc["frames"] == 4 + 1 and doc["errors"] == 1
 
     # read back with pyarrow (through s3fs) ...
     pafs = PyFileSystem(FSSpecHandler(fs))
@@ -42,7 +42,8 @@ def test_run_from_s3_to_s3_and_read_back(ray_session, s3, make_video):
 
     # credentials never reach the outputs
     job = json.loads(fs.cat("test/out/job1/_job.json"))
-    assert job["spec"]["storage_options"]["secret"] == "***" and job["spec"]["storage_options"]["key"] == "***"
+    opts = job["spec"]["storage_options"]["s3"]  # a flat mapping means options for s3
+    assert opts["secret"] == "***" and opts["key"] == "***"
     assert "testing" not in fs.cat("test/out/job1/_job.json").decode()
     assert not [p for p in fs.find("test/out/job1") if "/." in p]  # no temporary objects left behind
 
