@@ -194,3 +194,52 @@ def test_cancel_then_resume_writes_every_frame_once(cluster, tmp_path):
     assert record["runs"] == 2 and record["skipped_frames"] >= partial
     code, text = fpn("list", "--address", cluster)
     assert job_id in text and new_id in text and "STOPPED" in text
+
+
+def _kill_worker_node(name: str = "node_worker_1") -> int:
+    """SIGKILL the raylet of the worker node with the custom resource `name`, and every process under it (its
+    workers, the detector actor there), as when that machine dies. Returns how many processes were killed."""
+    import psutil
+
+    raylets = [p for p in psutil.process_iter(["name", "cmdline"])
+               if "raylet" in (p.info["name"] or "") and name in " ".join(p.info["cmdline"] or [])]
+    assert len(raylets) == 1, raylets
+    victims = [raylets[0], *raylets[0].children(recursive=True)]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(victims)
+
+
+def test_a_worker_node_lost_mid_job_loses_no_frame(cluster, tmp_path):
+    """Runs last in this module: the cluster has one node less afterwards. The job finishes on the head (Ray
+    retries the lost tasks and restarts the detector actor there) or, where it fails, a resume completes it:
+    every frame once either way."""
+    from jobs.demo import write_video
+    from conftest import index_frame
+
+    video = tmp_path / "long.mp4"
+    total = 240
+    write_video((index_frame(i, 144, 192) for i in range(total)), video, 24.0)
+    out = tmp_path / "out"
+    code, text = fpn("submit", spec_file(tmp_path, [video], out), "--address", cluster)
+    job_id = text.split()[1]
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        row = json.loads(fpn("status", job_id, "--address", cluster, "--format", "json")[1])
+        if (row.get("frames_done") or 0) > 0 or row["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(0.5)
+    assert row["status"] == "RUNNING" and len(detector_nodes(cluster)) == 2
+    killed = _kill_worker_node()
+    row = wait_for(cluster, job_id, {"SUCCEEDED", "FAILED"}, timeout=600)
+    print(f"\nworker node lost: {killed} processes killed; job {row['status']}, {row.get('frames_done')} frames")
+    if row["status"] != "SUCCEEDED":
+        code, text = fpn("resume", job_id, "--address", cluster)
+        assert code == 0, text
+        row = wait_for(cluster, text.split()[3].rstrip(":"), {"SUCCEEDED", "FAILED"}, timeout=600)
+    assert row["status"] == "SUCCEEDED", row
+    t = frames(out)
+    assert sorted(t.column("frame_index").to_pylist()) == list(range(total))  # all, none twice

@@ -240,3 +240,17 @@ def test_torn_job_record_and_corrupt_parquet_give_one_line_and_a_way_out(ray_ses
     r = invoke("run", SOAP, "-o", out)
     assert r.exit_code == 0
     assert_once(frames(out), 1)
+
+
+def test_a_bad_ray_address_fails_in_seconds_with_one_line_and_leaves_nothing_running(tmp_path):
+    from conftest import _free_port
+
+    out, port = tmp_path / "out", _free_port()  # nothing listens there
+    t0 = time.monotonic()
+    r = invoke("run", SOAP, "-o", out, "--address", f"127.0.0.1:{port}")
+    assert r.exit_code == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in r.output, r.output
+    assert "Traceback" not in r.output and time.monotonic() - t0 < 60  # ray.init alone retries for minutes
+    job = out / "_job.json"
+    assert not job.exists() or json.loads(job.read_text())["state"] != "running"
+    r = invoke("status", out)
+    assert "running" not in r.output
