@@ -7,16 +7,24 @@ can submit the same spec again: the runner skips every frame already written.
 
 Secrets never travel in the working directory, the metadata or the entrypoint: anyone who can list
 jobs reads those. `split_secrets` takes out of a spec everything `pipeline.storage.redact` masks
-(storage option secrets, signatures of presigned input URLs) and leaves placeholders; the secrets travel as one environment variable of the job, `FPN_STORAGE_SECRETS`
-(`runtime_env={"env_vars": ...}`, which Ray's dashboard masks for browsers), and `restore_secrets`
-puts them back on the cluster before the spec is loaded. Residual exposure, Ray's own: the Jobs API
-returns the runtime env to authenticated SDK/CLI clients, and each node's runtime-env agent logs it
-(`logs/runtime_env_agent.log`, INFO). Whoever holds the cluster token can run code there anyway; for
-long-lived keys prefer credentials the cluster already has (instance roles, a Kubernetes Secret).
+(storage option secrets, signatures of presigned input URLs) and leaves placeholders; the secrets
+travel as one environment variable of the job, `FPN_STORAGE_SECRETS` (`runtime_env={"env_vars": ...}`),
+and `restore_secrets` puts them back on the cluster before the spec is loaded.
+
+Ray writes a job's runtime env, environment included, to each node's `logs/runtime_env_agent.log` (INFO,
+"Creating runtime env: ...") and returns it to Jobs API clients. So on a cluster with token auth (the
+default of Ray >= 2.52 and of this project's cluster files) the variable is sealed (Fernet, from the
+`cryptography` package) with a key derived from the cluster's auth token: the logs and the API hold
+ciphertext, and only processes that hold the token, the submitter and the job's driver, can open it.
+Whoever holds the token can run code on the cluster anyway. Without token auth the variable travels as
+plain JSON, and `submit` warns that the logs will hold it. For long-lived keys prefer credentials the
+cluster already has (instance roles, a Kubernetes Secret).
 """
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -120,10 +128,51 @@ def _placeholder_paths(value: Any, path: list):
         yield path
 
 
+_SEALED = "fernet:"
+
+
+def _cluster_token() -> str | None:
+    """The Ray auth token of this process's cluster (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token: Ray's precedence), read afresh each time (Ray's own loader caches the first it finds per
+    process), or None."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
+        token = path.read_text() if path.is_file() else None
+    return token.strip() or None if token else None
+
+
+def _fernet(token: str):
+    from cryptography.fernet import Fernet
+
+    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(b"fpn storage secrets\0" + token.encode()).digest()))
+
+
+def seal(text: str, token: str | None) -> str:
+    """`text` sealed with a key derived from the cluster token (as `fernet:...`), or unchanged without a token."""
+    return _SEALED + _fernet(token).encrypt(text.encode()).decode() if token else text
+
+
+def _unseal(raw: str) -> str:
+    if not raw.startswith(_SEALED):
+        return raw
+    from cryptography.fernet import InvalidToken
+
+    token = _cluster_token()
+    if not token:
+        raise ValueError(f"{SECRETS_ENV} is sealed with the cluster's auth token and this process has none "
+                         "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+    try:
+        return _fernet(token).decrypt(raw[len(_SEALED):].encode()).decode()
+    except InvalidToken:
+        raise ValueError(f"{SECRETS_ENV} was sealed with another auth token than this cluster's") from None
+
+
 def _secrets_from(env: Mapping[str, str]) -> list[list[Any]]:
     raw = env.get(SECRETS_ENV)
     if not raw:
         return []
+    raw = _unseal(raw)
     try:
         pairs = json.loads(raw)
     except json.JSONDecodeError:
@@ -160,13 +209,9 @@ def _dotted(path: list) -> str:
 # -- the Jobs API --------------------------------------------------------------------------------------
 
 def _auth_headers() -> dict[str, str]:
-    """Ray >= 2.52 clusters use token auth: send the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-    ~/.ray/auth_token) when there is one. Passed as a header because Ray reads RAY_AUTH_MODE only
-    once per process."""
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
-        token = path.read_text().strip() if path.is_file() else None
+    """Ray >= 2.52 clusters use token auth: send the token when there is one. Passed as a header because Ray
+    reads RAY_AUTH_MODE only once per process."""
+    token = _cluster_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -249,7 +294,11 @@ def _submit_spec(spec: dict, *, address: str | None, job_id: str | None = None,
     redacted, secrets = split_secrets(spec)
     runtime_env: dict[str, Any] = {}
     if secrets:
-        value = json.dumps(secrets)
+        token = _cluster_token()
+        if not token:
+            log.warning("the cluster has no auth token here: the job's storage secrets travel unsealed, and Ray "
+                        "writes them to each node's runtime_env_agent.log")
+        value = seal(json.dumps(secrets), token)
         if len(value.encode()) > _MAX_SECRETS_BYTES:
             raise ValueError(f"the spec's secrets ({len(secrets)} values, {len(value.encode())} bytes) do not fit "
                              f"in one environment variable (128 KiB): use storage credentials instead of that "

@@ -14,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import REPO, SOAP, _free_port
+from faulttable import record
 from jobs.cli import cli
 
 pytestmark = pytest.mark.slow
@@ -123,8 +124,8 @@ def test_submit_status_list_logs_on_two_nodes(cluster, cluster_dir, make_video, 
 
 
 def assert_no_planted_secret(address, cluster_dir, job_id, out):
-    """The storage keys reached the job through its environment alone: not its metadata, entrypoint,
-    logs, status, output files or the spec in its working directory."""
+    """The storage keys reached the job through its environment alone, sealed: not its metadata, entrypoint,
+    logs, status, output files, the spec in its working directory or any file of the cluster (Ray's logs)."""
     from jobs.manager import SECRETS_ENV, client
 
     info = client(address).get_job_info(job_id)
@@ -133,16 +134,20 @@ def assert_no_planted_secret(address, cluster_dir, job_id, out):
             "logs": fpn("logs", job_id, "--address", address)[1],
             "status": fpn("status", job_id, "--address", address, "--format", "json")[1],
             "list": fpn("list", "--address", address, "--format", "json")[1]}
-    for f in Path(out).rglob("*"):
-        if f.is_file():
+    assert info.runtime_env["env_vars"][SECRETS_ENV].startswith("fernet:")  # sealed with the cluster token
+    for f in [*Path(out).rglob("*"), *cluster_dir.rglob("*")]:  # the output; every node's logs, working dirs
+        if f.is_file() and not f.is_symlink() and not f.is_socket():
             seen[str(f)] = f.read_bytes().decode("latin-1")
-    specs = [f for f in cluster_dir.rglob("spec.yaml") if "working_dir" in str(f)]
+    specs = [f for f in seen if "working_dir" in f and f.endswith("spec.yaml")]
     assert specs, "no unpacked working dir found"
-    for f in specs:
-        seen[str(f)] = f.read_text()
+    assert any(f.endswith("runtime_env_agent.log") for f in seen), "no runtime env agent log found"
     assert "***" in seen["metadata"]  # the placeholders are there instead
-    for where, text in seen.items():
-        assert not [p for p in PLANTED if p in text], f"a planted secret leaked into {where}"
+    leaks = [(p, where) for where, text in seen.items() for p in PLANTED if p in text]
+    record("`fpn submit` with storage keys in the spec (2-node cluster)",
+           f"keys travel in the job's environment only, sealed; searched {len(seen)} places (metadata, entrypoint, "
+           "job logs, status, list, output, every file of the cluster's temp dir)",
+           expected=65, frames=frames(out), errors=0, secrets_found=len(leaks), exit_code=0)
+    assert not leaks, f"a planted secret leaked: {leaks}"
 
 
 def test_resume_of_a_running_job_is_refused(cluster, tmp_path):
@@ -236,10 +241,14 @@ def test_a_worker_node_lost_mid_job_loses_no_frame(cluster, tmp_path):
     killed = _kill_worker_node()
     row = wait_for(cluster, job_id, {"SUCCEEDED", "FAILED"}, timeout=600)
     print(f"\nworker node lost: {killed} processes killed; job {row['status']}, {row.get('frames_done')} frames")
+    first = row["status"]
     if row["status"] != "SUCCEEDED":
         code, text = fpn("resume", job_id, "--address", cluster)
         assert code == 0, text
         row = wait_for(cluster, text.split()[3].rstrip(":"), {"SUCCEEDED", "FAILED"}, timeout=600)
     assert row["status"] == "SUCCEEDED", row
     t = frames(out)
+    record("worker node of a 2-node cluster SIGKILLed mid-job (raylet and its workers)",
+           f"{first}: Ray re-ran lost tasks, restarted the detector on the head", expected=total, frames=t,
+           errors=0, exit_code=0)
     assert sorted(t.column("frame_index").to_pylist()) == list(range(total))  # all, none twice

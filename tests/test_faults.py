@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO, SOAP, index_frame
+from faulttable import record
 from jobs.cli import cli
 from jobs.runner import run
 from jobs.spec import plan_from_dict
@@ -89,6 +90,8 @@ def test_a_lease_holder_killed_with_sigkill_is_taken_over_after_its_timeout(wher
     try:
         assert lease.took_over["owner"] == "victim" and lease.took_over["pid"] == holder.pid
         assert Output(out).lease().holder()["owner"] == "second"
+        record(f"lease holder SIGKILLed ({where} output)", "refused while fresh; taken over after the timeout",
+               expected=None)
     finally:
         lease.release()
     assert Output(out).lease().holder() is None
@@ -105,6 +108,8 @@ def test_two_runs_into_one_output_one_is_refused_and_nothing_is_written_twice(ma
     refused = ta if a.returncode == 1 else tb
     assert "is being written by" in refused and "Traceback" not in refused
     assert_once(frames(out), 20)
+    record("two `fpn run`s into one output at once", "one runs (exit 0), the other is refused naming the holder",
+           expected=20, frames=frames(out), errors=0, exit_code=" / ".join(map(str, codes)))
 
 
 # -- killed driver, killed actor ------------------------------------------------------------------------
@@ -127,6 +132,9 @@ def test_driver_sigkilled_mid_job_reads_as_interrupted_and_resume_writes_every_f
     r = invoke("resume", out)
     assert r.exit_code == 0, r.output
     t = frames(out)
+    record("driver SIGKILLed mid-job, then `fpn resume`",
+           f"status `interrupted` (exit 4) with {written} frames; resume took the lease over and finished",
+           expected=160, frames=t, errors=0, exit_code=r.exit_code)
     assert_once(t, 160)
     assert sorted(t.column("frame_index").to_pylist()) == list(range(160))
     job = json.loads((out / "_job.json").read_text())
@@ -160,6 +168,8 @@ def test_detector_actor_sigkilled_mid_job_loses_no_frame(ray_session, tmp_path):
     th.join(600)
     assert killed, "no detector actor was seen alive while frames were being written"
     assert result["doc"]["state"] == "succeeded"
+    record("detector actor SIGKILLed mid-job", "Ray restarted the actor and re-ran its batches; succeeded",
+           expected=120, frames=frames(out), errors=result["doc"]["errors"], exit_code=0)
     assert_once(frames(out), 120)
 
 
@@ -174,6 +184,8 @@ def test_the_same_input_spelled_three_ways_adds_no_rows(ray_session, tmp_path, m
         doc = run(plan_from_dict({"inputs": [spelling], "output": str(out)}))
         assert doc["state"] == "succeeded"
     t = frames(out)
+    record("one image spelled 4 ways (vids/x, ./vids/x, vids/, vids//x), 4 runs", "one canonical frame id; "
+           "reruns skip it", expected=1, frames=t, errors=0, exit_code=0)
     assert_once(t, 1)
     assert t.column("source").to_pylist() == [str(vids / "soap.png")]
     assert doc["skipped_frames"] == 1
@@ -186,6 +198,8 @@ def test_a_rerun_with_settings_that_change_frame_ids_is_refused_naming_them(ray_
     assert r.exit_code == 1 and "tile.size 512 -> 256" in r.output and "score_thresh" in r.output, r.output
     assert "Traceback" not in r.output
     assert json.loads((out / "_job.json").read_text())["state"] == "succeeded"  # untouched
+    record("rerun with other tile size and score threshold", "refused before any work, naming each difference",
+           expected=1, frames=frames(out), errors=0, exit_code=r.exit_code)
 
 
 def test_a_changed_source_is_an_error_row_on_resume(ray_session, make_video, tmp_path):
@@ -198,6 +212,8 @@ def test_a_changed_source_is_an_error_row_on_resume(ray_session, make_video, tmp
     e = errors(out)
     assert doc["state"] == "finished_with_errors" and e.column("error_type").to_pylist() == ["SourceChanged"]
     assert "changed since run 1" in e.column("message")[0].as_py()
+    record("source video replaced (12 -> 20 frames) before a rerun", "SourceChanged error row; old frames kept",
+           expected=12, frames=frames(out), errors=e.num_rows, exit_code=3)
     assert_once(frames(out), 12)
 
 
@@ -210,6 +226,8 @@ def test_error_rows_fixed_by_a_resume_disappear(ray_session, make_video, tmp_pat
     src.write_bytes(SOAP.read_bytes())  # changed, but the output holds no frame of its old version
     doc = run(plan_from_dict({"inputs": [str(src), str(SOAP)], "output": str(out)}))
     assert doc["state"] == "succeeded" and doc["errors"] == 0 and errors(out) is None
+    record("empty image fixed before a rerun", "its error row is gone; the frame written once", expected=2,
+           frames=frames(out), errors=0, exit_code=0)
     assert_once(frames(out), 2)
 
 
@@ -221,6 +239,10 @@ def test_outcomes_and_exit_codes(ray_session, tmp_path):
     assert r.exit_code == 1 and "failed: 0 frames, 0 detections, 1 errors" in r.output, r.output
     r = invoke("run", bad, SOAP, "-o", tmp_path / "b")
     assert r.exit_code == 3 and "finished with errors: 1 frames" in r.output, r.output
+    record("the only input is an empty .mp4", "failed: 0 frames, 1 error row", expected=0, written=0,
+           duplicates=0, errors=1, exit_code=1)
+    record("an empty .mp4 beside a good image", "finished with errors", expected=1, frames=frames(tmp_path / "b"),
+           errors=errors(tmp_path / "b").num_rows, exit_code=r.exit_code)
     r = invoke("status", tmp_path / "b")
     assert r.exit_code == 3 and "finished with errors" in r.output
 
@@ -239,6 +261,8 @@ def test_torn_job_record_and_corrupt_parquet_give_one_line_and_a_way_out(ray_ses
     (out / "frames" / "part-broken.parquet").unlink()
     r = invoke("run", SOAP, "-o", out)
     assert r.exit_code == 0
+    record("torn _job.json; a corrupt Parquet file in frames/", "one line each naming the file and the way out "
+           "(exit 1); after that, a rerun adds nothing", expected=1, frames=frames(out), errors=0, exit_code=1)
     assert_once(frames(out), 1)
 
 
@@ -254,3 +278,5 @@ def test_a_bad_ray_address_fails_in_seconds_with_one_line_and_leaves_nothing_run
     assert not job.exists() or json.loads(job.read_text())["state"] != "running"
     r = invoke("status", out)
     assert "running" not in r.output
+    record("unreachable Ray address", "one line naming it, in seconds; no job record left `running`", expected=0,
+           written=0, duplicates=0, errors=0, exit_code=1)

@@ -165,6 +165,11 @@ def test_hung_or_crashed_decoder_costs_one_error_row_and_the_job_finishes(ray_se
     assert (row["stage"], row["error_type"], row["frame_index"]) == ("decode", error_type, 6)
     assert name in row["source"] and name in row["message"] and "[6, 12)" in row["message"] and says in row["message"]
     assert doc["frames"] == 20 and doc["errors"] == 1 and doc["state"] != "failed"
+    from faulttable import record
+
+    record(f"decoder {'hangs' if 'hang' in name else 'segfaults'} on frame 8 of one of 2 videos",
+           f"retried once in a fresh process, then one {error_type} error row; the job finished",
+           expected=20, frames=frames, errors=errors.num_rows, exit_code=3)
 
 
 # -- detection: a frame that breaks the detector ------------------------------------------------------------------
@@ -218,6 +223,10 @@ def test_detector_leaves_out_a_failing_frame_as_an_error_row_and_keeps_the_rest(
     errors = read_table(tmp_path / "errors").to_pylist()
     assert [(e["stage"], e["frame_index"], e["error_type"], e["message"]) for e in errors] == [
         ("detect", 3, "ValueError", "cannot read this frame")]
+    from faulttable import record
+
+    record("detector: out of memory above 2 frames, and raises on 1 of 5 frames", "batch halved on OOM, then frame "
+           "by frame; 1 detect error row", expected=4, frames=table, errors=len(errors), exit_code=None)
     assert errors[0]["source"] == str(SOAP)
 
 

@@ -123,3 +123,36 @@ def test_submit_refuses_more_secrets_than_one_environment_variable_holds(tmp_pat
     spec.write_text(yaml.safe_dump({"inputs": inputs, "output": str(tmp_path / "out")}))
     with pytest.raises(ValueError, match="do not fit"):
         submit(str(spec), address="http://127.0.0.1:9")
+
+
+def test_secrets_are_sealed_with_the_cluster_token_and_open_only_with_it(tmp_path, monkeypatch):
+    """Ray logs a job's environment on every node (runtime_env_agent.log): with token auth the variable is
+    ciphertext there, and a process with another token, or none, gets one line instead of the secrets."""
+    from jobs.manager import _cluster_token, seal
+
+    def use_token(token):
+        for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
+        if token:
+            monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+
+    spec = nested_spec()
+    redacted, secrets = split_secrets(spec)
+    use_token("a" * 32)
+    assert _cluster_token() == "a" * 32
+    sealed = seal(json.dumps(secrets), _cluster_token())
+    assert sealed.startswith("fernet:") and not [s for s in SECRETS if s in sealed]
+    assert restore_secrets(redacted, {SECRETS_ENV: sealed}) == spec
+    use_token("b" * 32)
+    with pytest.raises(ValueError, match="sealed with another auth token"):
+        restore_secrets(redacted, {SECRETS_ENV: sealed})
+    use_token(None)
+    assert _cluster_token() is None
+    with pytest.raises(ValueError, match="sealed with the cluster's auth token and this process has none"):
+        restore_secrets(redacted, {SECRETS_ENV: sealed})
+    assert seal("plain", None) == "plain"  # no token auth: unsealed (submit warns)
+    token_file = tmp_path / "token"
+    token_file.write_text("c" * 32 + "\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert _cluster_token() == "c" * 32

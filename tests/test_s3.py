@@ -12,6 +12,7 @@ import pytest
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from conftest import SOAP
+from faulttable import record
 from jobs.runner import run
 from jobs.spec import plan_from_dict
 
@@ -89,6 +90,7 @@ def test_s3_answering_500s_or_restarting_mid_job_loses_and_repeats_no_frame(ray_
     assert proxy.faulted > before, "the fault hit no request: the test proved nothing"
     print(f"\nS3 fault {mode}: {proxy.faulted - before} connections faulted; first run {result.get('state')}, "
           f"{result.get('frames')} frames, {result.get('errors')} errors")
+    first = result.get("state")
     if result.get("state") != "succeeded":  # retries ran out somewhere: the errors say where, a resume fixes it
         assert result["state"] in ("finished_with_errors", "failed"), result
         result = run(plan_from_dict(spec))
@@ -96,7 +98,11 @@ def test_s3_answering_500s_or_restarting_mid_job_loses_and_repeats_no_frame(ray_
     assert result["state"] == "succeeded" and result["errors"] == 0, result
     fs.invalidate_cache()
     pafs = PyFileSystem(FSSpecHandler(fs))
-    assert_once(pads.dataset("test/out/faulty/frames", filesystem=pafs, format="parquet").to_table(), 80)
+    t = pads.dataset("test/out/faulty/frames", filesystem=pafs, format="parquet").to_table()
+    record(f"S3 server {'answers 500' if mode == '500' else 'restarts (connections cut, refused)'} for 3 s mid-job",
+           f"{first} ({proxy.faulted - before} connections faulted, retried)", expected=80, frames=t,
+           errors=result["errors"], exit_code=0)
+    assert_once(t, 80)
     assert not fs.glob("test/out/faulty/_tmp/**")
 
 
@@ -193,6 +199,10 @@ def test_a_job_mixing_s3_http_and_local_inputs_with_options_for_each_leaks_no_se
             seen[str(f)] = f.read_bytes().decode("latin-1")
     assert any("/logs/" in k for k in seen), "no Ray log was found to search"
     leaks = {(what, where) for where, text in seen.items() for what, s in SECRETS.items() if s in text}
+    record("inputs on s3 (own keys), http (bearer token, presigned-style query) and local; output on s3 (other "
+           "keys); 1 broken http input", f"finished with errors; {len(SECRETS)} planted secrets searched in "
+           f"{len(seen)} files, logs and printed output", expected=9, frames=t, errors=e.num_rows,
+           secrets_found=len(leaks), exit_code=p.returncode)
     assert not leaks, leaks
     import shutil
 
