@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv chromium demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,18 +13,26 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# headless Chromium for the report's browser test (Debian's package; the tests themselves run without network)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; } \
+		|| echo "chromium could not be installed: tests/test_report.py's browser tests will be skipped"
+
 demo: venv
 	$(VENV)/bin/fpn demo --output demo-output
 
-test: venv
+test: venv chromium
 	scripts/loopback-only $(PY) -m pytest -q
 
-test-fast: venv
+test-fast: venv chromium
 	scripts/loopback-only $(PY) -m pytest -q -m "not slow"
 
 bench: venv
 	$(PY) benchmarks/neck_cost.py
 	$(PY) benchmarks/video_memory.py
+	$(PY) benchmarks/report_scale.py
+	$(PY) benchmarks/throughput.py
 
 clean:
 	rm -rf demo-output .pytest_cache

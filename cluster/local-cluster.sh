@@ -7,6 +7,8 @@
 #   cluster/local-cluster.sh stop  [--dir DIR]
 #
 # Every node gets the custom resource node_head or node_worker_K, so work can be pinned or checked.
+# Worker processes take ports 20000-20999 (head) and 21000+1000K.. (worker K): below Linux's ephemeral range
+# (32768-60999), where free ports for --port/--dashboard-port and the agents (dashboard port + 100 + K) come from.
 # Ray binds to the machine's interface address when it has one; run this inside a network namespace
 # with only loopback (scripts/loopback-only bash) to keep all traffic on 127.0.0.1.
 # Token auth (Ray >= 2.52) is on: clients need RAY_AUTH_MODE=token and ~/.ray/auth_token.
@@ -41,12 +43,12 @@ case "$cmd" in
     mkdir -p "$dir"
     "$RAY" start --head --node-ip-address 127.0.0.1 --port "$port" --dashboard-host 127.0.0.1 \
       --dashboard-port "$dash" --num-cpus "$head_cpus" --num-gpus 0 --temp-dir "$dir" \
-      --resources '{"node_head": 1}' --min-worker-port 31000 --max-worker-port 31999 \
+      --resources '{"node_head": 1}' --min-worker-port 20000 --max-worker-port 20999 \
       --ray-client-server-port $((port + 1)) --dashboard-agent-listen-port $((dash + 100)) >"$dir/head.log" 2>&1
     for k in $(seq 1 "$workers"); do
       "$RAY" start --address "127.0.0.1:$port" --node-ip-address 127.0.0.1 --num-cpus "$worker_cpus" \
         --num-gpus "$worker_gpus" --resources "$(merge "$worker_resources" "{\"node_worker_$k\": 1}")" \
-        --min-worker-port $((32000 + 1000 * k)) --max-worker-port $((32999 + 1000 * k)) \
+        --min-worker-port $((21000 + 1000 * k)) --max-worker-port $((21999 + 1000 * k)) \
         --dashboard-agent-listen-port $((dash + 100 + k)) >"$dir/worker-$k.log" 2>&1
     done
     echo "head 127.0.0.1:$port, dashboard http://127.0.0.1:$dash, $workers worker(s); logs in $dir"

@@ -2,8 +2,9 @@
 
 `Predictor` is what the pipeline's detector actors and `fpn eval` call: it takes uint8 HWC frames,
 moves them to the device as uint8, converts and normalises there, cuts large frames into tiles,
-runs all tiles of all frames of the batch through the model in one forward pass (or a few, at most
-`max_batch` images each), and maps detections back to frame pixels.
+runs the tiles of all frames of the batch through the model, one forward pass per image shape (at most
+`max_batch` images each: a frame's detections do not depend on its batch mates), and maps detections back
+to frame pixels.
 """
 from __future__ import annotations
 
@@ -91,10 +92,18 @@ class Predictor:
             for x0, y0, x1, y1 in plan_tiles(h, w, self.tile.size, self.tile.overlap):
                 images.append(t[:, y0:y1, x0:x1])
                 owners.append((f, x0, y0))
-        outputs: list[dict[str, Tensor]] = []
+        # one shape per forward pass: the model pads a batch to its largest image, and padding changes what
+        # normalisation sees (GroupNorm statistics), so a frame's detections would depend on its batch mates
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(tuple(im.shape), []).append(i)
+        outputs: list[dict[str, Tensor]] = [{}] * len(images)
         with self._autocast():
-            for i in range(0, len(images), self.max_batch):
-                outputs.extend(self.model(images[i:i + self.max_batch]))
+            for members in by_shape.values():
+                for k in range(0, len(members), self.max_batch):
+                    chunk = members[k:k + self.max_batch]
+                    for i, out in zip(chunk, self.model([images[i] for i in chunk])):
+                        outputs[i] = out
         return self._collect(len(frames), owners, outputs, [tuple(np.shape(fr)[:2]) for fr in frames])
 
     def _collect(self, n: int, owners, outputs, sizes) -> list[Detections]:

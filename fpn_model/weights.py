@@ -7,6 +7,15 @@ to the model's dtype on load.
 
 torchvision's COCO detectors (pickled state dicts) are imported with `torch.load(weights_only=True)`,
 which refuses any pickle that would execute code, and renamed onto our modules.
+
+A checkpoint records what its input pixels were (`InputSpec`, metadata key `input`): band order by common
+name, how raster values were scaled to 0..255, and the ground sample distance of its training imagery. A
+checkpoint that records none expects RGB uint8 at an unknown GSD (no resampling).
+
+A model reference of the form `path/to/file.py:Class` is a model plugin: a class with `config` (ModelConfig),
+`input` (InputSpec, optional) and `__init__(config)`, called like a torchvision detector (a list of `[3, H, W]`
+float images in 0..1 -> a list of dicts with boxes, scores, labels, levels). It runs code by design (the user's
+own model, as a video backend plugin does); checkpoints never do.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import json
 import os
 import pickle
 import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +38,8 @@ from .detectors import build_detector
 
 __all__ = [
     "save_checkpoint", "load_checkpoint", "read_config", "file_sha256", "TORCHVISION_MODELS",
-    "import_torchvision", "torchvision_to_ours", "CheckpointError",
+    "import_torchvision", "torchvision_to_ours", "CheckpointError", "InputSpec", "read_input_spec",
+    "is_plugin", "model_file",
 ]
 
 FORMAT = "fpn-pipeline/1"
@@ -36,6 +47,61 @@ FORMAT = "fpn-pipeline/1"
 
 class CheckpointError(ValueError):
     """A file that is not a usable checkpoint (wrong format, unsafe pickle, mismatched weights)."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects of its input pixels.
+
+    bands: common band names in the order of the model's channels (`red`, `green`, `blue`, `nir`, ...).
+    value_range: raster values mapped linearly onto 0..255 (e.g. `(0, 3000)` for reflectance x 10^4);
+        None: a display stretch of each raster (and uint8 rasters as they are).
+    gsd_m: ground sample distance of the training imagery in metres per pixel; None: unknown (no resampling).
+    """
+
+    bands: tuple[str, ...] = ("red", "green", "blue")
+    value_range: tuple[float, float] | None = None
+    gsd_m: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.bands or not all(isinstance(b, str) and b for b in self.bands):
+            raise ValueError(f"input.bands must be band names, got {self.bands!r}")
+        if self.value_range is not None and not (len(self.value_range) == 2 and self.value_range[0] < self.value_range[1]):
+            raise ValueError(f"input.value_range must be [low, high] with low < high, got {self.value_range!r}")
+        if self.gsd_m is not None and not self.gsd_m > 0:
+            raise ValueError(f"input.gsd_m must be > 0, got {self.gsd_m!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
+        unknown = set(d) - {"bands", "value_range", "gsd_m"}
+        if unknown:
+            raise ValueError(f"input.{sorted(unknown)[0]}: unknown field")
+        vr = d.get("value_range")
+        return cls(bands=tuple(d.get("bands", cls.bands)), value_range=tuple(vr) if vr is not None else None,
+                   gsd_m=d.get("gsd_m"))
+
+
+def is_plugin(ref: str | os.PathLike) -> bool:
+    """Whether a model reference names a plugin class (`path/to/file.py:Class`)."""
+    return ".py:" in str(ref)
+
+
+def model_file(ref: str | os.PathLike) -> Path:
+    """The file a model reference lives in: the checkpoint, or a plugin's `.py` file."""
+    return Path(str(ref).rpartition(":")[0]) if is_plugin(ref) else Path(ref)
+
+
+def _plugin_class(ref: str | os.PathLike) -> type:
+    import runpy
+
+    file, _, name = str(ref).rpartition(":")
+    try:
+        cls = runpy.run_path(file)[name]
+        if not isinstance(cls.config, ModelConfig):
+            raise TypeError(f"{name}.config is a {type(cls.config).__name__}, not a ModelConfig")
+    except (OSError, KeyError, AttributeError, TypeError, SyntaxError) as e:
+        raise CheckpointError(f"model plugin {ref} cannot be loaded ({type(e).__name__}: {e})") from e
+    return cls
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -47,8 +113,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write `model` (built by `build_detector`) with its config to `path` (safetensors)."""
+                    extra: dict[str, Any] | None = None, input: InputSpec | None = None) -> Path:
+    """Write `model` (built by `build_detector`) with its config (and what its input pixels were) to `path`."""
     cfg: ModelConfig = model.config
     tensors = {}
     for k, v in model.state_dict().items():
@@ -57,6 +123,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.d
             v = v.to(dtype)
         tensors[k] = v.contiguous()
     meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "extra": json.dumps(extra or {})}
+    if input is not None:
+        meta["input"] = json.dumps(asdict(input))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -81,9 +149,30 @@ def _metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
-    """The model config and extra metadata of a checkpoint, without loading the weights."""
+    """The model config and extra metadata of a checkpoint (or plugin), without loading the weights."""
+    if is_plugin(path):
+        cls = _plugin_class(path)
+        return cls.config, dict(getattr(cls, "extra", {}))
     meta = _metadata(path)
     return ModelConfig.from_dict(json.loads(meta["config"])), json.loads(meta.get("extra", "{}"))
+
+
+def read_input_spec(path: str | os.PathLike) -> InputSpec:
+    """What the checkpoint (or plugin) at `path` expects of its input pixels, checked against its config (one
+    channel per band); a checkpoint that records nothing expects RGB uint8. Raises CheckpointError."""
+    if is_plugin(path):
+        cfg, spec = _plugin_class(path).config, getattr(_plugin_class(path), "input", InputSpec())
+    else:
+        meta = _metadata(path)
+        cfg = ModelConfig.from_dict(json.loads(meta["config"]))
+        try:
+            spec = InputSpec.from_dict(json.loads(meta["input"])) if "input" in meta else InputSpec()
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: its input metadata is not usable ({e})") from e
+    if len(spec.bands) != len(cfg.image_mean):
+        raise CheckpointError(f"{path}: records {len(spec.bands)} input bands {list(spec.bands)} for a model of "
+                              f"{len(cfg.image_mean)} channels")
+    return spec
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
@@ -93,6 +182,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     cfg, _ = read_config(path)
     if overrides:
         cfg = cfg.replace(**overrides)
+    if is_plugin(path):
+        return _plugin_class(path)(cfg).to(map_location).eval()
     model = build_detector(cfg)
     state = load_file(str(path), device=str(map_location))
     _load_strict(model, state, str(path))

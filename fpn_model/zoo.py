@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .weights import file_sha256
+from .weights import file_sha256, is_plugin, model_file
 
 __all__ = ["ZOO_DIR", "DEFAULT_MODEL", "bundled", "resolve", "model_id"]
 
@@ -21,19 +21,21 @@ def bundled() -> dict[str, Path]:
 
 
 def resolve(name_or_path: str) -> Path:
-    """Local path of a zoo name or an existing checkpoint file; FileNotFoundError otherwise."""
+    """Local path of a zoo name, an existing checkpoint file or a model plugin (`file.py:Class`, its file made
+    absolute); FileNotFoundError otherwise."""
     zoo = bundled()
     if name_or_path in zoo:
         return zoo[name_or_path]
-    p = Path(os.path.expanduser(name_or_path))
+    p = model_file(os.path.expanduser(name_or_path))
     if p.is_file():
-        return p.resolve()
+        return Path(f"{p.resolve()}:{name_or_path.rpartition(':')[2]}") if is_plugin(name_or_path) else p.resolve()
     raise FileNotFoundError(
         f"model {name_or_path!r}: neither a bundled model ({', '.join(zoo) or 'none'}) nor an existing file"
     )
 
 
 def model_id(path: Path) -> tuple[str, str]:
-    """(`name@sha256-prefix`, full sha256) identifying a checkpoint in outputs."""
-    digest = file_sha256(path)
-    return f"{path.name.split('.')[0]}@{digest[:12]}", digest
+    """(`name@sha256-prefix`, full sha256) identifying a checkpoint (or a plugin by its file) in outputs."""
+    digest = file_sha256(model_file(path))
+    name = str(path).rpartition(":")[2] if is_plugin(path) else path.name.split(".")[0]
+    return f"{name}@{digest[:12]}", digest

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from functools import wraps
 from pathlib import Path
@@ -22,17 +23,23 @@ def _fail_cleanly(fn):
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        from fpn_model.weights import CheckpointError
         from pipeline.output import OutputBusyError
         from pipeline.storage import redact_text
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, PermissionError, CheckpointError, LookupError, ConnectionError,
-                OutputBusyError, TimeoutError) as e:
+        except (ValueError, FileNotFoundError, PermissionError, LookupError, ConnectionError, OutputBusyError,
+                TimeoutError, *_checkpoint_error()) as e:
             raise click.ClickException(redact_text(str(e))) from e
 
     return wrapper
+
+
+def _checkpoint_error() -> tuple[type, ...]:
+    """fpn_model.weights.CheckpointError when that module is loaded: it imports torch (4 s, 800 MB here), which
+    commands that never load a model (status, query, report) should not pay; unloaded, none was raised."""
+    weights = sys.modules.get("fpn_model.weights")
+    return (weights.CheckpointError,) if weights else ()
 
 
 def _emit(rows: list[dict], fmt: str, columns: list[str]) -> None:
@@ -87,6 +94,23 @@ def _storage_flags(endpoint_url=None, profile=None, anon=False) -> dict[str, Any
     return flags
 
 
+def storage_flags(fn):
+    """`--endpoint-url`, `--profile` and `--anon`, as `run` takes them: one decorator for every command that
+    reads outputs or sources (`status`, `report`, `render`: read-only, so `--anon` applies to outputs too)."""
+    for option in reversed([
+        click.option("--endpoint-url", help="S3-compatible endpoint URL for s3:// inputs and outputs."),
+        click.option("--profile", help="AWS profile for s3:// access."),
+        click.option("--anon", is_flag=True, help="Anonymous access to public buckets."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _read_options(endpoint_url=None, profile=None, anon=False) -> dict[str, Any] | None:
+    """Storage options (per protocol) for a command that only reads, from the storage flags."""
+    return _storage_flags(endpoint_url, profile, anon).get("storage_options")
+
+
 def _print_summary(doc: dict) -> None:
     state = doc["state"].replace("_", " ")
     click.echo(
@@ -97,9 +121,28 @@ def _print_summary(doc: dict) -> None:
     )
     out = doc["spec"]["output"]
     click.echo(f"output: {out}")
+    rasters = doc.get("rasters") or {}
+    for src, r in (rasters.get("georeferenced") or {}).items():
+        click.echo(f"raster {src}: {r['crs']}, {r['gsd_m']:g} m/pixel read at {r['scale']:g}x, {r['windows']} windows"
+                   + (f" ({doc['nodata_windows']} all nodata, skipped)" if doc.get("nodata_windows") else ""))
+    if rasters.get("pixel_coordinates_only"):
+        click.echo(f"rasters without a georeference (pixel coordinates only): {len(rasters['pixel_coordinates_only'])}")
     if doc.get("errors"):
         click.echo(f"errors: fpn query {out} \"SELECT source, stage, error_type, message FROM errors\"")
     click.echo(f"query it: fpn query {out} \"SELECT count(*) FROM detections\"")
+
+
+def _progress(output: str, storage_options: dict | None = None):
+    """One progress bar over a local run writing `output`, instead of Ray Data's operator lines; `fpn -v` keeps
+    those (and shows no bar)."""
+    import contextlib
+
+    from jobs.progress import RunProgress, quiet_ray_data
+
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        return contextlib.nullcontext()
+    quiet_ray_data()
+    return RunProgress(output, storage_options)
 
 
 def _run_and_exit(plan, **kwargs) -> None:
@@ -108,7 +151,8 @@ def _run_and_exit(plan, **kwargs) -> None:
     from pipeline.output import EXIT_CODES
 
     try:
-        doc = run_plan(plan, **kwargs)
+        with _progress(plan.output, plan.output_options):
+            doc = run_plan(plan, **kwargs)
     except KeyboardInterrupt:
         click.echo(f"\ncancelled: what was written stays; continue with: fpn resume {plan.output}", err=True)
         sys.exit(EXIT_CODES["cancelled"])
@@ -137,15 +181,22 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--video-backend", help="Video decoder: decord (default), pyav, or module:Class of your own.")
 @click.option("--decode-timeout", "decode_timeout_s", type=float,
               help="Seconds to wait for the next decoded batch before a decoder counts as hung.  [default: 300]")
-@click.option("--endpoint-url", help="S3-compatible endpoint URL for s3:// inputs and outputs.")
-@click.option("--profile", help="AWS profile for s3:// access.")
-@click.option("--anon", is_flag=True, help="Anonymous access to public buckets.")
+@storage_flags
+@click.option("--bands", help="Raster bands (1-based) in the model's channel order, e.g. 4,3,2; or STAC band "
+              "assets to combine, e.g. B04,B03,B02.")
+@click.option("--stretch", help="Raster values onto 0..255: percentiles LOW,HIGH (default 2,98) or a fixed range "
+              "min:MIN,MAX, once per raster.")
+@click.option("--gsd", type=float, help="Resample georeferenced rasters to this many metres per pixel "
+              "[default: the model's training GSD].")
+@click.option("--no-resample", is_flag=True, help="Read rasters at their own resolution.")
+@click.option("--aoi", help="Area of interest: minx,miny,maxx,maxy in EPSG:4326, or a GeoJSON file (its CRS: "
+              "EPSG:4326); only raster windows meeting it are read.")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join (default: embedded local Ray).")
 @click.option("--job-id", help="Id recorded in OUTPUT/_job.json (set by fpn submit).")
 @_fail_cleanly
 def run(inputs, output, model, batch_size, every_n, fps, start_s, end_s, tile, tile_overlap, no_tile, score_thresh,
         scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, video_backend, decode_timeout_s, endpoint_url,
-        profile, anon, address, job_id):
+        profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
     """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
 
     INPUTS are files, directories, globs, s3:// or other fsspec URLs, manifests (one URI a line),
@@ -163,6 +214,7 @@ def run(inputs, output, model, batch_size, every_n, fps, start_s, end_s, tile, t
                                       cpus_per_detector=cpus_per_detector),
                        tile=dict(size=tile, overlap=tile_overlap), no_tile=no_tile)
     flags.update(_storage_flags(endpoint_url, profile, anon))
+    flags.update(_raster_flags(bands, stretch, gsd, no_resample, aoi))
     if len(inputs) == 1 and inputs[0].endswith((".yaml", ".yml")):
         from jobs.manager import restore_secrets  # secrets of a submitted spec travel in the job's environment
 
@@ -173,6 +225,39 @@ def run(inputs, output, model, batch_size, every_n, fps, start_s, end_s, tile, t
         plan = plan_from_dict({"inputs": list(inputs), **flags})
     click.echo(f"running {plan.model_id} over {len(plan.inputs)} input(s) -> {plan.output}", err=True)
     _run_and_exit(plan, address=address, job_id=job_id)
+
+
+def _numbers(flag: str, text: str, kind=float) -> list:
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=flag) from None
+
+
+def _raster_flags(bands, stretch, gsd, no_resample, aoi) -> dict[str, Any]:
+    """Spec fields of the raster flags the user gave (`--stretch min:0,3000` is `stretch: {min: 0, max: 3000}`)."""
+    flags: dict[str, Any] = {}
+    if bands:  # band numbers, or STAC asset keys to combine
+        flags["bands"] = _numbers("--bands", bands, int) if bands.replace(",", "").isdigit() else bands.split(",")
+    if stretch:
+        fixed = stretch.startswith("min:")
+        v = _numbers("--stretch", stretch[4:] if fixed else stretch)
+        if len(v) != 2:
+            raise click.BadParameter("give two numbers", param_hint="--stretch")
+        flags["stretch"] = {"min": v[0], "max": v[1]} if fixed else {"percentiles": v}
+    if gsd is not None:
+        flags["gsd"] = gsd
+    if no_resample:
+        flags["resample"] = False
+    if aoi:
+        if os.path.isfile(aoi):
+            with open(aoi) as f:
+                g = json.load(f)
+            g = g["features"][0]["geometry"] if g.get("type") == "FeatureCollection" else g.get("geometry", g)
+            flags["aoi"] = {"geometry": g, "crs": "EPSG:4326"}
+        else:
+            flags["aoi"] = {"bbox": _numbers("--aoi", aoi), "crs": "EPSG:4326"}
+    return flags
 
 
 def _run_flags(*, tile, no_tile, **fields) -> dict[str, Any]:
@@ -238,21 +323,23 @@ def _is_output(target: str) -> bool:
 
 @cli.command()
 @click.argument("target")
-@click.option("--endpoint-url", help="S3-compatible endpoint for an s3:// OUTPUT.")
+@storage_flags
 @address_option
 @format_option
 @_fail_cleanly
-def status(target, endpoint_url, address, fmt):
+def status(target, endpoint_url, profile, anon, address, fmt):
     """State and progress of a job: frames done / planned, frames/s, errors, ETA.
 
     TARGET is a submitted job's id (asks the --address cluster) or an OUTPUT directory/URL (reads it). The exit
     code follows the state: 0 running or succeeded, 1 failed, 3 finished with errors, 4 interrupted (the writer
-    vanished: fpn resume continues), 130 cancelled. Example: fpn status fpn-20261124-120000-ab12cd
+    vanished: fpn resume continues), 130 cancelled.
+
+    Example: fpn status fpn-20261124-120000-ab12cd; fpn status s3://bucket/out --endpoint-url http://127.0.0.1:9000
     """
     from pipeline.output import EXIT_CODES, Output
 
     if _is_output(target):
-        row = {"output": target, **Output(target, _storage_flags(endpoint_url).get("storage_options")).progress()}
+        row = {"output": target, **Output(target, _read_options(endpoint_url, profile, anon)).progress()}
     else:
         from jobs.manager import job_status
 
@@ -371,6 +458,35 @@ def query(output, sql, fmt, endpoint_url):
 
     cols, rows = run_query(output, sql, _storage_flags(endpoint_url).get("storage_options"))
     _emit([dict(zip(cols, r)) for r in rows], fmt, cols)
+
+
+@cli.command()
+@click.argument("output")
+@click.option("-o", "--out", "dest", required=True, help="File (path or URL) to write.")
+@click.option("--format", "fmt", type=click.Choice(["geoparquet", "geojson", "coco", "csv"]), default="geoparquet",
+              show_default=True)
+@click.option("--min-score", type=float, default=0.0, show_default=True, help="Leave out detections scoring below.")
+@click.option("--crs", help="Reproject map geometries to this CRS (e.g. EPSG:3857); GeoJSON is always EPSG:4326.")
+@click.option("--dedup", "dedup_iou", type=float,
+              help="Merge detections of overlapping scenes whose map boxes overlap by more than this IoU.")
+@storage_flags
+@_fail_cleanly
+def export(output, dest, fmt, min_score, crs, dedup_iou, endpoint_url, profile, anon):
+    """Export an output's detections, one record each: GeoParquet 1.1 (map polygons, CRS, bbox columns), GeoJSON
+    (EPSG:4326), COCO results JSON or CSV. Streams in batches: any size of output, bounded memory.
+
+    Example: fpn export results/ -o trees.parquet --format geoparquet --min-score 0.5
+    """
+    from jobs.export import export as run_export
+
+    s = run_export(output, dest, fmt=fmt, storage_options=_read_options(endpoint_url, profile, anon),
+                   min_score=min_score, crs=crs, dedup_iou=dedup_iou)
+    click.echo(f"{s.detections} detections -> {s.destination} ({s.format}, "
+               f"{s.crs or 'pixel coordinates'})")
+    if s.left_out:
+        click.echo(f"{s.left_out} detections of rasters without a georeference left out (no map coordinates)")
+    if s.duplicates:
+        click.echo(f"{s.duplicates} duplicates of overlapping scenes merged")
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -552,35 +668,88 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
 @click.option("-o", "--output", default="demo-output", show_default=True, help="Where the demo writes.")
 @_fail_cleanly
 def demo(output):
-    """Run the bundled tree-crown model over the bundled aerial image, a flyover clip and a street video.
+    """Run the bundled tree-crown model over the bundled aerial image and a flyover clip made from it, then write
+    the report.
 
-    Writes OUTPUT/job (the job's Parquet output) and OUTPUT/detections.png, and prints a summary.
+    Writes OUTPUT/job (the job's Parquet output), OUTPUT/flyover.mp4 and OUTPUT/report.html, and prints a summary.
+    The bundled model is for showing the pipeline on imagery like its training image; for real work import a
+    COCO detector (fpn import-torchvision) or train one on your data (fpn train).
     """
     from jobs.demo import run_demo
 
-    doc, png, stats = run_demo(output)
+    with _progress(str(Path(output) / "job")):
+        doc, report, stats = run_demo(output)
     _print_summary(doc)
-    click.echo(f"aerial detections drawn on: {png}")
     for line in stats:
         click.echo(line)
+    click.echo(f"\nreport: {report.resolve()} (open it in a browser; it needs no network)")
 
 
 @cli.command()
 @click.argument("output")
 @click.argument("source")
-@click.argument("png")
-@click.option("--frame-index", type=int, default=0, show_default=True)
-@click.option("--min-score", type=float, default=0.3, show_default=True)
+@click.argument("dest")
+@click.option("--frame", "--frame-index", "frame", type=int, help="Video: this frame index (a processed one).")
+@click.option("--time", "time_s", type=float, help="Video: the processed frame nearest this time (seconds).")
+@click.option("--clip", nargs=2, type=float, metavar="START END",
+              help="Video: write an annotated MP4 of this time range (seconds) to DEST.")
+@click.option("--region", nargs=4, type=int, metavar="X Y W H",
+              help="Draw only this region (source pixels); of a raster, with the boxes of every window in it.")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=0.3, show_default=True)
+@click.option("--max-side", type=click.IntRange(min=16), help="Scale the picture down to at most this many pixels a side "
+              "[default: full size; 4096 for a whole raster].")
+@click.option("--video-backend", default="decord", show_default=True, help="Video decoder: decord or pyav.")
+@storage_flags
 @_fail_cleanly
-def render(output, source, png, frame_index, min_score):
-    """Draw one image's detections from OUTPUT onto it and save PNG.
+def render(output, source, dest, frame, time_s, clip, region, min_score, max_side, video_backend, endpoint_url,
+           profile, anon):
+    """Draw the detections OUTPUT holds for SOURCE onto its pixels: a PNG of a frame, or an MP4 clip.
 
-    Example: fpn render results/ data/aerial-trees/SOAP_061.png trees.png
+    A video frame by --frame or --time, an image, or a raster (whole, scaled down, or a --region across its
+    windows); --clip START END writes a short annotated MP4 of a video. A DEST ending in .tif of a georeferenced
+    raster is a GeoTIFF in the raster's CRS (an overview with the boxes, to lay beside the scene in a GIS).
+
+    Example: fpn render results/ flights/a.mp4 a-12s.png --time 12; fpn render results/ ortho.tif part.png
+    --region 4096 4096 1024 1024; fpn render results/ flights/a.mp4 a.mp4 --clip 10 14
     """
-    from jobs.render import render_frame
+    from jobs.render import Region, render_clip, render_frame
 
-    n = render_frame(output, source, png, frame_index=frame_index, min_score=min_score)
-    click.echo(f"{png}: {n} detections drawn")
+    opts = _read_options(endpoint_url, profile, anon)
+    if clip:
+        if frame is not None or time_s is not None or region:
+            raise click.UsageError("--clip takes no --frame, --time or --region")
+        r = render_clip(output, source, dest, clip[0], clip[1], min_score=min_score, storage_options=opts,
+                        video_backend=video_backend)
+        click.echo(f"{dest}: {r.frames} frames from {r.pts_s:.2f} s, {r.boxes} boxes drawn")
+        return
+    r = render_frame(output, source, dest, frame_index=frame, time_s=time_s, region=Region(*region) if region else None,
+                     min_score=min_score, max_side=max_side, storage_options=opts, video_backend=video_backend)
+    where = f" (frame {r.frame_index} at {r.pts_s:.2f} s)" if r.frame_index is not None else ""
+    click.echo(f"{dest}: {r.boxes} detections drawn{where}")
+
+
+@cli.command()
+@click.argument("output")
+@click.option("-o", "--output-file", "dest", default="report.html", show_default=True, help="The HTML page to write.")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Draw and chart per source only detections scoring at least this.")
+@click.option("--max-sources", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Videos, and images/rasters, shown one by one (those with the most detections).")
+@click.option("--video-backend", help="Video decoder for the frame strips: decord or pyav.  [default: the job's]")
+@storage_flags
+@_fail_cleanly
+def report(output, dest, min_score, max_sources, video_backend, endpoint_url, profile, anon):
+    """Write one self-contained HTML page about OUTPUT: the job, detections over time, frames with their boxes,
+    object sizes by pyramid level, scores, errors. It opens offline (images inlined, no script).
+
+    Example: fpn report s3://bucket/out -o out.html --endpoint-url http://127.0.0.1:9000
+    """
+    from jobs.report import build_report
+
+    r = build_report(output, dest, storage_options=_read_options(endpoint_url, profile, anon), min_score=min_score,
+                     max_sources=max_sources, video_backend=video_backend)
+    click.echo(f"{r.path}: {r.frames} frames, {r.detections} detections, {r.errors} errors "
+               f"({r.bytes / 2**20:.1f} MB, {r.seconds:.1f} s)")
 
 
 if __name__ == "__main__":  # pragma: no cover

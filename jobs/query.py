@@ -72,10 +72,15 @@ def _scan(con: duckdb.DuckDBPyConnection, pattern: str, found: list[str], schema
 
 def _create_views(con: duckdb.DuckDBPyConnection, root: str, out: Output) -> None:
     con.execute(f"CREATE VIEW frames AS {_scan(con, f'{root}/frames/*.parquet', out.frame_files(), FRAME_SCHEMA)}")
-    con.execute("""
+    # georeferenced rasters and STAC inputs: map boxes (in the raster's CRS) and the item; outputs written before
+    # these columns existed have none
+    types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE frames)").fetchall())
+    geo = ("d.map_x1, d.map_y1, d.map_x2, d.map_y2, f.crs, f.stac_item, f.datetime,"
+           if "map_x1" in types.get("detections", "") and "crs" in types else "")
+    con.execute(f"""
         CREATE VIEW detections AS
         SELECT f.frame_id, f.source, f.source_kind, f.frame_index, f.pts_s, f.width, f.height, f.model,
-               d.x1, d.y1, d.x2, d.y2, d.score, d.label, d.label_name, d.level,
+               d.x1, d.y1, d.x2, d.y2, d.score, d.label, d.label_name, d.level, {geo}
                (d.x2 - d.x1) AS box_width, (d.y2 - d.y1) AS box_height
         FROM frames f, unnest(f.detections) AS t(d)
     """)

@@ -8,6 +8,7 @@ written so a rerun or resume skips them, executes the Ray Data plan and records 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -18,14 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fpn_model.weights import read_config
+from fpn_model.weights import read_config, read_input_spec
 from fpn_model.zoo import model_id
 from pipeline.output import Output, error_row, final_state
-from pipeline.plan import Plan, count_planned, execute, plan_work
+from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary
+from pipeline.sizing import cluster_nodes, fit
 from pipeline.sources import expand_inputs
 from pipeline.storage import check_output_location, redact_text
 
 from .spec import plan_to_dict
+from .watchdog import Watchdog
 
 __all__ = ["run", "init_ray", "check_address", "versions"]
 
@@ -101,14 +104,20 @@ def _now() -> str:
 def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) -> dict[str, Any]:
     """Execute `plan`; returns the summary that `_job.json` also records (its `state` says how it ended).
 
-    Raises before any work (nothing written) on a missing input or output bucket, an output held by a live
-    writer (OutputBusyError) or written with other settings (ValueError naming what differs)."""
+    Raises before any work (nothing written) on a missing input or output bucket, an unreachable Ray address,
+    resources the cluster cannot hold (pipeline.sizing.fit), an output held by a live writer (OutputBusyError)
+    or written with other settings (ValueError naming what differs)."""
     t0 = time.monotonic()
     check_address(address)
-    sources = expand_inputs(list(plan.inputs), plan.storage_options)
+    sources = expand_inputs(list(plan.inputs), plan.storage_options, stac_asset=plan.stac_asset,
+                            stac_bands=plan.asset_bands, stac_search=plan.stac_search)
     check_output_location(plan.output, plan.output_options)
     cfg, _ = read_config(plan.checkpoint)
+    model_input = read_input_spec(plan.checkpoint)
+    plan.raster_settings(model_input)  # the bands chosen fit the model, before any work
     with_masks = cfg.arch == "mask_rcnn"
+    init_ray(address)
+    sizing = fit(plan.resources, cluster_nodes())  # a request the cluster cannot hold fails here, not by hanging
     _, digest = model_id(Path(plan.checkpoint))
     identity = plan.identity(digest)
     probe = Output(plan.output, plan.output_options)
@@ -126,9 +135,10 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             "job_id": job_id or previous.get("job_id"), "state": "running", "spec": plan_to_dict(plan),
             "identity": identity,
             "model": {"id": plan.model_id, "sha256": digest, "arch": cfg.arch, "backbone": cfg.backbone,
-                      "neck": cfg.neck, "levels": list(cfg.levels), "class_names": list(cfg.class_names)},
+                      "neck": cfg.neck, "levels": list(cfg.levels), "class_names": list(cfg.class_names),
+                      "input": dataclasses.asdict(model_input)},
             "versions": versions(), "inputs": len(sources), "started_at": _now(), "runs": out.run,
-            "lease": {k: lease.record[k] for k in ("owner", "host", "pid")},
+            "lease": {k: lease.record[k] for k in ("owner", "host", "pid")}, "resources": sizing.as_record(),
         }
         if lease.took_over:
             doc["took_over_from"] = {k: lease.took_over.get(k) for k in ("owner", "host", "pid", "heartbeat")}
@@ -140,12 +150,13 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             sources = _skip_changed(out, sources)
             done = frozenset(out.done_ids())
             doc["skipped_frames"] = len(done)
-            init_ray(address)
             units = plan_work(plan, out, sources)
             doc["planned_frames"] = count_planned(plan, units)
+            doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
             doc["work_units"] = units.count()
             out.write_job(doc)
-            execute(plan, out, units, done, with_masks=with_masks)
+            with Watchdog(out, plan.resources):
+                execute(plan, out, units, done, with_masks=with_masks, threads=sizing.threads)
             out.drop_stale_errors()  # this run re-attempted everything they named
             counts = out.counts()
             if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema

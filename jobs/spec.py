@@ -14,6 +14,10 @@ A spec file mirrors the Plan's fields, nested where the Plan nests:
     batch_size: 8
     score_thresh: 0.3                  # model overrides: score_thresh, scale, detections_per_img
     resources: {num_detectors: 2, gpus_per_detector: 1}
+    bands: [4, 3, 2]                   # rasters: bands in the model's channel order
+    stretch: {percentiles: [2, 98]}    # or {min: 0, max: 3000}; once per raster
+    gsd: 0.2                           # resample to this (m/pixel; default: the model's), or resample: false
+    aoi: {bbox: [11.50, 48.10, 11.60, 48.20], crs: "EPSG:4326"}   # or {geometry: GeoJSON, crs: ...}
 
 Unknown or invalid fields raise `SpecError` naming the field (`sampling.evry_n`).
 
@@ -35,13 +39,14 @@ from fpn_model.predict import TileConfig
 from fpn_model.zoo import DEFAULT_MODEL, model_id, resolve
 from pipeline.decode import Sampling
 from pipeline.plan import Plan, Resources
+from pipeline.raster import Stretch
 from pipeline.storage import drop_redacted, normalize_options, redact, redact_url
 
 __all__ = ["SpecError", "load_spec", "read_spec_file", "merge_fields", "plan_from_dict", "MODEL_OVERRIDES",
            "plan_to_dict", "plan_from_record"]
 
 MODEL_OVERRIDES = ("score_thresh", "scale", "detections_per_img", "nms_thresh")
-_NESTED = {"sampling": Sampling, "tile": TileConfig, "resources": Resources}
+_NESTED = {"sampling": Sampling, "tile": TileConfig, "resources": Resources, "stretch": Stretch}
 _TOP = {f.name for f in dataclasses.fields(Plan)} - {"checkpoint", "model_id", "model_overrides"}
 _TOP |= {"model", *MODEL_OVERRIDES}
 _STORAGE = ("storage_options", "output_storage_options")
@@ -109,7 +114,9 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
     inputs = d.pop("inputs", None)
     if isinstance(inputs, str):
         inputs = [inputs]
-    if not inputs or not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+    if inputs is None and d.get("stac_search"):
+        inputs = []  # the items a STAC API search finds are the inputs
+    elif not inputs or not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
         raise SpecError("spec field inputs: a list of paths or URLs is required")
     output = d.pop("output", None)
     if not isinstance(output, str) or not output:

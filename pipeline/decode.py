@@ -6,7 +6,8 @@ before decoding them. Frames stay uint8; conversion to float happens on the mode
 
 Video goes through a small `VideoDecoder` interface: decord by default (random access by index,
 timestamps from the container), PyAV as the second backend. Images are read with PIL; rasters
-window by window with rasterio.
+window by window with rasterio, as `pipeline.raster` plans them (bands, stretch, resampling, nodata), by byte
+ranges when remote. Images too large for PIL (beyond its decompression-bomb limit) take the raster path.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import numpy as np
 import rasterio  # noqa: F401,E402  isort: skip
 
 from .output import frame_id
-from .sources import WorkUnit, media_kind, raster_windows
+from .raster import RasterPlan, open_raster, open_rasters, read_window
+from .sources import WorkUnit, media_kind
 from .storage import filesystem, local_copy, translate_error
 
 __all__ = ["Sampling", "sample_indices", "probe", "decode_unit", "VideoDecoder", "open_video", "MediaInfo"]
@@ -184,12 +186,16 @@ def open_video(path: str, backend: str = "decord") -> VideoDecoder:
     return cls(path)
 
 
-def _image_size(uri: str, storage_options: dict | None) -> tuple[int, int]:
+def _image_size(uri: str, storage_options: dict | None) -> tuple[int, int] | None:
+    """(width, height) of an image, or None when it is beyond PIL's decompression-bomb limit (read as a raster)."""
     from PIL import Image
 
     fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "rb") as f, Image.open(f) as im:
-        return im.size
+    try:
+        with fs.open(path, "rb") as f, Image.open(f) as im:
+            return im.size
+    except Image.DecompressionBombError:
+        return None
 
 
 def probe(uri: str, storage_options: dict | None = None, *, video_backend: str = "decord",
@@ -218,28 +224,33 @@ def probe(uri: str, storage_options: dict | None = None, *, video_backend: str =
         return info
     if kind == "image":
         try:
-            w, h = _image_size(uri, storage_options)
+            size = _image_size(uri, storage_options)
         except Exception as e:
             raise ValueError(f"{uri}: cannot read image ({type(e).__name__}: {e})") from e
-        if w * h <= raster_pixels:
-            return MediaInfo("image", w, h)
-    import rasterio
-
+        if size is not None and size[0] * size[1] <= raster_pixels:
+            return MediaInfo("image", *size)
     try:
-        with local_copy(uri, storage_options) as local, rasterio.open(local) as ds:
+        with open_raster(uri, storage_options) as ds:
             return MediaInfo("raster", ds.width, ds.height)
     except Exception as e:
         raise ValueError(f"{uri}: cannot open raster ({type(e).__name__}: {e})") from e
 
 
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
 def _row(unit: WorkUnit, index: int, pts: float | None, width: int, height: int, window=(0, 0, 0, 0),
-         offset=(0, 0)) -> dict[str, Any]:
+         offset=(0, 0), scale=(1.0, 1.0), raster: RasterPlan | None = None, all_nodata: bool = False) -> dict[str, Any]:
+    """A frame's columns. `offset` (source pixels) and `scale` (image pixels per source pixel) map the decoded
+    image's boxes back to the source; `transform` (affine, source pixels -> map) and `crs` place them."""
     x, y, w, h = window if window[2] else (0, 0, width, height)
     return {
         "frame_id": frame_id(unit.source, index), "source": unit.source, "source_kind": unit.kind,
         "frame_index": index, "pts_s": pts, "width": width, "height": height,
         "window_x": x, "window_y": y, "window_width": w, "window_height": h,
-        "offset_x": offset[0], "offset_y": offset[1],
+        "offset_x": offset[0], "offset_y": offset[1], "scale_x": scale[0], "scale_y": scale[1],
+        "crs": raster.crs if raster else None, "transform": raster.transform if raster and raster.crs else _IDENTITY,
+        "all_nodata": all_nodata, "stac_item": unit.stac_item or None, "datetime": unit.datetime or None,
     }
 
 
@@ -250,8 +261,7 @@ def _batch(rows: list[dict], images: list[np.ndarray]) -> dict[str, Any]:
 
 
 def decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done: frozenset[str] | set[str] = frozenset(),
-                window_margin: int = 128, window: int = 2048, storage_options: dict | None = None,
-                video_backend: str = "decord") -> Iterator[dict[str, Any]]:
+                storage_options: dict | None = None, video_backend: str = "decord") -> Iterator[dict[str, Any]]:
     """Yield batches (column dicts with an `image` column `[B, H, W, 3]` uint8) of the unit's sampled,
     not yet written frames. Exceptions propagate; the caller turns them into error rows."""
     if unit.kind == "video":
@@ -281,34 +291,18 @@ def decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done: fr
             img = np.asarray(im.convert("RGB"))
         yield _batch([_row(unit, 0, None, img.shape[1], img.shape[0])], [img])
     else:
-        yield from _decode_raster(unit, done, window, window_margin, storage_options)
+        yield from _decode_raster(unit, done, storage_options)
 
 
-def _decode_raster(unit: WorkUnit, done, window: int, margin: int, storage_options) -> Iterator[dict[str, Any]]:
-    """Each core window padded by `margin` on every side (clipped), read with rasterio."""
-    import rasterio
-    from rasterio.windows import Window
-
-    windows = raster_windows(unit.width, unit.height, window)
-    with local_copy(unit.uri, storage_options) as local, rasterio.open(local) as ds:
-        for k in range(unit.start, unit.stop):
+def _decode_raster(unit: WorkUnit, done, storage_options) -> Iterator[dict[str, Any]]:
+    """Each window of the unit as its raster plan says (margin, bands, stretch, scale); a window without one
+    valid pixel is a row with `all_nodata` and a 1 x 1 image that the detector does not run on."""
+    plan = RasterPlan.from_json(unit.raster)
+    windows = plan.windows()
+    with open_rasters(list(plan.assets or [unit.uri]), storage_options) as datasets:
+        for k in unit.frame_indices():
             if frame_id(unit.source, k) in done:
                 continue
-            x, y, w, h = windows[k]
-            x0, y0 = max(0, x - margin), max(0, y - margin)
-            x1, y1 = min(unit.width, x + w + margin), min(unit.height, y + h + margin)
-            data = ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))  # [bands, h, w]
-            img = _to_rgb8(data)
-            yield _batch([_row(unit, k, None, unit.width, unit.height, (x, y, w, h), (x0, y0))], [img])
-
-
-def _to_rgb8(data: np.ndarray) -> np.ndarray:
-    """[bands, H, W] of any dtype -> [H, W, 3] uint8 (first three bands; grey repeated; others scaled)."""
-    if data.shape[0] >= 3:
-        data = data[:3]
-    else:
-        data = np.repeat(data[:1], 3, axis=0)
-    if data.dtype != np.uint8:
-        hi = float(np.percentile(data, 99.5)) or 1.0
-        data = np.clip(data.astype(np.float32) * (255.0 / hi), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(data.transpose(1, 2, 0))
+            r = read_window(datasets, plan, k)
+            yield _batch([_row(unit, k, None, unit.width, unit.height, windows[k], r.offset, r.scale, plan,
+                               r.all_nodata)], [r.image])

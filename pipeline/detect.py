@@ -14,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from fpn_model.predict import Predictor, TileConfig
+from fpn_model.predict import Detections, Predictor, TileConfig
 from fpn_model.weights import load_checkpoint
 
 from .output import Output, error_row, frame_schema
+from .raster import map_boxes
 
 __all__ = ["Detector", "detections_to_rows"]
 
@@ -45,6 +46,7 @@ class Detector:
         max_batch: most images (tiles) per forward pass.
         output: where failed frames become error rows (an `Output`, or its URL with `storage_options`).
             None: a failing batch raises, as outside a job.
+        threads: torch threads (a job's come from pipeline.sizing.fit); default: the floor of the actor's CPUs.
 
     A batch that fails is retried in parts: halves on out-of-memory (recursively, down to one frame), else frame
     by frame. A frame that fails alone becomes an error row (stage `detect`) and is left out of the returned
@@ -53,9 +55,11 @@ class Detector:
 
     def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, amp: str | None = None,
                  overrides: dict | None = None, max_batch: int = 16, output: Output | str | None = None,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, threads: int | None = None):
         cpus = _allotted("CPU")
-        if cpus >= 1:
+        if threads:
+            torch.set_num_threads(threads)
+        elif cpus >= 1:
             torch.set_num_threads(max(1, math.floor(cpus)))
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from actors not given one
         model = load_checkpoint(checkpoint, map_location=device, **(overrides or {}))
@@ -70,9 +74,14 @@ class Detector:
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         images = list(batch["image"])
+        skip = [bool(v) for v in batch.get("all_nodata", [False] * len(images))]  # raster windows without data
+        todo = [im for im, s in zip(images, skip) if not s]
         if self.output is None:
-            return detections_to_rows(batch, self.predictor(images), self.cfg.label_name, self.model_id, self.schema)
-        results = self._predict(images)
+            found = iter(self.predictor(todo) if todo else [])
+            return detections_to_rows(batch, [_NONE if s else next(found) for s in skip], self.cfg.label_name,
+                                      self.model_id, self.schema)
+        found = iter(self._predict(todo) if todo else [])
+        results = [_NONE if s else next(found) for s in skip]
         failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
         if failed:
             self._record_failures(batch, {i: results[i] for i in failed})
@@ -106,15 +115,19 @@ class Detector:
 
 
 _OOM_ERRORS = (torch.OutOfMemoryError, torch.cuda.OutOfMemoryError)  # the same class in recent torch
+_NONE = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int8))
 
 
 def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: str, schema: pa.Schema) -> pa.Table:
     """Frame rows (the output contract) from a decoded batch and its detections. Raster windows keep only
-    detections whose centre lies in the window's core, shifted to raster pixels."""
+    detections whose centre lies in the window's core, mapped to raster pixels (undoing the resampling) and,
+    for georeferenced rasters, to map coordinates."""
     n = len(dets)
     detections_col, counts = [], []
+    crs = [_text(c) for c in batch.get("crs", [None] * n)]
     for i, d in enumerate(dets):
-        boxes = d.boxes + np.array([batch["offset_x"][i], batch["offset_y"][i]] * 2, dtype=np.float32)
+        scale = np.array([batch["scale_x"][i], batch["scale_y"][i]] * 2, dtype=np.float32) if "scale_x" in batch else 1
+        boxes = d.boxes / scale + np.array([batch["offset_x"][i], batch["offset_y"][i]] * 2, dtype=np.float32)
         keep = np.ones(len(boxes), dtype=bool)
         if batch["source_kind"][i] == "raster":
             cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
@@ -122,11 +135,14 @@ def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: 
             w, h = batch["window_width"][i], batch["window_height"][i]
             keep = (cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h)
         rows = []
+        mapped = map_boxes(boxes, tuple(np.asarray(batch["transform"][i], dtype=np.float64))) if crs[i] else None
         for j in np.flatnonzero(keep):
             b = boxes[j]
             r = {"x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]),
                  "score": float(d.scores[j]), "label": int(d.labels[j]), "label_name": label_name(int(d.labels[j])),
                  "level": int(d.levels[j])}
+            if mapped is not None:
+                r.update(zip(("map_x1", "map_y1", "map_x2", "map_y2"), map(float, mapped[j])))
             if d.masks is not None:
                 r["mask"] = d.masks[j]
             rows.append(r)
@@ -136,5 +152,15 @@ def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: 
                                            "height", "window_x", "window_y", "window_width", "window_height")}
     cols = {k: list(v) for k, v in cols.items()}
     cols["pts_s"] = [None if p is None or p != p else float(p) for p in cols["pts_s"]]  # NaN = no timestamp
-    cols.update(num_detections=counts, detections=detections_col, model=[model_id] * n)
+    cols.update(num_detections=counts, detections=detections_col, model=[model_id] * n, crs=crs,
+                transform=[[float(v) for v in batch["transform"][i]] if crs[i] else None for i in range(n)],
+                all_nodata=[bool(v) for v in batch["all_nodata"]] if "all_nodata" in batch else [False] * n,
+                stac_item=[_text(s) for s in batch.get("stac_item", [None] * n)])
+    stamps = pa.array([_text(t) for t in batch.get("datetime", [None] * n)], pa.string())
+    cols["datetime"] = stamps.cast(pa.timestamp("us", tz="UTC"))
     return pa.Table.from_pydict(cols, schema=schema)
+
+
+def _text(v: Any) -> str | None:
+    """A string column's value from a batch; Ray Data turns a column of only None into NaN."""
+    return str(v) if isinstance(v, str) and v else None

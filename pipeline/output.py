@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 DETECTION_TYPE = pa.struct([
     ("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32()),
     ("score", pa.float32()), ("label", pa.int32()), ("label_name", pa.string()), ("level", pa.int8()),
+    # the box in the CRS of a georeferenced raster (its envelope, through the affine transform); null otherwise
+    ("map_x1", pa.float64()), ("map_y1", pa.float64()), ("map_x2", pa.float64()), ("map_y2", pa.float64()),
 ])
 MASKED_DETECTION_TYPE = pa.struct(list(DETECTION_TYPE) + [pa.field("mask", pa.struct([
     ("size", pa.list_(pa.int32())), ("counts", pa.string())]))])
@@ -52,6 +54,10 @@ FRAME_SCHEMA = pa.schema([
     ("num_detections", pa.int32()), ("detections", pa.list_(DETECTION_TYPE)), ("model", pa.string()),
     # window of a large raster this row covers (the whole frame otherwise)
     ("window_x", pa.int32()), ("window_y", pa.int32()), ("window_width", pa.int32()), ("window_height", pa.int32()),
+    # georeferenced rasters: CRS ("EPSG:n" or WKT) and affine transform a..f (source pixels -> map); null otherwise
+    ("crs", pa.string()), ("transform", pa.list_(pa.float64())),
+    ("all_nodata", pa.bool_()),  # a raster window without a valid pixel: not run through the model
+    ("stac_item", pa.string()), ("datetime", pa.timestamp("us", tz="UTC")),  # STAC inputs: the item and its time
 ])
 ERROR_SCHEMA = pa.schema([
     ("source", pa.string()), ("stage", pa.string()), ("frame_index", pa.int64()),
@@ -230,18 +236,23 @@ class Output:
         return found
 
     def counts(self) -> dict[str, int]:
-        """Frames and error rows (from the Parquet footers) and detections (one int32 column)."""
-        frames = errors = detections = 0
+        """Frames and error rows (from the Parquet footers), detections (one int32 column) and raster windows
+        skipped as all nodata (one bool column)."""
+        frames = errors = detections = nodata = 0
         for f in self.frame_files():
             meta = self._footer(f)
             frames += meta.num_rows
             if meta.num_rows:
                 with self.fs.open(f, "rb") as fh:
-                    col = pq.read_table(fh, columns=["num_detections"]).column("num_detections")
-                detections += int(pc.sum(col).as_py() or 0)
+                    pf = pq.ParquetFile(fh)
+                    cols = [c for c in ("num_detections", "all_nodata") if c in pf.schema_arrow.names]
+                    t = pf.read(columns=cols)
+                detections += int(pc.sum(t.column("num_detections")).as_py() or 0)
+                if "all_nodata" in cols:
+                    nodata += int(pc.sum(t.column("all_nodata")).as_py() or 0)
         for f in self.error_files():
             errors += self._footer(f).num_rows
-        return {"frames": frames, "detections": detections, "errors": errors}
+        return {"frames": frames, "detections": detections, "errors": errors, "nodata_windows": nodata}
 
     # -- the job record ---------------------------------------------------------------------------
     def read_job(self, *, missing_ok: bool = False) -> dict:

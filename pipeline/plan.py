@@ -14,19 +14,24 @@ by side on a small node. Failures of one file, segment or frame become rows in `
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from fpn_model.predict import TileConfig
+from fpn_model.weights import InputSpec, read_input_spec
 
 from .decode import Sampling, decode_unit, sample_indices
 from .isolate import ChildTimeout, IsolationError, process_child
 from .output import Output, error_row, frame_id
+from .raster import RasterPlan, RasterSettings, Stretch, aoi_geometry
 from .sink import FrameSink
+from .sizing import WRITE_CPUS
 from .sources import Source, WorkUnit, plan_units
+from .stac import check_search
 
-__all__ = ["Plan", "Resources", "plan_work", "count_planned", "build_dataset", "execute"]
+__all__ = ["Plan", "Resources", "plan_work", "count_planned", "raster_summary", "build_dataset", "execute"]
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +83,21 @@ class Plan:
     decode_timeout_s: float = 300.0  # longest wait for the next decoded batch; a hung decoder is retried once
     resources: Resources = Resources()
     model_overrides: dict[str, Any] = field(default_factory=dict, hash=False)
+    # rasters (pipeline.raster): bands (1-based) in the model's channel order (None: by band name, else the first
+    # ones; names: STAC band assets combined); stretch (None: the model's recorded value range, uint8 as is, else 2-98 percentiles per raster);
+    # gsd: metres per pixel to resample georeferenced rasters to (None: the model's training GSD), unless
+    # resample is false; aoi: {bbox: [...], crs: ...} or {geometry: GeoJSON, crs: ...} limits the windows read
+    bands: tuple[int | str, ...] | None = None
+    stretch: Stretch | None = None
+    gsd: float | None = None
+    resample: bool = True
+    aoi: dict[str, Any] | None = field(default=None, hash=False)
+    stac_asset: str = "visual"  # the asset of each STAC item to read
+    stac_search: dict[str, Any] | None = field(default=None, hash=False)  # {url, collections, bbox, datetime, limit}
 
     def __post_init__(self) -> None:
-        if not self.inputs:
-            raise ValueError("inputs: at least one input is required")
+        if not self.inputs and not self.stac_search:
+            raise ValueError("inputs: at least one input (or a stac_search) is required")
         if not self.output:
             raise ValueError("output: an output location is required")
         for name in ("batch_size", "segment_frames", "raster_window", "windows_per_unit", "raster_pixels"):
@@ -91,6 +107,34 @@ class Plan:
             raise ValueError(f"video_backend must be decord, pyav or module:Class, got {self.video_backend!r}")
         if self.decode_timeout_s <= 0:
             raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
+        if self.bands is not None:
+            object.__setattr__(self, "bands", tuple(self.bands))
+            numbers = all(isinstance(b, int) and b >= 1 for b in self.bands)
+            if not self.bands or not (numbers or all(isinstance(b, str) and b for b in self.bands)):
+                raise ValueError(f"bands must be raster band numbers (1, 2, ...) or STAC asset keys, got "
+                                 f"{list(self.bands)}")
+        if self.gsd is not None and not self.gsd > 0:
+            raise ValueError(f"gsd must be > 0 (metres per pixel), got {self.gsd}")
+        if self.aoi is not None:
+            aoi_geometry(self.aoi)
+        if self.stac_search is not None:
+            check_search(self.stac_search)
+
+    def raster_settings(self, model_input: InputSpec) -> RasterSettings:
+        """The raster settings of this job for a model expecting `model_input`; ValueError when the bands
+        chosen do not fit the model."""
+        if self.bands is not None and len(self.bands) != len(model_input.bands):
+            raise ValueError(f"bands {list(self.bands)}: the model takes {len(model_input.bands)} bands "
+                             f"({', '.join(model_input.bands)})")
+        return RasterSettings(window=self.raster_window, margin=self.raster_margin,
+                              bands=None if self.asset_bands else self.bands,
+                              stretch=self.stretch, target_gsd_m=(self.gsd or model_input.gsd_m) if self.resample else None,
+                              model_bands=model_input.bands, model_value_range=model_input.value_range, aoi=self.aoi)
+
+    @property
+    def asset_bands(self) -> tuple[str, ...]:
+        """The STAC band assets to combine (when `bands` names asset keys), else ()."""
+        return tuple(self.bands) if self.bands and isinstance(self.bands[0], str) else ()
 
     @property
     def output_options(self) -> dict[str, Any]:
@@ -103,7 +147,9 @@ class Plan:
                 "model_overrides": dict(sorted(self.model_overrides.items())),
                 "tile": None if self.tile is None else dataclasses.asdict(self.tile),
                 "raster_pixels": self.raster_pixels, "raster_window": self.raster_window,
-                "raster_margin": self.raster_margin}
+                "raster_margin": self.raster_margin, "bands": None if self.bands is None else list(self.bands),
+                "stretch": None if self.stretch is None else json.loads(json.dumps(dataclasses.asdict(self.stretch))),
+                "gsd": self.gsd, "resample": self.resample}
 
 
 class _PlanUnits:
@@ -111,14 +157,16 @@ class _PlanUnits:
 
     def __init__(self, plan: Plan, out: Output):
         self.plan, self.out = plan, out
+        self.raster = plan.raster_settings(read_input_spec(plan.checkpoint))
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         p = self.plan
         try:
             return [u.to_row() for u in plan_units(
                 row["uri"], row["source"], segment_frames=p.segment_frames, raster_pixels=p.raster_pixels,
-                window=p.raster_window, windows_per_unit=p.windows_per_unit, storage_options=p.storage_options,
-                video_backend=p.video_backend)]
+                windows_per_unit=p.windows_per_unit, storage_options=p.storage_options,
+                video_backend=p.video_backend, raster=self.raster, stac_item=row["stac_item"],
+                datetime=row["datetime"], assets=tuple(str(a) for a in _none_empty(row.get("assets"))))]
         except Exception as e:  # noqa: BLE001 - any failure of one input is that input's error row
             err = error_row(row["source"], "probe", e)
             log.warning("probe failed for %s: %s", row["source"], err["message"])
@@ -144,7 +192,7 @@ class _Decode:
 
     def _unit(self, unit: WorkUnit) -> Iterator[dict[str, Any]]:
         # only this unit's written ids go to the child: a resumed job's whole done set would be pickled per unit
-        done = {i for i in (frame_id(unit.source, k) for k in range(unit.start, unit.stop)) if i in self.done}
+        done = {i for i in (frame_id(unit.source, k) for k in unit.frame_indices()) if i in self.done}
         for attempt in (1, 2):
             try:
                 for b in self._decode(unit, frozenset(done)):
@@ -166,8 +214,7 @@ class _Decode:
         p = self.plan
         return process_child(("pipeline.decode",)).stream(
             decode_unit, unit, timeout_s=self.timeout_s, sampling=p.sampling, batch_size=p.batch_size, done=done,
-            window=p.raster_window, window_margin=p.raster_margin, storage_options=p.storage_options,
-            video_backend=p.video_backend)
+            storage_options=p.storage_options, video_backend=p.video_backend)
 
     def _fail(self, unit: WorkUnit, e: BaseException | str, error_type: str) -> None:
         row = error_row(unit.source, "decode", e, unit.start if unit.kind == "video" else None, error_type=error_type)
@@ -188,6 +235,11 @@ def _hang_or_crash(e: IsolationError) -> str:
     return f"crashed ({e.signal_name})" if getattr(e, "signal_name", None) else f"crashed ({e})"
 
 
+def _none_empty(v: Any) -> Any:
+    """A list column's value from a Ray row: None where Ray Data made a column of only empty lists null."""
+    return () if v is None else v
+
+
 def _scalar(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
@@ -197,7 +249,8 @@ def plan_work(plan: Plan, out: Output, sources: list[Source]):
     frame count is known before decoding starts (progress, ETA)."""
     import ray.data
 
-    rows = [{"uri": s.url, "source": s.canonical} for s in sources]
+    rows = [{"uri": s.url, "source": s.canonical, "stac_item": s.stac_item, "datetime": s.datetime,
+             "assets": list(s.assets)} for s in sources]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     units = ds.flat_map(_PlanUnits(plan, out), num_cpus=plan.resources.decode_cpus).materialize()
     # one block per unit: each segment decodes in its own task (in parallel), and its frames reach
@@ -216,8 +269,22 @@ def count_planned(plan: Plan, units) -> int:
     return total
 
 
-def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozenset()):
-    """The lazy Ray Dataset of frame rows for the work `units` (nothing runs until it is written)."""
+def raster_summary(units) -> dict[str, Any]:
+    """What `_job.json` says of the job's rasters: which are georeferenced (CRS, GSD, resampling scale) and which
+    keep pixel coordinates only (no CRS or transform)."""
+    rasters: dict[str, RasterPlan] = {}
+    for u in units.iter_rows():
+        if u["kind"] == "raster" and u["source"] not in rasters:
+            rasters[u["source"]] = RasterPlan.from_json(u["raster"])
+    georef = {s: {"crs": r.crs, "gsd_m": None if r.gsd_m is None else round(r.gsd_m, 6), "scale": round(r.scale, 6),
+                  "bands": list(r.bands), "low": list(r.low), "high": list(r.high), "windows": len(r.window_ids())}
+              for s, r in sorted(rasters.items()) if r.crs}
+    return {"georeferenced": georef, "pixel_coordinates_only": sorted(s for s, r in rasters.items() if not r.crs)}
+
+
+def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, threads: int | None = None):
+    """The lazy Ray Dataset of frame rows for the work `units` (nothing runs until it is written); `threads`: torch
+    threads of each detector (pipeline.sizing.fit), else the floor of its CPU reservation."""
     import ray.data
 
     from .detect import Detector
@@ -232,13 +299,16 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
         num_cpus=r.cpus_per_detector,
         num_gpus=r.gpus_per_detector or None,
         fn_constructor_kwargs=dict(checkpoint=plan.checkpoint, model_id=plan.model_id, tile=tile, amp=r.amp,
-                                   overrides=plan.model_overrides, max_batch=r.max_batch, output=out),
+                                   overrides=plan.model_overrides, max_batch=r.max_batch, output=out,
+                                   threads=threads),
         batch_format="numpy",
     )
 
 
-def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, with_masks: bool = False) -> None:
+def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, with_masks: bool = False,
+            threads: int | None = None) -> None:
     """Decode and detect the work `units`, writing `OUTPUT/frames/` (and `errors/`)."""
     # writing is I/O: a small CPU reservation, so files land while the detector actors hold the CPUs
     # (with the default of one CPU a write waits until detection of every frame has finished)
-    build_dataset(plan, out, units, done).write_datasink(FrameSink(out, with_masks), ray_remote_args={"num_cpus": 0.1})
+    build_dataset(plan, out, units, done, threads=threads).write_datasink(FrameSink(out, with_masks),
+                                                                         ray_remote_args={"num_cpus": WRITE_CPUS})

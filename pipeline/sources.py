@@ -7,7 +7,8 @@ manifests (`*.txt` / `*.lst`: one URI a line) into `Source`s (read URL, identity
 - a video: segments of `segment_frames` frames, so one long video decodes on many workers;
 - an image: one unit;
 - a raster (GeoTIFF/COG, or any image larger than `raster_pixels`): groups of windows, read
-  window by window with rasterio, never whole.
+  window by window with rasterio, never whole; its `RasterPlan` (bands, stretch, scale, windows,
+  georeference: `pipeline.raster`) is made once here and travels with each unit.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
+from .raster import RasterPlan, RasterSettings, open_rasters, plan_raster
+from .stac import DEFAULT_ASSET, is_stac, search_assets, stac_assets
 from .storage import canonical_uri, filesystem, object_version, protocol_of, translate_error
 
 __all__ = ["Source", "WorkUnit", "expand_inputs", "media_kind", "plan_units", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
@@ -27,7 +30,7 @@ MANIFEST_EXT = {".txt", ".lst", ".manifest"}
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """One piece of decoding work. Video: frames [start, stop); raster: windows [start, stop)."""
+    """One piece of decoding work. Video: frames [start, stop); raster: windows `window_ids()[start:stop]`."""
 
     uri: str  # the URL to read (a presigned URL keeps its signature here, and only here)
     source: str  # canonical URI: identity, frame ids, the `source` column
@@ -38,9 +41,18 @@ class WorkUnit:
     fps: float = 0.0
     width: int = 0
     height: int = 0
+    raster: str = ""  # raster: its RasterPlan as JSON
+    stac_item: str = ""  # the STAC item the source is an asset of, and the item's datetime (ISO 8601)
+    datetime: str = ""
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
+
+    def frame_indices(self) -> list[int]:
+        """The frame indices (video frames, raster window ids) the unit covers."""
+        if self.kind == "raster":
+            return RasterPlan.from_json(self.raster).window_ids()[self.start:self.stop]
+        return list(range(self.start, self.stop))
 
 
 def media_kind(uri: str) -> str | None:
@@ -65,6 +77,9 @@ class Source:
     canonical: str
     size: int | None = None
     version: str | None = None
+    stac_item: str = ""  # a STAC input's item id and datetime (ISO 8601)
+    datetime: str = ""
+    assets: tuple[str, ...] = ()  # STAC band assets combined into one raster (`url` is the first)
 
 
 def _source(fs, name: str, info: dict, original: str) -> Source:
@@ -79,8 +94,17 @@ def _is_pattern(item: str, path: str) -> bool:
     return protocol_of(item) not in ("http", "https") and any(ch in path for ch in "*?[")
 
 
-def _expand_one(item: str, storage_options: dict | None) -> list[Source]:
-    """The Sources of one input: one listing call for a directory or pattern, one info call for a file."""
+def _stac_source(a) -> Source:
+    """A STAC asset's Source; band assets combined are identified by their item."""
+    return Source(a.href, canonical_uri(a.item_href if a.bands else a.href), stac_item=a.item, datetime=a.datetime,
+                  assets=a.bands)
+
+
+def _expand_one(item: str, storage_options: dict | None, stac_asset: str, stac_bands: tuple[str, ...]) -> list[Source]:
+    """The Sources of one input: one listing call for a directory or pattern, one info call for a file; a STAC
+    document's items' assets."""
+    if is_stac(item):
+        return [_stac_source(a) for a in stac_assets(item, storage_options, asset=stac_asset, bands=stac_bands)]
     fs, path = filesystem(item, storage_options)
     if _is_pattern(item, path):
         found = fs.glob(path, detail=True)
@@ -102,21 +126,25 @@ def _expand_one(item: str, storage_options: dict | None) -> list[Source]:
     if ext in MANIFEST_EXT:
         with fs.open(path, "rt") as f:
             lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        return expand_inputs(lines, storage_options)
+        return expand_inputs(lines, storage_options, stac_asset=stac_asset, stac_bands=stac_bands)
     url = canonical_uri(item) if protocol_of(item) == "file" else item
     size = info.get("size")
     return [Source(url, canonical_uri(item), int(size) if size is not None else None, object_version(info))]
 
 
-def expand_inputs(inputs: list[str], storage_options: dict | None = None) -> list[Source]:
+def expand_inputs(inputs: list[str], storage_options: dict | None = None, *,
+                  stac_asset: str = DEFAULT_ASSET, stac_bands: tuple[str, ...] = (),
+                  stac_search: dict | None = None) -> list[Source]:
     """The media objects `inputs` name, sorted by identity, one Source per object however often and
     however it was spelled (`vids/clip.mp4`, `./vids/clip.mp4`, `vids/`, an absolute path): the first
-    spelling's URL is kept for reading. Raises FileNotFoundError naming an input that matches nothing;
-    a file with an unknown extension is kept (it fails later as an error row)."""
+    spelling's URL is kept for reading. STAC documents (`.json`) and a STAC API search (`stac_search`, see
+    `pipeline.stac.search_assets`) give their items' `stac_asset`, or their band assets `stac_bands` combined. Raises
+    FileNotFoundError naming an input that matches nothing; a file with an unknown extension is kept (it fails
+    later as an error row)."""
     by_identity: dict[str, Source] = {}
     for item in inputs:
         try:
-            found = _expand_one(item, storage_options)
+            found = _expand_one(item, storage_options, stac_asset, stac_bands)
         except (FileNotFoundError, PermissionError):
             raise
         except Exception as e:
@@ -126,28 +154,37 @@ def expand_inputs(inputs: list[str], storage_options: dict | None = None) -> lis
             raise translated from e
         for src in found:
             by_identity.setdefault(src.canonical, src)
+    for a in search_assets(stac_search, asset=stac_asset, bands=stac_bands) if stac_search else []:
+        src = _stac_source(a)
+        by_identity.setdefault(src.canonical, src)
     return [by_identity[k] for k in sorted(by_identity)]
 
 
-def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int, window: int, windows_per_unit: int,
-               storage_options: dict | None = None, video_backend: str = "decord") -> Iterator[WorkUnit]:
-    """Probe `uri` and yield its units. Raises on unreadable input (the caller records the error)."""
+def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int, window: int | None = None,
+               windows_per_unit: int, storage_options: dict | None = None, video_backend: str = "decord",
+               raster: RasterSettings | None = None, stac_item: str = "", datetime: str = "",
+               assets: tuple[str, ...] = ()) -> Iterator[WorkUnit]:
+    """Probe `uri` and yield its units. Raises on unreadable input (the caller records the error). `raster`:
+    the job's raster settings (default: windows of `window` pixels, nothing else set); `assets`: band assets
+    combined into one raster (`uri` is the first)."""
     from .decode import probe
 
     info = probe(uri, storage_options, video_backend=video_backend, raster_pixels=raster_pixels)
+    item = dict(stac_item=stac_item, datetime=datetime)
     if info.kind == "video":
         for start in range(0, info.num_frames, segment_frames):
             yield WorkUnit(uri, source, "video", start, min(start + segment_frames, info.num_frames), info.num_frames,
-                           info.fps, info.width, info.height)
+                           info.fps, info.width, info.height, **item)
     elif info.kind == "raster":
-        n = len(raster_windows(info.width, info.height, window))
+        settings = raster or RasterSettings(window=window or 2048)
+        try:
+            with open_rasters(list(assets or [uri]), storage_options) as datasets:
+                plan = plan_raster(datasets[0], settings, band_assets=list(zip(assets, datasets)) if assets else None)
+        except ValueError as e:
+            raise ValueError(f"{uri}: {e}") from e
+        n = len(plan.window_ids())
         for start in range(0, n, windows_per_unit):
-            yield WorkUnit(uri, source, "raster", start, min(start + windows_per_unit, n), n, 0.0, info.width, info.height)
+            yield WorkUnit(uri, source, "raster", start, min(start + windows_per_unit, n), n, 0.0, info.width,
+                           info.height, plan.to_json(), **item)
     else:
-        yield WorkUnit(uri, source, "image", 0, 1, 1, 0.0, info.width, info.height)
-
-
-def raster_windows(width: int, height: int, window: int) -> list[tuple[int, int, int, int]]:
-    """Non-overlapping core windows `(x, y, w, h)` of a raster; decode pads each with a margin."""
-    return [(x, y, min(window, width - x), min(window, height - y))
-            for y in range(0, height, window) for x in range(0, width, window)]
+        yield WorkUnit(uri, source, "image", 0, 1, 1, 0.0, info.width, info.height, **item)

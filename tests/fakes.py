@@ -5,6 +5,10 @@ video whose file name says so, and decode every other video normally. A job load
 backend "path/to/fakes.py:Class" (`pipeline.decode.open_video`): a file path, because Ray workers (and the
 decoding child processes they spawn) do not have `tests/` on their Python path.
 
+`BrightBoxes` is a model plugin ("path/to/fakes.py:BrightBoxes", `fpn_model.weights`) that returns known pixel
+boxes: one per connected region of bright pixels of its input, so a test that draws squares into a raster knows
+where every box must land after windows, resampling and georeferencing.
+
 The generator functions are for `pipeline.isolate` directly; they are pickled by reference, which works
 because a spawned child gets its parent's `sys.path` (and pytest puts `tests/` there).
 """
@@ -17,7 +21,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 
+from fpn_model.config import ModelConfig
+from fpn_model.weights import InputSpec
 from pipeline.decode import PyAVVideo
 
 FAKES = Path(__file__).resolve()
@@ -26,8 +33,36 @@ FOREVER_S = 3600.0  # far longer than any test's decode timeout
 
 
 def backend(cls: type) -> str:
-    """The `video_backend` value that makes a job decode with `cls` from this file."""
+    """The `video_backend` (or `model`) value that makes a job use `cls` from this file."""
     return f"{FAKES}:{cls.__name__}"
+
+
+class BrightBoxes(torch.nn.Module):
+    """A detector of bright regions: for each `[3, H, W]` image in 0..1, one box per 8-connected region whose
+    channel mean is above 0.5, bounding its pixels exactly (score 0.9, label 1 "bright", level 2). Trained, it
+    would be, at 0.1 m per pixel (so georeferenced rasters are resampled for it)."""
+
+    config = ModelConfig(num_classes=2, class_names=("bright",))
+    input = InputSpec(gsd_m=0.1)
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # something to move between devices
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        from rasterio.features import shapes
+        from shapely.geometry import shape
+
+        out = []
+        for im in images:
+            mask = (im.float().mean(0) > 0.5).cpu().numpy().astype(np.uint8)
+            boxes = [shape(g).bounds for g, _ in shapes(mask, mask=mask.astype(bool), connectivity=8)]
+            n = len(boxes)
+            out.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+                        "scores": torch.full((n,), 0.9), "labels": torch.ones(n, dtype=torch.int64),
+                        "levels": torch.full((n,), 2, dtype=torch.int8)})
+        return out
 
 
 class HangingVideo(PyAVVideo):

@@ -94,6 +94,25 @@ def spec_file(tmp_path, inputs, out, **extra):
     return p
 
 
+def submit_long_job(cluster, tmp_path, total, out):
+    """Submit a job over a `total`-frame video and return (job id, its status row) once some frames are written
+    (or it ended)."""
+    from jobs.demo import write_video
+    from conftest import index_frame
+
+    video = tmp_path / "long.mp4"
+    write_video((index_frame(i, 144, 192) for i in range(total)), video, 24.0)
+    code, text = fpn("submit", spec_file(tmp_path, [video], out), "--address", cluster)
+    job_id = text.split()[1]
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        row = json.loads(fpn("status", job_id, "--address", cluster, "--format", "json")[1])
+        if (row.get("frames_done") or 0) > 0 or row["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(0.5)
+    return job_id, row
+
+
 PLANTED = ("PLANTEDKEY123", "PLANTEDSECRET456")
 
 
@@ -168,21 +187,8 @@ def test_resume_of_a_running_job_is_refused(cluster, tmp_path):
 
 
 def test_cancel_then_resume_writes_every_frame_once(cluster, tmp_path):
-    from jobs.demo import write_video
-    from conftest import index_frame
-
-    video = tmp_path / "long.mp4"
-    total = 240
-    write_video((index_frame(i, 144, 192) for i in range(total)), video, 24.0)
-    out = tmp_path / "out"
-    code, text = fpn("submit", spec_file(tmp_path, [video], out), "--address", cluster)
-    job_id = text.split()[1]
-    deadline = time.time() + 600
-    while time.time() < deadline:  # cancel as soon as some frames are written
-        row = json.loads(fpn("status", job_id, "--address", cluster, "--format", "json")[1])
-        if (row.get("frames_done") or 0) > 0 or row["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(0.5)
+    total, out = 240, tmp_path / "out"
+    job_id, row = submit_long_job(cluster, tmp_path, total, out)
     assert row["status"] == "RUNNING" and row["frames_planned"] == total
     code, text = fpn("cancel", job_id, "--address", cluster)
     assert code == 0 and "STOPPED" in text
@@ -222,21 +228,8 @@ def test_a_worker_node_lost_mid_job_loses_no_frame(cluster, tmp_path):
     """Runs last in this module: the cluster has one node less afterwards. The job finishes on the head (Ray
     retries the lost tasks and restarts the detector actor there) or, where it fails, a resume completes it:
     every frame once either way."""
-    from jobs.demo import write_video
-    from conftest import index_frame
-
-    video = tmp_path / "long.mp4"
-    total = 240
-    write_video((index_frame(i, 144, 192) for i in range(total)), video, 24.0)
-    out = tmp_path / "out"
-    code, text = fpn("submit", spec_file(tmp_path, [video], out), "--address", cluster)
-    job_id = text.split()[1]
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        row = json.loads(fpn("status", job_id, "--address", cluster, "--format", "json")[1])
-        if (row.get("frames_done") or 0) > 0 or row["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(0.5)
+    total, out = 240, tmp_path / "out"
+    job_id, row = submit_long_job(cluster, tmp_path, total, out)
     assert row["status"] == "RUNNING" and len(detector_nodes(cluster)) == 2
     killed = _kill_worker_node()
     row = wait_for(cluster, job_id, {"SUCCEEDED", "FAILED"}, timeout=600)

@@ -5,6 +5,7 @@ import pytest
 from conftest import read_index
 from pipeline.decode import Sampling, decode_unit, probe, sample_indices
 from pipeline.output import frame_id
+from pipeline.raster import RasterSettings
 from pipeline.sources import WorkUnit, expand_inputs, plan_units
 
 
@@ -73,9 +74,10 @@ def test_large_image_becomes_raster_windows(tmp_path):
     img = np.random.default_rng(0).integers(0, 255, (700, 900, 3), dtype=np.uint8)
     path = tmp_path / "big.png"
     Image.fromarray(img).save(path)
-    units = list(plan_units(str(path), str(path), segment_frames=8, raster_pixels=100_000, window=256, windows_per_unit=5))
+    units = list(plan_units(str(path), str(path), segment_frames=8, raster_pixels=100_000, windows_per_unit=5,
+                            raster=RasterSettings(window=256, margin=32)))
     assert {u.kind for u in units} == {"raster"} and units[-1].stop == 12  # 4 x 3 windows
-    batches = [b for u in units for b in decode_unit(u, sampling=Sampling(), batch_size=4, window=256, window_margin=32)]
+    batches = [b for u in units for b in decode_unit(u, sampling=Sampling(), batch_size=4)]
     assert len(batches) == 12
     b = batches[5]  # window (1, 1): x 256..512, y 256..512, padded by 32
     assert (b["window_x"][0], b["window_y"][0], b["offset_x"][0], b["offset_y"][0]) == (256, 256, 224, 224)

@@ -1,0 +1,198 @@
+"""Frames per second of `fpn run` beside its own bare forward and Ray Data's documented recipe, side by side.
+
+For each input size (the torchvision rule: shorter side to SIZE, longer side at most 1333) and the same frames,
+model, batch and threads, it runs in turn (alternating, `--repeats` rounds, each a fresh process):
+
+- `bare`: the Predictor alone on frames decoded beforehand (the model's own ceiling);
+- `fpn`: `fpn run VIDEO --every-n N --batch-size B --no-tile --scale S` (its embedded Ray included);
+- `recipe`: benchmarks/ray_data_recipe.py with the best batch size / num_cpus / threads / concurrency of a
+  recorded sweep (`--sweep`, run once at the first size);
+- `null`: `fpn run` with a model that returns nothing (benchmarks/null_model.py): the pipeline's ceiling;
+- `fpn2`: `fpn run` with 2 detector actors (first size only).
+
+Ratios are of medians measured in the same run: `efficiency` = fpn / bare, `ray_data_ratio` = fpn / recipe.
+`fpn` rows also give the time to the first frames file. Writes benchmarks/results/throughput.json.
+
+    .venv/bin/python benchmarks/throughput.py [--video data/video/bikes.mp4] [--every-n 10] [--sizes 512 800]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "throughput.json"
+FPN = [sys.executable, "-m", "jobs.cli"]
+
+
+def video_shape(video: str) -> tuple[int, int, int]:
+    import av
+
+    with av.open(video) as c:
+        s = c.streams.video[0]
+        return s.frames, s.codec_context.height, s.codec_context.width
+
+
+def scale_for(size: int, h: int, w: int, max_size: int = 1333) -> float:
+    return round(min(size / min(h, w), max_size / max(h, w)), 4)
+
+
+def bare(video: str, every_n: int, batch: int, scale: float, threads: int, checkpoint: str) -> dict:
+    """In this process: decode the sampled frames first, then time the Predictor alone over them."""
+    import av
+    import torch
+
+    from fpn_model.predict import Predictor
+    from fpn_model.weights import load_checkpoint
+    from fpn_model.zoo import resolve
+
+    torch.set_num_threads(threads)
+    with av.open(video) as c:
+        frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(c.decode(video=0)) if i % every_n == 0]
+    p = Predictor(load_checkpoint(resolve(checkpoint), scale=scale), tile=None)
+    p(frames[:1])  # warm-up, as a detector actor's first batch pays it too
+    t0 = time.monotonic()
+    dets = sum(len(d.boxes) for i in range(0, len(frames), batch) for d in p(frames[i:i + batch]))
+    return {"frames": len(frames), "detections": dets, "wall_s": round(time.monotonic() - t0, 3)}
+
+
+def run_fpn(video: str, every_n: int, batch: int, scale: float, model: str, extra=()) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        cmd = [*FPN, "run", video, "-o", str(out), "-m", model, "--every-n", str(every_n), "--batch-size",
+               str(batch), "--no-tile", "--scale", str(scale), *extra]
+        t0 = time.monotonic()
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = None
+        while p.poll() is None:
+            if first is None and list((out / "frames").glob("part-*.parquet")):
+                first = time.monotonic() - t0
+            time.sleep(0.05)
+        wall = time.monotonic() - t0
+        text = p.stdout.read()
+        if p.returncode != 0:
+            raise RuntimeError(f"fpn run failed ({p.returncode}): {text[-2000:]}")
+        job = json.loads((out / "_job.json").read_text())
+        return {"frames": job["frames"], "detections": job["detections"], "wall_s": round(wall, 3),
+                "first_frame_s": None if first is None else round(first, 3)}
+
+
+def run_recipe(video: str, every_n: int, scale: float, model: str, cfg: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(REPO / "benchmarks" / "ray_data_recipe.py"), video, str(Path(tmp) / "out"),
+               "--checkpoint", model, "--scale", str(scale), "--every-n", str(every_n),
+               *[x for k, v in cfg.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
+        t0 = time.monotonic()
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        wall = time.monotonic() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"recipe failed: {p.stderr[-2000:]}")
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        return {**res, "wall_s": round(wall, 3), "inner_wall_s": res["wall_s"]}
+
+
+def run_bare(video: str, every_n: int, batch: int, scale: float, threads: int, model: str) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--bare-once", video, "--every-n", str(every_n), "--batch",
+                        str(batch), "--scale", str(scale), "--threads", str(threads), "--model", model],
+                       cwd=REPO, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"bare failed: {p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def fps(r: dict) -> float:
+    return r["frames"] / r["wall_s"]
+
+
+def summary(runs: list[dict]) -> dict:
+    f = [fps(r) for r in runs]
+    out = {"fps_median": round(statistics.median(f), 3), "fps_min": round(min(f), 3), "fps_max": round(max(f), 3),
+           "runs": runs}
+    firsts = [r["first_frame_s"] for r in runs if r.get("first_frame_s") is not None]
+    if firsts:
+        out["first_frame_s_median"] = round(statistics.median(firsts), 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--video", default=str(REPO / "data" / "video" / "bikes.mp4"))
+    ap.add_argument("--every-n", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 800])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", default="trees")
+    ap.add_argument("--sweep", action="store_true", help="tune the recipe (else its best recorded config)")
+    ap.add_argument("--bare-once", metavar="VIDEO")
+    ap.add_argument("--scale", type=float)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    a = ap.parse_args()
+    if a.bare_once:
+        print(json.dumps(bare(a.bare_once, a.every_n, a.batch, a.scale, a.threads, a.model)))
+        return
+
+    n, h, w = video_shape(a.video)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    recipe_cfg = previous.get("recipe_config", {"batch": a.batch, "num_cpus": 1.0, "threads": 1, "concurrency": 1})
+    sweep = previous.get("recipe_sweep")
+    if a.sweep:
+        scale = scale_for(a.sizes[0], h, w)
+        sweep = []
+        for batch in (2, 4, 8):
+            for num_cpus, threads, conc in ((1, 1, 1), (2, 2, 1), (1, 1, 2)):
+                cfg = {"batch": batch, "num_cpus": num_cpus, "threads": threads, "concurrency": conc}
+                r = run_recipe(a.video, a.every_n, scale, a.model, cfg)
+                sweep.append({**cfg, "fps": round(fps(r), 3)})
+                print("sweep", sweep[-1], flush=True)
+        best = max(sweep, key=lambda s: s["fps"])
+        recipe_cfg = {k: best[k] for k in ("batch", "num_cpus", "threads", "concurrency")}
+
+    null_model = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"
+    sizes = {}
+    for size in a.sizes:
+        scale = scale_for(size, h, w)
+        configs = {
+            "bare": lambda: run_bare(a.video, a.every_n, a.batch, scale, os.cpu_count(), a.model),
+            "fpn": lambda: run_fpn(a.video, a.every_n, a.batch, scale, a.model),
+            "recipe": lambda: run_recipe(a.video, a.every_n, scale, a.model, recipe_cfg),
+            "null": lambda: run_fpn(a.video, a.every_n, a.batch, scale, null_model),
+        }
+        if size == a.sizes[0]:
+            configs["fpn2"] = lambda: run_fpn(a.video, a.every_n, a.batch, scale, a.model,
+                                              ("--num-detectors", "2", "--cpus-per-detector", "0.7"))
+        runs: dict[str, list] = {k: [] for k in configs}
+        for rep in range(a.repeats):
+            for name, fn in configs.items():
+                runs[name].append(fn())
+                print(size, rep, name, runs[name][-1], flush=True)
+        s = {k: summary(v) for k, v in runs.items()}
+        med = {k: v["fps_median"] for k, v in s.items()}
+        sizes[str(size)] = {
+            "scale": scale, "input_hw": [round(h * scale), round(w * scale)], **s,
+            "efficiency": round(med["fpn"] / med["bare"], 3),
+            "ray_data_ratio": round(med["fpn"] / med["recipe"], 3),
+            "null_ceiling_fps": med["null"],
+            "same_detections": runs["fpn"][0]["detections"] == runs["recipe"][0]["detections"]
+            == runs["bare"][0]["detections"],
+        }
+    result = {"video": os.path.relpath(a.video, REPO), "frames_total": n, "height": h, "width": w,
+              "every_n": a.every_n, "batch": a.batch, "model": a.model, "cpus": os.cpu_count(),
+              "recipe_config": recipe_cfg, "recipe_sweep": sweep, "sizes": sizes,
+              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    for size, s in sizes.items():
+        print(f"{size}px: fpn {s['fpn']['fps_median']} fps, bare {s['bare']['fps_median']}, recipe "
+              f"{s['recipe']['fps_median']}, null {s['null']['fps_median']}; efficiency {s['efficiency']}, "
+              f"ray_data_ratio {s['ray_data_ratio']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""`fpn export`: an output's detections, one record per detection, as GeoParquet 1.1, GeoJSON, COCO results or CSV.
+
+- GeoParquet 1.1: WKB polygons (the pixel box's four corners through the raster's affine transform, exact under
+  rotation), `geo` metadata with the CRS as PROJJSON and a `bbox` covering column (struct xmin/ymin/xmax/ymax)
+  that GeoPandas, QGIS and DuckDB (without its spatial extension: `WHERE bbox.xmin > ...`) read. An output of
+  pixel-only rasters or images is written in pixel coordinates with an undefined CRS (`"crs": null`).
+- GeoJSON (RFC 7946): WGS 84 longitude/latitude, one Feature per georeferenced detection.
+- COCO results: `[{image_id, category_id, bbox: [x, y, w, h], score}]` in source pixels; image ids number the
+  images (a video frame; an image or a whole raster) with detections in the order met, listed in
+  `DEST.images.json` (COCO `images` entries: id, file_name = the source, frame_index, width, height), from which
+  ground truth can take its ids.
+- CSV: the per-detection columns, pixel and map boxes side by side.
+
+Everything streams: frames are read in batches of rows (pyarrow.dataset), flattened to detections with Arrow
+compute, turned into geometries with shapely and reprojected with pyproj, and written batch by batch, so memory
+stays bounded by one batch whatever the output's size. `dedup_iou` is the exception: it keeps one map box per
+detection in memory (an STRtree over all of them) to merge duplicates seen in overlapping scenes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipeline.output import Output
+from pipeline.raster import box_polygons
+from pipeline.storage import filesystem
+
+__all__ = ["FORMATS", "ExportSummary", "export"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("geoparquet", "geojson", "coco", "csv")
+_FRAME_COLUMNS = ("frame_id", "source", "source_kind", "frame_index", "pts_s", "width", "height", "stac_item",
+                  "datetime", "crs", "transform")
+_BOX = ("x1", "y1", "x2", "y2")
+_MAP = ("map_x1", "map_y1", "map_x2", "map_y2")
+MAX_DETECTIONS = 65_536  # per batch written
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    destination: str
+    format: str
+    detections: int  # written
+    crs: str | None  # of the geometries (None: pixel coordinates)
+    left_out: int = 0  # detections without map coordinates in a georeferenced export
+    duplicates: int = 0  # merged by dedup_iou
+
+
+def _dataset(out: Output) -> pads.Dataset:
+    files = out.frame_files()
+    if not files:
+        raise FileNotFoundError(f"{out.url}: no frames to export (is it an fpn output?)")
+    return pads.dataset(files, filesystem=out.fs, format="parquet")
+
+
+def _frame_batches(ds: pads.Dataset, columns: list[str], batch_frames: int) -> Iterator[pa.RecordBatch]:
+    """Batches of at most `batch_frames` frames and about MAX_DETECTIONS detections (a frame is never split),
+    read one file at a time: what bounds the export's memory."""
+    batches = (rb for frag in ds.get_fragments()  # file by file: a dataset-wide scan reads far ahead (measured)
+               for rb in frag.to_batches(columns=columns, batch_size=batch_frames, use_threads=False))
+    for rb in batches:
+        counts = pc.fill_null(pc.list_value_length(rb.column("detections")), 0).to_numpy()
+        start = acc = 0
+        for i, c in enumerate(counts):
+            if acc + c > MAX_DETECTIONS and i > start:
+                yield rb.slice(start, i - start)
+                start, acc = i, 0
+            acc += int(c)
+        yield rb.slice(start)
+
+
+def _detections(ds: pads.Dataset, *, min_score: float, batch_frames: int) -> Iterator[pa.Table]:
+    """One table of detections (frame columns repeated) per batch of frames; columns an older output lacks are
+    null."""
+    names = set(ds.schema.names)
+    cols = [c for c in _FRAME_COLUMNS if c in names] + ["detections"]
+    for rb in _frame_batches(ds, cols, batch_frames):
+        lists = rb.column("detections")
+        if not len(pc.list_flatten(lists)):
+            continue
+        parents = pc.list_parent_indices(lists)
+        flat = pc.list_flatten(lists)
+        frame = pa.Table.from_batches([rb.drop_columns(["detections"])]).take(parents)
+        for c in _FRAME_COLUMNS:
+            if c not in names:
+                frame = frame.append_column(c, pa.nulls(len(frame), _NULL_TYPES[c]))
+        fields = {f.name: flat.field(f.name) for f in flat.type}
+        for c in _MAP:
+            fields.setdefault(c, pa.nulls(len(flat), pa.float64()))
+        t = frame.select(list(_FRAME_COLUMNS))
+        for name in ("label", "label_name", "score", "level", *_BOX, *_MAP):
+            t = t.append_column(name, fields[name])
+        if min_score > 0:
+            t = t.filter(pc.greater_equal(t.column("score"), min_score))
+        if t.num_rows:
+            yield t
+
+
+_NULL_TYPES = {"crs": pa.string(), "transform": pa.list_(pa.float64()), "stac_item": pa.string(),
+               "datetime": pa.timestamp("us", tz="UTC")}
+
+
+def _crss(ds: pads.Dataset) -> set[str]:
+    """The CRSs of the output's georeferenced rasters (one column read)."""
+    if "crs" not in ds.schema.names:
+        return set()
+    return set(pc.unique(ds.to_table(columns=["crs"]).column("crs").combine_chunks().drop_null()).to_pylist())
+
+
+def _target_crs(ds: pads.Dataset, fmt: str, crs: str | None, output: str) -> str | None:
+    """The CRS of the exported geometries: EPSG:4326 for GeoJSON, else `crs` if given, else the one CRS of the
+    output's rasters; None (pixel coordinates) when no raster has one. ValueError naming the problem."""
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    found = _crss(ds)
+    if fmt == "geojson":
+        if not found:
+            raise ValueError(f"{output}: no georeferenced detections, and GeoJSON needs map coordinates "
+                             "(export pixel boxes with --format geoparquet, coco or csv)")
+        return "EPSG:4326"
+    if crs is not None:
+        try:
+            CRS.from_user_input(crs)
+        except CRSError as e:
+            raise ValueError(f"crs {crs!r} is not a coordinate reference system ({e})") from None
+        return crs
+    if len(found) > 1:
+        raise ValueError(f"{output} holds detections in {len(found)} CRSs ({', '.join(sorted(found))}): "
+                         "choose one to reproject them to with --crs")
+    return found.pop() if found else None
+
+
+def _geometries(t: pa.Table, target: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(shapely polygons, mask of the rows that have them) of a detections table: map polygons reprojected to
+    `target`, or pixel boxes when `target` is None (a pixel-only export)."""
+    import shapely
+
+    boxes = np.column_stack([t.column(c).to_numpy(zero_copy_only=False) for c in _BOX]).astype(np.float64)
+    if target is None:
+        return shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]), np.ones(len(boxes), bool)
+    crs = t.column("crs").to_numpy(zero_copy_only=False)
+    valid = pc.is_valid(t.column("crs")).to_numpy(zero_copy_only=False)
+    transforms = np.full((len(boxes), 6), np.nan)
+    transforms[valid] = pc.list_flatten(t.column("transform").combine_chunks()).to_numpy().reshape(-1, 6)
+    geoms = np.full(len(boxes), None, dtype=object)
+    for src in set(crs[valid]):  # one CRS and transform per raster: a few groups per batch
+        rows = valid & (crs == src)
+        for tr in np.unique(transforms[rows], axis=0):
+            sel = rows & (transforms == tr).all(axis=1)
+            geoms[sel] = _reproject(box_polygons(boxes[sel], tuple(tr)), src, target)
+    return geoms, valid
+
+
+def _reproject(geoms: np.ndarray, src: str, dst: str) -> np.ndarray:
+    import shapely
+    from pyproj import CRS, Transformer
+
+    if CRS.from_user_input(src) == CRS.from_user_input(dst):
+        return geoms
+    tf = Transformer.from_crs(src, dst, always_xy=True)
+    return shapely.transform(geoms, lambda xy: np.column_stack(tf.transform(xy[:, 0], xy[:, 1])))
+
+
+def _dedup_keep(ds: pads.Dataset, target: str, iou: float, *, min_score: float,
+                batch_frames: int) -> tuple[set[tuple], int]:
+    """((frame_id, rank among the frame's detections) of the georeferenced detections that survive a greedy,
+    score-ordered merge of boxes from different sources overlapping by more than `iou` in `target` map
+    coordinates, how many were merged away)."""
+    import shapely
+
+    keys, geoms, scores, sources = [], [], [], []
+    for t in _detections(ds, min_score=min_score, batch_frames=batch_frames):
+        g, ok = _geometries(t, target)
+        fids = t.column("frame_id").to_pylist()
+        rank = _rank_in_frame(fids)
+        srcs = t.column("source").to_pylist()
+        sc = t.column("score").to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(ok):
+            keys.append((fids[i], rank[i]))
+            geoms.append(g[i])
+            scores.append(float(sc[i]))
+            sources.append(srcs[i])
+    geoms_a = np.array(geoms, dtype=object)
+    if not len(geoms_a):
+        return set(), 0
+    tree = shapely.STRtree(geoms_a)
+    left, right = tree.query(geoms_a, predicate="intersects")
+    pairs = left != right
+    left, right = left[pairs], right[pairs]
+    inter = shapely.area(shapely.intersection(geoms_a[left], geoms_a[right]))
+    union = shapely.area(geoms_a[left]) + shapely.area(geoms_a[right]) - inter
+    src = np.array(sources, dtype=object)
+    dup = (inter / np.maximum(union, 1e-12) > iou) & (src[left] != src[right])
+    partners: dict[int, list[int]] = {}
+    for a, b in zip(left[dup], right[dup]):
+        partners.setdefault(int(a), []).append(int(b))
+    removed: set[int] = set()
+    for i in np.argsort(-np.asarray(scores), kind="stable"):
+        if i in removed:
+            continue
+        removed.update(j for j in partners.get(int(i), []) if j != i)
+    return {k for i, k in enumerate(keys) if i not in removed}, len(removed)
+
+
+def _rank_in_frame(fids: list[str]) -> list[int]:
+    seen: dict[str, int] = {}
+    out = []
+    for f in fids:
+        out.append(seen.get(f, 0))
+        seen[f] = out[-1] + 1
+    return out
+
+
+def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = None, min_score: float = 0.0,
+           crs: str | None = None, dedup_iou: float | None = None, batch_frames: int = 256) -> ExportSummary:
+    """Write the detections of `output` to `dest` (a path or URL) as `fmt` (see the module docstring).
+
+    `crs`: reproject map geometries to it (needed when the output's rasters have several CRSs); GeoJSON is always
+    EPSG:4326. `dedup_iou`: merge detections of different sources whose map boxes overlap by more than this IoU,
+    keeping the highest score. Raises ValueError naming the cause."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if dedup_iou is not None and not 0 < dedup_iou < 1:
+        raise ValueError(f"dedup IoU must be between 0 and 1, got {dedup_iou}")
+    out = Output(output, storage_options)
+    ds = _dataset(out)
+    target = _target_crs(ds, fmt, crs, output)
+    if dedup_iou is not None and target is None:
+        raise ValueError(f"{output}: --dedup needs map coordinates, and no detection has them")
+    batches = _detections(ds, min_score=min_score, batch_frames=batch_frames)
+    removed = 0
+    if dedup_iou is not None:
+        keep, removed = _dedup_keep(ds, target, dedup_iou, min_score=min_score, batch_frames=batch_frames)
+        batches = _only(batches, keep)
+    writer = {"geoparquet": _GeoParquet, "geojson": _GeoJSON, "coco": _Coco, "csv": _Csv}[fmt]
+    fs, path = filesystem(dest, storage_options)
+    with fs.transaction:  # the file appears complete, or not at all (local: renamed; S3: upload completed)
+        with fs.open(path, "wb") as f:
+            w = writer(f, target)
+            for t in batches:
+                w.write(t)
+            w.close()
+        if fmt == "coco":
+            with fs.open(path + ".images.json", "wb") as f:
+                f.write(json.dumps(w.images).encode())
+    return ExportSummary(dest, fmt, w.written, target, w.left_out, removed)
+
+
+def _only(batches: Iterator[pa.Table], keep: set[tuple]) -> Iterator[pa.Table]:
+    """The detections of `batches` whose (frame_id, rank in frame) is in `keep`, and those without a CRS."""
+    for t in batches:
+        fids = t.column("frame_id").to_pylist()
+        mask = [(f, r) in keep or not c for f, r, c in zip(fids, _rank_in_frame(fids), t.column("crs").to_pylist())]
+        yield t.filter(pa.array(mask))
+
+
+class _Writer:
+    """Writes detection tables to an open binary file `f`; counts what it wrote and what it left out."""
+
+    def __init__(self, f, target: str | None):
+        self.f, self.target = f, target
+        self.written = self.left_out = 0
+
+
+class _GeoParquet(_Writer):
+    def __init__(self, f, target):
+        super().__init__(f, target)
+        self.pq_writer = None
+
+    def write(self, t: pa.Table) -> None:
+        import pyarrow.parquet as pq
+        import shapely
+
+        geoms, ok = _geometries(t, self.target)
+        self.left_out += int((~ok).sum())
+        if not ok.all():
+            t, geoms = t.filter(pa.array(ok)), geoms[ok]
+        if not t.num_rows:
+            return
+        bounds = shapely.bounds(geoms)
+        bbox = pa.StructArray.from_arrays([pa.array(bounds[:, k]) for k in range(4)], ["xmin", "ymin", "xmax", "ymax"])
+        t = t.drop_columns(["crs", "transform", *_MAP]).append_column("geometry", pa.array(shapely.to_wkb(geoms),
+                                                                                         pa.binary()))
+        t = t.append_column("bbox", bbox)
+        if self.pq_writer is None:
+            self.pq_writer = pq.ParquetWriter(self.f, t.schema.with_metadata({"geo": json.dumps(self._geo())}),
+                                              compression="zstd")
+        self.pq_writer.write_table(t.cast(self.pq_writer.schema))
+        self.written += t.num_rows
+
+    def _geo(self) -> dict[str, Any]:
+        from pyproj import CRS
+
+        crs = None if self.target is None else CRS.from_user_input(self.target).to_json_dict()
+        covering = {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}}
+        return {"version": "1.1.0", "primary_column": "geometry",
+                "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": crs,
+                                        "covering": covering}}}
+
+    def close(self) -> None:
+        if self.pq_writer is None:  # nothing to write: an empty file with the columns still reads
+            import pyarrow.parquet as pq
+
+            schema = pa.schema([("geometry", pa.binary())], metadata={"geo": json.dumps(self._geo())})
+            pq.write_table(schema.empty_table(), self.f)
+        else:
+            self.pq_writer.close()
+
+
+class _GeoJSON(_Writer):
+    def __init__(self, f, target):
+        super().__init__(f, target)
+        f.write(b'{"type": "FeatureCollection", "features": [')
+
+    def write(self, t: pa.Table) -> None:
+        import shapely
+
+        geoms, ok = _geometries(t, self.target)
+        self.left_out += int((~ok).sum())
+        props = t.select(["frame_id", "source", "frame_index", "stac_item", "datetime", "label", "label_name",
+                          "score", *_BOX]).to_pylist()
+        for i in np.flatnonzero(ok):
+            p = props[i]
+            if p["datetime"] is not None:
+                p["datetime"] = p["datetime"].isoformat()
+            feature = {"type": "Feature", "geometry": json.loads(shapely.to_geojson(geoms[i])), "properties": p}
+            self.f.write((", " if self.written else "").encode() + json.dumps(feature).encode())
+            self.written += 1
+
+    def close(self) -> None:
+        self.f.write(b"]}")
+
+
+class _Coco(_Writer):
+    def __init__(self, f, target):
+        super().__init__(f, target)
+        self.ids: dict[tuple[str, int], int] = {}
+        self.images: list[dict] = []
+        f.write(b"[")
+
+    def write(self, t: pa.Table) -> None:
+        cols = ["source", "source_kind", "frame_index", "width", "height", "label", "score", *_BOX]
+        for r in t.select(cols).to_pylist():
+            key = (r["source"], r["frame_index"] if r["source_kind"] == "video" else 0)  # a raster's boxes: its pixels
+            if key not in self.ids:
+                self.ids[key] = len(self.ids) + 1
+                self.images.append({"id": self.ids[key], "file_name": r["source"], "frame_index": key[1],
+                                    "width": r["width"], "height": r["height"]})
+            res = {"image_id": self.ids[key], "category_id": r["label"], "score": round(r["score"], 5),
+                   "bbox": [r["x1"], r["y1"], r["x2"] - r["x1"], r["y2"] - r["y1"]]}
+            self.f.write((", " if self.written else "").encode() + json.dumps(res).encode())
+            self.written += 1
+
+    def close(self) -> None:
+        self.f.write(b"]")
+
+
+class _Csv(_Writer):
+    def __init__(self, f, target):
+        super().__init__(f, target)
+        self.csv = None
+
+    def write(self, t: pa.Table) -> None:
+        import pyarrow.csv as pcsv
+
+        t = t.drop_columns(["transform"])
+        if self.csv is None:
+            self.schema = t.schema
+            self.csv = pcsv.CSVWriter(self.f, t.schema)
+        self.csv.write_table(t.cast(self.schema))
+        self.written += t.num_rows
+
+    def close(self) -> None:
+        if self.csv is not None:
+            self.csv.close()

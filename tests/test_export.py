@@ -1,0 +1,162 @@
+"""`fpn export` of georeferenced detections: GeoParquet 1.1 (GeoPandas, DuckDB by bbox), GeoJSON in EPSG:4326,
+COCO results scored by pycocotools, CSV; several CRSs; duplicates of overlapping scenes merged.
+
+Outputs are made by the pipeline's own pieces without Ray (planner, decoder, Detector with the known-box model
+`fakes.BrightBoxes`, Output's writer): the same frames `fpn run` writes, in seconds."""
+import json
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from geo_scenes import make_output, write_scene
+from jobs.cli import cli
+from jobs.export import export
+from pipeline.raster import RasterSettings
+
+
+@pytest.fixture(scope="module")
+def scene_output(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    scene = write_scene(root / "scene.tif")
+    return scene, make_output(root / "out", [scene])
+
+
+def test_geoparquet_reads_back_in_geopandas_with_the_crs_and_geometries_and_in_duckdb_by_bbox(scene_output, tmp_path):
+    import geopandas as gpd
+    from pyproj import CRS
+
+    scene, out = scene_output
+    dest = tmp_path / "trees.parquet"
+    s = export(out, str(dest), fmt="geoparquet", batch_frames=2)
+    assert s.detections == len(scene.squares) and s.crs == "EPSG:32633"
+    geo = json.loads(pq.read_schema(dest).metadata[b"geo"])
+    assert geo["version"] == "1.1.0" and geo["columns"]["geometry"]["encoding"] == "WKB"
+    assert CRS.from_json_dict(geo["columns"]["geometry"]["crs"]) == CRS.from_epsg(32633)
+    assert geo["columns"]["geometry"]["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
+    assert pq.ParquetFile(dest).num_row_groups > 1  # written batch by batch
+
+    df = gpd.read_parquet(dest)
+    assert df.crs == CRS.from_epsg(32633) and len(df) == len(scene.squares)
+    for geom, x1, y1, x2, y2 in zip(df.geometry, df.x1, df.y1, df.x2, df.y2):
+        np.testing.assert_allclose(geom.bounds, scene.map_box(x1, y1, x2, y2), atol=1e-6)
+    truth = sorted(scene.map_box(*b) for b in scene.pixel_boxes())
+    np.testing.assert_allclose(sorted(g.bounds for g in df.geometry), truth, atol=0.5 * scene.gsd)
+
+    # the bbox covering columns: a spatial query in plain DuckDB SQL (no spatial extension)
+    x0, y0, x1_, y1_ = truth[0]
+    sql = (f"SELECT x1, y1 FROM read_parquet('{dest}') WHERE bbox.xmin >= {x0 - 1} AND bbox.xmax <= {x1_ + 1} "
+           f"AND bbox.ymin >= {y0 - 1} AND bbox.ymax <= {y1_ + 1}")
+    assert len(duckdb.sql(sql).fetchall()) == 1
+
+
+def test_geojson_is_valid_rfc7946_in_wgs84(scene_output, tmp_path):
+    import shapely
+    from pyproj import Transformer
+
+    scene, out = scene_output
+    dest = tmp_path / "trees.geojson"
+    assert export(out, str(dest), fmt="geojson").detections == len(scene.squares)
+    fc = json.loads(dest.read_text())
+    assert fc["type"] == "FeatureCollection" and "crs" not in fc  # RFC 7946: WGS 84 lon/lat, no crs member
+    to_wgs84 = Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True)
+    for f in fc["features"]:
+        g = shapely.geometry.shape(f["geometry"])
+        assert f["geometry"]["type"] == "Polygon" and g.is_valid
+        p = f["properties"]
+        lon, lat = to_wgs84.transform(*scene.map_box(p["x1"], p["y1"], p["x2"], p["y2"])[:2])
+        assert g.bounds[0] == pytest.approx(lon, abs=1e-6) and g.bounds[1] == pytest.approx(lat, abs=1e-6)
+        assert 14.9 < lon < 15.1 and 47.8 < lat < 47.9  # UTM 33N, 500 km east: near 15 E
+
+
+def test_coco_results_score_with_pycocotools(scene_output, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    scene, out = scene_output
+    dest = tmp_path / "results.json"
+    export(out, str(dest), fmt="coco")
+    images = json.loads((tmp_path / "results.json.images.json").read_text())
+    assert [(i["file_name"], i["width"], i["height"]) for i in images] == [(str(scene.path), 1200, 1000)]
+    gt = {"images": [{"id": images[0]["id"], "width": 1200, "height": 1000, "file_name": "scene.tif"}],
+          "categories": [{"id": 1, "name": "bright"}],
+          "annotations": [{"id": k + 1, "image_id": images[0]["id"], "category_id": 1, "iscrowd": 0,
+                           "bbox": [x, y, s, s], "area": s * s} for k, (x, y, s) in enumerate(scene.squares)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    coco = COCO(str(tmp_path / "gt.json"))
+    ev = COCOeval(coco, coco.loadRes(str(dest)), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ev.stats[1] == pytest.approx(1.0)  # AP50: every square found, nothing else
+
+
+def test_csv_and_the_cli(scene_output, tmp_path):
+    import pyarrow.csv as pcsv
+
+    scene, out = scene_output
+    r = CliRunner().invoke(cli, ["export", out, "-o", str(tmp_path / "d.csv"), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    assert f"{len(scene.squares)} detections -> {tmp_path / 'd.csv'} (csv, EPSG:32633)" in r.output
+    t = pcsv.read_csv(tmp_path / "d.csv")
+    assert t.num_rows == len(scene.squares) and {"x1", "map_x1", "crs", "score", "source"} <= set(t.column_names)
+    r = CliRunner().invoke(cli, ["export", out, "-o", str(tmp_path / "x"), "--crs", "EPSG:nope"])
+    assert r.exit_code == 1 and "EPSG:nope" in r.output and "Traceback" not in r.output
+
+
+def test_several_crs_need_a_choice_and_overlapping_scenes_merge_with_dedup(tmp_path):
+    import geopandas as gpd
+
+    a = write_scene(tmp_path / "a.tif", width=800, height=600, squares=((400, 100, 20), (600, 300, 16)))
+    # b: 40 m (200 px) further east; its square at x=400 is a's at x=600 on the ground, the other is its own
+    b = write_scene(tmp_path / "b.tif", width=800, height=600, squares=((400, 300, 16), (700, 500, 20)),
+                    origin=(500_040.0, 5_300_000.0))
+    c = write_scene(tmp_path / "c.tif", width=800, height=600, squares=((500, 200, 20),), crs="EPSG:32634")
+    out = make_output(tmp_path / "out", [a, b])
+    s = export(out, str(tmp_path / "all.parquet"), fmt="geoparquet")
+    assert s.detections == 4 and s.duplicates == 0
+    s = export(out, str(tmp_path / "dedup.parquet"), fmt="geoparquet", dedup_iou=0.5)
+    assert s.detections == 3 and s.duplicates == 1
+    assert len(gpd.read_parquet(tmp_path / "dedup.parquet")) == 3
+
+    mixed = make_output(tmp_path / "mixed", [a, c])
+    with pytest.raises(ValueError, match=r"holds detections in 2 CRSs \(EPSG:32633, EPSG:32634\).*--crs"):
+        export(mixed, str(tmp_path / "m.parquet"), fmt="geoparquet")
+    s = export(mixed, str(tmp_path / "m.parquet"), fmt="geoparquet", crs="EPSG:4326")
+    df = gpd.read_parquet(tmp_path / "m.parquet")
+    assert s.detections == 3 and df.crs.to_epsg() == 4326
+    lon = sorted(round(g.bounds[0]) for g in df.geometry)
+    assert lon == [15, 15, 21]  # UTM 33N and 34N, 500 km east: near 15 E and 21 E
+
+
+def test_pixel_only_rasters_export_pixel_boxes_and_say_so(tmp_path):
+    from PIL import Image
+
+    img = np.zeros((300, 400, 3), np.uint8)
+    img[100:140, 50:90] = 255
+    path = tmp_path / "plain.tif"  # a TIFF without a georeference
+    Image.fromarray(img).save(path)
+    out = make_output(tmp_path / "out", [path], RasterSettings(window=512, margin=0, target_gsd_m=0.1))
+    s = export(out, str(tmp_path / "px.parquet"), fmt="geoparquet")
+    assert s.crs is None and s.detections == 1
+    geo = json.loads(pq.read_schema(tmp_path / "px.parquet").metadata[b"geo"])
+    assert geo["columns"]["geometry"]["crs"] is None
+    assert pq.read_table(tmp_path / "px.parquet").column("bbox").to_pylist() == [
+        {"xmin": 50.0, "ymin": 100.0, "xmax": 90.0, "ymax": 140.0}]
+    with pytest.raises(ValueError, match="no georeferenced detections, and GeoJSON needs map coordinates"):
+        export(out, str(tmp_path / "px.geojson"), fmt="geojson")
+
+
+def test_export_writes_to_object_storage(scene_output, s3):
+    import geopandas as gpd
+
+    fs, endpoint = s3
+    scene, out = scene_output
+    s = export(out, "s3://test/exports/trees.parquet", fmt="geoparquet", storage_options={"s3": {"endpoint_url": endpoint}})
+    assert s.detections == len(scene.squares)
+    with fs.open("test/exports/trees.parquet", "rb") as f:
+        df = gpd.read_parquet(f)
+    assert df.crs.to_epsg() == 32633 and len(df) == len(scene.squares)
+    assert fs.ls("test/exports") == ["test/exports/trees.parquet"]  # one object, nothing temporary beside it

@@ -1,0 +1,171 @@
+"""`fpn render`: any frame of any source with the boxes of that frame, a raster region across windows, clips.
+
+The outputs here are written through `pipeline.output.Output` with known boxes (no detector run), over real
+media: a video whose frames encode their index, a GeoTIFF written with rasterio.
+"""
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from jobs.cli import cli
+from jobs.render import colour
+from pipeline.decode import open_video
+from pipeline.output import FRAME_SCHEMA, Output, frame_id
+from pipeline.storage import canonical_uri
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _row(source, kind, index, pts, w, h, dets, window=None):
+    wx, wy, ww, wh = window or (0, 0, w, h)
+    return {"frame_id": frame_id(source, index), "source": source, "source_kind": kind, "frame_index": index,
+            "pts_s": pts, "width": w, "height": h, "num_detections": len(dets), "model": "synthetic",
+            "detections": [{"x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": s, "label": lb, "label_name": f"c{lb}",
+                            "level": 2} for x1, y1, x2, y2, s, lb in dets],
+            "window_x": wx, "window_y": wy, "window_width": ww, "window_height": wh}
+
+
+# frame -> boxes (x1, y1, x2, y2, score, label): each processed frame has its own box at its own place
+VIDEO_BOXES = {0: [(10, 10, 40, 30, 0.9, 1)], 4: [(50, 20, 90, 60, 0.8, 2)], 8: [(20, 30, 60, 60, 0.7, 3)]}
+
+
+@pytest.fixture
+def video_output(make_video, tmp_path):
+    """A 12-frame video (12 fps, 96x64) processed at frames 0, 4 and 8."""
+    video = make_video("render12.mp4", 12, 12.0)
+    src = canonical_uri(str(video))
+    rows = [_row(src, "video", i, i / 12.0, 96, 64, dets) for i, dets in VIDEO_BOXES.items()]
+    Output(str(tmp_path / "out")).write_frames(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA))
+    return tmp_path / "out", video
+
+
+def _outline_has(img: np.ndarray, box, rgb) -> bool:
+    x1, y1, x2, y2 = (int(v) for v in box[:4])
+    edges = np.concatenate([img[y1, x1:x2 + 1], img[y2, x1:x2 + 1], img[y1:y2 + 1, x1], img[y1:y2 + 1, x2]])
+    return bool((edges == rgb).all())
+
+
+def test_rendering_a_video_frame_draws_the_boxes_of_that_frame_only(video_output, tmp_path):
+    out, video = video_output
+    r = invoke("render", out, video, tmp_path / "f4.png", "--frame", 4, "--min-score", 0)
+    assert r.exit_code == 0, r.output
+    assert "1 detections drawn (frame 4 at 0.33 s)" in r.output
+    drawn = np.asarray(Image.open(tmp_path / "f4.png").convert("RGB"))
+    v = open_video(str(video))
+    raw = v.frames([4])[0]
+    assert drawn.shape == raw.shape
+    assert _outline_has(drawn, VIDEO_BOXES[4][0], colour(2))
+    for other in (0, 8):  # the other frames' boxes are not on this one
+        assert not _outline_has(drawn, VIDEO_BOXES[other][0], colour(VIDEO_BOXES[other][0][5]))
+    changed = np.any(drawn != raw, axis=2)
+    x1, y1, x2, y2 = VIDEO_BOXES[4][0][:4]
+    assert not changed[:y1].any() and not changed[y2 + 1:].any()  # nothing drawn outside the box
+    assert not changed[y1 + 1:y2, x1 + 1:x2].any()  # the frame's own pixels inside the box
+
+
+def test_time_picks_the_nearest_processed_frame_and_an_unprocessed_index_is_one_line(video_output, tmp_path):
+    out, video = video_output
+    r = invoke("render", out, video, tmp_path / "t.png", "--time", 0.6, "--min-score", 0)
+    assert r.exit_code == 0 and "(frame 8 at 0.67 s)" in r.output, r.output
+    assert _outline_has(np.asarray(Image.open(tmp_path / "t.png").convert("RGB")), VIDEO_BOXES[8][0], colour(3))
+    r = invoke("render", out, video, tmp_path / "x.png", "--frame", 5)
+    assert r.exit_code == 1 and "frame 5" in r.output and "nearest processed: 4, 8" in r.output
+    assert "Traceback" not in r.output
+    r = invoke("render", out, tmp_path / "other.mp4", tmp_path / "x.png")
+    assert r.exit_code == 1 and "no frames of it" in r.output
+
+
+def test_clip_is_an_mp4_of_the_range_with_the_held_boxes(video_output, tmp_path):
+    out, video = video_output
+    r = invoke("render", out, video, tmp_path / "clip.mp4", "--clip", 0.25, 0.75, "--min-score", 0)
+    assert r.exit_code == 0, r.output
+    assert "6 frames from 0.25 s" in r.output  # frames 3..8 at 12 fps
+    clip = open_video(str(tmp_path / "clip.mp4"), "pyav")
+    raw = open_video(str(video)).frames(list(range(3, 9)))
+    assert (clip.num_frames, clip.width, clip.height, round(clip.fps)) == (6, 96, 64, 12)
+    frames = clip.frames(list(range(6))).astype(int)
+
+    def outline_diff(k, box):  # mean change along a box's outline between the clip and the source frame
+        x1, y1, x2, y2 = box[:4]
+        d = np.abs(frames[k] - raw[k]).sum(axis=2)
+        return float(np.concatenate([d[y1, x1:x2], d[y2, x1:x2], d[y1:y2, x1], d[y1:y2, x2]]).mean())
+
+    assert outline_diff(0, VIDEO_BOXES[0][0]) > 60  # frame 3 holds frame 0's box
+    assert outline_diff(1, VIDEO_BOXES[4][0]) > 60  # frame 4 onwards: frame 4's box
+    assert outline_diff(1, VIDEO_BOXES[0][0]) < 30  # and no longer frame 0's
+    assert outline_diff(5, VIDEO_BOXES[8][0]) > 60
+
+
+# a 300x200 raster read as four 150x100 windows, one box in each (source pixels)
+SCENE_BOXES = {0: (20, 20, 60, 50), 1: (200, 30, 240, 70), 2: (30, 130, 80, 170), 3: (160, 110, 190, 150)}
+
+
+def _scene(path) -> np.ndarray:
+    """Write a 3-band 300x200 GeoTIFF of noise to `path`; returns its `[3, 200, 300]` pixels."""
+    import rasterio
+
+    data = np.random.default_rng(0).integers(0, 120, (3, 200, 300), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=300, height=200, count=3, dtype="uint8", crs="EPSG:3857",
+                       transform=rasterio.transform.from_origin(0, 200, 1, 1)) as ds:
+        ds.write(data)
+    return data
+
+
+def _scene_rows(src: str) -> list[dict]:
+    return [_row(src, "raster", k, None, 300, 200, [(*b, 0.9, 1)], ((k % 2) * 150, (k // 2) * 100, 150, 100))
+            for k, b in SCENE_BOXES.items()]
+
+
+def test_raster_region_draws_the_boxes_of_every_window_in_it(tmp_path):
+    tif = tmp_path / "scene.tif"
+    data = _scene(tif)
+    boxes = SCENE_BOXES
+    rows = _scene_rows(canonical_uri(str(tif)))
+    Output(str(tmp_path / "out")).write_frames(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA))
+    # a region across windows 1 and 3 (the right half)
+    r = invoke("render", tmp_path / "out", tif, tmp_path / "right.png", "--region", 150, 0, 150, 200, "--min-score", 0)
+    assert r.exit_code == 0 and "2 detections drawn" in r.output, r.output
+    img = np.asarray(Image.open(tmp_path / "right.png").convert("RGB"))
+    assert img.shape == (200, 150, 3)
+    for k in (1, 3):
+        x1, y1, x2, y2 = boxes[k]
+        assert _outline_has(img, (x1 - 150, y1, x2 - 150, y2), colour(1))
+    assert (img[80:100, 0:40] == data[:, 80:100, 150:190].transpose(1, 2, 0)).all()  # the raster's own pixels
+    # the whole raster, scaled down: every window's box
+    r = invoke("render", tmp_path / "out", tif, tmp_path / "all.png", "--max-side", 150, "--min-score", 0)
+    assert r.exit_code == 0 and "4 detections drawn" in r.output, r.output
+    assert Image.open(tmp_path / "all.png").size == (150, 100)
+    r = invoke("render", tmp_path / "out", tif, tmp_path / "x.png", "--region", 400, 0, 10, 10)
+    assert r.exit_code == 1 and "outside the 300x200 frame" in r.output
+
+
+def test_render_and_report_read_s3_outputs_and_sources_with_the_storage_flags(make_video, s3, tmp_path):
+    fs, endpoint = s3
+    video = make_video("render12.mp4", 12, 12.0)
+    fs.put(str(video), "test/media/v.mp4")
+    _scene(tmp_path / "scene.tif")
+    fs.put(str(tmp_path / "scene.tif"), "test/media/scene.tif")
+    src = "s3://test/media/v.mp4"
+    rows = [_row(src, "video", i, i / 12.0, 96, 64, dets) for i, dets in VIDEO_BOXES.items()]
+    rows += _scene_rows("s3://test/media/scene.tif")
+    out = Output("s3://test/out", {"s3": {"endpoint_url": endpoint}})
+    out.write_frames(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA))
+    r = invoke("render", "s3://test/out", src, tmp_path / "f8.png", "--frame", 8, "--min-score", 0,
+               "--endpoint-url", endpoint)
+    assert r.exit_code == 0, r.output
+    assert _outline_has(np.asarray(Image.open(tmp_path / "f8.png").convert("RGB")), VIDEO_BOXES[8][0], colour(3))
+    r = invoke("render", "s3://test/out", "s3://test/media/scene.tif", tmp_path / "left.png", "--region", 0, 0, 150,
+               200, "--min-score", 0, "--endpoint-url", endpoint)  # the raster by byte ranges
+    assert r.exit_code == 0 and "2 detections drawn" in r.output, r.output
+    assert _outline_has(np.asarray(Image.open(tmp_path / "left.png").convert("RGB")), SCENE_BOXES[2], colour(1))
+    r = invoke("report", "s3://test/out", "-o", tmp_path / "r.html", "--endpoint-url", endpoint)
+    assert r.exit_code == 0 and "7 frames, 7 detections, 0 errors" in r.output, r.output
+    html = (tmp_path / "r.html").read_text()
+    assert html.count("<figcaption>frame ") == 3 and "not drawn" not in html  # video and raster read from S3
+    assert "every box, across windows" in html and "detection density" in html
+    r = invoke("render", "s3://test/nope", src, tmp_path / "x.png", "--endpoint-url", endpoint)
+    assert r.exit_code == 1 and "s3://test/nope: no frames/ directory" in r.output and "Traceback" not in r.output

@@ -1,0 +1,148 @@
+"""`fpn report` on a real output (made by `fpn run` with the bundled model): one offline HTML page whose figures
+are the output's, opened in headless Chromium. Also the progress bar of that run."""
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from browser import CHROMIUM, visit
+from conftest import SOAP
+from jobs.cli import cli
+
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make venv does)")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run_output(ray_session, tmp_path_factory):
+    """A flyover clip (12 frames, 6 fps) panned across the aerial image, the image itself and an empty video,
+    run with the bundled model at every 3rd frame: 5 frames, one error row. Returns (output, result of run)."""
+    from fpn_model.data import read_image
+    from jobs.demo import make_flyover
+
+    root = tmp_path_factory.mktemp("report")
+    make_flyover(read_image(SOAP), root / "fly.mp4", size=160, frames=12, fps=6)
+    (root / "empty.mp4").write_bytes(b"")
+    r = invoke("run", root / "fly.mp4", SOAP, root / "empty.mp4", "-o", root / "out", "--every-n", 3)
+    return root / "out", r
+
+
+def _shown(html: str) -> tuple[dict, dict]:
+    """The job figures (data-key) and the detections per class (data-class rows) as the page shows them."""
+    keys = {k: int(v) for k, v in re.findall(r'<span data-key="(\w+)">(\d+)</span>', html)}
+    classes = {c: int(n) for c, n in re.findall(r'<tr data-class="([^"]+)">.*?data-count="(\d+)"', html)}
+    return keys, classes
+
+
+def _query(out, sql, *flags):
+    r = invoke("query", out, sql, "--format", "json", *flags)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
+
+
+@pytest.mark.slow
+def test_local_run_shows_one_progress_bar_instead_of_ray_operator_logs(run_output):
+    _, r = run_output
+    assert r.exit_code == 3, r.output  # finished with errors: the empty video
+    assert re.search(r"frames: 5/5 .*frame/s, 1 errors\]", r.output), r.output
+    assert "logging_progress" not in r.output and "Running Dataset" not in r.output
+    assert "finished with errors: 5 frames" in r.output
+
+
+@pytest.mark.slow
+def test_report_figures_equal_fpn_query_answers(run_output, tmp_path):
+    out, _ = run_output
+    r = invoke("report", out, "-o", tmp_path / "report.html")
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "report.html").read_text()
+    keys, classes = _shown(html)
+    assert keys["frames"] == _query(out, "SELECT count(*) AS n FROM frames")[0]["n"] == 5
+    assert keys["errors"] == _query(out, "SELECT count(*) AS n FROM errors")[0]["n"] == 1
+    per_class = {row["label_name"]: row["n"] for row in
+                 _query(out, "SELECT label_name, count(*) AS n FROM detections GROUP BY 1")}
+    assert classes == per_class and sum(per_class.values()) == keys["detections"] > 0
+    assert f"{keys['frames']} frames, {keys['detections']} detections, 1 errors" in r.output
+    # the sections a person looks at: a frame strip of the clip (4 processed frames), the image, the error row
+    assert html.count("<figcaption>frame ") == 4 and "fly.mp4" in html and "SOAP_061.png" in html
+    assert "empty.mp4" in html and "empty file (0 bytes)" in html
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_report_opens_in_headless_chromium_offline_without_console_errors(run_output, tmp_path):
+    out, _ = run_output
+    assert invoke("report", out, "-o", tmp_path / "report.html").exit_code == 0
+    seen = visit(tmp_path / "report.html")
+    assert seen.console_errors == [] and seen.requests == []
+    assert seen.images >= 8 and seen.broken_images == []  # timeline, 4 frames, thumbnail, size and score charts
+    shot = np.asarray(Image.open(io.BytesIO(seen.screenshot)).convert("L"))
+    assert shot.shape[1] > 1000 and shot.shape[0] > 2000 and shot.std() > 20  # a long page, not blank
+
+
+@needs_chromium
+def test_the_browser_check_sees_console_errors_and_network_requests(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text('<!doctype html><p>x</p><img alt="far" src="http://127.0.0.1:9/x.png">'
+                    '<script>console.error("boom")</script>')
+    seen = visit(page)
+    assert "boom" in seen.console_errors and seen.requests == ["http://127.0.0.1:9/x.png"]
+    assert seen.broken_images == ["far"]
+
+
+@pytest.mark.slow
+def test_report_and_status_of_an_s3_output_take_the_storage_flags(run_output, s3, tmp_path):
+    fs, endpoint = s3
+    out, _ = run_output
+    fs.put(f"{out}/", "test/out/", recursive=True)
+    r = invoke("report", "s3://test/out", "-o", tmp_path / "s3.html", "--endpoint-url", endpoint)
+    assert r.exit_code == 0, r.output
+    keys, classes = _shown((tmp_path / "s3.html").read_text())
+    per_class = {row["label_name"]: row["n"] for row in _query(
+        "s3://test/out", "SELECT label_name, count(*) AS n FROM detections GROUP BY 1", "--endpoint-url", endpoint)}
+    assert keys["frames"] == 5 and keys["errors"] == 1 and classes == per_class
+    assert keys["detections"] == sum(per_class.values()) == _query(out, "SELECT count(*) AS n FROM detections")[0]["n"]
+    r = invoke("status", "s3://test/out", "--endpoint-url", endpoint, "--format", "json")
+    assert r.exit_code == 3 and json.loads(r.output)["frames_done"] == 5, r.output
+    r = invoke("report", "s3://test/missing", "-o", tmp_path / "x.html", "--endpoint-url", endpoint)
+    assert r.exit_code == 1 and "Traceback" not in r.output and "s3://test/missing" in r.output
+
+
+def test_progress_bar_counts_what_the_output_holds(tmp_path):
+    """The bar reads the output as `fpn status` does: frames written of planned, and error rows."""
+    import pyarrow as pa
+
+    from jobs.progress import RunProgress
+    from pipeline.output import FRAME_SCHEMA, Output, frame_id
+
+    out = Output(str(tmp_path / "out"))
+    out.write_job({"state": "running", "planned_frames": 10, "started_at": "2026-01-01T00:00:00"})
+    rows = [{"frame_id": frame_id("/v.mp4", i), "source": "/v.mp4", "source_kind": "video", "frame_index": i,
+             "num_detections": 0, "detections": []} for i in range(3)]
+    out.write_frames(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA))
+    out.write_errors([{"source": "/w.mp4", "stage": "probe", "frame_index": None, "error_type": "ValueError",
+                       "message": "empty file"}], "probe:/w.mp4")
+    text = io.StringIO()
+    with out.lease(), RunProgress(out.url, file=text, interval_s=60) as bar:  # a live writer: state running
+        bar.update()
+        assert bar.bar.total == 10 and bar.bar.n == 3
+    assert "frames: 3/10" in text.getvalue() and "1 errors" in text.getvalue()
+
+
+@pytest.mark.slow
+def test_demo_runs_the_bundled_model_on_imagery_it_knows_and_writes_the_report(ray_session, tmp_path):
+    r = invoke("demo", "-o", tmp_path / "demo")
+    assert r.exit_code == 0, r.output
+    assert "succeeded: 25 frames" in r.output  # the aerial image and 24 sampled frames of the flyover
+    assert f"report: {tmp_path / 'demo' / 'report.html'}" in r.output
+    html = (tmp_path / "demo" / "report.html").read_text()
+    keys, classes = _shown(html)
+    assert keys["frames"] == 25 and keys["errors"] == 0 and set(classes) == {"Tree"}
+    assert "flyover.mp4" in html and "SOAP_061.png" in html and "bikes.mp4" not in html
+    assert html.count("<figcaption>frame ") == 6

@@ -1,0 +1,63 @@
+"""Resource requests checked against the cluster before any work, and the detectors' torch threads."""
+import pytest
+from click.testing import CliRunner
+
+from conftest import SOAP
+from jobs.cli import cli
+from pipeline.plan import Resources
+from pipeline.sizing import fit
+
+TWO_CORES = [{"CPU": 2.0}]
+
+
+def test_one_detector_on_a_two_core_node_gets_both_cores():
+    assert fit(Resources(), TWO_CORES).threads == 2  # not the floor of its 1-CPU reservation
+    assert fit(Resources(num_detectors=2, cpus_per_detector=0.7), TWO_CORES).threads == 1
+    assert fit(Resources(), [{"CPU": 16.0}]).threads == 16
+    four_nodes = [{"CPU": 8.0}] * 4
+    assert fit(Resources(num_detectors=8, cpus_per_detector=2), four_nodes).threads == 4  # 2 per node
+
+
+def test_a_gpu_detector_keeps_its_cpu_reservation_as_threads():
+    assert fit(Resources(gpus_per_detector=1, cpus_per_detector=4), [{"CPU": 16.0, "GPU": 1.0}]).threads == 4
+
+
+@pytest.mark.parametrize("resources, nodes, says", [
+    (Resources(num_detectors=2), TWO_CORES,
+     "needs 2 detector(s) x 1 CPU + 0.5 CPU per decode task + 0.1 CPU for writing = 2.6 CPUs, and the cluster has 2"),
+    (Resources(cpus_per_detector=2), TWO_CORES, "= 2.6 CPUs, and the cluster has 2"),
+    (Resources(gpus_per_detector=1), TWO_CORES, "needs 1 detector(s) x 1 GPU = 1 GPUs, and the cluster has 0"),
+    (Resources(cpus_per_detector=3), [{"CPU": 2.0}, {"CPU": 2.0}],
+     "one detector needs 3 CPU and 0 GPU, and the largest node has 2 CPU and 0 GPU"),
+])
+def test_requests_the_cluster_cannot_hold_fail_naming_the_numbers(resources, nodes, says):
+    with pytest.raises(ValueError) as e:
+        fit(resources, nodes)
+    assert says in str(e.value)
+
+
+@pytest.mark.slow
+def test_fpn_run_asking_for_more_than_the_node_fails_in_seconds_before_any_work(ray_session, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", str(out), "--num-detectors", "2"])
+    assert r.exit_code == 1 and "= 2.6 CPUs, and the cluster has 2" in r.output, r.output
+    assert "Traceback" not in r.output and not out.exists()  # nothing written, no lease taken
+
+
+def test_a_job_without_progress_is_reported_once_per_stall_naming_the_starved_stage(tmp_path):
+    """The watchdog reads the real output's progress; the cluster's free resources are given, as Ray reports them."""
+    from jobs.watchdog import Watchdog
+    from pipeline.output import Output
+
+    free = {"CPU": 0.0}
+    dog = Watchdog(Output(str(tmp_path / "out")), Resources(), stall_s=10,
+                   cluster=lambda: (free, {"CPU": 2.0}))
+    assert dog.check(now=100.0) is None  # the first poll sets the clock
+    assert dog.check(now=109.0) is None
+    msg = dog.check(now=111.0)
+    assert msg == ("no frame written for 11 s: decoding is starved: 0 of 2 CPUs are free and a decode task needs 0.5 "
+                   "(the detectors reserve 1); lower cpus_per_detector or num_detectors")
+    assert dog.check(now=115.0) is None  # once per stall period
+    free["CPU"] = 1.0
+    assert "a decoder or the detector is slow or stuck" in dog.check(now=121.0)
+    assert len(dog.warnings) == 2
