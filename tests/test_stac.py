@@ -97,6 +97,12 @@ def stac_api(tmp_path):
     s3.geometry["coordinates"] = [[[21.0, 47.8], [21.1, 47.8], [21.1, 47.9], [21.0, 47.9], [21.0, 47.8]]]
     s3.bbox = [21.0, 47.8, 21.1, 47.9]
     col.add_item(s3)
+    yield from serve_catalog(col, tmp_path)
+
+
+def serve_catalog(col: pystac.Collection, tmp_path):
+    """Save a catalog holding `col` under tmp_path/stac and serve it with stac-fastapi-static on 127.0.0.1; yields
+    the API's URL."""
     cat = pystac.Catalog("root", "root catalog")
     cat.add_child(col)
     cat.normalize_hrefs(f"file://{tmp_path / 'stac'}")  # the server follows file:// links
@@ -118,9 +124,11 @@ def stac_api(tmp_path):
     else:
         proc.kill()
         raise RuntimeError("the STAC API server did not start")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_a_stac_api_search_gives_the_items_of_its_collection_bbox_and_time(stac_api, tmp_path):
@@ -176,3 +184,30 @@ def test_band_assets_are_combined_on_the_finest_grid(tmp_path):
     assert {r["stac_item"] for r in rows} == {"multi"} and {r["source"] for r in rows} == {src.canonical}
     d = rows[0]["detections"][0]
     assert d["map_x1"] == pytest.approx(500_000 + 0.2 * d["x1"]) and d["map_y2"] == pytest.approx(5_300_000 - 0.2 * d["y1"])
+
+
+@pytest.mark.slow
+def test_a_stac_api_search_runs_end_to_end_reading_its_assets_from_object_storage(ray_session, s3, tmp_path):
+    """`stac_search` as the job's input: the API answers with items whose assets live on S3 (the moto server),
+    read by ranges with the job's storage options; every row carries its item id and datetime."""
+    fs, endpoint = s3
+    scene = write_scene(tmp_path / "scene.tif", width=600, height=500, squares=((400, 100, 20), (450, 300, 16)))
+    fs.put(str(scene.path), "test/scenes/a.tif")
+    col = pystac.Collection("scenes", "test scenes", pystac.Extent(
+        pystac.SpatialExtent([[15.0, 47.8, 15.1, 47.9]]), pystac.TemporalExtent([[WHEN, None]])))
+    col.add_item(make_item("a", "s3://test/scenes/a.tif"))
+    col.add_item(make_item("late", "s3://test/scenes/a.tif", when=dt.datetime(2024, 7, 2, tzinfo=dt.timezone.utc)))
+    server = serve_catalog(col, tmp_path)
+    try:
+        doc = run(plan_from_dict({
+            "stac_search": {"url": next(server), "collections": ["scenes"], "datetime": "2024-06-01/2024-06-30"},
+            "output": str(tmp_path / "out"), "storage_options": {"s3": {"endpoint_url": endpoint}},
+            "model": backend(BrightBoxes), "tile": None, "raster_window": 1024, "raster_margin": 64,
+            "bands": [4, 3, 2], "stretch": {"min": 0, "max": 4000}}))
+    finally:
+        server.close()
+    t = pads.dataset(str(tmp_path / "out" / "frames"), format="parquet").to_table()
+    assert doc["state"] == "succeeded" and t.num_rows == 2
+    assert set(t.column("source").to_pylist()) == {"s3://test/scenes/a.tif"}
+    assert set(t.column("stac_item").to_pylist()) == {"a"} and set(t.column("datetime").to_pylist()) == {WHEN}
+    assert sum(t.column("num_detections").to_pylist()) == 2
