@@ -22,16 +22,16 @@ from typing import Any, Iterator
 from fpn_model.predict import TileConfig
 from fpn_model.weights import InputSpec, read_input_spec
 
-from .decode import Sampling, decode_unit, sample_indices
+from .decode import Sampling, decode_unit, probe, sample_indices
 from .isolate import ChildTimeout, IsolationError, process_child
 from .output import Output, error_row, frame_id
-from .raster import RasterPlan, RasterSettings, Stretch, aoi_geometry
+from .raster import RasterPlan, RasterSettings, Stretch, aoi_geometry, open_rasters, plan_raster
 from .sink import FrameSink
 from .sizing import WRITE_CPUS
-from .sources import Source, WorkUnit, plan_units
+from .sources import Source, WorkUnit
 from .stac import check_search
 
-__all__ = ["Plan", "Resources", "plan_work", "count_planned", "raster_summary", "build_dataset", "execute"]
+__all__ = ["Plan", "Resources", "plan_units", "plan_work", "count_planned", "raster_summary", "build_dataset", "execute"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,34 @@ class Plan:
                 "raster_margin": self.raster_margin, "bands": None if self.bands is None else list(self.bands),
                 "stretch": None if self.stretch is None else json.loads(json.dumps(dataclasses.asdict(self.stretch))),
                 "gsd": self.gsd, "resample": self.resample}
+
+
+def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int, window: int | None = None,
+               windows_per_unit: int, storage_options: dict | None = None, video_backend: str = "decord",
+               raster: RasterSettings | None = None, stac_item: str = "", datetime: str = "",
+               assets: tuple[str, ...] = ()) -> Iterator[WorkUnit]:
+    """Probe `uri` and yield its units. Raises on unreadable input (the caller records the error). `raster`:
+    the job's raster settings (default: windows of `window` pixels, nothing else set); `assets`: band assets
+    combined into one raster (`uri` is the first)."""
+    info = probe(uri, storage_options, video_backend=video_backend, raster_pixels=raster_pixels)
+    item = dict(stac_item=stac_item, datetime=datetime)
+    if info.kind == "video":
+        for start in range(0, info.num_frames, segment_frames):
+            yield WorkUnit(uri, source, "video", start, min(start + segment_frames, info.num_frames), info.num_frames,
+                           info.fps, info.width, info.height, **item)
+    elif info.kind == "raster":
+        settings = raster or RasterSettings(window=window or 2048)
+        try:
+            with open_rasters(list(assets or [uri]), storage_options) as datasets:
+                plan = plan_raster(datasets[0], settings, band_assets=list(zip(assets, datasets)) if assets else None)
+        except ValueError as e:
+            raise ValueError(f"{uri}: {e}") from e
+        n = len(plan.window_ids())
+        for start in range(0, n, windows_per_unit):
+            yield WorkUnit(uri, source, "raster", start, min(start + windows_per_unit, n), n, 0.0, info.width,
+                           info.height, plan.to_json(), **item)
+    else:
+        yield WorkUnit(uri, source, "image", 0, 1, 1, 0.0, info.width, info.height, **item)
 
 
 class _PlanUnits:

@@ -1,8 +1,8 @@
-"""Inputs -> media URIs -> work units.
+"""Inputs -> media URIs, and the units of work they are cut into.
 
 `expand_inputs` turns paths, directories, globs (`s3://bucket/prefix/**.mp4`), any fsspec URL and
 manifests (`*.txt` / `*.lst`: one URI a line) into `Source`s (read URL, identity, size, version).
-`plan_units` (run in parallel as a Ray Data stage) probes one URI and cuts it into units of work:
+`pipeline.plan.plan_units` probes one URI and cuts it into `WorkUnit`s:
 
 - a video: segments of `segment_frames` frames, so one long video decodes on many workers;
 - an image: one unit;
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
-from .raster import RasterPlan, RasterSettings, open_rasters, plan_raster
+from .raster import RasterPlan
 from .stac import DEFAULT_ASSET, is_stac, search_assets, stac_assets
 from .storage import canonical_uri, filesystem, object_version, protocol_of, translate_error
 
-__all__ = ["Source", "WorkUnit", "expand_inputs", "media_kind", "plan_units", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
+__all__ = ["Source", "WorkUnit", "expand_inputs", "media_kind", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
 
 VIDEO_EXT = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -158,33 +158,3 @@ def expand_inputs(inputs: list[str], storage_options: dict | None = None, *,
         src = _stac_source(a)
         by_identity.setdefault(src.canonical, src)
     return [by_identity[k] for k in sorted(by_identity)]
-
-
-def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int, window: int | None = None,
-               windows_per_unit: int, storage_options: dict | None = None, video_backend: str = "decord",
-               raster: RasterSettings | None = None, stac_item: str = "", datetime: str = "",
-               assets: tuple[str, ...] = ()) -> Iterator[WorkUnit]:
-    """Probe `uri` and yield its units. Raises on unreadable input (the caller records the error). `raster`:
-    the job's raster settings (default: windows of `window` pixels, nothing else set); `assets`: band assets
-    combined into one raster (`uri` is the first)."""
-    from .decode import probe
-
-    info = probe(uri, storage_options, video_backend=video_backend, raster_pixels=raster_pixels)
-    item = dict(stac_item=stac_item, datetime=datetime)
-    if info.kind == "video":
-        for start in range(0, info.num_frames, segment_frames):
-            yield WorkUnit(uri, source, "video", start, min(start + segment_frames, info.num_frames), info.num_frames,
-                           info.fps, info.width, info.height, **item)
-    elif info.kind == "raster":
-        settings = raster or RasterSettings(window=window or 2048)
-        try:
-            with open_rasters(list(assets or [uri]), storage_options) as datasets:
-                plan = plan_raster(datasets[0], settings, band_assets=list(zip(assets, datasets)) if assets else None)
-        except ValueError as e:
-            raise ValueError(f"{uri}: {e}") from e
-        n = len(plan.window_ids())
-        for start in range(0, n, windows_per_unit):
-            yield WorkUnit(uri, source, "raster", start, min(start + windows_per_unit, n), n, 0.0, info.width,
-                           info.height, plan.to_json(), **item)
-    else:
-        yield WorkUnit(uri, source, "image", 0, 1, 1, 0.0, info.width, info.height, **item)

@@ -29,7 +29,7 @@ def make_output(path: Path, rasters, settings=None) -> str:
     from pipeline.decode import Sampling, decode_unit
     from pipeline.detect import Detector
     from pipeline.output import Output
-    from pipeline.sources import plan_units
+    from pipeline.plan import plan_units
 
     det = Detector(backend(BrightBoxes), model_id="bright@test", tile=None)
     out = Output(str(path))

@@ -6,7 +6,8 @@ from conftest import read_index
 from pipeline.decode import Sampling, decode_unit, probe, sample_indices
 from pipeline.output import frame_id
 from pipeline.raster import RasterSettings
-from pipeline.sources import WorkUnit, expand_inputs, plan_units
+from pipeline.plan import plan_units
+from pipeline.sources import WorkUnit, expand_inputs
 
 
 def _frames(unit, sampling=Sampling(), backend="decord", done=frozenset()):

@@ -158,7 +158,7 @@ def test_image_beyond_the_decompression_bomb_limit_is_read_by_windows(tmp_path, 
     from PIL import Image
 
     from pipeline.decode import Sampling, decode_unit
-    from pipeline.sources import plan_units
+    from pipeline.plan import plan_units
 
     img = np.random.default_rng(1).integers(0, 255, (600, 500, 3), dtype=np.uint8)
     path = tmp_path / "huge.png"
@@ -250,7 +250,7 @@ def test_an_area_of_interest_limits_the_windows_read(tmp_path):
     from pyproj import Transformer
 
     from pipeline.decode import Sampling, decode_unit
-    from pipeline.sources import plan_units
+    from pipeline.plan import plan_units
 
     scene = write_scene(tmp_path / "s.tif")
     base = RasterSettings(window=512, margin=64, bands=(4, 3, 2), target_gsd_m=0.1)  # 256 raster px windows

@@ -154,7 +154,7 @@ def test_band_assets_are_combined_on_the_finest_grid(tmp_path):
     from pipeline.decode import Sampling, decode_unit
     from pipeline.detect import Detector
     from pipeline.raster import RasterSettings, Stretch
-    from pipeline.sources import plan_units
+    from pipeline.plan import plan_units
 
     squares = ((100, 60, 20), (300, 200, 16))  # x, y, side on the 0.2 m grid (even: whole 0.4 m pixels)
     for name, gsd in (("red", 0.2), ("green", 0.4), ("blue", 0.4)):
