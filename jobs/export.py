@@ -13,9 +13,8 @@
 
 Everything streams: frames are read in batches of rows (pyarrow.dataset), flattened to detections with Arrow
 compute, turned into geometries with shapely and reprojected with pyproj, and written batch by batch, so memory
-stays bounded by one batch whatever the output's size. `dedup_iou` (duplicates seen in overlapping scenes) puts
-the map extents in a DuckDB database on disk and finds overlapping pairs with a grid-cell join there; Python
-holds only the keys of the duplicates it removes.
+stays bounded by one batch whatever the output's size. `dedup_iou` is the exception: it keeps one map box per
+detection in memory (an STRtree over all of them) to merge duplicates seen in overlapping scenes.
 """
 from __future__ import annotations
 
@@ -171,67 +170,45 @@ def _reproject(geoms: np.ndarray, src: str, dst: str) -> np.ndarray:
     return shapely.transform(geoms, lambda xy: np.column_stack(tf.transform(xy[:, 0], xy[:, 1])))
 
 
-def _dedup_removed(ds: pads.Dataset, target: str, iou: float, *, min_score: float,
-                   batch_frames: int) -> set[tuple]:
-    """(frame_id, rank among the frame's detections) of the georeferenced detections merged away by a greedy,
+def _dedup_keep(ds: pads.Dataset, target: str, iou: float, *, min_score: float,
+                batch_frames: int) -> tuple[set[tuple], int]:
+    """((frame_id, rank among the frame's detections) of the georeferenced detections that survive a greedy,
     score-ordered merge of boxes from different sources overlapping by more than `iou` in `target` map
-    coordinates (the boxes' extents there: exact for north-up rasters in their own CRS).
-
-    Bounded memory: the extents go, batch by batch, into a DuckDB database on disk (memory limit 512 MB, spilling
-    to disk), which finds the overlapping pairs with a hash join on grid cells; the greedy pass then streams the
-    pairs in score order and holds only the keys it removes (the duplicates)."""
-    import tempfile
-
-    import duckdb
+    coordinates, how many were merged away)."""
     import shapely
 
-    with tempfile.TemporaryDirectory(prefix="fpn-dedup-") as tmp:
-        con = duckdb.connect(f"{tmp}/boxes.duckdb", config={"memory_limit": "512MB", "temp_directory": tmp})
-        con.execute("CREATE TABLE boxes (fid VARCHAR, rank INTEGER, src VARCHAR, score DOUBLE, "
-                    "x1 DOUBLE, y1 DOUBLE, x2 DOUBLE, y2 DOUBLE)")
-        for t in _detections(ds, min_score=min_score, batch_frames=batch_frames):
-            g, ok = _geometries(t, target)
-            if not ok.any():
-                continue
-            fids = t.column("frame_id").to_pylist()
-            b = shapely.bounds(g[ok].astype(object))
-            batch = pa.table({"fid": pa.array(fids).filter(pa.array(ok)),
-                              "rank": pa.array(np.asarray(_rank_in_frame(fids), np.int32)[ok]),
-                              "src": t.column("source").filter(pa.array(ok)),
-                              "score": pc.cast(t.column("score").filter(pa.array(ok)), pa.float64()),
-                              "x1": b[:, 0], "y1": b[:, 1], "x2": b[:, 2], "y2": b[:, 3]})
-            con.register("batch", batch)
-            con.execute("INSERT INTO boxes SELECT * FROM batch")
-            con.unregister("batch")
-        # each overlapping pair of different sources once, the higher-scoring box (ties: the smaller key) first. A
-        # hash join on grid cells as large as the largest box (each box against its own and the 8 neighbouring
-        # cells of the other's centre) finds every overlapping pair in linear time; an inequality join on the
-        # extents alone degrades to comparing every box with every box sharing its row of the map (measured: over
-        # 4 minutes for 10^6 boxes, where this takes seconds).
-        cell = con.execute("SELECT greatest(max(x2 - x1), max(y2 - y1), 1e-9) FROM boxes").fetchone()[0]
-        con.execute("CREATE TABLE cells AS SELECT *, floor((x1 + x2) / 2 / ?)::BIGINT AS cx, "
-                    "floor((y1 + y2) / 2 / ?)::BIGINT AS cy FROM boxes", [cell, cell])
-        pairs = con.execute("""
-            WITH near AS (
-                SELECT b.*, b.cx + dx AS nx, b.cy + dy AS ny FROM cells b,
-                       (SELECT unnest([-1, 0, 1]) AS dx), (SELECT unnest([-1, 0, 1]) AS dy)),
-            p AS (
-                SELECT a.fid AS afid, a.rank AS arank, a.score AS ascore, b.fid AS bfid, b.rank AS brank,
-                       greatest(0, least(a.x2, b.x2) - greatest(a.x1, b.x1))
-                       * greatest(0, least(a.y2, b.y2) - greatest(a.y1, b.y1)) AS inter,
-                       (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) AS sum_area
-                FROM cells a JOIN near b ON a.cx = b.nx AND a.cy = b.ny
-                WHERE a.src <> b.src
-                  AND (a.score > b.score OR (a.score = b.score AND (a.fid, a.rank) < (b.fid, b.rank))))
-            SELECT afid, arank, bfid, brank FROM p WHERE inter / greatest(sum_area - inter, 1e-12) > ?
-            ORDER BY ascore DESC, afid, arank""", [iou])
-        removed: set[tuple] = set()
-        while rows := pairs.fetchmany(65536):
-            for afid, arank, bfid, brank in rows:
-                if (afid, arank) not in removed:  # a kept box merges its lower-scoring partners away
-                    removed.add((bfid, brank))
-        con.close()
-    return removed
+    keys, geoms, scores, sources = [], [], [], []
+    for t in _detections(ds, min_score=min_score, batch_frames=batch_frames):
+        g, ok = _geometries(t, target)
+        fids = t.column("frame_id").to_pylist()
+        rank = _rank_in_frame(fids)
+        srcs = t.column("source").to_pylist()
+        sc = t.column("score").to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(ok):
+            keys.append((fids[i], rank[i]))
+            geoms.append(g[i])
+            scores.append(float(sc[i]))
+            sources.append(srcs[i])
+    geoms_a = np.array(geoms, dtype=object)
+    if not len(geoms_a):
+        return set(), 0
+    tree = shapely.STRtree(geoms_a)
+    left, right = tree.query(geoms_a, predicate="intersects")
+    pairs = left != right
+    left, right = left[pairs], right[pairs]
+    inter = shapely.area(shapely.intersection(geoms_a[left], geoms_a[right]))
+    union = shapely.area(geoms_a[left]) + shapely.area(geoms_a[right]) - inter
+    src = np.array(sources, dtype=object)
+    dup = (inter / np.maximum(union, 1e-12) > iou) & (src[left] != src[right])
+    partners: dict[int, list[int]] = {}
+    for a, b in zip(left[dup], right[dup]):
+        partners.setdefault(int(a), []).append(int(b))
+    removed: set[int] = set()
+    for i in np.argsort(-np.asarray(scores), kind="stable"):
+        if i in removed:
+            continue
+        removed.update(j for j in partners.get(int(i), []) if j != i)
+    return {k for i, k in enumerate(keys) if i not in removed}, len(removed)
 
 
 def _rank_in_frame(fids: list[str]) -> list[int]:
@@ -262,9 +239,8 @@ def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = N
     batches = _detections(ds, min_score=min_score, batch_frames=batch_frames)
     removed = 0
     if dedup_iou is not None:
-        merged = _dedup_removed(ds, target, dedup_iou, min_score=min_score, batch_frames=batch_frames)
-        removed = len(merged)
-        batches = _without(batches, merged)
+        keep, removed = _dedup_keep(ds, target, dedup_iou, min_score=min_score, batch_frames=batch_frames)
+        batches = _only(batches, keep)
     writer = {"geoparquet": _GeoParquet, "geojson": _GeoJSON, "coco": _Coco, "csv": _Csv}[fmt]
     fs, path = filesystem(dest, storage_options)
     with fs.transaction:  # the file appears complete, or not at all (local: renamed; S3: upload completed)
@@ -279,11 +255,12 @@ def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = N
     return ExportSummary(dest, fmt, w.written, target, w.left_out, removed)
 
 
-def _without(batches: Iterator[pa.Table], removed: set[tuple]) -> Iterator[pa.Table]:
-    """The detections of `batches` whose (frame_id, rank in frame) is not in `removed`."""
+def _only(batches: Iterator[pa.Table], keep: set[tuple]) -> Iterator[pa.Table]:
+    """The detections of `batches` whose (frame_id, rank in frame) is in `keep`, and those without a CRS."""
     for t in batches:
         fids = t.column("frame_id").to_pylist()
-        yield t.filter(pa.array([(f, r) not in removed for f, r in zip(fids, _rank_in_frame(fids))]))
+        mask = [(f, r) in keep or not c for f, r, c in zip(fids, _rank_in_frame(fids), t.column("crs").to_pylist())]
+        yield t.filter(pa.array(mask))
 
 
 class _Writer:
