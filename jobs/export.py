@@ -270,6 +270,11 @@ class _Writer:
         self.f, self.target = f, target
         self.written = self.left_out = 0
 
+    def _append_json(self, item: dict) -> None:
+        """One more element of the JSON array the file holds (opened and closed by the subclass)."""
+        self.f.write((", " if self.written else "").encode() + json.dumps(item).encode())
+        self.written += 1
+
 
 class _GeoParquet(_Writer):
     def __init__(self, f, target):
@@ -333,8 +338,7 @@ class _GeoJSON(_Writer):
             if p["datetime"] is not None:
                 p["datetime"] = p["datetime"].isoformat()
             feature = {"type": "Feature", "geometry": json.loads(shapely.to_geojson(geoms[i])), "properties": p}
-            self.f.write((", " if self.written else "").encode() + json.dumps(feature).encode())
-            self.written += 1
+            self._append_json(feature)
 
     def close(self) -> None:
         self.f.write(b"]}")
@@ -357,8 +361,7 @@ class _Coco(_Writer):
                                     "width": r["width"], "height": r["height"]})
             res = {"image_id": self.ids[key], "category_id": r["label"], "score": round(r["score"], 5),
                    "bbox": [r["x1"], r["y1"], r["x2"] - r["x1"], r["y2"] - r["y1"]]}
-            self.f.write((", " if self.written else "").encode() + json.dumps(res).encode())
-            self.written += 1
+            self._append_json(res)
 
     def close(self) -> None:
         self.f.write(b"]")

@@ -240,16 +240,19 @@ class Output:
         skipped as all nodata (one bool column)."""
         frames = errors = detections = nodata = 0
         for f in self.frame_files():
-            meta = self._footer(f)
-            frames += meta.num_rows
-            if meta.num_rows:
+            try:  # one open per file: the footer and the two columns
                 with self.fs.open(f, "rb") as fh:
                     pf = pq.ParquetFile(fh)
+                    if not pf.metadata.num_rows:
+                        continue
+                    frames += pf.metadata.num_rows
                     cols = [c for c in ("num_detections", "all_nodata") if c in pf.schema_arrow.names]
                     t = pf.read(columns=cols)
-                detections += int(pc.sum(t.column("num_detections")).as_py() or 0)
-                if "all_nodata" in cols:
-                    nodata += int(pc.sum(t.column("all_nodata")).as_py() or 0)
+            except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out (as _footer)
+                raise _corrupt(f, e) from e
+            detections += int(pc.sum(t.column("num_detections")).as_py() or 0)
+            if "all_nodata" in cols:
+                nodata += int(pc.sum(t.column("all_nodata")).as_py() or 0)
         for f in self.error_files():
             errors += self._footer(f).num_rows
         return {"frames": frames, "detections": detections, "errors": errors, "nodata_windows": nodata}

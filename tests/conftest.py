@@ -67,25 +67,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_until_listening(args: list[str], port: int, what: str, *, env: dict | None = None,
+                          timeout_s: float = 30) -> subprocess.Popen:
+    """Start a server process and return it once 127.0.0.1:`port` accepts connections; RuntimeError naming
+    `what` (the process killed) when it does not within `timeout_s`."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{what} did not start")
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1 for the whole session; yields its endpoint URL."""
     port = _free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("moto server did not start")
-    yield url
+    proc = serve_until_listening([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port,
+                                 "moto server", env=env)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
 

@@ -3,15 +3,13 @@ S3), asset choice, signed asset URLs kept out of outputs, and a STAC API search 
 import datetime as dt
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import pyarrow.dataset as pads
 import pystac
 import pytest
 
+from conftest import _free_port, serve_until_listening
 from fakes import BrightBoxes, backend
 from geo_scenes import write_scene
 from jobs.runner import run
@@ -107,23 +105,11 @@ def serve_catalog(col: pystac.Collection, tmp_path):
     cat.add_child(col)
     cat.normalize_hrefs(f"file://{tmp_path / 'stac'}")  # the server follows file:// links
     cat.save(pystac.CatalogType.ABSOLUTE_PUBLISHED)  # an API serves absolute asset hrefs
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     env = {**os.environ, "CATALOG_HREF": str(tmp_path / "stac" / "catalog.json"), "APP_HOST": "127.0.0.1",
            "APP_PORT": str(port), "RELOAD": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "stac_fastapi.static.app"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError("the STAC API server did not start")
+    proc = serve_until_listening([sys.executable, "-m", "stac_fastapi.static.app"], port, "the STAC API server",
+                                 env=env, timeout_s=60)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
