@@ -32,6 +32,10 @@ bench: venv
 	$(PY) benchmarks/neck_cost.py
 	$(PY) benchmarks/video_memory.py
 	$(PY) benchmarks/report_scale.py
+	$(PY) benchmarks/export_memory.py --dedup
+	$(PY) benchmarks/startup.py
+	$(PY) benchmarks/forward_speed.py
+	scripts/loopback-only $(PY) benchmarks/ranged_reads.py
 	$(PY) benchmarks/throughput.py
 
 clean:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "ARCHS", "BACKBONES", "NECKS", "UPSAMPLES", "NORMS"]
+__all__ = ["ModelConfig", "PRESETS", "preset", "ARCHS", "BACKBONES", "NECKS", "UPSAMPLES", "NORMS", "TileConfig"]
 
 ARCHS = ("faster_rcnn", "retinanet", "mask_rcnn")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
@@ -210,3 +210,24 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name][1].replace(**overrides)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Sliced inference for frames larger than `size` on either side (`fpn_model.tiling` plans and merges)."""
+
+    size: int = 1024
+    overlap: int = 128
+    merge: str = "nms"  # nms | nmm
+    metric: str = "ios"  # iou | ios
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ValueError(f"tile must be positive, got {self.size}")
+        if not 0 <= self.overlap < self.size:
+            raise ValueError(f"overlap must be in [0, tile), got {self.overlap} for tile {self.size}")
+        if self.merge not in ("nms", "nmm"):
+            raise ValueError(f"tile merge must be nms or nmm, got {self.merge!r}")
+        if self.metric not in ("iou", "ios"):
+            raise ValueError(f"tile metric must be iou or ios, got {self.metric!r}")

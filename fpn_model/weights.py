@@ -16,6 +16,9 @@ A model reference of the form `path/to/file.py:Class` is a model plugin: a class
 `input` (InputSpec, optional) and `__init__(config)`, called like a torchvision detector (a list of `[3, H, W]`
 float images in 0..1 -> a list of dicts with boxes, scores, labels, levels). It runs code by design (the user's
 own model, as a video backend plugin does); checkpoints never do.
+
+Reading a checkpoint's config and input metadata imports no torch (the job's driver and its planning and
+decoding workers never load a model); torch comes in with the functions that build or load one.
 """
 from __future__ import annotations
 
@@ -26,15 +29,15 @@ import pickle
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .config import ModelConfig, preset
-from .detectors import build_detector
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "save_checkpoint", "load_checkpoint", "read_config", "file_sha256", "TORCHVISION_MODELS",
@@ -115,6 +118,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     extra: dict[str, Any] | None = None, input: InputSpec | None = None) -> Path:
     """Write `model` (built by `build_detector`) with its config (and what its input pixels were) to `path`."""
+    from safetensors.torch import save_file
+
     cfg: ModelConfig = model.config
     tensors = {}
     for k, v in model.state_dict().items():
@@ -137,7 +142,7 @@ def _metadata(path: str | os.PathLike) -> dict[str, str]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # the metadata only: no torch needed
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         if not os.path.exists(path):
@@ -179,6 +184,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
                     **overrides: Any) -> nn.Module:
     """Rebuild the model stored in `path` (eval mode). `overrides` change inference-time config
     fields (score_thresh, scale, detections_per_img, ...)."""
+    from safetensors.torch import load_file
+
+    from .detectors import build_detector
+
     cfg, _ = read_config(path)
     if overrides:
         cfg = cfg.replace(**overrides)
@@ -242,6 +251,8 @@ def torchvision_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def _safe_torch_load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -264,6 +275,8 @@ def import_torchvision(name: str, source: str | os.PathLike | dict | None = None
     `source`: a local `.pth` file, a state dict, or None to download torchvision's COCO weights
     (`DEFAULT`), which needs a network.
     """
+    from .detectors import build_detector
+
     configs = _tv_configs()
     if name not in configs:
         raise ValueError(f"unknown torchvision model {name!r}; choose from {', '.join(configs)}")

@@ -119,6 +119,11 @@ def _print_summary(doc: dict) -> None:
         + (f"; {doc['skipped_frames']} frames already written were skipped" if doc.get("skipped_frames") else "")
         + ")"
     )
+    if doc.get("decoded_per_sampled") is not None:
+        click.echo(f"decoded: {doc['decoded_frames']} frames for {doc['frames']} sampled "
+                   f"({doc['decoded_per_sampled']:.2f} per sampled frame)")
+    if doc.get("core_ms_per_frame"):
+        click.echo("CPU per frame: " + ", ".join(f"{k} {v:g} ms" for k, v in doc["core_ms_per_frame"].items()))
     out = doc["spec"]["output"]
     click.echo(f"output: {out}")
     rasters = doc.get("rasters") or {}
@@ -165,10 +170,14 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("-o", "--output", help="Output directory or URL (OUTPUT/frames, errors, _job.json).")
 @click.option("-m", "--model", help="Zoo name or checkpoint path.  [default: trees]")
 @click.option("--batch-size", type=int, help="Frames per detector call.")
+@click.option("--min-rows-per-file", type=int, help="Fewest frames per Parquet file (a file lands when it is full; "
+              "the last may hold fewer).  [default: 1/20 of the job's frames, at least a batch, at most 1000]")
 @click.option("--every-n", type=int, help="Process every Nth video frame.")
 @click.option("--fps", type=float, help="Process about this many video frames per second.")
 @click.option("--start", "start_s", type=float, help="Skip video before this time (s).")
 @click.option("--end", "end_s", type=float, help="Stop video at this time (s).")
+@click.option("--keyframes", is_flag=True, help="Process only video keyframes (an archive scan: one frame decoded "
+              "per frame sampled).")
 @click.option("--tile", type=int, help="Tile frames larger than this many pixels a side.")
 @click.option("--tile-overlap", type=int, help="Overlap between tiles (pixels).")
 @click.option("--no-tile", is_flag=True, help="Feed frames whole, however large.")
@@ -178,6 +187,9 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--num-detectors", type=int, help="Detector actors (model copies).")
 @click.option("--gpus-per-detector", type=float, help="GPUs per detector actor.")
 @click.option("--cpus-per-detector", type=float, help="CPUs per detector actor (its torch threads).")
+@click.option("--precision", type=click.Choice(["exact", "int8", "bf16"]), help="exact: the model's own detections "
+              "(on a CPU the exact fast path); int8 / bf16: approximate, faster on a CPU (check with fpn eval "
+              "--precision).  [default: exact]")
 @click.option("--video-backend", help="Video decoder: decord (default), pyav, or module:Class of your own.")
 @click.option("--decode-timeout", "decode_timeout_s", type=float,
               help="Seconds to wait for the next decoded batch before a decoder counts as hung.  [default: 300]")
@@ -194,8 +206,8 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join (default: embedded local Ray).")
 @click.option("--job-id", help="Id recorded in OUTPUT/_job.json (set by fpn submit).")
 @_fail_cleanly
-def run(inputs, output, model, batch_size, every_n, fps, start_s, end_s, tile, tile_overlap, no_tile, score_thresh,
-        scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, video_backend, decode_timeout_s, endpoint_url,
+def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, start_s, end_s, keyframes, tile, tile_overlap, no_tile, score_thresh,
+        scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, precision, video_backend, decode_timeout_s, endpoint_url,
         profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
     """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
 
@@ -207,11 +219,12 @@ def run(inputs, output, model, batch_size, every_n, fps, start_s, end_s, tile, t
     from jobs.spec import merge_fields, plan_from_dict, read_spec_file
 
     flags = _run_flags(output=output, model=model, batch_size=batch_size, score_thresh=score_thresh, scale=scale,
-                       segment_frames=segment_frames, video_backend=video_backend,
+                       min_rows_per_file=min_rows_per_file, segment_frames=segment_frames, video_backend=video_backend,
                        decode_timeout_s=decode_timeout_s,
-                       sampling=dict(every_n=every_n, fps=fps, start_s=start_s, end_s=end_s),
+                       sampling=dict(every_n=every_n, fps=fps, start_s=start_s, end_s=end_s,
+                                     keyframes=keyframes or None),
                        resources=dict(num_detectors=num_detectors, gpus_per_detector=gpus_per_detector,
-                                      cpus_per_detector=cpus_per_detector),
+                                      cpus_per_detector=cpus_per_detector, precision=precision),
                        tile=dict(size=tile, overlap=tile_overlap), no_tile=no_tile)
     flags.update(_storage_flags(endpoint_url, profile, anon))
     flags.update(_raster_flags(bands, stretch, gsd, no_resample, aoi))
@@ -637,10 +650,12 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
 @click.option("--views", type=click.Choice(["1", "8"]), default="1", show_default=True,
               help="8: average the metrics over the 8 flips/90-degree rotations of each image (steadier on few "
                    "objects; adds AP50_sd).")
+@click.option("--precision", type=click.Choice(["exact", "int8", "bf16"]), default="exact", show_default=True,
+              help="As fpn run's: the approximate int8 / bf16 forward, to see what it costs in AP.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
 @format_option
 @_fail_cleanly
-def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views, json_out, fmt):
+def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views, precision, json_out, fmt):
     """COCO box metrics (AP, AP50, AP75, AP_S/M/L, AR) of MODEL on annotated images.
 
     Example: fpn eval trees data/aerial-trees/SOAP_061.xml --single-class Tree
@@ -654,9 +669,11 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
     overrides = {k: v for k, v in dict(score_thresh=score_thresh, scale=scale).items() if v is not None}
     net = load_checkpoint(resolve(model), **overrides)
     items = load_annotations(list(annotations), single_class=single_class)
-    metrics = evaluate(Predictor(net, tile=TileConfig(size=tile, overlap=tile // 8)), items, views=int(views))
+    predictor = Predictor(net, tile=TileConfig(size=tile, overlap=tile // 8), precision=precision)
+    metrics = evaluate(predictor, items, views=int(views))
     if json_out:
-        Path(json_out).write_text(json.dumps({"model": str(model), "images": len(items), **metrics}, indent=2))
+        Path(json_out).write_text(json.dumps({"model": str(model), "images": len(items), "precision": precision,
+                                              **metrics}, indent=2))
     if fmt == "json":
         click.echo(json.dumps(metrics, indent=2))
     else:

@@ -22,7 +22,7 @@ from typing import Any
 from fpn_model.weights import read_config, read_input_spec
 from fpn_model.zoo import model_id
 from pipeline.output import Output, error_row, final_state
-from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary
+from pipeline.plan import Plan, count_planned, execute, frame_counter, plan_work, raster_summary
 from pipeline.sizing import cluster_nodes, fit
 from pipeline.sources import expand_inputs
 from pipeline.storage import check_output_location, redact_text
@@ -36,15 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
-    import pyarrow
-    import ray
-    import torch
-    import torchvision
-
+    """Versions of what made the output, from the installed distributions (the driver imports no torch)."""
     from importlib.metadata import version
 
-    return {"fpn-pipeline": version("fpn-pipeline"), "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__}
+    return {"fpn-pipeline": version("fpn-pipeline"), "python": platform.python_version(),
+            **{name: version(name) for name in ("torch", "torchvision", "ray", "pyarrow")}}
 
 
 def check_address(address: str | None, timeout_s: float = 10.0) -> None:
@@ -153,10 +149,17 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             units = plan_work(plan, out, sources)
             doc["planned_frames"] = count_planned(plan, units)
             doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
-            doc["work_units"] = units.count()
+            doc["work_units"] = len(units)
             out.write_job(doc)
-            with Watchdog(out, plan.resources):
-                execute(plan, out, units, done, with_masks=with_masks, threads=sizing.threads)
+            import ray
+
+            counter = frame_counter()
+            with Watchdog(out, plan.resources, detected=lambda: ray.get(counter.total.remote(), timeout=30)):
+                written = execute(plan, out, units, done, with_masks=with_masks, threads=sizing.threads,
+                                  counter=counter)
+            doc["min_rows_per_file"] = written["rows_per_file"]
+            doc["duplicate_rows_removed"] = written["rows_removed"]  # 0 unless a frame reached the output twice
+            doc["core_ms_per_frame"] = written["core_ms_per_frame"]  # CPU time by stage: decode, transfer, ...
             out.drop_stale_errors()  # this run re-attempted everything they named
             counts = out.counts()
             if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
@@ -181,6 +184,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
         new_frames = counts["frames"] - len(done)
         doc.update(state=state, wall_s=round(wall, 2), frames_per_s=round(new_frames / wall, 3) if wall else None,
                    finished_at=_now(), **counts)
+        doc["decoded_per_sampled"] = round(counts["decoded_frames"] / counts["frames"], 3) if counts["frames"] else None
         out.write_job(doc)
     return doc
 

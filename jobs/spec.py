@@ -9,9 +9,10 @@ A spec file mirrors the Plan's fields, nested where the Plan nests:
       s3: {endpoint_url: http://127.0.0.1:9000}
       s3://public-bucket/: {anon: true}
     output_storage_options: {s3: {profile: writer}}   # the output's own (default: storage_options)
-    sampling: {every_n: 5}             # or fps / start_s / end_s
+    sampling: {every_n: 5}             # or fps / start_s / end_s / keyframes: true
     tile: {size: 1024, overlap: 128}   # null: frames whole
     batch_size: 8
+    min_rows_per_file: 1000            # fewest frames per Parquet file (default: 1/20 of the job, 1 batch..1000)
     score_thresh: 0.3                  # model overrides: score_thresh, scale, detections_per_img
     resources: {num_detectors: 2, gpus_per_detector: 1}
     bands: [4, 3, 2]                   # rasters: bands in the model's channel order
@@ -35,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from fpn_model.predict import TileConfig
+from fpn_model.config import TileConfig
 from fpn_model.zoo import DEFAULT_MODEL, model_id, resolve
 from pipeline.decode import Sampling
 from pipeline.plan import Plan, Resources

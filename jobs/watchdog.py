@@ -1,9 +1,10 @@
 """Say so when a running job stops making progress, and which stage is starved.
 
 Ray Data waits without a word when a stage cannot be scheduled or a task makes no progress. The watchdog polls
-the output's own progress (`Output.progress`: the Parquet footers) from a daemon thread; when no frame has been
-written for `stall_s` seconds (FPN_STALL_WARN_S, default 300) it logs one warning, with the cluster's free
-resources against what a decode task and a detector need, and again after each further `stall_s`.
+the output's own progress (`Output.progress`: the Parquet footers) and the frames the detectors report (`detected`:
+files land only when a bundle of `min_rows_per_file` frames is full) from a daemon thread; when no frame has been
+detected or written for `stall_s` seconds (FPN_STALL_WARN_S, default 300) it logs one warning, with the
+cluster's free resources against what a decode task and a detector need, and again after each further `stall_s`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def stall_seconds() -> float:
 def diagnose(resources, free: dict[str, float], total: dict[str, float], quiet_s: float) -> str:
     """One line: which stage waits for what, from the cluster's free and total resources."""
     cpu, cpus = free.get("CPU", 0.0), total.get("CPU", 0.0)
-    head = f"no frame written for {quiet_s:.0f} s"
+    head = f"no frame detected or written for {quiet_s:.0f} s"
     if cpu + 1e-9 < resources.decode_cpus:
         return (f"{head}: decoding is starved: {cpu:g} of {cpus:g} CPUs are free and a decode task needs "
                 f"{resources.decode_cpus:g} (the detectors reserve {resources.num_detectors * resources.cpus_per_detector:g}); "
@@ -43,8 +44,8 @@ class Watchdog:
     """`with Watchdog(out, plan.resources): execute(...)`."""
 
     def __init__(self, out: Output, resources, *, stall_s: float | None = None,
-                 cluster: Callable[[], tuple[dict, dict]] | None = None):
-        self.out, self.resources = out, resources
+                 cluster: Callable[[], tuple[dict, dict]] | None = None, detected: Callable[[], int] | None = None):
+        self.out, self.resources, self.detected = out, resources, detected
         self.stall_s = stall_s or stall_seconds()
         self.cluster = cluster or _ray_resources
         self.warnings: list[str] = []
@@ -55,7 +56,7 @@ class Watchdog:
     def check(self, now: float | None = None) -> str | None:
         """Poll once; the warning logged, if this poll found a stall."""
         now = time.monotonic() if now is None else now
-        done = self.out.progress()["frames_done"]
+        done = self.out.progress()["frames_done"] + (self.detected() if self.detected else 0)
         if done != self._done:
             self._done, self._since = done, now
             return None

@@ -1,19 +1,35 @@
 """Work unit -> batches of uint8 HWC frames, sampled inside the decoder.
 
-Sampling (every Nth frame, a target fps, a time range) is decided from frame indices before
-decoding, so only sampled frames leave the decoder, and a resumed job skips frames already written
+Sampling (every Nth frame, a target fps, a time range, or keyframes only) is decided from frame indices
+before decoding, so only sampled frames leave the decoder, and a resumed job skips frames already written
 before decoding them. Frames stay uint8; conversion to float happens on the model's device.
 
-Video goes through a small `VideoDecoder` interface: decord by default (random access by index,
-timestamps from the container), PyAV as the second backend. Images are read with PIL; rasters
-window by window with rasterio, as `pipeline.raster` plans them (bands, stretch, resampling, nodata), by byte
-ranges when remote. Images too large for PIL (beyond its decompression-bomb limit) take the raster path.
+Video goes through a small `VideoDecoder` interface: decord by default for local files (random access by
+index, timestamps from the container), PyAV as the second backend, and PyAV for remote videos whichever is
+asked for: decord reads a file object whole into memory (its `VideoReader(file)` calls `file.read()`), where
+PyAV reads a seekable file object (`storage.open_ranged`: byte ranges, a small block cached) as FFmpeg asks:
+the container's index once, then the packets it decodes. Both decode with FFmpeg to the same pixels
+(tests/test_decode.py checks), so a remote video gives the frames a local copy would.
+
+Frame counts and keyframes come from the container's index (MP4 `moov`, AVI `idx1`: read, never decoded);
+a container without one (MPEG-TS, Matroska without complete cues) is demuxed once without decoding, which
+reads the file once. Each decoder counts the frames it decodes on the way to the ones asked for (`decoded`):
+it seeks to a keyframe only when the next wanted frame lies beyond the current group of pictures, so the
+count is the wanted frames plus what precedes them in their groups; keyframes-only sampling decodes one frame
+per sampled frame. The count reaches the frames rows as `decoded_frames`.
+
+Images are read with PIL; rasters window by window with rasterio, as `pipeline.raster` plans them (bands,
+stretch, resampling, nodata), by byte ranges when remote. Images too large for PIL (beyond its
+decompression-bomb limit) take the raster path.
 """
 from __future__ import annotations
 
+import bisect
+import contextlib
 import math
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, BinaryIO, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -24,19 +40,22 @@ import rasterio  # noqa: F401,E402  isort: skip
 from .output import frame_id
 from .raster import RasterPlan, open_raster, open_rasters, read_window
 from .sources import WorkUnit, media_kind
-from .storage import filesystem, local_copy, translate_error
+from .storage import REMOTE_BLOCK, filesystem, local_copy, open_ranged, protocol_of, translate_error
 
-__all__ = ["Sampling", "sample_indices", "probe", "decode_unit", "VideoDecoder", "open_video", "MediaInfo"]
+__all__ = ["Sampling", "sample_indices", "probe", "decode_unit", "VideoDecoder", "open_video", "read_video",
+           "MediaInfo", "PyAVVideo", "DecordVideo"]
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Which frames of a video are processed. Images and rasters are always processed."""
+    """Which frames of a video are processed. Images and rasters are always processed. `keyframes`: only the
+    video's keyframes (an archive scan that decodes one frame per sampled frame), within the time range."""
 
     every_n: int = 1
     fps: float | None = None  # target rate; frames are picked so that about `fps` per second remain
     start_s: float | None = None
     end_s: float | None = None
+    keyframes: bool = False
 
     def __post_init__(self) -> None:
         if self.every_n < 1:
@@ -45,14 +64,24 @@ class Sampling:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         if self.start_s is not None and self.end_s is not None and self.end_s <= self.start_s:
             raise ValueError(f"end_s ({self.end_s}) must be after start_s ({self.start_s})")
+        if self.keyframes and (self.every_n != 1 or self.fps is not None):
+            raise ValueError("keyframes: sampling keyframes only cannot be combined with every_n or fps")
 
 
-def sample_indices(num_frames: int, video_fps: float, s: Sampling, start: int = 0, stop: int | None = None) -> list[int]:
+def sample_indices(num_frames: int, video_fps: float, s: Sampling, start: int = 0, stop: int | None = None,
+                   keyframes: Sequence[int] | None = None) -> list[int]:
     """Sampled frame indices within [start, stop) of a video; a pure function of the whole video, so
-    segments agree at their borders."""
+    segments agree at their borders. `keyframes`: the video's keyframe indices (those in [start, stop) suffice),
+    needed when `s.keyframes`."""
     stop = num_frames if stop is None else min(stop, num_frames)
+    if s.keyframes:
+        if keyframes is None:
+            raise ValueError("keyframes sampling needs the video's keyframes, and its decoder reports none")
+        candidates: Sequence[int] = [k for k in keyframes if start <= k < stop]
+    else:
+        candidates = range(start, stop)
     out = []
-    for i in range(start, stop):
+    for i in candidates:
         t = i / video_fps if video_fps > 0 else 0.0
         if s.start_s is not None and t < s.start_s - 1e-9:
             continue
@@ -75,15 +104,20 @@ class MediaInfo:
     height: int
     num_frames: int = 1
     fps: float = 0.0
+    keyframes: tuple[int, ...] | None = None  # video: keyframe indices, when the decoder reports them
 
 
 class VideoDecoder(Protocol):
-    """What the pipeline needs of a video backend."""
+    """What the pipeline needs of a video backend. `keyframes` and `decoded` are optional: without `keyframes`
+    a video is cut at fixed frame counts and cannot be sampled by keyframes; without `decoded` each frame counts
+    as one decoded frame."""
 
     num_frames: int
     fps: float
     width: int
     height: int
+    keyframes: list[int] | None  # keyframe indices, ascending
+    decoded: list[int]  # frames decoded for each frame of the last `frames` call (itself and those before it)
 
     def frames(self, indices: list[int]) -> np.ndarray:
         """`[len(indices), H, W, 3]` uint8 frames for sorted indices."""
@@ -94,18 +128,51 @@ class VideoDecoder(Protocol):
     def close(self) -> None: ...
 
 
+def _keyframe_before(keyframes: list[int], i: int) -> int:
+    """The last keyframe at or before frame `i` (0 when none is known)."""
+    k = bisect.bisect_right(keyframes, i) - 1
+    return keyframes[k] if k >= 0 else 0
+
+
 class DecordVideo:
+    """decord over a local file. decord does not say what it decodes; `decoded` follows its seek policy
+    (`VideoReader::SeekAccurate`: decode forward within a group of pictures, else seek to the keyframe before
+    the wanted frame and decode from there), the same policy as `PyAVVideo`, which counts."""
+
     def __init__(self, path: str):
         import decord
 
         self._vr = decord.VideoReader(path, num_threads=1)
         self.num_frames = len(self._vr)
         self.fps = float(self._vr.get_avg_fps())
-        self.height, self.width = self._vr[0].shape[:2] if self.num_frames else (0, 0)
-        self._vr.seek(0)
+        self.keyframes = [int(k) for k in self._vr.get_key_indices()]
+        self.decoded: list[int] = []
+        self._next = 0  # the frame decord decodes next without seeking
+        self._size: tuple[int, int] | None = None
+
+    def _shape(self) -> tuple[int, int]:
+        if self._size is None:  # decord tells the size only by decoding a frame: only a probe asks
+            self._size = self._vr[0].shape[:2] if self.num_frames else (0, 0)
+            self._vr.seek(0)
+            self._next = 0
+        return self._size
+
+    @property
+    def height(self) -> int:
+        return self._shape()[0]
+
+    @property
+    def width(self) -> int:
+        return self._shape()[1]
 
     def frames(self, indices: list[int]) -> np.ndarray:
-        return self._vr.get_batch(indices).asnumpy()
+        out = self._vr.get_batch(indices).asnumpy()
+        self.decoded = []
+        for i in indices:
+            same_gop = self._next <= i and _keyframe_before(self.keyframes, i) <= self._next
+            self.decoded.append(i - (self._next if same_gop else _keyframe_before(self.keyframes, i)) + 1)
+            self._next = i + 1
+        return out
 
     def timestamps(self, indices: list[int]) -> np.ndarray:
         return np.asarray(self._vr.get_frame_timestamp(indices))[:, 0].astype(np.float64)
@@ -115,56 +182,130 @@ class DecordVideo:
 
 
 class PyAVVideo:
-    """PyAV backend: seeks to the keyframe before the first wanted frame, then decodes forward."""
+    """PyAV over a path or a seekable binary file object (a remote video: `storage.open_ranged`).
 
-    def __init__(self, path: str):
+    The container stays open: frames are decoded forward while the next wanted frame is in the current group
+    of pictures, and the decoder seeks to the keyframe before it otherwise (at the keyframe's own presentation
+    time, so a seek never lands past the frame it is for). When every wanted frame of a call is a keyframe, each
+    is decoded alone from its own packet, so only keyframes are read and decoded."""
+
+    def __init__(self, source: str | BinaryIO):
         import av
 
-        self._path = path
-        with av.open(path) as c:
-            st = c.streams.video[0]
+        self._c = av.open(source)
+        try:
+            st = self._st = self._c.streams.video[0]
             self.fps = float(st.average_rate or st.guessed_rate or 0)
             self.width, self.height = st.codec_context.width, st.codec_context.height
             self._tb = float(st.time_base)
             self._start = float(st.start_time * st.time_base) if st.start_time is not None else 0.0
-            n = st.frames
-            if not n:
-                n = sum(1 for _ in c.decode(video=0))
-        self.num_frames = int(n)
+            self.num_frames, self.keyframes, self._seek_ts = self._read_index()
+        except BaseException:
+            self._c.close()
+            raise
+        self._keyset = frozenset(self.keyframes)
+        self.decoded: list[int] = []
+        self._next: int | None = None  # the frame the decoder gives next without seeking; None: seek first
+        self._frames: Iterator[Any] = iter(())
+
+    def _read_index(self) -> tuple[int, list[int], dict[int, int]]:
+        """(frame count, keyframe indices, keyframe index -> the timestamp a seek to it takes) from the
+        container's index when it lists every frame (MP4, AVI: read with the header), else by demuxing the
+        stream once without decoding (reads the file: MPEG-TS, Matroska)."""
+        st = self._st
+        entries = [e for e in st.index_entries if not e.is_discard]
+        if st.frames and len(entries) == st.frames:
+            # decode order (an entry's timestamp is its decode time); with closed groups of pictures a keyframe's
+            # position is its presentation index, and its presentation time that index's at the stream's rate
+            keys = [k for k, e in enumerate(entries) if e.is_keyframe]
+            return st.frames, keys, {k: round((k / self.fps + self._start) / self._tb) for k in keys}
+        # Matroska seeks by its cues (presentation times); MPEG-TS and others without an index by decode times
+        by_dts = "matroska" not in self._c.format.name
+        packets = [(p.pts if p.pts is not None else p.dts, p.dts if by_dts and p.dts is not None else p.pts,
+                    p.is_keyframe) for p in self._c.demux(st) if p.size]
+        order = sorted(range(len(packets)), key=lambda k: (packets[k][0] is None, packets[k][0] or 0, k))
+        rank = {k: r for r, k in enumerate(order)}
+        keys = sorted(rank[k] for k, p in enumerate(packets) if p[2])
+        return len(packets), keys, {rank[k]: p[1] for k, p in enumerate(packets) if p[2]}
 
     def _index(self, frame) -> int:
-        return int(round((float(frame.pts * frame.time_base) - self._start) * self.fps))
+        """The frame index of a decoded frame or a packet, from its presentation time (a constant rate)."""
+        return int(round((frame.pts * self._tb - self._start) * self.fps))
+
+    def _seek(self, i: int, earlier: int = 0) -> None:
+        """Position the decoder at the keyframe before frame `i` (`earlier` keyframes before that one)."""
+        k = bisect.bisect_right(self.keyframes, i) - 1 - earlier
+        if k >= 0 and self.keyframes[k] in self._seek_ts and self._seek_ts[self.keyframes[k]] is not None:
+            self._c.seek(self._seek_ts[self.keyframes[k]], stream=self._st, backward=True, any_frame=False)
+        else:  # no keyframe known: by time, from the start for a retry
+            t = 0.0 if earlier or k < 0 else i / self.fps
+            self._c.seek(int((t + self._start) / self._tb), stream=self._st, backward=True, any_frame=False)
+        self._frames = self._c.decode(self._st)
+        self._next = self.keyframes[k] if k >= 0 else 0
+
+    def _frame(self, i: int) -> tuple[np.ndarray, int]:
+        """Frame `i` and the frames decoded to reach it."""
+        cost = 0
+        for earlier in (0, 1):  # a seek that lands past the frame (an odd index, an open GOP): one keyframe earlier
+            if earlier or self._next is None or i < self._next or _keyframe_before(self.keyframes, i) > self._next:
+                self._seek(i, earlier)
+            for frame in self._frames:
+                cost += 1
+                j = self._index(frame)
+                self._next = j + 1
+                if j == i:
+                    return frame.to_ndarray(format="rgb24"), cost
+                if j > i:
+                    break
+            self._next = None
+        raise ValueError(f"frame {i} not found after seeking (variable frame rate, or fewer frames than the "
+                         f"container says: {self.num_frames})")
+
+    def _keyframe(self, i: int) -> tuple[np.ndarray, int]:
+        """Keyframe `i` alone: seek to it, decode its packet and drain the decoder (which would otherwise hold
+        the frame back until later packets arrive, reading them). Packets before it (a seek that landed early)
+        are read, not decoded."""
+        cc = self._st.codec_context
+        for earlier in (0, 1):
+            self._seek(i, earlier)
+            self._next = None  # drained: whatever comes next starts with a seek
+            for packet in self._c.demux(self._st):
+                if not packet.size or not packet.is_keyframe or packet.pts is None:
+                    continue
+                j = self._index(packet)
+                if j < i:
+                    continue
+                if j > i:
+                    break
+                got = [*cc.decode(packet), *cc.decode(None)]
+                cc.flush_buffers()
+                for frame in got:
+                    if self._index(frame) == i:
+                        return frame.to_ndarray(format="rgb24"), len(got)
+                break
+        raise ValueError(f"keyframe {i} not found after seeking to it")
 
     def frames(self, indices: list[int]) -> np.ndarray:
-        import av
-
-        want = set(indices)
-        got: dict[int, np.ndarray] = {}
-        with av.open(self._path) as c:
-            st = c.streams.video[0]
-            c.seek(int((indices[0] / self.fps + self._start) / self._tb), stream=st, backward=True, any_frame=False)
-            for frame in c.decode(st):
-                i = self._index(frame)
-                if i in want:
-                    got[i] = frame.to_ndarray(format="rgb24")
-                if i >= indices[-1]:
-                    break
-        missing = [i for i in indices if i not in got]
-        if missing:
-            raise ValueError(f"frames {missing[:5]} not found after seeking (variable frame rate?)")
-        return np.stack([got[i] for i in indices])
+        keys_only = all(i in self._keyset for i in indices)
+        out, self.decoded = [], []
+        for i in indices:
+            img, cost = self._keyframe(i) if keys_only else self._frame(i)
+            out.append(img)
+            self.decoded.append(cost)
+        return np.stack(out)
 
     def timestamps(self, indices: list[int]) -> np.ndarray:
         return np.asarray(indices, dtype=np.float64) / self.fps
 
     def close(self) -> None:
-        pass
+        self._c.close()
 
 
-def open_video(path: str, backend: str = "decord") -> VideoDecoder:
-    """Open `path` with a video backend: "decord", "pyav", or a plugin named "package.module:Class" (or
-    "/path/to/plugin.py:Class", for a file not on the Python path of every worker) whose class takes the path
-    and implements `VideoDecoder`: a decoder of your own, or a test double that hangs or crashes."""
+def open_video(path: str | BinaryIO, backend: str = "decord") -> VideoDecoder:
+    """Open `path` with a video backend: "decord", "pyav" (which also takes a seekable binary file object), or a
+    plugin named "package.module:Class" (or "/path/to/plugin.py:Class", for a file not on the Python path of
+    every worker) whose class takes the path and implements `VideoDecoder`: a decoder of your own, or a test
+    double that hangs or crashes."""
     if backend == "decord":
         return DecordVideo(path)
     if backend == "pyav":
@@ -186,6 +327,32 @@ def open_video(path: str, backend: str = "decord") -> VideoDecoder:
     return cls(path)
 
 
+# Remote reads when only keyframes are decoded: one packet per group of pictures, far apart, so a smaller block
+# than REMOTE_BLOCK (benchmarks/ranged_reads.py, a 10-segment clip: keyframes only read 0.57x the object with
+# 16 KiB blocks, 1.05x with 64 KiB; every frame decoded reads 1.24x and 1.34x, but in 3.4x the requests, so
+# sequential reads keep REMOTE_BLOCK).
+KEYFRAME_BLOCK = 1 << 14
+
+
+@contextlib.contextmanager
+def read_video(uri: str, storage_options: dict | None = None, backend: str = "decord", *,
+               block_size: int = REMOTE_BLOCK) -> Iterator[VideoDecoder]:
+    """The video at `uri` opened with `backend`, closed after the block. Local files go to the backend as paths;
+    remote ones are read by byte ranges of `block_size` (`storage.open_ranged`) through PyAV, for "decord" too
+    (see the module docstring). A plugin backend takes a path, so a remote video is copied for it
+    (`storage.local_copy`)."""
+    with contextlib.ExitStack() as stack:
+        if protocol_of(uri) != "file" and backend in ("decord", "pyav"):
+            # blocks kept (LRU): a segment's open reads the header block, the index (MP4 `moov`, often at the end)
+            # and the header block again (FFmpeg's stream probe); a read-ahead cache holds one range only
+            f = stack.enter_context(open_ranged(uri, storage_options, block_size=block_size, cache_type="blockcache"))
+            v: VideoDecoder = PyAVVideo(f)
+        else:  # a local file's own path
+            v = open_video(stack.enter_context(local_copy(uri, storage_options)), backend)
+        stack.callback(v.close)
+        yield v
+
+
 def _image_size(uri: str, storage_options: dict | None) -> tuple[int, int] | None:
     """(width, height) of an image, or None when it is beyond PIL's decompression-bomb limit (read as a raster)."""
     from PIL import Image
@@ -200,7 +367,8 @@ def _image_size(uri: str, storage_options: dict | None) -> tuple[int, int] | Non
 
 def probe(uri: str, storage_options: dict | None = None, *, video_backend: str = "decord",
           raster_pixels: int = 64_000_000) -> MediaInfo:
-    """Kind, size, frame count and rate of a media file. Raises ValueError naming the cause."""
+    """Kind, size, frame count, rate and keyframes of a media file, from its headers and index (a remote video's
+    by byte ranges). Raises ValueError naming the cause."""
     fs, path = filesystem(uri, storage_options)
     try:
         size = fs.size(path)
@@ -213,10 +381,10 @@ def probe(uri: str, storage_options: dict | None = None, *, video_backend: str =
         raise ValueError(f"{uri}: not a supported media file (unknown extension)")
     if kind == "video":
         try:
-            with local_copy(uri, storage_options) as local:
-                v = open_video(local, video_backend)
-                info = MediaInfo("video", v.width, v.height, v.num_frames, v.fps)
-                v.close()
+            with read_video(uri, storage_options, video_backend) as v:
+                keys = getattr(v, "keyframes", None)
+                info = MediaInfo("video", v.width, v.height, v.num_frames, v.fps,
+                                 None if keys is None else tuple(int(k) for k in keys))
         except Exception as e:
             raise ValueError(f"{uri}: cannot decode video ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         if info.num_frames <= 0:
@@ -240,9 +408,12 @@ _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 def _row(unit: WorkUnit, index: int, pts: float | None, width: int, height: int, window=(0, 0, 0, 0),
-         offset=(0, 0), scale=(1.0, 1.0), raster: RasterPlan | None = None, all_nodata: bool = False) -> dict[str, Any]:
+         offset=(0, 0), scale=(1.0, 1.0), raster: RasterPlan | None = None, all_nodata: bool = False,
+         decoded: int = 1) -> dict[str, Any]:
     """A frame's columns. `offset` (source pixels) and `scale` (image pixels per source pixel) map the decoded
-    image's boxes back to the source; `transform` (affine, source pixels -> map) and `crs` place them."""
+    image's boxes back to the source; `transform` (affine, source pixels -> map) and `crs` place them;
+    `decoded`: the frames decoded to produce this one (itself, and those before it since the unit's previous
+    sampled frame)."""
     x, y, w, h = window if window[2] else (0, 0, width, height)
     return {
         "frame_id": frame_id(unit.source, index), "source": unit.source, "source_kind": unit.kind,
@@ -251,6 +422,7 @@ def _row(unit: WorkUnit, index: int, pts: float | None, width: int, height: int,
         "offset_x": offset[0], "offset_y": offset[1], "scale_x": scale[0], "scale_y": scale[1],
         "crs": raster.crs if raster else None, "transform": raster.transform if raster and raster.crs else _IDENTITY,
         "all_nodata": all_nodata, "stac_item": unit.stac_item or None, "datetime": unit.datetime or None,
+        "decoded_frames": decoded,
     }
 
 
@@ -263,14 +435,34 @@ def _batch(rows: list[dict], images: list[np.ndarray]) -> dict[str, Any]:
 def decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done: frozenset[str] | set[str] = frozenset(),
                 storage_options: dict | None = None, video_backend: str = "decord") -> Iterator[dict[str, Any]]:
     """Yield batches (column dicts with an `image` column `[B, H, W, 3]` uint8) of the unit's sampled,
-    not yet written frames. Exceptions propagate; the caller turns them into error rows."""
+    not yet written frames, each row with `cpu_decode_s`: its share of the CPU time this process spent on the
+    batch (reading and decoding, skipped frames included). Exceptions propagate; the caller turns them into error
+    rows."""
+    return with_cpu_time(_decode_unit(unit, sampling=sampling, batch_size=batch_size, done=done,
+                                      storage_options=storage_options, video_backend=video_backend), "cpu_decode_s")
+
+
+def with_cpu_time(batches: Iterator[dict[str, Any]], column: str) -> Iterator[dict[str, Any]]:
+    """`batches`, each with `column`: the CPU seconds of this process (all its threads) from the previous batch's
+    hand-over to this one's, shared equally by its rows (a stage's core time per frame, summed by the sink)."""
+    t = time.process_time()
+    for b in batches:
+        now = time.process_time()
+        n = len(b["frame_id"])
+        b[column] = [(now - t) / n] * n
+        yield b
+        t = time.process_time()
+
+
+def _decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done, storage_options,
+                 video_backend: str) -> Iterator[dict[str, Any]]:
     if unit.kind == "video":
-        wanted = [i for i in sample_indices(unit.num_frames, unit.fps, sampling, unit.start, unit.stop)
-                  if frame_id(unit.source, i) not in done]
+        wanted = [i for i in sample_indices(unit.num_frames, unit.fps, sampling, unit.start, unit.stop,
+                                            unit.keyframe_indices()) if frame_id(unit.source, i) not in done]
         if not wanted:
             return
-        with local_copy(unit.uri, storage_options) as local:
-            v = open_video(local, video_backend)
+        with read_video(unit.uri, storage_options, video_backend,
+                        block_size=KEYFRAME_BLOCK if sampling.keyframes else REMOTE_BLOCK) as v:
             for i in range(0, len(wanted), batch_size):
                 idx = wanted[i:i + batch_size]
                 frames = v.frames(idx)
@@ -278,9 +470,10 @@ def decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done: fr
                 if len(pts) > 1 and not np.all(np.diff(pts) > 0):
                     raise ValueError(f"{unit.source}: frame timestamps are not increasing around frames {idx[0]}-{idx[-1]}"
                                      " (broken index); try --video-backend pyav")
-                rows = [_row(unit, j, float(p), frames.shape[2], frames.shape[1]) for j, p in zip(idx, pts)]
+                decoded = list(getattr(v, "decoded", None) or [1] * len(idx))
+                rows = [_row(unit, j, float(p), frames.shape[2], frames.shape[1], decoded=d)
+                        for j, p, d in zip(idx, pts, decoded)]
                 yield _batch(rows, list(frames))
-            v.close()
     elif unit.kind == "image":
         if frame_id(unit.source, 0) in done:
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,10 @@ class Detector:
         output: where failed frames become error rows (an `Output`, or its URL with `storage_options`).
             None: a failing batch raises, as outside a job.
         threads: torch threads (a job's come from pipeline.sizing.fit); default: the floor of the actor's CPUs.
+        precision: "exact" (on a CPU the exact fast path: the same detections as torchvision's eager forward within
+            float rounding), or the approximate "int8" | "bf16" (CPU only; ignored with a warning on a GPU).
+        compile: torch.compile the model's convolutional parts (a long first batch per input shape).
+        counter: a `pipeline.plan.FrameCounter` actor told how many frames each batch detected.
 
     A batch that fails is retried in parts: halves on out-of-memory (recursively, down to one frame), else frame
     by frame. A frame that fails alone becomes an error row (stage `detect`) and is left out of the returned
@@ -55,7 +60,8 @@ class Detector:
 
     def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, amp: str | None = None,
                  overrides: dict | None = None, max_batch: int = 16, output: Output | str | None = None,
-                 storage_options: dict | None = None, threads: int | None = None):
+                 storage_options: dict | None = None, threads: int | None = None, precision: str = "exact",
+                 compile: bool = False, counter: Any = None):
         cpus = _allotted("CPU")
         if threads:
             torch.set_num_threads(threads)
@@ -65,12 +71,18 @@ class Detector:
         model = load_checkpoint(checkpoint, map_location=device, **(overrides or {}))
         self.cfg = model.config
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
+        if precision != "exact" and device != "cpu":
+            log.warning("precision %s is for CPUs: the detector on %s runs exact (see amp)", precision, device)
+            precision = "exact"
         self.predictor = Predictor(model, device=device, tile=TileConfig(**tile) if tile else None, amp=dtype,
-                                   channels_last=device == "cuda", max_batch=max_batch)
+                                   channels_last=True if device == "cuda" else None, precision=precision,
+                                   compile=compile, max_batch=max_batch)
+        self.counter = counter
         self.model_id = model_id
         self.schema = frame_schema(self.predictor.has_masks)
         self.output = Output(output, storage_options) if isinstance(output, str) else output
-        log.info("detector on %s with %d threads", device, torch.get_num_threads())
+        log.info("detector on %s with %d threads, precision %s%s", device, torch.get_num_threads(), precision,
+                 " on the fast path" if self.predictor.fast else "")
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         images = list(batch["image"])
@@ -80,6 +92,7 @@ class Detector:
             found = iter(self.predictor(todo) if todo else [])
             return detections_to_rows(batch, [_NONE if s else next(found) for s in skip], self.cfg.label_name,
                                       self.model_id, self.schema)
+        t0 = time.process_time()
         found = iter(self._predict(todo) if todo else [])
         results = [_NONE if s else next(found) for s in skip]
         failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
@@ -88,7 +101,11 @@ class Detector:
             keep = [i for i in range(len(results)) if i not in failed]
             batch = {k: v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep] for k, v in batch.items()}
             results = [results[i] for i in keep]
-        return detections_to_rows(batch, results, self.cfg.label_name, self.model_id, self.schema)
+        t1 = time.process_time()
+        rows = detections_to_rows(batch, results, self.cfg.label_name, self.model_id, self.schema)
+        if self.counter is not None:  # frames detected, before a bundle of them is written (the job's watchdog)
+            self.counter.add.remote(rows.num_rows)
+        return _with_costs(rows, batch, forward_s=t1 - t0, rows_s=time.process_time() - t1)
 
     def _predict(self, images: list[np.ndarray]) -> list:
         """Detections per image, or the exception that image raised when predicted alone."""
@@ -116,6 +133,19 @@ class Detector:
 
 _OOM_ERRORS = (torch.OutOfMemoryError, torch.cuda.OutOfMemoryError)  # the same class in recent torch
 _NONE = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int8))
+
+
+def _with_costs(rows: pa.Table, batch: dict[str, Any], *, forward_s: float, rows_s: float) -> pa.Table:
+    """`rows` with each stage's CPU seconds per frame (`pipeline.sink.STAGES`; the sink sums them, the files do not
+    keep them): the decoder's and the transfer's from the batch, this actor's forward (all its torch threads) and
+    row building shared equally by the batch's frames."""
+    n = rows.num_rows
+    for name in ("cpu_decode_s", "cpu_transfer_s"):
+        if name in batch:
+            rows = rows.append_column(name, pa.array([float(v) for v in batch[name]], pa.float64()))
+    for name, total in (("cpu_forward_s", forward_s), ("cpu_rows_s", rows_s)):
+        rows = rows.append_column(name, pa.array([total / max(n, 1)] * n, pa.float64()))
+    return rows
 
 
 def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: str, schema: pa.Schema) -> pa.Table:
@@ -155,7 +185,8 @@ def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: 
     cols.update(num_detections=counts, detections=detections_col, model=[model_id] * n, crs=crs,
                 transform=[[float(v) for v in batch["transform"][i]] if crs[i] else None for i in range(n)],
                 all_nodata=[bool(v) for v in batch["all_nodata"]] if "all_nodata" in batch else [False] * n,
-                stac_item=[_text(s) for s in batch.get("stac_item", [None] * n)])
+                stac_item=[_text(s) for s in batch.get("stac_item", [None] * n)],
+                decoded_frames=[int(v) for v in batch.get("decoded_frames", [1] * n)])
     stamps = pa.array([_text(t) for t in batch.get("datetime", [None] * n)], pa.string())
     cols["datetime"] = stamps.cast(pa.timestamp("us", tz="UTC"))
     return pa.Table.from_pydict(cols, schema=schema)

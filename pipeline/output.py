@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from .storage import filesystem, join, parquet_files, redact_text
 
 __all__ = [
-    "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_schema", "frame_id", "Output", "Lease",
+    "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_schema", "frame_id", "frames_file", "Output", "Lease",
     "OutputBusyError", "STATES", "EXIT_CODES", "LEASE_TIMEOUT_S", "final_state", "error_row",
 ]
 
@@ -58,6 +58,9 @@ FRAME_SCHEMA = pa.schema([
     ("crs", pa.string()), ("transform", pa.list_(pa.float64())),
     ("all_nodata", pa.bool_()),  # a raster window without a valid pixel: not run through the model
     ("stac_item", pa.string()), ("datetime", pa.timestamp("us", tz="UTC")),  # STAC inputs: the item and its time
+    # frames the decoder decoded to produce this one: itself and those before it since its unit's previous sampled
+    # frame (1 for images and raster windows); summed in `_job.json` as decoded frames per sampled frame
+    ("decoded_frames", pa.int32()),
 ])
 ERROR_SCHEMA = pa.schema([
     ("source", pa.string()), ("stage", pa.string()), ("frame_index", pa.int64()),
@@ -98,6 +101,15 @@ def frame_id(source: str, frame_index: int) -> str:
     """Deterministic id of a sampled frame (or raster window): a pure function of the source's canonical URI
     (`pipeline.storage.canonical_uri`: the same object however its path was spelled) and the index."""
     return hashlib.sha1(f"{source}\x00{frame_index}".encode()).hexdigest()[:24]
+
+
+def frames_file(ids: list[str]) -> str:
+    """The name (relative to the output) of the frames file holding exactly the frames `ids`: the hash of the
+    sorted ids, so whoever writes the same frames again writes the same name."""
+    h = hashlib.sha1()
+    for i in sorted(ids):
+        h.update(i.encode())
+    return f"frames/part-{h.hexdigest()[:20]}.parquet"
 
 
 def error_row(source: str, stage: str, e: BaseException | str, frame_index: int | None = None,
@@ -147,11 +159,14 @@ class Output:
         return join(self.path, *parts)
 
     # -- atomic writes ----------------------------------------------------------------------------
-    def _put(self, data: bytes, rel: str) -> None:
+    def _put(self, data: bytes, rel: str, *, before_commit: Callable[[], None] | None = None) -> None:
         """Make `OUTPUT/rel` hold `data`, visible only complete: locally a file under `_tmp/` renamed into
-        place; on object storage one PUT (never `makedirs`: s3fs creates buckets)."""
+        place; on object storage one PUT (never `makedirs`: s3fs creates buckets). `before_commit` runs just
+        before the file becomes visible (and can stop it by raising)."""
         fs, dest = self.fs, self._p(rel)
         if not _is_local(self.url):
+            if before_commit is not None:
+                before_commit()
             fs.pipe_file(dest, data)
             return
         tmpdir = self._p("_tmp")
@@ -161,25 +176,46 @@ class Output:
         try:
             with fs.open(tmp, "wb") as f:
                 f.write(data)
+            if before_commit is not None:
+                before_commit()
             os.replace(tmp, dest)
         finally:
             if fs.exists(tmp):
                 fs.rm(tmp)
 
-    def write_table(self, table: pa.Table, rel: str) -> None:
+    def write_table(self, table: pa.Table, rel: str, *, before_commit: Callable[[], None] | None = None) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        self._put(sink.getvalue().to_pybytes(), rel)
+        self._put(sink.getvalue().to_pybytes(), rel, before_commit=before_commit)
 
-    def write_frames(self, table: pa.Table) -> int:
-        """A frames file named by the hash of its frame ids (a retried task rewrites the same name)."""
+    def write_frames(self, table: pa.Table, *, fence: str | None = None) -> int:
+        """A frames file named by the hash of its frame ids (a retried task rewrites the same name).
+
+        `fence`: the lease token of the run writing (`lease_token()` when it started). The file is committed only
+        while that lease still holds the output; after a takeover (`fpn resume` once this writer's heartbeat went
+        stale) it raises `OutputBusyError` and writes nothing, since the new writer plans these frames again and
+        would write them under other names."""
         if not table.num_rows:
             return 0
-        h = hashlib.sha1()
-        for i in sorted(table.column("frame_id").to_pylist()):
-            h.update(i.encode())
-        self.write_table(table, f"frames/part-{h.hexdigest()[:20]}.parquet")
+        check = None if fence is None else (lambda: self._check_fence(fence, table.num_rows))
+        self.write_table(table, frames_file(table.column("frame_id").to_pylist()), before_commit=check)
         return table.num_rows
+
+    def lease_token(self) -> str | None:
+        """The token of the lease now recorded on the output (None: no lease)."""
+        try:
+            with self.fs.open(self._p("_lease.json"), "rb") as f:
+                return json.loads(f.read()).get("token")
+        except FileNotFoundError:
+            return None
+        except ValueError:  # torn record (only without conditional writes): no writer can be named
+            return None
+
+    def _check_fence(self, token: str, rows: int) -> None:
+        now = self.lease_token()
+        if now != token:
+            raise OutputBusyError(f"{self.url}: this run's lease was taken over by another writer (or released); "
+                                  f"{rows} frames not written: the writer holding the output now writes them")
 
     def write_empty_frames(self, *, with_masks: bool = False) -> None:
         """A zero-row frames file, so readers of an output without frames still find the schema."""
@@ -226,6 +262,60 @@ class Output:
                 raise _corrupt(f, e) from e
         return done
 
+    def drop_duplicate_frames(self) -> dict[str, int]:
+        """Make every frame id appear in one file only, whatever wrote it twice (called by the lease holder when
+        its run has written everything; Ray Data's retries give a retried write the same rows, so this is the
+        backstop, and normally finds nothing). Files are visited largest first; a file all of whose frames are
+        in files already kept is removed; one with some is rewritten without them (the smaller file first, then
+        the original removed: no frame is ever missing). Returns {files_removed, files_rewritten, rows_removed}."""
+        files = []
+        for f in self.frame_files():
+            try:
+                with self.fs.open(f, "rb") as fh:
+                    ids = pq.read_table(fh, columns=["frame_id"]).column("frame_id").to_pylist()
+            except Exception as e:  # noqa: BLE001 - the same way out as done_ids
+                raise _corrupt(f, e) from e
+            files.append((f, ids))
+        base = lambda f: f.rsplit("/", 1)[-1]  # noqa: E731 - all of them in frames/
+        names = {base(f) for f, _ in files}
+        seen: set[str] = set()
+        stats = {"files_removed": 0, "files_rewritten": 0, "rows_removed": 0}
+        for f, ids in sorted(files, key=lambda x: (-len(x[1]), x[0])):
+            uniq = set(ids)
+            dup = seen & uniq
+            if not dup and len(uniq) == len(ids):
+                seen |= uniq
+                continue
+            if dup == uniq:
+                self.fs.rm(f)
+                names.discard(base(f))
+                stats["files_removed"] += 1
+                stats["rows_removed"] += len(ids)
+                log.warning("%s: all its %d frames are in other files too: removed", f, len(ids))
+                continue
+            with self.fs.open(f, "rb") as fh:
+                t = pq.read_table(fh)
+            first, rows = set(), []  # each frame not kept elsewhere, once
+            for k, i in enumerate(t.column("frame_id").to_pylist()):
+                if i not in dup and i not in first:
+                    first.add(i)
+                    rows.append(k)
+            t = t.take(pa.array(rows, pa.int64()))
+            rel = frames_file(list(first))
+            if base(rel) == base(f) or base(rel) not in names:
+                self.write_table(t, rel)
+                names.add(base(rel))
+                seen |= first
+            # else a file not visited yet holds exactly these frames: it stays (and adds them when visited)
+            if base(rel) != base(f):
+                self.fs.rm(f)
+                names.discard(base(f))
+            stats["files_rewritten"] += 1
+            stats["rows_removed"] += len(ids) - len(rows)
+            log.warning("%s: %d of its frames are in other files too: rewritten without them", f,
+                        len(ids) - len(rows))
+        return stats
+
     def sources_with_frames(self, candidates: set[str]) -> set[str]:
         """Which of `candidates` have frames in the output (reads the `source` column)."""
         found: set[str] = set()
@@ -236,9 +326,10 @@ class Output:
         return found
 
     def counts(self) -> dict[str, int]:
-        """Frames and error rows (from the Parquet footers), detections (one int32 column) and raster windows
-        skipped as all nodata (one bool column)."""
-        frames = errors = detections = nodata = 0
+        """Frames and error rows (from the Parquet footers), detections (one int32 column), raster windows
+        skipped as all nodata (one bool column) and frames decoded (one int32 column; a file written before it
+        was recorded counts one per row)."""
+        frames = errors = detections = nodata = decoded = 0
         for f in self.frame_files():
             try:  # one open per file: the footer and the two columns
                 with self.fs.open(f, "rb") as fh:
@@ -246,16 +337,20 @@ class Output:
                     if not pf.metadata.num_rows:
                         continue
                     frames += pf.metadata.num_rows
-                    cols = [c for c in ("num_detections", "all_nodata") if c in pf.schema_arrow.names]
+                    cols = [c for c in ("num_detections", "all_nodata", "decoded_frames")
+                            if c in pf.schema_arrow.names]
                     t = pf.read(columns=cols)
             except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out (as _footer)
                 raise _corrupt(f, e) from e
             detections += int(pc.sum(t.column("num_detections")).as_py() or 0)
             if "all_nodata" in cols:
                 nodata += int(pc.sum(t.column("all_nodata")).as_py() or 0)
+            has = "decoded_frames" in cols
+            decoded += int(pc.sum(t.column("decoded_frames")).as_py() or 0) if has else t.num_rows
         for f in self.error_files():
             errors += self._footer(f).num_rows
-        return {"frames": frames, "detections": detections, "errors": errors, "nodata_windows": nodata}
+        return {"frames": frames, "detections": detections, "errors": errors, "nodata_windows": nodata,
+                "decoded_frames": decoded}
 
     # -- the job record ---------------------------------------------------------------------------
     def read_job(self, *, missing_ok: bool = False) -> dict:
@@ -374,7 +469,24 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.took_over: dict | None = None
-        self.lost = False
+        self._lost = False
+        self._held = False
+
+    @property
+    def lost(self) -> bool:
+        """Whether another writer holds the output now: found by the heartbeat, or, when asked before the next
+        beat, by reading the record (a write of this run fenced off by a takeover fails in its task first)."""
+        if self._held and not self._lost:
+            try:
+                rec, _ = self._read()
+            except Exception:  # noqa: BLE001 - unreadable now: the heartbeat decides
+                return False
+            self._lost = rec is None or rec.get("token") != self.record["token"]
+        return self._lost
+
+    @lost.setter
+    def lost(self, value: bool) -> None:
+        self._lost = value
 
     @property
     def _key(self) -> str:
@@ -477,6 +589,7 @@ class Lease:
             log.warning("took over the lease of %s from %s on %s (pid %s): no heartbeat for %.0f s", self.out.url,
                         self.took_over.get("owner"), self.took_over.get("host"), self.took_over.get("pid"),
                         time.time() - float(self.took_over.get("heartbeat_at", 0)))
+        self._held = True
         self._thread = threading.Thread(target=self._beat, name="fpn-lease", daemon=True)
         self._thread.start()
         return self
@@ -491,7 +604,7 @@ class Lease:
                 ok = rec is not None and rec.get("token") == self.record["token"]
                 if ok:
                     self.out._put(self._body(), "_lease.json")
-        self.lost = self.lost or not ok
+        self._lost = self._lost or not ok
         return ok
 
     def _beat(self) -> None:
@@ -510,12 +623,13 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        if self.lost:
+        if self._lost:
             return
         with self._flock() if _is_local(self.out.url) else contextlib.nullcontext():
             rec, _ = self._read()
             if rec is not None and rec.get("token") == self.record["token"]:
                 self.out.fs.rm(self._key)
+        self._held = False
 
     def __enter__(self) -> "Lease":
         return self.acquire()

@@ -1,37 +1,40 @@
 """The Ray Data plan: URIs -> work units -> decoded frame batches -> detector actors -> Parquet.
 
-    from_items(uris)
-      .flat_map(plan units)            CPU tasks: probe each file, cut videos into segments
-      .materialize()                   the planned frame count is known up front
+    plan_work(sources)                 Ray tasks: probe each file (headers, indexes), cut videos at keyframes;
+                                       the planned frame count is known up front
+    from_items(units)                  one block per work unit
       .map_batches(decode)             CPU tasks: sampled uint8 frames, a generator of batches
       .map_batches(Detector, ...)      actor pool: model resident on its device
-      .write_datasink(FrameSink)       atomic Parquet files, deterministic names
+      .write_datasink(FrameSink)       atomic Parquet files, deterministic names, bundled to min rows
 
-Ray Data's streaming executor provides the scheduling, backpressure and task retries; nothing
-here queues or retries by hand. Fractional CPU reservations let decoding and detection run side
-by side on a small node. Failures of one file, segment or frame become rows in `OUTPUT/errors/`.
+Ray Data's streaming executor provides the scheduling, backpressure and task retries of the work; the planning
+round retries by hand only to find which file crashed a worker. Fractional CPU reservations let decoding and
+detection run side by side on a small node. Failures of one file, segment or frame become rows in
+`OUTPUT/errors/`. Nothing here imports torch: only the detector actors load a model.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from fpn_model.predict import TileConfig
-from fpn_model.weights import InputSpec, read_input_spec
+from fpn_model.config import TileConfig
+from fpn_model.weights import InputSpec, read_input_spec  # torch-free: no model is built here
 
-from .decode import Sampling, decode_unit, probe, sample_indices
+from .decode import Sampling, decode_unit, probe, sample_indices, with_cpu_time
 from .isolate import ChildTimeout, IsolationError, process_child
 from .output import Output, error_row, frame_id
 from .raster import RasterPlan, RasterSettings, Stretch, aoi_geometry, open_rasters, plan_raster
-from .sink import FrameSink
+from .sink import FrameSink, rows_per_file
 from .sizing import WRITE_CPUS
 from .sources import Source, WorkUnit
 from .stac import check_search
 
-__all__ = ["Plan", "Resources", "plan_units", "plan_work", "count_planned", "raster_summary", "build_dataset", "execute"]
+__all__ = ["Plan", "Resources", "plan_units", "plan_work", "count_planned", "raster_summary", "build_dataset", "execute",
+           "FrameCounter", "frame_counter"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class Resources:
     decode_cpus: float = 0.5  # CPU reservation of each decode task (fractional: decode beside detect)
     max_batch: int = 16  # most images (tiles) per forward pass
     amp: str | None = None  # bf16 | fp16 (GPU only)
+    precision: str = "exact"  # exact | int8 | bf16 (approximate, CPU only): fpn_model.predict.Predictor
 
     def __post_init__(self) -> None:
         if self.num_detectors < 1:
@@ -57,6 +61,8 @@ class Resources:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be bf16, fp16 or null, got {self.amp!r}")
+        if self.precision not in ("exact", "int8", "bf16"):
+            raise ValueError(f"precision must be exact, int8 or bf16, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,9 @@ class Plan:
     sampling: Sampling = Sampling()
     tile: TileConfig | None = TileConfig()
     batch_size: int = 8
+    # fewest frames per Parquet file (detector output bundled before writing; the last file of a run may hold
+    # fewer); None: pipeline.sink.rows_per_file (1/20 of the run's frames, at least a batch, at most 1000)
+    min_rows_per_file: int | None = None
     segment_frames: int = 256
     raster_pixels: int = 64_000_000
     raster_window: int = 2048
@@ -103,6 +112,8 @@ class Plan:
         for name in ("batch_size", "segment_frames", "raster_window", "windows_per_unit", "raster_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_rows_per_file is not None and self.min_rows_per_file < 1:
+            raise ValueError(f"min_rows_per_file must be >= 1, got {self.min_rows_per_file}")
         if self.video_backend not in ("decord", "pyav") and ":" not in self.video_backend:
             raise ValueError(f"video_backend must be decord, pyav or module:Class, got {self.video_backend!r}")
         if self.decode_timeout_s <= 0:
@@ -158,13 +169,26 @@ def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int
                assets: tuple[str, ...] = ()) -> Iterator[WorkUnit]:
     """Probe `uri` and yield its units. Raises on unreadable input (the caller records the error). `raster`:
     the job's raster settings (default: windows of `window` pixels, nothing else set); `assets`: band assets
-    combined into one raster (`uri` is the first)."""
+    combined into one raster (`uri` is the first).
+
+    A video is cut at keyframes: each segment after the first starts at the first keyframe at or after a
+    multiple of `segment_frames`, so every segment begins where decoding can begin and no two segments decode
+    the same frames (a group of pictures longer than `segment_frames` makes a longer segment). The keyframes
+    come from the container's index (`probe`); a decoder that reports none is cut every `segment_frames`."""
     info = probe(uri, storage_options, video_backend=video_backend, raster_pixels=raster_pixels)
     item = dict(stac_item=stac_item, datetime=datetime)
     if info.kind == "video":
-        for start in range(0, info.num_frames, segment_frames):
-            yield WorkUnit(uri, source, "video", start, min(start + segment_frames, info.num_frames), info.num_frames,
-                           info.fps, info.width, info.height, **item)
+        n, keys = info.num_frames, info.keyframes
+        if keys is None:
+            cuts = list(range(0, n, segment_frames))
+        else:
+            cuts = sorted({0} | {keys[k] for m in range(segment_frames, n, segment_frames)
+                                 if (k := bisect.bisect_left(keys, m)) < len(keys)})
+        for start, stop in zip(cuts, cuts[1:] + [n]):
+            inside = "" if keys is None else ",".join(str(k) for k in keys[bisect.bisect_left(keys, start):
+                                                                             bisect.bisect_left(keys, stop)])
+            yield WorkUnit(uri, source, "video", start, stop, n, info.fps, info.width, info.height,
+                           keyframes=inside, **item)
     elif info.kind == "raster":
         settings = raster or RasterSettings(window=window or 2048)
         try:
@@ -180,26 +204,19 @@ def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int
         yield WorkUnit(uri, source, "image", 0, 1, 1, 0.0, info.width, info.height, **item)
 
 
-class _PlanUnits:
-    """flat_map: one source row -> its work units (errors recorded, nothing raised)."""
-
-    def __init__(self, plan: Plan, out: Output):
-        self.plan, self.out = plan, out
-        self.raster = plan.raster_settings(read_input_spec(plan.checkpoint))
-
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        p = self.plan
+def _probe_sources(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]]) -> list[list[dict] | dict]:
+    """A planning task: for each source row its work units (rows), or its error row when it cannot be read."""
+    out: list[list[dict] | dict] = []
+    for row in rows:
         try:
-            return [u.to_row() for u in plan_units(
-                row["uri"], row["source"], segment_frames=p.segment_frames, raster_pixels=p.raster_pixels,
-                windows_per_unit=p.windows_per_unit, storage_options=p.storage_options,
-                video_backend=p.video_backend, raster=self.raster, stac_item=row["stac_item"],
-                datetime=row["datetime"], assets=tuple(str(a) for a in _none_empty(row.get("assets"))))]
+            out.append([u.to_row() for u in plan_units(
+                row["uri"], row["source"], segment_frames=plan.segment_frames, raster_pixels=plan.raster_pixels,
+                windows_per_unit=plan.windows_per_unit, storage_options=plan.storage_options,
+                video_backend=plan.video_backend, raster=raster, stac_item=row["stac_item"],
+                datetime=row["datetime"], assets=tuple(row["assets"]))])
         except Exception as e:  # noqa: BLE001 - any failure of one input is that input's error row
-            err = error_row(row["source"], "probe", e)
-            log.warning("probe failed for %s: %s", row["source"], err["message"])
-            self.out.write_errors([err], f"probe:{row['source']}")
-            return []
+            out.append(error_row(row["source"], "probe", e))
+    return out
 
 
 class _Decode:
@@ -240,9 +257,10 @@ class _Decode:
 
     def _decode(self, unit: WorkUnit, done: frozenset[str]) -> Iterator[dict[str, Any]]:
         p = self.plan
-        return process_child(("pipeline.decode",)).stream(
+        # this worker's own CPU time per batch (receiving it from the child, handing it to Ray) is the transfer
+        return with_cpu_time(process_child(("pipeline.decode",)).stream(
             decode_unit, unit, timeout_s=self.timeout_s, sampling=p.sampling, batch_size=p.batch_size, done=done,
-            storage_options=p.storage_options, video_backend=p.video_backend)
+            storage_options=p.storage_options, video_backend=p.video_backend), "cpu_transfer_s")
 
     def _fail(self, unit: WorkUnit, e: BaseException | str, error_type: str) -> None:
         row = error_row(unit.source, "decode", e, unit.start if unit.kind == "video" else None, error_type=error_type)
@@ -263,35 +281,96 @@ def _hang_or_crash(e: IsolationError) -> str:
     return f"crashed ({e.signal_name})" if getattr(e, "signal_name", None) else f"crashed ({e})"
 
 
-def _none_empty(v: Any) -> Any:
-    """A list column's value from a Ray row: None where Ray Data made a column of only empty lists null."""
-    return () if v is None else v
+class Detector:
+    """The detector actors' callable (`MapBatches(Detector)` in Ray's views): `pipeline.detect.Detector`, imported
+    in the actor, so the driver never loads torch (measured: in a Ray Jobs driver, torch loaded after GDAL and the
+    decoders failed with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so")."""
+
+    def __init__(self, **kwargs: Any):
+        from .detect import Detector
+
+        self.detector = Detector(**kwargs)
+
+    def __call__(self, batch: dict[str, Any]):
+        return self.detector(batch)
 
 
 def _scalar(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def plan_work(plan: Plan, out: Output, sources: list[Source]):
-    """Probe every source (parallel CPU tasks) and return its work units, materialised: the planned
-    frame count is known before decoding starts (progress, ETA)."""
-    import ray.data
+def plan_work(plan: Plan, out: Output, sources: list[Source]) -> list[dict[str, Any]]:
+    """Probe every source and return the work units (rows), in the order of the sources: the planned frame count
+    is known before decoding starts (progress, ETA).
+
+    Probing reads headers and indexes (by ranges on object storage), in plain Ray tasks, a few per CPU of the
+    cluster, each over a share of the sources: one round of tasks is the whole fixed cost (a Ray Data stage, two
+    materialisations and a repartition cost seconds more per job). A source whose probe fails becomes its error
+    row; a task whose worker dies (a decoder library crashing on a hostile file) is run again one source per
+    task, so only the file that crashes it becomes an error row ("probe crashed")."""
+    import ray
 
     rows = [{"uri": s.url, "source": s.canonical, "stac_item": s.stac_item, "datetime": s.datetime,
-             "assets": list(s.assets)} for s in sources]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    units = ds.flat_map(_PlanUnits(plan, out), num_cpus=plan.resources.decode_cpus).materialize()
-    # one block per unit: each segment decodes in its own task (in parallel), and its frames reach
-    # the sink as soon as they are detected instead of with the rest of their video
-    return units.repartition(max(1, units.count())).materialize()
+             "assets": [str(a) for a in s.assets]} for s in sources]
+    if not rows:
+        return []
+    raster = plan.raster_settings(read_input_spec(plan.checkpoint))
+    task = ray.remote(_probe_sources).options(num_cpus=plan.resources.decode_cpus, max_retries=0)
+    shares = min(len(rows), 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
+    order = [list(range(k, len(rows), shares)) for k in range(shares)]  # interleaved: big files spread out
+    results: list[list[dict] | dict | None] = [None] * len(rows)
+    pending = {task.remote(plan, raster, [rows[i] for i in idx]): idx for idx in order}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        idx = pending.pop(ready[0])
+        try:
+            for i, r in zip(idx, ray.get(ready[0])):
+                results[i] = r
+        except ray.exceptions.RayError as e:
+            if len(idx) > 1:  # which source crashed it: one task each
+                pending.update({task.remote(plan, raster, [rows[i]]): [i] for i in idx})
+            else:
+                results[idx[0]] = error_row(rows[idx[0]]["source"], "probe", f"probe crashed ({type(e).__name__})",
+                                            error_type="ProbeCrashed")
+    units: list[dict[str, Any]] = []
+    for row, r in zip(rows, results):
+        if isinstance(r, dict):
+            log.warning("probe failed for %s: %s", row["source"], r["message"])
+            out.write_errors([r], f"probe:{row['source']}")
+        else:
+            units += r
+    return units
+
+
+class FrameCounter:
+    """Frames detected so far in this run (a Ray actor the detectors tell after each batch): progress between
+    files, which land only when a bundle of `min_rows_per_file` frames is full (the runner's watchdog)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def total(self) -> int:
+        return self.n
+
+
+def frame_counter():
+    """A `FrameCounter` actor of this job (no CPU reserved)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(FrameCounter).remote()
 
 
 def count_planned(plan: Plan, units) -> int:
     """Frames (or raster windows) the units will produce under the plan's sampling."""
     total = 0
-    for u in units.iter_rows():
+    for u in units:
         if u["kind"] == "video":
-            total += len(sample_indices(u["num_frames"], u["fps"], plan.sampling, u["start"], u["stop"]))
+            keys = WorkUnit(**u).keyframe_indices()  # None: the unit's decode fails under keyframes sampling
+            total += len(sample_indices(u["num_frames"], u["fps"], plan.sampling, u["start"], u["stop"],
+                                        [] if keys is None and plan.sampling.keyframes else keys))
         else:
             total += u["stop"] - u["start"]
     return total
@@ -301,7 +380,7 @@ def raster_summary(units) -> dict[str, Any]:
     """What `_job.json` says of the job's rasters: which are georeferenced (CRS, GSD, resampling scale) and which
     keep pixel coordinates only (no CRS or transform)."""
     rasters: dict[str, RasterPlan] = {}
-    for u in units.iter_rows():
+    for u in units:
         if u["kind"] == "raster" and u["source"] not in rasters:
             rasters[u["source"]] = RasterPlan.from_json(u["raster"])
     georef = {s: {"crs": r.crs, "gsd_m": None if r.gsd_m is None else round(r.gsd_m, 6), "scale": round(r.scale, 6),
@@ -310,15 +389,17 @@ def raster_summary(units) -> dict[str, Any]:
     return {"georeferenced": georef, "pixel_coordinates_only": sorted(s for s, r in rasters.items() if not r.crs)}
 
 
-def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, threads: int | None = None):
+def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, threads: int | None = None,
+                  counter: Any = None):
     """The lazy Ray Dataset of frame rows for the work `units` (nothing runs until it is written); `threads`: torch
     threads of each detector (pipeline.sizing.fit), else the floor of its CPU reservation."""
     import ray.data
 
-    from .detect import Detector
-
     r = plan.resources
-    ds = units.map_batches(_Decode(plan, out, done), batch_size=1, num_cpus=r.decode_cpus)
+    # one block per unit: each segment decodes in its own task (in parallel), and its frames reach the sink as
+    # soon as they are detected instead of with the rest of their video
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    ds = ds.map_batches(_Decode(plan, out, done), batch_size=1, num_cpus=r.decode_cpus)
     tile = None if plan.tile is None else dataclasses.asdict(plan.tile)
     return ds.map_batches(
         Detector,
@@ -328,15 +409,27 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
         num_gpus=r.gpus_per_detector or None,
         fn_constructor_kwargs=dict(checkpoint=plan.checkpoint, model_id=plan.model_id, tile=tile, amp=r.amp,
                                    overrides=plan.model_overrides, max_batch=r.max_batch, output=out,
-                                   threads=threads),
+                                   threads=threads, precision=r.precision, counter=counter),
         batch_format="numpy",
     )
 
 
 def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, with_masks: bool = False,
-            threads: int | None = None) -> None:
-    """Decode and detect the work `units`, writing `OUTPUT/frames/` (and `errors/`)."""
+            threads: int | None = None, counter: Any = None) -> dict[str, Any]:
+    """Decode and detect the work `units`, writing `OUTPUT/frames/` (and `errors/`) in files of at least
+    `rows_per_file` frames. Returns what the write did: `rows_per_file`, what `Output.drop_duplicate_frames`
+    found (0 unless a frame reached the output twice) and `core_ms_per_frame` by stage (`FrameSink.cost`)."""
+    # bundle size: 1/20 of the frames this run writes unless the plan says (pipeline.sink.rows_per_file)
+    rows = rows_per_file(plan.min_rows_per_file, frames=count_planned(plan, units) - len(done),
+                         batch_size=plan.batch_size)
+    # the lease token of this run, if it holds one: a write after a takeover commits nothing (FrameSink)
+    sink = FrameSink(out, with_masks, min_rows=rows, fence=out.lease_token())
     # writing is I/O: a small CPU reservation, so files land while the detector actors hold the CPUs
     # (with the default of one CPU a write waits until detection of every frame has finished)
-    build_dataset(plan, out, units, done, threads=threads).write_datasink(FrameSink(out, with_masks),
-                                                                         ray_remote_args={"num_cpus": WRITE_CPUS})
+    build_dataset(plan, out, units, done, threads=threads, counter=counter).write_datasink(
+        sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+    dups = out.drop_duplicate_frames()
+    if dups["rows_removed"]:
+        log.warning("a frame reached the output twice: removed %d duplicate row(s) (%d file(s) removed, %d "
+                    "rewritten)", dups["rows_removed"], dups["files_removed"], dups["files_rewritten"])
+    return {"rows_per_file": rows, **dups, "core_ms_per_frame": sink.cost}

@@ -25,15 +25,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .storage import filesystem, protocol_of, translate_error
+from .storage import REMOTE_BLOCK, filesystem, protocol_of, ranged_opener
 
 __all__ = ["Stretch", "RasterSettings", "RasterPlan", "open_raster", "open_rasters", "plan_raster", "read_window",
            "map_boxes", "aoi_geometry", "box_polygons", "WindowRead", "REMOTE_BLOCK"]
 
-# Bytes fetched past a remote read (fsspec's read-ahead cache). GDAL reads a COG's header in small pieces and
-# each tile in one read: a small block keeps a window's cost close to its tiles' compressed size, where
-# s3fs's default (50 MiB) would fetch most of a scene for one tile.
-REMOTE_BLOCK = 1 << 16
 _OVERVIEW_SIDE = 1024  # the stretch is computed from a read of at most this many pixels a side
 
 
@@ -124,14 +120,16 @@ def open_raster(uri: str, storage_options: dict | None = None) -> Iterator[Any]:
         with rasterio.open(uri) as ds:
             yield ds
         return
-    fs, path = filesystem(uri, storage_options)
+    _, path = filesystem(uri, storage_options)
+    open_ = ranged_opener(uri, storage_options)  # REMOTE_BLOCK bytes past each read
 
     def opener(p: str, mode: str = "rb"):
         try:
-            return fs.open(p, mode, block_size=REMOTE_BLOCK, cache_type="readahead")
+            return open_(p, mode)
+        except OSError:
+            raise
         except Exception as e:  # an OSError whatever the cause: rasterio probes openers with a made-up path
-            err = translate_error(e, uri)
-            raise (err if isinstance(err, OSError) else OSError(f"{uri}: cannot open ({e})")) from e
+            raise OSError(f"{uri}: cannot open ({e})") from e
 
     with rasterio.open(path, opener=opener) as ds:
         yield ds

@@ -4,7 +4,9 @@
 manifests (`*.txt` / `*.lst`: one URI a line) into `Source`s (read URL, identity, size, version).
 `pipeline.plan.plan_units` probes one URI and cuts it into `WorkUnit`s:
 
-- a video: segments of `segment_frames` frames, so one long video decodes on many workers;
+- a video: segments of about `segment_frames` frames, so one long video decodes on many workers, cut at
+  keyframes (each segment starts at the first keyframe at or after a multiple of `segment_frames`), so
+  that no two segments decode the same frames;
 - an image: one unit;
 - a raster (GeoTIFF/COG, or any image larger than `raster_pixels`): groups of windows, read
   window by window with rasterio, never whole; its `RasterPlan` (bands, stretch, scale, windows,
@@ -44,9 +46,16 @@ class WorkUnit:
     raster: str = ""  # raster: its RasterPlan as JSON
     stac_item: str = ""  # the STAC item the source is an asset of, and the item's datetime (ISO 8601)
     datetime: str = ""
+    # video: its keyframes in [start, stop), comma-separated ("" when the decoder reports none); a string, as
+    # `raster` is, so that a unit is a row of scalars in Ray Data
+    keyframes: str = ""
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
+
+    def keyframe_indices(self) -> list[int] | None:
+        """The video's keyframes in [start, stop), or None when they are not known."""
+        return [int(k) for k in self.keyframes.split(",")] if self.keyframes else None
 
     def frame_indices(self) -> list[int]:
         """The frame indices (video frames, raster window ids) the unit covers."""

@@ -17,6 +17,7 @@ DATA = REPO / "data"
 SOAP = DATA / "aerial-trees" / "SOAP_061.png"
 SOAP_XML = DATA / "aerial-trees" / "SOAP_061.xml"
 BIKES = DATA / "video" / "bikes.mp4"
+GOP = 2  # test clips: a keyframe every 2 frames, so segments cut at keyframes fall where the tests cut them
 
 
 def index_frame(i: int, h: int = 64, w: int = 96) -> np.ndarray:
@@ -36,6 +37,8 @@ def read_index(frame: np.ndarray) -> int:
 
 @pytest.fixture(scope="session")
 def make_video(tmp_path_factory):
+    """Clips of `index_frame`s with a keyframe every GOP frames: segments are cut at keyframes, so tests that cut
+    short clips into several segments need them often."""
     from jobs.demo import write_video
 
     root = tmp_path_factory.mktemp("videos")
@@ -43,7 +46,7 @@ def make_video(tmp_path_factory):
     def make(name: str, frames: int, fps: float) -> Path:
         path = root / name
         if not path.exists():
-            write_video((index_frame(i) for i in range(frames)), path, fps)
+            write_video((index_frame(i) for i in range(frames)), path, fps, gop=GOP)
         return path
 
     return make

@@ -91,6 +91,15 @@ class CrashingVideo(PyAVVideo):
         return super().frames(indices)
 
 
+class CrashingOpen(PyAVVideo):
+    """PyAV, except that opening a video named crashopen*.mp4 (the probe does, when a job plans) dies of SIGSEGV."""
+
+    def __init__(self, path: str):
+        if Path(path).name.startswith("crashopen"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        super().__init__(path)
+
+
 def count(n: int) -> Iterator[int]:
     yield from range(n)
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import REPO, SOAP, _free_port
+from conftest import GOP, REPO, SOAP, _free_port
 from faulttable import record
 from jobs.cli import cli
 
@@ -101,7 +101,7 @@ def submit_long_job(cluster, tmp_path, total, out):
     from conftest import index_frame
 
     video = tmp_path / "long.mp4"
-    write_video((index_frame(i, 144, 192) for i in range(total)), video, 24.0)
+    write_video((index_frame(i, 144, 192) for i in range(total)), video, 24.0, gop=GOP)
     code, text = fpn("submit", spec_file(tmp_path, [video], out), "--address", cluster)
     job_id = text.split()[1]
     deadline = time.time() + 600
@@ -174,7 +174,7 @@ def test_resume_of_a_running_job_is_refused(cluster, tmp_path):
     from conftest import index_frame
 
     video = tmp_path / "long.mp4"
-    write_video((index_frame(i, 144, 192) for i in range(240)), video, 24.0)
+    write_video((index_frame(i, 144, 192) for i in range(240)), video, 24.0, gop=GOP)
     code, text = fpn("submit", spec_file(tmp_path, [video], tmp_path / "out"), "--address", cluster)
     job_id = text.split()[1]
     wait_for(cluster, job_id, {"RUNNING"})

@@ -1,9 +1,10 @@
 """Sources and decoding without Ray: sampling, segments, frame content and timestamps, bad files."""
+
 import numpy as np
 import pytest
 
-from conftest import read_index
-from pipeline.decode import Sampling, decode_unit, probe, sample_indices
+from conftest import index_frame, read_index
+from pipeline.decode import PyAVVideo, Sampling, decode_unit, probe, sample_indices
 from pipeline.output import frame_id
 from pipeline.raster import RasterSettings
 from pipeline.plan import plan_units
@@ -15,22 +16,92 @@ def _frames(unit, sampling=Sampling(), backend="decord", done=frozenset()):
     for b in decode_unit(unit, sampling=sampling, batch_size=4, done=done, video_backend=backend):
         assert b["image"].dtype == np.uint8 and b["image"].ndim == 4
         for k in range(len(b["frame_index"])):
-            rows.append((b["frame_index"][k], b["pts_s"][k], read_index(b["image"][k]), b["frame_id"][k]))
+            rows.append((b["frame_index"][k], b["pts_s"][k], read_index(b["image"][k]), b["frame_id"][k],
+                         b["decoded_frames"][k]))
     return rows
 
 
+def gop_clip(path, frames: int, fps: float, gop: int, container: str = "mp4"):
+    """An H.264 clip of `index_frame`s with a keyframe every `gop` frames exactly (x264, B-frames on), in an
+    MP4 (an index with every frame) or another container (`mkv`, `ts`: none)."""
+    from jobs.render import write_video
+
+    path = path.with_suffix(f".{container}")
+    write_video((index_frame(i) for i in range(frames)), path, fps, gop=gop)
+    return str(path)
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
-def test_segments_decode_the_right_frames_with_timestamps(make_video, backend):
-    path = str(make_video("idx40.mp4", 40, 10.0))
+def test_segments_decode_the_right_frames_with_timestamps(tmp_path, backend):
+    path = gop_clip(tmp_path / "idx40", 40, 10.0, 8)
     units = list(plan_units(path, path, segment_frames=16, raster_pixels=10**8, window=2048, windows_per_unit=4,
                             video_backend=backend))
     assert [(u.start, u.stop) for u in units] == [(0, 16), (16, 32), (32, 40)]
     rows = [r for u in units for r in _frames(u, Sampling(every_n=3), backend)]
     assert [r[0] for r in rows] == list(range(0, 40, 3))
-    for index, pts, content, fid in rows:
+    for index, pts, content, fid, _ in rows:
         assert content == index  # the decoded pixels are that frame's
         assert pts == pytest.approx(index / 10.0, abs=1e-3)
         assert fid == frame_id(path, index)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_segments_start_at_keyframes_and_decode_every_frame_once(tmp_path, backend):
+    path = gop_clip(tmp_path / "gop10", 72, 10.0, 10)
+    info = probe(path, video_backend=backend)
+    assert (info.num_frames, info.keyframes) == (72, tuple(range(0, 72, 10)))
+    units = list(plan_units(path, path, segment_frames=16, raster_pixels=10**8, windows_per_unit=4,
+                            video_backend=backend))
+    # each cut at the first keyframe at or after a multiple of 16: 20 (>= 16), 40 (>= 32), 50 (>= 48), 70 (>= 64)
+    assert [(u.start, u.stop) for u in units] == [(0, 20), (20, 40), (40, 50), (50, 70), (70, 72)]
+    assert [u.keyframe_indices() for u in units] == [[0, 10], [20, 30], [40], [50, 60], [70]]
+    rows = [r for u in units for r in _frames(u, Sampling(), backend)]
+    assert [r[0] for r in rows] == list(range(72)) and all(r[2] == r[0] for r in rows)
+    assert sum(r[4] for r in rows) == 72  # every frame decoded once: no segment decodes another's frames
+
+
+def test_keyframes_sampling_decodes_only_keyframes(tmp_path):
+    path = gop_clip(tmp_path / "keys", 72, 10.0, 10)
+    units = list(plan_units(path, path, segment_frames=32, raster_pixels=10**8, windows_per_unit=4))
+    by_backend = {}
+    for backend in ("decord", "pyav"):
+        rows = [r for u in units for r in _frames(u, Sampling(keyframes=True), backend)]
+        assert [r[0] for r in rows] == list(range(0, 72, 10))
+        assert all(r[2] == r[0] for r in rows) and all(r[4] == 1 for r in rows)  # one decoded per sampled frame
+        by_backend[backend] = rows
+    assert by_backend["decord"] == by_backend["pyav"]
+    # with a time range; a pure function of the whole video, so segments agree at their borders
+    keys = list(range(0, 72, 10))
+    s = Sampling(keyframes=True, start_s=1.5, end_s=6.0)
+    assert sample_indices(72, 10.0, s, keyframes=keys) == [20, 30, 40, 50]
+    assert sample_indices(72, 10.0, s, 0, 35, keys) + sample_indices(72, 10.0, s, 35, 72, keys) == [20, 30, 40, 50]
+    with pytest.raises(ValueError, match="keyframes"):
+        Sampling(keyframes=True, every_n=2)
+
+
+def test_decoded_frames_count_what_the_codec_decodes(tmp_path):
+    """Every 7th frame of 10-frame groups: each sampled frame costs the frames from its group's keyframe (or from
+    the previous sampled frame in the same group) to itself. PyAV counts what comes out of the codec; decord's
+    count follows its seek policy, and agrees."""
+    path = gop_clip(tmp_path / "sparse", 40, 10.0, 10)
+    unit = next(plan_units(path, path, segment_frames=64, raster_pixels=10**8, windows_per_unit=4))
+    # 0 | 1..7 (same group) | 10..14 (seek) | 20, 21 (seek) | 22..28 (same group) | 30..35 (seek)
+    expected = {0: 1, 7: 7, 14: 5, 21: 2, 28: 7, 35: 6}
+    for backend in ("decord", "pyav"):
+        rows = _frames(unit, Sampling(every_n=7), backend)
+        assert {r[0]: r[4] for r in rows} == expected, backend
+
+
+@pytest.mark.parametrize("container", ["mkv", "ts"])
+def test_frame_count_and_keyframes_without_a_container_index(tmp_path, container):
+    """Matroska and MPEG-TS do not list every frame up front: PyAV demuxes the packets once (no decoding)."""
+    path = gop_clip(tmp_path / "noindex", 30, 10.0, 8, container)
+    v = PyAVVideo(path)
+    assert (v.num_frames, v.keyframes) == (30, [0, 8, 16, 24])
+    assert [read_index(f) for f in v.frames([3, 17, 29])] == [3, 17, 29]
+    assert [read_index(f) for f in v.frames([8, 24])] == [8, 24] and v.decoded == [1, 1]  # keyframes alone
+    assert [read_index(f) for f in v.frames([0, 1, 9])] == [0, 1, 9]
+    v.close()
 
 
 def test_fps_sampling_and_time_range():

@@ -12,11 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, SOAP, index_frame
+from conftest import GOP, REPO, SOAP, index_frame
 from faulttable import record
 from jobs.cli import cli
 from jobs.runner import run
@@ -40,6 +42,27 @@ def assert_once(t, expected: int):
     assert len(ids) == len(set(ids)) == expected, (len(ids), len(set(ids)), expected)
 
 
+def file_rows(out) -> list[int]:
+    """Rows of each frames file."""
+    return [pq.ParquetFile(f).metadata.num_rows for f in sorted((Path(out) / "frames").glob("*.parquet"))]
+
+
+def record_repairs(monkeypatch) -> list[int]:
+    """The rows `Output.drop_duplicate_frames` (the backstop at the end of each run in this process) removed,
+    one entry per run: a test of exactly once asserts they are all 0, so that it is not the backstop that
+    made the output right."""
+    seen: list[int] = []
+    real = Output.drop_duplicate_frames
+
+    def spy(self):
+        stats = real(self)
+        seen.append(stats["rows_removed"])
+        return stats
+
+    monkeypatch.setattr(Output, "drop_duplicate_frames", spy)
+    return seen
+
+
 def fpn_process(*args, env=None, **kw) -> subprocess.Popen:
     """`fpn ...` in its own process (and process group: its embedded Ray dies with it)."""
     e = {**os.environ, **(env or {})}
@@ -55,7 +78,7 @@ def long_video(tmp_path, n=160, name="long.mp4"):
     from jobs.demo import write_video
 
     path = tmp_path / name
-    write_video((index_frame(i, 96, 128) for i in range(n)), path, 16.0)
+    write_video((index_frame(i, 96, 128) for i in range(n)), path, 16.0, gop=GOP)
     return path
 
 
@@ -113,10 +136,13 @@ def test_two_runs_into_one_output_one_is_refused_and_nothing_is_written_twice(ma
 
 
 # -- killed driver, killed actor ------------------------------------------------------------------------
-def test_driver_sigkilled_mid_job_reads_as_interrupted_and_resume_writes_every_frame_once(ray_session, tmp_path):
+def test_driver_sigkilled_mid_job_reads_as_interrupted_and_resume_writes_every_frame_once(ray_session, tmp_path,
+                                                                                         monkeypatch):
     video = long_video(tmp_path)
     out = tmp_path / "out"
-    p = fpn_process("run", video, "-o", out, "--segment-frames", 16, "--batch-size", 4,
+    repairs = record_repairs(monkeypatch)
+    # files of >= 24 frames: each bundles two segments' blocks of 16, so the kill lands with a bundle half full
+    p = fpn_process("run", video, "-o", out, "--segment-frames", 16, "--batch-size", 4, "--min-rows-per-file", 24,
                     env={"FPN_LEASE_TIMEOUT_S": "3"})
     deadline = time.time() + 400
     while time.time() < deadline and not list((out / "frames").glob("part-*.parquet")):
@@ -126,6 +152,8 @@ def test_driver_sigkilled_mid_job_reads_as_interrupted_and_resume_writes_every_f
     p.wait()
     written = frames(out).num_rows
     assert 0 < written < 160
+    assert_once(frames(out), written)  # what the killed run left, before any repair
+    assert sum(n < 24 for n in file_rows(out)) <= 1, file_rows(out)  # files of whole bundles (and a remainder)
     time.sleep(3.5)
     r = invoke("status", out)
     assert r.exit_code == 4 and "interrupted" in r.output, r.output
@@ -137,21 +165,26 @@ def test_driver_sigkilled_mid_job_reads_as_interrupted_and_resume_writes_every_f
            expected=160, frames=t, errors=0, exit_code=r.exit_code)
     assert_once(t, 160)
     assert sorted(t.column("frame_index").to_pylist()) == list(range(160))
+    assert repairs == [0], repairs  # exactly once without the backstop: it found nothing to remove
+    assert len(file_rows(out)) <= 160 // 24 + 2, file_rows(out)  # two runs, each with at most one short file
     job = json.loads((out / "_job.json").read_text())
     assert job["state"] == "succeeded" and job["runs"] == 2 and job["took_over_from"]["pid"] == p.pid
     assert not list((out / "_tmp").glob("*")) if (out / "_tmp").exists() else True
 
 
-def test_detector_actor_sigkilled_mid_job_loses_no_frame(ray_session, tmp_path):
+def test_detector_actor_sigkilled_mid_job_loses_no_frame(ray_session, tmp_path, monkeypatch):
     import psutil
 
     video = long_video(tmp_path, 120)
     out = tmp_path / "out"
     result = {}
+    repairs = record_repairs(monkeypatch)
 
     def job():
+        # files of >= 30 frames: each bundles the output of 3 detector tasks (12 frames each), so the actor dies
+        # with blocks of the bundle being filled already delivered and others still to come from its retried task
         result["doc"] = run(plan_from_dict({"inputs": [str(video)], "output": str(out), "segment_frames": 12,
-                                            "batch_size": 2}))
+                                            "batch_size": 2, "min_rows_per_file": 30}))
 
     th = threading.Thread(target=job)
     th.start()
@@ -171,6 +204,96 @@ def test_detector_actor_sigkilled_mid_job_loses_no_frame(ray_session, tmp_path):
     record("detector actor SIGKILLed mid-job", "Ray restarted the actor and re-ran its batches; succeeded",
            expected=120, frames=frames(out), errors=result["doc"]["errors"], exit_code=0)
     assert_once(frames(out), 120)
+    assert repairs == [0], repairs  # Ray delivered each block once: the backstop found nothing
+    rows = file_rows(out)
+    assert sum(rows) == 120 and sum(n < 30 for n in rows) <= 1, rows  # one short file at most: the remainder
+
+
+# -- fewer, larger files: bundles of frames, still exactly once ------------------------------------------
+def _rows(ids) -> pa.Table:
+    from pipeline.output import FRAME_SCHEMA
+
+    return pa.Table.from_pylist([{"frame_id": i, "source": "s", "source_kind": "image", "frame_index": k,
+                                  "num_detections": 0, "detections": []} for k, i in enumerate(ids)],
+                                schema=FRAME_SCHEMA)
+
+
+def test_a_retried_write_task_writes_the_same_bundle_under_the_same_name(ray_session, tmp_path):
+    """The first write task dies (its worker process exits) after seeing its bundle; Ray runs it again, and the
+    retry gets the same blocks, so its file has the name the first attempt would have written."""
+    import ray.data
+
+    from pipeline.output import frames_file
+    from pipeline.sink import FrameSink
+
+    out, marker = Output(str(tmp_path / "out")), tmp_path / "attempts.jsonl"
+
+    class DiesOnce(FrameSink):  # a local class: pickled by value (Ray workers do not import tests/)
+        def write(self, blocks, ctx):
+            blocks = list(blocks)
+            ids = sorted(i for b in blocks for i in b.column("frame_id").to_pylist())
+            first = not marker.exists()
+            with open(marker, "a") as f:
+                f.write(json.dumps(ids) + "\n")
+            if first:
+                os._exit(1)  # as a killed worker: no exception, no cleanup
+            return super().write(blocks, ctx)
+
+    blocks = [_rows([f"id{b:02d}{k}" for k in range(3)]) for b in range(10)]  # 10 blocks of 3 frames
+    ray.data.from_arrow(blocks).write_datasink(DiesOnce(out, min_rows=7), ray_remote_args={"num_cpus": 0.1})
+    attempts = [json.loads(line) for line in marker.read_text().splitlines()]
+    killed = attempts[0]
+    assert len(killed) >= 7 and attempts.count(killed) == 2, attempts  # the retry saw the very same frames
+    names = {Path(f).name for f in out.frame_files()}
+    assert Path(frames_file(killed)).name in names
+    t = frames(tmp_path / "out")
+    assert_once(t, 30)
+    rows = file_rows(tmp_path / "out")
+    assert len(rows) < 10 and sum(n < 7 for n in rows) <= 1, rows  # bundles of >= 7 frames, a remainder
+    record("write task's worker killed (files of >= 7 frames)", "Ray retried it with the same bundle: the same "
+           "file name", expected=30, frames=t, errors=0, exit_code=None)
+
+
+def test_a_write_after_a_lease_takeover_commits_nothing(tmp_path):
+    """A writer whose lease was taken over (its heartbeat went stale: a stalled or partitioned driver) cannot
+    commit a file: `fpn resume` plans those frames again, and would write them under another name."""
+    out = Output(str(tmp_path / "out"))
+    first = out.lease(owner="first", timeout_s=1).acquire()
+    token = out.lease_token()
+    assert token == first.record["token"]
+    out.write_frames(_rows(["a", "b"]), fence=token)  # while the lease holds: committed
+    first._stop.set()  # its heartbeat stops, as in a driver that hangs
+    first._thread.join()
+    time.sleep(1.2)
+    second = out.lease(owner="second", timeout_s=1).acquire()
+    try:
+        assert not first._lost and first.lost  # asked, it reads the record: another writer holds the output
+        with pytest.raises(OutputBusyError, match="taken over by another writer"):
+            out.write_frames(_rows(["c", "d"]), fence=token)
+        out.write_frames(_rows(["c", "d"]), fence=second.record["token"])
+    finally:
+        second.release()
+    assert_once(frames(tmp_path / "out"), 4)
+    assert not list((tmp_path / "out" / "_tmp").iterdir())  # the fenced-off file's temporary copy is gone
+
+
+def test_duplicate_frames_are_removed_keeping_each_frame_once(tmp_path):
+    """The backstop run at the end of each job: whatever wrote a frame into two files, one keeps it."""
+    from pipeline.output import frames_file
+
+    out = Output(str(tmp_path / "out"))
+    ids = [f"f{k:02d}" for k in range(14)]
+    out.write_frames(_rows(ids[:10]))  # kept whole (largest)
+    out.write_frames(_rows(ids[5:8]))  # all in the first: removed
+    out.write_frames(_rows(ids[8:13]))  # 8, 9 in the first: rewritten with 10..12
+    out.write_table(_rows([ids[13], ids[13]]), "frames/part-twice.parquet")  # one frame twice in one file
+    stats = out.drop_duplicate_frames()
+    assert stats == {"files_removed": 1, "files_rewritten": 2, "rows_removed": 6}, stats
+    t = frames(tmp_path / "out")
+    assert_once(t, 14)
+    names = sorted(Path(f).name for f in out.frame_files())
+    assert names == sorted(Path(frames_file(x)).name for x in (ids[:10], ids[10:13], ids[13:]))
+    assert out.drop_duplicate_frames() == {"files_removed": 0, "files_rewritten": 0, "rows_removed": 0}
 
 
 # -- identity ---------------------------------------------------------------------------------------

@@ -13,11 +13,14 @@ import pytest
 import torch
 
 import fakes
-from conftest import SOAP
+from conftest import REPO, SOAP
 from fpn_model.data import read_image
 from fpn_model.zoo import resolve
 from pipeline.isolate import ChildCrashed, ChildError, ChildTimeout, IsolatedChild
 from pipeline.output import frame_id
+
+
+NULL_MODEL = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"  # planning is what these tests look at
 
 
 def read_table(path: Path):
@@ -172,6 +175,26 @@ def test_hung_or_crashed_decoder_costs_one_error_row_and_the_job_finishes(ray_se
            expected=20, frames=frames, errors=errors.num_rows, exit_code=3)
 
 
+@pytest.mark.slow
+def test_a_file_that_crashes_the_probe_is_one_error_row_and_the_others_are_planned(ray_session, make_video, tmp_path):
+    """Planning runs a few sources per Ray task: a decoder library that kills its worker on one file fails the
+    task, and its sources are probed again one per task, so only that file becomes an error row."""
+    from jobs.runner import run
+    from jobs.spec import plan_from_dict
+
+    goods = [make_video(f"good{k}.mp4", 4, 6.0) for k in range(11)]  # 12 sources, 8 tasks on 2 CPUs: some share
+    bad = make_video("crashopen.mp4", 4, 6.0)
+    out = tmp_path / "out"
+    doc = run(plan_from_dict({"inputs": [str(p) for p in (*goods, bad)], "output": str(out),
+                              "video_backend": fakes.backend(fakes.CrashingOpen), "model": NULL_MODEL}))
+    frames, errors = read_table(out / "frames"), read_table(out / "errors").to_pylist()
+    assert sorted(Path(s).name for s in set(frames.column("source").to_pylist())) == sorted(p.name for p in goods)
+    assert frames.num_rows == 44 and doc["planned_frames"] == 44
+    assert [(e["stage"], e["error_type"], Path(e["source"]).name) for e in errors] == [
+        ("probe", "ProbeCrashed", "crashopen.mp4")]
+    assert "probe crashed" in errors[0]["message"]
+
+
 # -- detection: a frame that breaks the detector ------------------------------------------------------------------
 
 class FlakyPredictor:
@@ -210,7 +233,10 @@ def test_detector_leaves_out_a_failing_frame_as_an_error_row_and_keeps_the_rest(
 
     table = det(batch)
 
-    assert table.schema == det.schema
+    # the contract's columns, then each stage's CPU time per frame for the sink to sum (not written)
+    assert table.schema.names == [*det.schema.names, "cpu_forward_s", "cpu_rows_s"]
+    assert table.select(det.schema.names).schema == det.schema
+    assert min(table.column("cpu_forward_s").to_pylist()) > 0
     assert table.column("frame_index").to_pylist() == [0, 1, 2, 4]
     expected = real([batch["image"][i] for i in (0, 1, 2, 4)])
     rows = table.to_pylist()

@@ -1,6 +1,7 @@
 """fpn_model: backbones, necks, level assignment, builders, config validation."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
@@ -130,3 +131,141 @@ def test_config_round_trips_through_dict():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown model config field"):
         ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+# -- the exact fast path and the opt-in precisions of fpn_model.predict.Predictor ---------------------------------
+def _bikes(n: int = 4, every: int = 10):
+    import av
+
+    from tests.conftest import BIKES
+
+    frames = []
+    with av.open(str(BIKES)) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            if i % every == 0:
+                frames.append(f.to_ndarray(format="rgb24"))
+                if len(frames) == n:
+                    break
+    return frames
+
+
+def _mobilenet_v3_fpn(frames, min_size: int):
+    """torchvision's fasterrcnn_mobilenet_v3_large_fpn with seeded random weights, imported as fpn import-torchvision
+    does: BatchNorm statistics from the frames, class logits scaled so that some detections pass 0.05."""
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    from fpn_model.weights import import_torchvision
+
+    torch.manual_seed(0)
+    tv = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
+    for bn in (m for m in tv.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.inference_mode():
+        images, _ = tv.transform([torch.from_numpy(f).permute(2, 0, 1).float().div(255) for f in frames])
+        tv.backbone(images.tensors)
+    tv.eval()
+    with torch.no_grad():
+        tv.roi_heads.box_predictor.cls_score.weight.mul_(6.0)
+    return import_torchvision("fasterrcnn_mobilenet_v3_large_fpn", tv.state_dict(), min_size=min_size)
+
+
+def _assert_same_detections(plain, fast):
+    """The exact path's promise: the same detections within 1e-4 (scores absolute, box coordinates relative to
+    the coordinate: float32 itself resolves a 1200 px coordinate only to 1.2e-4 px), labels equal."""
+    from fpn_model.predict import detection_difference
+
+    assert sum(len(d.boxes) for d in plain) > 0
+    for a, b in zip(plain, fast):
+        d = detection_difference(a, b)
+        assert d["count"][0] == d["count"][1], d
+        assert d["score"] <= 1e-4 and d["box_rel"] <= 1e-4, d
+
+
+@pytest.mark.parametrize("which", ["trees", "mobilenet_v3_fpn"])
+def test_fast_path_gives_the_eager_detections_on_real_frames(which):
+    from tests.conftest import SOAP
+    from fpn_model.data import read_image
+    from fpn_model.predict import FastRPN, Predictor
+    from fpn_model.weights import load_checkpoint
+    from fpn_model.zoo import resolve
+
+    torch.set_num_threads(2)  # the NMS / RoIAlign pool has 2 threads
+    frames = _bikes()
+    model = load_checkpoint(resolve("trees")) if which == "trees" else _mobilenet_v3_fpn(frames, 320)
+    plain, fast = Predictor(model, fast=False), Predictor(model)
+    assert fast.fast and isinstance(fast.model.rpn, FastRPN) and fast.executor is not None
+    assert next(fast.model.backbone.parameters()).is_contiguous(memory_format=torch.channels_last)
+    # the caller's model is left as it was (fpn train validates the model it is training)
+    assert type(model.rpn).__name__ == "RegionProposalNetwork"
+    assert all(p.is_contiguous() for p in model.parameters())
+    _assert_same_detections(plain(frames), fast(frames))
+    if which == "trees":  # its own kind of imagery, tiled
+        soap = [read_image(SOAP)]
+        _assert_same_detections(plain(soap), fast(soap))
+
+
+def test_parallel_nms_and_roi_align_are_torchvision_s_own():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision.ops import batched_nms
+
+    from fpn_model.predict import batched_nms_many, fast_path
+
+    g = torch.Generator().manual_seed(0)
+
+    def boxes(n):
+        xy = torch.rand(n, 2, generator=g) * 300
+        return torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 60 + 1], 1)
+
+    # per class (more than 4000 numbers), the coordinate trick, and nothing at all
+    jobs = [(boxes(n), torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g), 0.6) for n in (3000, 200, 0)]
+    with ThreadPoolExecutor(2) as pool:
+        for executor in (None, pool):
+            for (b, s, i, t), keep in zip(jobs, batched_nms_many(jobs, executor)):
+                assert torch.equal(keep, batched_nms(b, s, i, t))
+        pooler = PyramidRoIAlign(["p2", "p3", "p4", "p5"], 7, 2)
+        feats = {f"p{k}": torch.rand(2, 8, 512 // 2 ** k, 512 // 2 ** k, generator=g) for k in (2, 3, 4, 5)}
+        rois = [boxes(300), boxes(200)]
+        ref = pooler(feats, rois, [(512, 512)] * 2)
+        model = torch.nn.Module()
+        model.pool = pooler
+        fast_path(model, pool)
+        assert type(model.pool).__name__ == "FastPyramidRoIAlign"
+        feats_cl = {k: v.contiguous(memory_format=torch.channels_last) for k, v in feats.items()}
+        assert torch.equal(model.pool(feats_cl, rois, [(512, 512)] * 2), ref)
+
+
+def test_precisions_are_opt_in_and_change_only_a_copy():
+    from fpn_model.predict import Predictor
+
+    model = build_detector(preset("trees", min_size=128, max_size=128)).eval()
+    assert Predictor(model).precision == "exact"
+    q = Predictor(model, precision="int8")
+    assert isinstance(q.model.roi_heads.box_head.fc6, torch.ao.nn.quantized.dynamic.Linear)
+    assert type(model.roi_heads.box_head.fc6) is torch.nn.Linear
+    b = Predictor(model, precision="bf16")
+    frame = (torch.rand(96, 128, 3) * 255).byte().numpy()
+    for p in (q, b):
+        d = p([frame])[0]
+        assert d.boxes.dtype == np.float32 and len(d.boxes) == len(d.scores)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Predictor(model, precision="fp8")
+
+
+def test_keep_freed_memory_is_process_wide_and_can_be_turned_off():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import resource, torch; from fpn_model.predict import keep_freed_memory; on = keep_freed_memory(); "
+            "[torch.ones(20_000_000) for _ in range(3)]; f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; "
+            "x = torch.ones(20_000_000); print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)")
+    faults = {}
+    for env in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "FPN_KEEP_FREED_MEMORY": env}).stdout.split()
+        assert out[0] == str(env == "1")
+        faults[env] = int(out[1])
+    assert faults["1"] < 1000 < faults["0"]  # an 80 MB tensor reuses freed memory instead of faulting in 20k pages

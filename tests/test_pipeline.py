@@ -5,6 +5,7 @@ import json
 import duckdb
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import SOAP
@@ -100,6 +101,20 @@ def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video
     assert_exactly_once(t)
     assert sorted(t.column("frame_index").to_pylist()) == list(range(0, 40, 2))
     assert doc["skipped_frames"] == 20 - lost and doc["runs"] == 2
+
+
+def test_min_rows_per_file_writes_few_files_of_whole_bundles(ray_session, make_video, tmp_path):
+    v = make_video("m40.mp4", 40, 10.0)
+    out = tmp_path / "out"
+    # one block of 4 frames per segment: without bundling, 10 files
+    doc = job([v], out, segment_frames=4, batch_size=2, min_rows_per_file=16)
+    rows = sorted(pq.ParquetFile(f).metadata.num_rows for f in (out / "frames").glob("*.parquet"))
+    # bundles of whole blocks up to >= 16 frames (blocks hold 4 frames or more), the remainder at the end
+    assert sum(rows) == 40 and len(rows) <= 3 and sum(n < 16 for n in rows) <= 1, rows
+    t = frames_table(out)
+    assert_exactly_once(t)
+    assert sorted(t.column("frame_index").to_pylist()) == list(range(40)) and doc["state"] == "succeeded"
+    assert json.loads((out / "_job.json").read_text())["spec"]["min_rows_per_file"] == 16  # resume keeps it
 
 
 def test_pipeline_detections_equal_direct_model_call(ray_session, tmp_path):

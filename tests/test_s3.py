@@ -62,6 +62,132 @@ def test_missing_object_fails_before_work_naming_it(ray_session, s3):
     assert not fs.exists("test/out/x")
 
 
+class _ServedBytes:
+    """WSGI middleware in front of moto's app: the body bytes (and requests) the server answers for one key."""
+
+    def __init__(self, app):
+        self.app, self.key = app, None
+        self.bytes = self.requests = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        counted = self.key is not None and environ.get("PATH_INFO", "").endswith(self.key)
+        for chunk in self.app(environ, start_response):
+            if counted:
+                with self._lock:
+                    self.bytes += len(chunk)
+            yield chunk
+        if counted:
+            with self._lock:
+                self.requests += 1
+
+    def take(self) -> int:
+        """Bytes served since the last call."""
+        with self._lock:
+            n, self.bytes, self.requests = self.bytes, 0, 0
+        return n
+
+
+@pytest.fixture(scope="module")
+def counted_s3_server():
+    """moto's S3 server in this process (ThreadedMotoServer on 127.0.0.1), counting the bytes it serves."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    counter = _ServedBytes(server._server.app)  # werkzeug's server calls `self.app` for each request
+    server._server.app = counter
+    yield f"http://127.0.0.1:{port}", counter
+    server.stop()
+
+
+def _noise_clip(path: Path, frames: int, gop: int) -> Path:
+    """An H.264 MP4 of 320x240 noise (every frame about as large: a segment's share is its frame count's) with a
+    keyframe every `gop` frames."""
+    import numpy as np
+
+    from jobs.render import write_video
+
+    write_video((np.random.default_rng(i).integers(0, 255, (240, 320, 3), dtype=np.uint8) for i in range(frames)),
+                path, 12, gop=gop)
+    return path
+
+
+def test_a_remote_video_is_read_by_ranges_each_segment_about_its_share(ray_session, counted_s3_server, tmp_path,
+                                                                        monkeypatch):
+    """Bytes served by the S3 server, counted at the server: the probe reads the header and index, each segment
+    the packets it decodes (its share of the file, plus a few cache blocks), the whole job at most 1.5x the object
+    (before: a whole download for the probe and for each segment, 5x here). A keyframes-only scan reads less."""
+    import av
+    import numpy as np
+    import s3fs
+
+    from pipeline.decode import Sampling, decode_unit, probe
+    from pipeline.plan import plan_units
+
+    endpoint, counter = counted_s3_server
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    clip = _noise_clip(tmp_path / "noise.mp4", 96, 24)
+    with av.open(str(clip)) as c:
+        packet_sizes = [e.size for e in c.streams.video[0].index_entries]
+    size = clip.stat().st_size
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    fs.mkdir("ranged")
+    fs.put(str(clip), "ranged/in/noise.mp4")
+    url, opts = "s3://ranged/in/noise.mp4", {"s3": {"endpoint_url": endpoint}}
+    counter.key = "/ranged/in/noise.mp4"
+    counter.take()
+
+    info = probe(url, opts)
+    assert (info.num_frames, info.keyframes) == (96, (0, 24, 48, 72))
+    assert counter.take() < 0.1 * size  # header and index only
+    units = list(plan_units(url, url, segment_frames=24, raster_pixels=10**8, windows_per_unit=1,
+                            storage_options=opts))
+    assert [(u.start, u.stop) for u in units] == [(0, 24), (24, 48), (48, 72), (72, 96)]
+    counter.take()
+    local = list(plan_units(str(clip), str(clip), segment_frames=24, raster_pixels=10**8, windows_per_unit=1))
+    for u, lu in zip(units, local):
+        remote_frames = np.concatenate([b["image"] for b in decode_unit(u, sampling=Sampling(every_n=5),
+                                                                        batch_size=8, storage_options=opts)])
+        served = counter.take()
+        own = sum(packet_sizes[u.start:u.stop])
+        print(f"\nsegment [{u.start}, {u.stop}): served {served} bytes = {served / size:.3f} of the object "
+              f"(its packets: {own / size:.3f})")
+        assert served < own + 320 * 1024 and served < 0.45 * size, (served, own, size)
+        local_frames = np.concatenate([b["image"] for b in decode_unit(lu, sampling=Sampling(every_n=5),
+                                                                       batch_size=8)])  # decord, local file
+        np.testing.assert_array_equal(remote_frames, local_frames)  # PyAV over ranges gives decord's pixels
+
+    # a whole job: every 23rd frame, the last of each group of pictures, so every frame is read and decoded
+    doc = run(plan_from_dict({"inputs": [url], "output": str(tmp_path / "out"), "storage_options": opts,
+                              "sampling": {"every_n": 23}, "segment_frames": 24}))
+    served = counter.take()
+    print(f"whole job: served {served} bytes = {served / size:.3f} of the object ({size} bytes)")
+    assert doc["state"] == "succeeded" and doc["frames"] == 5 and doc["work_units"] == 4
+    assert served <= 1.5 * size
+    # decoded frames per sampled frame, in the summary and _job.json: frames 0 | 1..23 | 24..46 | 48..69 | 72..92
+    assert doc["decoded_frames"] == 1 + 23 + 23 + 22 + 21
+    job = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert job["decoded_frames"] == 90 and job["decoded_per_sampled"] == doc["decoded_per_sampled"] == 18.0
+
+    doc = run(plan_from_dict({"inputs": [url], "output": str(tmp_path / "keys"), "storage_options": opts,
+                              "sampling": {"keyframes": True}, "segment_frames": 24}))
+    served = counter.take()
+    print(f"keyframes only: served {served} bytes = {served / size:.3f} of the object")
+    t = pads.dataset(str(tmp_path / "keys" / "frames"), format="parquet").to_table()
+    assert sorted(t.column("frame_index").to_pylist()) == [0, 24, 48, 72]
+    assert doc["decoded_per_sampled"] == 1.0 and served < 0.5 * size
+
+
 @pytest.mark.parametrize("mode", ["500", "restart"])
 def test_s3_answering_500s_or_restarting_mid_job_loses_and_repeats_no_frame(ray_session, s3, tmp_path, mode):
     """The S3 server fails for a few seconds while the job reads and writes through it; the job retries (or,

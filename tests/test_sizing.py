@@ -49,13 +49,15 @@ def test_a_job_without_progress_is_reported_once_per_stall_naming_the_starved_st
     from jobs.watchdog import Watchdog
     from pipeline.output import Output
 
-    free = {"CPU": 0.0}
+    free, detected = {"CPU": 0.0}, [0]
     dog = Watchdog(Output(str(tmp_path / "out")), Resources(), stall_s=10,
-                   cluster=lambda: (free, {"CPU": 2.0}))
-    assert dog.check(now=100.0) is None  # the first poll sets the clock
+                   cluster=lambda: (free, {"CPU": 2.0}), detected=lambda: detected[0])
+    assert dog.check(now=90.0) is None  # the first poll sets the clock
+    detected[0] = 8  # the detectors move on while their frames wait in a bundle to be written: no stall
+    assert dog.check(now=100.0) is None
     assert dog.check(now=109.0) is None
     msg = dog.check(now=111.0)
-    assert msg == ("no frame written for 11 s: decoding is starved: 0 of 2 CPUs are free and a decode task needs 0.5 "
+    assert msg == ("no frame detected or written for 11 s: decoding is starved: 0 of 2 CPUs are free and a decode task needs 0.5 "
                    "(the detectors reserve 1); lower cpus_per_detector or num_detectors")
     assert dog.check(now=115.0) is None  # once per stall period
     free["CPU"] = 1.0
