@@ -13,8 +13,8 @@
 
 Everything streams: frames are read in batches of rows (pyarrow.dataset), flattened to detections with Arrow
 compute, turned into geometries with shapely and reprojected with pyproj, and written batch by batch, so memory
-stays bounded by one batch whatever the output's size. `dedup_iou` is the exception: it keeps one map box per
-detection in memory (an STRtree over all of them) to merge duplicates seen in overlapping scenes.
+stays bounded by one batch whatever the output's size; `dedup_iou` adds a pass (`jobs.dedup`: an on-disk sort and
+a sweep) that keeps one byte per detection.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ import pyarrow.dataset as pads
 from pipeline.output import Output
 from pipeline.raster import box_polygons
 from pipeline.storage import filesystem
+
+from .dedup import duplicates
 
 __all__ = ["FORMATS", "ExportSummary", "export"]
 
@@ -170,56 +172,6 @@ def _reproject(geoms: np.ndarray, src: str, dst: str) -> np.ndarray:
     return shapely.transform(geoms, lambda xy: np.column_stack(tf.transform(xy[:, 0], xy[:, 1])))
 
 
-def _dedup_keep(ds: pads.Dataset, target: str, iou: float, *, min_score: float,
-                batch_frames: int) -> tuple[set[tuple], int]:
-    """((frame_id, rank among the frame's detections) of the georeferenced detections that survive a greedy,
-    score-ordered merge of boxes from different sources overlapping by more than `iou` in `target` map
-    coordinates, how many were merged away)."""
-    import shapely
-
-    keys, geoms, scores, sources = [], [], [], []
-    for t in _detections(ds, min_score=min_score, batch_frames=batch_frames):
-        g, ok = _geometries(t, target)
-        fids = t.column("frame_id").to_pylist()
-        rank = _rank_in_frame(fids)
-        srcs = t.column("source").to_pylist()
-        sc = t.column("score").to_numpy(zero_copy_only=False)
-        for i in np.flatnonzero(ok):
-            keys.append((fids[i], rank[i]))
-            geoms.append(g[i])
-            scores.append(float(sc[i]))
-            sources.append(srcs[i])
-    geoms_a = np.array(geoms, dtype=object)
-    if not len(geoms_a):
-        return set(), 0
-    tree = shapely.STRtree(geoms_a)
-    left, right = tree.query(geoms_a, predicate="intersects")
-    pairs = left != right
-    left, right = left[pairs], right[pairs]
-    inter = shapely.area(shapely.intersection(geoms_a[left], geoms_a[right]))
-    union = shapely.area(geoms_a[left]) + shapely.area(geoms_a[right]) - inter
-    src = np.array(sources, dtype=object)
-    dup = (inter / np.maximum(union, 1e-12) > iou) & (src[left] != src[right])
-    partners: dict[int, list[int]] = {}
-    for a, b in zip(left[dup], right[dup]):
-        partners.setdefault(int(a), []).append(int(b))
-    removed: set[int] = set()
-    for i in np.argsort(-np.asarray(scores), kind="stable"):
-        if i in removed:
-            continue
-        removed.update(j for j in partners.get(int(i), []) if j != i)
-    return {k for i, k in enumerate(keys) if i not in removed}, len(removed)
-
-
-def _rank_in_frame(fids: list[str]) -> list[int]:
-    seen: dict[str, int] = {}
-    out = []
-    for f in fids:
-        out.append(seen.get(f, 0))
-        seen[f] = out[-1] + 1
-    return out
-
-
 def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = None, min_score: float = 0.0,
            crs: str | None = None, dedup_iou: float | None = None, batch_frames: int = 256) -> ExportSummary:
     """Write the detections of `output` to `dest` (a path or URL) as `fmt` (see the module docstring).
@@ -239,8 +191,10 @@ def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = N
     batches = _detections(ds, min_score=min_score, batch_frames=batch_frames)
     removed = 0
     if dedup_iou is not None:
-        keep, removed = _dedup_keep(ds, target, dedup_iou, min_score=min_score, batch_frames=batch_frames)
-        batches = _only(batches, keep)
+        drop = duplicates(_detections(ds, min_score=min_score, batch_frames=batch_frames),
+                          lambda t: _geometries(t, target), dedup_iou)
+        removed = int(drop.sum())
+        batches = _without(batches, drop)
     writer = {"geoparquet": _GeoParquet, "geojson": _GeoJSON, "coco": _Coco, "csv": _Csv}[fmt]
     fs, path = filesystem(dest, storage_options)
     with fs.transaction:  # the file appears complete, or not at all (local: renamed; S3: upload completed)
@@ -255,12 +209,12 @@ def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = N
     return ExportSummary(dest, fmt, w.written, target, w.left_out, removed)
 
 
-def _only(batches: Iterator[pa.Table], keep: set[tuple]) -> Iterator[pa.Table]:
-    """The detections of `batches` whose (frame_id, rank in frame) is in `keep`, and those without a CRS."""
+def _without(batches: Iterator[pa.Table], drop: np.ndarray) -> Iterator[pa.Table]:
+    """The rows of `batches` not marked in `drop` (a mask over all their rows, in order)."""
+    seen = 0
     for t in batches:
-        fids = t.column("frame_id").to_pylist()
-        mask = [(f, r) in keep or not c for f, r, c in zip(fids, _rank_in_frame(fids), t.column("crs").to_pylist())]
-        yield t.filter(pa.array(mask))
+        mask, seen = drop[seen:seen + t.num_rows], seen + t.num_rows
+        yield t.filter(pa.array(~mask)) if mask.any() else t
 
 
 class _Writer:

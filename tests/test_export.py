@@ -7,6 +7,7 @@ import json
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -160,3 +161,42 @@ def test_export_writes_to_object_storage(scene_output, s3):
         df = gpd.read_parquet(f)
     assert df.crs.to_epsg() == 32633 and len(df) == len(scene.squares)
     assert fs.ls("test/exports") == ["test/exports/trees.parquet"]  # one object, nothing temporary beside it
+
+
+@pytest.mark.parametrize("tall, iou", [(False, 0.25), (True, 0.02)])
+def test_dedup_sweep_matches_a_greedy_merge_over_all_pairs(monkeypatch, tall, iou):
+    """The bounded-memory sweep (sorted chunks of 16, groups closed as it passes them) drops exactly what a greedy,
+    score-ordered merge over every pair in memory drops: chains, groups spanning chunks, same-source pairs kept."""
+    import shapely
+
+    from jobs import dedup
+
+    monkeypatch.setattr(dedup, "CHUNK", 16)
+    rng = np.random.default_rng(7)
+    n = 1500
+    xy = rng.uniform(0, 120, (n, 2)) * ([1, 3] if tall else [3, 1])
+    xy[1::3] = xy[0::3][: len(xy[1::3])] + rng.uniform(-4, 4, (len(xy[1::3]), 2))  # near copies: duplicates
+    wh = rng.uniform(6, 12, (n, 2))
+    boxes = np.column_stack([xy, xy + wh])
+    sources = rng.integers(0, 3, n)
+    scores = rng.uniform(0, 1, n).astype(np.float32)
+    geoms = shapely.box(*boxes.T)
+    has = rng.uniform(size=n) > 0.05  # a few rows without map coordinates: never dropped
+    table = pa.table({"source": [f"s{s}" for s in sources], "score": scores, "i": np.arange(n)})
+    batches = [table.slice(k, 100) for k in range(0, n, 100)]
+    drop = dedup.duplicates(iter(batches), lambda t: (geoms[t.column("i").to_numpy()], has[t.column("i").to_numpy()]),
+                            iou)
+
+    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")  # every pair, in memory
+    inter = shapely.area(shapely.intersection(geoms[left], geoms[right]))
+    overlap = inter / (shapely.area(geoms[left]) + shapely.area(geoms[right]) - inter)
+    partners = {i: [] for i in range(n)}
+    for i, j, v in zip(left, right, overlap):
+        if i != j and has[i] and has[j] and sources[i] != sources[j] and v > iou:
+            partners[i].append(j)
+    removed = set()
+    for i in sorted(range(n), key=lambda i: (-float(scores[i]), i)):
+        if i not in removed:
+            removed.update(partners[i])
+    assert len(removed) > 100 and any(len(p) > 1 for p in partners.values())
+    assert set(np.flatnonzero(drop)) == removed
