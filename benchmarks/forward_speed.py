@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from fpn_model.predict import Predictor, detection_difference  # noqa: E402
 from fpn_model.weights import import_torchvision, load_checkpoint  # noqa: E402
 from fpn_model.zoo import resolve  # noqa: E402
+from throughput import scale_for  # noqa: E402  the torchvision resize rule, as throughput.py applies it
 
 
 def load_frames(video: str, n: int, every_n: int) -> list[np.ndarray]:
@@ -61,10 +62,6 @@ def load_frames(video: str, n: int, every_n: int) -> list[np.ndarray]:
                 if len(frames) == n:
                     break
     return frames
-
-
-def scale_for(size: int, h: int, w: int, max_size: int = 1333) -> float:
-    return round(min(size / min(h, w), max_size / max(h, w)), 4)
 
 
 def trees(size: int, frames: list[np.ndarray]) -> torch.nn.Module:

@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
-import socket
+import sys
 import tempfile
-import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -43,51 +41,13 @@ from pipeline.decode import Sampling, decode_unit, probe, read_video, sample_ind
 from pipeline.plan import plan_units
 from pipeline.storage import local_copy
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from served_bytes import start_counted_server  # noqa: E402  the tests' counting moto server
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ranged_reads.json"
 BIKES = REPO / "data" / "video" / "bikes.mp4"
 BUCKET, KEY = "bench", "archive/loop.mp4"
-
-
-class ByteCounter:
-    """WSGI middleware: the body bytes and requests the server answers for paths ending in `suffix`."""
-
-    def __init__(self, app, suffix: str):
-        self.app, self.suffix = app, suffix
-        self.bytes = self.requests = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, environ, start_response):
-        counted = environ.get("PATH_INFO", "").endswith(self.suffix)
-        for chunk in self.app(environ, start_response):
-            if counted:
-                with self._lock:
-                    self.bytes += len(chunk)
-            yield chunk
-        if counted:
-            with self._lock:
-                self.requests += 1
-
-    def take(self) -> tuple[int, int]:
-        """(bytes, requests) since the last call."""
-        with self._lock:
-            out = (self.bytes, self.requests)
-            self.bytes = self.requests = 0
-        return out
-
-
-def start_server() -> tuple[object, ByteCounter, str]:
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    counter = ByteCounter(server._server.app, KEY)  # werkzeug's server calls `self.app` per request
-    server._server.app = counter
-    return server, counter, f"http://127.0.0.1:{port}"
 
 
 def make_clip(path: Path, frames: int, fps: float = 25.0) -> None:
@@ -136,7 +96,7 @@ def main() -> None:
     sizes, keys = packet_bytes(clip)
     size = clip.stat().st_size
 
-    server, counter, endpoint = start_server()
+    server, counter, endpoint = start_counted_server(KEY)
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})

@@ -13,6 +13,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from conftest import SOAP
 from faulttable import record
+from served_bytes import start_counted_server
 from jobs.runner import run
 from jobs.spec import plan_from_dict
 
@@ -62,49 +63,11 @@ def test_missing_object_fails_before_work_naming_it(ray_session, s3):
     assert not fs.exists("test/out/x")
 
 
-class _ServedBytes:
-    """WSGI middleware in front of moto's app: the body bytes (and requests) the server answers for one key."""
-
-    def __init__(self, app):
-        self.app, self.key = app, None
-        self.bytes = self.requests = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, environ, start_response):
-        counted = self.key is not None and environ.get("PATH_INFO", "").endswith(self.key)
-        for chunk in self.app(environ, start_response):
-            if counted:
-                with self._lock:
-                    self.bytes += len(chunk)
-            yield chunk
-        if counted:
-            with self._lock:
-                self.requests += 1
-
-    def take(self) -> int:
-        """Bytes served since the last call."""
-        with self._lock:
-            n, self.bytes, self.requests = self.bytes, 0, 0
-        return n
-
-
 @pytest.fixture(scope="module")
 def counted_s3_server():
     """moto's S3 server in this process (ThreadedMotoServer on 127.0.0.1), counting the bytes it serves."""
-    import logging
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    counter = _ServedBytes(server._server.app)  # werkzeug's server calls `self.app` for each request
-    server._server.app = counter
-    yield f"http://127.0.0.1:{port}", counter
+    server, counter, endpoint = start_counted_server()
+    yield endpoint, counter
     server.stop()
 
 
@@ -144,12 +107,12 @@ def test_a_remote_video_is_read_by_ranges_each_segment_about_its_share(ray_sessi
     fs.mkdir("ranged")
     fs.put(str(clip), "ranged/in/noise.mp4")
     url, opts = "s3://ranged/in/noise.mp4", {"s3": {"endpoint_url": endpoint}}
-    counter.key = "/ranged/in/noise.mp4"
+    counter.suffix = "/ranged/in/noise.mp4"
     counter.take()
 
     info = probe(url, opts)
     assert (info.num_frames, info.keyframes) == (96, (0, 24, 48, 72))
-    assert counter.take() < 0.1 * size  # header and index only
+    assert counter.take()[0] < 0.1 * size  # header and index only
     units = list(plan_units(url, url, segment_frames=24, raster_pixels=10**8, windows_per_unit=1,
                             storage_options=opts))
     assert [(u.start, u.stop) for u in units] == [(0, 24), (24, 48), (48, 72), (72, 96)]
@@ -158,7 +121,7 @@ def test_a_remote_video_is_read_by_ranges_each_segment_about_its_share(ray_sessi
     for u, lu in zip(units, local):
         remote_frames = np.concatenate([b["image"] for b in decode_unit(u, sampling=Sampling(every_n=5),
                                                                         batch_size=8, storage_options=opts)])
-        served = counter.take()
+        served = counter.take()[0]
         own = sum(packet_sizes[u.start:u.stop])
         print(f"\nsegment [{u.start}, {u.stop}): served {served} bytes = {served / size:.3f} of the object "
               f"(its packets: {own / size:.3f})")
@@ -170,7 +133,7 @@ def test_a_remote_video_is_read_by_ranges_each_segment_about_its_share(ray_sessi
     # a whole job: every 23rd frame, the last of each group of pictures, so every frame is read and decoded
     doc = run(plan_from_dict({"inputs": [url], "output": str(tmp_path / "out"), "storage_options": opts,
                               "sampling": {"every_n": 23}, "segment_frames": 24}))
-    served = counter.take()
+    served = counter.take()[0]
     print(f"whole job: served {served} bytes = {served / size:.3f} of the object ({size} bytes)")
     assert doc["state"] == "succeeded" and doc["frames"] == 5 and doc["work_units"] == 4
     assert served <= 1.5 * size
@@ -181,7 +144,7 @@ def test_a_remote_video_is_read_by_ranges_each_segment_about_its_share(ray_sessi
 
     doc = run(plan_from_dict({"inputs": [url], "output": str(tmp_path / "keys"), "storage_options": opts,
                               "sampling": {"keyframes": True}, "segment_frames": 24}))
-    served = counter.take()
+    served = counter.take()[0]
     print(f"keyframes only: served {served} bytes = {served / size:.3f} of the object")
     t = pads.dataset(str(tmp_path / "keys" / "frames"), format="parquet").to_table()
     assert sorted(t.column("frame_index").to_pylist()) == [0, 24, 48, 72]
