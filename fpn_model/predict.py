@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import os
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +34,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format
 
 from .config import TileConfig
+from .memory import keep_freed_memory
 from .tiling import merge_detections, plan_tiles
 
 __all__ = ["Predictor", "TileConfig", "Detections", "PRECISIONS", "fast_path", "batched_nms_many",
@@ -71,34 +69,6 @@ class Detections:
 #   contiguous once, not once per call.
 # - GroupNorm on channels_last input with sums as precise as the NCHW kernel's (_ChannelsLastGroupNorm).
 # The copy of the model that Predictor prepares is changed; training code never sees these classes.
-
-
-_KEEPING_MEMORY = False
-
-
-def keep_freed_memory() -> bool:
-    """Have this process's malloc (glibc) keep freed memory for the next allocation instead of handing it back to
-    the system at once. A forward pass allocates and frees the same large tensors every batch; by default each one
-    above 32 MB is a fresh mmap whose pages the kernel faults in and zeroes again: a million page faults and
-    about a second of system time per batch of 4 frames of 800 px (torchvision's mobilenet_v3 FPN). Kept, they are
-    reused: the same results, less time, and the process's resident memory stays at its peak between batches.
-
-    Process-wide and one-way (malloc's mmap and trim thresholds raised to 1 GB and 2 GB, one arena, so that the
-    pool threads' allocations are reused as well); `FPN_KEEP_FREED_MEMORY=0` turns it off. The Predictor's CPU fast
-    path calls it. Returns whether it is in effect (False off glibc)."""
-    global _KEEPING_MEMORY
-    if _KEEPING_MEMORY:
-        return True
-    if os.environ.get("FPN_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    _KEEPING_MEMORY = bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, (1 << 31) - 1)
-                           and mallopt(m_arena_max, 1))
-    return _KEEPING_MEMORY
 
 
 class _Pool(ThreadPoolExecutor):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from fpn_model.config import TileConfig
+from fpn_model.memory import keep_freed_memory_env
 from fpn_model.weights import InputSpec, read_input_spec  # torch-free: no model is built here
 
 from .decode import Sampling, decode_unit, probe, sample_indices, with_cpu_time
@@ -401,6 +402,9 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(_Decode(plan, out, done), batch_size=1, num_cpus=r.decode_cpus)
     tile = None if plan.tile is None else dataclasses.asdict(plan.tile)
+    # a CPU detector's process keeps freed memory from its start: mallopt comes too late for the thread Ray runs
+    # its calls on (fpn_model.memory); env_vars merge with a job's own runtime_env
+    env = {} if r.gpus_per_detector else keep_freed_memory_env()
     return ds.map_batches(
         Detector,
         batch_size=plan.batch_size,
@@ -411,6 +415,7 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
                                    overrides=plan.model_overrides, max_batch=r.max_batch, output=out,
                                    threads=threads, precision=r.precision, counter=counter),
         batch_format="numpy",
+        **({"runtime_env": {"env_vars": env}} if env else {}),
     )
 
 

@@ -7,7 +7,8 @@ decoding child processes they spawn) do not have `tests/` on their Python path.
 
 `BrightBoxes` is a model plugin ("path/to/fakes.py:BrightBoxes", `fpn_model.weights`) that returns known pixel
 boxes: one per connected region of bright pixels of its input, so a test that draws squares into a raster knows
-where every box must land after windows, resampling and georeferencing.
+where every box must land after windows, resampling and georeferencing. `MallocProbe` reports whether its
+detector process started with the malloc settings of `fpn_model.memory`.
 
 The generator functions are for `pipeline.isolate` directly; they are pickled by reference, which works
 because a spawned child gets its parent's `sys.path` (and pytest puts `tests/` there).
@@ -63,6 +64,23 @@ class BrightBoxes(torch.nn.Module):
                         "scores": torch.full((n,), 0.9), "labels": torch.ones(n, dtype=torch.int64),
                         "levels": torch.full((n,), 2, dtype=torch.int8)})
         return out
+
+
+class MallocProbe(torch.nn.Module):
+    """A model plugin that reports its process's malloc settings: one whole-frame box per image, scored 0.9 when
+    the process started with `fpn_model.memory.keep_freed_memory_env()` (MALLOC_ARENA_MAX=1), else 0.1."""
+
+    config = ModelConfig(num_classes=2, class_names=("kept",))
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        score = 0.9 if os.environ.get("MALLOC_ARENA_MAX") == "1" else 0.1
+        return [{"boxes": torch.tensor([[0.0, 0.0, im.shape[-1], im.shape[-2]]]), "scores": torch.tensor([score]),
+                 "labels": torch.ones(1, dtype=torch.int64), "levels": torch.full((1,), 2, dtype=torch.int8)}
+                for im in images]
 
 
 class HangingVideo(PyAVVideo):

@@ -269,3 +269,39 @@ def test_keep_freed_memory_is_process_wide_and_can_be_turned_off():
         assert out[0] == str(env == "1")
         faults[env] = int(out[1])
     assert faults["1"] < 1000 < faults["0"]  # an 80 MB tensor reuses freed memory instead of faulting in 20k pages
+
+
+def test_keep_freed_memory_env_reaches_threads_that_allocated_before_it():
+    """A Ray actor runs its calls on a thread that had its own malloc arena before our code ran: mallopt cannot
+    move it (120 MB tensors there are page-faulted in every time), the environment from process start does."""
+    import os
+    import subprocess
+    import sys
+
+    from fpn_model.memory import keep_freed_memory_env
+
+    code = """if True:
+        import resource, threading, torch
+        from fpn_model.predict import keep_freed_memory
+        faults, ready, go = [], threading.Event(), threading.Event()
+        def work():
+            torch.ones(10)  # this thread's arena exists before keep_freed_memory()
+            ready.set(); go.wait()
+            [torch.ones(30_000_000) for _ in range(3)]
+            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            x = torch.ones(30_000_000)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
+        t = threading.Thread(target=work); t.start(); ready.wait()
+        keep_freed_memory(); go.set(); t.join()
+        print(faults[0])"""
+    env = keep_freed_memory_env()
+    assert env["MALLOC_ARENA_MAX"] == "1"
+    faults = {}
+    for name, extra in (("mallopt only", {}), ("environment", env)):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **extra})
+        faults[name] = int(run.stdout)
+    assert faults["environment"] < 1000 < 20_000 < faults["mallopt only"]
+    off = subprocess.run([sys.executable, "-c", "from fpn_model.memory import keep_freed_memory_env as e; print(e())"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "FPN_KEEP_FREED_MEMORY": "0"})
+    assert off.stdout.strip() == "{}"

@@ -117,6 +117,22 @@ def test_min_rows_per_file_writes_few_files_of_whole_bundles(ray_session, make_v
     assert json.loads((out / "_job.json").read_text())["spec"]["min_rows_per_file"] == 16  # resume keeps it
 
 
+def test_cpu_detectors_start_with_kept_freed_memory(ray_session, make_video, tmp_path, monkeypatch):
+    """A CPU detector actor's process starts with fpn_model.memory's malloc environment (its model sees it), and
+    without it when FPN_KEEP_FREED_MEMORY=0."""
+    import fakes
+
+    def scores(out):
+        return {round(d["score"], 3) for ds in frames_table(out).column("detections").to_pylist() for d in ds}
+
+    video = make_video("probe.mp4", 6, 10.0)
+    doc = job([video], tmp_path / "kept", model=fakes.backend(fakes.MallocProbe), batch_size=2)
+    assert doc["detections"] == 6 and scores(tmp_path / "kept") == {0.9}
+    monkeypatch.setenv("FPN_KEEP_FREED_MEMORY", "0")
+    job([video], tmp_path / "plain", model=fakes.backend(fakes.MallocProbe), batch_size=2)
+    assert scores(tmp_path / "plain") == {0.1}
+
+
 def test_pipeline_detections_equal_direct_model_call(ray_session, tmp_path):
     out = tmp_path / "out"
     doc = job([SOAP], out)
