@@ -180,15 +180,16 @@ def main() -> None:
     if a.sweep:
         scale = scale_for(a.sizes[0], h, w)
         sweep = []
-        # num_cpus 2 is left out: the class would hold both CPUs of this node and read_videos waits forever
+        # every configuration leaves a CPU to read_videos' tasks: a class holding both CPUs of this node (num_cpus
+        # 2, or 2 actors of 1) waits forever for its input
         for batch in (4, 8):
-            for num_cpus, threads, conc in ((1, 1, 1), (1, 2, 1), (1, 1, 2)):
+            for num_cpus, threads, conc in ((1, 1, 1), (1, 2, 1), (0.5, 1, 2)):
                 cfg = {"batch": batch, "num_cpus": num_cpus, "threads": threads, "concurrency": conc}
                 try:
-                    r = run_recipe(a.video, a.sweep_every_n, scale, a.model, cfg, timeout_s=900)
+                    r = run_recipe(a.video, a.sweep_every_n, scale, a.model, cfg, timeout_s=600)
                     sweep.append({**cfg, "fps": round(fps(r), 3), "wall_s": r["wall_s"]})
-                except subprocess.TimeoutExpired:
-                    sweep.append({**cfg, "fps": 0.0, "timed_out": True})
+                except (subprocess.TimeoutExpired, RuntimeError) as e:
+                    sweep.append({**cfg, "fps": 0.0, "failed": type(e).__name__})
                 print("sweep", sweep[-1], flush=True)
         best = max(sweep, key=lambda s: s["fps"])
         recipe_cfg = {k: best[k] for k in ("batch", "num_cpus", "threads", "concurrency")}
