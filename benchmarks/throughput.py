@@ -14,8 +14,8 @@ The input is `--video` played `--loop` times (forwards, then backwards, and so o
 writes it), so that a job runs long enough for its fixed start-up cost (benchmarks/startup.py) to be part of it
 and not all of it. Ratios are of medians measured in the same run: `efficiency` = fpn / bare,
 `ray_data_ratio` = fpn / recipe, all from whole wall times (start-up included). `fpn` rows also give the time to
-the first frames file and `steady_fps`: the frames of the files after the first over the time between the first
-and the last file (the pipeline once running). Writes benchmarks/results/throughput.json.
+the first frames file and `steady_fps`: the frames of the files that came after the first (by more than 1 s) over
+the time between the first and the last file (the pipeline once running). Writes benchmarks/results/throughput.json.
 
     .venv/bin/python benchmarks/throughput.py [--video data/video/bikes.mp4] [--loop 10] [--every-n 10] [--sweep]
 """
@@ -105,8 +105,12 @@ def run_fpn(video: str, every_n: int, batch: int, scale: float, model: str, extr
         if len(files) > 1:
             import pyarrow.parquet as pq
 
-            later = sum(pq.ParquetFile(f).metadata.num_rows for _, f in files[1:])
-            steady = round(later / max(files[-1][0] - files[0][0], 1e-3), 3)
+            # files that land with the first (several detectors finish their first units together) were made
+            # before it too: only files that came later count
+            later = [(t, f) for t, f in files if t > files[0][0] + 1.0]
+            if later:
+                rows = sum(pq.ParquetFile(f).metadata.num_rows for _, f in later)
+                steady = round(rows / (later[-1][0] - files[0][0]), 3)
         return {"frames": job["frames"], "detections": job["detections"], "wall_s": round(wall, 3),
                 "first_frame_s": round(files[0][0], 3) if files else None, "files": len(files),
                 "steady_fps": steady, "core_ms_per_frame": job.get("core_ms_per_frame")}
@@ -162,6 +166,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 800])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="trees")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     ap.add_argument("--sweep", action="store_true", help="tune the recipe (else its best recorded config)")
     ap.add_argument("--bare-once", metavar="VIDEO")
     ap.add_argument("--scale", type=float)
@@ -227,8 +232,8 @@ def main() -> None:
               "every_n": a.every_n, "batch": a.batch, "model": a.model, "cpus": os.cpu_count(),
               "recipe_config": recipe_cfg, "recipe_sweep": sweep, "sweep_every_n": a.sweep_every_n, "sizes": sizes,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1) + "\n")
     for size, s in sizes.items():
         print(f"{size}px: fpn {s['fpn']['fps_median']} fps, bare {s['bare']['fps_median']}, recipe "
               f"{s['recipe']['fps_median']}, null {s['null']['fps_median']}; efficiency {s['efficiency']} "
