@@ -40,28 +40,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "forward_speed.json"
-VIDEO = REPO.parent / "shared" / "data" / "video" / "bikes.mp4"
+VIDEO = REPO / "data" / "video" / "bikes.mp4"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fpn_model.predict import Predictor, detection_difference  # noqa: E402
-from fpn_model.weights import import_torchvision, load_checkpoint  # noqa: E402
+from fpn_model.weights import load_checkpoint  # noqa: E402
 from fpn_model.zoo import resolve  # noqa: E402
 from throughput import scale_for  # noqa: E402  the torchvision resize rule, as throughput.py applies it
 
-
-def load_frames(video: str, n: int, every_n: int) -> list[np.ndarray]:
-    import av
-
-    frames = []
-    with av.open(video) as c:
-        for i, f in enumerate(c.decode(video=0)):
-            if i % every_n == 0:
-                frames.append(f.to_ndarray(format="rgb24"))
-                if len(frames) == n:
-                    break
-    return frames
+sys.path.insert(0, str(REPO / "tests"))
+from forward_inputs import calibrated_mobilenet_v3_fpn, video_frames  # noqa: E402  what tests/test_model.py checks
 
 
 def trees(size: int, frames: list[np.ndarray]) -> torch.nn.Module:
@@ -69,26 +59,8 @@ def trees(size: int, frames: list[np.ndarray]) -> torch.nn.Module:
     return load_checkpoint(resolve("trees"), scale=scale_for(size, h, w))
 
 
-def mobilenet(size: int, frames: list[np.ndarray], *, seed: int = 0, boost: float = 6.0) -> torch.nn.Module:
-    """torchvision's fasterrcnn_mobilenet_v3_large_fpn with seeded random weights, imported into ours: BatchNorm
-    statistics from the frames (else the random features vanish), class logits scaled by `boost` so that some
-    detections pass the 0.05 score threshold."""
-    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
-
-    torch.manual_seed(seed)
-    tv = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
-    norms = [m for m in tv.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration batch
-        bn.train()
-    with torch.inference_mode():
-        images, _ = tv.transform([torch.from_numpy(f).permute(2, 0, 1).float().div(255) for f in frames])
-        tv.backbone(images.tensors)
-    tv.eval()
-    with torch.no_grad():
-        tv.roi_heads.box_predictor.cls_score.weight.mul_(boost)
-    return import_torchvision("fasterrcnn_mobilenet_v3_large_fpn", tv.state_dict(), min_size=size)
+def mobilenet(size: int, frames: list[np.ndarray]) -> torch.nn.Module:
+    return calibrated_mobilenet_v3_fpn(frames, size)
 
 
 MODELS = {"trees": trees, "mobilenet_v3_fpn": mobilenet}
@@ -216,7 +188,7 @@ def main() -> None:
     ap.add_argument("-o", "--output", default=str(RESULTS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    frames = load_frames(args.video, args.frames, args.every_n)
+    frames = video_frames(args.video, args.frames, args.every_n)
     if args.worker:
         res = worker(args.worker[0], int(args.worker[1]), frames, args.variants, args.rounds)
         print(json.dumps({**res, "frames": len(frames)}, default=_plain))

@@ -65,16 +65,17 @@ def scale_for(size: int, h: int, w: int, max_size: int = 1333) -> float:
 
 def bare(video: str, every_n: int, batch: int, scale: float, threads: int, checkpoint: str) -> dict:
     """In this process: decode the sampled frames first, then time the Predictor alone over them."""
-    import av
     import torch
 
     from fpn_model.predict import Predictor
     from fpn_model.weights import load_checkpoint
     from fpn_model.zoo import resolve
 
+    sys.path.insert(0, str(REPO / "tests"))
+    from forward_inputs import video_frames
+
     torch.set_num_threads(threads)
-    with av.open(video) as c:
-        frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(c.decode(video=0)) if i % every_n == 0]
+    frames = video_frames(video, every_n=every_n)
     p = Predictor(load_checkpoint(resolve(checkpoint), scale=scale), tile=None)
     p(frames[:1])  # warm-up, as a detector actor's first batch pays it too
     t0 = time.monotonic()

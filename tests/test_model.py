@@ -135,40 +135,16 @@ def test_config_round_trips_through_dict():
 
 # -- the exact fast path and the opt-in precisions of fpn_model.predict.Predictor ---------------------------------
 def _bikes(n: int = 4, every: int = 10):
-    import av
-
     from tests.conftest import BIKES
+    from tests.forward_inputs import video_frames
 
-    frames = []
-    with av.open(str(BIKES)) as c:
-        for i, f in enumerate(c.decode(video=0)):
-            if i % every == 0:
-                frames.append(f.to_ndarray(format="rgb24"))
-                if len(frames) == n:
-                    break
-    return frames
+    return video_frames(BIKES, n, every)
 
 
 def _mobilenet_v3_fpn(frames, min_size: int):
-    """torchvision's fasterrcnn_mobilenet_v3_large_fpn with seeded random weights, imported as fpn import-torchvision
-    does: BatchNorm statistics from the frames, class logits scaled so that some detections pass 0.05."""
-    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+    from tests.forward_inputs import calibrated_mobilenet_v3_fpn
 
-    from fpn_model.weights import import_torchvision
-
-    torch.manual_seed(0)
-    tv = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
-    for bn in (m for m in tv.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    with torch.inference_mode():
-        images, _ = tv.transform([torch.from_numpy(f).permute(2, 0, 1).float().div(255) for f in frames])
-        tv.backbone(images.tensors)
-    tv.eval()
-    with torch.no_grad():
-        tv.roi_heads.box_predictor.cls_score.weight.mul_(6.0)
-    return import_torchvision("fasterrcnn_mobilenet_v3_large_fpn", tv.state_dict(), min_size=min_size)
+    return calibrated_mobilenet_v3_fpn(frames, min_size)
 
 
 def _assert_same_detections(plain, fast):
