@@ -89,29 +89,28 @@ def run_fpn(video: str, every_n: int, batch: int, scale: float, model: str, extr
         cmd = [*FPN, "run", video, "-o", str(out), "-m", model, "--every-n", str(every_n), "--batch-size",
                str(batch), "--no-tile", "--scale", str(scale), *extra]
         t0 = time.monotonic()
-        log = open(Path(tmp) / "log", "w+")
-        p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
         seen: dict[Path, float] = {}  # each frames file and when it appeared
-        while p.poll() is None:
-            for f in (out / "frames").glob("part-*.parquet"):
-                seen.setdefault(f, time.monotonic() - t0)
-            time.sleep(0.05)
-        wall = time.monotonic() - t0
-        if p.returncode != 0:
-            log.seek(0)
-            raise RuntimeError(f"fpn run failed ({p.returncode}): {log.read()[-2000:]}")
+        with open(Path(tmp) / "log", "w+") as log:
+            p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+            while p.poll() is None:
+                for f in (out / "frames").glob("part-*.parquet"):
+                    seen.setdefault(f, time.monotonic() - t0)
+                time.sleep(0.05)
+            wall = time.monotonic() - t0
+            if p.returncode != 0:
+                log.seek(0)
+                raise RuntimeError(f"fpn run failed ({p.returncode}): {log.read()[-2000:]}")
         job = json.loads((out / "_job.json").read_text())
         files = sorted((t, f) for f, t in seen.items() if f.exists())  # (a regrouped bundle's file may go again)
+        # files that land with the first (several detectors finish their first units together) were made before it
+        # too: only files that came later count
+        later = [(t, f) for t, f in files if t > files[0][0] + 1.0]
         steady = None
-        if len(files) > 1:
+        if later:
             import pyarrow.parquet as pq
 
-            # files that land with the first (several detectors finish their first units together) were made
-            # before it too: only files that came later count
-            later = [(t, f) for t, f in files if t > files[0][0] + 1.0]
-            if later:
-                rows = sum(pq.ParquetFile(f).metadata.num_rows for _, f in later)
-                steady = round(rows / (later[-1][0] - files[0][0]), 3)
+            rows = sum(pq.ParquetFile(f).metadata.num_rows for _, f in later)
+            steady = round(rows / (later[-1][0] - files[0][0]), 3)
         return {"frames": job["frames"], "detections": job["detections"], "wall_s": round(wall, 3),
                 "first_frame_s": round(files[0][0], 3) if files else None, "files": len(files),
                 "steady_fps": steady, "core_ms_per_frame": job.get("core_ms_per_frame")}

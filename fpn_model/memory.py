@@ -23,9 +23,9 @@ import sys
 
 __all__ = ["keep_freed_memory", "keep_freed_memory_env"]
 
-MMAP_THRESHOLD = 1 << 30
-TRIM_THRESHOLD = (1 << 31) - 1
-ARENA_MAX = 1
+# each setting: glibc's environment variable, its mallopt parameter number, the value
+_SETTINGS = (("MALLOC_MMAP_THRESHOLD_", -3, 1 << 30), ("MALLOC_TRIM_THRESHOLD_", -1, (1 << 31) - 1),
+             ("MALLOC_ARENA_MAX", -8, 1))
 
 _KEEPING_MEMORY = False
 
@@ -46,9 +46,7 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    _KEEPING_MEMORY = bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD) and mallopt(m_trim_threshold, TRIM_THRESHOLD)
-                           and mallopt(m_arena_max, ARENA_MAX))
+    _KEEPING_MEMORY = all(mallopt(param, value) for _, param, value in _SETTINGS)
     return _KEEPING_MEMORY
 
 
@@ -57,5 +55,4 @@ def keep_freed_memory_env() -> dict[str, str]:
     every thread ({} when turned off); glibc reads them at start-up, other allocators ignore them."""
     if not _wanted():
         return {}
-    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
-            "MALLOC_ARENA_MAX": str(ARENA_MAX)}
+    return {name: str(value) for name, _, value in _SETTINGS}
