@@ -212,6 +212,19 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return PRESETS[name][1].replace(**overrides)
 
 
+MERGE_METHODS = ("nms", "nmm")  # how overlapping tiles' detections are merged (fpn_model.tiling)
+MERGE_METRICS = ("iou", "ios")
+PRECISIONS = ("exact", "int8", "bf16")  # of a CPU forward: fpn_model.predict.Predictor
+
+
+def check_tile(size: int, overlap: int) -> None:
+    """ValueError unless `size` x `size` tiles overlapping by `overlap` pixels can cover a frame."""
+    if size <= 0:
+        raise ValueError(f"tile must be positive, got {size}")
+    if not 0 <= overlap < size:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {size}")
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """Sliced inference for frames larger than `size` on either side (`fpn_model.tiling` plans and merges)."""
@@ -223,11 +236,8 @@ class TileConfig:
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.size <= 0:
-            raise ValueError(f"tile must be positive, got {self.size}")
-        if not 0 <= self.overlap < self.size:
-            raise ValueError(f"overlap must be in [0, tile), got {self.overlap} for tile {self.size}")
-        if self.merge not in ("nms", "nmm"):
+        check_tile(self.size, self.overlap)
+        if self.merge not in MERGE_METHODS:
             raise ValueError(f"tile merge must be nms or nmm, got {self.merge!r}")
-        if self.metric not in ("iou", "ios"):
+        if self.metric not in MERGE_METRICS:
             raise ValueError(f"tile metric must be iou or ios, got {self.metric!r}")

@@ -33,7 +33,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format
 
-from .config import TileConfig
+from .config import PRECISIONS, TileConfig
 from .memory import keep_freed_memory
 from .tiling import merge_detections, plan_tiles
 
@@ -41,7 +41,6 @@ __all__ = ["Predictor", "TileConfig", "Detections", "PRECISIONS", "fast_path", "
            "detection_difference", "quantize_linear", "bf16_features", "compile_convolutions", "is_detector",
            "keep_freed_memory"]
 
-PRECISIONS = ("exact", "int8", "bf16")
 
 
 @dataclass
@@ -227,16 +226,14 @@ class _ChannelsLastGroupNorm(nn.GroupNorm):
         return torch.addcmul(shift.float()[:, :, None, None], x, scale.float()[:, :, None, None])
 
 
-def fast_path(model: nn.Module, executor: ThreadPoolExecutor | None, *, channels_last: bool = True,
-              precise_group_norm: bool = True) -> nn.Module:
+def fast_path(model: nn.Module, executor: ThreadPoolExecutor | None, *, channels_last: bool = True) -> nn.Module:
     """`model` (a torchvision-style detector, changed in place) on the exact fast path: channels_last weights, and
     the RPN and RoI poolers above with `executor` (None: everything in the calling thread)."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
-        if precise_group_norm:
-            for m in model.modules():
-                if type(m) is nn.GroupNorm:
-                    m.__class__ = _ChannelsLastGroupNorm
+        for m in model.modules():
+            if type(m) is nn.GroupNorm:
+                m.__class__ = _ChannelsLastGroupNorm
     rpn = getattr(model, "rpn", None)
     if type(rpn) is RegionProposalNetwork:
         rpn.__class__ = FastRPN

@@ -20,8 +20,7 @@ from torchvision.ops import batched_nms, box_area, box_iou
 
 __all__ = ["plan_tiles", "merge_detections", "MERGE_METHODS", "MERGE_METRICS"]
 
-MERGE_METHODS = ("nms", "nmm")
-MERGE_METRICS = ("iou", "ios")
+from .config import MERGE_METHODS, MERGE_METRICS, check_tile
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -36,10 +35,7 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 def plan_tiles(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
     """Tile windows `(x0, y0, x1, y1)` covering the frame; the last row/column is shifted inwards so
     every tile is whole (`tile` x `tile`) unless the frame itself is smaller."""
-    if tile <= 0:
-        raise ValueError(f"tile must be positive, got {tile}")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
+    check_tile(tile, overlap)
     stride = tile - overlap
     return [
         (x, y, min(x + tile, width), min(y + tile, height))

@@ -15,6 +15,8 @@ from typing import Any
 import click
 import yaml
 
+from fpn_model.config import PRECISIONS  # torch-free
+
 __all__ = ["cli"]
 
 
@@ -187,7 +189,7 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--num-detectors", type=int, help="Detector actors (model copies).")
 @click.option("--gpus-per-detector", type=float, help="GPUs per detector actor.")
 @click.option("--cpus-per-detector", type=float, help="CPUs per detector actor (its torch threads).")
-@click.option("--precision", type=click.Choice(["exact", "int8", "bf16"]), help="exact: the model's own detections "
+@click.option("--precision", type=click.Choice(PRECISIONS), help="exact: the model's own detections "
               "(on a CPU the exact fast path); int8 / bf16: approximate, faster on a CPU (check with fpn eval "
               "--precision).  [default: exact]")
 @click.option("--video-backend", help="Video decoder: decord (default), pyav, or module:Class of your own.")
@@ -650,7 +652,7 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
 @click.option("--views", type=click.Choice(["1", "8"]), default="1", show_default=True,
               help="8: average the metrics over the 8 flips/90-degree rotations of each image (steadier on few "
                    "objects; adds AP50_sd).")
-@click.option("--precision", type=click.Choice(["exact", "int8", "bf16"]), default="exact", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="exact", show_default=True,
               help="As fpn run's: the approximate int8 / bf16 forward, to see what it costs in AP.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
 @format_option

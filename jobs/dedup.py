@@ -39,13 +39,14 @@ def duplicates(tables: Iterator[pa.Table], geometries: Callable[[pa.Table], tupl
     """A boolean mask over the detections of `tables` (in order, every row counted): True where the row is a
     duplicate to drop. `geometries(t)` gives each row's map polygon (4 corners) and whether it has one."""
     with tempfile.TemporaryDirectory(prefix="fpn-dedup-") as tmp:
-        extents, total, sources = _write_extents(tables, geometries, os.path.join(tmp, "extents.parquet"))
+        extents_path = os.path.join(tmp, "extents.parquet")
+        extents, total = _write_extents(tables, geometries, extents_path)
         drop = np.zeros(total, bool)
         if extents is None:
             return drop
         axis = "y" if extents[3] - extents[1] >= extents[2] - extents[0] else "x"
         sorted_path = os.path.join(tmp, "sorted.parquet")
-        _sort(os.path.join(tmp, "extents.parquet"), sorted_path, axis, tmp)
+        _sort(extents_path, sorted_path, axis, tmp)
         # without pre-buffering: with it the reader keeps every row group it has read (measured: 4 MB more
         # Arrow memory per chunk, the whole file by the end)
         _Sweep(iou, axis, drop).run(pq.ParquetFile(sorted_path, pre_buffer=False))
@@ -57,8 +58,9 @@ _SCHEMA = pa.schema([("row", pa.int64()), ("source", pa.int32()), ("score", pa.f
                      ("xmin", pa.float64()), ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())])
 
 
-def _write_extents(tables, geometries, path: str) -> tuple[tuple[float, ...] | None, int, dict]:
-    """Stream the detections with map polygons to `path`; (their overall extent, rows seen, source ids)."""
+def _write_extents(tables, geometries, path: str) -> tuple[tuple[float, ...] | None, int]:
+    """Stream the detections with map polygons to `path` (sources as small integer ids); (their overall extent,
+    rows seen)."""
     import shapely
 
     sources: dict[str, int] = {}
@@ -90,7 +92,7 @@ def _write_extents(tables, geometries, path: str) -> tuple[tuple[float, ...] | N
     finally:
         if writer is not None:
             writer.close()
-    return ext, total, sources
+    return ext, total
 
 
 def _sort(src: str, dest: str, axis: str, tmp: str) -> None:

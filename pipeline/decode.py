@@ -134,6 +134,12 @@ def _keyframe_before(keyframes: list[int], i: int) -> int:
     return keyframes[k] if k >= 0 else 0
 
 
+def _decodes_on_to(keyframes: list[int], nxt: int | None, i: int) -> bool:
+    """Whether a decoder whose next frame is `nxt` reaches frame `i` by decoding on, without a seek: `i` is not
+    behind it and no keyframe lies between them."""
+    return nxt is not None and nxt <= i and _keyframe_before(keyframes, i) <= nxt
+
+
 class DecordVideo:
     """decord over a local file. decord does not say what it decodes; `decoded` follows its seek policy
     (`VideoReader::SeekAccurate`: decode forward within a group of pictures, else seek to the keyframe before
@@ -169,8 +175,8 @@ class DecordVideo:
         out = self._vr.get_batch(indices).asnumpy()
         self.decoded = []
         for i in indices:
-            same_gop = self._next <= i and _keyframe_before(self.keyframes, i) <= self._next
-            self.decoded.append(i - (self._next if same_gop else _keyframe_before(self.keyframes, i)) + 1)
+            on = _decodes_on_to(self.keyframes, self._next, i)
+            self.decoded.append(i - (self._next if on else _keyframe_before(self.keyframes, i)) + 1)
             self._next = i + 1
         return out
 
@@ -235,8 +241,8 @@ class PyAVVideo:
     def _seek(self, i: int, earlier: int = 0) -> None:
         """Position the decoder at the keyframe before frame `i` (`earlier` keyframes before that one)."""
         k = bisect.bisect_right(self.keyframes, i) - 1 - earlier
-        if k >= 0 and self.keyframes[k] in self._seek_ts and self._seek_ts[self.keyframes[k]] is not None:
-            self._c.seek(self._seek_ts[self.keyframes[k]], stream=self._st, backward=True, any_frame=False)
+        if k >= 0 and (ts := self._seek_ts.get(self.keyframes[k])) is not None:
+            self._c.seek(ts, stream=self._st, backward=True, any_frame=False)
         else:  # no keyframe known: by time, from the start for a retry
             t = 0.0 if earlier or k < 0 else i / self.fps
             self._c.seek(int((t + self._start) / self._tb), stream=self._st, backward=True, any_frame=False)
@@ -247,7 +253,7 @@ class PyAVVideo:
         """Frame `i` and the frames decoded to reach it."""
         cost = 0
         for earlier in (0, 1):  # a seek that lands past the frame (an odd index, an open GOP): one keyframe earlier
-            if earlier or self._next is None or i < self._next or _keyframe_before(self.keyframes, i) > self._next:
+            if earlier or not _decodes_on_to(self.keyframes, self._next, i):
                 self._seek(i, earlier)
             for frame in self._frames:
                 cost += 1

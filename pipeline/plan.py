@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from fpn_model.config import TileConfig
+from fpn_model.config import PRECISIONS, TileConfig
 from fpn_model.memory import keep_freed_memory_env
 from fpn_model.weights import InputSpec, read_input_spec  # torch-free: no model is built here
 
@@ -62,7 +62,7 @@ class Resources:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be bf16, fp16 or null, got {self.amp!r}")
-        if self.precision not in ("exact", "int8", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be exact, int8 or bf16, got {self.precision!r}")
 
 

@@ -25,10 +25,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .storage import REMOTE_BLOCK, filesystem, protocol_of, ranged_opener
+from .storage import filesystem, protocol_of, ranged_opener
 
 __all__ = ["Stretch", "RasterSettings", "RasterPlan", "open_raster", "open_rasters", "plan_raster", "read_window",
-           "map_boxes", "aoi_geometry", "box_polygons", "WindowRead", "REMOTE_BLOCK"]
+           "map_boxes", "aoi_geometry", "box_polygons", "WindowRead"]
 
 _OVERVIEW_SIDE = 1024  # the stretch is computed from a read of at most this many pixels a side
 
@@ -109,7 +109,7 @@ class RasterPlan:
 @contextlib.contextmanager
 def open_raster(uri: str, storage_options: dict | None = None) -> Iterator[Any]:
     """A rasterio dataset of `uri`: local files directly, remote ones through the URL's fsspec filesystem
-    (byte ranges; see REMOTE_BLOCK). Storage errors come out as built-ins naming `uri`."""
+    (byte ranges; see storage.REMOTE_BLOCK). Storage errors come out as built-ins naming `uri`."""
     import warnings
 
     import rasterio
@@ -121,7 +121,7 @@ def open_raster(uri: str, storage_options: dict | None = None) -> Iterator[Any]:
             yield ds
         return
     _, path = filesystem(uri, storage_options)
-    open_ = ranged_opener(uri, storage_options)  # REMOTE_BLOCK bytes past each read
+    open_ = ranged_opener(uri, storage_options)  # storage.REMOTE_BLOCK bytes past each read
 
     def opener(p: str, mode: str = "rb"):
         try:
