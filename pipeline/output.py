@@ -191,7 +191,7 @@ class Output:
     def write_frames(self, table: pa.Table, *, fence: str | None = None) -> int:
         """A frames file named by the hash of its frame ids (a retried task rewrites the same name).
 
-        `fence`: the lease token of the run writing (`lease_token()` when it started). The file is committed only
+        `fence`: the lease token of the run writing (its `Lease.record["token"]`). The file is committed only
         while that lease still holds the output; after a takeover (`fpn resume` once this writer's heartbeat went
         stale) it raises `OutputBusyError` and writes nothing, since the new writer plans these frames again and
         would write them under other names."""
@@ -251,16 +251,20 @@ class Output:
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out
             raise _corrupt(f, e) from e
 
-    def done_ids(self) -> set[str]:
-        """Frame ids already written (reads one column). A corrupt file is one line naming it and the way out."""
-        done: set[str] = set()
+    def _frame_ids(self) -> Iterator[tuple[str, list[str]]]:
+        """Each frames file and its frame ids (one column read). A corrupt file is one line naming it and the way
+        out."""
         for f in self.frame_files():
             try:
                 with self.fs.open(f, "rb") as fh:
-                    done.update(pq.read_table(fh, columns=["frame_id"]).column("frame_id").to_pylist())
-            except Exception as e:  # noqa: BLE001
+                    ids = pq.read_table(fh, columns=["frame_id"]).column("frame_id").to_pylist()
+            except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out
                 raise _corrupt(f, e) from e
-        return done
+            yield f, ids
+
+    def done_ids(self) -> set[str]:
+        """Frame ids already written."""
+        return {i for _, ids in self._frame_ids() for i in ids}
 
     def drop_duplicate_frames(self) -> dict[str, int]:
         """Make every frame id appear in one file only, whatever wrote it twice (called by the lease holder when
@@ -268,14 +272,7 @@ class Output:
         backstop, and normally finds nothing). Files are visited largest first; a file all of whose frames are
         in files already kept is removed; one with some is rewritten without them (the smaller file first, then
         the original removed: no frame is ever missing). Returns {files_removed, files_rewritten, rows_removed}."""
-        files = []
-        for f in self.frame_files():
-            try:
-                with self.fs.open(f, "rb") as fh:
-                    ids = pq.read_table(fh, columns=["frame_id"]).column("frame_id").to_pylist()
-            except Exception as e:  # noqa: BLE001 - the same way out as done_ids
-                raise _corrupt(f, e) from e
-            files.append((f, ids))
+        files = list(self._frame_ids())
         base = lambda f: f.rsplit("/", 1)[-1]  # noqa: E731 - all of them in frames/
         names = {base(f) for f, _ in files}
         seen: set[str] = set()
@@ -483,10 +480,6 @@ class Lease:
                 return False
             self._lost = rec is None or rec.get("token") != self.record["token"]
         return self._lost
-
-    @lost.setter
-    def lost(self, value: bool) -> None:
-        self._lost = value
 
     @property
     def _key(self) -> str:

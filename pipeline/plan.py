@@ -419,16 +419,17 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
     )
 
 
-def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, with_masks: bool = False,
-            threads: int | None = None, counter: Any = None) -> dict[str, Any]:
+def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, planned: int,
+            fence: str | None = None, with_masks: bool = False, threads: int | None = None,
+            counter: Any = None) -> dict[str, Any]:
     """Decode and detect the work `units`, writing `OUTPUT/frames/` (and `errors/`) in files of at least
-    `rows_per_file` frames. Returns what the write did: `rows_per_file`, what `Output.drop_duplicate_frames`
+    `rows_per_file` frames. `planned`: the frames the units give (`count_planned`, which the caller records);
+    `fence`: the lease token of the run, if it holds the output's lease (a write after a takeover commits nothing:
+    `Output.write_frames`). Returns what the write did: `rows_per_file`, what `Output.drop_duplicate_frames`
     found (0 unless a frame reached the output twice) and `core_ms_per_frame` by stage (`FrameSink.cost`)."""
     # bundle size: 1/20 of the frames this run writes unless the plan says (pipeline.sink.rows_per_file)
-    rows = rows_per_file(plan.min_rows_per_file, frames=count_planned(plan, units) - len(done),
-                         batch_size=plan.batch_size)
-    # the lease token of this run, if it holds one: a write after a takeover commits nothing (FrameSink)
-    sink = FrameSink(out, with_masks, min_rows=rows, fence=out.lease_token())
+    rows = rows_per_file(plan.min_rows_per_file, frames=planned - len(done), batch_size=plan.batch_size)
+    sink = FrameSink(out, with_masks, min_rows=rows, fence=fence)
     # writing is I/O: a small CPU reservation, so files land while the detector actors hold the CPUs
     # (with the default of one CPU a write waits until detection of every frame has finished)
     build_dataset(plan, out, units, done, threads=threads, counter=counter).write_datasink(
