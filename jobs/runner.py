@@ -22,7 +22,8 @@ from typing import Any
 from fpn_model.weights import read_config, read_input_spec
 from fpn_model.zoo import model_id
 from pipeline.output import Output, error_row, final_state
-from pipeline.plan import Plan, count_planned, execute, frame_counter, plan_work, raster_summary
+from pipeline.counter import frame_counter
+from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary, start_ray_data_helpers
 from pipeline.sizing import cluster_nodes, fit
 from pipeline.sources import expand_inputs
 from pipeline.storage import check_output_location, redact_text
@@ -114,6 +115,9 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     with_masks = cfg.arch == "mask_rcnn"
     init_ray(address)
     sizing = fit(plan.resources, cluster_nodes())  # a request the cluster cannot hold fails here, not by hanging
+    # processes that every job starts, started now so that they start while it plans and not beside the detectors
+    start_ray_data_helpers()
+    counter = frame_counter()
     _, digest = model_id(Path(plan.checkpoint))
     identity = plan.identity(digest)
     probe = Output(plan.output, plan.output_options)
@@ -153,7 +157,6 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             out.write_job(doc)
             import ray
 
-            counter = frame_counter()
             with Watchdog(out, plan.resources, detected=lambda: ray.get(counter.total.remote(), timeout=30)):
                 written = execute(plan, out, units, done, planned=doc["planned_frames"], fence=lease.record["token"],
                                   with_masks=with_masks, threads=sizing.threads, counter=counter)

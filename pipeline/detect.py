@@ -51,7 +51,7 @@ class Detector:
         precision: "exact" (on a CPU the exact fast path: the same detections as torchvision's eager forward within
             float rounding), or the approximate "int8" | "bf16" (CPU only; ignored with a warning on a GPU).
         compile: torch.compile the model's convolutional parts (a long first batch per input shape).
-        counter: a `pipeline.plan.FrameCounter` actor told how many frames each batch detected.
+        counter: a `pipeline.counter.FrameCounter` actor told how many frames each batch detected.
 
     A batch that fails is retried in parts: halves on out-of-memory (recursively, down to one frame), else frame
     by frame. A frame that fails alone becomes an error row (stage `detect`) and is left out of the returned

@@ -29,13 +29,12 @@ from .decode import Sampling, decode_unit, probe, sample_indices, with_cpu_time
 from .isolate import ChildTimeout, IsolationError, process_child
 from .output import Output, error_row, frame_id
 from .raster import RasterPlan, RasterSettings, Stretch, aoi_geometry, open_rasters, plan_raster
-from .sink import FrameSink, rows_per_file
 from .sizing import WRITE_CPUS
 from .sources import Source, WorkUnit
 from .stac import check_search
 
 __all__ = ["Plan", "Resources", "plan_units", "plan_work", "count_planned", "raster_summary", "build_dataset", "execute",
-           "FrameCounter", "frame_counter"]
+           "start_ray_data_helpers"]
 
 log = logging.getLogger(__name__)
 
@@ -343,25 +342,29 @@ def plan_work(plan: Plan, out: Output, sources: list[Source]) -> list[dict[str, 
     return units
 
 
-class FrameCounter:
-    """Frames detected so far in this run (a Ray actor the detectors tell after each batch): progress between
-    files, which land only when a bundle of `min_rows_per_file` frames is full (the runner's watchdog)."""
+def start_ray_data_helpers() -> None:
+    """Start Ray Data's helper actors now, from a background thread, so that their processes start while the job
+    plans. The first dataset a cluster executes starts three (execution statistics, actor locations, the
+    autoscaling coordinator), each a new Python process importing ray.data, in the same seconds as the detector
+    actors, which then wait for the CPU (a 2-core node: ~5 CPU-seconds of start-up at once). Ray Data looks
+    them up by name and uses these. The functions are Ray Data's internals (Ray is pinned): if they move, this
+    starts nothing and Ray Data starts its helpers itself, as before."""
+    import threading
 
-    def __init__(self) -> None:
-        self.n = 0
+    def start() -> None:
+        try:
+            from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+            from ray.data._internal.execution.node_trackers.actor_location import (
+                get_or_create_actor_location_tracker)
+            from ray.data._internal.stats import get_or_create_stats_actor
 
-    def add(self, n: int) -> None:
-        self.n += n
+            for create in (get_or_create_stats_actor, get_or_create_actor_location_tracker,
+                           get_or_create_autoscaling_coordinator):
+                create()
+        except Exception as e:  # noqa: BLE001 - only a head start: Ray Data creates them when it needs them
+            log.debug("Ray Data's helper actors not started ahead: %s: %s", type(e).__name__, e)
 
-    def total(self) -> int:
-        return self.n
-
-
-def frame_counter():
-    """A `FrameCounter` actor of this job (no CPU reserved)."""
-    import ray
-
-    return ray.remote(num_cpus=0)(FrameCounter).remote()
+    threading.Thread(target=start, name="fpn-ray-data-helpers", daemon=True).start()
 
 
 def count_planned(plan: Plan, units) -> int:
@@ -427,6 +430,8 @@ def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), 
     `fence`: the lease token of the run, if it holds the output's lease (a write after a takeover commits nothing:
     `Output.write_frames`). Returns what the write did: `rows_per_file`, what `Output.drop_duplicate_frames`
     found (0 unless a frame reached the output twice) and `core_ms_per_frame` by stage (`FrameSink.cost`)."""
+    from .sink import FrameSink, rows_per_file  # imports ray.data: not in planning tasks, which import this module
+
     # bundle size: 1/20 of the frames this run writes unless the plan says (pipeline.sink.rows_per_file)
     rows = rows_per_file(plan.min_rows_per_file, frames=planned - len(done), batch_size=plan.batch_size)
     sink = FrameSink(out, with_masks, min_rows=rows, fence=fence)

@@ -170,3 +170,15 @@ def test_expand_inputs_globs_directories_manifests(tmp_path, make_video):
         expand_inputs([str(tmp_path / "missing.mp4")])
     with pytest.raises(FileNotFoundError, match="matches no media"):
         expand_inputs([str(tmp_path / "*.mkv")])
+
+
+def test_planning_tasks_and_the_frame_counter_import_no_model_and_no_ray_data():
+    """A planning task imports pipeline.plan, the frame counter actor pipeline.counter: neither loads torch or
+    ray.data (seconds of CPU in each new process, beside the detectors starting)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.plan, pipeline.counter; "
+            "print(','.join(m for m in ('torch', 'torchvision', 'ray.data') if m in sys.modules))")
+    heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert heavy == ""
