@@ -63,3 +63,17 @@ def test_a_job_without_progress_is_reported_once_per_stall_naming_the_starved_st
     free["CPU"] = 1.0
     assert "a decoder or the detector is slow or stuck" in dog.check(now=121.0)
     assert len(dog.warnings) == 2
+
+
+def test_embedded_ray_runs_its_workers_at_the_drivers_priority():
+    """Ray's default worker niceness (15) puts a detector's threads below Ray's own daemons (benchmarks/
+    worker_niceness.py); the embedded Ray of `fpn run` starts them at 0. A fresh process: this one may hold Ray."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, ray; from jobs.runner import init_ray; init_ray(); "
+            "print(ray.get(ray.remote(lambda: os.nice(0)).remote())); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "0"
