@@ -8,7 +8,9 @@ model, batch and threads, it runs in turn (alternating, `--repeats` rounds, each
 - `recipe`: benchmarks/ray_data_recipe.py with the best batch size / num_cpus / threads / concurrency of a
   recorded sweep (`--sweep`, run once at the first size);
 - `null`: `fpn run` with a model that returns nothing (benchmarks/null_model.py): the pipeline's ceiling;
-- `fpn2`: `fpn run` with 2 detector actors (first size only).
+- `fpn2`: `fpn run` with 2 detector actors (first size only);
+- `fpn_1call`: `fpn run --calls-per-detector 1`: one batch at a time over both threads, as before detectors ran
+  a batch per thread (first size only).
 
 The input is `--video` played `--loop` times (forwards, then backwards, and so on: no cut at the joins; PyAV
 writes it), so that a job runs long enough for its fixed start-up cost (benchmarks/startup.py) to be part of it
@@ -18,6 +20,9 @@ the first frames file and `steady_fps`: the frames of the files that came after 
 the time between the first and the last file (the pipeline once running). Writes benchmarks/results/throughput.json.
 
     .venv/bin/python benchmarks/throughput.py [--video data/video/bikes.mp4] [--loop 10] [--every-n 10] [--sweep]
+
+`--configs bare,fpn` runs only those (a longer clip, where the fixed cost weighs less: `--loop 30 --sizes 512
+--configs bare,fpn --out benchmarks/results/throughput_long.json`).
 """
 from __future__ import annotations
 
@@ -168,6 +173,8 @@ def main() -> None:
     ap.add_argument("--model", default="trees")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     ap.add_argument("--sweep", action="store_true", help="tune the recipe (else its best recorded config)")
+    ap.add_argument("--configs", default="bare,fpn,recipe,null,fpn2,fpn_1call",
+                    help="which runs (bare,fpn,recipe,null,fpn2,fpn_1call; the last two at the first size only)")
     ap.add_argument("--bare-once", metavar="VIDEO")
     ap.add_argument("--scale", type=float)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -212,6 +219,10 @@ def main() -> None:
         if size == a.sizes[0]:
             configs["fpn2"] = lambda: run_fpn(a.video, a.every_n, a.batch, scale, a.model,
                                               ("--num-detectors", "2", "--cpus-per-detector", "0.7"))
+            configs["fpn_1call"] = lambda: run_fpn(a.video, a.every_n, a.batch, scale, a.model,
+                                                   ("--calls-per-detector", "1"))
+        wanted = a.configs.split(",")
+        configs = {k: v for k, v in configs.items() if k in wanted}
         runs: dict[str, list] = {k: [] for k in configs}
         for rep in range(a.repeats):
             for name, fn in configs.items():
@@ -219,15 +230,15 @@ def main() -> None:
                 print(size, rep, name, runs[name][-1], flush=True)
         s = {k: summary(v) for k, v in runs.items()}
         med = {k: v["fps_median"] for k, v in s.items()}
-        sizes[str(size)] = {
-            "scale": scale, "input_hw": [round(h * scale), round(w * scale)], **s,
-            "efficiency": round(med["fpn"] / med["bare"], 3),
-            "efficiency_steady": round(s["fpn"]["steady_fps_median"] / med["bare"], 3),
-            "ray_data_ratio": round(med["fpn"] / med["recipe"], 3),
-            "null_ceiling_fps": med["null"],
-            "same_detections": runs["fpn"][0]["detections"] == runs["recipe"][0]["detections"]
-            == runs["bare"][0]["detections"],
-        }
+        sizes[str(size)] = {"scale": scale, "input_hw": [round(h * scale), round(w * scale)], **s}
+        if "fpn" in med and "bare" in med:
+            sizes[str(size)].update(efficiency=round(med["fpn"] / med["bare"], 3),
+                                    efficiency_steady=round(s["fpn"]["steady_fps_median"] / med["bare"], 3))
+        if "fpn" in med and "recipe" in med:
+            sizes[str(size)]["ray_data_ratio"] = round(med["fpn"] / med["recipe"], 3)
+        if "null" in med:
+            sizes[str(size)]["null_ceiling_fps"] = med["null"]
+        sizes[str(size)]["same_detections"] = len({r[0]["detections"] for k, r in runs.items() if k != "null"}) == 1
     result = {"video": os.path.relpath(source, REPO), "loop": a.loop, "frames_total": n, "height": h, "width": w,
               "every_n": a.every_n, "batch": a.batch, "model": a.model, "cpus": os.cpu_count(),
               "recipe_config": recipe_cfg, "recipe_sweep": sweep, "sweep_every_n": a.sweep_every_n, "sizes": sizes,
@@ -235,9 +246,8 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     for size, s in sizes.items():
-        print(f"{size}px: fpn {s['fpn']['fps_median']} fps, bare {s['bare']['fps_median']}, recipe "
-              f"{s['recipe']['fps_median']}, null {s['null']['fps_median']}; efficiency {s['efficiency']} "
-              f"(steady {s['efficiency_steady']}), ray_data_ratio {s['ray_data_ratio']}")
+        fps_medians = {k: v["fps_median"] for k, v in s.items() if isinstance(v, dict) and "fps_median" in v}
+        print(f"{size}px:", fps_medians, {k: s.get(k) for k in ("efficiency", "efficiency_steady", "ray_data_ratio")})
     tmp.cleanup()
 
 

@@ -189,6 +189,8 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--num-detectors", type=int, help="Detector actors (model copies).")
 @click.option("--gpus-per-detector", type=float, help="GPUs per detector actor.")
 @click.option("--cpus-per-detector", type=float, help="CPUs per detector actor (its torch threads).")
+@click.option("--calls-per-detector", type=int, help="Batches each detector runs at once, sharing its torch threads "
+              "[default on a CPU: up to 4, one per thread; on a GPU: 1].")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="exact: the model's own detections "
               "(on a CPU the exact fast path); int8 / bf16: approximate, faster on a CPU (check with fpn eval "
               "--precision).  [default: exact]")
@@ -209,8 +211,8 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--job-id", help="Id recorded in OUTPUT/_job.json (set by fpn submit).")
 @_fail_cleanly
 def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, start_s, end_s, keyframes, tile, tile_overlap, no_tile, score_thresh,
-        scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, precision, video_backend, decode_timeout_s, endpoint_url,
-        profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
+        scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, calls_per_detector, precision, video_backend,
+        decode_timeout_s, endpoint_url, profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
     """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
 
     INPUTS are files, directories, globs, s3:// or other fsspec URLs, manifests (one URI a line),
@@ -226,7 +228,8 @@ def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, star
                        sampling=dict(every_n=every_n, fps=fps, start_s=start_s, end_s=end_s,
                                      keyframes=keyframes or None),
                        resources=dict(num_detectors=num_detectors, gpus_per_detector=gpus_per_detector,
-                                      cpus_per_detector=cpus_per_detector, precision=precision),
+                                      cpus_per_detector=cpus_per_detector, calls_per_detector=calls_per_detector,
+                                      precision=precision),
                        tile=dict(size=tile, overlap=tile_overlap), no_tile=no_tile)
     flags.update(_storage_flags(endpoint_url, profile, anon))
     flags.update(_raster_flags(bands, stretch, gsd, no_resample, aoi))

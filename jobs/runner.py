@@ -166,7 +166,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
 
             with Watchdog(out, plan.resources, detected=lambda: ray.get(counter.total.remote(), timeout=30)):
                 written = execute(plan, out, units, done, planned=doc["planned_frames"], fence=lease.record["token"],
-                                  with_masks=with_masks, threads=sizing.threads, counter=counter)
+                                  with_masks=with_masks, threads=sizing.threads, calls=sizing.calls,
+                                  counter=counter)
             doc["min_rows_per_file"] = written["rows_per_file"]
             doc["duplicate_rows_removed"] = written["rows_removed"]  # 0 unless a frame reached the output twice
             doc["core_ms_per_frame"] = written["core_ms_per_frame"]  # CPU time by stage: decode, transfer, ...

@@ -48,6 +48,8 @@ class Detector:
         output: where failed frames become error rows (an `Output`, or its URL with `storage_options`).
             None: a failing batch raises, as outside a job.
         threads: torch threads (a job's come from pipeline.sizing.fit); default: the floor of the actor's CPUs.
+        calls: batches Ray Data runs at once in this actor (`max_concurrent_calls_per_actor`), each on its own thread
+            with `threads // calls` torch threads (pipeline.sizing: batches side by side do not wait for each other).
         precision: "exact" (on a CPU the exact fast path: the same detections as torchvision's eager forward within
             float rounding), or the approximate "int8" | "bf16" (CPU only; ignored with a warning on a GPU).
         compile: torch.compile the model's convolutional parts (a long first batch per input shape).
@@ -60,13 +62,19 @@ class Detector:
 
     def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, amp: str | None = None,
                  overrides: dict | None = None, max_batch: int = 16, output: Output | str | None = None,
-                 storage_options: dict | None = None, threads: int | None = None, precision: str = "exact",
-                 compile: bool = False, counter: Any = None):
+                 storage_options: dict | None = None, threads: int | None = None, calls: int = 1,
+                 precision: str = "exact", compile: bool = False, counter: Any = None):
         cpus = _allotted("CPU")
+        threads = threads or (math.floor(cpus) if cpus >= 1 else None)
         if threads:
-            torch.set_num_threads(threads)
-        elif cpus >= 1:
-            torch.set_num_threads(max(1, math.floor(cpus)))
+            torch.set_num_threads(max(1, threads // calls))  # the global value each call's thread starts with
+        # CPU seconds of one call: with calls side by side, the process's clock counts them all
+        if calls == 1:
+            self._cpu_clock = time.process_time
+        elif torch.get_num_threads() == 1:  # each call's work runs on its own thread
+            self._cpu_clock = time.thread_time
+        else:  # torch's pool threads serve every call: an even share of the process's
+            self._cpu_clock = lambda: time.process_time() / calls
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from actors not given one
         model = load_checkpoint(checkpoint, map_location=device, **(overrides or {}))
         self.cfg = model.config
@@ -81,8 +89,8 @@ class Detector:
         self.model_id = model_id
         self.schema = frame_schema(self.predictor.has_masks)
         self.output = Output(output, storage_options) if isinstance(output, str) else output
-        log.info("detector on %s with %d threads, precision %s%s", device, torch.get_num_threads(), precision,
-                 " on the fast path" if self.predictor.fast else "")
+        log.info("detector on %s: %d call(s) at once of %d thread(s), precision %s%s", device, calls,
+                 torch.get_num_threads(), precision, " on the fast path" if self.predictor.fast else "")
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         images = list(batch["image"])
@@ -92,7 +100,7 @@ class Detector:
             found = iter(self.predictor(todo) if todo else [])
             return detections_to_rows(batch, [_NONE if s else next(found) for s in skip], self.cfg.label_name,
                                       self.model_id, self.schema)
-        t0 = time.process_time()
+        t0 = self._cpu_clock()
         found = iter(self._predict(todo) if todo else [])
         results = [_NONE if s else next(found) for s in skip]
         failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
@@ -101,11 +109,11 @@ class Detector:
             keep = [i for i in range(len(results)) if i not in failed]
             batch = {k: v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep] for k, v in batch.items()}
             results = [results[i] for i in keep]
-        t1 = time.process_time()
+        t1 = self._cpu_clock()
         rows = detections_to_rows(batch, results, self.cfg.label_name, self.model_id, self.schema)
         if self.counter is not None:  # frames detected, before a bundle of them is written (the job's watchdog)
             self.counter.add.remote(rows.num_rows)
-        return _with_costs(rows, batch, forward_s=t1 - t0, rows_s=time.process_time() - t1)
+        return _with_costs(rows, batch, forward_s=t1 - t0, rows_s=self._cpu_clock() - t1)
 
     def _predict(self, images: list[np.ndarray]) -> list:
         """Detections per image, or the exception that image raised when predicted alone."""

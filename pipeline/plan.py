@@ -50,8 +50,11 @@ class Resources:
     max_batch: int = 16  # most images (tiles) per forward pass
     amp: str | None = None  # bf16 | fp16 (GPU only)
     precision: str = "exact"  # exact | int8 | bf16 (approximate, CPU only): fpn_model.predict.Predictor
+    calls_per_detector: int | None = None  # batches a detector runs at once (None: pipeline.sizing.fit decides)
 
     def __post_init__(self) -> None:
+        if self.calls_per_detector is not None and self.calls_per_detector < 1:
+            raise ValueError(f"calls_per_detector must be >= 1, got {self.calls_per_detector}")
         if self.num_detectors < 1:
             raise ValueError(f"num_detectors must be >= 1, got {self.num_detectors}")
         for name in ("gpus_per_detector", "cpus_per_detector", "decode_cpus"):
@@ -394,9 +397,10 @@ def raster_summary(units) -> dict[str, Any]:
 
 
 def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, threads: int | None = None,
-                  counter: Any = None):
+                  calls: int = 1, counter: Any = None):
     """The lazy Ray Dataset of frame rows for the work `units` (nothing runs until it is written); `threads`: torch
-    threads of each detector (pipeline.sizing.fit), else the floor of its CPU reservation."""
+    threads of each detector (pipeline.sizing.fit), else the floor of its CPU reservation, shared by its `calls`
+    concurrent batches (Ray Data runs that many calls of one actor at once, each on its own thread)."""
     import ray.data
 
     r = plan.resources
@@ -411,19 +415,20 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
     return ds.map_batches(
         Detector,
         batch_size=plan.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=r.num_detectors),
+        compute=ray.data.ActorPoolStrategy(size=r.num_detectors, max_concurrent_calls_per_actor=calls,
+                                           enable_true_multi_threading=calls > 1),
         num_cpus=r.cpus_per_detector,
         num_gpus=r.gpus_per_detector or None,
         fn_constructor_kwargs=dict(checkpoint=plan.checkpoint, model_id=plan.model_id, tile=tile, amp=r.amp,
                                    overrides=plan.model_overrides, max_batch=r.max_batch, output=out,
-                                   threads=threads, precision=r.precision, counter=counter),
+                                   threads=threads, calls=calls, precision=r.precision, counter=counter),
         batch_format="numpy",
         **({"runtime_env": {"env_vars": env}} if env else {}),
     )
 
 
 def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, planned: int,
-            fence: str | None = None, with_masks: bool = False, threads: int | None = None,
+            fence: str | None = None, with_masks: bool = False, threads: int | None = None, calls: int = 1,
             counter: Any = None) -> dict[str, Any]:
     """Decode and detect the work `units`, writing `OUTPUT/frames/` (and `errors/`) in files of at least
     `rows_per_file` frames. `planned`: the frames the units give (`count_planned`, which the caller records);
@@ -437,7 +442,7 @@ def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), 
     sink = FrameSink(out, with_masks, min_rows=rows, fence=fence)
     # writing is I/O: a small CPU reservation, so files land while the detector actors hold the CPUs
     # (with the default of one CPU a write waits until detection of every frame has finished)
-    build_dataset(plan, out, units, done, threads=threads, counter=counter).write_datasink(
+    build_dataset(plan, out, units, done, threads=threads, calls=calls, counter=counter).write_datasink(
         sink, ray_remote_args={"num_cpus": WRITE_CPUS})
     dups = out.drop_duplicate_frames()
     if dups["rows_removed"]:

@@ -18,6 +18,21 @@ def test_one_detector_on_a_two_core_node_gets_both_cores():
     assert fit(Resources(num_detectors=8, cpus_per_detector=2), four_nodes).threads == 4  # 2 per node
 
 
+def test_a_cpu_detector_runs_a_batch_per_thread_up_to_max_calls():
+    def calls(resources, nodes):
+        f = fit(resources, nodes)
+        return f.threads, f.calls
+
+    assert calls(Resources(), TWO_CORES) == (2, 2)  # 2 batches side by side, 1 torch thread each
+    assert calls(Resources(num_detectors=2, cpus_per_detector=0.7), TWO_CORES) == (1, 1)
+    assert calls(Resources(), [{"CPU": 16.0}]) == (16, 4)  # MAX_CALLS batches of 4 threads
+    assert calls(Resources(), [{"CPU": 5.5}]) == (5, 1)  # no even share: one batch of all 5 threads
+    assert calls(Resources(calls_per_detector=1), TWO_CORES) == (2, 1)  # the spec says
+    assert calls(Resources(gpus_per_detector=1, cpus_per_detector=4), [{"CPU": 16.0, "GPU": 1.0}]) == (4, 1)
+    with pytest.raises(ValueError, match="calls_per_detector"):
+        Resources(calls_per_detector=0)
+
+
 def test_a_gpu_detector_keeps_its_cpu_reservation_as_threads():
     assert fit(Resources(gpus_per_detector=1, cpus_per_detector=4), [{"CPU": 16.0, "GPU": 1.0}]).threads == 4
 
