@@ -3,7 +3,8 @@
 For each input size (the torchvision rule: shorter side to SIZE, longer side at most 1333) and the same frames,
 model, batch and threads, it runs in turn (alternating, `--repeats` rounds, each a fresh process):
 
-- `bare`: the Predictor alone on frames decoded beforehand (the model's own ceiling);
+- `bare`: the Predictor alone on frames decoded beforehand (the model's own ceiling), one batch at a time;
+- `bare_calls`: the same with batches side by side as `fpn run`'s detector runs them (2 of 1 thread on 2 cores);
 - `fpn`: `fpn run VIDEO --every-n N --batch-size B --no-tile --scale S` (its embedded Ray included);
 - `recipe`: benchmarks/ray_data_recipe.py with the best batch size / num_cpus / threads / concurrency of a
   recorded sweep (`--sweep`, run once at the first size);
@@ -68,8 +69,11 @@ def scale_for(size: int, h: int, w: int, max_size: int = 1333) -> float:
     return round(min(size / min(h, w), max_size / max(h, w)), 4)
 
 
-def bare(video: str, every_n: int, batch: int, scale: float, threads: int, checkpoint: str) -> dict:
-    """In this process: decode the sampled frames first, then time the Predictor alone over them."""
+def bare(video: str, every_n: int, batch: int, scale: float, threads: int, checkpoint: str, calls: int = 1) -> dict:
+    """In this process: decode the sampled frames first, then time the Predictor alone over them; `calls` batches
+    side by side on as many threads, `threads // calls` torch threads each (as a CPU detector runs them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from fpn_model.predict import Predictor
@@ -79,13 +83,18 @@ def bare(video: str, every_n: int, batch: int, scale: float, threads: int, check
     sys.path.insert(0, str(REPO / "tests"))
     from forward_inputs import video_frames
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, threads // calls))
     frames = video_frames(video, every_n=every_n)
     p = Predictor(load_checkpoint(resolve(checkpoint), scale=scale), tile=None)
     p(frames[:1])  # warm-up, as a detector actor's first batch pays it too
     t0 = time.monotonic()
-    dets = sum(len(d.boxes) for i in range(0, len(frames), batch) for d in p(frames[i:i + batch]))
-    return {"frames": len(frames), "detections": dets, "wall_s": round(time.monotonic() - t0, 3)}
+    batches = [frames[i:i + batch] for i in range(0, len(frames), batch)]
+    if calls == 1:
+        dets = sum(len(d.boxes) for b in batches for d in p(b))
+    else:  # the process started with FPN_KEEP_FREED_MEMORY's environment, as an actor does (run_bare)
+        with ThreadPoolExecutor(calls) as pool:
+            dets = sum(len(d.boxes) for ds in pool.map(p, batches) for d in ds)
+    return {"frames": len(frames), "detections": dets, "wall_s": round(time.monotonic() - t0, 3), "calls": calls}
 
 
 def run_fpn(video: str, every_n: int, batch: int, scale: float, model: str, extra=()) -> dict:
@@ -135,13 +144,25 @@ def run_recipe(video: str, every_n: int, scale: float, model: str, cfg: dict, ti
         return {**res, "wall_s": round(wall, 3), "inner_wall_s": res["wall_s"]}
 
 
-def run_bare(video: str, every_n: int, batch: int, scale: float, threads: int, model: str) -> dict:
+def run_bare(video: str, every_n: int, batch: int, scale: float, threads: int, model: str, calls: int = 1) -> dict:
+    from fpn_model.memory import keep_freed_memory_env
+
+    # side by side, the calls' threads allocate from arenas of their own: the environment a CPU detector starts with
+    env = {**os.environ, **keep_freed_memory_env()} if calls > 1 else None
     p = subprocess.run([sys.executable, __file__, "--bare-once", video, "--every-n", str(every_n), "--batch",
-                        str(batch), "--scale", str(scale), "--threads", str(threads), "--model", model],
-                       cwd=REPO, capture_output=True, text=True)
+                        str(batch), "--scale", str(scale), "--threads", str(threads), "--model", model,
+                        "--calls", str(calls)], cwd=REPO, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"bare failed: {p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def detector_calls() -> int:
+    """The batches `fpn run`'s detector runs side by side on this machine (pipeline.sizing.fit, embedded Ray)."""
+    from pipeline.plan import Resources
+    from pipeline.sizing import fit
+
+    return fit(Resources(), [{"CPU": float(os.cpu_count())}]).calls
 
 
 def fps(r: dict) -> float:
@@ -173,14 +194,16 @@ def main() -> None:
     ap.add_argument("--model", default="trees")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     ap.add_argument("--sweep", action="store_true", help="tune the recipe (else its best recorded config)")
-    ap.add_argument("--configs", default="bare,fpn,recipe,null,fpn2,fpn_1call",
-                    help="which runs (bare,fpn,recipe,null,fpn2,fpn_1call; the last two at the first size only)")
+    ap.add_argument("--configs", default="bare,bare_calls,fpn,recipe,null,fpn2,fpn_1call",
+                    help="which runs (bare,bare_calls,fpn,recipe,null,fpn2,fpn_1call; the last two at the first "
+                         "size only)")
     ap.add_argument("--bare-once", metavar="VIDEO")
     ap.add_argument("--scale", type=float)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--calls", type=int, default=1, help="--bare-once: batches side by side")
     a = ap.parse_args()
     if a.bare_once:
-        print(json.dumps(bare(a.bare_once, a.every_n, a.batch, a.scale, a.threads, a.model)))
+        print(json.dumps(bare(a.bare_once, a.every_n, a.batch, a.scale, a.threads, a.model, a.calls)))
         return
 
     tmp = tempfile.TemporaryDirectory()
@@ -212,6 +235,8 @@ def main() -> None:
         scale = scale_for(size, h, w)
         configs = {
             "bare": lambda: run_bare(a.video, a.every_n, a.batch, scale, os.cpu_count(), a.model),
+            "bare_calls": lambda: run_bare(a.video, a.every_n, a.batch, scale, os.cpu_count(), a.model,
+                                           calls=detector_calls()),
             "fpn": lambda: run_fpn(a.video, a.every_n, a.batch, scale, a.model),
             "recipe": lambda: run_recipe(a.video, a.every_n, scale, a.model, recipe_cfg),
             "null": lambda: run_fpn(a.video, a.every_n, a.batch, scale, null_model),
@@ -231,6 +256,8 @@ def main() -> None:
         s = {k: summary(v) for k, v in runs.items()}
         med = {k: v["fps_median"] for k, v in s.items()}
         sizes[str(size)] = {"scale": scale, "input_hw": [round(h * scale), round(w * scale)], **s}
+        if "fpn" in med and "bare_calls" in med:
+            sizes[str(size)]["efficiency_same_calls"] = round(med["fpn"] / med["bare_calls"], 3)
         if "fpn" in med and "bare" in med:
             sizes[str(size)].update(efficiency=round(med["fpn"] / med["bare"], 3),
                                     efficiency_steady=round(s["fpn"]["steady_fps_median"] / med["bare"], 3))
