@@ -23,7 +23,7 @@ the time between the first and the last file (the pipeline once running). Writes
     .venv/bin/python benchmarks/throughput.py [--video data/video/bikes.mp4] [--loop 10] [--every-n 10] [--sweep]
 
 `--configs bare,fpn` runs only those (a longer clip, where the fixed cost weighs less: `--loop 30 --sizes 512
---configs bare,fpn --out benchmarks/results/throughput_long.json`).
+--configs bare,bare_calls,fpn --out benchmarks/results/throughput_long.json`).
 """
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ def check_address(address: str | None, timeout_s: float = 10.0) -> None:
 
 
 # Ray starts its workers at nice 15, below its own daemons and the driver; a detector's torch threads then lose
-# their core to every wake-up of those (benchmarks/worker_niceness.py: the same forward in an actor, 4.5% faster at 0)
+# their core to every wake-up of those (benchmarks/worker_niceness.py: the same forward in an actor, 1.025x as
+# fast at 0)
 EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
