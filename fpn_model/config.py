@@ -214,7 +214,17 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 MERGE_METHODS = ("nms", "nmm")  # how overlapping tiles' detections are merged (fpn_model.tiling)
 MERGE_METRICS = ("iou", "ios")
-PRECISIONS = ("exact", "int8", "bf16")  # of a CPU forward: fpn_model.predict.Predictor
+PRECISIONS = ("exact", "int8", "bf16", "fp16")  # fpn_model.predict.Predictor: int8 CPU only, fp16 CUDA only
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """ValueError unless `precision` runs on `device_type` ("cpu", "cuda"): int8 is a CPU path, fp16 a GPU one."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "int8" and device_type != "cpu":
+        raise ValueError(f"precision int8 is for CPUs; on {device_type} use bf16 or fp16")
+    if precision == "fp16" and device_type == "cpu":
+        raise ValueError("precision fp16 is for GPUs; on a CPU use bf16 or int8")
 
 
 def check_tile(size: int, overlap: int) -> None:

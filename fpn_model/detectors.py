@@ -23,6 +23,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import boxes as box_ops
 
@@ -61,6 +62,26 @@ class FPNTransform(GeneralizedRCNNTransform):
         super().__init__(cfg.min_size, cfg.max_size, list(cfg.image_mean), list(cfg.image_std))
         self.scale = cfg.scale
         self.roi_levels = roi_levels
+
+    def forward(self, images, targets=None):
+        """torchvision's transform; a `[B, 3, H, W]` batch at inference is normalised, resized and padded in one
+        operation each (torchvision loops over the images: a dozen small kernels per image on a GPU). The same
+        operations on each image, so the same values."""
+        if not (isinstance(images, Tensor) and images.dim() == 4 and targets is None and not self.training):
+            return super().forward(images, targets)
+        x = self.normalize(images)  # broadcasts over the batch
+        h, w = x.shape[-2:]
+        factor = self.scale if self.scale is not None else \
+            min(float(self.min_size[-1]) / min(h, w), float(self.max_size) / max(h, w))
+        if self.scale != 1.0:  # torchvision's rule resizes even at factor 1 (an identity)
+            x = torch.nn.functional.interpolate(x, scale_factor=factor, mode="bilinear",
+                                                recompute_scale_factor=True, align_corners=False)
+        h, w = x.shape[-2:]
+        stride = self.size_divisible
+        pad_h, pad_w = -h % stride, -w % stride
+        if pad_h or pad_w:
+            x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h))
+        return ImageList(x, [(h, w)] * len(x)), None
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
         if self.scale is None:

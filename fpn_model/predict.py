@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format
 
-from .config import PRECISIONS, TileConfig
+from .config import PRECISIONS, TileConfig, check_precision
 from .memory import keep_freed_memory
 from .tiling import merge_detections, plan_tiles
 
@@ -303,6 +304,16 @@ def compile_convolutions(model: nn.Module) -> nn.Module:
     return model
 
 
+def _chunks(images, size: int):
+    """(batch, index of its first image) of at most `size` images: slices of a `[N, C, H, W]` tensor, or of each
+    tensor of a list in turn."""
+    start = 0
+    for group in images if isinstance(images, list) else [images]:
+        for k in range(0, len(group), size):
+            yield group[k:k + size], start + k
+        start += len(group)
+
+
 def is_detector(model: nn.Module) -> bool:
     """Whether `model` is a torchvision detector (ours are), which the fast path and precisions know."""
     return isinstance(model, (GeneralizedRCNN, RetinaNet))
@@ -339,12 +350,12 @@ class Predictor:
             usable for training.
         device: where the model lives; frames are converted to float there.
         tile: sliced inference settings, or None to feed frames whole.
-        amp: autocast dtype on CUDA (torch.bfloat16 / torch.float16), or None.
-        channels_last: NHWC convolution weights. None: on the CPU with `fast`, off on CUDA.
+        channels_last: NHWC convolution weights. None: on with `fast` on a CPU and on CUDA.
         fast: on a CPU, the exact fast path (`fast_path`) for torchvision-style detectors, with a pool of torch's
             thread count for the NMS and RoIAlign calls. False: torchvision's eager forward as it is.
-        precision: `exact`; or on a CPU the approximate `int8` (dynamic int8 quantisation of the Linear layers:
-            the R-CNN box head) or `bf16` (bfloat16 autocast). Report their AP before using them.
+        precision: `exact`; or the approximate `bf16` (on a CPU bfloat16 autocast of the feature computation, on
+            CUDA of the whole forward), `fp16` (CUDA: float16 autocast) or `int8` (CPU: dynamic int8 quantisation
+            of the Linear layers, the R-CNN box head). `fpn eval --precision` tells what each costs in AP.
         compile: torch.compile the convolutional parts (backbone with neck, RPN head). Exact within float
             rounding, but each new input shape compiles first: about a minute on 2 cores (63 s for the
             mobilenet_v3 FPN at 800 px), 7 s once inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR) holds it.
@@ -352,23 +363,25 @@ class Predictor:
             faults for the large tensors each batch allocates again, for resident memory that stays at its peak
             (+10 % for the trees model, up to 2x for torchvision's mobilenet_v3 FPN at 800 px, batch 4).
         max_batch: most images (tiles) per forward pass.
+
+    Frames of one shape go to the device in one copy (on CUDA from a pinned buffer, without blocking the host) and
+    are converted, normalised and resized there as one batch; each thread calling the predictor (a detector
+    actor's concurrent calls) has its own CUDA stream, so one call's copies and host work overlap another's
+    kernels. Detections come back to the host in one copy per call.
     """
 
     def __init__(self, model: nn.Module, *, device: str | torch.device = "cpu", tile: TileConfig | None = None,
-                 amp: torch.dtype | None = None, channels_last: bool | None = None, fast: bool = True,
-                 precision: str = "exact", compile: bool = False, keep_memory: bool = True, max_batch: int = 16):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+                 channels_last: bool | None = None, fast: bool = True, precision: str = "exact",
+                 compile: bool = False, keep_memory: bool = True, max_batch: int = 16):
         self.device = torch.device(device)
+        check_precision(precision, self.device.type)
         cpu = self.device.type == "cpu"
-        if precision != "exact" and not cpu:
-            raise ValueError(f"precision {precision!r} is for CPUs; on {self.device.type} use amp")
         model = model.to(self.device).eval()
         self.has_masks = getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask()
         detector = is_detector(model)
         fast = fast and cpu and detector
         if channels_last is None:
-            channels_last = fast
+            channels_last = fast or self.device.type == "cuda"
         if fast or channels_last or precision != "exact" or compile:
             model = copy.deepcopy(model)
         self.executor = None
@@ -380,83 +393,124 @@ class Predictor:
             fast_path(model, self.executor, channels_last=channels_last)
         elif channels_last:
             model = model.to(memory_format=torch.channels_last)
+        self.amp = None
         if precision == "int8":
             model = quantize_linear(model)
-        elif precision == "bf16":
+        elif precision != "exact" and cpu:
             if not detector:
                 raise ValueError("precision bf16 needs a torchvision-style detector")
             model = bf16_features(model)
+        elif precision != "exact":
+            self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         if compile:
             if not detector:
                 raise ValueError("compile needs a torchvision-style detector")
             compile_convolutions(model)
         self.model = model
         self.tile = tile
-        self.amp = amp if self.device.type == "cuda" else None
         self.precision = precision
         self.fast = fast
         self.max_batch = max_batch
+        self._local = threading.local()  # per calling thread: CUDA stream, pinned buffers
 
     def _autocast(self):
         if self.amp is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp)
 
+    def _stream(self):
+        """This thread's CUDA stream (a context), or a null context off CUDA."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if getattr(self._local, "stream", None) is None:
+            self._local.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._local.stream)
+
+    def _upload(self, frames, members: list[int]) -> Tensor:
+        """Frames `members` of `frames` (one shape) as a `[n, 3, H, W]` float tensor in [0, 1] on the device, in one
+        copy: on CUDA through this thread's pinned buffer for the shape, asynchronously (the buffer is reused once
+        its previous copy has finished)."""
+        if self.device.type != "cuda":
+            if isinstance(frames, np.ndarray) and len(members) == len(frames):
+                batch = torch.from_numpy(np.ascontiguousarray(frames))
+            else:
+                batch = torch.from_numpy(np.stack([np.asarray(frames[i]) for i in members]))
+            return batch.to(self.device).permute(0, 3, 1, 2).float().div_(255)
+        buffers = self._local.__dict__.setdefault("pinned", {})
+        shape = (len(members), *np.shape(frames[members[0]]))
+        if shape not in buffers:
+            buffers[shape] = (torch.empty(shape, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
+        staging, copied = buffers[shape]
+        copied.synchronize()  # the last copy out of this buffer has finished
+        for j, i in enumerate(members):
+            staging[j].copy_(torch.from_numpy(np.asarray(frames[i])))
+        batch = staging.to(self.device, non_blocking=True)
+        copied.record()
+        return batch.permute(0, 3, 1, 2).float().div_(255)
+
     @torch.inference_mode()
     def __call__(self, frames: list[np.ndarray] | np.ndarray) -> list[Detections]:
         """`frames`: `[B, H, W, 3]` uint8 array, or a list of `[H, W, 3]` arrays of any sizes."""
-        images: list[Tensor] = []
-        owners: list[tuple[int, int, int]] = []  # (frame index, x offset, y offset) per image
-        for f, frame in enumerate(frames):
-            t = torch.as_tensor(np.ascontiguousarray(frame)).to(self.device, non_blocking=True)
-            t = t.permute(2, 0, 1).float().div_(255)
-            h, w = t.shape[-2:]
-            if self.tile is None or (h <= self.tile.size and w <= self.tile.size):
-                images.append(t)
-                owners.append((f, 0, 0))
-                continue
-            for x0, y0, x1, y1 in plan_tiles(h, w, self.tile.size, self.tile.overlap):
-                images.append(t[:, y0:y1, x0:x1])
-                owners.append((f, x0, y0))
-        # one shape per forward pass: the model pads a batch to its largest image, and padding changes what
-        # normalisation sees (GroupNorm statistics), so a frame's detections would depend on its batch mates
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, im in enumerate(images):
-            by_shape.setdefault(tuple(im.shape), []).append(i)
-        outputs: list[dict[str, Tensor]] = [{}] * len(images)
-        with self._autocast():
-            for members in by_shape.values():
-                for k in range(0, len(members), self.max_batch):
-                    chunk = members[k:k + self.max_batch]
-                    for i, out in zip(chunk, self.model([images[i] for i in chunk])):
-                        outputs[i] = out
-        return self._collect(len(frames), owners, outputs, [tuple(np.shape(fr)[:2]) for fr in frames])
+        sizes = [tuple(np.shape(fr)[:2]) for fr in frames]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for f, size in enumerate(sizes):
+            by_size.setdefault(size, []).append(f)
+        # forward passes of one image shape each (at most max_batch images): the model pads a batch to its largest
+        # image, and padding changes what normalisation sees (GroupNorm statistics), so a frame's detections would
+        # depend on its batch mates; frames of a size share their tile plan
+        outputs: list[tuple[int, int, int, dict[str, Tensor]]] = []  # (frame, x offset, y offset, detections)
+        with self._stream(), self._autocast():
+            for (h, w), members in by_size.items():
+                x = self._upload(frames, members)
+                if self.tile is None or (h <= self.tile.size and w <= self.tile.size):
+                    images, owners = x, [(f, 0, 0) for f in members]
+                else:
+                    tiles = plan_tiles(h, w, self.tile.size, self.tile.overlap)
+                    by_shape: dict[tuple[int, int], list] = {}
+                    for x0, y0, x1, y1 in tiles:
+                        by_shape.setdefault((y1 - y0, x1 - x0), []).append((x0, y0, x1, y1))
+                    images, owners = [], []
+                    for group in by_shape.values():
+                        images.append(torch.stack([x[j, :, y0:y1, x0:x1] for j in range(len(members))
+                                                   for x0, y0, x1, y1 in group]))
+                        owners += [(f, x0, y0) for f in members for x0, y0, _, _ in group]
+                    images = images[0] if len(images) == 1 else images
+                for batch, start in _chunks(images, self.max_batch):
+                    for k, out in enumerate(self.model(batch)):
+                        outputs.append((*owners[start + k], out))
+            return self._collect(outputs, sizes)
 
-    def _collect(self, n: int, owners, outputs, sizes) -> list[Detections]:
-        per_frame: list[list[tuple[dict[str, Tensor], int, int]]] = [[] for _ in range(n)]
-        for (f, x0, y0), out in zip(owners, outputs):
+    def _collect(self, outputs, sizes) -> list[Detections]:
+        """Detections per frame: tiles shifted to frame pixels and merged, boxes clipped to the frame, all frames'
+        boxes, scores, labels and levels brought to the host in one copy."""
+        per_frame: list[list[tuple[dict[str, Tensor], int, int]]] = [[] for _ in sizes]
+        for f, x0, y0, out in outputs:
             per_frame[f].append((out, x0, y0))
-        result = []
+        packed, masks = [], []
         for parts, (h, w) in zip(per_frame, sizes):
-            shift = lambda o, x, y: o["boxes"].float() + torch.tensor([x, y, x, y], device=o["boxes"].device, dtype=torch.float32)
-            boxes = torch.cat([shift(o, x, y) for o, x, y in parts])
+            device = parts[0][0]["boxes"].device
+            shift = lambda o, x, y: o["boxes"].float() + torch.tensor([x, y, x, y], device=device, dtype=torch.float32)
+            boxes = torch.cat([shift(o, x, y) if x or y else o["boxes"].float() for o, x, y in parts])
             scores = torch.cat([o["scores"].float() for o, _, _ in parts])
             labels = torch.cat([o["labels"] for o, _, _ in parts])
             levels = torch.cat([o["levels"] for o, _, _ in parts])
-            masks = self._masks(parts, h, w) if self.has_masks else None
+            frame_masks = self._masks(parts, h, w) if self.has_masks else None
             if len(parts) > 1:
                 keep, boxes = merge_detections(boxes, scores, labels, threshold=self.tile.threshold,
                                                method=self.tile.merge, metric=self.tile.metric)
                 scores, labels, levels = scores[keep], labels[keep], levels[keep]
-                if masks is not None:
-                    masks = [masks[i] for i in keep.tolist()]
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            result.append(Detections(
-                boxes.cpu().numpy().astype(np.float32), scores.cpu().numpy().astype(np.float32),
-                labels.cpu().numpy().astype(np.int32), levels.cpu().numpy().astype(np.int8), masks,
-            ))
-        return result
+                if frame_masks is not None:
+                    frame_masks = [frame_masks[i] for i in keep.tolist()]
+            limit = torch.tensor([w, h, w, h], device=device, dtype=torch.float32)
+            boxes = torch.minimum(boxes.clamp(min=0), limit)
+            packed.append(torch.cat([boxes, scores[:, None], labels[:, None].float(), levels[:, None].float()], 1))
+            masks.append(frame_masks)
+        if not packed:
+            return []
+        host = torch.cat(packed).cpu().numpy()  # labels and levels are small integers: exact in float32
+        bounds = np.cumsum([len(p) for p in packed])[:-1]
+        return [Detections(np.ascontiguousarray(a[:, :4]), np.ascontiguousarray(a[:, 4]), a[:, 5].astype(np.int32),
+                           a[:, 6].astype(np.int8), m) for a, m in zip(np.split(host, bounds), masks)]
 
     @staticmethod
     def _masks(parts, h: int, w: int) -> list[dict]:

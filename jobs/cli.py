@@ -190,10 +190,13 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--gpus-per-detector", type=float, help="GPUs per detector actor.")
 @click.option("--cpus-per-detector", type=float, help="CPUs per detector actor (its torch threads).")
 @click.option("--calls-per-detector", type=int, help="Batches each detector runs at once, sharing its torch threads "
-              "[default on a CPU: up to 4, one per thread; on a GPU: 1].")
+              "[default on a CPU: up to 4, one per thread; on a GPU: 2].")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="exact: the model's own detections "
-              "(on a CPU the exact fast path); int8 / bf16: approximate, faster on a CPU (check with fpn eval "
-              "--precision).  [default: exact]")
+              "(on a CPU the exact fast path); approximate and faster: bf16, int8 (CPU), fp16 (GPU); check what "
+              "they cost with fpn eval --precision.  [default: exact]")
+@click.option("--compile", "compile_model", is_flag=True, default=None,
+              help="torch.compile the model's backbone, neck and RPN head in each detector: faster batches after a "
+                   "compile of a minute or more per input shape (cached on disk by inductor).")
 @click.option("--video-backend", help="Video decoder: decord (default), pyav, or module:Class of your own.")
 @click.option("--decode-timeout", "decode_timeout_s", type=float,
               help="Seconds to wait for the next decoded batch before a decoder counts as hung.  [default: 300]")
@@ -211,8 +214,8 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--job-id", help="Id recorded in OUTPUT/_job.json (set by fpn submit).")
 @_fail_cleanly
 def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, start_s, end_s, keyframes, tile, tile_overlap, no_tile, score_thresh,
-        scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, calls_per_detector, precision, video_backend,
-        decode_timeout_s, endpoint_url, profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
+        scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, calls_per_detector, precision,
+        compile_model, video_backend, decode_timeout_s, endpoint_url, profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
     """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
 
     INPUTS are files, directories, globs, s3:// or other fsspec URLs, manifests (one URI a line),
@@ -229,7 +232,7 @@ def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, star
                                      keyframes=keyframes or None),
                        resources=dict(num_detectors=num_detectors, gpus_per_detector=gpus_per_detector,
                                       cpus_per_detector=cpus_per_detector, calls_per_detector=calls_per_detector,
-                                      precision=precision),
+                                      precision=precision, compile=compile_model),
                        tile=dict(size=tile, overlap=tile_overlap), no_tile=no_tile)
     flags.update(_storage_flags(endpoint_url, profile, anon))
     flags.update(_raster_flags(bands, stretch, gsd, no_resample, aoi))
@@ -656,15 +659,19 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
               help="8: average the metrics over the 8 flips/90-degree rotations of each image (steadier on few "
                    "objects; adds AP50_sd).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="exact", show_default=True,
-              help="As fpn run's: the approximate int8 / bf16 forward, to see what it costs in AP.")
+              help="As fpn run's: an approximate forward (bf16, int8 on a CPU, fp16 on a GPU), to see what it "
+                   "costs in AP.")
+@click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:N.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
 @format_option
 @_fail_cleanly
-def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views, precision, json_out, fmt):
+def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views, precision, device, json_out, fmt):
     """COCO box metrics (AP, AP50, AP75, AP_S/M/L, AR) of MODEL on annotated images.
 
     Example: fpn eval trees data/aerial-trees/SOAP_061.xml --single-class Tree
     """
+    import torch
+
     from fpn_model.data import load_annotations
     from fpn_model.evaluate import evaluate
     from fpn_model.predict import Predictor, TileConfig
@@ -674,11 +681,13 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
     overrides = {k: v for k, v in dict(score_thresh=score_thresh, scale=scale).items() if v is not None}
     net = load_checkpoint(resolve(model), **overrides)
     items = load_annotations(list(annotations), single_class=single_class)
-    predictor = Predictor(net, tile=TileConfig(size=tile, overlap=tile // 8), precision=precision)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.UsageError(f"--device {device}: torch {torch.__version__} sees no CUDA device here")
+    predictor = Predictor(net, device=device, tile=TileConfig(size=tile, overlap=tile // 8), precision=precision)
     metrics = evaluate(predictor, items, views=int(views))
     if json_out:
         Path(json_out).write_text(json.dumps({"model": str(model), "images": len(items), "precision": precision,
-                                              **metrics}, indent=2))
+                                              "device": device, **metrics}, indent=2))
     if fmt == "json":
         click.echo(json.dumps(metrics, indent=2))
     else:

@@ -33,10 +33,6 @@ from typing import Any, BinaryIO, Iterator, Protocol, Sequence
 
 import numpy as np
 
-# GDAL (rasterio) must be loaded before decord: decord's bundled libraries, loaded first, break
-# GDAL's PNG reader in the same process ("libpng: bad parameters to zlib"). Import order fixes it.
-import rasterio  # noqa: F401,E402  isort: skip
-
 from .output import frame_id
 from .raster import RasterPlan, open_raster, open_rasters, read_window
 from .sources import WorkUnit, media_kind
@@ -146,6 +142,9 @@ class DecordVideo:
     the wanted frame and decode from there), the same policy as `PyAVVideo`, which counts."""
 
     def __init__(self, path: str):
+        # GDAL (rasterio) must be loaded before decord: decord's bundled libraries, loaded first, break GDAL's PNG
+        # reader in the same process ("libpng: bad parameters to zlib"). Import order fixes it.
+        import rasterio  # noqa: F401  isort: skip
         import decord
 
         self._vr = decord.VideoReader(path, num_threads=1)

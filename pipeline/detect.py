@@ -27,12 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def _allotted(resource: str) -> float:
-    try:
-        import ray
+    import ray
 
-        return float(ray.get_runtime_context().get_assigned_resources().get(resource, 0.0))
-    except Exception:  # outside Ray
+    if not ray.is_initialized():  # outside Ray (get_runtime_context would start a local cluster)
         return 0.0
+    return float(ray.get_runtime_context().get_assigned_resources().get(resource, 0.0))
 
 
 class Detector:
@@ -42,7 +41,6 @@ class Detector:
         checkpoint: path of an fpn-pipeline checkpoint.
         model_id: the name written into every row's `model` column.
         tile: TileConfig fields as a dict, or None.
-        amp: "bf16" | "fp16" | None (GPU only).
         overrides: inference-time model config changes (score_thresh, scale, ...).
         max_batch: most images (tiles) per forward pass.
         output: where failed frames become error rows (an `Output`, or its URL with `storage_options`).
@@ -51,7 +49,7 @@ class Detector:
         calls: batches Ray Data runs at once in this actor (`max_concurrent_calls_per_actor`), each on its own thread
             with `threads // calls` torch threads (pipeline.sizing: batches side by side do not wait for each other).
         precision: "exact" (on a CPU the exact fast path: the same detections as torchvision's eager forward within
-            float rounding), or the approximate "int8" | "bf16" (CPU only; ignored with a warning on a GPU).
+            float rounding), or the approximate "bf16" | "int8" (CPU) | "fp16" (GPU): `fpn_model.predict.Predictor`.
         compile: torch.compile the model's convolutional parts (a long first batch per input shape).
         counter: a `pipeline.counter.FrameCounter` actor told how many frames each batch detected.
 
@@ -60,9 +58,8 @@ class Detector:
     rows, so it is not written to `frames/` and a resumed job tries it again; the rest of the batch goes on.
     """
 
-    def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, amp: str | None = None,
-                 overrides: dict | None = None, max_batch: int = 16, output: Output | str | None = None,
-                 storage_options: dict | None = None, threads: int | None = None, calls: int = 1,
+    def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, overrides: dict | None = None,
+                 max_batch: int = 16, output: Output | str | None = None, storage_options: dict | None = None, threads: int | None = None, calls: int = 1,
                  precision: str = "exact", compile: bool = False, counter: Any = None):
         cpus = _allotted("CPU")
         threads = threads or (math.floor(cpus) if cpus >= 1 else None)
@@ -78,13 +75,8 @@ class Detector:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from actors not given one
         model = load_checkpoint(checkpoint, map_location=device, **(overrides or {}))
         self.cfg = model.config
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
-        if precision != "exact" and device != "cpu":
-            log.warning("precision %s is for CPUs: the detector on %s runs exact (see amp)", precision, device)
-            precision = "exact"
-        self.predictor = Predictor(model, device=device, tile=TileConfig(**tile) if tile else None, amp=dtype,
-                                   channels_last=True if device == "cuda" else None, precision=precision,
-                                   compile=compile, max_batch=max_batch)
+        self.predictor = Predictor(model, device=device, tile=TileConfig(**tile) if tile else None,
+                                   precision=precision, compile=compile, max_batch=max_batch)
         self.counter = counter
         self.model_id = model_id
         self.schema = frame_schema(self.predictor.has_masks)
@@ -159,33 +151,49 @@ def _with_costs(rows: pa.Table, batch: dict[str, Any], *, forward_s: float, rows
 def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: str, schema: pa.Schema) -> pa.Table:
     """Frame rows (the output contract) from a decoded batch and its detections. Raster windows keep only
     detections whose centre lies in the window's core, mapped to raster pixels (undoing the resampling) and,
-    for georeferenced rasters, to map coordinates."""
+    for georeferenced rasters, to map coordinates. The detections column is built from whole arrays (one numpy
+    operation per frame, none per detection; masks aside, which are already one dict each)."""
     n = len(dets)
-    detections_col, counts = [], []
     crs = [_text(c) for c in batch.get("crs", [None] * n)]
+    parts = {k: [] for k in ("boxes", "scores", "labels", "levels", "mapped", "georef")}
+    masks, counts = [], []
     for i, d in enumerate(dets):
         scale = np.array([batch["scale_x"][i], batch["scale_y"][i]] * 2, dtype=np.float32) if "scale_x" in batch else 1
         boxes = d.boxes / scale + np.array([batch["offset_x"][i], batch["offset_y"][i]] * 2, dtype=np.float32)
-        keep = np.ones(len(boxes), dtype=bool)
+        keep = slice(None)
         if batch["source_kind"][i] == "raster":
             cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
             x, y = batch["window_x"][i], batch["window_y"][i]
             w, h = batch["window_width"][i], batch["window_height"][i]
-            keep = (cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h)
-        rows = []
-        mapped = map_boxes(boxes, tuple(np.asarray(batch["transform"][i], dtype=np.float64))) if crs[i] else None
-        for j in np.flatnonzero(keep):
-            b = boxes[j]
-            r = {"x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]),
-                 "score": float(d.scores[j]), "label": int(d.labels[j]), "label_name": label_name(int(d.labels[j])),
-                 "level": int(d.levels[j])}
-            if mapped is not None:
-                r.update(zip(("map_x1", "map_y1", "map_x2", "map_y2"), map(float, mapped[j])))
-            if d.masks is not None:
-                r["mask"] = d.masks[j]
-            rows.append(r)
-        detections_col.append(rows)
-        counts.append(len(rows))
+            keep = np.flatnonzero((cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h))
+        boxes = boxes[keep]
+        parts["boxes"].append(boxes)
+        parts["scores"].append(d.scores[keep])
+        parts["labels"].append(d.labels[keep])
+        parts["levels"].append(d.levels[keep])
+        georef = bool(crs[i])
+        parts["mapped"].append(map_boxes(boxes, tuple(np.asarray(batch["transform"][i], dtype=np.float64)))
+                               if georef else np.zeros((len(boxes), 4)))
+        parts["georef"].append(np.full(len(boxes), georef))
+        if d.masks is not None:
+            masks += [d.masks[j] for j in np.arange(len(d.boxes))[keep]]
+        counts.append(len(boxes))
+    flat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    detection_type = schema.field("detections").type.value_type
+    boxes, mapped, georef = flat["boxes"].reshape(-1, 4), flat["mapped"].reshape(-1, 4), flat["georef"].astype(bool)
+    labels = flat["labels"].astype(np.int32)
+    names, inverse = np.unique(labels, return_inverse=True)
+    fields = {c: pa.array(np.ascontiguousarray(boxes[:, j]), pa.float32()) for j, c in enumerate(("x1", "y1", "x2", "y2"))}
+    fields.update(score=pa.array(flat["scores"], pa.float32()), label=pa.array(labels, pa.int32()),
+                  label_name=pa.array([label_name(int(v)) for v in names], pa.string()).take(inverse.reshape(-1)),
+                  level=pa.array(flat["levels"], pa.int8()))
+    fields.update({f"map_{c}": pa.array(np.ascontiguousarray(mapped[:, j]), pa.float64(), mask=~georef)
+                   for j, c in enumerate(("x1", "y1", "x2", "y2"))})
+    if detection_type.get_field_index("mask") >= 0:
+        fields["mask"] = pa.array(masks, detection_type.field("mask").type)
+    struct = pa.StructArray.from_arrays([fields[f.name] for f in detection_type], fields=list(detection_type))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32())
+    detections_col = pa.ListArray.from_arrays(offsets, struct, type=schema.field("detections").type)
     cols = {name: batch[name] for name in ("frame_id", "source", "source_kind", "frame_index", "pts_s", "width",
                                            "height", "window_x", "window_y", "window_width", "window_height")}
     cols = {k: list(v) for k, v in cols.items()}

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from fpn_model.config import PRECISIONS, TileConfig
+from fpn_model.config import TileConfig, check_precision
 from fpn_model.memory import keep_freed_memory_env
 from fpn_model.weights import InputSpec, read_input_spec  # torch-free: no model is built here
 
@@ -48,9 +48,9 @@ class Resources:
     cpus_per_detector: float = 1.0
     decode_cpus: float = 0.5  # CPU reservation of each decode task (fractional: decode beside detect)
     max_batch: int = 16  # most images (tiles) per forward pass
-    amp: str | None = None  # bf16 | fp16 (GPU only)
-    precision: str = "exact"  # exact | int8 | bf16 (approximate, CPU only): fpn_model.predict.Predictor
+    precision: str = "exact"  # exact | bf16 | int8 (CPU) | fp16 (GPU): fpn_model.predict.Predictor
     calls_per_detector: int | None = None  # batches a detector runs at once (None: pipeline.sizing.fit decides)
+    compile: bool = False  # torch.compile the backbone, neck and RPN head in each detector
 
     def __post_init__(self) -> None:
         if self.calls_per_detector is not None and self.calls_per_detector < 1:
@@ -62,10 +62,7 @@ class Resources:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.amp not in (None, "bf16", "fp16"):
-            raise ValueError(f"amp must be bf16, fp16 or null, got {self.amp!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be exact, int8 or bf16, got {self.precision!r}")
+        check_precision(self.precision, "cuda" if self.gpus_per_detector else "cpu")
 
 
 @dataclass(frozen=True)
@@ -419,9 +416,10 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
                                            enable_true_multi_threading=calls > 1),
         num_cpus=r.cpus_per_detector,
         num_gpus=r.gpus_per_detector or None,
-        fn_constructor_kwargs=dict(checkpoint=plan.checkpoint, model_id=plan.model_id, tile=tile, amp=r.amp,
+        fn_constructor_kwargs=dict(checkpoint=plan.checkpoint, model_id=plan.model_id, tile=tile,
                                    overrides=plan.model_overrides, max_batch=r.max_batch, output=out,
-                                   threads=threads, calls=calls, precision=r.precision, counter=counter),
+                                   threads=threads, calls=calls, precision=r.precision, compile=r.compile,
+                                   counter=counter),
         batch_format="numpy",
         **({"runtime_env": {"env_vars": env}} if env else {}),
     )

@@ -16,7 +16,9 @@ largest divisor of its threads up to MAX_CALLS (2 threads: 2 batches of 1 thread
 stops at every parallel region's barrier whenever another process (Ray's daemons, the decoder, the driver)
 takes one of its cores, and its serial parts leave the other cores idle; batches side by side do not wait for
 each other (benchmarks/throughput.py, `fpn` against `fpn_1call`: 2 calls of 1 thread against 1 of 2 threads).
-MAX_CALLS bounds the activations held at once (one batch's each). A GPU detector runs one batch at a time.
+MAX_CALLS bounds the activations held at once (one batch's each). A GPU detector runs GPU_CALLS batches at once,
+each on its own CUDA stream (fpn_model.predict.Predictor): one batch's host work (copying frames in, building rows)
+overlaps the other's kernels (benchmarks/gpu.py measures 1 against 2).
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Fit", "fit", "cluster_nodes", "WRITE_CPUS", "MAX_CALLS"]
+__all__ = ["Fit", "fit", "cluster_nodes", "WRITE_CPUS", "MAX_CALLS", "GPU_CALLS"]
 
 WRITE_CPUS = 0.1  # the reservation of each write task (I/O): pipeline.plan.execute
 MAX_CALLS = 4  # most batches a CPU detector runs at once
+GPU_CALLS = 2  # batches a GPU detector runs at once
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def fit(resources, nodes: list[dict[str, float]]) -> Fit:
                          f"{_n(biggest.get('CPU', 0.0))} CPU and {_n(biggest.get('GPU', 0.0))} GPU")
     if g > 0:
         return Fit(threads=max(1, math.floor(c)), cpus=cpus, gpus=gpus, nodes=len(nodes),
-                   calls=resources.calls_per_detector or 1)
+                   calls=resources.calls_per_detector or GPU_CALLS)
     per_node = math.ceil(n / len(hosts))
     node_cpus = min(node["CPU"] for node in hosts)
     threads = max(1, round((node_cpus - d) / per_node))

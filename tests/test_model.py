@@ -228,6 +228,61 @@ def test_precisions_are_opt_in_and_change_only_a_copy():
         assert d.boxes.dtype == np.float32 and len(d.boxes) == len(d.scores)
     with pytest.raises(ValueError, match="precision must be one of"):
         Predictor(model, precision="fp8")
+    with pytest.raises(ValueError, match="fp16 is for GPUs"):
+        Predictor(model, precision="fp16")
+
+
+def test_a_job_asks_only_for_precisions_its_detectors_device_has():
+    from pipeline.plan import Resources
+
+    assert Resources(gpus_per_detector=1, precision="fp16").precision == "fp16"
+    with pytest.raises(ValueError, match="int8 is for CPUs"):
+        Resources(gpus_per_detector=1, precision="int8")
+    with pytest.raises(ValueError, match="fp16 is for GPUs"):
+        Resources(precision="fp16")
+
+
+@pytest.mark.parametrize("scale", [None, 2.0, 1.0])
+def test_a_batch_is_transformed_as_torchvision_transforms_each_image(scale):
+    """The batched transform (one normalise, resize and pad for a [B, 3, H, W] batch) gives torchvision's
+    per-image result, value for value."""
+    from fpn_model.detectors import FPNTransform
+
+    cfg = preset("trees", min_size=200, max_size=333, scale=scale)
+    t = FPNTransform(cfg, cfg.roi_levels).eval()
+    x = torch.rand(3, 3, 150, 190, generator=torch.Generator().manual_seed(0))  # resized: not a multiple of 32
+    batched, _ = t(x)
+    listed, _ = t(list(x))
+    assert torch.equal(batched.tensors, listed.tensors)
+    assert batched.image_sizes == listed.image_sizes
+
+
+def test_the_predictor_gives_the_detections_of_the_model_called_on_its_own():
+    """Frames uploaded as one batch, transformed as a batch, detections brought back in one copy: the detections
+    torchvision's forward gives on a list of float images; tiles of equal frames batched together: each frame's
+    detections as when it is alone."""
+    from tests.conftest import SOAP
+    from fpn_model.data import read_image
+    from fpn_model.predict import Detections, Predictor, TileConfig, detection_difference
+    from fpn_model.weights import load_checkpoint
+    from fpn_model.zoo import resolve
+
+    model = load_checkpoint(resolve("trees"))
+    frames = np.stack(_bikes()[:3])
+    with torch.inference_mode():
+        ref = model([torch.from_numpy(f).permute(2, 0, 1).float().div(255) for f in frames])
+    got = Predictor(model, fast=False, channels_last=False)(frames)
+    _assert_same_detections([Detections(*(r[k].numpy() for k in ("boxes", "scores", "labels", "levels")))
+                             for r in ref], got)
+    soap = read_image(SOAP)
+    pair = [soap[:300, :300], soap[100:, 100:][:300, :300]]
+    tiled = Predictor(model, tile=TileConfig(size=160, overlap=32))
+    together = tiled(pair)
+    for frame, d in zip(pair, together):
+        alone = tiled([frame])[0]
+        assert len(alone.boxes) > 0
+        diff = detection_difference(alone, d)
+        assert diff["count"][0] == diff["count"][1] and diff["score"] <= 1e-4 and diff["box_rel"] <= 1e-4, diff
 
 
 def test_keep_freed_memory_is_process_wide_and_can_be_turned_off():

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from conftest import SOAP
 from jobs.cli import cli
 from pipeline.plan import Resources
-from pipeline.sizing import fit
+from pipeline.sizing import GPU_CALLS, fit
 
 TWO_CORES = [{"CPU": 2.0}]
 
@@ -28,7 +28,9 @@ def test_a_cpu_detector_runs_a_batch_per_thread_up_to_max_calls():
     assert calls(Resources(), [{"CPU": 16.0}]) == (16, 4)  # MAX_CALLS batches of 4 threads
     assert calls(Resources(), [{"CPU": 5.5}]) == (5, 1)  # no even share: one batch of all 5 threads
     assert calls(Resources(calls_per_detector=1), TWO_CORES) == (2, 1)  # the spec says
-    assert calls(Resources(gpus_per_detector=1, cpus_per_detector=4), [{"CPU": 16.0, "GPU": 1.0}]) == (4, 1)
+    gpu = [{"CPU": 16.0, "GPU": 1.0}]
+    assert calls(Resources(gpus_per_detector=1, cpus_per_detector=4), gpu) == (4, GPU_CALLS)  # one per CUDA stream
+    assert calls(Resources(gpus_per_detector=1, calls_per_detector=1), gpu) == (1, 1)
     with pytest.raises(ValueError, match="calls_per_detector"):
         Resources(calls_per_detector=0)
 

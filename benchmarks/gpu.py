@@ -1,0 +1,489 @@
+"""The GPU path, measured: torchvision's eager forward against our Detector on the same host frames, the Detector
+alone against `fpn run` end to end, start-up, precision against accuracy, rasters in Mpx/s. Runs on any CUDA device
+and, with `--device cpu` (small inputs), on a CPU. Writes JSON (device name, library versions) as it goes.
+
+Sections (`--sections`, in this order):
+
+- `forward`: Faster R-CNN R50-FPN (torchvision's, seeded random weights, the class logits scaled so that some
+  boxes pass the score threshold) at `--min-size` (800) from `--height`p uint8 frames (bikes.mp4 upscaled), batch
+  1 / 8 / 16, fp32 and bf16, frames/s of: `eager` (torchvision: each frame to the device, converted, the model's
+  own transform), `detector` (`pipeline.detect.Detector` on a decoded batch, Parquet rows included) and
+  `detector_2calls` (two threads calling it at once, as a GPU detector actor runs its calls). `--before DIR` runs
+  the Detector of another source tree (an older commit) in the same way, for before -> after.
+  At the largest batch, milliseconds per part of the model (upload, transform, backbone+neck, RPN, RoI heads).
+- `alone`: the Detector on `--alone-frames` frames of the looped clip (640x272, decoded first), 1 and 2 calls.
+- `e2e`: `fpn run` on bikes.mp4 looped to `--e2e-frames` frames (packets copied, not re-encoded), batch 16, one GPU
+  detector: whole wall, time to the first frames file, and steady state (frames landing after the first 2,000, over
+  the time they took).
+- `startup`: `fpn run` on one image: wall time and time to its frames file.
+- `precision`: the bundled `trees` model's AP on SOAP_061 (8 views) per precision on the device (and exact on
+  the CPU), and R50's agreement with its own fp32 detections per precision.
+- `raster`: a 4096x4096 aerial frame (SOAP_061 mirrored) in 1024-px tiles through the trees model: Mpx/s.
+
+    python benchmarks/gpu.py --out benchmarks/results/gpu.json [--before /tmp/old-tree]
+    python benchmarks/gpu.py --device cpu --quick   # the same code paths on a CPU, small inputs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VIDEO = REPO / "data" / "video" / "bikes.mp4"
+SOAP = REPO / "data" / "aerial-trees" / "SOAP_061.png"
+SOAP_XML = REPO / "data" / "aerial-trees" / "SOAP_061.xml"
+
+
+def versions(device: str) -> dict:
+    import numpy
+    import torch
+    import torchvision
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "cpus": os.cpu_count(), "device": device}
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
+    return info
+
+
+# -- inputs ------------------------------------------------------------------------------------------------------
+def frames_hd(n: int, height: int):
+    """`n` frames of bikes.mp4 resized to `height` x 16/9 `height`, `[n, H, W, 3]` uint8."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from forward_inputs import video_frames
+
+    width = height * 16 // 9
+    src = video_frames(str(VIDEO), n)
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR)) for f in src])
+
+
+def r50(min_size: int, seed: int = 0, boost: float = 30.0):
+    """torchvision's fasterrcnn_resnet50_fpn with seeded random weights, class logits scaled by `boost` (random
+    logits are near 0: every class scores about 1/91, under the 0.05 threshold)."""
+    import torch
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(seed)
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=min_size).eval()
+    with torch.no_grad():
+        tv.roi_heads.box_predictor.cls_score.weight.mul_(boost)
+    return tv
+
+
+def r50_checkpoint(tv, min_size: int, path: Path) -> str:
+    from fpn_model.weights import import_torchvision, save_checkpoint
+
+    return str(save_checkpoint(import_torchvision("fasterrcnn_resnet50_fpn", tv.state_dict(), min_size=min_size),
+                               path))
+
+
+def decoded_batch(frames, start: int = 0) -> dict:
+    """The columns `pipeline.decode` yields for a batch of video frames."""
+    import numpy as np
+
+    from pipeline.output import frame_id
+
+    n, h, w = frames.shape[:3]
+    src = "bench.mp4"
+    idx = list(range(start, start + n))
+    cols = {"frame_id": [frame_id(src, k) for k in idx], "source": [src] * n, "source_kind": ["video"] * n,
+            "frame_index": idx, "pts_s": [k / 25 for k in idx], "width": [w] * n, "height": [h] * n,
+            "window_x": [0] * n, "window_y": [0] * n, "window_width": [w] * n, "window_height": [h] * n,
+            "offset_x": [0] * n, "offset_y": [0] * n, "transform": [np.zeros(6)] * n}
+    return {**{k: np.array(v) for k, v in cols.items()}, "image": frames}
+
+
+def looped_remux(video: Path, frames: int, dest: Path) -> int:
+    """`video` repeated until it holds at least `frames` frames, by copying its packets with shifted timestamps
+    (no re-encoding: each copy starts on the source's first keyframe). Returns the frame count."""
+    import av
+
+    with av.open(str(video)) as src:
+        stream = src.streams.video[0]
+        packets = [(p.pts, p.duration) for p in src.demux(stream) if p.size]
+    span = max(pts for pts, _ in packets) + packets[0][1]
+    times = -(-frames // len(packets))
+    with av.open(str(dest), "w") as out:
+        with av.open(str(video)) as src:
+            ostream = out.add_stream_from_template(src.streams.video[0])
+        for k in range(times):  # muxing takes a packet's data: demux afresh for each copy
+            with av.open(str(video)) as src:
+                for p in src.demux(src.streams.video[0]):
+                    if p.size:
+                        p.pts, p.dts = p.pts + k * span, p.dts + k * span
+                        p.stream = ostream
+                        out.mux(p)
+    return times * len(packets)
+
+
+def timed(call, reps: int, warm: int, sync) -> dict:
+    for _ in range(warm):
+        call()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+# -- forward: one process per source tree ---------------------------------------------------------------------------
+def forward_worker(args) -> dict:
+    """In a fresh process whose sys.path starts at the tree under test: eager vs Detector per batch x precision."""
+    import inspect
+
+    import torch
+
+    from pipeline.detect import Detector
+
+    dev = args.device
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    frames = frames_hd(max(args.batches), args.height)
+    tv = r50(args.min_size).to(dev)
+    ckpt = args.checkpoint
+    new_api = "precision" in inspect.signature(Detector.__init__).parameters and \
+        "amp" not in inspect.signature(Detector.__init__).parameters
+    rows = []
+    for precision in args.precisions:
+        dtype = {"exact": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        kw = {"precision": precision} if new_api else {"amp": None if precision == "exact" else precision}
+        det = Detector(ckpt, model_id="r50", tile=None, max_batch=max(args.batches), **kw)
+        for bs in args.batches:
+            batch = decoded_batch(frames[:bs])
+
+            def eager():
+                with torch.inference_mode(), torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    out = tv([torch.from_numpy(f).to(dev).permute(2, 0, 1).float().div(255) for f in batch["image"]])
+                return [o["boxes"].cpu() for o in out]
+
+            r = {"precision": precision, "batch": bs}
+            if not args.skip_eager:
+                t = timed(eager, args.reps, args.warm, sync)
+                r["eager_fps"] = round(bs / t["median_s"], 2)
+                r["eager_spread_fps"] = [round(bs / t["max_s"], 2), round(bs / t["min_s"], 2)]
+            t = timed(lambda: det(batch), args.reps, args.warm, sync)
+            r["detector_fps"] = round(bs / t["median_s"], 2)
+            r["detector_spread_fps"] = [round(bs / t["max_s"], 2), round(bs / t["min_s"], 2)]
+            r["detections_per_frame"] = round(det(batch).column("num_detections").to_numpy().mean(), 1)
+            if bs > 1 and args.two_calls:
+                def two():
+                    ts = [threading.Thread(target=det, args=(batch,)) for _ in range(2)]
+                    [t.start() for t in ts]
+                    [t.join() for t in ts]
+                t = timed(two, args.reps, 1, sync)
+                r["detector_2calls_fps"] = round(2 * bs / t["median_s"], 2)
+            if bs == max(args.batches) and hasattr(det.predictor, "_upload"):
+                r["stages_ms"] = stages(det.predictor, batch["image"], reps=args.reps, sync=sync)
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+        det = None  # free its GPU memory before the next precision
+    return {"rows": rows, "api": "precision" if new_api else "amp"}
+
+
+def stages(pred, frames, *, reps: int, sync) -> dict:
+    """Milliseconds per batch of each part of the Predictor's model (median of `reps`), run one after another as
+    the model's forward runs them: upload (copy and convert), transform, backbone+neck, RPN, RoI heads with
+    post-processing."""
+    import torch
+
+    m = pred.model
+    times: dict[str, list[float]] = {}
+
+    def lap(name, t0):
+        sync()
+        times.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
+        return time.perf_counter()
+
+    with torch.inference_mode(), pred._stream(), pred._autocast():
+        for _ in range(reps + 1):
+            sync()
+            t = time.perf_counter()
+            x = pred._upload(frames, list(range(len(frames))))
+            t = lap("upload", t)
+            images, _ = m.transform(x)
+            t = lap("transform", t)
+            features = m.backbone(images.tensors)
+            t = lap("backbone_neck", t)
+            proposals, _ = m.rpn(images, features)
+            t = lap("rpn", t)
+            dets, _ = m.roi_heads(features, proposals, images.image_sizes)
+            m.transform.postprocess(dets, images.image_sizes, [f.shape[:2] for f in frames])
+            lap("roi_heads_post", t)
+    return {k: round(statistics.median(v[1:]), 2) for k, v in times.items()}
+
+
+def run_forward_worker(root: Path, args, ckpt: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--worker", "forward", "--device", args.device,
+           "--checkpoint", ckpt, "--height", str(args.height), "--min-size", str(args.min_size),
+           "--reps", str(args.reps), "--warm", str(args.warm), "--batches", ",".join(map(str, args.batches)),
+           "--precisions", ",".join(args.precisions), *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=args.section_timeout)
+    if p.returncode:
+        return {"error": p.stderr[-3000:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# -- Detector alone, fpn run, start-up -----------------------------------------------------------------------------
+def alone(args, ckpt: str, video: Path) -> dict:
+    """The Detector alone on frames of `video` decoded beforehand, batches of 16, 1 and 2 calls at once."""
+    import numpy as np
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.detect import Detector
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from forward_inputs import video_frames
+
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    frames = np.stack(video_frames(str(video), args.alone_frames))
+    batches = [decoded_batch(frames[i:i + 16], i) for i in range(0, len(frames), 16)]
+    out = {"frames": len(frames), "height": int(frames.shape[1]), "width": int(frames.shape[2])}
+    det = Detector(ckpt, model_id="r50", tile=None, max_batch=16)
+    det(batches[0])
+    for calls in (1, 2):
+        sync()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(calls) as pool:
+            n = sum(t.num_rows for t in pool.map(det, batches))
+        sync()
+        out[f"fps_{calls}call"] = round(n / (time.perf_counter() - t0), 2)
+    return out
+
+
+def watch_run(cmd: list[str], out: Path, log: Path, timeout: float) -> dict:
+    """Run `cmd` (an `fpn run` writing to `out`), noting when each frames file appears."""
+    import pyarrow.parquet as pq
+
+    t0 = time.monotonic()
+    seen: dict[Path, float] = {}
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
+        while p.poll() is None:
+            if time.monotonic() - t0 > timeout:
+                p.terminate()
+                p.wait(30)
+                break
+            for file in (out / "frames").glob("part-*.parquet"):
+                seen.setdefault(file, time.monotonic() - t0)
+            time.sleep(0.05)
+    wall = time.monotonic() - t0
+    files = sorted((t, pq.ParquetFile(f).metadata.num_rows) for f, t in seen.items() if f.exists())
+    job = json.loads((out / "_job.json").read_text()) if (out / "_job.json").exists() else {}
+    return {"returncode": p.returncode, "wall_s": round(wall, 2), "files": files, "state": job.get("state"),
+            "frames": job.get("frames"), "detections": job.get("detections"), "resources": job.get("resources"),
+            "core_ms_per_frame": job.get("core_ms_per_frame"), "log_tail": log.read_text()[-1500:]}
+
+
+def steady(files: list[tuple[float, int]], after: int) -> float | None:
+    """Frames per second of the files that landed once `after` frames were out, over the time they took."""
+    done, start = 0, None
+    for t, rows in files:
+        if start is not None:
+            done += rows
+        elif (done := done + rows) >= after:
+            start, done = t, 0
+    if start is None or files[-1][0] <= start:
+        return None
+    return round(done / (files[-1][0] - start), 2)
+
+
+def fpn_cmd(inputs: list[str], out: Path, ckpt: str, args, *extra: str) -> list[str]:
+    gpu = ["--gpus-per-detector", "1", "--cpus-per-detector", "2"] if args.device == "cuda" else []
+    return [sys.executable, "-m", "jobs.cli", "run", *inputs, "-o", str(out), "-m", ckpt, "--no-tile",
+            "--video-backend", "pyav", *gpu, *extra]
+
+
+def e2e(args, ckpt: str, video: Path, tmp: Path) -> dict:
+    out = tmp / "e2e"
+    r = watch_run(fpn_cmd([str(video)], out, ckpt, args, "--batch-size", "16"), out, tmp / "e2e.log",
+                  args.section_timeout)
+    files = r.pop("files")
+    r["first_file_s"] = files[0][0] if files else None
+    r["fps_whole"] = round(sum(n for _, n in files) / r["wall_s"], 2)
+    r["fps_steady_after_2000"] = steady(files, min(2000, sum(n for _, n in files) // 5))
+    r["file_times"] = [[round(t, 2), n] for t, n in files]
+    return r
+
+
+def startup(args, ckpt: str, tmp: Path) -> dict:
+    out = tmp / "startup"
+    r = watch_run(fpn_cmd([str(SOAP)], out, ckpt, args), out, tmp / "startup.log", args.section_timeout)
+    files = r.pop("files")
+    r["first_file_s"] = files[0][0] if files else None
+    return r
+
+
+# -- precision and rasters --------------------------------------------------------------------------------------------
+def precision(args) -> dict:
+    from fpn_model.data import load_annotations
+    from fpn_model.evaluate import evaluate
+    from fpn_model.predict import Predictor, TileConfig
+    from fpn_model.weights import load_checkpoint
+    from fpn_model.zoo import resolve
+
+    out = {"trees": {}, "r50_agreement": {}}
+    items = load_annotations([str(SOAP_XML)], single_class="Tree")
+    model = load_checkpoint(resolve("trees"))
+    runs = [("cpu", "exact")] + [(args.device, p) for p in args.precisions] if args.device == "cuda" else \
+        [("cpu", "exact"), ("cpu", "bf16")]
+    for dev, p in runs:
+        m = evaluate(Predictor(model, device=dev, tile=TileConfig(), precision=p), items, views=8)
+        out["trees"][f"{dev}/{p}"] = {k: round(m[k], 4) for k in ("AP", "AP50", "AP50_sd", "AR1000") if k in m}
+    return out
+
+
+def agreement(ref, other, iou: float = 0.9, score: float = 0.5) -> dict:
+    """Of `ref`'s detections scoring >= `score`, how many `other` has (same label, IoU >= `iou`)."""
+    import torch
+    from torchvision.ops import box_iou
+
+    kept = total = 0
+    for a, b in zip(ref, other):
+        sel = a.scores >= score
+        total += int(sel.sum())
+        if not sel.any() or not len(b.boxes):
+            continue
+        ious = box_iou(torch.from_numpy(a.boxes[sel]), torch.from_numpy(b.boxes))
+        same = torch.from_numpy(a.labels[sel])[:, None] == torch.from_numpy(b.labels)[None, :]
+        kept += int(((ious >= iou) & same).any(1).sum())
+    return {"confident": total, "kept": kept}
+
+
+def r50_agreement(args, ckpt: str) -> dict:
+    from fpn_model.predict import Predictor
+    from fpn_model.weights import load_checkpoint
+
+    frames = frames_hd(8, args.height)
+    model = load_checkpoint(ckpt)
+    ref = Predictor(model, device=args.device)(frames)
+    out = {}
+    for p in args.precisions:
+        if p != "exact":
+            out[p] = agreement(ref, Predictor(model, device=args.device, precision=p)(frames))
+    return out
+
+
+def raster(args) -> dict:
+    import numpy as np
+    import torch
+
+    from fpn_model.data import read_image
+    from fpn_model.predict import Predictor, TileConfig
+    from fpn_model.weights import load_checkpoint
+    from fpn_model.zoo import resolve
+
+    side = args.raster_side
+    img = read_image(SOAP)
+    reps = -(-side // img.shape[0])
+    big = np.ascontiguousarray(np.tile(np.concatenate([img, img[::-1]], 0), (reps, reps, 1))[:side, :side])
+    model = load_checkpoint(resolve("trees"))
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    out = {"side": side}
+    for p in args.precisions if args.device == "cuda" else ["exact"]:
+        pred = Predictor(model, device=args.device, tile=TileConfig(size=1024, overlap=128), precision=p, max_batch=32)
+        t = timed(lambda: pred([big]), args.reps, 1, sync)
+        out[p] = {"mpx_per_s": round(side * side / 1e6 / t["median_s"], 1), "s_per_frame": round(t["median_s"], 3),
+                  "detections": len(pred([big])[0].boxes)}
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu.json"))
+    ap.add_argument("--sections", default="forward,precision,raster,alone,e2e,startup")
+    ap.add_argument("--before", help="another source tree (an older commit) whose Detector to time beside")
+    ap.add_argument("--quick", action="store_true", help="small inputs (CPU runs)")
+    ap.add_argument("--height", type=int, default=1080)
+    ap.add_argument("--min-size", type=int, default=800)
+    ap.add_argument("--batches", default="1,8,16")
+    ap.add_argument("--precisions", default="exact,bf16,fp16")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warm", type=int, default=2)
+    ap.add_argument("--alone-frames", type=int, default=2000)
+    ap.add_argument("--e2e-frames", type=int, default=10000)
+    ap.add_argument("--raster-side", type=int, default=4096)
+    ap.add_argument("--section-timeout", type=float, default=300)
+    ap.add_argument("--worker")
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--two-calls", action="store_true")
+    args = ap.parse_args()
+    args.batches = [int(b) for b in str(args.batches).split(",")]
+    args.precisions = str(args.precisions).split(",")
+    if args.worker == "forward":
+        print(json.dumps(forward_worker(args)))
+        return
+    if args.quick:
+        args.height, args.min_size, args.batches, args.reps, args.warm = 180, 200, [1, 2], 2, 1
+        args.alone_frames, args.e2e_frames, args.raster_side = 32, 250, 1024
+    if args.device == "cpu":
+        args.precisions = ["exact", "bf16"]
+    sections = args.sections.split(",")
+    result = {"versions": versions(args.device), "args": {k: v for k, v in vars(args).items() if k != "worker"}}
+    dest = Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(name, value):
+        result[name] = value
+        dest.write_text(json.dumps(result, indent=1))
+        print(f"{name}: {json.dumps(value)[:2000]}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = r50_checkpoint(r50(args.min_size), args.min_size, tmp / "r50.safetensors")
+        for name in sections:
+            t0 = time.monotonic()
+            try:
+                if name == "forward":
+                    value = {"after": run_forward_worker(REPO, args, ckpt, ["--two-calls"])}
+                    if args.before:
+                        value["before"] = run_forward_worker(Path(args.before), args, ckpt, ["--skip-eager", "--two-calls"])
+                elif name in ("alone", "e2e"):
+                    video = tmp / "looped.mp4"
+                    if not video.exists():
+                        result["looped_frames"] = looped_remux(VIDEO, args.e2e_frames, video)
+                    value = alone(args, ckpt, video) if name == "alone" else e2e(args, ckpt, video, tmp)
+                elif name == "startup":
+                    value = startup(args, ckpt, tmp)
+                elif name == "precision":
+                    value = precision(args)
+                    value["r50_agreement"] = r50_agreement(args, ckpt)
+                elif name == "raster":
+                    value = raster(args)
+                else:
+                    raise ValueError(f"unknown section {name}")
+            except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others
+                import traceback
+
+                value = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            value = {**value, "section_s": round(time.monotonic() - t0, 1)} if isinstance(value, dict) else value
+            save(name, value)
+
+
+if __name__ == "__main__":
+    main()
