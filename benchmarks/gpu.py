@@ -165,6 +165,10 @@ def forward_worker(args) -> dict:
     new_api = "precision" in inspect.signature(Detector.__init__).parameters and \
         "amp" not in inspect.signature(Detector.__init__).parameters
     rows = []
+    if args.layouts:
+        from fpn_model.weights import load_checkpoint
+
+        ours = load_checkpoint(ckpt)
     for precision in args.precisions:
         dtype = {"exact": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         kw = {"precision": precision} if new_api else {"amp": None if precision == "exact" else precision}
@@ -195,6 +199,14 @@ def forward_worker(args) -> dict:
                 r["detector_2calls_fps"] = round(2 * bs / t["median_s"], 2)
             if bs == max(args.batches) and hasattr(det.predictor, "_upload"):
                 r["stages_ms"] = stages(det.predictor, batch["image"], reps=args.reps, sync=sync)
+                if args.layouts:  # the Predictor alone (no rows), its convolutions in NHWC and in NCHW
+                    from fpn_model.predict import Predictor
+
+                    for layout, cl in (("nhwc", True), ("nchw", False)):
+                        p = Predictor(ours, device=dev, channels_last=cl, precision=precision)
+                        t = timed(lambda: p(batch["image"]), args.reps, args.warm, sync)
+                        r[f"predictor_{layout}_fps"] = round(bs / t["median_s"], 2)
+                        p = None
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
         det = None  # free its GPU memory before the next precision
@@ -432,6 +444,7 @@ def main() -> None:
     ap.add_argument("--checkpoint")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--two-calls", action="store_true")
+    ap.add_argument("--layouts", action="store_true", help="forward: also the Predictor alone in NHWC and NCHW")
     args = ap.parse_args()
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.precisions = str(args.precisions).split(",")
@@ -460,9 +473,9 @@ def main() -> None:
             t0 = time.monotonic()
             try:
                 if name == "forward":
-                    value = {"after": run_forward_worker(REPO, args, ckpt, ["--two-calls"])}
+                    value = {"after": run_forward_worker(REPO, args, ckpt, ["--two-calls", "--layouts"])}
                     if args.before:
-                        value["before"] = run_forward_worker(Path(args.before), args, ckpt, ["--skip-eager", "--two-calls"])
+                        value["before"] = run_forward_worker(Path(args.before).resolve(), args, ckpt, ["--skip-eager", "--two-calls"])
                 elif name in ("alone", "e2e"):
                     video = tmp / "looped.mp4"
                     if not video.exists():

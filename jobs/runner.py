@@ -38,10 +38,16 @@ log = logging.getLogger(__name__)
 
 def versions() -> dict[str, str]:
     """Versions of what made the output, from the installed distributions (the driver imports no torch)."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"fpn-pipeline": version("fpn-pipeline"), "python": platform.python_version(),
-            **{name: version(name) for name in ("torch", "torchvision", "ray", "pyarrow")}}
+    def of(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # run from a source tree on PYTHONPATH, not installed
+            return None
+
+    return {"fpn-pipeline": of("fpn-pipeline"), "python": platform.python_version(),
+            **{name: of(name) for name in ("torch", "torchvision", "ray", "pyarrow")}}
 
 
 def check_address(address: str | None, timeout_s: float = 10.0) -> None:
