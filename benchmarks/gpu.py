@@ -11,6 +11,7 @@ Sections (`--sections`, in this order):
   `detector_2calls` (two threads calling it at once, as a GPU detector actor runs its calls). `--before DIR` runs
   the Detector of another source tree (an older commit) in the same way, for before -> after.
   At the largest batch, milliseconds per part of the model (upload, transform, backbone+neck, RPN, RoI heads).
+  The same for torchvision's eager model (`eager_stages_ms`).
 - `alone`: the Detector on `--alone-frames` frames of the looped clip (640x272, decoded first), 1 and 2 calls.
 - `e2e`: `fpn run` on bikes.mp4 looped to `--e2e-frames` frames (packets copied, not re-encoded), batch 16, one GPU
   detector: whole wall, time to the first frames file, and steady state (frames landing after the first 2,000, over
@@ -198,7 +199,14 @@ def forward_worker(args) -> dict:
                 t = timed(two, args.reps, 1, sync)
                 r["detector_2calls_fps"] = round(2 * bs / t["median_s"], 2)
             if bs == max(args.batches) and hasattr(det.predictor, "_upload"):
-                r["stages_ms"] = stages(det.predictor, batch["image"], reps=args.reps, sync=sync)
+                pred = det.predictor
+                r["stages_ms"] = stages(pred.model, lambda f: pred._upload(f, list(range(len(f)))), batch["image"],
+                                        reps=args.reps, sync=sync, context=_both(pred._stream(), pred._autocast()))
+                if not args.skip_eager:
+                    r["eager_stages_ms"] = stages(
+                        tv, lambda fs: [torch.from_numpy(f).to(dev).permute(2, 0, 1).float().div(255) for f in fs],
+                        batch["image"], reps=args.reps, sync=sync,
+                        context=torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None))
                 if args.layouts:  # the Predictor alone (no rows), its convolutions in NHWC and in NCHW
                     from fpn_model.predict import Predictor
 
@@ -213,13 +221,12 @@ def forward_worker(args) -> dict:
     return {"rows": rows, "api": "precision" if new_api else "amp"}
 
 
-def stages(pred, frames, *, reps: int, sync) -> dict:
-    """Milliseconds per batch of each part of the Predictor's model (median of `reps`), run one after another as
-    the model's forward runs them: upload (copy and convert), transform, backbone+neck, RPN, RoI heads with
-    post-processing."""
+def stages(model, upload, frames, *, reps: int, sync, context) -> dict:
+    """Milliseconds per batch of each part of a torchvision-style `model` (median of `reps`), run one after another
+    as its forward runs them: `upload` (the frames to the device, converted), transform, backbone+neck, RPN, RoI
+    heads with post-processing; inside `context` (a stream and autocast)."""
     import torch
 
-    m = pred.model
     times: dict[str, list[float]] = {}
 
     def lap(name, t0):
@@ -227,22 +234,31 @@ def stages(pred, frames, *, reps: int, sync) -> dict:
         times.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
         return time.perf_counter()
 
-    with torch.inference_mode(), pred._stream(), pred._autocast():
+    with torch.inference_mode(), context:
         for _ in range(reps + 1):
             sync()
             t = time.perf_counter()
-            x = pred._upload(frames, list(range(len(frames))))
+            x = upload(frames)
             t = lap("upload", t)
-            images, _ = m.transform(x)
+            images, _ = model.transform(x)
             t = lap("transform", t)
-            features = m.backbone(images.tensors)
+            features = model.backbone(images.tensors)
             t = lap("backbone_neck", t)
-            proposals, _ = m.rpn(images, features)
+            proposals, _ = model.rpn(images, features)
             t = lap("rpn", t)
-            dets, _ = m.roi_heads(features, proposals, images.image_sizes)
-            m.transform.postprocess(dets, images.image_sizes, [f.shape[:2] for f in frames])
+            dets, _ = model.roi_heads(features, proposals, images.image_sizes)
+            model.transform.postprocess(dets, images.image_sizes, [f.shape[:2] for f in frames])
             lap("roi_heads_post", t)
     return {k: round(statistics.median(v[1:]), 2) for k, v in times.items()}
+
+
+def _both(a, b):
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(a)
+    stack.enter_context(b)
+    return stack
 
 
 def run_forward_worker(root: Path, args, ckpt: str, extra: list[str]) -> dict:
@@ -474,7 +490,7 @@ def main() -> None:
             try:
                 if name == "forward":
                     value = {"after": run_forward_worker(REPO, args, ckpt, ["--two-calls", "--layouts"])}
-                    if args.before:
+                    if args.before and args.before != "none":
                         value["before"] = run_forward_worker(Path(args.before).resolve(), args, ckpt, ["--skip-eager", "--two-calls"])
                 elif name in ("alone", "e2e"):
                     video = tmp / "looped.mp4"
