@@ -274,6 +274,10 @@ def test_the_predictor_gives_the_detections_of_the_model_called_on_its_own():
     got = Predictor(model, fast=False, channels_last=False)(frames)
     _assert_same_detections([Detections(*(r[k].numpy() for k in ("boxes", "scores", "labels", "levels")))
                              for r in ref], got)
+    for fast, channels_last in ((False, False), (True, True)):  # frames arrive in the model's memory format
+        x = Predictor(model, fast=fast)._upload(frames, [0, 1])
+        assert x.shape == (2, 3, *frames.shape[1:3]) and x.dtype == torch.float32 and float(x.max()) <= 1
+        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     soap = read_image(SOAP)
     pair = [soap[:300, :300], soap[100:, 100:][:300, :300]]
     tiled = Predictor(model, tile=TileConfig(size=160, overlap=32))
