@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "save_checkpoint", "load_checkpoint", "read_config", "file_sha256", "TORCHVISION_MODELS",
     "import_torchvision", "torchvision_to_ours", "CheckpointError", "InputSpec", "read_input_spec",
-    "is_plugin", "model_file",
+    "is_plugin", "model_file", "read_precision", "default_precision", "record_precision",
 ]
 
 FORMAT = "fpn-pipeline/1"
@@ -160,6 +160,38 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
         return cls.config, dict(getattr(cls, "extra", {}))
     meta = _metadata(path)
     return ModelConfig.from_dict(json.loads(meta["config"])), json.loads(meta.get("extra", "{}"))
+
+
+def read_precision(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint (or plugin class, as its `precision` attribute) records of its approximate precisions:
+    `{"default": {"cuda": "fp16", ...}, "evaluated": {"cuda/exact": {"AP50": ...}, ...}, "how": ...}` (`fpn eval
+    --record` writes it); {} when nothing was recorded."""
+    if is_plugin(path):
+        return dict(getattr(_plugin_class(path), "precision", {}))
+    try:
+        return json.loads(_metadata(path).get("precision", "{}"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its precision metadata is not usable ({e})") from e
+
+
+def default_precision(path: str | os.PathLike, device_type: str) -> str:
+    """The precision a job runs the checkpoint at on `device_type` ("cpu", "cuda") unless told: the one its
+    evaluation recorded as keeping accuracy there (`read_precision`), else exact."""
+    return read_precision(path).get("default", {}).get(device_type, "exact")
+
+
+def record_precision(path: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Rewrite the checkpoint at `path` with `record` (`read_precision`'s form) as its precision metadata; the
+    weights stay as they are (the file, and so the model id, changes)."""
+    from safetensors.torch import load_file, save_file
+
+    meta = _metadata(path)
+    meta["precision"] = json.dumps(record)
+    tensors = load_file(str(path))
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return Path(path)
 
 
 def read_input_spec(path: str | os.PathLike) -> InputSpec:

@@ -187,13 +187,16 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--scale", type=float, help="Resize frames by this factor on the device (2 = upscale tiny objects).")
 @click.option("--segment-frames", type=int, help="Frames per video segment (decode parallelism).")
 @click.option("--num-detectors", type=int, help="Detector actors (model copies).")
+@click.option("--max-detectors", type=int, help="Let the pool of detectors grow to this many while work waits and "
+              "the cluster has room (GPUs that join), from --num-detectors.")
 @click.option("--gpus-per-detector", type=float, help="GPUs per detector actor.")
 @click.option("--cpus-per-detector", type=float, help="CPUs per detector actor (its torch threads).")
 @click.option("--calls-per-detector", type=int, help="Batches each detector runs at once, sharing its torch threads "
               "[default on a CPU: up to 4, one per thread; on a GPU: 2].")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="exact: the model's own detections "
               "(on a CPU the exact fast path); approximate and faster: bf16, int8 (CPU), fp16 (GPU); check what "
-              "they cost with fpn eval --precision.  [default: exact]")
+              "they cost with fpn eval --precision.  [default: what fpn eval --record chose for the device and "
+              "recorded in the checkpoint, else exact]")
 @click.option("--compile", "compile_model", is_flag=True, default=None,
               help="torch.compile the model's backbone, neck and RPN head in each detector: faster batches after a "
                    "compile of a minute or more per input shape (cached on disk by inductor).")
@@ -213,9 +216,10 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join (default: embedded local Ray).")
 @click.option("--job-id", help="Id recorded in OUTPUT/_job.json (set by fpn submit).")
 @_fail_cleanly
-def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, start_s, end_s, keyframes, tile, tile_overlap, no_tile, score_thresh,
-        scale, segment_frames, num_detectors, gpus_per_detector, cpus_per_detector, calls_per_detector, precision,
-        compile_model, video_backend, decode_timeout_s, endpoint_url, profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
+def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, start_s, end_s, keyframes, tile,
+        tile_overlap, no_tile, score_thresh, scale, segment_frames, num_detectors, max_detectors, gpus_per_detector,
+        cpus_per_detector, calls_per_detector, precision, compile_model, video_backend, decode_timeout_s,
+        endpoint_url, profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
     """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
 
     INPUTS are files, directories, globs, s3:// or other fsspec URLs, manifests (one URI a line),
@@ -230,7 +234,8 @@ def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, star
                        decode_timeout_s=decode_timeout_s,
                        sampling=dict(every_n=every_n, fps=fps, start_s=start_s, end_s=end_s,
                                      keyframes=keyframes or None),
-                       resources=dict(num_detectors=num_detectors, gpus_per_detector=gpus_per_detector,
+                       resources=dict(num_detectors=num_detectors, max_detectors=max_detectors,
+                                      gpus_per_detector=gpus_per_detector,
                                       cpus_per_detector=cpus_per_detector, calls_per_detector=calls_per_detector,
                                       precision=precision, compile=compile_model),
                        tile=dict(size=tile, overlap=tile_overlap), no_tile=no_tile)
@@ -662,36 +667,70 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
               help="As fpn run's: an approximate forward (bf16, int8 on a CPU, fp16 on a GPU), to see what it "
                    "costs in AP.")
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:N.")
+@click.option("--record", is_flag=True, help="Evaluate every precision the device has (with --views 8) and record "
+              "them in the checkpoint, with the default fpn run uses there: the approximate precision of the best "
+              "AP50 among those within exact's spread over the views (AP50_sd), else exact.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
 @format_option
 @_fail_cleanly
-def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views, precision, device, json_out, fmt):
+def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views, precision, device, record, json_out,
+             fmt):
     """COCO box metrics (AP, AP50, AP75, AP_S/M/L, AR) of MODEL on annotated images.
 
     Example: fpn eval trees data/aerial-trees/SOAP_061.xml --single-class Tree
     """
     import torch
 
+    from fpn_model.config import check_precision
     from fpn_model.data import load_annotations
-    from fpn_model.evaluate import evaluate
+    from fpn_model.evaluate import choose_precision, evaluate
     from fpn_model.predict import Predictor, TileConfig
-    from fpn_model.weights import load_checkpoint
+    from fpn_model.weights import is_plugin, load_checkpoint, read_precision, record_precision
     from fpn_model.zoo import resolve
 
-    overrides = {k: v for k, v in dict(score_thresh=score_thresh, scale=scale).items() if v is not None}
-    net = load_checkpoint(resolve(model), **overrides)
-    items = load_annotations(list(annotations), single_class=single_class)
+    path = resolve(model)
+    if record and (views != "8" or is_plugin(path)):
+        raise click.UsageError("--record needs --views 8 (the spread it compares with) and a checkpoint file")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.UsageError(f"--device {device}: torch {torch.__version__} sees no CUDA device here")
-    predictor = Predictor(net, device=device, tile=TileConfig(size=tile, overlap=tile // 8), precision=precision)
-    metrics = evaluate(predictor, items, views=int(views))
+    kind = torch.device(device).type
+    check_precision(precision, kind)
+    overrides = {k: v for k, v in dict(score_thresh=score_thresh, scale=scale).items() if v is not None}
+    net = load_checkpoint(path, **overrides)
+    items = load_annotations(list(annotations), single_class=single_class)
+    runs = [p for p in PRECISIONS if _runs_on(p, kind)] if record else [precision]
+    results = {p: evaluate(Predictor(net, device=device, tile=TileConfig(size=tile, overlap=tile // 8), precision=p),
+                           items, views=int(views)) for p in runs}
+    if record:
+        chosen = choose_precision(results)
+        done = read_precision(path)
+        record_precision(path, {
+            "default": {**done.get("default", {}), kind: chosen},
+            "evaluated": {**done.get("evaluated", {}),
+                          **{f"{kind}/{p}": {k: round(m[k], 4) for k in ("AP", "AP50", "AP50_sd")}
+                             for p, m in results.items()}},
+            "how": f"fpn eval {model} {' '.join(annotations)} --views 8 --device {device}"
+                   f"{' on ' + torch.cuda.get_device_name(device) if kind == 'cuda' else ''}"})
+        click.echo(f"recorded in {path}: {chosen} by default on {kind}", err=True)
+    metrics = results[runs[0]] if len(runs) == 1 else {f"{p}/{k}": v for p, m in results.items() for k, v in m.items()}
     if json_out:
-        Path(json_out).write_text(json.dumps({"model": str(model), "images": len(items), "precision": precision,
+        Path(json_out).write_text(json.dumps({"model": str(model), "images": len(items),
+                                              "precision": runs[0] if len(runs) == 1 else runs,
                                               "device": device, **metrics}, indent=2))
     if fmt == "json":
         click.echo(json.dumps(metrics, indent=2))
     else:
         _emit([{"metric": k, "value": round(v, 4)} for k, v in metrics.items()], "table", ["metric", "value"])
+
+
+def _runs_on(precision: str, kind: str) -> bool:
+    from fpn_model.config import check_precision
+
+    try:
+        check_precision(precision, kind)
+        return True
+    except ValueError:
+        return False
 
 
 # -- demo / render ----------------------------------------------------------------------------------

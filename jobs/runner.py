@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fpn_model.weights import read_config, read_input_spec
+from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
 from pipeline.output import Output, error_row, final_state
 from pipeline.counter import frame_counter
@@ -129,6 +129,10 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     with_masks = cfg.arch == "mask_rcnn"
     init_ray(address)
     sizing = fit(plan.resources, cluster_nodes())  # a request the cluster cannot hold fails here, not by hanging
+    if plan.resources.precision is None:  # what the checkpoint's evaluation chose for the detectors' device
+        r = plan.resources
+        plan = dataclasses.replace(plan, resources=dataclasses.replace(
+            r, precision=default_precision(plan.checkpoint, r.device_type)))
     # processes that every job starts, started now so that they start while it plans and not beside the detectors
     start_ray_data_helpers()
     counter = frame_counter()
@@ -152,7 +156,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
                       "neck": cfg.neck, "levels": list(cfg.levels), "class_names": list(cfg.class_names),
                       "input": dataclasses.asdict(model_input)},
             "versions": versions(), "inputs": len(sources), "started_at": _now(), "runs": out.run,
-            "lease": {k: lease.record[k] for k in ("owner", "host", "pid")}, "resources": sizing.as_record(),
+            "lease": {k: lease.record[k] for k in ("owner", "host", "pid")}, "resources": {**sizing.as_record(), "precision": plan.resources.precision},
         }
         if lease.took_over:
             doc["took_over_from"] = {k: lease.took_over.get(k) for k in ("owner", "host", "pid", "heartbeat")}

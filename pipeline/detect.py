@@ -59,8 +59,8 @@ class Detector:
     """
 
     def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, overrides: dict | None = None,
-                 max_batch: int = 16, output: Output | str | None = None, storage_options: dict | None = None, threads: int | None = None, calls: int = 1,
-                 precision: str = "exact", compile: bool = False, counter: Any = None):
+                 max_batch: int = 16, output: Output | str | None = None, storage_options: dict | None = None,
+                 threads: int | None = None, calls: int = 1, precision: str = "exact", compile: bool = False, counter: Any = None):
         cpus = _allotted("CPU")
         threads = threads or (math.floor(cpus) if cpus >= 1 else None)
         if threads:
@@ -183,7 +183,8 @@ def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: 
     boxes, mapped, georef = flat["boxes"].reshape(-1, 4), flat["mapped"].reshape(-1, 4), flat["georef"].astype(bool)
     labels = flat["labels"].astype(np.int32)
     names, inverse = np.unique(labels, return_inverse=True)
-    fields = {c: pa.array(np.ascontiguousarray(boxes[:, j]), pa.float32()) for j, c in enumerate(("x1", "y1", "x2", "y2"))}
+    fields = {c: pa.array(np.ascontiguousarray(boxes[:, j]), pa.float32())
+              for j, c in enumerate(("x1", "y1", "x2", "y2"))}
     fields.update(score=pa.array(flat["scores"], pa.float32()), label=pa.array(labels, pa.int32()),
                   label_name=pa.array([label_name(int(v)) for v in names], pa.string()).take(inverse.reshape(-1)),
                   level=pa.array(flat["levels"], pa.int8()))

@@ -33,7 +33,7 @@ from .sizing import WRITE_CPUS
 from .sources import Source, WorkUnit
 from .stac import check_search
 
-__all__ = ["Plan", "Resources", "plan_units", "plan_work", "count_planned", "raster_summary", "build_dataset", "execute",
+__all__ = ["Plan", "Resources", "detector_pool", "plan_units", "plan_work", "count_planned", "raster_summary", "build_dataset", "execute",
            "start_ray_data_helpers"]
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,16 @@ class Resources:
     """How the plan uses the cluster."""
 
     num_detectors: int = 1  # detector actors (one model copy each)
+    # an autoscaling pool of num_detectors..max_detectors actors: Ray Data adds actors while work waits and the
+    # cluster has room for them (GPUs that join), and lets idle ones go; None: a fixed pool
+    max_detectors: int | None = None
     gpus_per_detector: float = 0.0
     cpus_per_detector: float = 1.0
     decode_cpus: float = 0.5  # CPU reservation of each decode task (fractional: decode beside detect)
     max_batch: int = 16  # most images (tiles) per forward pass
-    precision: str = "exact"  # exact | bf16 | int8 (CPU) | fp16 (GPU): fpn_model.predict.Predictor
+    # exact | bf16 | int8 (CPU) | fp16 (GPU): fpn_model.predict.Predictor; None: the default the checkpoint records
+    # for the detectors' device (fpn_model.weights.default_precision; jobs.runner resolves it), else exact
+    precision: str | None = None
     calls_per_detector: int | None = None  # batches a detector runs at once (None: pipeline.sizing.fit decides)
     compile: bool = False  # torch.compile the backbone, neck and RPN head in each detector
 
@@ -57,12 +62,20 @@ class Resources:
             raise ValueError(f"calls_per_detector must be >= 1, got {self.calls_per_detector}")
         if self.num_detectors < 1:
             raise ValueError(f"num_detectors must be >= 1, got {self.num_detectors}")
+        if self.max_detectors is not None and self.max_detectors < self.num_detectors:
+            raise ValueError(f"max_detectors must be >= num_detectors ({self.num_detectors}), got {self.max_detectors}")
         for name in ("gpus_per_detector", "cpus_per_detector", "decode_cpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        check_precision(self.precision, "cuda" if self.gpus_per_detector else "cpu")
+        if self.precision is not None:
+            check_precision(self.precision, self.device_type)
+
+    @property
+    def device_type(self) -> str:
+        """Where the detectors run: "cuda" or "cpu"."""
+        return "cuda" if self.gpus_per_detector else "cpu"
 
 
 @dataclass(frozen=True)
@@ -393,6 +406,17 @@ def raster_summary(units) -> dict[str, Any]:
     return {"georeferenced": georef, "pixel_coordinates_only": sorted(s for s, r in rasters.items() if not r.crs)}
 
 
+def detector_pool(r: Resources, calls: int):
+    """The Ray Data actor pool of a job's detectors: fixed at `num_detectors`, or autoscaling up to `max_detectors`;
+    each actor runs `calls` batches at once on threads of its own."""
+    import ray.data
+
+    sizes = {"size": r.num_detectors} if r.max_detectors is None else \
+        {"min_size": r.num_detectors, "max_size": r.max_detectors}
+    return ray.data.ActorPoolStrategy(**sizes, max_concurrent_calls_per_actor=calls,
+                                      enable_true_multi_threading=calls > 1)
+
+
 def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, threads: int | None = None,
                   calls: int = 1, counter: Any = None):
     """The lazy Ray Dataset of frame rows for the work `units` (nothing runs until it is written); `threads`: torch
@@ -412,13 +436,12 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
     return ds.map_batches(
         Detector,
         batch_size=plan.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=r.num_detectors, max_concurrent_calls_per_actor=calls,
-                                           enable_true_multi_threading=calls > 1),
+        compute=detector_pool(r, calls),
         num_cpus=r.cpus_per_detector,
         num_gpus=r.gpus_per_detector or None,
         fn_constructor_kwargs=dict(checkpoint=plan.checkpoint, model_id=plan.model_id, tile=tile,
                                    overrides=plan.model_overrides, max_batch=r.max_batch, output=out,
-                                   threads=threads, calls=calls, precision=r.precision, compile=r.compile,
+                                   threads=threads, calls=calls, precision=r.precision or "exact", compile=r.compile,
                                    counter=counter),
         batch_format="numpy",
         **({"runtime_env": {"env_vars": env}} if env else {}),

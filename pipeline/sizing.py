@@ -11,6 +11,10 @@ reserve, shared among the detectors that node will hold: `round((node CPUs - dec
 at least 1 (a decode task runs beside the model; the OS shares the cores while it does). A GPU detector keeps
 the floor of its CPU reservation (its CPU work is pre- and post-processing).
 
+An autoscaling pool (`max_detectors`) is checked and sized at its minimum, `num_detectors`: the actors Ray Data
+adds later start where the cluster has room (GPUs that join), and on CPU nodes share the cores sized for the
+minimum.
+
 A CPU detector runs several batches at once, each on its own thread with its share of the torch threads: the
 largest divisor of its threads up to MAX_CALLS (2 threads: 2 batches of 1 thread). One batch over all threads
 stops at every parallel region's barrier whenever another process (Ray's daemons, the decoder, the driver)

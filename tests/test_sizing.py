@@ -94,3 +94,18 @@ def test_embedded_ray_runs_its_workers_at_the_drivers_priority():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_a_detector_pool_is_fixed_or_autoscales_up_to_max_detectors():
+    from pipeline.plan import detector_pool
+
+    fixed = detector_pool(Resources(num_detectors=2), 1)
+    assert (fixed.min_size, fixed.max_size) == (2, 2)
+    grows = detector_pool(Resources(num_detectors=1, max_detectors=4, gpus_per_detector=1), 2)
+    assert (grows.min_size, grows.max_size, grows.max_concurrent_calls_per_actor) == (1, 4, 2)
+    with pytest.raises(ValueError, match="max_detectors must be >= num_detectors"):
+        Resources(num_detectors=2, max_detectors=1)
+    # fractional GPUs: two detectors share one; three do not fit
+    assert fit(Resources(num_detectors=2, gpus_per_detector=0.5), [{"CPU": 8.0, "GPU": 1.0}]).calls == GPU_CALLS
+    with pytest.raises(ValueError, match="x 0.5 GPU = 1.5 GPUs, and the cluster has 1"):
+        fit(Resources(num_detectors=3, gpus_per_detector=0.5), [{"CPU": 8.0, "GPU": 1.0}])
