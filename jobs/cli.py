@@ -186,10 +186,12 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--score-thresh", type=float, help="Drop detections scoring below this.")
 @click.option("--scale", type=float, help="Resize frames by this factor on the device (2 = upscale tiny objects).")
 @click.option("--segment-frames", type=int, help="Frames per video segment (decode parallelism).")
-@click.option("--num-detectors", type=int, help="Detector actors (model copies).")
+@click.option("--num-detectors", type=int, help="Detector actors (model copies)  [default: one per GPU when they "
+              "get GPUs, else 1].")
 @click.option("--max-detectors", type=int, help="Let the pool of detectors grow to this many while work waits and "
               "the cluster has room (GPUs that join), from --num-detectors.")
-@click.option("--gpus-per-detector", type=float, help="GPUs per detector actor.")
+@click.option("--gpus-per-detector", type=float, help="GPUs per detector actor; 0: run on CPUs  [default: 1 on a "
+              "cluster with GPUs, else 0].")
 @click.option("--cpus-per-detector", type=float, help="CPUs per detector actor (its torch threads).")
 @click.option("--calls-per-detector", type=int, help="Batches each detector runs at once, sharing its torch threads "
               "[default on a CPU: up to 4, one per thread; on a GPU: 2].")

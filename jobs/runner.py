@@ -129,10 +129,10 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     with_masks = cfg.arch == "mask_rcnn"
     init_ray(address)
     sizing = fit(plan.resources, cluster_nodes())  # a request the cluster cannot hold fails here, not by hanging
-    if plan.resources.precision is None:  # what the checkpoint's evaluation chose for the detectors' device
-        r = plan.resources
-        plan = dataclasses.replace(plan, resources=dataclasses.replace(
-            r, precision=default_precision(plan.checkpoint, r.device_type)))
+    r = sizing.resources  # GPUs and detectors decided where the job left them open
+    # unless told, the precision the checkpoint's evaluation chose for the detectors' device
+    plan = dataclasses.replace(plan, resources=dataclasses.replace(
+        r, precision=r.precision or default_precision(plan.checkpoint, r.device_type)))
     # processes that every job starts, started now so that they start while it plans and not beside the detectors
     start_ray_data_helpers()
     counter = frame_counter()

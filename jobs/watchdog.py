@@ -28,13 +28,13 @@ def stall_seconds() -> float:
 def diagnose(resources, free: dict[str, float], total: dict[str, float], quiet_s: float) -> str:
     """One line: which stage waits for what, from the cluster's free and total resources."""
     cpu, cpus = free.get("CPU", 0.0), total.get("CPU", 0.0)
+    detectors, gpus_each = resources.num_detectors or 1, resources.gpus_per_detector or 0.0  # None: not yet decided
     head = f"no frame detected or written for {quiet_s:.0f} s"
     if cpu + 1e-9 < resources.decode_cpus:
         return (f"{head}: decoding is starved: {cpu:g} of {cpus:g} CPUs are free and a decode task needs "
-                f"{resources.decode_cpus:g} (the detectors reserve {resources.num_detectors * resources.cpus_per_detector:g}); "
+                f"{resources.decode_cpus:g} (the detectors reserve {detectors * resources.cpus_per_detector:g}); "
                 "lower cpus_per_detector or num_detectors")
-    if resources.gpus_per_detector and free.get("GPU", 0.0) + 1e-9 < resources.gpus_per_detector and \
-            total.get("GPU", 0.0) + 1e-9 < resources.num_detectors * resources.gpus_per_detector:
+    if gpus_each and free.get("GPU", 0.0) + 1e-9 < gpus_each and total.get("GPU", 0.0) + 1e-9 < detectors * gpus_each:
         return f"{head}: the detectors wait for GPUs ({free.get('GPU', 0.0):g} free of {total.get('GPU', 0.0):g})"
     return (f"{head} with {cpu:g} of {cpus:g} CPUs free: a decoder or the detector is slow or stuck (a hung decoder "
             "becomes an error row after decode_timeout_s)")

@@ -43,11 +43,12 @@ log = logging.getLogger(__name__)
 class Resources:
     """How the plan uses the cluster."""
 
-    num_detectors: int = 1  # detector actors (one model copy each)
+    # detector actors (one model copy each); None: one per GPU when detectors get GPUs, else 1 (pipeline.sizing.fit)
+    num_detectors: int | None = None
     # an autoscaling pool of num_detectors..max_detectors actors: Ray Data adds actors while work waits and the
     # cluster has room for them (GPUs that join), and lets idle ones go; None: a fixed pool
     max_detectors: int | None = None
-    gpus_per_detector: float = 0.0
+    gpus_per_detector: float | None = None  # None: 1 on a cluster with GPUs, else 0 (the CPU)
     cpus_per_detector: float = 1.0
     decode_cpus: float = 0.5  # CPU reservation of each decode task (fractional: decode beside detect)
     max_batch: int = 16  # most images (tiles) per forward pass
@@ -60,16 +61,17 @@ class Resources:
     def __post_init__(self) -> None:
         if self.calls_per_detector is not None and self.calls_per_detector < 1:
             raise ValueError(f"calls_per_detector must be >= 1, got {self.calls_per_detector}")
-        if self.num_detectors < 1:
-            raise ValueError(f"num_detectors must be >= 1, got {self.num_detectors}")
-        if self.max_detectors is not None and self.max_detectors < self.num_detectors:
+        for name in ("num_detectors", "max_detectors"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_detectors is not None and self.num_detectors is not None and self.max_detectors < self.num_detectors:
             raise ValueError(f"max_detectors must be >= num_detectors ({self.num_detectors}), got {self.max_detectors}")
         for name in ("gpus_per_detector", "cpus_per_detector", "decode_cpus"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.precision is not None:
+        if self.precision is not None and self.gpus_per_detector is not None:  # else checked once fitted
             check_precision(self.precision, self.device_type)
 
     @property
@@ -411,8 +413,8 @@ def detector_pool(r: Resources, calls: int):
     each actor runs `calls` batches at once on threads of its own."""
     import ray.data
 
-    sizes = {"size": r.num_detectors} if r.max_detectors is None else \
-        {"min_size": r.num_detectors, "max_size": r.max_detectors}
+    n = r.num_detectors or 1
+    sizes = {"size": n} if r.max_detectors is None else {"min_size": n, "max_size": r.max_detectors}
     return ray.data.ActorPoolStrategy(**sizes, max_concurrent_calls_per_actor=calls,
                                       enable_true_multi_threading=calls > 1)
 

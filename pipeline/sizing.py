@@ -26,11 +26,12 @@ overlaps the other's kernels (benchmarks/gpu.py measures 1 against 2).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Fit", "fit", "cluster_nodes", "WRITE_CPUS", "MAX_CALLS", "GPU_CALLS"]
+__all__ = ["Fit", "fit", "decide", "cluster_nodes", "WRITE_CPUS", "MAX_CALLS", "GPU_CALLS"]
 
 WRITE_CPUS = 0.1  # the reservation of each write task (I/O): pipeline.plan.execute
 MAX_CALLS = 4  # most batches a CPU detector runs at once
@@ -44,10 +45,26 @@ class Fit:
     gpus: float
     nodes: int
     calls: int = 1  # batches each detector runs at once, on threads // calls torch threads each
+    resources: Any = None  # the job's pipeline.plan.Resources with what it left open decided
 
     def as_record(self) -> dict[str, Any]:
-        return {"detector_threads": self.threads, "detector_calls": self.calls, "cluster_cpus": self.cpus,
+        return {"num_detectors": self.resources.num_detectors, "gpus_per_detector": self.resources.gpus_per_detector,
+                "detector_threads": self.threads, "detector_calls": self.calls, "cluster_cpus": self.cpus,
                 "cluster_gpus": self.gpus, "cluster_nodes": self.nodes}
+
+
+def decide(resources, nodes: list[dict[str, float]]):
+    """`resources` with the detectors' device and count decided where the job left them open: 1 GPU each on a
+    cluster with GPUs (one detector per GPU), else the CPU and one detector; an autoscaling pool starts at most
+    at its `max_detectors`."""
+    r = resources
+    gpus = sum(node.get("GPU", 0.0) for node in nodes)
+    g = r.gpus_per_detector if r.gpus_per_detector is not None else (1.0 if gpus >= 1 else 0.0)
+    n = r.num_detectors
+    if n is None:
+        n = max(1, int(gpus / g + 1e-9)) if g else 1
+        n = min(n, r.max_detectors or n)
+    return dataclasses.replace(r, gpus_per_detector=g, num_detectors=n)
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -62,8 +79,10 @@ def _n(x: float) -> str:
 
 
 def fit(resources, nodes: list[dict[str, float]]) -> Fit:
-    """Check `resources` (pipeline.plan.Resources) against `nodes` (`cluster_nodes()`); ValueError naming the
-    numbers when the job could never run. Returns the detectors' thread count."""
+    """Check `resources` (pipeline.plan.Resources, what it leaves open decided first: `decide`) against `nodes`
+    (`cluster_nodes()`); ValueError naming the numbers when the job could never run. Returns the detectors' thread
+    count and calls, and the decided resources."""
+    resources = decide(resources, nodes)
     n, c, g, d = resources.num_detectors, resources.cpus_per_detector, resources.gpus_per_detector, resources.decode_cpus
     cpus = sum(node.get("CPU", 0.0) for node in nodes)
     gpus = sum(node.get("GPU", 0.0) for node in nodes)
@@ -82,9 +101,9 @@ def fit(resources, nodes: list[dict[str, float]]) -> Fit:
                          f"{_n(biggest.get('CPU', 0.0))} CPU and {_n(biggest.get('GPU', 0.0))} GPU")
     if g > 0:
         return Fit(threads=max(1, math.floor(c)), cpus=cpus, gpus=gpus, nodes=len(nodes),
-                   calls=resources.calls_per_detector or GPU_CALLS)
+                   calls=resources.calls_per_detector or GPU_CALLS, resources=resources)
     per_node = math.ceil(n / len(hosts))
     node_cpus = min(node["CPU"] for node in hosts)
     threads = max(1, round((node_cpus - d) / per_node))
     calls = resources.calls_per_detector or max(k for k in range(1, MAX_CALLS + 1) if threads % k == 0)
-    return Fit(threads=threads, cpus=cpus, gpus=gpus, nodes=len(nodes), calls=calls)
+    return Fit(threads=threads, cpus=cpus, gpus=gpus, nodes=len(nodes), calls=calls, resources=resources)

@@ -239,7 +239,7 @@ def test_a_job_asks_only_for_precisions_its_detectors_device_has():
     with pytest.raises(ValueError, match="int8 is for CPUs"):
         Resources(gpus_per_detector=1, precision="int8")
     with pytest.raises(ValueError, match="fp16 is for GPUs"):
-        Resources(precision="fp16")
+        Resources(gpus_per_detector=0, precision="fp16")
 
 
 @pytest.mark.parametrize("scale", [None, 2.0, 1.0])

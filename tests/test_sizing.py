@@ -109,3 +109,25 @@ def test_a_detector_pool_is_fixed_or_autoscales_up_to_max_detectors():
     assert fit(Resources(num_detectors=2, gpus_per_detector=0.5), [{"CPU": 8.0, "GPU": 1.0}]).calls == GPU_CALLS
     with pytest.raises(ValueError, match="x 0.5 GPU = 1.5 GPUs, and the cluster has 1"):
         fit(Resources(num_detectors=3, gpus_per_detector=0.5), [{"CPU": 8.0, "GPU": 1.0}])
+
+
+def test_a_job_that_leaves_the_device_open_gets_one_detector_per_gpu():
+    def decided(resources, nodes):
+        r = fit(resources, nodes).resources
+        return r.num_detectors, r.gpus_per_detector, r.device_type
+
+    two_gpus = [{"CPU": 16.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 1.0}]
+    assert decided(Resources(), two_gpus) == (2, 1.0, "cuda")
+    assert decided(Resources(), TWO_CORES) == (1, 0.0, "cpu")
+    assert decided(Resources(gpus_per_detector=0), two_gpus) == (1, 0.0, "cpu")  # told: the CPU
+    assert decided(Resources(gpus_per_detector=0.5), two_gpus) == (4, 0.5, "cuda")  # two share each GPU
+    assert decided(Resources(max_detectors=1), two_gpus) == (1, 1.0, "cuda")  # a pool starts within its bounds
+    assert decided(Resources(num_detectors=1), two_gpus) == (1, 1.0, "cuda")
+    record = fit(Resources(), two_gpus).as_record()
+    assert record["num_detectors"] == 2 and record["gpus_per_detector"] == 1.0
+    with pytest.raises(ValueError, match="needs 3 detector\\(s\\) x 1 GPU = 3 GPUs, and the cluster has 2"):
+        fit(Resources(num_detectors=3), two_gpus)
+    # a precision is checked against the device once it is decided
+    assert Resources(precision="fp16").precision == "fp16"
+    with pytest.raises(ValueError, match="fp16 is for GPUs"):
+        fit(Resources(precision="fp16"), TWO_CORES)
