@@ -31,7 +31,10 @@ def _allotted(resource: str) -> float:
 
     if not ray.is_initialized():  # outside Ray (get_runtime_context would start a local cluster)
         return 0.0
-    return float(ray.get_runtime_context().get_assigned_resources().get(resource, 0.0))
+    try:
+        return float(ray.get_runtime_context().get_assigned_resources().get(resource, 0.0))
+    except AssertionError:  # a driver, not a worker: nothing is assigned to it
+        return 0.0
 
 
 class Detector:

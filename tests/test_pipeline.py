@@ -195,3 +195,12 @@ def test_output_of_a_job_whose_inputs_all_fail_still_has_the_schema(ray_session,
     assert (doc["frames"], doc["errors"]) == (0, 1)
     t = frames_table(tmp_path / "out")
     assert t.num_rows == 0 and t.schema.names == FRAME_SCHEMA.names
+
+
+def test_a_detector_made_in_a_driver_with_ray_running_takes_threads_as_outside_ray(ray_session):
+    """A driver has no assigned resources (Ray asserts that only workers do): a Detector built there (tests,
+    notebooks) runs with torch's own thread count."""
+    from pipeline.detect import Detector
+
+    det = Detector(str(resolve("trees")), model_id="trees", tile=None)
+    assert det.predictor.device.type == "cpu"
