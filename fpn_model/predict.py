@@ -304,16 +304,6 @@ def compile_convolutions(model: nn.Module) -> nn.Module:
     return model
 
 
-def _chunks(images, size: int):
-    """(batch, index of its first image) of at most `size` images: slices of a `[N, C, H, W]` tensor, or of each
-    tensor of a list in turn."""
-    start = 0
-    for group in images if isinstance(images, list) else [images]:
-        for k in range(0, len(group), size):
-            yield group[k:k + size], start + k
-        start += len(group)
-
-
 def is_detector(model: nn.Module) -> bool:
     """Whether `model` is a torchvision detector (ours are), which the fast path and precisions know."""
     return isinstance(model, (GeneralizedRCNN, RetinaNet))
@@ -469,25 +459,30 @@ class Predictor:
         # depend on its batch mates; frames of a size share their tile plan
         outputs: list[tuple[int, int, int, dict[str, Tensor]]] = []  # (frame, x offset, y offset, detections)
         with self._stream(), self._autocast():
-            for (h, w), members in by_size.items():
-                x = self._upload(frames, members)
-                if self.tile is None or (h <= self.tile.size and w <= self.tile.size):
-                    images, owners = x, [(f, 0, 0) for f in members]
-                else:
-                    tiles = plan_tiles(h, w, self.tile.size, self.tile.overlap)
-                    by_shape: dict[tuple[int, int], list] = {}
-                    for x0, y0, x1, y1 in tiles:
-                        by_shape.setdefault((y1 - y0, x1 - x0), []).append((x0, y0, x1, y1))
-                    images, owners = [], []
-                    for group in by_shape.values():
-                        images.append(torch.stack([x[j, :, y0:y1, x0:x1] for j in range(len(members))
-                                                   for x0, y0, x1, y1 in group]))
-                        owners += [(f, x0, y0) for f in members for x0, y0, _, _ in group]
-                    images = images[0] if len(images) == 1 else images
-                for batch, start in _chunks(images, self.max_batch):
-                    for k, out in enumerate(self.model(batch)):
-                        outputs.append((*owners[start + k], out))
+            for members in by_size.values():
+                for batch, owners in self._batches(self._upload(frames, members), members):
+                    outputs += [(*owner, out) for owner, out in zip(owners, self.model(batch))]
             return self._collect(outputs, sizes)
+
+    def _batches(self, x: Tensor, members: list[int]):
+        """(`[n, 3, h, w]` batch of at most max_batch images, (frame, x offset, y offset) of each) of the frames `x`:
+        slices of `x`, or of its frames' tiles, each batch one tile shape, stacked a batch at a time (a raster
+        window's tiles are not all copied at once)."""
+        h, w = x.shape[-2:]
+        step = self.max_batch
+        if self.tile is None or (h <= self.tile.size and w <= self.tile.size):
+            for k in range(0, len(x), step):
+                yield x[k:k + step], [(f, 0, 0) for f in members[k:k + step]]
+            return
+        by_shape: dict[tuple[int, int], list] = {}  # tile shape -> (frame's row in x, frame, x0, y0, x1, y1)
+        for j, f in enumerate(members):
+            for x0, y0, x1, y1 in plan_tiles(h, w, self.tile.size, self.tile.overlap):
+                by_shape.setdefault((y1 - y0, x1 - x0), []).append((j, f, x0, y0, x1, y1))
+        for group in by_shape.values():
+            for k in range(0, len(group), step):
+                chunk = group[k:k + step]
+                yield (torch.stack([x[j, :, y0:y1, x0:x1] for j, _, x0, y0, x1, y1 in chunk]),
+                       [(f, x0, y0) for _, f, x0, y0, _, _ in chunk])
 
     def _collect(self, outputs, sizes) -> list[Detections]:
         """Detections per frame: tiles shifted to frame pixels and merged, boxes clipped to the frame, all frames'
