@@ -178,7 +178,8 @@ def forward_worker(args) -> dict:
             batch = decoded_batch(frames[:bs])
 
             def eager():
-                with torch.inference_mode(), torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None):
+                amp = torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None)
+                with torch.inference_mode(), amp:
                     out = tv([torch.from_numpy(f).to(dev).permute(2, 0, 1).float().div(255) for f in batch["image"]])
                 return [o["boxes"].cpu() for o in out]
 
@@ -488,7 +489,8 @@ def main() -> None:
                 if name == "forward":
                     value = {"after": run_forward_worker(REPO, args, ckpt, ["--two-calls", "--layouts"])}
                     if args.before and args.before != "none":
-                        value["before"] = run_forward_worker(Path(args.before).resolve(), args, ckpt, ["--skip-eager", "--two-calls"])
+                        value["before"] = run_forward_worker(Path(args.before).resolve(), args, ckpt,
+                                                             ["--skip-eager", "--two-calls"])
                 elif name in ("alone", "e2e"):
                     video = tmp / "looped.mp4"
                     if not video.exists():

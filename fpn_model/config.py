@@ -214,17 +214,24 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 MERGE_METHODS = ("nms", "nmm")  # how overlapping tiles' detections are merged (fpn_model.tiling)
 MERGE_METRICS = ("iou", "ios")
-PRECISIONS = ("exact", "int8", "bf16", "fp16")  # fpn_model.predict.Predictor: int8 CPU only, fp16 CUDA only
+PRECISIONS = ("exact", "int8", "bf16", "fp16")  # fpn_model.predict.Predictor
+_ONLY_ON = {"int8": "cpu", "fp16": "cuda"}  # the precisions of one device type
+
+
+def precisions_on(device_type: str) -> tuple[str, ...]:
+    """The precisions a forward on `device_type` ("cpu", "cuda") can run."""
+    return tuple(p for p in PRECISIONS if _ONLY_ON.get(p, device_type) == device_type)
 
 
 def check_precision(precision: str, device_type: str) -> None:
     """ValueError unless `precision` runs on `device_type` ("cpu", "cuda"): int8 is a CPU path, fp16 a GPU one."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision == "int8" and device_type != "cpu":
-        raise ValueError(f"precision int8 is for CPUs; on {device_type} use bf16 or fp16")
-    if precision == "fp16" and device_type == "cpu":
-        raise ValueError("precision fp16 is for GPUs; on a CPU use bf16 or int8")
+    if precision not in precisions_on(device_type):
+        others = " or ".join(p for p in precisions_on(device_type) if p != "exact")
+        where = "CPUs" if _ONLY_ON[precision] == "cpu" else "GPUs"
+        raise ValueError(f"precision {precision} is for {where}; on {'a CPU' if device_type == 'cpu' else device_type}"
+                         f" use {others}")
 
 
 def check_tile(size: int, overlap: int) -> None:

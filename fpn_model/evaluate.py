@@ -102,4 +102,3 @@ def choose_precision(evaluated: dict[str, dict[str, float]]) -> str:
     floor = exact["AP50"] - exact["AP50_sd"]
     kept = {p: m["AP50"] for p, m in evaluated.items() if p != "exact" and m["AP50"] >= floor}
     return max(kept, key=kept.get) if kept else "exact"
-

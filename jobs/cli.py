@@ -683,7 +683,7 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
     """
     import torch
 
-    from fpn_model.config import check_precision
+    from fpn_model.config import check_precision, precisions_on
     from fpn_model.data import load_annotations
     from fpn_model.evaluate import choose_precision, evaluate
     from fpn_model.predict import Predictor, TileConfig
@@ -700,7 +700,7 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
     overrides = {k: v for k, v in dict(score_thresh=score_thresh, scale=scale).items() if v is not None}
     net = load_checkpoint(path, **overrides)
     items = load_annotations(list(annotations), single_class=single_class)
-    runs = [p for p in PRECISIONS if _runs_on(p, kind)] if record else [precision]
+    runs = list(precisions_on(kind)) if record else [precision]
     results = {p: evaluate(Predictor(net, device=device, tile=TileConfig(size=tile, overlap=tile // 8), precision=p),
                            items, views=int(views)) for p in runs}
     if record:
@@ -723,16 +723,6 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
         click.echo(json.dumps(metrics, indent=2))
     else:
         _emit([{"metric": k, "value": round(v, 4)} for k, v in metrics.items()], "table", ["metric", "value"])
-
-
-def _runs_on(precision: str, kind: str) -> bool:
-    from fpn_model.config import check_precision
-
-    try:
-        check_precision(precision, kind)
-        return True
-    except ValueError:
-        return False
 
 
 # -- demo / render ----------------------------------------------------------------------------------

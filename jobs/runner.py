@@ -156,7 +156,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
                       "neck": cfg.neck, "levels": list(cfg.levels), "class_names": list(cfg.class_names),
                       "input": dataclasses.asdict(model_input)},
             "versions": versions(), "inputs": len(sources), "started_at": _now(), "runs": out.run,
-            "lease": {k: lease.record[k] for k in ("owner", "host", "pid")}, "resources": {**sizing.as_record(), "precision": plan.resources.precision},
+            "lease": {k: lease.record[k] for k in ("owner", "host", "pid")},
+            "resources": {**sizing.as_record(), "precision": plan.resources.precision},
         }
         if lease.took_over:
             doc["took_over_from"] = {k: lease.took_over.get(k) for k in ("owner", "host", "pid", "heartbeat")}

@@ -63,7 +63,8 @@ class Detector:
 
     def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, overrides: dict | None = None,
                  max_batch: int = 16, output: Output | str | None = None, storage_options: dict | None = None,
-                 threads: int | None = None, calls: int = 1, precision: str = "exact", compile: bool = False, counter: Any = None):
+                 threads: int | None = None, calls: int = 1, precision: str = "exact", compile: bool = False,
+                 counter: Any = None):
         cpus = _allotted("CPU")
         threads = threads or (math.floor(cpus) if cpus >= 1 else None)
         if threads:

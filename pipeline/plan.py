@@ -33,8 +33,8 @@ from .sizing import WRITE_CPUS
 from .sources import Source, WorkUnit
 from .stac import check_search
 
-__all__ = ["Plan", "Resources", "detector_pool", "plan_units", "plan_work", "count_planned", "raster_summary", "build_dataset", "execute",
-           "start_ray_data_helpers"]
+__all__ = ["Plan", "Resources", "detector_pool", "plan_units", "plan_work", "count_planned", "raster_summary",
+           "build_dataset", "execute", "start_ray_data_helpers"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Resources:
         for name in ("num_detectors", "max_detectors"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_detectors is not None and self.num_detectors is not None and self.max_detectors < self.num_detectors:
+        if None not in (self.max_detectors, self.num_detectors) and self.max_detectors < self.num_detectors:
             raise ValueError(f"max_detectors must be >= num_detectors ({self.num_detectors}), got {self.max_detectors}")
         for name in ("gpus_per_detector", "cpus_per_detector", "decode_cpus"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
