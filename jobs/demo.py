@@ -17,7 +17,7 @@ from fpn_model.zoo import DEFAULT_MODEL
 from .query import connect
 from .render import write_video
 from .report import build_report
-from .runner import run
+from .runner import run, stop_ray
 from .spec import plan_from_dict
 
 __all__ = ["DATA_DIR", "write_video", "make_flyover", "run_demo"]
@@ -49,7 +49,10 @@ def run_demo(output: str | Path, *, min_score: float = 0.3) -> tuple[dict, Path,
         "sampling": {"every_n": 2},
         "batch_size": 8,
     })
-    doc = run(plan)
+    try:
+        doc = run(plan)
+    finally:
+        stop_ray()  # the report needs no Ray: its memory goes back first
     report = build_report(job, out / "report.html", min_score=min_score)
     stats = ["", f"per source (frames, detections with score >= {min_score:g}, first/last timestamp):"]
     with connect(job) as con:

@@ -172,6 +172,38 @@ def test_driver_sigkilled_mid_job_reads_as_interrupted_and_resume_writes_every_f
     assert not list((out / "_tmp").glob("*")) if (out / "_tmp").exists() else True
 
 
+@pytest.mark.parametrize("stop", ["none", "sigterm"])
+def test_fpn_run_ends_every_process_it_started_by_the_time_it_returns(tmp_path, stop):
+    """Embedded Ray's daemons, its workers and their decoder children end with `fpn run`, whether the job finishes
+    or is stopped with SIGTERM (`fpn cancel`, `ray job stop`, kill: then recorded `cancelled`, exit 130)."""
+    import psutil
+
+    out = tmp_path / "out"
+    p = fpn_process("run", long_video(tmp_path), "-o", out, "--segment-frames", 16, "--batch-size", 2)
+    started, stopped = set(), False
+    deadline = time.time() + 300
+    while p.poll() is None and time.time() < deadline:
+        try:
+            started.update(psutil.Process(p.pid).children(recursive=True))
+        except psutil.NoSuchProcess:  # it has just ended
+            break
+        if stop == "sigterm" and not stopped and list((out / "frames").glob("part-*.parquet")):
+            p.send_signal(signal.SIGTERM)  # mid-job: the detector has written its first frames
+            stopped = True
+        time.sleep(0.1)
+    output = p.communicate(timeout=60)[0]
+    assert len(started) >= 5, started  # Ray's daemons and workers were seen
+    _, alive = psutil.wait_procs([c for c in started if c.is_running()], timeout=2)
+    alive = [c for c in alive if c.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(c.pid, c.name()) for c in alive]
+    state = json.loads((out / "_job.json").read_text())["state"]
+    if stop == "sigterm":
+        assert (p.returncode, state) == (130, "cancelled"), output
+        assert 0 < frames(out).num_rows < 160
+    else:
+        assert (p.returncode, state) == (0, "succeeded"), output
+
+
 def test_detector_actor_sigkilled_mid_job_loses_no_frame(ray_session, tmp_path, monkeypatch):
     import psutil
 
