@@ -36,6 +36,7 @@ from torchvision.ops.poolers import _convert_to_roi_format
 
 from .config import PRECISIONS, TileConfig, check_precision
 from .memory import keep_freed_memory
+from .rle import encode_masks
 from .tiling import merge_detections, plan_tiles
 
 __all__ = ["Predictor", "TileConfig", "Detections", "PRECISIONS", "fast_path", "batched_nms_many",
@@ -518,17 +519,7 @@ class Predictor:
 
     @staticmethod
     def _masks(parts, h: int, w: int) -> list[dict]:
-        """COCO RLE of each detection's mask (threshold 0.5) in frame pixels."""
-        from pycocotools import mask as mask_utils
-
-        rles = []
-        for o, x0, y0 in parts:
-            m = (o["masks"][:, 0] > 0.5).cpu().numpy()
-            for single in m:
-                full = np.zeros((h, w), dtype=np.uint8, order="F")
-                th, tw = single.shape
-                full[y0:y0 + th, x0:x0 + tw] = single
-                rle = mask_utils.encode(full)
-                rle["counts"] = rle["counts"].decode("ascii")
-                rles.append(rle)
-        return rles
+        """COCO RLE of each detection's mask (threshold 0.5) in frame pixels (`fpn_model.rle`: the runs are found
+        on the masks' device; only their ends are copied)."""
+        return [rle for o, x0, y0 in parts
+                for rle in encode_masks(o["masks"][:, 0] > 0.5, x0=x0, y0=y0, height=h, width=w)]
