@@ -289,6 +289,34 @@ def test_the_predictor_gives_the_detections_of_the_model_called_on_its_own():
         assert diff["count"][0] == diff["count"][1] and diff["score"] <= 1e-4 and diff["box_rel"] <= 1e-4, diff
 
 
+def test_the_predictor_gives_mask_rcnn_masks_as_rles_of_the_models_own_masks():
+    """Each detection's RLE decodes to the model's mask (> 0.5) in frame pixels, for a frame fed whole; tiled, to a
+    frame-sized mask inside its box."""
+    from pycocotools import mask as mask_utils
+
+    from fpn_model.predict import Predictor, TileConfig
+
+    torch.manual_seed(0)
+    cfg = preset("mask_rcnn_r50_fpn", backbone="resnet18", num_classes=2, scale=1.0, score_thresh=0.0,
+                 detections_per_img=20)
+    model = build_detector(cfg).eval()
+    frame = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
+    with torch.inference_mode():
+        ref = model([torch.from_numpy(frame).permute(2, 0, 1).float().div(255)])[0]
+    got = Predictor(model, fast=False, channels_last=False)([frame])[0]
+    assert len(got.masks) == len(ref["masks"]) > 0
+    for rle, m in zip(got.masks, ref["masks"][:, 0].numpy() > 0.5):
+        assert rle["size"] == [96, 128] and np.array_equal(mask_utils.decode(rle).astype(bool), m)
+    tiled = Predictor(model, tile=TileConfig(size=64, overlap=16))([frame])[0]
+    assert len(tiled.masks) == len(tiled.boxes) > 0
+    for rle, (x1, y1, x2, y2) in zip(tiled.masks, tiled.boxes):
+        ys, xs = np.nonzero(mask_utils.decode(rle))
+        assert rle["size"] == [96, 128]
+        if len(xs):
+            # torchvision pastes a mask into its box grown by a pixel on each side
+            assert x1 - 2 <= xs.min() and xs.max() <= x2 + 2 and y1 - 2 <= ys.min() and ys.max() <= y2 + 2
+
+
 def test_keep_freed_memory_is_process_wide_and_can_be_turned_off():
     import os
     import subprocess
