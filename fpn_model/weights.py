@@ -43,6 +43,7 @@ __all__ = [
     "save_checkpoint", "load_checkpoint", "read_config", "file_sha256", "TORCHVISION_MODELS",
     "import_torchvision", "torchvision_to_ours", "CheckpointError", "InputSpec", "read_input_spec",
     "is_plugin", "model_file", "read_precision", "default_precision", "record_precision",
+    "read_limits", "record_limits",
 ]
 
 FORMAT = "fpn-pipeline/1"
@@ -183,10 +184,32 @@ def default_precision(path: str | os.PathLike, device_type: str) -> str:
 def record_precision(path: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Rewrite the checkpoint at `path` with `record` (`read_precision`'s form) as its precision metadata; the
     weights stay as they are (the file, and so the model id, changes)."""
+    return _rewrite_metadata(path, precision=json.dumps(record))
+
+
+def read_limits(path: str | os.PathLike) -> dict[str, Any]:
+    """How a checkpoint's per-image limits were sized (`fpn eval --limits-from ... --record` writes it: the limits,
+    the training annotations, the densest window, AP before and after); {} when they are the preset's."""
+    if is_plugin(path):
+        return {}
+    try:
+        return json.loads(_metadata(path).get("limits", "{}"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its limits metadata is not usable ({e})") from e
+
+
+def record_limits(path: str | os.PathLike, limits: dict[str, int], record: dict[str, Any]) -> Path:
+    """Rewrite the checkpoint at `path` with `limits` (fpn_model.limits.LIMIT_FIELDS) in its config and `record`
+    (how they were sized) as its limits metadata; the weights stay as they are (the model id changes)."""
+    cfg, _ = read_config(path)
+    return _rewrite_metadata(path, config=json.dumps(cfg.replace(**limits).to_dict()),
+                             limits=json.dumps({"limits": limits, **record}))
+
+
+def _rewrite_metadata(path: str | os.PathLike, **entries: str) -> Path:
     from safetensors.torch import load_file, save_file
 
-    meta = _metadata(path)
-    meta["precision"] = json.dumps(record)
+    meta = {**_metadata(path), **entries}
     tensors = load_file(str(path))
     tmp = Path(str(path) + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)

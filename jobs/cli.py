@@ -674,14 +674,18 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
               help="As fpn run's: an approximate forward (bf16, int8 on a CPU, fp16 on a GPU), to see what it "
                    "costs in AP.")
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:N.")
-@click.option("--record", is_flag=True, help="Evaluate every precision the device has (with --views 8) and record "
-              "them in the checkpoint, with the default fpn run uses there: the approximate precision of the best "
-              "AP50 among those within exact's spread over the views (AP50_sd), else exact.")
+@click.option("--limits-from", "limits_from", multiple=True, help="Training annotations to size the model's "
+              "per-image limits (RPN proposals, detections) from (fpn_model.limits): evaluates the model with its own "
+              "limits and with the sized ones.")
+@click.option("--record", is_flag=True, help="With --views 8: record in the checkpoint the sized limits "
+              "(--limits-from) when they keep AP50 within the spread over the views (AP50_sd); else evaluate every "
+              "precision the device has and record them, with the default fpn run uses there: the approximate "
+              "precision of the best AP50 among those within exact's spread, else exact.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
 @format_option
 @_fail_cleanly
-def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views, precision, device, record, json_out,
-             fmt):
+def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views, precision, device, limits_from,
+             record, json_out, fmt):
     """COCO box metrics (AP, AP50, AP75, AP_S/M/L, AR) of MODEL on annotated images.
 
     Example: fpn eval trees data/aerial-trees/SOAP_061.xml --single-class Tree
@@ -703,8 +707,13 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
     kind = torch.device(device).type
     check_precision(precision, kind)
     overrides = {k: v for k, v in dict(score_thresh=score_thresh, scale=scale).items() if v is not None}
-    net = load_checkpoint(path, **overrides)
     items = load_annotations(list(annotations), single_class=single_class)
+    if limits_from:
+        _eval_limits(path, model, annotations, items, limits_from, single_class=single_class, overrides=overrides,
+                     tile=tile, views=int(views), precision=precision, device=device, record=record,
+                     json_out=json_out, fmt=fmt)
+        return
+    net = load_checkpoint(path, **overrides)
     runs = list(precisions_on(kind)) if record else [precision]
     results = {p: evaluate(Predictor(net, device=device, tile=TileConfig(size=tile, overlap=tile // 8), precision=p),
                            items, views=int(views)) for p in runs}
@@ -723,6 +732,56 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
     if json_out:
         Path(json_out).write_text(json.dumps({"model": str(model), "images": len(items),
                                               "precision": runs[0] if len(runs) == 1 else runs,
+                                              "device": device, **metrics}, indent=2))
+    if fmt == "json":
+        click.echo(json.dumps(metrics, indent=2))
+    else:
+        _emit([{"metric": k, "value": round(v, 4)} for k, v in metrics.items()], "table", ["metric", "value"])
+
+
+def _eval_limits(path, model, annotations, items, limits_from, *, single_class, overrides, tile, views, precision,
+                 device, record, json_out, fmt) -> None:
+    """`fpn eval --limits-from`: the model's metrics and seconds per image with its own limits and with the ones
+    sized from the training annotations, side by side; `record`: write the sized ones into the checkpoint when
+    their AP50 is no lower than the model's own minus its spread over the views."""
+    import time
+
+    from fpn_model.data import load_annotations
+    from fpn_model.evaluate import evaluate
+    from fpn_model.limits import LIMIT_FIELDS, sized_limits
+    from fpn_model.predict import Predictor, TileConfig
+    from fpn_model.weights import load_checkpoint, read_config, record_limits
+
+    cfg = read_config(path)[0].replace(**overrides)
+    train = load_annotations(list(limits_from), single_class=single_class)
+    sized, n = sized_limits(train, cfg, tile=tile)
+    variants = {"own": {f: getattr(cfg, f) for f in LIMIT_FIELDS}, "sized": sized}
+    results = {}
+    for name, limits in variants.items():
+        predictor = Predictor(load_checkpoint(path, **overrides, **limits), device=device, precision=precision,
+                              tile=TileConfig(size=tile, overlap=tile // 8))
+        t0 = time.perf_counter()
+        results[name] = {**evaluate(predictor, items, views=views),
+                         "s_per_image": (time.perf_counter() - t0) / (views * len(items))}
+    own, new = results["own"], results["sized"]
+    kept = new["AP50"] >= own["AP50"] - own.get("AP50_sd", 0.0)
+    click.echo(f"limits {variants['own']} -> sized {sized} (densest window of the training annotations: "
+               f"{n} objects): AP50 {own['AP50']:.4f} -> {new['AP50']:.4f}, "
+               f"{own['s_per_image']:.3f} -> {new['s_per_image']:.3f} s per image", err=True)
+    if record:
+        if not kept:
+            raise click.ClickException(f"not recorded: the sized limits' AP50 {new['AP50']:.4f} is below the model's "
+                                       f"{own['AP50']:.4f} minus its spread {own['AP50_sd']:.4f}")
+        record_limits(path, sized, {
+            "from": list(limits_from), "densest": n, "tile": tile,
+            "evaluated": {k: {m: round(v[m], 4) for m in ("AP", "AP50", "AP50_sd", "s_per_image")}
+                          for k, v in results.items()},
+            "how": f"fpn eval {model} {' '.join(annotations)}{' --single-class ' + single_class if single_class else ''}"
+                   f" --views 8 --limits-from {' '.join(limits_from)} --device {device}"})
+        click.echo(f"recorded in {path}: {sized}", err=True)
+    metrics = {f"{k}/{m}": v for k, r in results.items() for m, v in r.items()}
+    if json_out:
+        Path(json_out).write_text(json.dumps({"model": str(model), "images": len(items), "limits": variants,
                                               "device": device, **metrics}, indent=2))
     if fmt == "json":
         click.echo(json.dumps(metrics, indent=2))
