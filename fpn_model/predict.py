@@ -519,7 +519,7 @@ class Predictor:
 
     @staticmethod
     def _masks(parts, h: int, w: int) -> list[dict]:
-        """COCO RLE of each detection's mask (threshold 0.5) in frame pixels (`fpn_model.rle`: the runs are found
-        on the masks' device; only their ends are copied)."""
+        """COCO RLE of each detection's mask (threshold 0.5) in frame pixels (`fpn_model.rle.encode_masks`: on a
+        GPU from run boundaries found there, on a CPU by pycocotools a chunk of masks at a time)."""
         return [rle for o, x0, y0 in parts
                 for rle in encode_masks(o["masks"][:, 0] > 0.5, x0=x0, y0=y0, height=h, width=w)]

@@ -729,10 +729,14 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
                    f"{' on ' + torch.cuda.get_device_name(device) if kind == 'cuda' else ''}"})
         click.echo(f"recorded in {path}: {chosen} by default on {kind}", err=True)
     metrics = results[runs[0]] if len(runs) == 1 else {f"{p}/{k}": v for p, m in results.items() for k, v in m.items()}
+    _emit_metrics(metrics, fmt, json_out, {"model": str(model), "images": len(items),
+                                           "precision": runs[0] if len(runs) == 1 else runs, "device": device})
+
+
+def _emit_metrics(metrics: dict[str, float], fmt: str, json_out: str | None, about: dict[str, Any]) -> None:
+    """`fpn eval`'s metrics as a table or JSON, and into `json_out` (with `about` the run) when given."""
     if json_out:
-        Path(json_out).write_text(json.dumps({"model": str(model), "images": len(items),
-                                              "precision": runs[0] if len(runs) == 1 else runs,
-                                              "device": device, **metrics}, indent=2))
+        Path(json_out).write_text(json.dumps({**about, **metrics}, indent=2))
     if fmt == "json":
         click.echo(json.dumps(metrics, indent=2))
     else:
@@ -779,14 +783,8 @@ def _eval_limits(path, model, annotations, items, limits_from, *, single_class, 
             "how": f"fpn eval {model} {' '.join(annotations)}{' --single-class ' + single_class if single_class else ''}"
                    f" --views 8 --limits-from {' '.join(limits_from)} --device {device}"})
         click.echo(f"recorded in {path}: {sized}", err=True)
-    metrics = {f"{k}/{m}": v for k, r in results.items() for m, v in r.items()}
-    if json_out:
-        Path(json_out).write_text(json.dumps({"model": str(model), "images": len(items), "limits": variants,
-                                              "device": device, **metrics}, indent=2))
-    if fmt == "json":
-        click.echo(json.dumps(metrics, indent=2))
-    else:
-        _emit([{"metric": k, "value": round(v, 4)} for k, v in metrics.items()], "table", ["metric", "value"])
+    _emit_metrics({f"{k}/{m}": v for k, r in results.items() for m, v in r.items()}, fmt, json_out,
+                  {"model": str(model), "images": len(items), "limits": variants, "device": device})
 
 
 # -- demo / render ----------------------------------------------------------------------------------
