@@ -61,7 +61,7 @@ class _Loader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        import torch  # noqa: F401 - torch first: its own import is left as it is
+        importlib.import_module("torch")  # torch first: its own import is left as it is
 
         if _UTILS in sys.modules or "torch._dynamo" in sys.modules:  # already paid for
             return self.loader.exec_module(module)
