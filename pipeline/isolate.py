@@ -14,22 +14,25 @@ most `timeout_s` for each item, kills and replaces a child that hangs or dies, a
 two happened (`ChildTimeout`, `ChildCrashed`), so the caller can retry what is left or record an error and go on.
 An ordinary exception in the child reaches the caller as `ChildError` with its type name and message.
 
-The child is started with multiprocessing's "spawn" context (Ray workers are threaded: fork is unsafe) and is
-long-lived, reused across calls, so its start-up and imports (`preload`) are paid once per worker process, not
+The child is started with multiprocessing's "spawn" context (Ray workers are threaded: fork is unsafe), without
+the parent's main module (`_spawning_without_main`), and is long-lived, reused across calls, so its start-up and imports (`preload`) are paid once per worker process, not
 per call, and never count against `timeout_s`. One message goes down per call and one comes up per item. It is a
 daemon (ended when its parent exits normally) and it also exits by itself when its parent dies without cleaning up
 (a killed Ray worker), so no child outlives its worker.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import traceback
+import types
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Iterator, NoReturn
 
@@ -147,7 +150,8 @@ class IsolatedChild:
         ctx = multiprocessing.get_context("spawn")
         parent_end, child_end = ctx.Pipe()
         proc = ctx.Process(target=_child_main, args=(child_end, self.preload), daemon=True, name="fpn-isolated")
-        proc.start()
+        with _spawning_without_main():
+            proc.start()
         child_end.close()
         self._proc, self._conn = proc, parent_end
         log.info("started isolated child %d (preload %s)", proc.pid, ", ".join(self.preload) or "nothing")
@@ -177,6 +181,21 @@ class IsolatedChild:
         exitcode = proc.exitcode
         self.kill()
         raise ChildCrashed(exitcode)
+
+
+@contextlib.contextmanager
+def _spawning_without_main():
+    """Spawn a child that does not run the parent's main module again. multiprocessing's spawn imports it in the
+    child (as `__mp_main__`) so that functions defined there can be unpickled; the child here runs module-level
+    functions of importable modules only, and in a Ray worker the main module is Ray's `default_worker.py`, whose
+    imports (all of Ray) were 0.5 core-seconds of every decoding child's start. While the child is started (the
+    parent pickles what it needs then), `__main__` is an empty module."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _child_main(conn: multiprocessing.connection.Connection, preload: tuple[str, ...]) -> None:

@@ -119,6 +119,28 @@ def test_child_does_not_outlive_a_killed_parent():
     assert not _alive(child_pid)
 
 
+def test_child_does_not_run_the_parents_main_module_again(tmp_path):
+    """spawn would import the parent's main module in the child: in a Ray worker that is Ray's default_worker.py,
+    all of Ray imported again by every decoding child. Here the main module records each process that runs it."""
+    runs = tmp_path / "runs"
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import os, sys\n"
+        f"open({str(runs)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "if __name__ == '__main__':\n"
+        f"    sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(REPO)!r}]\n"
+        "    import fakes\n"
+        "    from pipeline.isolate import IsolatedChild\n"
+        "    c = IsolatedChild(preload=('fakes',))\n"
+        "    print(list(c.stream(fakes.count, 3, timeout_s=60)), c.pid, os.getpid())\n"
+        "    c.close()\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    items, child_pid, parent_pid = run.stdout.rsplit(" ", 2)
+    assert items == "[0, 1, 2]" and child_pid != parent_pid.strip()
+    assert runs.read_text().split() == [parent_pid.strip()]  # the parent ran it; the child did not
+
+
 # -- the video backend plugin point ---------------------------------------------------------------------------------
 
 def test_video_backend_plugin_by_module_or_file_and_a_clear_error_otherwise(make_video):
