@@ -3,7 +3,9 @@
 Alternating rounds (each a fresh process): `ray`: `python -c "import ray; ray.init(...); ray.shutdown()"`;
 `fpn`: `fpn run SOAP_061.png -o OUT` with the bundled `trees` model (400x400: one forward); `null`: the same with
 a model that returns nothing (benchmarks/null_model.py). Fixed cost = median(fpn) - median(ray): what a job costs
-beyond Ray's own start. Writes benchmarks/results/startup.json.
+beyond Ray's own start. Then `cpu`: core seconds of each kind of process that one more `fpn` run starts (sampled
+with psutil every 0.1 s), beside the machine's busy and idle core seconds over the run: on a small node the
+start-up is CPU-bound, so this says where the fixed cost goes. Writes benchmarks/results/startup.json.
 
     .venv/bin/python benchmarks/startup.py [--repeats 3]
 """
@@ -33,6 +35,52 @@ def timed(cmd: list[str]) -> float:
     return round(wall, 3)
 
 
+# process kinds by command line; the first pattern that matches names it
+KINDS = (("detector actor", ("MapWorker(MapBatches(Detector",)),
+         ("Ray Data helper actors", ("_StatsActor", "ActorLocationTracker", "AutoscalingCoordinator")),
+         ("frame counter actor", ("FrameCounter",)),
+         ("decoding child", ("multiprocessing",)),
+         ("Ray daemons", ("gcs_server", "raylet", "monitor.py", "dashboard.py", "log_monitor.py", "DashboardAgent",
+                          "RuntimeEnvAgent", "agent/main.py", "agent.py")),
+         ("Ray task workers", ("ray::",)))
+
+
+def cpu_by_process(cmd: list[str]) -> dict:
+    """Run `cmd`; core seconds of it and each process under it, by kind (KINDS), and of the whole machine."""
+    import psutil
+
+    def busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.system + t.nice
+
+    seen: dict[int, tuple[str, float]] = {}
+    b0, i0, t0 = busy(), psutil.cpu_times().idle, time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            break
+        for q in procs:
+            try:
+                with q.oneshot():
+                    c = q.cpu_times()
+                    seen[q.pid] = (" ".join(q.cmdline()), c.user + c.system)
+            except psutil.Error:
+                pass
+        time.sleep(0.1)
+    wall = time.monotonic() - t0
+    kinds: dict[str, float] = {}
+    for pid, (line, cpu) in seen.items():
+        kind = "driver (fpn run)" if pid == proc.pid else next(
+            (k for k, pats in KINDS if any(p in line for p in pats)), "other")
+        kinds[kind] = round(kinds.get(kind, 0.0) + cpu, 2)
+    return {"wall_s": round(wall, 2), "core_s_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "core_s_tracked": round(sum(kinds.values()), 2), "machine_busy_core_s": round(busy() - b0, 2),
+            "machine_idle_core_s": round(psutil.cpu_times().idle - i0, 2), "cores": psutil.cpu_count()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -46,14 +94,16 @@ def main() -> None:
             runs["null"].append(timed([sys.executable, "-m", "jobs.cli", "run", str(IMAGE), "-o", f"{tmp}/n{rep}",
                                        "-m", null]))
             print(rep, {k: v[-1] for k, v in runs.items()}, flush=True)
+        cpu = cpu_by_process([sys.executable, "-m", "jobs.cli", "run", str(IMAGE), "-o", f"{tmp}/cpu"])
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {k: {"median_s": round(med[k], 3), "min_s": min(v), "max_s": max(v), "runs": v} for k, v in runs.items()}
     result["fixed_cost_s"] = round(med["fpn"] - med["ray"], 3)
     result["fixed_cost_null_model_s"] = round(med["null"] - med["ray"], 3)
+    result["cpu"] = cpu
     result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("fixed_cost_s", "fixed_cost_null_model_s")}),
+    print(json.dumps({k: result[k] for k in ("fixed_cost_s", "fixed_cost_null_model_s", "cpu")}),
           {k: result[k]["median_s"] for k in runs})
 
 
