@@ -620,13 +620,17 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
               help="Fraction of crops centred on the least saturated 5% of objects (e.g. dead trees among green).")
 @click.option("--ema", type=float, default=0.0, show_default=True,
               help="Evaluate and save an exponential moving average of the weights with this decay (e.g. 0.998).")
+@click.option("--size-limits/--no-size-limits", default=True, show_default=True,
+              help="With --val: size the model's per-image limits (RPN proposals, detections) from the training "
+              "annotations and record them in the checkpoint when they keep AP50 on --val within its spread over 8 "
+              "views, as `fpn eval --limits-from --record` does.")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
 @click.option("--workers", type=int, default=0, help="Ray Train workers (DDP); 0 trains in this process.")
 @click.option("--use-gpu", is_flag=True, help="With --workers: one GPU per worker (DDP over nccl).")
 @_fail_cleanly
 def train(train_paths, val_paths, preset_name, sets, single_class, output, steps, minutes, batch_size, crop, scale_min,
-          scale_max, lr, eval_every, val_views, threads, seed, init, colour, grey, saturation_min, rare, ema, address,
-          workers, use_gpu):
+          scale_max, lr, eval_every, val_views, threads, seed, init, colour, grey, saturation_min, rare, ema,
+          size_limits, address, workers, use_gpu):
     """Train a detector on Pascal-VOC or COCO annotations; writes a checkpoint.
 
     Example: fpn train --train data/trees/big.xml --val data/trees/val.xml --single-class Tree --minutes 30
@@ -654,10 +658,27 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
         result = train_distributed(tc, workers=workers, address=address, use_gpu=use_gpu)
         click.echo(f"checkpoint: {result['checkpoint']} ({result.get('step')} steps on {result.get('workers')} "
                    f"workers, final loss {result.get('loss', float('nan')):.4f})")
+        if size_limits and val_paths and Path(result["checkpoint"]).is_file():  # not when it is on a remote node
+            _size_trained_limits(result["checkpoint"], train_paths, val_paths, single_class)
         return
     summary = run_train(tc, log_fn=show)
     click.echo(f"checkpoint: {summary['checkpoint']} (best AP50 {summary['best'].get('AP50')}); "
                f"last: {summary['last']}; {summary['steps']} steps in {summary['minutes']} min")
+    if size_limits and val_paths:
+        _size_trained_limits(summary["checkpoint"], train_paths, val_paths, single_class)
+
+
+def _size_trained_limits(checkpoint: str, train_paths, val_paths, single_class: str | None) -> None:
+    """`fpn train --val`: `fpn eval CHECKPOINT VAL --views 8 --limits-from TRAIN --record` on what it wrote, keeping
+    the preset's limits (and saying so) when the sized ones cost AP."""
+    import torch
+
+    from fpn_model.data import load_annotations
+
+    items = load_annotations(list(val_paths), single_class=single_class)
+    _eval_limits(checkpoint, checkpoint, val_paths, items, train_paths, single_class=single_class, overrides={},
+                 tile=1024, views=8, precision="exact", device="cuda" if torch.cuda.is_available() else "cpu",
+                 record=True, json_out=None, fmt="table", strict=False)
 
 
 @cli.command("eval")
@@ -744,10 +765,11 @@ def _emit_metrics(metrics: dict[str, float], fmt: str, json_out: str | None, abo
 
 
 def _eval_limits(path, model, annotations, items, limits_from, *, single_class, overrides, tile, views, precision,
-                 device, record, json_out, fmt) -> None:
+                 device, record, json_out, fmt, strict=True) -> None:
     """`fpn eval --limits-from`: the model's metrics and seconds per image with its own limits and with the ones
     sized from the training annotations, side by side; `record`: write the sized ones into the checkpoint when
-    their AP50 is no lower than the model's own minus its spread over the views."""
+    their AP50 is no lower than the model's own minus its spread over the views (else an error, or with `strict`
+    off a line saying that the model keeps its own)."""
     import time
 
     from fpn_model.data import load_annotations
@@ -772,10 +794,13 @@ def _eval_limits(path, model, annotations, items, limits_from, *, single_class, 
     click.echo(f"limits {variants['own']} -> sized {sized} (densest window of the training annotations: "
                f"{n} objects): AP50 {own['AP50']:.4f} -> {new['AP50']:.4f}, "
                f"{own['s_per_image']:.3f} -> {new['s_per_image']:.3f} s per image", err=True)
-    if record:
-        if not kept:
-            raise click.ClickException(f"not recorded: the sized limits' AP50 {new['AP50']:.4f} is below the model's "
-                                       f"{own['AP50']:.4f} minus its spread {own['AP50_sd']:.4f}")
+    if record and not kept:
+        why = (f"not recorded: the sized limits' AP50 {new['AP50']:.4f} is below the model's {own['AP50']:.4f} minus "
+               f"its spread {own['AP50_sd']:.4f}")
+        if strict:
+            raise click.ClickException(why)
+        click.echo(f"{why}; {path} keeps its own limits", err=True)
+    elif record:
         record_limits(path, sized, {
             "from": list(limits_from), "densest": n, "tile": tile,
             "evaluated": {k: {m: round(v[m], 4) for m in ("AP", "AP50", "AP50_sd", "s_per_image")}

@@ -1,5 +1,6 @@
 """The `fpn` CLI as a user drives it: help everywhere, clear one-line errors, run end to end."""
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -42,7 +43,7 @@ def test_bad_spec_fails_before_work_naming_the_field(tmp_path, spec, field):
     path.write_text(yaml.safe_dump(spec))
     r = CliRunner().invoke(cli, ["run", str(path)])
     assert r.exit_code == 1
-    assert f"spec field {field}" in r.output or f"spec: " in r.output and field in r.output
+    assert f"spec field {field}" in r.output or "spec: " in r.output and field in r.output
     assert "Traceback" not in r.output and not (tmp_path / "o").exists()
 
 
@@ -90,21 +91,52 @@ def test_import_torchvision_from_a_local_state_dict(tmp_path):
     assert torch.equal(ours.state_dict()[head], ref.state_dict()[head])
 
 
+def _soap_crop(folder: Path) -> Path:
+    """The top-left 200x200 of SOAP_061 and its trees, as folder/crop.png and folder/crop.xml (VOC)."""
+    from PIL import Image
+
+    from fpn_model.data import load_voc
+
+    ann = load_voc(SOAP_XML)
+    Image.open(SOAP).crop((0, 0, 200, 200)).save(folder / "crop.png")
+    keep = [b for b in ann.boxes if b[2] <= 200 and b[3] <= 200]
+    objs = "".join(f"<object><name>Tree</name><bndbox><xmin>{b[0]:.0f}</xmin><ymin>{b[1]:.0f}</ymin>"
+                   f"<xmax>{b[2]:.0f}</xmax><ymax>{b[3]:.0f}</ymax></bndbox></object>" for b in keep)
+    (folder / "crop.xml").write_text(f"<annotation><filename>crop.png</filename>{objs}</annotation>")
+    return folder / "crop.xml"
+
+
+@pytest.mark.slow
+def test_training_with_validation_sizes_the_limits_and_records_them(tmp_path):
+    """`fpn train --val`: the limits sized from the training annotations are evaluated against the preset's on the
+    validation images (8 views) and recorded in the checkpoint when AP50 stays within the spread; not with
+    --no-size-limits."""
+    from fpn_model.data import load_annotations
+    from fpn_model.limits import sized_limits
+    from fpn_model.weights import read_config, read_limits
+
+    xml = _soap_crop(tmp_path)
+    common = ["train", "--train", xml, "--val", xml, "--single-class", "Tree", "--steps", 2, "--batch-size", 2,
+              "--crop", 128, "--eval-every", 100]
+    r = invoke(*common, "-o", tmp_path / "sized.safetensors")
+    assert r.exit_code == 0, r.output
+    cfg, _ = read_config(tmp_path / "sized.safetensors")
+    expected, densest = sized_limits(load_annotations([str(xml)], single_class="Tree"), cfg, tile=1024)
+    record = read_limits(tmp_path / "sized.safetensors")
+    assert record["limits"] == expected and record["densest"] == densest and record["from"] == [str(xml)]
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    r = invoke(*common, "--no-size-limits", "-o", tmp_path / "preset.safetensors")
+    assert r.exit_code == 0, r.output
+    assert not read_limits(tmp_path / "preset.safetensors")
+
+
 @pytest.mark.slow
 def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(ray_session, tmp_path, monkeypatch):
     """`fpn train --workers 2`: Ray Train DDP (gloo) on a crop of the shared aerial data; then a fine-tune
     from that checkpoint given by a relative path, with a moving average of the weights."""
-    from PIL import Image
-
-    from fpn_model.data import load_voc
     from fpn_model.weights import load_checkpoint, read_config
 
-    ann = load_voc(SOAP_XML)
-    Image.open(SOAP).crop((0, 0, 200, 200)).save(tmp_path / "crop.png")
-    keep = [b for b in ann.boxes if b[2] <= 200 and b[3] <= 200]
-    objs = "".join(f"<object><name>Tree</name><bndbox><xmin>{b[0]:.0f}</xmin><ymin>{b[1]:.0f}</ymin>"
-                   f"<xmax>{b[2]:.0f}</xmax><ymax>{b[3]:.0f}</ymax></bndbox></object>" for b in keep)
-    (tmp_path / "crop.xml").write_text(f"<annotation><filename>crop.png</filename>{objs}</annotation>")
+    _soap_crop(tmp_path)
     r = invoke("train", "--train", tmp_path / "crop.xml", "--single-class", "Tree", "--steps", 4, "--batch-size", 2,
                "--crop", 128, "--workers", 2, "-o", tmp_path / "dist.safetensors")
     assert r.exit_code == 0, r.output
