@@ -21,7 +21,7 @@ from typing import Any
 
 from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
-from pipeline.output import Output, error_row, final_state
+from pipeline.output import Output, OutputSettingsError, error_row, final_state
 from pipeline.counter import frame_counter
 from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary, start_ray_data_helpers
 from pipeline.sizing import cluster_nodes, fit
@@ -146,7 +146,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
 
     Raises before any work (nothing written) on a missing input or output bucket, an unreachable Ray address,
     resources the cluster cannot hold (pipeline.sizing.fit), an output held by a live writer (OutputBusyError)
-    or written with other settings (ValueError naming what differs)."""
+    or written with other settings (OutputSettingsError, a ValueError naming what differs)."""
     t0 = time.monotonic()
     check_address(address)
     sources = expand_inputs(list(plan.inputs), plan.storage_options, stac_asset=plan.stac_asset,
@@ -172,7 +172,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
         previous = probe.read_job(missing_ok=True)
         if previous.get("identity") and previous["identity"] != identity:
             diff = "; ".join(_identity_diff(previous["identity"], identity))
-            raise ValueError(f"{plan.output} holds frames made with other settings ({diff}): write to a new output "
+            raise OutputSettingsError(f"{plan.output} holds frames made with other settings ({diff}): write to a new output "
                              "(frame ids would not mean the same)")
         out = Output(plan.output, plan.output_options, run=previous.get("runs", 0) + 1)
         removed = out.clean_temporary()

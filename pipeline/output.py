@@ -34,7 +34,7 @@ from .storage import filesystem, join, parquet_files, redact_text
 
 __all__ = [
     "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_schema", "frame_id", "frames_file", "Output", "Lease",
-    "OutputBusyError", "STATES", "EXIT_CODES", "LEASE_TIMEOUT_S", "final_state", "error_row",
+    "OutputBusyError", "OutputSettingsError", "STATES", "EXIT_CODES", "LEASE_TIMEOUT_S", "final_state", "error_row",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,11 @@ def error_row(source: str, stage: str, e: BaseException | str, frame_index: int 
 
 class OutputBusyError(RuntimeError):
     """Another writer holds the output's lease."""
+
+
+class OutputSettingsError(ValueError):
+    """The output holds frames made with other settings (model, sampling, ...): its frame ids would not mean the
+    same, so a job does not add to it."""
 
 
 def _is_local(url: str) -> bool:

@@ -136,6 +136,31 @@ def test_progress_bar_counts_what_the_output_holds(tmp_path):
 
 
 @pytest.mark.slow
+def test_demo_starts_afresh_over_an_earlier_demo_made_with_another_model(ray_session, tmp_path, caplog):
+    """`make demo` after an update of the bundled model: the earlier demo's output (other weights) is made again,
+    where `fpn run` refuses to add to an output made with other settings."""
+    import json
+
+    from jobs.demo import run_demo
+    from pipeline.output import OutputSettingsError
+
+    run_demo(tmp_path)
+    doc_path = tmp_path / "job" / "_job.json"
+    doc = json.loads(doc_path.read_text())
+    doc["identity"]["weights_sha256"] = "0" * 64  # as if an older bundled model had made it
+    doc_path.write_text(json.dumps(doc))
+    doc, _, _ = run_demo(tmp_path)
+    assert doc["state"] == "succeeded" and doc["frames"] == 25 and doc["runs"] == 1
+    assert "earlier demo's output: starting it afresh" in caplog.text
+    doc = json.loads(doc_path.read_text())
+    doc["spec"]["inputs"] = ["mine.mp4"]  # not the demo's: left alone
+    doc["identity"]["weights_sha256"] = "0" * 64
+    doc_path.write_text(json.dumps(doc))
+    with pytest.raises(OutputSettingsError, match="made with other settings"):
+        run_demo(tmp_path)
+
+
+@pytest.mark.slow
 def test_demo_runs_the_bundled_model_on_imagery_it_knows_and_writes_the_report(ray_session, tmp_path):
     r = invoke("demo", "-o", tmp_path / "demo")
     assert r.exit_code == 0, r.output
