@@ -11,7 +11,9 @@ import asyncio
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -37,7 +39,7 @@ def _launch(profile: str) -> tuple[subprocess.Popen, str]:
         [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
          "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--user-data-dir={profile}",
-         "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     port_file = Path(profile) / "DevToolsActivePort"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -46,8 +48,37 @@ def _launch(profile: str) -> tuple[subprocess.Popen, str]:
         if proc.poll() is not None:
             raise RuntimeError(f"chromium exited with {proc.returncode} before opening DevTools")
         time.sleep(0.1)
-    proc.kill()
+    _stop(proc)
     raise RuntimeError("chromium did not open DevTools within 60 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End Chromium and its helper processes (renderer, crashpad handler: its session), which write into the
+    profile until they end (the profile's removal failed once with "Directory not empty")."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            proc.poll()  # reaps the leader
+            if not _group_alive(proc.pid):
+                return
+            time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` is running (zombies waiting for a reaper do not write files)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
 
 
 async def _visit(ws_url: str, url: str, width: int, height: int, timeout: float) -> PageVisit:
@@ -114,9 +145,4 @@ def visit(html: Path, *, width: int = 1200, height: int = 900, timeout: float = 
         try:
             return asyncio.run(_visit(ws_url, Path(html).resolve().as_uri(), width, height, timeout))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
