@@ -16,7 +16,6 @@ code (planning in the driver) stays torch-free. `FPN_IMPORT_DYNAMO=1` turns it o
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import importlib.util
 import os
 import sys

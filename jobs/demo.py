@@ -26,8 +26,6 @@ from .spec import plan_from_dict
 __all__ = ["DATA_DIR", "write_video", "make_flyover", "run_demo"]
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-INPUT_NAMES = ["SOAP_061.png", "flyover.mp4"]  # what the demo job runs over
-
 log = logging.getLogger(__name__)
 
 
@@ -39,10 +37,10 @@ def make_flyover(image: np.ndarray, path: str | Path, *, size: int = 256, frames
     return write_video((image[y:y + size, x:x + size] for x, y in zip(xs, ys)), path, fps)
 
 
-def _earlier_demo(job: str) -> bool:
-    """Whether the output at `job` is one that `run_demo` wrote (its inputs are the demo's)."""
+def _earlier_demo(job: str, inputs) -> bool:
+    """Whether the output at `job` is one that `run_demo` wrote: its inputs have the names of the demo's."""
     spec = Output(job).read_job(missing_ok=True).get("spec", {})
-    return [Path(str(i)).name for i in spec.get("inputs", [])] == INPUT_NAMES
+    return [Path(str(i)).name for i in spec.get("inputs", [])] == [Path(i).name for i in inputs]
 
 
 def run_demo(output: str | Path, *, min_score: float = 0.3) -> tuple[dict, Path, list[str]]:
@@ -55,7 +53,7 @@ def run_demo(output: str | Path, *, min_score: float = 0.3) -> tuple[dict, Path,
     make_flyover(read_image(aerial), flyover)
     job = str(out / "job")
     plan = plan_from_dict({
-        "inputs": [str(aerial), str(flyover)],  # INPUT_NAMES
+        "inputs": [str(aerial), str(flyover)],
         "output": job,
         "model": DEFAULT_MODEL,
         "sampling": {"every_n": 2},
@@ -65,10 +63,11 @@ def run_demo(output: str | Path, *, min_score: float = 0.3) -> tuple[dict, Path,
         try:
             doc = run(plan)
         except OutputSettingsError as e:
-            if not _earlier_demo(job):
+            if not _earlier_demo(job, plan.inputs):
                 raise
             # the demo's own output, made by an earlier version (of the bundled model, say): made again
-            log.warning("%s; it is an earlier demo's output: starting it afresh", str(e).split(": write to")[0])
+            log.warning("%s holds frames made with other settings (%s); it is an earlier demo's output: starting "
+                        "it afresh", job, e.differences)
             shutil.rmtree(job)
             doc = run(plan)
     finally:

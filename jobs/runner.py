@@ -171,9 +171,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     with probe.lease(owner=job_id) as lease:
         previous = probe.read_job(missing_ok=True)
         if previous.get("identity") and previous["identity"] != identity:
-            diff = "; ".join(_identity_diff(previous["identity"], identity))
-            raise OutputSettingsError(f"{plan.output} holds frames made with other settings ({diff}): write to a new output "
-                             "(frame ids would not mean the same)")
+            raise OutputSettingsError(plan.output, "; ".join(_identity_diff(previous["identity"], identity)))
         out = Output(plan.output, plan.output_options, run=previous.get("runs", 0) + 1)
         removed = out.clean_temporary()
         if removed:

@@ -15,10 +15,11 @@ two happened (`ChildTimeout`, `ChildCrashed`), so the caller can retry what is l
 An ordinary exception in the child reaches the caller as `ChildError` with its type name and message.
 
 The child is started with multiprocessing's "spawn" context (Ray workers are threaded: fork is unsafe), without
-the parent's main module (`_spawning_without_main`), and is long-lived, reused across calls, so its start-up and imports (`preload`) are paid once per worker process, not
-per call, and never count against `timeout_s`. One message goes down per call and one comes up per item. It is a
-daemon (ended when its parent exits normally) and it also exits by itself when its parent dies without cleaning up
-(a killed Ray worker), so no child outlives its worker.
+the parent's main module (`_spawning_without_main`), and is long-lived, reused across calls, so its start-up and
+imports (`preload`) are paid once per worker process, not per call, and never count against `timeout_s`. One
+message goes down per call and one comes up per item. It is a daemon (ended when its parent exits normally) and
+it also exits by itself when its parent dies without cleaning up (a killed Ray worker), so no child outlives its
+worker.
 """
 from __future__ import annotations
 

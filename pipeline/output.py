@@ -127,7 +127,12 @@ class OutputBusyError(RuntimeError):
 
 class OutputSettingsError(ValueError):
     """The output holds frames made with other settings (model, sampling, ...): its frame ids would not mean the
-    same, so a job does not add to it."""
+    same, so a job does not add to it. `differences`: what differs, as "field old -> new; ..."."""
+
+    def __init__(self, output: str, differences: str):
+        super().__init__(f"{output} holds frames made with other settings ({differences}): write to a new output "
+                         "(frame ids would not mean the same)")
+        self.differences = differences
 
 
 def _is_local(url: str) -> bool:
