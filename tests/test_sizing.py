@@ -82,18 +82,34 @@ def test_a_job_without_progress_is_reported_once_per_stall_naming_the_starved_st
     assert len(dog.warnings) == 2
 
 
-def test_embedded_ray_runs_its_workers_at_the_drivers_priority():
-    """Ray's default worker niceness (15) puts a detector's threads below Ray's own daemons (benchmarks/
-    worker_niceness.py); the embedded Ray of `fpn run` starts them at 0. A fresh process: this one may hold Ray."""
+def _embedded_ray(**env_vars) -> tuple[int, set[str]]:
+    """In a fresh process (this one may hold Ray): `init_ray()`, then a task's niceness and the names of the
+    Python scripts the driver's child processes run (Ray's daemons)."""
     import os
     import subprocess
     import sys
 
-    code = ("import os, ray; from jobs.runner import init_ray; init_ray(); "
-            "print(ray.get(ray.remote(lambda: os.nice(0)).remote())); ray.shutdown()")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == "0"
+    code = ("import os, psutil, ray; from jobs.runner import init_ray, stop_ray; init_ray(); "
+            "nice = ray.get(ray.remote(lambda: os.nice(0)).remote()); "
+            "scripts = {os.path.basename(a) for p in psutil.Process().children(recursive=True) "
+            "for a in p.cmdline() if a.endswith('.py')}; "
+            "stop_ray(); print(nice, *sorted(scripts))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness", "FPN_RAY_FULL_NODE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, **env_vars}, timeout=120)
+    nice, *scripts = out.stdout.strip().splitlines()[-1].split()
+    return int(nice), set(scripts)
+
+
+def test_embedded_ray_runs_its_workers_at_the_drivers_priority_without_daemons_of_other_clients():
+    """Ray's default worker niceness (15) puts a detector's threads below Ray's own daemons (benchmarks/
+    worker_niceness.py); the embedded Ray of `fpn run` starts them at 0. It starts no autoscaler monitor, log
+    monitor or API server (jobs.runner._lean_local_node): FPN_RAY_FULL_NODE=1 brings them back."""
+    daemons = {"monitor.py", "log_monitor.py", "dashboard.py"}
+    nice, scripts = _embedded_ray()
+    assert nice == 0
+    assert not scripts & daemons, scripts
+    assert _embedded_ray(FPN_RAY_FULL_NODE="1")[1] >= daemons
 
 
 def test_a_detector_pool_is_fixed_or_autoscales_up_to_max_detectors():
