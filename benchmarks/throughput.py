@@ -16,9 +16,10 @@ model, batch and threads, it runs in turn (alternating, `--repeats` rounds, each
 The input is `--video` played `--loop` times (forwards, then backwards, and so on: no cut at the joins; PyAV
 writes it), so that a job runs long enough for its fixed start-up cost (benchmarks/startup.py) to be part of it
 and not all of it. Ratios are of medians measured in the same run: `efficiency` = fpn / bare,
-`ray_data_ratio` = fpn / recipe, all from whole wall times (start-up included). `fpn` rows also give the time to
-the first frames file and `steady_fps`: the frames of the files that came after the first (by more than 1 s) over
-the time between the first and the last file (the pipeline once running). Writes benchmarks/results/throughput.json.
+`ray_data_ratio` = fpn / recipe, all from whole wall times (start-up included); `*_per_round`: the same ratio
+of each round's two runs, which ran one after the other (steadier when the host's speed drifts). `fpn` rows
+also give the time to the first frames file and `steady_fps`: the frames of the files that came after the
+first (by more than 1 s) over the time between the first and the last file (the pipeline once running). Writes benchmarks/results/throughput.json.
 
     .venv/bin/python benchmarks/throughput.py [--video data/video/bikes.mp4] [--loop 10] [--every-n 10] [--sweep]
 
@@ -169,6 +170,14 @@ def fps(r: dict) -> float:
     return r["frames"] / r["wall_s"]
 
 
+def per_round(num: list[dict], den: list[dict]) -> dict:
+    """The fps ratio num / den of each round (the two runs ran one after the other), its median and range: on a
+    host whose speed drifts over the minutes of a benchmark, steadier than the ratio of medians."""
+    r = sorted(fps(a) / fps(b) for a, b in zip(num, den))
+    return {"median": round(statistics.median(r), 3), "min": round(r[0], 3), "max": round(r[-1], 3),
+            "rounds": [round(fps(a) / fps(b), 3) for a, b in zip(num, den)]}
+
+
 def summary(runs: list[dict]) -> dict:
     f = [fps(r) for r in runs]
     out = {"fps_median": round(statistics.median(f), 3), "fps_min": round(min(f), 3), "fps_max": round(max(f), 3),
@@ -260,9 +269,11 @@ def main() -> None:
             sizes[str(size)]["efficiency_same_calls"] = round(med["fpn"] / med["bare_calls"], 3)
         if "fpn" in med and "bare" in med:
             sizes[str(size)].update(efficiency=round(med["fpn"] / med["bare"], 3),
-                                    efficiency_steady=round(s["fpn"]["steady_fps_median"] / med["bare"], 3))
+                                    efficiency_steady=round(s["fpn"]["steady_fps_median"] / med["bare"], 3),
+                                    efficiency_per_round=per_round(runs["fpn"], runs["bare"]))
         if "fpn" in med and "recipe" in med:
-            sizes[str(size)]["ray_data_ratio"] = round(med["fpn"] / med["recipe"], 3)
+            sizes[str(size)].update(ray_data_ratio=round(med["fpn"] / med["recipe"], 3),
+                                    ray_data_ratio_per_round=per_round(runs["fpn"], runs["recipe"]))
         if "null" in med:
             sizes[str(size)]["null_ceiling_fps"] = med["null"]
         sizes[str(size)]["same_detections"] = len({r[0]["detections"] for k, r in runs.items() if k != "null"}) == 1
