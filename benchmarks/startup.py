@@ -38,7 +38,6 @@ def timed(cmd: list[str]) -> float:
 # process kinds by command line; the first pattern that matches names it
 KINDS = (("detector actor", ("MapWorker(MapBatches(Detector",)),
          ("Ray Data helper actors", ("_StatsActor", "ActorLocationTracker", "AutoscalingCoordinator")),
-         ("frame counter actor", ("FrameCounter",)),
          ("decoding child", ("multiprocessing",)),
          ("Ray daemons", ("gcs_server", "raylet", "monitor.py", "dashboard.py", "log_monitor.py", "DashboardAgent",
                           "RuntimeEnvAgent", "agent/main.py", "agent.py")),

@@ -23,7 +23,7 @@ from typing import Any
 from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
 from pipeline.output import Output, OutputSettingsError, error_row, final_state
-from pipeline.counter import frame_counter
+from pipeline.counter import FrameCounter
 from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary, start_ray_data_helpers
 from pipeline.sizing import cluster_nodes, fit
 from pipeline.sources import expand_inputs
@@ -205,7 +205,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
         r, precision=r.precision or default_precision(plan.checkpoint, r.device_type)))
     # processes that every job starts, started now so that they start while it plans and not beside the detectors
     start_ray_data_helpers()
-    counter = frame_counter()
+    counter = FrameCounter()
     _, digest = model_id(Path(plan.checkpoint))
     identity = plan.identity(digest)
     probe = Output(plan.output, plan.output_options)
@@ -242,12 +242,13 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
             doc["work_units"] = len(units)
             out.write_job(doc)
-            import ray
-
-            with Watchdog(out, plan.resources, detected=lambda: ray.get(counter.total.remote(), timeout=30)):
-                written = execute(plan, out, units, done, planned=doc["planned_frames"], fence=lease.record["token"],
-                                  with_masks=with_masks, threads=sizing.threads, calls=sizing.calls,
-                                  counter=counter)
+            try:
+                with Watchdog(out, plan.resources, detected=counter.total):
+                    written = execute(plan, out, units, done, planned=doc["planned_frames"],
+                                      fence=lease.record["token"], with_masks=with_masks, threads=sizing.threads,
+                                      calls=sizing.calls, counter=counter)
+            finally:
+                counter.close()
             doc["min_rows_per_file"] = written["rows_per_file"]
             doc["duplicate_rows_removed"] = written["rows_removed"]  # 0 unless a frame reached the output twice
             doc["core_ms_per_frame"] = written["core_ms_per_frame"]  # CPU time by stage: decode, transfer, ...

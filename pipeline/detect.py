@@ -54,7 +54,7 @@ class Detector:
         precision: "exact" (on a CPU the exact fast path: the same detections as torchvision's eager forward within
             float rounding), or the approximate "bf16" | "int8" (CPU) | "fp16" (GPU): `fpn_model.predict.Predictor`.
         compile: torch.compile the model's convolutional parts (a long first batch per input shape).
-        counter: a `pipeline.counter.FrameCounter` actor told how many frames each batch detected.
+        counter: a `pipeline.counter.FrameCounter` told how many frames each batch detected.
 
     A batch that fails is retried in parts: halves on out-of-memory (recursively, down to one frame), else frame
     by frame. A frame that fails alone becomes an error row (stage `detect`) and is left out of the returned
@@ -108,7 +108,7 @@ class Detector:
         t1 = self._cpu_clock()
         rows = detections_to_rows(batch, results, self.cfg.label_name, self.model_id, self.schema)
         if self.counter is not None:  # frames detected, before a bundle of them is written (the job's watchdog)
-            self.counter.add.remote(rows.num_rows)
+            self.counter.add(rows.num_rows)
         return _with_costs(rows, batch, forward_s=t1 - t0, rows_s=self._cpu_clock() - t1)
 
     def _predict(self, images: list[np.ndarray]) -> list:

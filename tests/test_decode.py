@@ -172,9 +172,9 @@ def test_expand_inputs_globs_directories_manifests(tmp_path, make_video):
         expand_inputs([str(tmp_path / "*.mkv")])
 
 
-def test_planning_tasks_and_the_frame_counter_import_no_model_and_no_ray_data():
-    """A planning task imports pipeline.plan, the frame counter actor pipeline.counter: neither loads torch or
-    ray.data (seconds of CPU in each new process, beside the detectors starting)."""
+def test_planning_tasks_import_no_model_and_no_ray_data():
+    """A planning task imports pipeline.plan (and the frame counter it may unpickle, pipeline.counter): neither
+    loads torch or ray.data (seconds of CPU in each new process, beside the detectors starting)."""
     import subprocess
     import sys
 

@@ -82,6 +82,28 @@ def test_a_job_without_progress_is_reported_once_per_stall_naming_the_starved_st
     assert len(dog.warnings) == 2
 
 
+def test_the_frame_counter_sums_every_detectors_copy_and_forgets_the_run_when_closed(ray_session):
+    """The watchdog's count of detected frames: each detector process (a pickled copy) adds from its batches'
+    threads under a key of its own in Ray's key-value store; the run's total sums them, apart from other jobs."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    from pipeline.counter import FrameCounter
+
+    run, other = FrameCounter(), FrameCounter()  # two jobs on one cluster
+    here = pickle.loads(pickle.dumps(run))
+    with ThreadPoolExecutor(4) as pool:  # one detector's batches side by side
+        list(pool.map(here.add, [1] * 40))
+    ray.get(ray.remote(lambda c: (c.add(5), c.add(2))).remote(run))  # another detector, in a worker process
+    other.add(100)
+    assert (run.total(), other.total()) == (47, 100)
+    run.close()
+    assert (run.total(), other.total()) == (0, 100)
+    other.close()
+
+
 def _embedded_ray(**env_vars) -> tuple[int, set[str]]:
     """In a fresh process (this one may hold Ray): `init_ray()`, then a task's niceness and the names of the
     Python scripts the driver's child processes run (Ray's daemons)."""
