@@ -19,7 +19,8 @@ and not all of it. Ratios are of medians measured in the same run: `efficiency` 
 `ray_data_ratio` = fpn / recipe, all from whole wall times (start-up included); `*_per_round`: the same ratio
 of each round's two runs, which ran one after the other (steadier when the host's speed drifts). `fpn` rows
 also give the time to the first frames file and `steady_fps`: the frames of the files that came after the
-first (by more than 1 s) over the time between the first and the last file (the pipeline once running). Writes benchmarks/results/throughput.json.
+first (by more than 1 s) over the time between the first and the last file (the pipeline once running).
+Writes benchmarks/results/throughput.json.
 
     .venv/bin/python benchmarks/throughput.py [--video data/video/bikes.mp4] [--loop 10] [--every-n 10] [--sweep]
 
@@ -173,9 +174,9 @@ def fps(r: dict) -> float:
 def per_round(num: list[dict], den: list[dict]) -> dict:
     """The fps ratio num / den of each round (the two runs ran one after the other), its median and range: on a
     host whose speed drifts over the minutes of a benchmark, steadier than the ratio of medians."""
-    r = sorted(fps(a) / fps(b) for a, b in zip(num, den))
-    return {"median": round(statistics.median(r), 3), "min": round(r[0], 3), "max": round(r[-1], 3),
-            "rounds": [round(fps(a) / fps(b), 3) for a, b in zip(num, den)]}
+    rounds = [fps(a) / fps(b) for a, b in zip(num, den)]
+    return {"median": round(statistics.median(rounds), 3), "min": round(min(rounds), 3),
+            "max": round(max(rounds), 3), "rounds": [round(r, 3) for r in rounds]}
 
 
 def summary(runs: list[dict]) -> dict:

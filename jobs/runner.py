@@ -141,8 +141,8 @@ def stop_ray() -> None:
     then stops Ray's processes one at a time, and its autoscaler monitor ignores SIGTERM for the whole second Ray
     allows before SIGKILL. The embedded cluster starts without that monitor (`_lean_local_node`); where it has one
     (FPN_RAY_FULL_NODE=1), it has nothing to finish, so it is killed first and `ray.shutdown()` stops the rest in
-    Ray's order (0.4 s). The process list is Ray's internal (Ray is pinned):
-    if it moves, this is a plain `ray.shutdown()`."""
+    Ray's order (0.4 s). The process list is Ray's internal (Ray is pinned): if it moves, this is a plain
+    `ray.shutdown()`."""
     import ray
 
     if not _embedded.is_set():

@@ -21,9 +21,9 @@ NAMESPACE = "fpn-frames"
 class FrameCounter:
     """Pickled into each detector actor; every copy that `add`s writes its own key under the run's prefix."""
 
-    def __init__(self, run: str | None = None) -> None:
-        self.prefix = f"{run or uuid.uuid4().hex}/"
-        self._key: bytes | None = None
+    def __init__(self, prefix: str | None = None) -> None:
+        self.prefix = prefix or f"{uuid.uuid4().hex}/"  # the run's
+        self._key = f"{self.prefix}{uuid.uuid4().hex}".encode()  # this copy's
         self._n = 0
         self._lock = threading.Lock()  # a detector runs batches on several threads
 
@@ -31,8 +31,7 @@ class FrameCounter:
         return {"prefix": self.prefix}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
-        self.prefix = state["prefix"]
+        self.__init__(state["prefix"])
 
     def add(self, n: int) -> None:
         """Count `n` more frames; never raises: a count the watchdog misses must not fail a batch."""
@@ -40,8 +39,6 @@ class FrameCounter:
 
         with self._lock:
             self._n += n
-            if self._key is None:
-                self._key = f"{self.prefix}{uuid.uuid4().hex}".encode()
             try:
                 _internal_kv_put(self._key, str(self._n).encode(), overwrite=True, namespace=NAMESPACE)
             except Exception as e:  # noqa: BLE001 - the next batch writes the running total again
