@@ -75,6 +75,7 @@ EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 _embedded = threading.Event()  # set while the local Ray that init_ray started in this process runs
+_ray_threads: list[threading.Thread] = []  # threads of this process that call Ray: stop_ray waits for them
 
 
 def init_ray(address: str | None = None) -> None:
@@ -134,8 +135,9 @@ def _lean_local_node():
 
 
 def stop_ray() -> None:
-    """Stop the embedded local Ray that `init_ray` started in this process, at once; no-op otherwise (a cluster
-    joined, or a Ray that someone else started).
+    """Stop the embedded local Ray that `init_ray` started in this process, at once, once this process's threads
+    that call Ray (`_ray_threads`) have ended; no-op otherwise (a cluster joined, or a Ray that someone else
+    started).
 
     Left to Ray's exit hook, stopping takes 1.7 s after the last row of a job (2-core node): the hook sleeps 0.5 s,
     then stops Ray's processes one at a time, and its autoscaler monitor ignores SIGTERM for the whole second Ray
@@ -145,6 +147,8 @@ def stop_ray() -> None:
     `ray.shutdown()`."""
     import ray
 
+    while _ray_threads:  # a Ray call after the shutdown ends the process (a job refused at once, say)
+        _ray_threads.pop().join(30)
     if not _embedded.is_set():
         return
     _embedded.clear()
@@ -204,7 +208,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     plan = dataclasses.replace(plan, resources=dataclasses.replace(
         r, precision=r.precision or default_precision(plan.checkpoint, r.device_type)))
     # processes that every job starts, started now so that they start while it plans and not beside the detectors
-    start_ray_data_helpers()
+    _ray_threads.append(start_ray_data_helpers())
     counter = FrameCounter()
     _, digest = model_id(Path(plan.checkpoint))
     identity = plan.identity(digest)

@@ -18,6 +18,7 @@ import bisect
 import dataclasses
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -357,15 +358,14 @@ def plan_work(plan: Plan, out: Output, sources: list[Source]) -> list[dict[str, 
     return units
 
 
-def start_ray_data_helpers() -> None:
+def start_ray_data_helpers() -> threading.Thread:
     """Start Ray Data's helper actors now, from a background thread, so that their processes start while the job
     plans. The first dataset a cluster executes starts three (execution statistics, actor locations, the
     autoscaling coordinator), each a new Python process importing ray.data, in the same seconds as the detector
     actors, which then wait for the CPU (a 2-core node: ~5 CPU-seconds of start-up at once). Ray Data looks
     them up by name and uses these. The functions are Ray Data's internals (Ray is pinned): if they move, this
-    starts nothing and Ray Data starts its helpers itself, as before."""
-    import threading
-
+    starts nothing and Ray Data starts its helpers itself, as before. Returns the thread: Ray must not be shut
+    down while it runs (a Ray call after `ray.shutdown()` ends the process)."""
     def start() -> None:
         try:
             from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
@@ -379,7 +379,9 @@ def start_ray_data_helpers() -> None:
         except Exception as e:  # noqa: BLE001 - only a head start: Ray Data creates them when it needs them
             log.debug("Ray Data's helper actors not started ahead: %s: %s", type(e).__name__, e)
 
-    threading.Thread(target=start, name="fpn-ray-data-helpers", daemon=True).start()
+    thread = threading.Thread(target=start, name="fpn-ray-data-helpers", daemon=True)
+    thread.start()
+    return thread
 
 
 def count_planned(plan: Plan, units) -> int:
