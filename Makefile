@@ -38,6 +38,7 @@ bench: venv
 	$(PY) benchmarks/mask_rle.py
 	scripts/loopback-only $(PY) benchmarks/ranged_reads.py
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/throughput.py --street --out benchmarks/results/throughput_street.json
 
 clean:
 	rm -rf demo-output .pytest_cache

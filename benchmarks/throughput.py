@@ -25,7 +25,9 @@ Writes benchmarks/results/throughput.json.
     .venv/bin/python benchmarks/throughput.py [--video data/video/bikes.mp4] [--loop 10] [--every-n 10] [--sweep]
 
 `--configs bare,fpn` runs only those (a longer clip, where the fixed cost weighs less: `--loop 30 --sizes 512
---configs bare,bare_calls,fpn --out benchmarks/results/throughput_long.json`).
+--configs bare,bare_calls,fpn --out benchmarks/results/throughput_long.json`). `--street`: the issue's own
+scenario instead (benchmarks/street_inputs.py: 80 frames of a 768x576 AVI, torchvision's mobilenet_v3 FPN
+imported; `--sweep --out benchmarks/results/throughput_street.json` tunes the recipe for that model).
 """
 from __future__ import annotations
 
@@ -207,6 +209,9 @@ def main() -> None:
     ap.add_argument("--configs", default="bare,bare_calls,fpn,recipe,null,fpn2,fpn_1call",
                     help="which runs (bare,bare_calls,fpn,recipe,null,fpn2,fpn_1call; the last two at the first "
                          "size only)")
+    ap.add_argument("--street", action="store_true",
+                    help="the issue's own scenario (benchmarks/street_inputs.py): a 795-frame 768x576 AVI as it is "
+                         "and torchvision's mobilenet_v3 FPN imported (--video, --loop and --model ignored)")
     ap.add_argument("--bare-once", metavar="VIDEO")
     ap.add_argument("--scale", type=float)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -217,9 +222,16 @@ def main() -> None:
         return
 
     tmp = tempfile.TemporaryDirectory()
-    source, a.video = a.video, looped(a.video, a.loop, Path(tmp.name) / "looped.mp4")
+    if a.street:
+        from street_inputs import street_inputs
+
+        video, model = street_inputs(Path(tmp.name))
+        source, a.video, a.model, a.loop = "benchmarks/street_inputs.py", str(video), str(model), 1
+    else:
+        source, a.video = a.video, looped(a.video, a.loop, Path(tmp.name) / "looped.mp4")
     n, h, w = video_shape(a.video)
-    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    recorded = a.out if a.out.exists() else RESULTS  # the recipe's configuration from its last sweep
+    previous = json.loads(recorded.read_text()) if recorded.exists() else {}
     recipe_cfg = previous.get("recipe_config", {"batch": a.batch, "num_cpus": 1.0, "threads": 1, "concurrency": 1})
     sweep = previous.get("recipe_sweep")
     if a.sweep:
@@ -278,7 +290,7 @@ def main() -> None:
         if "null" in med:
             sizes[str(size)]["null_ceiling_fps"] = med["null"]
         sizes[str(size)]["same_detections"] = len({r[0]["detections"] for k, r in runs.items() if k != "null"}) == 1
-    result = {"video": os.path.relpath(source, REPO), "loop": a.loop, "frames_total": n, "height": h, "width": w,
+    result = {"video": source if a.street else os.path.relpath(source, REPO), "loop": a.loop, "frames_total": n, "height": h, "width": w,
               "every_n": a.every_n, "batch": a.batch, "model": a.model, "cpus": os.cpu_count(),
               "recipe_config": recipe_cfg, "recipe_sweep": sweep, "sweep_every_n": a.sweep_every_n, "sizes": sizes,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

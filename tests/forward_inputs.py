@@ -21,14 +21,12 @@ def video_frames(video: str, n: int | None = None, every_n: int = 1) -> list[np.
     return frames
 
 
-def calibrated_mobilenet_v3_fpn(frames: list[np.ndarray], min_size: int, *, seed: int = 0,
-                                boost: float = 6.0) -> torch.nn.Module:
-    """torchvision's fasterrcnn_mobilenet_v3_large_fpn with seeded random weights, imported as `fpn
-    import-torchvision` does: BatchNorm statistics from `frames` (else the random features vanish), class logits
-    scaled by `boost` so that some detections pass the 0.05 score threshold."""
+def calibrated_mobilenet_v3_state_dict(frames: list[np.ndarray], *, seed: int = 0,
+                                       boost: float = 6.0) -> dict[str, torch.Tensor]:
+    """torchvision's fasterrcnn_mobilenet_v3_large_fpn state dict with seeded random weights made usable, as
+    torchvision's COCO weights would come: BatchNorm statistics from `frames` (else the random features vanish),
+    class logits scaled by `boost` so that some detections pass the 0.05 score threshold."""
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
-
-    from fpn_model.weights import import_torchvision
 
     torch.manual_seed(seed)
     tv = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
@@ -42,4 +40,13 @@ def calibrated_mobilenet_v3_fpn(frames: list[np.ndarray], min_size: int, *, seed
     tv.eval()
     with torch.no_grad():
         tv.roi_heads.box_predictor.cls_score.weight.mul_(boost)
-    return import_torchvision("fasterrcnn_mobilenet_v3_large_fpn", tv.state_dict(), min_size=min_size)
+    return tv.state_dict()
+
+
+def calibrated_mobilenet_v3_fpn(frames: list[np.ndarray], min_size: int, *, seed: int = 0,
+                                boost: float = 6.0) -> torch.nn.Module:
+    """`calibrated_mobilenet_v3_state_dict` imported as `fpn import-torchvision` does."""
+    from fpn_model.weights import import_torchvision
+
+    return import_torchvision("fasterrcnn_mobilenet_v3_large_fpn",
+                              calibrated_mobilenet_v3_state_dict(frames, seed=seed, boost=boost), min_size=min_size)
