@@ -433,11 +433,6 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
     # soon as they are detected instead of with the rest of their video
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(_Decode(plan, out, done), batch_size=1, num_cpus=r.decode_cpus)
-    # one block per batch of frames (fused into the decode tasks: each yield is a block), so each detector call
-    # gets one batch: a unit's batches spread over the detectors' concurrent calls. A block per unit went to one
-    # call whole, and the job's last unit ran on one of the detector's lanes while the other idled (the issue's
-    # 80-frame AVI with mobilenet_v3 at 512 px: 6 batches, 12.6 s of a 40.8 s job, on one lane)
-    ds = ds.repartition(target_num_rows_per_block=plan.batch_size)
     tile = None if plan.tile is None else dataclasses.asdict(plan.tile)
     # a CPU detector's process keeps freed memory from its start: mallopt comes too late for the thread Ray runs
     # its calls on (fpn_model.memory); env_vars merge with a job's own runtime_env
