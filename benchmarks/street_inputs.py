@@ -24,14 +24,13 @@ def street_avi(dest: Path, source: Path = SOURCE) -> Path:
     import av
 
     with av.open(str(source)) as c:
-        frames = [f.reformat(width=WIDTH, height=HEIGHT) for f in c.decode(video=0)]
+        frames = [f.reformat(width=WIDTH, height=HEIGHT).to_ndarray(format="rgb24") for f in c.decode(video=0)]
     order = frames + frames[::-1]
     with av.open(str(dest), "w") as out:
         s = out.add_stream("mpeg4", rate=FPS)
         s.width, s.height, s.pix_fmt, s.bit_rate = WIDTH, HEIGHT, "yuv420p", 2_000_000
-        for k in range(FRAMES):
-            f = order[k % len(order)]
-            out.mux(s.encode(av.VideoFrame.from_ndarray(f.to_ndarray(format="rgb24"), format="rgb24")))
+        for k in range(FRAMES):  # new frames (no timestamps of the source's): the encoder numbers them in order
+            out.mux(s.encode(av.VideoFrame.from_ndarray(order[k % len(order)], format="rgb24")))
         out.mux(s.encode())
     return dest
 

@@ -226,7 +226,7 @@ def main() -> None:
         from street_inputs import street_inputs
 
         video, model = street_inputs(Path(tmp.name))
-        source, a.video, a.model, a.loop = "benchmarks/street_inputs.py", str(video), str(model), 1
+        source, a.video, a.model, a.loop = REPO / "benchmarks" / "street_inputs.py", str(video), str(model), 1
     else:
         source, a.video = a.video, looped(a.video, a.loop, Path(tmp.name) / "looped.mp4")
     n, h, w = video_shape(a.video)
@@ -290,7 +290,7 @@ def main() -> None:
         if "null" in med:
             sizes[str(size)]["null_ceiling_fps"] = med["null"]
         sizes[str(size)]["same_detections"] = len({r[0]["detections"] for k, r in runs.items() if k != "null"}) == 1
-    result = {"video": source if a.street else os.path.relpath(source, REPO), "loop": a.loop, "frames_total": n, "height": h, "width": w,
+    result = {"video": os.path.relpath(source, REPO), "loop": a.loop, "frames_total": n, "height": h, "width": w,
               "every_n": a.every_n, "batch": a.batch, "model": a.model, "cpus": os.cpu_count(),
               "recipe_config": recipe_cfg, "recipe_sweep": sweep, "sweep_every_n": a.sweep_every_n, "sizes": sizes,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
