@@ -421,6 +421,27 @@ def detector_pool(r: Resources, calls: int):
                                       enable_true_multi_threading=calls > 1)
 
 
+def _batch_blocks(ds, rows: int):
+    """`ds` (a map_batches whose calls yield batches of `rows` frames) with a block per batch, so that each detector
+    call gets one batch and a unit's batches spread over the detectors' concurrent calls. As a block per unit, a
+    unit went to one call whole: the job's last unit ran on one of a detector's lanes while the other idled (the
+    issue's 80-frame AVI with mobilenet_v3 at 512 px: 6 batches, 12.6 s of a 40.8 s job, on one lane).
+
+    Ray Data's streaming repartition does this, but `Dataset.repartition` gives it default remote args (a whole
+    CPU), and Ray Data fuses it into the map before it only when their remote args agree: with the decode's
+    fraction of a CPU it became a stage of its own whose 1-CPU tasks never found a free CPU on a node that
+    detectors fill (a hang). So the operator is built here with the map's own remote args (Ray 2.60's logical
+    operator; tests/test_pipeline.py checks that it fuses)."""
+    from ray.data import Dataset
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+    up = ds._logical_plan.dag
+    op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[up],
+                              ray_remote_args=dict(up.ray_remote_args))
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+
+
 def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, threads: int | None = None,
                   calls: int = 1, counter: Any = None):
     """The lazy Ray Dataset of frame rows for the work `units` (nothing runs until it is written); `threads`: torch
@@ -432,7 +453,8 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
     # one block per unit: each segment decodes in its own task (in parallel), and its frames reach the sink as
     # soon as they are detected instead of with the rest of their video
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    ds = ds.map_batches(_Decode(plan, out, done), batch_size=1, num_cpus=r.decode_cpus)
+    ds = _batch_blocks(ds.map_batches(_Decode(plan, out, done), batch_size=1, num_cpus=r.decode_cpus),
+                       plan.batch_size)
     tile = None if plan.tile is None else dataclasses.asdict(plan.tile)
     # a CPU detector's process keeps freed memory from its start: mallopt comes too late for the thread Ray runs
     # its calls on (fpn_model.memory); env_vars merge with a job's own runtime_env

@@ -8,7 +8,8 @@ decoding child processes they spawn) do not have `tests/` on their Python path.
 `BrightBoxes` is a model plugin ("path/to/fakes.py:BrightBoxes", `fpn_model.weights`) that returns known pixel
 boxes: one per connected region of bright pixels of its input, so a test that draws squares into a raster knows
 where every box must land after windows, resampling and georeferencing. `MallocProbe` reports whether its
-detector process started with the malloc settings of `fpn_model.memory`.
+detector process started with the malloc settings of `fpn_model.memory`, `LaneProbe` which of a detector's
+concurrent calls ran each frame.
 
 The generator functions are for `pipeline.isolate` directly; they are pickled by reference, which works
 because a spawned child gets its parent's `sys.path` (and pytest puts `tests/` there).
@@ -80,6 +81,31 @@ class MallocProbe(torch.nn.Module):
         score = 0.9 if os.environ.get("MALLOC_ARENA_MAX") == "1" else 0.1
         return [{"boxes": torch.tensor([[0.0, 0.0, im.shape[-1], im.shape[-2]]]), "scores": torch.tensor([score]),
                  "labels": torch.ones(1, dtype=torch.int64), "levels": torch.full((1,), 2, dtype=torch.int8)}
+                for im in images]
+
+
+class LaneProbe(torch.nn.Module):
+    """A model plugin that says which of its detector's concurrent calls ran each frame: one whole-frame box per
+    image, labelled 1 for the first thread that called it and 2 for any other; each call takes 0.3 s, so the
+    batches of a unit that reach the detector together run side by side."""
+
+    config = ModelConfig(num_classes=3, class_names=("first lane", "other lane"))
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.first: int | None = None
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        import threading
+
+        time.sleep(0.3)
+        me = threading.get_ident()
+        if self.first is None:
+            self.first = me
+        label = 1 if me == self.first else 2
+        return [{"boxes": torch.tensor([[0.0, 0.0, im.shape[-1], im.shape[-2]]]), "scores": torch.tensor([0.9]),
+                 "labels": torch.full((1,), label, dtype=torch.int64), "levels": torch.full((1,), 2, dtype=torch.int8)}
                 for im in images]
 
 

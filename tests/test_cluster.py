@@ -3,6 +3,7 @@ submit, status, list, logs, cancel, resume, with every frame written exactly onc
 actors on both nodes."""
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -62,6 +63,14 @@ def fpn(*args):
     return r.exit_code, r.output
 
 
+def submitted_id(text):
+    """The job id `fpn submit` printed (Ray's job client may log lines of its own before it: to the test's stderr
+    when this module's tests run first, since Ray's log handler binds the stream current when it is made)."""
+    found = re.search(r"^submitted (\S+) ", text, re.M)
+    assert found, text
+    return found.group(1)
+
+
 def wait_for(address, job_id, states, timeout=400):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -103,7 +112,7 @@ def submit_long_job(cluster, tmp_path, total, out):
     video = tmp_path / "long.mp4"
     write_video((index_frame(i, 144, 192) for i in range(total)), video, 24.0, gop=GOP)
     code, text = fpn("submit", spec_file(tmp_path, [video], out), "--address", cluster)
-    job_id = text.split()[1]
+    job_id = submitted_id(text)
     deadline = time.time() + 600
     while time.time() < deadline:
         row = json.loads(fpn("status", job_id, "--address", cluster, "--format", "json")[1])
@@ -123,7 +132,7 @@ def test_submit_status_list_logs_on_two_nodes(cluster, cluster_dir, make_video, 
     code, text = fpn("submit", spec_file(tmp_path, [video, SOAP], out, storage_options=secrets),
                      "--address", cluster)
     assert code == 0, text
-    job_id = text.split()[1]
+    job_id = submitted_id(text)
     assert "fpn status" in text and "fpn logs" in text
     row = wait_for(cluster, job_id, {"SUCCEEDED", "FAILED"})
     assert row["status"] == "SUCCEEDED", fpn("logs", job_id, "--address", cluster)[1]
@@ -176,7 +185,7 @@ def test_resume_of_a_running_job_is_refused(cluster, tmp_path):
     video = tmp_path / "long.mp4"
     write_video((index_frame(i, 144, 192) for i in range(240)), video, 24.0, gop=GOP)
     code, text = fpn("submit", spec_file(tmp_path, [video], tmp_path / "out"), "--address", cluster)
-    job_id = text.split()[1]
+    job_id = submitted_id(text)
     wait_for(cluster, job_id, {"RUNNING"})
     jobs = len(json.loads(fpn("list", "--address", cluster, "--format", "json")[1]))
     code, text = fpn("resume", job_id, "--address", cluster)

@@ -106,10 +106,10 @@ def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video
 def test_min_rows_per_file_writes_few_files_of_whole_bundles(ray_session, make_video, tmp_path):
     v = make_video("m40.mp4", 40, 10.0)
     out = tmp_path / "out"
-    # one block of 4 frames per segment: without bundling, 10 files
+    # a block per batch of 2 frames: without bundling, 20 files
     doc = job([v], out, segment_frames=4, batch_size=2, min_rows_per_file=16)
     rows = sorted(pq.ParquetFile(f).metadata.num_rows for f in (out / "frames").glob("*.parquet"))
-    # bundles of whole blocks up to >= 16 frames (blocks hold 4 frames or more), the remainder at the end
+    # bundles of whole blocks up to >= 16 frames (a block per batch), the remainder at the end
     assert sum(rows) == 40 and len(rows) <= 3 and sum(n < 16 for n in rows) <= 1, rows
     t = frames_table(out)
     assert_exactly_once(t)
@@ -131,6 +131,20 @@ def test_cpu_detectors_start_with_kept_freed_memory(ray_session, make_video, tmp
     monkeypatch.setenv("FPN_KEEP_FREED_MEMORY", "0")
     job([video], tmp_path / "plain", model=fakes.backend(fakes.MallocProbe), batch_size=2)
     assert scores(tmp_path / "plain") == {0.1}
+
+
+def test_one_units_batches_run_on_all_of_a_detectors_concurrent_calls(ray_session, make_video, tmp_path):
+    """A unit's frames reach the detector a batch per call, so one long segment keeps both of a detector's calls
+    busy (as one block it went to one call whole, and a job's last unit ran on one lane while the other idled)."""
+    import fakes
+
+    video = make_video("lanes.mp4", 16, 10.0)
+    doc = job([video], tmp_path / "out", model=fakes.backend(fakes.LaneProbe), batch_size=2, segment_frames=16,
+              resources={"calls_per_detector": 2})
+    assert doc["work_units"] == 1 and doc["frames"] == 16
+    t = frames_table(tmp_path / "out")
+    lanes = [d[0]["label"] for d in t.column("detections").to_pylist()]
+    assert sorted(set(lanes)) == [1, 2] and min(lanes.count(1), lanes.count(2)) >= 4, lanes
 
 
 def test_pipeline_detections_equal_direct_model_call(ray_session, tmp_path):

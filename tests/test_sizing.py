@@ -4,6 +4,7 @@ from click.testing import CliRunner
 
 from conftest import SOAP
 from jobs.cli import cli
+from jobs.spec import plan_from_dict
 from pipeline.plan import Resources
 from pipeline.sizing import GPU_CALLS, fit
 
@@ -169,3 +170,19 @@ def test_a_job_that_leaves_the_device_open_gets_one_detector_per_gpu():
     assert Resources(precision="fp16").precision == "fp16"
     with pytest.raises(ValueError, match="fp16 is for GPUs"):
         fit(Resources(precision="fp16"), TWO_CORES)
+
+
+@pytest.mark.parametrize("decode_cpus", [0.25, 0.5, 1.0])
+def test_a_block_per_batch_runs_inside_the_decode_tasks_at_any_decode_reservation(decode_cpus, tmp_path, capsys):
+    """The split of each unit's frames into a block per batch is fused into the decode tasks: as a stage of its
+    own (Ray Data's default for a repartition after a map with other remote args) its tasks reserve a whole CPU,
+    which a node that detectors fill never has free, and the job hangs (tests/test_cluster.py did)."""
+    from pipeline.output import Output
+    from pipeline.plan import build_dataset
+
+    plan = plan_from_dict({"inputs": ["a.mp4"], "output": str(tmp_path), "batch_size": 4,
+                           "resources": {"decode_cpus": decode_cpus}})
+    build_dataset(plan, Output(plan.output), [{"unit": 0}]).explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(_Decode)->StreamingRepartition[num_rows_per_block=4," in physical
+    assert physical.count("TaskPoolMapOperator") == 1, physical
