@@ -431,7 +431,7 @@ def _batch_blocks(ds, rows: int):
     CPU), and Ray Data fuses it into the map before it only when their remote args agree: with the decode's
     fraction of a CPU it became a stage of its own whose 1-CPU tasks never found a free CPU on a node that
     detectors fill (a hang). So the operator is built here with the map's own remote args (Ray 2.60's logical
-    operator; tests/test_pipeline.py checks that it fuses)."""
+    operator; tests/test_sizing.py checks that it fuses)."""
     from ray.data import Dataset
     from ray.data._internal.logical.interfaces import LogicalPlan
     from ray.data._internal.logical.operators.map_operator import StreamingRepartition

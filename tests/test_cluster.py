@@ -64,9 +64,10 @@ def fpn(*args):
 
 
 def submitted_id(text):
-    """The job id `fpn submit` printed (Ray's job client may log lines of its own before it: to the test's stderr
-    when this module's tests run first, since Ray's log handler binds the stream current when it is made)."""
-    found = re.search(r"^submitted (\S+) ", text, re.M)
+    """The job id `fpn submit` or `fpn resume` printed ("submitted ID ...", "resubmitted OLD as ID: ..."; Ray's job
+    client may log lines of its own before it: to the test's stderr when this module's tests run first, since
+    Ray's log handler binds the stream current when it is made)."""
+    found = re.search(r"^(?:submitted|resubmitted \S+ as) ([^\s:]+)", text, re.M)
     assert found, text
     return found.group(1)
 
@@ -205,7 +206,7 @@ def test_cancel_then_resume_writes_every_frame_once(cluster, tmp_path):
     assert 0 < partial < total
     code, text = fpn("resume", job_id, "--address", cluster)
     assert code == 0, text
-    new_id = text.split()[3].rstrip(":")
+    new_id = submitted_id(text)
     row = wait_for(cluster, new_id, {"SUCCEEDED", "FAILED"})
     assert row["status"] == "SUCCEEDED"
     t = frames(out)
@@ -247,7 +248,7 @@ def test_a_worker_node_lost_mid_job_loses_no_frame(cluster, tmp_path):
     if row["status"] != "SUCCEEDED":
         code, text = fpn("resume", job_id, "--address", cluster)
         assert code == 0, text
-        row = wait_for(cluster, text.split()[3].rstrip(":"), {"SUCCEEDED", "FAILED"}, timeout=600)
+        row = wait_for(cluster, submitted_id(text), {"SUCCEEDED", "FAILED"}, timeout=600)
     assert row["status"] == "SUCCEEDED", row
     t = frames(out)
     record("worker node of a 2-node cluster SIGKILLed mid-job (raylet and its workers)",

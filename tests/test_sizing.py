@@ -173,7 +173,8 @@ def test_a_job_that_leaves_the_device_open_gets_one_detector_per_gpu():
 
 
 @pytest.mark.parametrize("decode_cpus", [0.25, 0.5, 1.0])
-def test_a_block_per_batch_runs_inside_the_decode_tasks_at_any_decode_reservation(decode_cpus, tmp_path, capsys):
+def test_a_block_per_batch_runs_inside_the_decode_tasks_at_any_decode_reservation(decode_cpus, ray_session, tmp_path,
+                                                                                 capsys):
     """The split of each unit's frames into a block per batch is fused into the decode tasks: as a stage of its
     own (Ray Data's default for a repartition after a map with other remote args) its tasks reserve a whole CPU,
     which a node that detectors fill never has free, and the job hangs (tests/test_cluster.py did)."""
