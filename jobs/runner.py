@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fpn_model.memory import keep_freed_memory_env
 from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
 from pipeline.output import Output, OutputSettingsError, error_row, final_state
 from pipeline.counter import FrameCounter
-from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary, start_ray_data_helpers
+from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary
+from pipeline.raydata import one_node_execution, start_ray_data_helpers
 from pipeline.sizing import cluster_nodes, fit
 from pipeline.sources import expand_inputs
 from pipeline.storage import check_output_location, redact_text
@@ -75,6 +77,7 @@ EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 _embedded = threading.Event()  # set while the local Ray that init_ray started in this process runs
+_worker_env: dict[str, str] = {}  # the environment variables its processes started with
 _ray_threads: list[threading.Thread] = []  # threads of this process that call Ray: stop_ray waits for them
 
 
@@ -90,10 +93,31 @@ def init_ray(address: str | None = None) -> None:
         check_address(address)
         ray.init(address=address, log_to_driver=False)
     else:
-        with _lean_local_node():
+        # the node's processes start with the CPU detectors' malloc settings (fpn_model.memory), so its workers
+        # have them too: a detector then needs no runtime_env of its own and takes one of the workers Ray starts
+        # with the node instead of a fresh process (pipeline.plan.build_dataset)
+        env = keep_freed_memory_env()
+        with _lean_local_node(), _environ(env):
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                      _system_config=EMBEDDED_SYSTEM_CONFIG)
+        _worker_env.clear()
+        _worker_env.update(env)
         _embedded.set()
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    """This process's environment with `env` added while the block runs (what the processes it starts inherit)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -152,6 +176,7 @@ def stop_ray() -> None:
     if not _embedded.is_set():
         return
     _embedded.clear()
+    _worker_env.clear()
     try:
         from ray._private import ray_constants, worker
 
@@ -208,7 +233,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     plan = dataclasses.replace(plan, resources=dataclasses.replace(
         r, precision=r.precision or default_precision(plan.checkpoint, r.device_type)))
     # processes that every job starts, started now so that they start while it plans and not beside the detectors
-    _ray_threads.append(start_ray_data_helpers())
+    _ray_threads.append(start_ray_data_helpers(autoscaling=not _embedded.is_set()))
     counter = FrameCounter()
     _, digest = model_id(Path(plan.checkpoint))
     identity = plan.identity(digest)
@@ -247,10 +272,11 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             doc["work_units"] = len(units)
             out.write_job(doc)
             try:
-                with Watchdog(out, plan.resources, detected=counter.total):
+                with Watchdog(out, plan.resources, detected=counter.total), \
+                        one_node_execution() if _embedded.is_set() else contextlib.nullcontext():
                     written = execute(plan, out, units, done, planned=doc["planned_frames"],
                                       fence=lease.record["token"], with_masks=with_masks, threads=sizing.threads,
-                                      calls=sizing.calls, counter=counter)
+                                      calls=sizing.calls, counter=counter, worker_env=dict(_worker_env))
             finally:
                 counter.close()
             doc["min_rows_per_file"] = written["rows_per_file"]

@@ -18,7 +18,6 @@ import bisect
 import dataclasses
 import json
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -35,7 +34,7 @@ from .sources import Source, WorkUnit
 from .stac import check_search
 
 __all__ = ["Plan", "Resources", "detector_pool", "plan_units", "plan_work", "count_planned", "raster_summary",
-           "build_dataset", "execute", "start_ray_data_helpers"]
+           "build_dataset", "execute"]
 
 log = logging.getLogger(__name__)
 
@@ -358,32 +357,6 @@ def plan_work(plan: Plan, out: Output, sources: list[Source]) -> list[dict[str, 
     return units
 
 
-def start_ray_data_helpers() -> threading.Thread:
-    """Start Ray Data's helper actors now, from a background thread, so that their processes start while the job
-    plans. The first dataset a cluster executes starts three (execution statistics, actor locations, the
-    autoscaling coordinator), each a new Python process importing ray.data, in the same seconds as the detector
-    actors, which then wait for the CPU (a 2-core node: ~5 CPU-seconds of start-up at once). Ray Data looks
-    them up by name and uses these. The functions are Ray Data's internals (Ray is pinned): if they move, this
-    starts nothing and Ray Data starts its helpers itself, as before. Returns the thread: Ray must not be shut
-    down while it runs (a Ray call after `ray.shutdown()` ends the process)."""
-    def start() -> None:
-        try:
-            from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
-            from ray.data._internal.execution.node_trackers.actor_location import (
-                get_or_create_actor_location_tracker)
-            from ray.data._internal.stats import get_or_create_stats_actor
-
-            for create in (get_or_create_stats_actor, get_or_create_actor_location_tracker,
-                           get_or_create_autoscaling_coordinator):
-                create()
-        except Exception as e:  # noqa: BLE001 - only a head start: Ray Data creates them when it needs them
-            log.debug("Ray Data's helper actors not started ahead: %s: %s", type(e).__name__, e)
-
-    thread = threading.Thread(target=start, name="fpn-ray-data-helpers", daemon=True)
-    thread.start()
-    return thread
-
-
 def count_planned(plan: Plan, units) -> int:
     """Frames (or raster windows) the units will produce under the plan's sampling."""
     total = 0
@@ -443,10 +416,11 @@ def _batch_blocks(ds, rows: int):
 
 
 def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, threads: int | None = None,
-                  calls: int = 1, counter: Any = None):
+                  calls: int = 1, counter: Any = None, worker_env: dict[str, str] | None = None):
     """The lazy Ray Dataset of frame rows for the work `units` (nothing runs until it is written); `threads`: torch
     threads of each detector (pipeline.sizing.fit), else the floor of its CPU reservation, shared by its `calls`
-    concurrent batches (Ray Data runs that many calls of one actor at once, each on its own thread)."""
+    concurrent batches (Ray Data runs that many calls of one actor at once, each on its own thread);
+    `worker_env`: environment variables the cluster's workers start with already (the embedded node's)."""
     import ray.data
 
     r = plan.resources
@@ -457,8 +431,11 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
                        plan.batch_size)
     tile = None if plan.tile is None else dataclasses.asdict(plan.tile)
     # a CPU detector's process keeps freed memory from its start: mallopt comes too late for the thread Ray runs
-    # its calls on (fpn_model.memory); env_vars merge with a job's own runtime_env
-    env = {} if r.gpus_per_detector else keep_freed_memory_env()
+    # its calls on (fpn_model.memory); env_vars merge with a job's own runtime_env. A runtime_env of its own makes
+    # Ray start the detector a fresh process: where the workers have the settings already, it takes one Ray started
+    # ahead with the node
+    env = {} if r.gpus_per_detector else {k: v for k, v in keep_freed_memory_env().items()
+                                         if (worker_env or {}).get(k) != v}
     return ds.map_batches(
         Detector,
         batch_size=plan.batch_size,
@@ -476,7 +453,7 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
 
 def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, planned: int,
             fence: str | None = None, with_masks: bool = False, threads: int | None = None, calls: int = 1,
-            counter: Any = None) -> dict[str, Any]:
+            counter: Any = None, worker_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Decode and detect the work `units`, writing `OUTPUT/frames/` (and `errors/`) in files of at least
     `rows_per_file` frames. `planned`: the frames the units give (`count_planned`, which the caller records);
     `fence`: the lease token of the run, if it holds the output's lease (a write after a takeover commits nothing:
@@ -489,7 +466,8 @@ def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), 
     sink = FrameSink(out, with_masks, min_rows=rows, fence=fence)
     # writing is I/O: a small CPU reservation, so files land while the detector actors hold the CPUs
     # (with the default of one CPU a write waits until detection of every frame has finished)
-    build_dataset(plan, out, units, done, threads=threads, calls=calls, counter=counter).write_datasink(
+    build_dataset(plan, out, units, done, threads=threads, calls=calls, counter=counter,
+                  worker_env=worker_env).write_datasink(
         sink, ray_remote_args={"num_cpus": WRITE_CPUS})
     dups = out.drop_duplicate_frames()
     if dups["rows_removed"]:

@@ -187,3 +187,56 @@ def test_a_block_per_batch_runs_inside_the_decode_tasks_at_any_decode_reservatio
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(_Decode)->StreamingRepartition[num_rows_per_block=4," in physical
     assert physical.count("TaskPoolMapOperator") == 1, physical
+
+
+def test_embedded_ray_data_starts_no_autoscaling_or_usage_actors_and_its_workers_keep_freed_memory():
+    """On the embedded one-node cluster (`pipeline.raydata.one_node_execution`) Ray Data executes without its
+    autoscaling coordinator (it asks for nodes no one can add) and its usage-collection actor, two Python processes
+    that started in the seconds a job's detector does; the control execution after it starts the coordinator.
+    The node's workers start with the detectors' malloc settings (a detector needs no runtime_env of its own),
+    which the driver keeps out of its own environment."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json, os, ray, ray.data
+        from jobs.runner import init_ray, stop_ray
+        from pipeline.raydata import one_node_execution
+        init_ray()
+        arena = ray.get(ray.remote(lambda: os.environ.get("MALLOC_ARENA_MAX")).remote())
+        names = lambda: sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True))
+        with one_node_execution():
+            rows = ray.data.range(8, override_num_blocks=2).map_batches(lambda b: {"x": b["id"] * 2}).take_all()
+        inside = names()
+        ray.data.range(8, override_num_blocks=2).map_batches(lambda b: b).take_all()
+        after = names()
+        stop_ray()
+        print(json.dumps({"arena": arena, "driver": os.environ.get("MALLOC_ARENA_MAX"), "inside": inside,
+                          "after": after, "sum": sum(r["x"] for r in rows)}))"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MALLOC_ARENA_MAX", "FPN_KEEP_FREED_MEMORY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["sum"] == 56
+    assert not {"AutoscalingCoordinator", "DataUsageCollectionActor"} & set(got["inside"]), got["inside"]
+    assert "AutoscalingCoordinator" in got["after"], got["after"]
+    assert (got["arena"], got["driver"]) == ("1", None)
+
+
+def test_a_detector_has_a_runtime_env_only_for_what_the_workers_lack(ray_session, tmp_path):
+    """A runtime_env of its own makes Ray start a detector in a fresh process; where the cluster's workers start
+    with the malloc settings already (the embedded node), it has none and takes a worker Ray started ahead."""
+    from fpn_model.memory import keep_freed_memory_env
+    from pipeline.output import Output
+    from pipeline.plan import build_dataset
+
+    plan = plan_from_dict({"inputs": ["a.mp4"], "output": str(tmp_path), "batch_size": 4})
+
+    def runtime_env(**kwargs):
+        return build_dataset(plan, Output(plan.output), [{"unit": 0}], **kwargs)._logical_plan.dag.ray_remote_args.get(
+            "runtime_env")
+
+    assert runtime_env() == {"env_vars": keep_freed_memory_env()}
+    assert runtime_env(worker_env=keep_freed_memory_env()) is None

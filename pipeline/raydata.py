@@ -1,0 +1,95 @@
+"""What a job changes in Ray Data's start-up, through Ray Data's internals (Ray is pinned at 2.60): each piece
+is only quicker, and where the internals move it does nothing and Ray Data runs as it would by itself.
+
+- `start_ray_data_helpers`: Ray Data's helper actors started while the job plans, not beside the detectors;
+- `one_node_execution`: on the embedded one-node cluster, without the two actors that serve only multi-node or
+  telemetry purposes.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Iterator
+
+__all__ = ["start_ray_data_helpers", "one_node_execution"]
+
+log = logging.getLogger(__name__)
+
+
+def start_ray_data_helpers(*, autoscaling: bool = True) -> threading.Thread:
+    """Start Ray Data's helper actors now, from a background thread, so that their processes start while the job
+    plans. The first dataset a cluster executes starts them (execution statistics, actor locations and, unless
+    `autoscaling` is off (`one_node_execution`), the autoscaling coordinator), each a new Python process importing
+    ray.data, in the same seconds as the detector actors, which then wait for the CPU (a 2-core node: ~5
+    CPU-seconds of start-up at once). Ray Data looks them up by name and uses these. Returns the thread: Ray must
+    not be shut down while it runs (a Ray call after `ray.shutdown()` ends the process)."""
+    def start() -> None:
+        try:
+            from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+            from ray.data._internal.execution.node_trackers.actor_location import (
+                get_or_create_actor_location_tracker)
+            from ray.data._internal.stats import get_or_create_stats_actor
+
+            for create in (get_or_create_stats_actor, get_or_create_actor_location_tracker,
+                           *([get_or_create_autoscaling_coordinator] if autoscaling else [])):
+                create()
+        except Exception as e:  # noqa: BLE001 - only a head start: Ray Data creates them when it needs them
+            log.debug("Ray Data's helper actors not started ahead: %s: %s", type(e).__name__, e)
+
+    thread = threading.Thread(target=start, name="fpn-ray-data-helpers", daemon=True)
+    thread.start()
+    return thread
+
+
+@contextlib.contextmanager
+def one_node_execution() -> Iterator[None]:
+    """While it lasts, Ray Data executions in this process run as on a cluster that cannot grow (the embedded
+    one-node cluster): without the two actors Ray Data would start for them, each a Python process that imports
+    ray.data (~1.2 CPU-seconds each on the 2-core node, in the seconds a job's detector starts):
+
+    - the autoscaling coordinator, which asks Ray's autoscaler for nodes (a one-node local cluster has no
+      autoscaler) and, until it answers, leaves the execution a budget of nothing (no task starts for about a
+      second): a cluster autoscaler that reports the node's resources at once takes its place;
+    - the usage-collection actor, which gathers Ray Data's usage telemetry for Ray's usage stats
+      (`RAY_DATA_USAGE_DISABLED`, unless the environment says otherwise)."""
+    import ray
+
+    try:
+        from ray.data._internal.cluster_autoscaler import ClusterAutoscaler
+        from ray.data._internal.execution import streaming_executor
+        from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
+
+        create = streaming_executor.create_cluster_autoscaler
+    except (ImportError, AttributeError) as e:
+        log.debug("Ray Data's cluster autoscaler kept: %s: %s", type(e).__name__, e)
+        create = None
+
+    if create is not None:
+        class FixedCluster(ClusterAutoscaler):
+            """The cluster's resources, all of them this execution's, now and for good."""
+
+            def __init__(self, *args, **kwargs):
+                self.total = ExecutionResources.from_resource_dict(ray.cluster_resources())
+
+            def try_trigger_scaling(self) -> None:
+                pass
+
+            def on_executor_shutdown(self) -> None:
+                pass
+
+            def get_total_resources(self) -> ExecutionResources:
+                return self.total
+
+        streaming_executor.create_cluster_autoscaler = FixedCluster
+    quiet = "RAY_DATA_USAGE_DISABLED" not in os.environ
+    if quiet:
+        os.environ["RAY_DATA_USAGE_DISABLED"] = "1"
+    try:
+        yield
+    finally:
+        if create is not None:
+            streaming_executor.create_cluster_autoscaler = create
+        if quiet:
+            os.environ.pop("RAY_DATA_USAGE_DISABLED", None)
