@@ -233,7 +233,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     plan = dataclasses.replace(plan, resources=dataclasses.replace(
         r, precision=r.precision or default_precision(plan.checkpoint, r.device_type)))
     # processes that every job starts, started now so that they start while it plans and not beside the detectors
-    _ray_threads.append(start_ray_data_helpers(autoscaling=not _embedded.is_set()))
+    _ray_threads.append(start_ray_data_helpers(one_node=_embedded.is_set()))
     counter = FrameCounter()
     _, digest = model_id(Path(plan.checkpoint))
     identity = plan.identity(digest)

@@ -2,8 +2,8 @@
 is only quicker, and where the internals move it does nothing and Ray Data runs as it would by itself.
 
 - `start_ray_data_helpers`: Ray Data's helper actors started while the job plans, not beside the detectors;
-- `one_node_execution`: on the embedded one-node cluster, without the two actors that serve only multi-node or
-  telemetry purposes.
+- `one_node_execution`: on the embedded one-node cluster, without the three actors that serve only clusters of
+  several nodes or telemetry.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ __all__ = ["start_ray_data_helpers", "one_node_execution"]
 log = logging.getLogger(__name__)
 
 
-def start_ray_data_helpers(*, autoscaling: bool = True) -> threading.Thread:
+def start_ray_data_helpers(*, one_node: bool = False) -> threading.Thread:
     """Start Ray Data's helper actors now, from a background thread, so that their processes start while the job
-    plans. The first dataset a cluster executes starts them (execution statistics, actor locations and, unless
-    `autoscaling` is off (`one_node_execution`), the autoscaling coordinator), each a new Python process importing
-    ray.data, in the same seconds as the detector actors, which then wait for the CPU (a 2-core node: ~5
-    CPU-seconds of start-up at once). Ray Data looks them up by name and uses these. Returns the thread: Ray must
+    plans. The first dataset a cluster executes starts them (execution statistics and, unless the job runs on one
+    node (`one_node_execution`), actor locations and the autoscaling coordinator), each a new Python process
+    importing ray.data, in the same seconds as the detector actors, which then wait for the CPU (a 2-core node:
+    ~5 CPU-seconds of start-up at once). Ray Data looks them up by name and uses these. Returns the thread: Ray must
     not be shut down while it runs (a Ray call after `ray.shutdown()` ends the process)."""
     def start() -> None:
         try:
@@ -32,8 +32,8 @@ def start_ray_data_helpers(*, autoscaling: bool = True) -> threading.Thread:
                 get_or_create_actor_location_tracker)
             from ray.data._internal.stats import get_or_create_stats_actor
 
-            for create in (get_or_create_stats_actor, get_or_create_actor_location_tracker,
-                           *([get_or_create_autoscaling_coordinator] if autoscaling else [])):
+            for create in (get_or_create_stats_actor, *([] if one_node else [
+                    get_or_create_actor_location_tracker, get_or_create_autoscaling_coordinator])):
                 create()
         except Exception as e:  # noqa: BLE001 - only a head start: Ray Data creates them when it needs them
             log.debug("Ray Data's helper actors not started ahead: %s: %s", type(e).__name__, e)
@@ -43,53 +43,83 @@ def start_ray_data_helpers(*, autoscaling: bool = True) -> threading.Thread:
     return thread
 
 
+class _NoRemote:
+    def remote(self, *args, **kwargs) -> None:
+        return None
+
+
+class _NoLocations:
+    """Stands in for Ray Data's actor-location tracker on one node: every actor is on it (Ray Data falls back on
+    the location each actor reported when it started), so the updates go nowhere."""
+
+    update_actor_location = _NoRemote()
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value) -> Iterator[None]:
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
 @contextlib.contextmanager
 def one_node_execution() -> Iterator[None]:
-    """While it lasts, Ray Data executions in this process run as on a cluster that cannot grow (the embedded
-    one-node cluster): without the two actors Ray Data would start for them, each a Python process that imports
-    ray.data (~1.2 CPU-seconds each on the 2-core node, in the seconds a job's detector starts):
+    """While it lasts, Ray Data executions in this process run as on one node that cannot grow (the embedded
+    cluster): without three actors Ray Data would start for them, each a Python process that imports ray.data
+    (0.75-1.5 CPU-seconds each on the 2-core node, in the seconds a job's detector starts):
 
     - the autoscaling coordinator, which asks Ray's autoscaler for nodes (a one-node local cluster has no
       autoscaler) and, until it answers, leaves the execution a budget of nothing (no task starts for about a
       second): a cluster autoscaler that reports the node's resources at once takes its place;
+    - the actor-location tracker, which tells the actor pool on which node each actor runs (to route blocks and
+      avoid draining nodes): there is one node;
     - the usage-collection actor, which gathers Ray Data's usage telemetry for Ray's usage stats
       (`RAY_DATA_USAGE_DISABLED`, unless the environment says otherwise)."""
     import ray
 
-    try:
-        from ray.data._internal.cluster_autoscaler import ClusterAutoscaler
-        from ray.data._internal.execution import streaming_executor
-        from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
+    with contextlib.ExitStack() as stack:
+        try:
+            from ray.data._internal.cluster_autoscaler import ClusterAutoscaler
+            from ray.data._internal.execution import streaming_executor
+            from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
+            from ray.data._internal.execution.operators import actor_pool_map_operator as pool
 
-        create = streaming_executor.create_cluster_autoscaler
-    except (ImportError, AttributeError) as e:
-        log.debug("Ray Data's cluster autoscaler kept: %s: %s", type(e).__name__, e)
-        create = None
+            class FixedCluster(ClusterAutoscaler):
+                """The cluster's resources, all of them this execution's, now and for good."""
 
-    if create is not None:
-        class FixedCluster(ClusterAutoscaler):
-            """The cluster's resources, all of them this execution's, now and for good."""
+                def __init__(self, *args, **kwargs):
+                    self.total = ExecutionResources.from_resource_dict(ray.cluster_resources())
 
-            def __init__(self, *args, **kwargs):
-                self.total = ExecutionResources.from_resource_dict(ray.cluster_resources())
+                def try_trigger_scaling(self) -> None:
+                    pass
 
-            def try_trigger_scaling(self) -> None:
-                pass
+                def on_executor_shutdown(self) -> None:
+                    pass
 
-            def on_executor_shutdown(self) -> None:
-                pass
+                def get_total_resources(self) -> ExecutionResources:
+                    return self.total
 
-            def get_total_resources(self) -> ExecutionResources:
-                return self.total
+            patches = ((streaming_executor, "create_cluster_autoscaler", FixedCluster),
+                       (pool, "get_or_create_actor_location_tracker", _NoLocations),
+                       (pool, "get_actor_locations", lambda ids: {}))
+            for module, name, _ in patches:
+                getattr(module, name)  # all there, or none patched
+            for patch in patches:
+                stack.enter_context(_patched(*patch))
+        except (ImportError, AttributeError) as e:
+            log.debug("Ray Data's cluster autoscaler and actor locations kept: %s: %s", type(e).__name__, e)
+        if "RAY_DATA_USAGE_DISABLED" not in os.environ:
+            stack.enter_context(_environ_var("RAY_DATA_USAGE_DISABLED", "1"))
+        yield
 
-        streaming_executor.create_cluster_autoscaler = FixedCluster
-    quiet = "RAY_DATA_USAGE_DISABLED" not in os.environ
-    if quiet:
-        os.environ["RAY_DATA_USAGE_DISABLED"] = "1"
+
+@contextlib.contextmanager
+def _environ_var(name: str, value: str) -> Iterator[None]:
+    os.environ[name] = value
     try:
         yield
     finally:
-        if create is not None:
-            streaming_executor.create_cluster_autoscaler = create
-        if quiet:
-            os.environ.pop("RAY_DATA_USAGE_DISABLED", None)
+        os.environ.pop(name, None)

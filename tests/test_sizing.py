@@ -189,10 +189,11 @@ def test_a_block_per_batch_runs_inside_the_decode_tasks_at_any_decode_reservatio
     assert physical.count("TaskPoolMapOperator") == 1, physical
 
 
-def test_embedded_ray_data_starts_no_autoscaling_or_usage_actors_and_its_workers_keep_freed_memory():
-    """On the embedded one-node cluster (`pipeline.raydata.one_node_execution`) Ray Data executes without its
-    autoscaling coordinator (it asks for nodes no one can add) and its usage-collection actor, two Python processes
-    that started in the seconds a job's detector does; the control execution after it starts the coordinator.
+def test_embedded_ray_data_starts_no_helpers_that_serve_other_nodes_and_its_workers_keep_freed_memory():
+    """On the embedded one-node cluster (`pipeline.raydata.one_node_execution`) Ray Data executes an actor pool
+    without its autoscaling coordinator (it asks for nodes no one can add), actor-location tracker and
+    usage-collection actor, Python processes that started in the seconds a job's detector does; the control
+    execution after it starts the first two.
     The node's workers start with the detectors' malloc settings (a detector needs no runtime_env of its own),
     which the driver keeps out of its own environment."""
     import json
@@ -207,10 +208,14 @@ def test_embedded_ray_data_starts_no_autoscaling_or_usage_actors_and_its_workers
         init_ray()
         arena = ray.get(ray.remote(lambda: os.environ.get("MALLOC_ARENA_MAX")).remote())
         names = lambda: sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True))
+        class Double:
+            def __call__(self, batch):
+                return {"x": batch["id"] * 2}
+        doubled = lambda: ray.data.range(8, override_num_blocks=2).map_batches(Double, concurrency=1).take_all()
         with one_node_execution():
-            rows = ray.data.range(8, override_num_blocks=2).map_batches(lambda b: {"x": b["id"] * 2}).take_all()
+            rows = doubled()
         inside = names()
-        ray.data.range(8, override_num_blocks=2).map_batches(lambda b: b).take_all()
+        doubled()
         after = names()
         stop_ray()
         print(json.dumps({"arena": arena, "driver": os.environ.get("MALLOC_ARENA_MAX"), "inside": inside,
@@ -220,8 +225,9 @@ def test_embedded_ray_data_starts_no_autoscaling_or_usage_actors_and_its_workers
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["sum"] == 56
-    assert not {"AutoscalingCoordinator", "DataUsageCollectionActor"} & set(got["inside"]), got["inside"]
-    assert "AutoscalingCoordinator" in got["after"], got["after"]
+    helpers = {"AutoscalingCoordinator", "ActorLocationTracker"}
+    assert not (helpers | {"DataUsageCollectionActor"}) & set(got["inside"]), got["inside"]
+    assert helpers <= set(got["after"]), got["after"]
     assert (got["arena"], got["driver"]) == ("1", None)
 
 
