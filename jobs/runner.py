@@ -26,7 +26,7 @@ from fpn_model.zoo import model_id
 from pipeline.output import Output, OutputSettingsError, error_row, final_state
 from pipeline.counter import FrameCounter
 from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary
-from pipeline.raydata import one_node_execution, start_ray_data_helpers
+from pipeline.raydata import environ, one_node_execution, start_ray_data_helpers
 from pipeline.sizing import cluster_nodes, fit
 from pipeline.sources import expand_inputs
 from pipeline.storage import check_output_location, redact_text
@@ -97,27 +97,12 @@ def init_ray(address: str | None = None) -> None:
         # have them too: a detector then needs no runtime_env of its own and takes one of the workers Ray starts
         # with the node instead of a fresh process (pipeline.plan.build_dataset)
         env = keep_freed_memory_env()
-        with _lean_local_node(), _environ(env):
+        with _lean_local_node(), environ(env):
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                      _system_config=EMBEDDED_SYSTEM_CONFIG)
         _worker_env.clear()
         _worker_env.update(env)
         _embedded.set()
-
-
-@contextlib.contextmanager
-def _environ(env: dict[str, str]):
-    """This process's environment with `env` added while the block runs (what the processes it starts inherit)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Iterator
 
-__all__ = ["start_ray_data_helpers", "one_node_execution"]
+__all__ = ["start_ray_data_helpers", "one_node_execution", "environ"]
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,20 @@ def one_node_execution() -> Iterator[None]:
         except (ImportError, AttributeError) as e:
             log.debug("Ray Data's cluster autoscaler and actor locations kept: %s: %s", type(e).__name__, e)
         if "RAY_DATA_USAGE_DISABLED" not in os.environ:
-            stack.enter_context(_environ_var("RAY_DATA_USAGE_DISABLED", "1"))
+            stack.enter_context(environ({"RAY_DATA_USAGE_DISABLED": "1"}))
         yield
 
 
 @contextlib.contextmanager
-def _environ_var(name: str, value: str) -> Iterator[None]:
-    os.environ[name] = value
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """This process's environment with `env` added while the block runs (what the processes it starts inherit)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        os.environ.pop(name, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
