@@ -231,9 +231,10 @@ def test_embedded_ray_data_starts_no_helpers_that_serve_other_nodes_and_its_work
     assert (got["arena"], got["driver"]) == ("1", None)
 
 
-def test_a_detector_has_a_runtime_env_only_for_what_the_workers_lack(ray_session, tmp_path):
+def test_a_detector_has_a_runtime_env_only_for_what_the_workers_lack(ray_session, tmp_path, monkeypatch):
     """A runtime_env of its own makes Ray start a detector in a fresh process; where the cluster's workers start
     with the malloc settings already (the embedded node), it has none and takes a worker Ray started ahead."""
+    monkeypatch.delenv("FPN_KEEP_FREED_MEMORY", raising=False)  # the settings on, whatever the caller's shell says
     from fpn_model.memory import keep_freed_memory_env
     from pipeline.output import Output
     from pipeline.plan import build_dataset
