@@ -70,10 +70,17 @@ def check_address(address: str | None, timeout_s: float = 10.0) -> None:
                               "(is it running? is the address right?)") from None
 
 
-# Ray starts its workers at nice 15, below its own daemons and the driver; a detector's torch threads then lose
-# their core to every wake-up of those (benchmarks/worker_niceness.py: the same forward in an actor, 1.025x as
-# fast at 0)
-EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0}
+# The embedded node (Ray's system config, `ray.init(_system_config=...)`):
+# - worker_niceness 0: Ray starts its workers at nice 15, below its own daemons and the driver; a detector's torch
+#   threads then lose their core to every wake-up of those (benchmarks/worker_niceness.py: the same forward in an
+#   actor, 1.025x as fast at 0);
+# - enable_worker_prestart: the raylet starts a worker per CPU as it starts, not once the driver has connected, so
+#   they boot while `ray.init` finishes: a job's first task and its detector find one ready;
+# - preload_python_modules: what every worker of a job imports on its first call (Ray Data's workers, the planning
+#   task, the detector class), imported by the workers Ray starts ahead, while the job plans; measured on the
+#   2-core node: the detector's `__init__` 1.1 -> 0.35 s after the execution starts (benchmarks/startup.py).
+EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": True,
+                          "preload_python_modules": ["ray.data", "pipeline.plan"]}
 
 
 _embedded = threading.Event()  # set while the local Ray that init_ray started in this process runs
@@ -218,7 +225,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     plan = dataclasses.replace(plan, resources=dataclasses.replace(
         r, precision=r.precision or default_precision(plan.checkpoint, r.device_type)))
     # processes that every job starts, started now so that they start while it plans and not beside the detectors
-    _ray_threads.append(start_ray_data_helpers(one_node=_embedded.is_set()))
+    if not _embedded.is_set():
+        _ray_threads.append(start_ray_data_helpers())
     counter = FrameCounter()
     _, digest = model_id(Path(plan.checkpoint))
     identity = plan.identity(digest)

@@ -1,9 +1,10 @@
 """What a job changes in Ray Data's start-up, through Ray Data's internals (Ray is pinned at 2.60): each piece
 is only quicker, and where the internals move it does nothing and Ray Data runs as it would by itself.
 
-- `start_ray_data_helpers`: Ray Data's helper actors started while the job plans, not beside the detectors;
-- `one_node_execution`: on the embedded one-node cluster, without the three actors that serve only clusters of
-  several nodes or telemetry.
+- `start_ray_data_helpers`: on a cluster, Ray Data's helper actors started while the job plans, not beside the
+  detectors;
+- `one_node_execution`: on the embedded one-node cluster, without the four actors that serve only clusters of
+  several nodes, the dashboard's metrics or telemetry.
 """
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ __all__ = ["start_ray_data_helpers", "one_node_execution", "environ"]
 log = logging.getLogger(__name__)
 
 
-def start_ray_data_helpers(*, one_node: bool = False) -> threading.Thread:
+def start_ray_data_helpers() -> threading.Thread:
     """Start Ray Data's helper actors now, from a background thread, so that their processes start while the job
-    plans. The first dataset a cluster executes starts them (execution statistics and, unless the job runs on one
-    node (`one_node_execution`), actor locations and the autoscaling coordinator), each a new Python process
-    importing ray.data, in the same seconds as the detector actors, which then wait for the CPU (a 2-core node:
-    ~5 CPU-seconds of start-up at once). Ray Data looks them up by name and uses these. Returns the thread: Ray must
-    not be shut down while it runs (a Ray call after `ray.shutdown()` ends the process)."""
+    plans. The first dataset a cluster executes starts them (execution statistics, actor locations and the
+    autoscaling coordinator), each a new Python process importing ray.data, in the same seconds as the detector
+    actors, which then wait for the CPU (a 2-core node: ~5 CPU-seconds of start-up at once). Ray Data looks them up
+    by name and uses these. Returns the thread: Ray must not be shut down while it runs (a Ray call after
+    `ray.shutdown()` ends the process). The embedded one-node cluster needs none (`one_node_execution`)."""
     def start() -> None:
         try:
             from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
@@ -32,8 +33,8 @@ def start_ray_data_helpers(*, one_node: bool = False) -> threading.Thread:
                 get_or_create_actor_location_tracker)
             from ray.data._internal.stats import get_or_create_stats_actor
 
-            for create in (get_or_create_stats_actor, *([] if one_node else [
-                    get_or_create_actor_location_tracker, get_or_create_autoscaling_coordinator])):
+            for create in (get_or_create_stats_actor, get_or_create_actor_location_tracker,
+                           get_or_create_autoscaling_coordinator):
                 create()
         except Exception as e:  # noqa: BLE001 - only a head start: Ray Data creates them when it needs them
             log.debug("Ray Data's helper actors not started ahead: %s: %s", type(e).__name__, e)
@@ -46,6 +47,14 @@ def start_ray_data_helpers(*, one_node: bool = False) -> threading.Thread:
 class _NoRemote:
     def remote(self, *args, **kwargs) -> None:
         return None
+
+
+class _NoStats:
+    """Stands in for Ray Data's statistics actor on the embedded node: the metrics sent to it go nowhere (Ray Data
+    falls back on a random dataset id where it asks it for one)."""
+
+    def __getattr__(self, name: str) -> _NoRemote:
+        return _NoRemote()
 
 
 class _NoLocations:
@@ -68,20 +77,25 @@ def _patched(module, name: str, value) -> Iterator[None]:
 @contextlib.contextmanager
 def one_node_execution() -> Iterator[None]:
     """While it lasts, Ray Data executions in this process run as on one node that cannot grow (the embedded
-    cluster): without three actors Ray Data would start for them, each a Python process that imports ray.data
-    (0.75-1.5 CPU-seconds each on the 2-core node, in the seconds a job's detector starts):
+    cluster): without four actors Ray Data would start for them, each a Python process that imports ray.data
+    (0.75-1.5 CPU-seconds each on the 2-core node, in the seconds a job's detector starts), and the first of them
+    in a worker that Ray started ahead, which the detector then finds taken:
 
     - the autoscaling coordinator, which asks Ray's autoscaler for nodes (a one-node local cluster has no
       autoscaler) and, until it answers, leaves the execution a budget of nothing (no task starts for about a
       second): a cluster autoscaler that reports the node's resources at once takes its place;
     - the actor-location tracker, which tells the actor pool on which node each actor runs (to route blocks and
       avoid draining nodes): there is one node;
+    - the statistics actor, which gathers the execution's metrics for the dashboard (the embedded node has none);
+      the detector took a fresh process while it held a prestarted worker (street job, 2-core node: its
+      `__init__` ~2 s later);
     - the usage-collection actor, which gathers Ray Data's usage telemetry for Ray's usage stats
       (`RAY_DATA_USAGE_DISABLED`, unless the environment says otherwise)."""
     import ray
 
     with contextlib.ExitStack() as stack:
         try:
+            from ray.data._internal import stats
             from ray.data._internal.cluster_autoscaler import ClusterAutoscaler
             from ray.data._internal.execution import streaming_executor
             from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
@@ -104,13 +118,14 @@ def one_node_execution() -> Iterator[None]:
 
             patches = ((streaming_executor, "create_cluster_autoscaler", FixedCluster),
                        (pool, "get_or_create_actor_location_tracker", _NoLocations),
-                       (pool, "get_actor_locations", lambda ids: {}))
+                       (pool, "get_actor_locations", lambda ids: {}),
+                       (stats, "get_or_create_stats_actor", _NoStats))
             for module, name, _ in patches:
                 getattr(module, name)  # all there, or none patched
             for patch in patches:
                 stack.enter_context(_patched(*patch))
         except (ImportError, AttributeError) as e:
-            log.debug("Ray Data's cluster autoscaler and actor locations kept: %s: %s", type(e).__name__, e)
+            log.debug("Ray Data's cluster helpers kept: %s: %s", type(e).__name__, e)
         if "RAY_DATA_USAGE_DISABLED" not in os.environ:
             stack.enter_context(environ({"RAY_DATA_USAGE_DISABLED": "1"}))
         yield

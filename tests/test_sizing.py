@@ -105,34 +105,36 @@ def test_the_frame_counter_sums_every_detectors_copy_and_forgets_the_run_when_cl
     other.close()
 
 
-def _embedded_ray(**env_vars) -> tuple[int, set[str]]:
-    """In a fresh process (this one may hold Ray): `init_ray()`, then a task's niceness and the names of the
-    Python scripts the driver's child processes run (Ray's daemons)."""
+def _embedded_ray(**env_vars) -> tuple[int, bool, set[str]]:
+    """In a fresh process (this one may hold Ray): `init_ray()`, then a task's niceness, whether its worker had
+    imported pipeline.plan before the task came, and the names of the Python scripts the driver's child processes
+    run (Ray's daemons)."""
     import os
     import subprocess
     import sys
 
-    code = ("import os, psutil, ray; from jobs.runner import init_ray, stop_ray; init_ray(); "
-            "nice = ray.get(ray.remote(lambda: os.nice(0)).remote()); "
+    code = ("import os, sys, psutil, ray; from jobs.runner import init_ray, stop_ray; init_ray(); "
+            "nice, ready = ray.get(ray.remote(lambda: (os.nice(0), 'pipeline.plan' in sys.modules)).remote()); "
             "scripts = {os.path.basename(a) for p in psutil.Process().children(recursive=True) "
             "for a in p.cmdline() if a.endswith('.py')}; "
-            "stop_ray(); print(nice, *sorted(scripts))")
+            "stop_ray(); print(nice, ready, *sorted(scripts))")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness", "FPN_RAY_FULL_NODE")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**env, **env_vars}, timeout=120)
-    nice, *scripts = out.stdout.strip().splitlines()[-1].split()
-    return int(nice), set(scripts)
+    nice, ready, *scripts = out.stdout.strip().splitlines()[-1].split()
+    return int(nice), ready == "True", set(scripts)
 
 
 def test_embedded_ray_runs_its_workers_at_the_drivers_priority_without_daemons_of_other_clients():
     """Ray's default worker niceness (15) puts a detector's threads below Ray's own daemons (benchmarks/
-    worker_niceness.py); the embedded Ray of `fpn run` starts them at 0. It starts no autoscaler monitor, log
-    monitor or API server (jobs.runner._lean_local_node): FPN_RAY_FULL_NODE=1 brings them back."""
+    worker_niceness.py); the embedded Ray of `fpn run` starts them at 0, with what a job's workers import on their
+    first call imported ahead. It starts no autoscaler monitor, log monitor or API server
+    (jobs.runner._lean_local_node): FPN_RAY_FULL_NODE=1 brings them back."""
     daemons = {"monitor.py", "log_monitor.py", "dashboard.py"}
-    nice, scripts = _embedded_ray()
-    assert nice == 0
+    nice, preloaded, scripts = _embedded_ray()
+    assert nice == 0 and preloaded
     assert not scripts & daemons, scripts
-    assert _embedded_ray(FPN_RAY_FULL_NODE="1")[1] >= daemons
+    assert _embedded_ray(FPN_RAY_FULL_NODE="1")[2] >= daemons
 
 
 def test_a_detector_pool_is_fixed_or_autoscales_up_to_max_detectors():
@@ -191,9 +193,9 @@ def test_a_block_per_batch_runs_inside_the_decode_tasks_at_any_decode_reservatio
 
 def test_embedded_ray_data_starts_no_helpers_that_serve_other_nodes_and_its_workers_keep_freed_memory():
     """On the embedded one-node cluster (`pipeline.raydata.one_node_execution`) Ray Data executes an actor pool
-    without its autoscaling coordinator (it asks for nodes no one can add), actor-location tracker and
-    usage-collection actor, Python processes that started in the seconds a job's detector does; the control
-    execution after it starts the first two.
+    without its autoscaling coordinator (it asks for nodes no one can add), actor-location tracker, statistics
+    actor and usage-collection actor, Python processes that started in the seconds a job's detector does; the
+    control execution after it starts the first three.
     The node's workers start with the detectors' malloc settings (a detector needs no runtime_env of its own),
     which the driver keeps out of its own environment."""
     import json
@@ -225,7 +227,7 @@ def test_embedded_ray_data_starts_no_helpers_that_serve_other_nodes_and_its_work
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["sum"] == 56
-    helpers = {"AutoscalingCoordinator", "ActorLocationTracker"}
+    helpers = {"AutoscalingCoordinator", "ActorLocationTracker", "datasets_stats_actor"}
     assert not (helpers | {"DataUsageCollectionActor"}) & set(got["inside"]), got["inside"]
     assert helpers <= set(got["after"]), got["after"]
     assert (got["arena"], got["driver"]) == ("1", None)
