@@ -137,6 +137,63 @@ def test_embedded_ray_runs_its_workers_at_the_drivers_priority_without_daemons_o
     assert _embedded_ray(FPN_RAY_FULL_NODE="1")[2] >= daemons
 
 
+def test_a_cpu_detectors_calls_share_its_threads_among_those_running_and_its_cpu_time():
+    """Each call of a CPU detector sets its own torch thread count (OpenMP's is per thread) as it enters the
+    model's modules: all of the detector's threads while it runs alone, an even share while others run beside it.
+    Each call's CPU time is its share of the process's (torch's threads of a call are not the calling thread)."""
+    import threading
+    import time
+
+    import torch
+
+    from pipeline.detect import _CallShare
+
+    seen: dict[str, list[int]] = {}
+    both_in = threading.Barrier(2)
+    b_first, a_done = threading.Event(), threading.Event()
+
+    class Step(torch.nn.Module):
+        def forward(self, who):
+            seen.setdefault(who, []).append(torch.get_num_threads())  # set by the hook before this step
+            if who == "b" and len(seen["b"]) == 1:
+                b_first.set()
+                a_done.wait(timeout=10)  # b's next step once a has ended
+            return who
+
+    model = torch.nn.Sequential(Step(), Step())
+    share = _CallShare(model, threads=2)
+    cpu: dict[str, float] = {}
+
+    def call(who):
+        torch.set_num_threads(1)  # what a detector's call threads start with
+        with share.call():
+            if who != "alone":
+                both_in.wait(timeout=10)  # both calls running before either's first step
+            model(who)
+            if who == "a":
+                b_first.wait(timeout=10)  # a ends after b's first step
+            if who == "alone":
+                end = time.process_time() + 0.3
+                while time.process_time() < end:
+                    pass
+            cpu[who] = share.clock()
+        if who == "a":
+            a_done.set()
+
+    t = threading.Thread(target=call, args=("alone",))
+    t.start()
+    t.join()
+    pair = [threading.Thread(target=call, args=(w,)) for w in ("a", "b")]
+    for t in pair:
+        t.start()
+    for t in pair:
+        t.join()
+    assert seen["alone"] == [2, 2]  # alone: both threads
+    assert seen["a"] == [1, 1] and seen["b"] == [1, 2]  # side by side 1 each; b has both once a has ended
+    assert 0.25 < cpu["alone"] < 0.6, cpu
+    assert cpu["a"] < 0.2 and cpu["b"] < 0.2, cpu
+
+
 def test_a_detector_pool_is_fixed_or_autoscales_up_to_max_detectors():
     from pipeline.plan import detector_pool
 
