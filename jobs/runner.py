@@ -77,10 +77,10 @@ def check_address(address: str | None, timeout_s: float = 10.0) -> None:
 # - enable_worker_prestart: the raylet starts a worker per CPU as it starts, not once the driver has connected, so
 #   they boot while `ray.init` finishes: a job's first task and its detector find one ready;
 # - preload_python_modules: what every worker of a job imports on its first call (Ray Data's workers, the planning
-#   task, the detector class), imported by the workers Ray starts ahead, while the job plans; measured on the
-#   2-core node: the detector's `__init__` 1.1 -> 0.35 s after the execution starts (benchmarks/startup.py).
+#   task, the detector class), imported by the workers Ray starts ahead, while the job plans (pipeline/preload.py);
+#   measured on the 2-core node: the detector's `__init__` 1.1 -> 0.35 s after the execution starts.
 EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": True,
-                          "preload_python_modules": ["ray.data", "pipeline.plan"]}
+                          "preload_python_modules": ["pipeline.preload"]}
 
 
 _embedded = threading.Event()  # set while the local Ray that init_ray started in this process runs

@@ -114,7 +114,8 @@ def _embedded_ray(**env_vars) -> tuple[int, bool, set[str]]:
     import sys
 
     code = ("import os, sys, psutil, ray; from jobs.runner import init_ray, stop_ray; init_ray(); "
-            "nice, ready = ray.get(ray.remote(lambda: (os.nice(0), 'pipeline.plan' in sys.modules)).remote()); "
+            "nice, ready = ray.get(ray.remote(lambda: (os.nice(0), {'pipeline.plan', 'ray.data'} <= set(sys.modules)))"
+            ".remote()); "
             "scripts = {os.path.basename(a) for p in psutil.Process().children(recursive=True) "
             "for a in p.cmdline() if a.endswith('.py')}; "
             "stop_ray(); print(nice, ready, *sorted(scripts))")
