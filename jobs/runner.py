@@ -120,14 +120,18 @@ def _lean_local_node():
     it loads only the usage-stats module, and `ray.init` waits for it before it even starts the raylet).
 
     Measured on the 2-core node: `ray.init()` 4.2 -> 2.0 s, the cluster's processes 5.0 -> 3.0 core-seconds in
-    their first 6 s, the start of a job's detector no longer competing with them. What stays: the GCS, the raylet,
+    their first 6 s, the start of a job's detector no longer competing with them. Its dashboard agent runs as in a
+    minimal Ray install (`pip install ray` without the dashboard's dependencies): no HTTP server and no metrics
+    export (no dashboard to serve, no Prometheus to scrape), and the driver does not import those dependencies to
+    decide (0.26 s): `ray.init()` and a first task 2.3 -> 2.0 s (medians of 4). What stays: the GCS, the raylet,
     its dashboard and runtime-env agents, and the workers. `ray.init` has no options for these (`ray start` has
     some), so the switch is Ray's internals (Ray is pinned): if they move, this is a plain `ray.init()`. Set
     FPN_RAY_FULL_NODE=1 for Ray's full set (`ray status` against an embedded cluster needs the monitor)."""
     try:
-        from ray._private import node, parameter
+        from ray._private import node, parameter, utils
 
         start_api_server, params_init = node.Node.start_api_server, parameter.RayParams.__init__
+        dependency_error = utils.get_dashboard_dependency_error
     except (ImportError, AttributeError) as e:
         log.debug("Ray's daemons not trimmed: %s: %s", type(e).__name__, e)
         start_api_server = None
@@ -143,11 +147,16 @@ def _lean_local_node():
         kwargs.setdefault("include_log_monitor", False)
         params_init(self, *args, **kwargs)
 
+    def minimal_agent():
+        return ImportError("the embedded node's dashboard agent runs minimal (jobs.runner._lean_local_node)")
+
     node.Node.start_api_server, parameter.RayParams.__init__ = no_api_server, without_monitors
+    utils.get_dashboard_dependency_error = minimal_agent
     try:
         yield
     finally:
         node.Node.start_api_server, parameter.RayParams.__init__ = start_api_server, params_init
+        utils.get_dashboard_dependency_error = dependency_error
 
 
 def stop_ray() -> None:

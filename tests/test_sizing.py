@@ -105,37 +105,44 @@ def test_the_frame_counter_sums_every_detectors_copy_and_forgets_the_run_when_cl
     other.close()
 
 
-def _embedded_ray(**env_vars) -> tuple[int, bool, set[str]]:
+def _embedded_ray(**env_vars) -> dict:
     """In a fresh process (this one may hold Ray): `init_ray()`, then a task's niceness, whether its worker had
-    imported pipeline.plan before the task came, and the names of the Python scripts the driver's child processes
-    run (Ray's daemons)."""
+    imported (or was importing) pipeline.plan and Ray Data before the task came, the names of the Python scripts the
+    driver's child processes run (Ray's daemons) and whether its dashboard agent runs minimal."""
+    import json
     import os
     import subprocess
     import sys
 
-    code = ("import os, sys, psutil, ray; from jobs.runner import init_ray, stop_ray; init_ray(); "
-            "nice, ready = ray.get(ray.remote(lambda: (os.nice(0), {'pipeline.plan', 'ray.data'} <= set(sys.modules)))"
-            ".remote()); "
-            "scripts = {os.path.basename(a) for p in psutil.Process().children(recursive=True) "
-            "for a in p.cmdline() if a.endswith('.py')}; "
-            "stop_ray(); print(nice, ready, *sorted(scripts))")
+    code = """if True:
+        import json, os, sys, psutil, ray
+        from jobs.runner import init_ray, stop_ray
+        init_ray()
+        nice, ready = ray.get(ray.remote(lambda: (os.nice(0), {"pipeline.plan", "ray.data"} <= set(sys.modules)))
+                              .remote())
+        cmds = [p.cmdline() for p in psutil.Process().children(recursive=True)]
+        stop_ray()
+        print(json.dumps({"nice": nice, "preloaded": ready,
+                          "scripts": sorted({os.path.basename(a) for c in cmds for a in c if a.endswith(".py")}),
+                          "minimal_agent": any(a.startswith("--dashboard_agent_command=") and "--minimal" in a
+                                               for c in cmds for a in c)}))"""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness", "FPN_RAY_FULL_NODE")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**env, **env_vars}, timeout=120)
-    nice, ready, *scripts = out.stdout.strip().splitlines()[-1].split()
-    return int(nice), ready == "True", set(scripts)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_embedded_ray_runs_its_workers_at_the_drivers_priority_without_daemons_of_other_clients():
     """Ray's default worker niceness (15) puts a detector's threads below Ray's own daemons (benchmarks/
     worker_niceness.py); the embedded Ray of `fpn run` starts them at 0, with what a job's workers import on their
-    first call imported ahead. It starts no autoscaler monitor, log monitor or API server
-    (jobs.runner._lean_local_node): FPN_RAY_FULL_NODE=1 brings them back."""
+    first call imported ahead. It starts no autoscaler monitor, log monitor or API server, and its dashboard agent
+    minimal (jobs.runner._lean_local_node): FPN_RAY_FULL_NODE=1 brings them back."""
     daemons = {"monitor.py", "log_monitor.py", "dashboard.py"}
-    nice, preloaded, scripts = _embedded_ray()
-    assert nice == 0 and preloaded
-    assert not scripts & daemons, scripts
-    assert _embedded_ray(FPN_RAY_FULL_NODE="1")[2] >= daemons
+    lean = _embedded_ray()
+    assert lean["nice"] == 0 and lean["preloaded"] and lean["minimal_agent"]
+    assert not set(lean["scripts"]) & daemons, lean["scripts"]
+    full = _embedded_ray(FPN_RAY_FULL_NODE="1")
+    assert set(full["scripts"]) >= daemons and not full["minimal_agent"]
 
 
 def test_a_cpu_detectors_calls_share_its_threads_among_those_running_and_its_cpu_time():
