@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _meta import measured  # benchmarks/ is this script's directory
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "startup.json"
 IMAGE = REPO / "data" / "aerial-trees" / "SOAP_061.png"
@@ -99,7 +101,7 @@ def main() -> None:
     result["fixed_cost_s"] = round(med["fpn"] - med["ray"], 3)
     result["fixed_cost_null_model_s"] = round(med["null"] - med["ray"], 3)
     result["cpu"] = cpu
-    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result.update(measured())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("fixed_cost_s", "fixed_cost_null_model_s", "cpu")}),

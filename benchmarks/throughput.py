@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _meta import measured  # benchmarks/ is this script's directory
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "throughput.json"
 FPN = [sys.executable, "-m", "jobs.cli"]
@@ -293,7 +295,7 @@ def main() -> None:
     result = {"video": os.path.relpath(source, REPO), "loop": a.loop, "frames_total": n, "height": h, "width": w,
               "every_n": a.every_n, "batch": a.batch, "model": a.model, "cpus": os.cpu_count(),
               "recipe_config": recipe_cfg, "recipe_sweep": sweep, "sweep_every_n": a.sweep_every_n, "sizes": sizes,
-              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              **measured()}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     for size, s in sizes.items():
