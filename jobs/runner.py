@@ -26,7 +26,7 @@ from fpn_model.zoo import model_id
 from pipeline.output import Output, OutputSettingsError, error_row, final_state
 from pipeline.counter import FrameCounter
 from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary
-from pipeline.raydata import environ, one_node_execution, start_ray_data_helpers
+from pipeline.raydata import environ, one_node_execution, patched, start_ray_data_helpers
 from pipeline.sizing import cluster_nodes, fit
 from pipeline.sources import expand_inputs
 from pipeline.storage import check_output_location, redact_text
@@ -130,12 +130,12 @@ def _lean_local_node():
     try:
         from ray._private import node, parameter, utils
 
-        start_api_server, params_init = node.Node.start_api_server, parameter.RayParams.__init__
-        dependency_error = utils.get_dashboard_dependency_error
+        params_init = parameter.RayParams.__init__
+        utils.get_dashboard_dependency_error, node.Node.start_api_server  # all there, or none patched
     except (ImportError, AttributeError) as e:
         log.debug("Ray's daemons not trimmed: %s: %s", type(e).__name__, e)
-        start_api_server = None
-    if start_api_server is None or os.environ.get("FPN_RAY_FULL_NODE") == "1":
+        params_init = None
+    if params_init is None or os.environ.get("FPN_RAY_FULL_NODE") == "1":
         yield
         return
 
@@ -150,13 +150,10 @@ def _lean_local_node():
     def minimal_agent():
         return ImportError("the embedded node's dashboard agent runs minimal (jobs.runner._lean_local_node)")
 
-    node.Node.start_api_server, parameter.RayParams.__init__ = no_api_server, without_monitors
-    utils.get_dashboard_dependency_error = minimal_agent
-    try:
+    with patched(node.Node, "start_api_server", no_api_server), \
+            patched(parameter.RayParams, "__init__", without_monitors), \
+            patched(utils, "get_dashboard_dependency_error", minimal_agent):
         yield
-    finally:
-        node.Node.start_api_server, parameter.RayParams.__init__ = start_api_server, params_init
-        utils.get_dashboard_dependency_error = dependency_error
 
 
 def stop_ray() -> None:

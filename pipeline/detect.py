@@ -82,7 +82,7 @@ class Detector:
             self._cpu_clock = self._share.clock
         elif calls == 1:
             self._cpu_clock = time.process_time
-        else:  # a GPU's calls: an even share of the process's
+        else:  # a GPU's calls (or a CPU detector without a thread count): an even share of the process's
             self._cpu_clock = lambda: time.process_time() / calls
         self.counter = counter
         self.model_id = model_id
@@ -151,10 +151,10 @@ class _CallShare:
     batches of one actor at once, each on a thread of its own).
 
     Threads: torch's thread count belongs to the thread that calls it (OpenMP's), so each call sets its own, as it
-    enters each of the model's modules down to `DEPTH` levels (the blocks of a backbone's stages), to an even share of the detector's `threads` among the
-    calls running at that moment. A batch alone (a job's last, or one while decoding lags) gets them all instead of
-    1 of 2 (the mobilenet_v3 FPN street batch of 4 at 512 px on 2 cores: 2.3 -> 1.4 s); two side by side run as
-    before, 1 each.
+    enters each of the model's modules down to `DEPTH` levels (the blocks of a backbone's stages), to an even share
+    of the detector's `threads` among the calls running at that moment. A batch alone (a job's last, or one while
+    decoding lags) gets them all instead of 1 of 2 (the mobilenet_v3 FPN street batch of 4 at 512 px on 2 cores:
+    2.3 -> 1.4 s); two side by side run as before, 1 each.
     CPU time: torch's threads of a call are not the calling thread, so a thread's clock misses them; the
     process's CPU time between any two events (a call starting, ending or reading its clock) is shared evenly by
     the calls running then."""

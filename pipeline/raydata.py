@@ -14,7 +14,7 @@ import os
 import threading
 from typing import Iterator
 
-__all__ = ["start_ray_data_helpers", "one_node_execution", "environ"]
+__all__ = ["start_ray_data_helpers", "one_node_execution", "environ", "patched"]
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,14 @@ class _NoLocations:
 
 
 @contextlib.contextmanager
-def _patched(module, name: str, value) -> Iterator[None]:
-    old = getattr(module, name)
-    setattr(module, name, value)
+def patched(owner, name: str, value) -> Iterator[None]:
+    """`owner.name` (a module's or a class's attribute) set to `value` while the block runs."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        setattr(module, name, old)
+        setattr(owner, name, old)
 
 
 @contextlib.contextmanager
@@ -123,7 +124,7 @@ def one_node_execution() -> Iterator[None]:
             for module, name, _ in patches:
                 getattr(module, name)  # all there, or none patched
             for patch in patches:
-                stack.enter_context(_patched(*patch))
+                stack.enter_context(patched(*patch))
         except (ImportError, AttributeError) as e:
             log.debug("Ray Data's cluster helpers kept: %s: %s", type(e).__name__, e)
         if "RAY_DATA_USAGE_DISABLED" not in os.environ:
