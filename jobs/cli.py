@@ -207,7 +207,8 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--compile", "compile_model", is_flag=True, default=None,
               help="torch.compile the model's backbone, neck and RPN head in each detector: faster batches after a "
                    "compile of a minute or more per input shape (cached on disk by inductor).")
-@click.option("--video-backend", help="Video decoder: decord (default), pyav, or module:Class of your own.")
+@click.option("--video-backend", help="Video decoder: decord (default), pyav, nvdec (NVIDIA GPUs; PyAV where "
+              "there is none), or module:Class of your own.")
 @click.option("--decode-timeout", "decode_timeout_s", type=float,
               help="Seconds to wait for the next decoded batch before a decoder counts as hung.  [default: 300]")
 @storage_flags

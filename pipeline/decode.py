@@ -307,16 +307,21 @@ class PyAVVideo:
 
 
 def open_video(path: str | BinaryIO, backend: str = "decord") -> VideoDecoder:
-    """Open `path` with a video backend: "decord", "pyav" (which also takes a seekable binary file object), or a
-    plugin named "package.module:Class" (or "/path/to/plugin.py:Class", for a file not on the Python path of
-    every worker) whose class takes the path and implements `VideoDecoder`: a decoder of your own, or a test
-    double that hangs or crashes."""
+    """Open `path` with a video backend: "decord", "pyav" (which also takes a seekable binary file object),
+    "nvdec" (`pipeline.nvdec`: NVIDIA's decode engine, PyAV where there is none), or a plugin named
+    "package.module:Class" (or "/path/to/plugin.py:Class", for a file not on the Python path of every worker)
+    whose class takes the path and implements `VideoDecoder`: a decoder of your own, or a test double that hangs
+    or crashes."""
     if backend == "decord":
         return DecordVideo(path)
     if backend == "pyav":
         return PyAVVideo(path)
+    if backend == "nvdec":
+        from .nvdec import NvdecVideo
+
+        return NvdecVideo(path)
     if ":" not in backend:
-        raise ValueError(f"unknown video backend {backend!r}; choose decord, pyav or module:Class")
+        raise ValueError(f"unknown video backend {backend!r}; choose decord, pyav, nvdec or module:Class")
     module, _, name = backend.rpartition(":")
     try:
         if module.endswith(".py"):

@@ -103,7 +103,7 @@ class Plan:
     raster_window: int = 2048
     raster_margin: int = 128
     windows_per_unit: int = 4
-    video_backend: str = "decord"  # decord | pyav | module:Class (a VideoDecoder)
+    video_backend: str = "decord"  # decord | pyav | nvdec | module:Class (a VideoDecoder)
     decode_timeout_s: float = 300.0  # longest wait for the next decoded batch; a hung decoder is retried once
     resources: Resources = Resources()
     model_overrides: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -129,8 +129,9 @@ class Plan:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_rows_per_file is not None and self.min_rows_per_file < 1:
             raise ValueError(f"min_rows_per_file must be >= 1, got {self.min_rows_per_file}")
-        if self.video_backend not in ("decord", "pyav") and ":" not in self.video_backend:
-            raise ValueError(f"video_backend must be decord, pyav or module:Class, got {self.video_backend!r}")
+        if self.video_backend not in ("decord", "pyav", "nvdec") and ":" not in self.video_backend:
+            raise ValueError(
+                f"video_backend must be decord, pyav, nvdec or module:Class, got {self.video_backend!r}")
         if self.decode_timeout_s <= 0:
             raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
         if self.bands is not None:

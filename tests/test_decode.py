@@ -182,3 +182,32 @@ def test_planning_tasks_import_no_model_and_no_ray_data():
             "print(','.join(m for m in ('torch', 'torchvision', 'ray.data') if m in sys.modules))")
     heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert heavy == ""
+
+
+@pytest.mark.parametrize("missing", ["module", "device"])
+def test_nvdec_falls_back_to_pyav_with_one_line(tmp_path, monkeypatch, caplog, missing):
+    """`video_backend: nvdec` where NVDEC cannot run (no PyNvVideoCodec; or no CUDA device, a stand-in module
+    installed) decodes with PyAV: the same frames, the same decode counts, and one warning naming the cause."""
+    import sys
+    import types
+
+    from pipeline import nvdec
+
+    if missing == "module":
+        monkeypatch.setitem(sys.modules, "PyNvVideoCodec", None)  # import fails
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is visible")
+        monkeypatch.setitem(sys.modules, "PyNvVideoCodec", types.ModuleType("PyNvVideoCodec"))
+    monkeypatch.setattr(nvdec, "_said", set())
+    path = gop_clip(tmp_path / "c", 20, 10.0, gop=5)
+    unit = WorkUnit(path, path, "video", 0, 20, 20, 10.0, 96, 64)
+    with caplog.at_level("WARNING", logger="pipeline.nvdec"):
+        got = _frames(unit, Sampling(every_n=3), backend="nvdec")
+        again = _frames(unit, Sampling(every_n=3), backend="nvdec")
+    assert got == again == _frames(unit, Sampling(every_n=3), backend="pyav")
+    [line] = [r.getMessage() for r in caplog.records if r.name == "pipeline.nvdec"]
+    cause = "PyNvVideoCodec is not installed" if missing == "module" else "no CUDA device is visible"
+    assert line.startswith("nvdec unavailable: " + cause) and line.endswith("decoding on the CPU with PyAV")
