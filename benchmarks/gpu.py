@@ -2,7 +2,19 @@
 alone against `fpn run` end to end, start-up, precision against accuracy, rasters in Mpx/s. Runs on any CUDA device
 and, with `--device cpu` (small inputs), on a CPU. Writes JSON (device name, library versions) as it goes.
 
-Sections (`--sections`, in this order):
+Sections (`--sections`, in this order; those added at the second GPU session first in the list below):
+
+- `machine`: the GPU, its driver, NVDEC's library and PyNvVideoCodec.
+- `profile`: torch.profiler over Detector calls of the largest batch (fp32 and bf16) and the trees model on a
+  raster's tiles: the ops taking most device and host time, the host's waits per call, the GPU's busy share.
+- `startup_parts`: seconds from a fresh Python to torch, CUDA, the Detector, its first and second call.
+- `startup_again`: `startup` once more (files cached, compiled kernels on disk).
+- `decoders`: every frame of a 1080p H.264 clip and of bikes.mp4 through pyav, decord and nvdec (`pipeline.nvdec`):
+  frames/s, CPU ms per frame (the decode CPUs a GPU needs), NVDEC's pixels against PyAV's.
+- `masks`: 100 Mask R-CNN masks of a 1080p frame on the device to COCO RLE, three ways (`fpn_model.rle`).
+- `e2e_shared`: `e2e` with two detectors on the one GPU (`gpus_per_detector` 0.5); `e2e_nvdec`: with nvdec.
+- `compile`: the Detector with `compile` (first call, frames/s), cuDNN's autotuner, TF32 matrix products, each
+  against without, exact and bf16, largest batch.
 
 - `forward`: Faster R-CNN R50-FPN (torchvision's, seeded random weights, the class logits scaled so that some
   boxes pass the score threshold) at `--min-size` (800) from `--height`p uint8 frames (bikes.mp4 upscaled), batch
@@ -188,8 +200,12 @@ def forward_worker(args) -> dict:
                 t = timed(eager, args.reps, args.warm, sync)
                 r["eager_fps"] = round(bs / t["median_s"], 2)
                 r["eager_spread_fps"] = [round(bs / t["max_s"], 2), round(bs / t["min_s"], 2)]
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             t = timed(lambda: det(batch), args.reps, args.warm, sync)
             r["detector_fps"] = round(bs / t["median_s"], 2)
+            if dev == "cuda":
+                r["detector_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
             r["detector_spread_fps"] = [round(bs / t["max_s"], 2), round(bs / t["min_s"], 2)]
             r["detections_per_frame"] = round(det(batch).column("num_detections").to_numpy().mean(), 1)
             if bs > 1 and args.two_calls:  # two lasting threads, as an actor's: each keeps its stream and buffers
@@ -336,15 +352,18 @@ def steady(files: list[tuple[float, int]], after: int) -> float | None:
     return round(done / (files[-1][0] - start), 2)
 
 
-def fpn_cmd(inputs: list[str], out: Path, ckpt: str, args, *extra: str) -> list[str]:
-    gpu = ["--gpus-per-detector", "1", "--cpus-per-detector", "2"] if args.device == "cuda" else []
+def fpn_cmd(inputs: list[str], out: Path, ckpt: str, args, *extra: str, detectors: int = 1,
+            backend: str = "pyav") -> list[str]:
+    gpu = ["--num-detectors", str(detectors), "--gpus-per-detector", f"{1 / detectors:g}", "--cpus-per-detector",
+           "2"] if args.device == "cuda" else []
     return [sys.executable, "-m", "jobs.cli", "run", *inputs, "-o", str(out), "-m", ckpt, "--no-tile",
-            "--video-backend", "pyav", *gpu, *extra]
+            "--video-backend", backend, *gpu, *extra]
 
 
-def e2e(args, ckpt: str, video: Path, tmp: Path) -> dict:
-    out = tmp / "e2e"
-    r = watch_run(fpn_cmd([str(video)], out, ckpt, args, "--batch-size", "16"), out, tmp / "e2e.log",
+def e2e(args, ckpt: str, video: Path, tmp: Path, name: str = "e2e", **how) -> dict:
+    """`fpn run` on `video`, batch 16; `how`: `detectors` sharing the one GPU, the video `backend`."""
+    out = tmp / name
+    r = watch_run(fpn_cmd([str(video)], out, ckpt, args, "--batch-size", "16", **how), out, tmp / f"{name}.log",
                   args.section_timeout)
     files = r.pop("files")
     r["first_file_s"] = files[0][0] if files else None
@@ -354,9 +373,9 @@ def e2e(args, ckpt: str, video: Path, tmp: Path) -> dict:
     return r
 
 
-def startup(args, ckpt: str, tmp: Path) -> dict:
-    out = tmp / "startup"
-    r = watch_run(fpn_cmd([str(SOAP)], out, ckpt, args), out, tmp / "startup.log", args.section_timeout)
+def startup(args, ckpt: str, tmp: Path, name: str = "startup") -> dict:
+    out = tmp / name
+    r = watch_run(fpn_cmd([str(SOAP)], out, ckpt, args), out, tmp / f"{name}.log", args.section_timeout)
     files = r.pop("files")
     r["first_file_s"] = files[0][0] if files else None
     return r
@@ -412,19 +431,26 @@ def r50_agreement(args, ckpt: str) -> dict:
     return out
 
 
-def raster(args) -> dict:
+def raster_frame(side: int):
+    """SOAP_061 and its mirror image tiled to `side` x `side` pixels."""
     import numpy as np
-    import torch
 
     from fpn_model.data import read_image
+
+    img = read_image(SOAP)
+    reps = -(-side // img.shape[0])
+    return np.ascontiguousarray(np.tile(np.concatenate([img, img[::-1]], 0), (reps, reps, 1))[:side, :side])
+
+
+def raster(args) -> dict:
+    import torch
+
     from fpn_model.predict import Predictor, TileConfig
     from fpn_model.weights import load_checkpoint
     from fpn_model.zoo import resolve
 
     side = args.raster_side
-    img = read_image(SOAP)
-    reps = -(-side // img.shape[0])
-    big = np.ascontiguousarray(np.tile(np.concatenate([img, img[::-1]], 0), (reps, reps, 1))[:side, :side])
+    big = raster_frame(side)
     model = load_checkpoint(resolve("trees"))
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     out = {"side": side}
@@ -436,12 +462,257 @@ def raster(args) -> dict:
     return out
 
 
+# -- the machine, the decoders, start-up parts, a profile, masks, compile ----------------------------------------------
+def machine(args) -> dict:
+    """The GPU, its driver and what a decoder on it needs (NVDEC's library, PyNvVideoCodec)."""
+    import ctypes
+
+    import torch
+
+    out = {"cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                              if ln.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None}
+    try:
+        out["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        out["nvidia_smi"] = f"{type(e).__name__}: {e}"
+    for lib in ("libnvcuvid.so.1", "libnvidia-encode.so.1"):
+        try:
+            ctypes.CDLL(lib)
+            out[lib] = "loads"
+        except OSError as e:
+            out[lib] = str(e)
+    try:
+        import PyNvVideoCodec as nvc
+
+        out["pynvvideocodec"] = getattr(nvc, "__version__", "?")
+    except Exception as e:  # noqa: BLE001
+        out["pynvvideocodec"] = f"{type(e).__name__}: {e}"
+    if args.device == "cuda":
+        out["cudnn"] = torch.backends.cudnn.version()
+        out["capability"] = list(torch.cuda.get_device_capability(0))
+        out["tf32_conv"] = torch.backends.cudnn.allow_tf32
+        out["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return out
+
+
+def hd_clip(dest: Path, frames: int, height: int) -> Path:
+    """`frames` frames of bikes.mp4 upscaled to `height`p, H.264 (x264, a keyframe every 50), as a camera gives."""
+    import av
+
+    src = frames_hd(min(frames, 250), height)
+    with av.open(str(dest), "w") as out:
+        st = out.add_stream("libx264", rate=25)
+        st.width, st.height, st.pix_fmt = src.shape[2], src.shape[1], "yuv420p"
+        st.options = {"g": "50", "crf": "23", "preset": "veryfast"}
+        for k in range(frames):
+            for packet in st.encode(av.VideoFrame.from_ndarray(src[k % len(src)], format="rgb24")):
+                out.mux(packet)
+        for packet in st.encode():
+            out.mux(packet)
+    return dest
+
+
+def decoders(args, tmp: Path) -> dict:
+    """Every frame of a 1080p H.264 clip and of bikes.mp4 (640x272) decoded by the pipeline's backends: frames/s,
+    CPU milliseconds per frame (process time: the cores a decode task takes), and NVDEC's pixels against PyAV's."""
+    import numpy as np
+
+    from pipeline.decode import open_video
+
+    clip = hd_clip(tmp / "hd.mp4", args.hd_frames, 1080)
+    out = {}
+    for name, path in (("1080p", clip), ("640x272", VIDEO)):
+        ref = None
+        for backend in ("pyav", "decord", "nvdec"):
+            try:
+                v = open_video(str(path), backend)
+                idx = list(range(v.num_frames))
+                v.frames(idx[:1])  # opens the decoder (NVDEC: its session)
+                c0, t0 = time.process_time(), time.perf_counter()
+                n = 0
+                for i in range(0, len(idx), 16):
+                    n += len(v.frames(idx[i:i + 16]))
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                row = {"frames": n, "fps": round(n / wall, 1), "cpu_ms_per_frame": round(1000 * cpu / n, 2),
+                       "backend": getattr(v, "backend", backend)}
+                probe_idx = [0, min(37, len(idx) - 1), len(idx) - 1]
+                got = v.frames(probe_idx)
+                if ref is None:
+                    ref = got
+                else:
+                    row["mean_abs_diff_vs_pyav"] = round(float(np.abs(got.astype(int) - ref.astype(int)).mean()), 3)
+                v.close()
+            except Exception as e:  # noqa: BLE001
+                row = {"error": f"{type(e).__name__}: {e}"[:500]}
+            out[f"{name}/{backend}"] = row
+            print(name, backend, row, file=sys.stderr, flush=True)
+    return out
+
+
+STARTUP_PARTS = r"""
+import sys, time, json
+t0 = time.perf_counter(); marks = {}
+def mark(name): marks[name] = round(time.perf_counter() - t0, 3)
+import torch; mark("import_torch")
+import torchvision; mark("import_torchvision")
+dev = sys.argv[2]
+if dev == "cuda":
+    torch.zeros(1, device="cuda"); torch.cuda.synchronize(); mark("cuda_init")
+from pipeline.detect import Detector; mark("import_pipeline_detect")
+det = Detector(sys.argv[1], model_id="r50", tile=None, max_batch=1); mark("detector_built")
+sys.path.insert(0, "benchmarks"); import gpu
+batch = gpu.decoded_batch(gpu.frames_hd(2, 1080)[:1]); mark("frame_ready")
+det(batch); mark("first_call")
+det(batch); mark("second_call")
+print(json.dumps(marks))
+"""
+
+
+def startup_parts(args, ckpt: str) -> dict:
+    """Seconds from a fresh Python to each step of a detector's start (torch, CUDA, the model, the first call)."""
+    p = subprocess.run([sys.executable, "-c", STARTUP_PARTS, ckpt, args.device], cwd=REPO, capture_output=True,
+                       text=True, timeout=args.section_timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                           [str(REPO), os.environ.get("PYTHONPATH", "")])})
+    if p.returncode:
+        return {"error": p.stderr[-2000:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def profile(args, ckpt: str) -> dict:
+    """torch.profiler over 3 Detector calls of the largest batch per precision (and the trees model on 1024-px
+    tiles of a raster): the ops taking most device and host time, and the host's waits for the device."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    from pipeline.detect import Detector
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    bs = max(args.batches)
+    batch = decoded_batch(frames_hd(bs, args.height))
+    out = {}
+
+    def table(prof, wall: float) -> dict:
+        ev = prof.key_averages()
+        dev_attr = "device_time_total" if hasattr(ev[0], "device_time_total") else "cuda_time_total"
+        rows = [{"op": e.key, "calls": e.count, "cpu_ms": round(e.cpu_time_total / 1000 / 3, 2),
+                 "self_cpu_ms": round(e.self_cpu_time_total / 1000 / 3, 2),
+                 "device_ms": round(getattr(e, dev_attr, 0) / 1000 / 3, 2)} for e in ev]
+        waits = {k: sum(r["calls"] for r in rows if r["op"] == k) / 3 for k in
+                 ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense",
+                  "aten::nonzero", "cudaMemcpyAsync", "cudaLaunchKernel")}
+        kernels = sum(getattr(e, "self_device_time_total", 0) for e in ev if e.device_type.name == "CUDA") \
+            if args.device == "cuda" else 0
+        return {"ms_per_call": round(wall * 1000 / 3, 1), "gpu_busy": round(kernels / 1000 / 3 / (wall * 1000 / 3), 3)
+                if kernels else None, "per_call": waits,
+                "top_device": sorted(rows, key=lambda r: -r["device_ms"])[:25],
+                "top_self_cpu": sorted(rows, key=lambda r: -r["self_cpu_ms"])[:25]}
+
+    for precision in args.precisions[:2]:
+        det = Detector(ckpt, model_id="r50", tile=None, max_batch=bs, precision=precision)
+        for _ in range(2):
+            det(batch)
+        sync()
+        with torch.profiler.profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                det(batch)
+            sync()
+            wall = time.perf_counter() - t0
+        out[f"r50_b{bs}_{precision}"] = table(prof, wall)
+        det = None
+    from fpn_model.predict import Predictor, TileConfig
+    from fpn_model.weights import load_checkpoint
+    from fpn_model.zoo import resolve
+
+    big = raster_frame(args.raster_side)
+    pred = Predictor(load_checkpoint(resolve("trees")), device=args.device, tile=TileConfig(size=1024, overlap=128),
+                     max_batch=32)
+    pred([big])
+    sync()
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            pred([big])
+        sync()
+        wall = time.perf_counter() - t0
+    out["trees_raster_exact"] = table(prof, wall)
+    return out
+
+
+def masks_on_device(args) -> dict:
+    """A frame's 100 Mask R-CNN masks (1080p, on the device as the model leaves them) to COCO RLE: copied to the host
+    and encoded one by one (before fpn_model.rle), copied and encoded in chunks (the CPU way), and the GPU way
+    (`runs_to_rle`: run boundaries found on the device, only they copied). Medians of 5; results equal."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from mask_rle import masks, one_by_one
+
+    from fpn_model.rle import chunks_to_rle, runs_to_rle
+
+    h, w = (1080, 1920) if not args.quick else (270, 480)
+    m = masks(100, h, w).to(args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    frame = dict(x0=0, y0=0, height=h, width=w)
+    ways = {"copy_one_by_one": lambda: one_by_one(m.cpu(), h, w),
+            "copy_chunks": lambda: chunks_to_rle(m.cpu(), **frame), "runs_on_device": lambda: runs_to_rle(m, **frame)}
+    ref = ways["copy_one_by_one"]()
+    out = {"same_rles": all(fn() == ref for fn in ways.values())}
+    for k, fn in ways.items():
+        out[k + "_s"] = round(timed(fn, 5, 1, sync)["median_s"], 4)
+    return out
+
+
+def compiled(args, ckpt: str) -> dict:
+    """The Detector at the largest batch with the device's knobs, one at a time: `compile` (torch.compile of
+    backbone+neck and the RPN head: seconds of the first call, frames/s after), cuDNN's autotuner
+    (`cudnn.benchmark`), TF32 matrix products (fp32 only); each against the same Detector without, exact and bf16
+    (exact only on a CPU)."""
+    import torch
+
+    from pipeline.detect import Detector
+
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    bs = max(args.batches)
+    batch = decoded_batch(frames_hd(bs, args.height))
+    out = {"batch": bs}
+    cuda = args.device == "cuda"
+    runs = [("exact", "plain"), ("exact", "cudnn_benchmark"), ("exact", "tf32_matmul"), ("exact", "compile")]
+    if cuda:
+        runs = runs[:3] + [("bf16", "plain"), ("bf16", "cudnn_benchmark"), ("bf16", "compile")]
+    for precision, knob in runs:
+        torch.backends.cudnn.benchmark = knob == "cudnn_benchmark"
+        torch.backends.cuda.matmul.allow_tf32 = knob == "tf32_matmul"
+        try:
+            det = Detector(ckpt, model_id="r50", tile=None, max_batch=bs, precision=precision,
+                           compile=knob == "compile")
+            sync()
+            t0 = time.perf_counter()
+            det(batch)
+            sync()
+            row = {"first_call_s": round(time.perf_counter() - t0, 2),
+                   "fps": round(bs / timed(lambda: det(batch), args.reps, 1, sync)["median_s"], 2)}
+        except Exception as e:  # noqa: BLE001
+            row = {"error": f"{type(e).__name__}: {e}"[:500]}
+        finally:
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            det = None
+        out[f"{precision}/{knob}"] = row
+        print(precision, knob, row, file=sys.stderr, flush=True)
+    return out
+
+
 # -- main ------------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu.json"))
-    ap.add_argument("--sections", default="forward,precision,raster,alone,e2e,startup")
+    ap.add_argument("--sections", default="machine,forward,profile,startup_parts,startup,startup_again,raster,"
+                    "precision,decoders,masks,alone,e2e,e2e_shared,e2e_nvdec,compile")
     ap.add_argument("--before", help="another source tree (an older commit) whose Detector to time beside")
     ap.add_argument("--quick", action="store_true", help="small inputs (CPU runs)")
     ap.add_argument("--height", type=int, default=1080)
@@ -453,6 +724,7 @@ def main() -> None:
     ap.add_argument("--alone-frames", type=int, default=2000)
     ap.add_argument("--e2e-frames", type=int, default=10000)
     ap.add_argument("--raster-side", type=int, default=4096)
+    ap.add_argument("--hd-frames", type=int, default=250, help="decoders: frames of the 1080p clip")
     ap.add_argument("--section-timeout", type=float, default=300)
     ap.add_argument("--worker")
     ap.add_argument("--checkpoint")
@@ -467,7 +739,7 @@ def main() -> None:
         return
     if args.quick:
         args.height, args.min_size, args.batches, args.reps, args.warm = 180, 200, [1, 2], 2, 1
-        args.alone_frames, args.e2e_frames, args.raster_side = 32, 250, 1024
+        args.alone_frames, args.e2e_frames, args.raster_side, args.hd_frames = 32, 250, 1024, 20
     if args.device == "cpu":
         args.precisions = ["exact", "bf16"]
     sections = args.sections.split(",")
@@ -491,13 +763,26 @@ def main() -> None:
                     if args.before and args.before != "none":
                         value["before"] = run_forward_worker(Path(args.before).resolve(), args, ckpt,
                                                              ["--skip-eager", "--two-calls"])
-                elif name in ("alone", "e2e"):
+                elif name in ("alone", "e2e", "e2e_shared", "e2e_nvdec"):
                     video = tmp / "looped.mp4"
                     if not video.exists():
                         result["looped_frames"] = looped_remux(VIDEO, args.e2e_frames, video)
-                    value = alone(args, ckpt, video) if name == "alone" else e2e(args, ckpt, video, tmp)
-                elif name == "startup":
-                    value = startup(args, ckpt, tmp)
+                    how = {"e2e_shared": {"detectors": 2}, "e2e_nvdec": {"backend": "nvdec"}}.get(name, {})
+                    value = alone(args, ckpt, video) if name == "alone" else e2e(args, ckpt, video, tmp, name, **how)
+                elif name in ("startup", "startup_again"):
+                    value = startup(args, ckpt, tmp, name)
+                elif name == "machine":
+                    value = machine(args)
+                elif name == "startup_parts":
+                    value = startup_parts(args, ckpt)
+                elif name == "profile":
+                    value = profile(args, ckpt)
+                elif name == "decoders":
+                    value = decoders(args, tmp)
+                elif name == "masks":
+                    value = masks_on_device(args)
+                elif name == "compile":
+                    value = compiled(args, ckpt)
                 elif name == "precision":
                     value = precision(args)
                     value["r50_agreement"] = r50_agreement(args, ckpt)
