@@ -1,14 +1,14 @@
 """What each worker of the embedded node imports as it starts, before any work reaches it (Ray's
-`preload_python_modules`: jobs.runner.EMBEDDED_SYSTEM_CONFIG), so that a job's first calls do not wait for it.
+`preload_python_modules`: jobs.runner.EMBEDDED_SYSTEM_CONFIG), so that a job's first calls do not wait for it:
+`pipeline.plan` (the planning task's module and the detector class's) and Ray Data, which every Ray Data task and
+actor imports on its first call (0.6 s on the 2-core node).
 
-- `pipeline.plan`, at once: the planning task's module and the detector class's;
-- Ray Data (0.6 s on the 2-core node), on a thread of its own: every Ray Data task and actor imports it on its
-  first call, but the planning task, which comes first, does not, and need not wait for it (a worker's preloads
-  run before it takes any task: with Ray Data among them the planning task waited 0.5-0.7 s for a worker, with
-  it on a thread 0.25-0.35 s).
+Both on the worker's main thread, before it takes a task (the planning task waits 0.5-0.7 s for a worker, where
+it waited 0.25-0.35 s with Ray Data imported on a thread of its own). Not on a thread: a task that reaches the
+worker mid-import imports Ray Data too, from its arguments, and Ray Data's circular imports on two threads at once
+end in Python's import deadlock detection ("KeyError: 'ray.data'" in the task; jobs failed so on a 16-CPU node).
 """
 import importlib
-import threading
 
 importlib.import_module(f"{__package__}.plan")
-threading.Thread(target=importlib.import_module, args=("ray.data",), name="fpn-preload", daemon=True).start()
+importlib.import_module("ray.data")
