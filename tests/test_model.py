@@ -373,3 +373,37 @@ def test_keep_freed_memory_env_reaches_threads_that_allocated_before_it():
     off = subprocess.run([sys.executable, "-c", "from fpn_model.memory import keep_freed_memory_env as e; print(e())"],
                          capture_output=True, text=True, check=True, env={**os.environ, "FPN_KEEP_FREED_MEMORY": "0"})
     assert off.stdout.strip() == "{}"
+
+
+def test_frozen_norms_fold_into_the_convolutions_before_them():
+    """fold_norms leaves no batch norm in torchvision's R50-FPN and MobileNetV3 bodies (frozen, or in eval mode)
+    and the features within float rounding of the unfolded model's; a norm in training mode is left alone."""
+    import copy
+
+    from torchvision.models import mobilenet_v3_large
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from fpn_model.predict import fold_norms
+
+    torch.manual_seed(0)
+    r50 = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3,
+                                  norm_layer=FrozenBatchNorm2d).eval()
+    for m in r50.modules():  # stats a trained model would have, not the identity a fresh one starts with
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.2)
+    x = torch.rand(1, 3, 256, 320)
+    folded = copy.deepcopy(r50)
+    assert fold_norms(folded) == 53
+    assert not any(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in folded.modules())
+    with torch.no_grad():
+        a, b = r50.backbone(x), folded.backbone(x)
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5 * a[k].abs().max(), k
+    mb = mobilenet_v3_large().eval()
+    folded = copy.deepcopy(mb)
+    assert fold_norms(folded) == 46
+    with torch.no_grad():
+        assert torch.allclose(mb.features(x), folded.features(x), rtol=1e-4, atol=1e-5)
+    assert fold_norms(mobilenet_v3_large().train()) == 0

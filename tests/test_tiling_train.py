@@ -43,6 +43,36 @@ def test_merge_methods():
     assert keep.tolist() == [0] and merged.tolist() == [[0, 0, 20, 10]]
 
 
+@pytest.mark.parametrize("method,metric", [("nms", "ios"), ("nmm", "iou"), ("nmm", "ios")])
+def test_merge_is_the_greedy_pass_box_by_box(method, metric):
+    """The merge (its greedy pass on the host) keeps and merges as a pass over the boxes one by one, best score
+    first, does: crowded boxes of three labels, ties in score included."""
+    from fpn_model.tiling import _pairwise
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 5 + torch.rand(300, 2, generator=g) * 40], 1)
+    scores = (torch.rand(300, generator=g) * 20).round() / 20
+    labels = torch.randint(0, 3, (300,), generator=g)
+    order = scores.argsort(descending=True)
+    b, lab = boxes[order], labels[order]
+    over = _pairwise(b, metric)
+    out = torch.zeros(len(b), dtype=torch.bool)
+    want_keep, want_boxes = [], []
+    for i in range(len(b)):
+        if out[i]:
+            continue
+        group = (over[i] > 0.3) & (lab == lab[i]) & ~out
+        group[i] = True
+        out |= group
+        want_keep.append(int(order[i]))
+        g_ = b[group]
+        want_boxes.append(torch.cat([g_[:, :2].min(0).values, g_[:, 2:].max(0).values]) if method == "nmm" else b[i])
+    keep, merged = merge_detections(boxes, scores, labels, threshold=0.3, method=method, metric=metric)
+    assert keep.tolist() == want_keep and 20 < len(want_keep) < 280
+    assert torch.equal(merged, torch.stack(want_boxes))
+
+
 def test_object_cut_by_tile_border_is_reported_once(tmp_path):
     """Tile-level boxes from two tiles overlapping the same object merge to one detection."""
     cfg = preset("trees", num_classes=2, class_names=("Tree",), score_thresh=0.0, detections_per_img=50)
