@@ -68,6 +68,22 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+class _BatchSize(click.ParamType):
+    """A whole number of frames, or auto."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a whole number nor auto", param, ctx)
+
+
+_BATCH = _BatchSize()
+
 format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                              show_default=True, help="Output format.")
 
@@ -176,7 +192,8 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", help="Output directory or URL (OUTPUT/frames, errors, _job.json).")
 @click.option("-m", "--model", help="Zoo name or checkpoint path.  [default: trees]")
-@click.option("--batch-size", type=int, help="Frames per detector call.")
+@click.option("--batch-size", type=_BATCH, help="Frames per detector call, or auto (by the GPU memory of a detector; "
+              "8 on CPUs).")
 @click.option("--min-rows-per-file", type=int, help="Fewest frames per Parquet file (a file lands when it is full; "
               "the last may hold fewer).  [default: 1/20 of the job's frames, at least a batch, at most 1000]")
 @click.option("--every-n", type=int, help="Process every Nth video frame.")

@@ -27,7 +27,7 @@ from pipeline.output import Output, OutputSettingsError, error_row, final_state
 from pipeline.counter import FrameCounter
 from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary
 from pipeline.raydata import environ, one_node_execution, patched, start_ray_data_helpers
-from pipeline.sizing import cluster_nodes, fit
+from pipeline.sizing import auto_batch, cluster_nodes, detector_gpu_memory_gib, fit, model_input_mpx
 from pipeline.sources import expand_inputs
 from pipeline.storage import check_output_location, redact_text
 
@@ -209,6 +209,21 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def resolve_batch(plan: Plan, cfg, *, calls: int) -> tuple[Plan, dict[str, Any] | None]:
+    """`plan` with `batch_size: auto` decided (pipeline.sizing.auto_batch: by the memory of the GPU a detector
+    gets, asked of the cluster; on CPUs AUTO_BATCH_CPU), and what it was decided from, for `_job.json`."""
+    if plan.batch_size != "auto":
+        return plan, None
+    r = plan.resources
+    mpx = model_input_mpx(cfg, plan.tile.size if plan.tile else None)
+    memory = detector_gpu_memory_gib(r.gpus_per_detector) if r.gpus_per_detector else None
+    if r.gpus_per_detector and memory is None:
+        log.warning("batch_size auto: no GPU told its memory within a minute; batch size of a CPU detector")
+    n = auto_batch(memory, calls=calls, mpx=mpx, precision=r.precision)
+    return dataclasses.replace(plan, batch_size=n), {"batch_size": n, "gpu_memory_gib": memory,
+                                                      "model_input_mpx": round(mpx, 3), "calls": calls}
+
+
 def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) -> dict[str, Any]:
     """Execute `plan`; returns the summary that `_job.json` also records (its `state` says how it ended).
 
@@ -230,6 +245,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     # unless told, the precision the checkpoint's evaluation chose for the detectors' device
     plan = dataclasses.replace(plan, resources=dataclasses.replace(
         r, precision=r.precision or default_precision(plan.checkpoint, r.device_type)))
+    plan, batch_record = resolve_batch(plan, cfg, calls=sizing.calls)
     # processes that every job starts, started now so that they start while it plans and not beside the detectors
     if not _embedded.is_set():
         _ray_threads.append(start_ray_data_helpers())
@@ -253,7 +269,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
                       "input": dataclasses.asdict(model_input)},
             "versions": versions(), "inputs": len(sources), "started_at": _now(), "runs": out.run,
             "lease": {k: lease.record[k] for k in ("owner", "host", "pid")},
-            "resources": {**sizing.as_record(), "precision": plan.resources.precision},
+            "resources": {**sizing.as_record(), "precision": plan.resources.precision,
+                          **({"batch_size_auto": batch_record} if batch_record else {})},
         }
         if lease.took_over:
             doc["took_over_from"] = {k: lease.took_over.get(k) for k in ("owner", "host", "pid", "heartbeat")}

@@ -94,7 +94,7 @@ class Plan:
     output_storage_options: dict[str, Any] | None = field(default=None, hash=False)
     sampling: Sampling = Sampling()
     tile: TileConfig | None = TileConfig()
-    batch_size: int = 8
+    batch_size: int | str = 8  # frames per detector call, or "auto" (pipeline.sizing.auto_batch, once Ray is up)
     # fewest frames per Parquet file (detector output bundled before writing; the last file of a run may hold
     # fewer); None: pipeline.sink.rows_per_file (1/20 of the run's frames, at least a batch, at most 1000)
     min_rows_per_file: int | None = None
@@ -124,8 +124,10 @@ class Plan:
             raise ValueError("inputs: at least one input (or a stac_search) is required")
         if not self.output:
             raise ValueError("output: an output location is required")
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            raise ValueError(f"batch_size must be a number >= 1 or auto, got {self.batch_size!r}")
         for name in ("batch_size", "segment_frames", "raster_window", "windows_per_unit", "raster_pixels"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_rows_per_file is not None and self.min_rows_per_file < 1:
             raise ValueError(f"min_rows_per_file must be >= 1, got {self.min_rows_per_file}")

@@ -31,11 +31,22 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Fit", "fit", "decide", "cluster_nodes", "WRITE_CPUS", "MAX_CALLS", "GPU_CALLS"]
+__all__ = ["Fit", "fit", "decide", "cluster_nodes", "WRITE_CPUS", "MAX_CALLS", "GPU_CALLS", "AUTO_BATCH_CPU",
+           "auto_batch", "model_input_mpx", "gpu_memory_gib", "detector_gpu_memory_gib"]
 
 WRITE_CPUS = 0.1  # the reservation of each write task (I/O): pipeline.plan.execute
 MAX_CALLS = 4  # most batches a CPU detector runs at once
 GPU_CALLS = 2  # batches a GPU detector runs at once
+
+# `batch_size: auto` (a job's frames per detector call). On a GPU: as many frames as GPU_MEMORY_SHARE of the
+# detector's GPU memory holds, for each of its calls in flight, at most AUTO_BATCH_MAX. Measured on an H200
+# (benchmarks/gpu.py, torchvision's R50-FPN, 1080p frames at 800 px = 1.07 Mpx model input, 100 detections a
+# frame): peak memory 4.2 GiB at batch 8 and 8.1 at 16 in fp32 (0.49 GiB a frame), 3.9 and 7.0 in bf16 (0.38);
+# frames/s grew 4% from batch 8 to 16 (fp32), so 16 is the most worth holding. On a CPU: AUTO_BATCH_CPU.
+GIB_PER_MPX = {"exact": 0.5, "bf16": 0.4, "fp16": 0.4}  # GPU memory per model-input megapixel, a frame
+GPU_MEMORY_SHARE = 0.6  # of a detector's GPU memory, for activations (the rest: weights, CUDA's own, others)
+AUTO_BATCH_MAX = 16
+AUTO_BATCH_CPU = 8
 
 
 @dataclass(frozen=True)
@@ -107,3 +118,66 @@ def fit(resources, nodes: list[dict[str, float]]) -> Fit:
     threads = max(1, round((node_cpus - d) / per_node))
     calls = resources.calls_per_detector or max(k for k in range(1, MAX_CALLS + 1) if threads % k == 0)
     return Fit(threads=threads, cpus=cpus, gpus=gpus, nodes=len(nodes), calls=calls, resources=resources)
+
+
+def model_input_mpx(cfg, tile_size: int | None, frame: tuple[int, int] = (1080, 1920)) -> float:
+    """Megapixels of the largest input the model `cfg` (fpn_model.config.ModelConfig) sees a frame as: a tile of
+    `tile_size` at its fixed scale; else a `frame` (height, width: the job's frames are not known before they are
+    probed) at its fixed scale; else torchvision's resize rule at its most (`min_size` x `max_size`)."""
+    if cfg.scale is not None:
+        h, w = (tile_size, tile_size) if tile_size else frame
+        return h * w * cfg.scale ** 2 / 1e6
+    if tile_size:
+        return min(tile_size * tile_size, cfg.min_size * cfg.max_size) / 1e6
+    return cfg.min_size * cfg.max_size / 1e6
+
+
+def auto_batch(gpu_memory: float | None, *, calls: int, mpx: float, precision: str) -> int:
+    """`batch_size: auto`: frames per call for a detector with `gpu_memory` GiB of GPU memory (None: on a CPU)
+    running `calls` calls at once on inputs of `mpx` megapixels (see GIB_PER_MPX above)."""
+    if gpu_memory is None:
+        return AUTO_BATCH_CPU
+    per_frame = GIB_PER_MPX.get(precision, GIB_PER_MPX["exact"]) * mpx
+    return max(1, min(AUTO_BATCH_MAX, math.floor(GPU_MEMORY_SHARE * gpu_memory / (calls * per_frame))))
+
+
+def gpu_memory_gib() -> float | None:
+    """Total memory in GiB of the first GPU this process sees (nvidia-smi, which needs no torch; else torch's
+    CUDA), None without one."""
+    import os
+    import subprocess
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not visible.strip():
+        return None
+    cmd = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+    if visible:
+        cmd.insert(1, f"--id={visible.split(',')[0].strip()}")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return round(float(out.stdout.split()[0]) / 1024, 2)  # MiB
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 2)
+
+
+def detector_gpu_memory_gib(gpus_per_detector: float, timeout_s: float = 60.0) -> float | None:
+    """GPU memory of one detector (its share of the GPU it gets), asked of the cluster by a task holding what a
+    detector holds of a GPU; None when no answer came within `timeout_s` (GPUs busy with other jobs)."""
+    import ray
+
+    task = ray.remote(gpu_memory_gib).options(num_gpus=gpus_per_detector, num_cpus=0, max_retries=0)
+    ref = task.remote()
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        ray.cancel(ref, force=True)
+        return None
+    total = ray.get(ref)
+    return None if total is None else round(total * min(1.0, gpus_per_detector), 2)

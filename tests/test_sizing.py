@@ -314,3 +314,83 @@ def test_a_detector_has_a_runtime_env_only_for_what_the_workers_lack(ray_session
 
     assert runtime_env() == {"env_vars": keep_freed_memory_env()}
     assert runtime_env(worker_env=keep_freed_memory_env()) is None
+
+
+def test_batch_size_auto_fits_the_memory_of_a_detectors_gpu(tmp_path, monkeypatch, caplog):
+    """`batch_size: auto`: on a GPU as many frames as 0.6 of the detector's memory holds for each call in flight
+    (0.5 GiB a model-input megapixel in fp32, 0.4 in bf16/fp16: measured on an H200), at most 16; on CPUs 8.
+    The memory comes from nvidia-smi for the GPU the process sees; no GPU, no answer."""
+    import os
+
+    from fpn_model.config import preset
+    from jobs import runner
+    from pipeline.sizing import auto_batch, gpu_memory_gib, model_input_mpx
+
+    r50 = preset("faster_rcnn_r50_fpn", num_classes=2)  # torchvision's resize rule: 800 x 1333 at most
+    assert model_input_mpx(r50, None) == pytest.approx(1.0664)
+    assert model_input_mpx(r50, 512) == pytest.approx(0.262144)
+    small = preset("small", num_classes=2)  # a fixed scale: tiles of 1024, else a 1080p frame
+    assert model_input_mpx(small, 1024) == pytest.approx(1.048576)
+    assert model_input_mpx(small, None) == pytest.approx(2.0736)
+    assert auto_batch(80.0, calls=2, mpx=1.0664, precision="exact") == 16  # capped
+    assert auto_batch(16.0, calls=2, mpx=1.0664, precision="exact") == 9
+    assert auto_batch(16.0, calls=2, mpx=1.0664, precision="bf16") == 11
+    assert auto_batch(2.0, calls=2, mpx=1.0664, precision="exact") == 1
+    assert auto_batch(None, calls=2, mpx=1.0664, precision="exact") == 8
+
+    smi = tmp_path / "nvidia-smi"  # answers for the device it is asked about
+    smi.write_text('#!/bin/sh\ncase "$*" in *--id=1*) echo 16384;; *) echo 81559;; esac\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_memory_gib() == 79.65
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2")
+    assert gpu_memory_gib() == 16.0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_memory_gib() is None
+
+    cfg = preset("trees", num_classes=2)
+    cpu = plan_from_dict({"inputs": [str(SOAP)], "output": str(tmp_path / "o"), "model": "trees",
+                          "batch_size": "auto"})
+    plan, record = runner.resolve_batch(cpu, cfg, calls=2)
+    assert plan.batch_size == 8 and record["gpu_memory_gib"] is None and record["batch_size"] == 8
+    gpu = plan_from_dict({"inputs": [str(SOAP)], "output": str(tmp_path / "o"), "model": "trees",
+                          "batch_size": "auto", "resources": {"gpus_per_detector": 0.5, "precision": "fp16"}})
+    asked = []
+    monkeypatch.setattr(runner, "detector_gpu_memory_gib", lambda g: asked.append(g) or 40.0)
+    plan, record = runner.resolve_batch(gpu, cfg, calls=2)
+    mpx = model_input_mpx(cfg, 1024)
+    assert asked == [0.5] and plan.batch_size == min(16, int(0.6 * 40.0 / (2 * 0.4 * mpx)))
+    assert record == {"batch_size": plan.batch_size, "gpu_memory_gib": 40.0, "model_input_mpx": round(mpx, 3),
+                      "calls": 2}
+    monkeypatch.setattr(runner, "detector_gpu_memory_gib", lambda g: None)  # no GPU answered
+    with caplog.at_level("WARNING", logger="jobs.runner"):
+        assert runner.resolve_batch(gpu, cfg, calls=2)[0].batch_size == 8
+    assert "no GPU told its memory" in caplog.text
+    assert runner.resolve_batch(plan, cfg, calls=2) == (plan, None)  # a number is kept
+
+
+def test_a_batch_size_is_a_number_or_auto():
+    from jobs.spec import SpecError
+
+    with pytest.raises(SpecError, match="batch_size must be a number >= 1 or auto, got 'big'"):
+        plan_from_dict({"inputs": [str(SOAP)], "output": "o", "model": "trees", "batch_size": "big"})
+    with pytest.raises(SpecError, match="batch_size must be >= 1, got 0"):
+        plan_from_dict({"inputs": [str(SOAP)], "output": "o", "model": "trees", "batch_size": 0})
+    r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", "o", "--batch-size", "big"])
+    assert r.exit_code == 2 and "'big' is neither a whole number nor auto" in r.output
+
+
+@pytest.mark.slow
+def test_a_job_with_batch_size_auto_records_the_choice(ray_session, tmp_path):
+    import json
+
+    from jobs.runner import run
+
+    doc = run(plan_from_dict({"inputs": [str(SOAP)], "output": str(tmp_path / "out"), "model": "trees",
+                              "batch_size": "auto"}))
+    assert doc["state"] == "succeeded" and doc["frames"] == 1
+    record = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert record["spec"]["batch_size"] == 8  # a resume runs what this run ran
+    assert record["resources"]["batch_size_auto"] == {"batch_size": 8, "gpu_memory_gib": None,
+                                                      "model_input_mpx": 1.049, "calls": 2}
