@@ -209,6 +209,21 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def nvdec_note(plan: Plan) -> str | None:
+    """For `video_backend: nvdec` on the machine the job runs on: why NVDEC cannot decode here, said once as a
+    warning (and recorded in `_job.json`), or None."""
+    if plan.video_backend != "nvdec":
+        return None
+    from pipeline.nvdec import nvdec_missing_here
+
+    why = nvdec_missing_here()
+    if why is None:
+        return None
+    note = f"nvdec unavailable: {why}; videos decode on the CPU with PyAV"
+    log.warning(note)
+    return note
+
+
 def resolve_batch(plan: Plan, cfg, *, calls: int) -> tuple[Plan, dict[str, Any] | None]:
     """`plan` with `batch_size: auto` decided (pipeline.sizing.auto_batch: by the memory of the GPU a detector
     gets, asked of the cluster; on CPUs AUTO_BATCH_CPU), and what it was decided from, for `_job.json`."""
@@ -240,6 +255,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     plan.raster_settings(model_input)  # the bands chosen fit the model, before any work
     with_masks = cfg.arch == "mask_rcnn"
     init_ray(address)
+    decoder_note = nvdec_note(plan) if _embedded.is_set() else None
     sizing = fit(plan.resources, cluster_nodes())  # a request the cluster cannot hold fails here, not by hanging
     r = sizing.resources  # GPUs and detectors decided where the job left them open
     # unless told, the precision the checkpoint's evaluation chose for the detectors' device
@@ -272,6 +288,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             "resources": {**sizing.as_record(), "precision": plan.resources.precision,
                           **({"batch_size_auto": batch_record} if batch_record else {})},
         }
+        if decoder_note:
+            doc["video_backend_note"] = decoder_note
         if lease.took_over:
             doc["took_over_from"] = {k: lease.took_over.get(k) for k in ("owner", "host", "pid", "heartbeat")}
         old_handler = None

@@ -19,7 +19,7 @@ import numpy as np
 
 from .decode import PyAVVideo, _decodes_on_to, _keyframe_before
 
-__all__ = ["NvdecVideo", "nvdec_unavailable"]
+__all__ = ["NvdecVideo", "nvdec_unavailable", "nvdec_missing_here"]
 
 log = logging.getLogger(__name__)
 _said: set[str] = set()
@@ -40,6 +40,22 @@ def nvdec_unavailable() -> str | None:
         return f"torch is not installed ({e})"
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
+    return None
+
+
+def nvdec_missing_here() -> str | None:
+    """Why NVDEC cannot decode on this machine, asked without torch or a CUDA context (PyNvVideoCodec installed,
+    the driver's decode library loadable): for a job's driver on the machine its decoders run on to say so before
+    any work (workers' own lines stay in their logs). None: both are there."""
+    import ctypes
+    import importlib.util
+
+    if importlib.util.find_spec("PyNvVideoCodec") is None:
+        return "PyNvVideoCodec is not installed"
+    try:
+        ctypes.CDLL("libnvcuvid.so.1")
+    except OSError as e:
+        return f"NVIDIA's decode library cannot be loaded ({e})"
     return None
 
 

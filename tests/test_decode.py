@@ -211,3 +211,22 @@ def test_nvdec_falls_back_to_pyav_with_one_line(tmp_path, monkeypatch, caplog, m
     [line] = [r.getMessage() for r in caplog.records if r.name == "pipeline.nvdec"]
     cause = "PyNvVideoCodec is not installed" if missing == "module" else "no CUDA device is visible"
     assert line.startswith("nvdec unavailable: " + cause) and line.endswith("decoding on the CPU with PyAV")
+
+
+def test_a_local_nvdec_job_says_before_any_work_when_nvdec_cannot_run_here(tmp_path, monkeypatch, caplog):
+    import importlib.util
+
+    from jobs.runner import nvdec_note
+    from jobs.spec import plan_from_dict
+
+    plan = plan_from_dict({"inputs": [str(tmp_path / "v.mp4")], "output": str(tmp_path / "o"), "model": "trees",
+                           "video_backend": "nvdec"})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PyNvVideoCodec"
+                        else real(name, *a))
+    with caplog.at_level("WARNING", logger="jobs.runner"):
+        note = nvdec_note(plan)
+    assert note == "nvdec unavailable: PyNvVideoCodec is not installed; videos decode on the CPU with PyAV"
+    assert note in caplog.text
+    assert nvdec_note(plan_from_dict({"inputs": [str(tmp_path / "v.mp4")], "output": str(tmp_path / "o"),
+                                      "model": "trees", "video_backend": "pyav"})) is None
