@@ -141,6 +141,8 @@ def _print_summary(doc: dict) -> None:
     if doc.get("decoded_per_sampled") is not None:
         click.echo(f"decoded: {doc['decoded_frames']} frames for {doc['frames']} sampled "
                    f"({doc['decoded_per_sampled']:.2f} per sampled frame)")
+    if "frames_decoded_on_gpu" in doc:
+        click.echo(f"nvdec: {doc['frames_decoded_on_gpu']} of this run's frames decoded on the GPU")
     if doc.get("core_ms_per_frame"):
         click.echo("CPU per frame: " + ", ".join(f"{k} {v:g} ms" for k, v in doc["core_ms_per_frame"].items()))
     out = doc["spec"]["output"]

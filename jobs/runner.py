@@ -316,6 +316,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             doc["min_rows_per_file"] = written["rows_per_file"]
             doc["duplicate_rows_removed"] = written["rows_removed"]  # 0 unless a frame reached the output twice
             doc["core_ms_per_frame"] = written["core_ms_per_frame"]  # CPU time by stage: decode, transfer, ...
+            if plan.video_backend == "nvdec" or written["nvdec_frames"]:  # of this run's frames written
+                doc["frames_decoded_on_gpu"] = written["nvdec_frames"]
             out.drop_stale_errors()  # this run re-attempted everything they named
             counts = out.counts()
             if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema

@@ -448,8 +448,17 @@ def decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done: fr
     not yet written frames, each row with `cpu_decode_s`: its share of the CPU time this process spent on the
     batch (reading and decoding, skipped frames included). Exceptions propagate; the caller turns them into error
     rows."""
-    return with_cpu_time(_decode_unit(unit, sampling=sampling, batch_size=batch_size, done=done,
-                                      storage_options=storage_options, video_backend=video_backend), "cpu_decode_s")
+    return with_cpu_time(_on_gpu_counted(_decode_unit(unit, sampling=sampling, batch_size=batch_size, done=done,
+                                                      storage_options=storage_options, video_backend=video_backend)),
+                         "cpu_decode_s")
+
+
+def _on_gpu_counted(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """`batches`, each with `nvdec_frames` (1 for a frame NVIDIA's engine decoded, else 0: the sink sums it), on
+    every batch of every kind, so that blocks of mixed units keep one schema."""
+    for b in batches:
+        b.setdefault("nvdec_frames", [0] * len(b["frame_id"]))
+        yield b
 
 
 def with_cpu_time(batches: Iterator[dict[str, Any]], column: str) -> Iterator[dict[str, Any]]:
@@ -483,7 +492,9 @@ def _decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done, s
                 decoded = list(getattr(v, "decoded", None) or [1] * len(idx))
                 rows = [_row(unit, j, float(p), frames.shape[2], frames.shape[1], decoded=d)
                         for j, p, d in zip(idx, pts, decoded)]
-                yield _batch(rows, list(frames))
+                batch = _batch(rows, list(frames))
+                batch["nvdec_frames"] = [int(getattr(v, "backend", None) == "nvdec")] * len(idx)
+                yield batch
     elif unit.kind == "image":
         if frame_id(unit.source, 0) in done:
             return

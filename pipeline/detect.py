@@ -211,6 +211,8 @@ def _with_costs(rows: pa.Table, batch: dict[str, Any], *, forward_s: float, rows
             rows = rows.append_column(name, pa.array([float(v) for v in batch[name]], pa.float64()))
     for name, total in (("cpu_forward_s", forward_s), ("cpu_rows_s", rows_s)):
         rows = rows.append_column(name, pa.array([total / max(n, 1)] * n, pa.float64()))
+    if "nvdec_frames" in batch:  # frames decoded on a GPU (pipeline.decode), counted by the sink
+        rows = rows.append_column("nvdec_frames", pa.array([int(v) for v in batch["nvdec_frames"]], pa.int64()))
     return rows
 
 

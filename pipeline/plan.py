@@ -476,4 +476,4 @@ def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), 
     if dups["rows_removed"]:
         log.warning("a frame reached the output twice: removed %d duplicate row(s) (%d file(s) removed, %d "
                     "rewritten)", dups["rows_removed"], dups["files_removed"], dups["files_rewritten"])
-    return {"rows_per_file": rows, **dups, "core_ms_per_frame": sink.cost}
+    return {"rows_per_file": rows, **dups, "core_ms_per_frame": sink.cost, "nvdec_frames": sink.nvdec_frames}

@@ -62,6 +62,7 @@ class FrameSink(Datasink):
             raise ValueError(f"min_rows must be >= 1, got {min_rows}")
         self.output, self.with_masks, self.min_rows, self.fence = output, with_masks, min_rows, fence
         self.cost: dict[str, float] = {}  # core milliseconds per frame by stage, once the write completes
+        self.nvdec_frames = 0  # frames decoded by NVIDIA's engine (video_backend nvdec), once the write completes
 
     @property
     def min_rows_per_write(self) -> int | None:
@@ -77,12 +78,15 @@ class FrameSink(Datasink):
         cost = {c: sum(float(pc.sum(t.column(c)).as_py() or 0) for t in tables if c in t.column_names) for c in STAGES}
         frames = self.output.write_frames(pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]),
                                           fence=self.fence) if tables else 0
-        return {"frames": frames, **cost, "cpu_write_s": time.process_time() - t0}
+        nvdec = sum(int(pc.sum(t.column("nvdec_frames")).as_py() or 0)
+                    for t in tables if "nvdec_frames" in t.column_names)
+        return {"frames": frames, **cost, "cpu_write_s": time.process_time() - t0, "nvdec_frames": nvdec}
 
     def on_write_complete(self, write_result: Any) -> None:
         """In the driver, once everything is written: the job's core time per frame by stage (`cost`)."""
         returns = [r for r in write_result.write_returns if isinstance(r, dict)]
         frames = sum(r["frames"] for r in returns)
+        self.nvdec_frames = sum(r.get("nvdec_frames", 0) for r in returns)
         self.cost = {c.removeprefix("cpu_").removesuffix("_s"): round(1000 * sum(r.get(c, 0.0) for r in returns)
                                                                       / frames, 2)
                      for c in (*STAGES, "cpu_write_s")} if frames else {}

@@ -109,6 +109,13 @@ class LaneProbe(torch.nn.Module):
                 for im in images]
 
 
+class EngineVideo(PyAVVideo):
+    """PyAV that says it is NVIDIA's engine (`backend` "nvdec"), as `pipeline.nvdec.NvdecVideo` does once it decodes
+    on a GPU: the count of frames decoded on a GPU, without one."""
+
+    backend = "nvdec"
+
+
 class HangingVideo(PyAVVideo):
     """PyAV, except that a video named hang*.mp4 blocks for an hour when asked for frame BAD_FRAME."""
 

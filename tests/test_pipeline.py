@@ -220,3 +220,21 @@ def test_a_detector_made_in_a_driver_with_ray_running_takes_threads_as_outside_r
 
     det = Detector(str(resolve("trees")), model_id="trees", tile=None)
     assert det.predictor.device.type == "cpu"
+
+
+@pytest.mark.slow
+def test_a_job_counts_the_frames_nvidias_engine_decoded(ray_session, tmp_path):
+    """`_job.json` says how many frames an nvdec job decoded on a GPU: every video frame when the engine decoded
+    them (a stand-in that says it is the engine), none where PyAV decoded (no engine here); images never."""
+    from pathlib import Path
+
+    import fakes
+
+    video = str(Path(__file__).resolve().parents[1] / "data" / "video" / "bikes.mp4")
+    null = f"{Path(__file__).resolve().parents[1] / 'benchmarks' / 'null_model.py'}:NullModel"
+    for backend, on_gpu in ((fakes.backend(fakes.EngineVideo), 5), ("nvdec", 0)):
+        out = tmp_path / str(on_gpu)
+        doc = run(plan_from_dict({"inputs": [video, str(SOAP)], "output": str(out), "model": null,
+                                  "sampling": {"every_n": 50}, "video_backend": backend}))
+        assert doc["state"] == "succeeded" and doc["frames"] == 6
+        assert json.loads((out / "_job.json").read_text())["frames_decoded_on_gpu"] == on_gpu
