@@ -136,6 +136,17 @@ def _decodes_on_to(keyframes: list[int], nxt: int | None, i: int) -> bool:
     return nxt is not None and nxt <= i and _keyframe_before(keyframes, i) <= nxt
 
 
+def _seek_policy_counts(keyframes: list[int], nxt: int | None, indices: list[int]) -> list[int]:
+    """Frames decoded for each of `indices` by a decoder that decodes on within a group of pictures and otherwise
+    seeks to the keyframe before the wanted frame, its next frame being `nxt` at first: for backends that do not
+    count (decord, NVDEC)."""
+    counts = []
+    for i in indices:
+        counts.append(i - (nxt if _decodes_on_to(keyframes, nxt, i) else _keyframe_before(keyframes, i)) + 1)
+        nxt = i + 1
+    return counts
+
+
 class DecordVideo:
     """decord over a local file. decord does not say what it decodes; `decoded` follows its seek policy
     (`VideoReader::SeekAccurate`: decode forward within a group of pictures, else seek to the keyframe before
@@ -172,11 +183,8 @@ class DecordVideo:
 
     def frames(self, indices: list[int]) -> np.ndarray:
         out = self._vr.get_batch(indices).asnumpy()
-        self.decoded = []
-        for i in indices:
-            on = _decodes_on_to(self.keyframes, self._next, i)
-            self.decoded.append(i - (self._next if on else _keyframe_before(self.keyframes, i)) + 1)
-            self._next = i + 1
+        self.decoded = _seek_policy_counts(self.keyframes, self._next, indices)
+        self._next = indices[-1] + 1 if indices else self._next
         return out
 
     def timestamps(self, indices: list[int]) -> np.ndarray:

@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from .decode import PyAVVideo, _decodes_on_to, _keyframe_before
+from .decode import PyAVVideo, _seek_policy_counts
 
 __all__ = ["NvdecVideo", "nvdec_unavailable", "nvdec_missing_here"]
 
@@ -110,11 +110,8 @@ class NvdecVideo(PyAVVideo):
         batch = torch.stack([torch.from_dlpack(f) for f in got])  # uint8 on the device
         if batch.shape[-1] != 3 and batch.shape[1] == 3:  # planar
             batch = batch.permute(0, 2, 3, 1)
-        self.decoded = []
-        for i in indices:
-            on = _decodes_on_to(self.keyframes, self._after, i)
-            self.decoded.append(i - (self._after if on else _keyframe_before(self.keyframes, i)) + 1)
-            self._after = i + 1
+        self.decoded = _seek_policy_counts(self.keyframes, self._after, indices)
+        self._after = indices[-1] + 1 if indices else self._after
         return batch.cpu().numpy()
 
     def close(self) -> None:

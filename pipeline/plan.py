@@ -126,8 +126,9 @@ class Plan:
             raise ValueError("output: an output location is required")
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
             raise ValueError(f"batch_size must be a number >= 1 or auto, got {self.batch_size!r}")
-        for name in ("batch_size", "segment_frames", "raster_window", "windows_per_unit", "raster_pixels"):
-            if getattr(self, name) != "auto" and getattr(self, name) < 1:
+        counts = ("segment_frames", "raster_window", "windows_per_unit", "raster_pixels")
+        for name in counts if self.batch_size == "auto" else ("batch_size", *counts):
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_rows_per_file is not None and self.min_rows_per_file < 1:
             raise ValueError(f"min_rows_per_file must be >= 1, got {self.min_rows_per_file}")
