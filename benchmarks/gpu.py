@@ -582,8 +582,9 @@ def startup_parts(args, ckpt: str) -> dict:
 
 
 def profile(args, ckpt: str) -> dict:
-    """torch.profiler over 3 Detector calls of the largest batch per precision (and the trees model on 1024-px
-    tiles of a raster): the ops taking most device and host time, and the host's waits for the device."""
+    """torch.profiler over 3 calls of torchvision's eager forward (fp32) and of the Detector per precision on the
+    largest batch (and the trees model on 1024-px tiles of a raster): the ops taking most device and host time, and
+    the host's waits for the device (on a CPU the ops that would wait: nonzero, nms)."""
     import torch
     from torch.profiler import ProfilerActivity
 
@@ -603,7 +604,7 @@ def profile(args, ckpt: str) -> dict:
                  "device_ms": round(getattr(e, dev_attr, 0) / 1000 / 3, 2)} for e in ev]
         waits = {k: sum(r["calls"] for r in rows if r["op"] == k) / 3 for k in
                  ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense",
-                  "aten::nonzero", "cudaMemcpyAsync", "cudaLaunchKernel")}
+                  "aten::nonzero", "torchvision::nms", "cudaMemcpyAsync", "cudaLaunchKernel")}
         kernels = sum(getattr(e, "self_device_time_total", 0) for e in ev if e.device_type.name == "CUDA") \
             if args.device == "cuda" else 0
         return {"ms_per_call": round(wall * 1000 / 3, 1), "gpu_busy": round(kernels / 1000 / 3 / (wall * 1000 / 3), 3)
@@ -611,18 +612,30 @@ def profile(args, ckpt: str) -> dict:
                 "top_device": sorted(rows, key=lambda r: -r["device_ms"])[:25],
                 "top_self_cpu": sorted(rows, key=lambda r: -r["self_cpu_ms"])[:25]}
 
-    for precision in args.precisions[:2]:
-        det = Detector(ckpt, model_id="r50", tile=None, max_batch=bs, precision=precision)
+    def profiled(call) -> dict:
         for _ in range(2):
-            det(batch)
+            call()
         sync()
         with torch.profiler.profile(activities=acts) as prof:
             t0 = time.perf_counter()
             for _ in range(3):
-                det(batch)
+                call()
             sync()
             wall = time.perf_counter() - t0
-        out[f"r50_b{bs}_{precision}"] = table(prof, wall)
+        return table(prof, wall)
+
+    tv = r50(args.min_size).to(args.device)  # torchvision's eager forward on the same frames: its waits beside ours
+
+    def eager():
+        with torch.inference_mode():
+            out = tv([torch.from_numpy(f).to(args.device).permute(2, 0, 1).float().div(255) for f in batch["image"]])
+        return [o["boxes"].cpu() for o in out]
+
+    out[f"r50_b{bs}_eager"] = profiled(eager)
+    tv = None
+    for precision in args.precisions[:2]:
+        det = Detector(ckpt, model_id="r50", tile=None, max_batch=bs, precision=precision)
+        out[f"r50_b{bs}_{precision}"] = profiled(lambda: det(batch))
         det = None
     from fpn_model.predict import Predictor, TileConfig
     from fpn_model.weights import load_checkpoint
@@ -631,15 +644,7 @@ def profile(args, ckpt: str) -> dict:
     big = raster_frame(args.raster_side)
     pred = Predictor(load_checkpoint(resolve("trees")), device=args.device, tile=TileConfig(size=1024, overlap=128),
                      max_batch=32)
-    pred([big])
-    sync()
-    with torch.profiler.profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        for _ in range(3):
-            pred([big])
-        sync()
-        wall = time.perf_counter() - t0
-    out["trees_raster_exact"] = table(prof, wall)
+    out["trees_raster_exact"] = profiled(lambda: pred([big]))
     return out
 
 

@@ -6,10 +6,12 @@ runs the tiles of all frames of the batch through the model, one forward pass pe
 `max_batch` images each: a frame's detections do not depend on its batch mates), and maps detections back
 to frame pixels.
 
-On a CPU a torchvision-style detector runs the exact fast path by default (`fast_path`: channels_last
-convolutions, RPN boxes decoded after the top-n choice, the NMS and RoIAlign calls spread over torch's threads;
-`keep_freed_memory`: malloc reuses freed memory instead of page-faulting it in again): the same detections as
-torchvision's eager forward within float rounding, 1.5-1.9x as fast (benchmarks/forward_speed.py). Approximate
+A torchvision-style detector runs the exact fast path by default (`fast_path`: RPN boxes decoded after the
+top-n choice, the small and low-scoring boxes of the RPN and the candidates of the RoI heads chosen for the whole
+batch at once instead of image by image; on a CPU also channels_last convolutions, the NMS and RoIAlign calls
+spread over torch's threads, and `keep_freed_memory`: malloc reuses freed memory instead of page-faulting it in
+again): the same detections as torchvision's eager forward within float rounding, on a CPU 1.5-1.9x as fast
+(benchmarks/forward_speed.py). Approximate
 paths are opt-in (`precision`: int8 dynamic quantisation of the Linear layers, or bf16 autocast), and so is
 `compile` (torch.compile of the convolutional parts: a long first call per input shape).
 """
@@ -27,8 +29,10 @@ import numpy as np
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.retinanet import RetinaNet
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
@@ -125,9 +129,34 @@ def batched_nms_many(jobs: list[tuple[Tensor, Tensor, Tensor, float]],
     return keeps
 
 
+def _clip(boxes: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
+    """`[n, K, 4]` boxes of n images clipped to each image's size (torchvision's `clip_boxes_to_image`), in one
+    operation when the images have one size (a Predictor batch always has)."""
+    if len(set(image_sizes)) == 1:
+        return box_ops.clip_boxes_to_image(boxes, image_sizes[0])
+    return torch.stack([box_ops.clip_boxes_to_image(b, s) for b, s in zip(boxes, image_sizes)])
+
+
+def _select(keep: Tensor, lengths: list[int], *tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """Rows of `tensors` where `keep` (one flat mask over the rows of a batch's images, `lengths` rows each), per
+    image and in order: what torchvision's heads select image by image with boolean masks, chosen here for the
+    whole batch at once. On a GPU each such selection waits for the device (it has to learn how many rows are
+    left): two waits per batch here where the per-image loop takes two per image and filter."""
+    if not lengths:
+        return []
+    if len(set(lengths)) == 1:
+        counts = keep.view(len(lengths), -1).sum(1)
+    else:
+        counts = torch.stack([k.sum() for k in keep.split(lengths)])
+    counts = counts.tolist()
+    rows = torch.where(keep)[0]
+    return list(zip(*(t[rows].split(counts) for t in tensors)))
+
+
 class FastRPN(RegionProposalNetwork):
-    """torchvision's RPN at inference: top-n anchors per level chosen before decoding, the NMS of all images and
-    levels on `executor`. Training runs torchvision's forward unchanged."""
+    """torchvision's RPN at inference: top-n anchors per level chosen before decoding, the small and low-scoring
+    boxes of all images dropped at once (`_select`), the NMS of all images and levels on `executor`. Training runs
+    torchvision's forward unchanged."""
 
     executor: ThreadPoolExecutor | None = None
 
@@ -151,17 +180,45 @@ class FastRPN(RegionProposalNetwork):
         chosen = [a[i] for a, i in zip(anchors, top_n_idx)]
         proposals = self.box_coder.decode(deltas[batch_idx, top_n_idx].reshape(-1, 4), chosen).view(num_images, -1, 4)
         probs = torch.sigmoid(objectness)
-        kept = []
-        for boxes, scores, lvl, shape in zip(proposals, probs, levels, images.image_sizes):
-            boxes = box_ops.clip_boxes_to_image(boxes, shape)
-            keep = box_ops.remove_small_boxes(boxes, self.min_size)
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = torch.where(scores >= self.score_thresh)[0]
-            kept.append((boxes[keep], scores[keep], lvl[keep], self.nms_thresh))
+        boxes = _clip(proposals, images.image_sizes)
+        # torchvision's remove_small_boxes, then its score threshold (>=)
+        keep = (boxes[..., 2] - boxes[..., 0] >= self.min_size) & (boxes[..., 3] - boxes[..., 1] >= self.min_size) \
+            & (probs >= self.score_thresh)
+        kept = [(*rows, self.nms_thresh) for rows in _select(keep.view(-1), [probs.shape[1]] * num_images,
+                                                             boxes.view(-1, 4), probs.view(-1), levels.view(-1))]
         final = []
         for (boxes, _, _, _), keep in zip(kept, batched_nms_many(kept, self.executor)):
             final.append(boxes[keep[: self.post_nms_top_n()]])
         return final, {}
+
+
+class FastRoIHeads(RoIHeads):
+    """torchvision's RoI heads, their inference post-processing over the whole batch: boxes clipped and candidates
+    chosen (score above the threshold, not empty) for all images at once (`_select`), the per-image NMS on
+    `executor`. The same candidates in the same order as torchvision's loop over images, so the same detections."""
+
+    executor: ThreadPoolExecutor | None = None
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        num_classes = class_logits.shape[-1]
+        per_image = [len(p) for p in proposals]
+        boxes = self.box_coder.decode(box_regression, proposals).reshape(len(class_logits), num_classes, 4)
+        scores = F.softmax(class_logits, -1)
+        if len(set(image_shapes)) == 1:
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shapes[0])
+        else:
+            boxes = torch.cat([box_ops.clip_boxes_to_image(b, s) for b, s in zip(boxes.split(per_image), image_shapes)])
+        labels = torch.arange(1, num_classes, device=class_logits.device).expand(len(boxes), -1)
+        boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)  # background dropped
+        # torchvision's score threshold (>), then its remove_small_boxes(min_size=1e-2)
+        keep = (scores > self.score_thresh) & (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
+        chosen = _select(keep, [n * (num_classes - 1) for n in per_image], boxes, scores, labels.reshape(-1))
+        out: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        for (b, s, lab), k in zip(chosen, batched_nms_many([(*c, self.nms_thresh) for c in chosen], self.executor)):
+            k = k[: self.detections_per_img]
+            for acc, t in zip(out, (b, s, lab)):
+                acc.append(t[k])
+        return out
 
 
 class _FastRoIAlign:
@@ -276,8 +333,9 @@ def fold_norms(model: nn.Module) -> int:
 
 
 def fast_path(model: nn.Module, executor: ThreadPoolExecutor | None, *, channels_last: bool = True) -> nn.Module:
-    """`model` (a torchvision-style detector, changed in place) on the exact fast path: channels_last weights, and
-    the RPN and RoI poolers above with `executor` (None: everything in the calling thread)."""
+    """`model` (a torchvision-style detector, changed in place) on the exact fast path: channels_last weights (if
+    asked), and the RPN, RoI heads and RoI poolers above with `executor` (None: everything in the calling
+    thread)."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
         for m in model.modules():
@@ -287,6 +345,10 @@ def fast_path(model: nn.Module, executor: ThreadPoolExecutor | None, *, channels
     if type(rpn) is RegionProposalNetwork:
         rpn.__class__ = FastRPN
         rpn.executor = executor
+    heads = getattr(model, "roi_heads", None)
+    if type(heads) is RoIHeads:
+        heads.__class__ = FastRoIHeads
+        heads.executor = executor
     for m in model.modules():
         if isinstance(m, MultiScaleRoIAlign):
             if not isinstance(m, _FastRoIAlign):
@@ -392,8 +454,10 @@ class Predictor:
             off on CUDA: torchvision's eager model, NCHW, ran the same R50-FPN backbone and neck in 35 ms where the
             Predictor's NHWC took 61 ms (benchmarks/gpu.py on an H200: 16 frames of 1080p at 800 px, bf16; 51
             against 57 ms in fp32).
-        fast: on a CPU, the exact fast path (`fast_path`) for torchvision-style detectors, with a pool of torch's
-            thread count for the NMS and RoIAlign calls. False: torchvision's eager forward as it is.
+        fast: the exact fast path (`fast_path`) for torchvision-style detectors: on a CPU with a pool of torch's
+            thread count for the NMS and RoIAlign calls; on CUDA its batch-wide choices of boxes, with a few waits
+            for the device per batch where torchvision's heads wait several times per image. False: torchvision's
+            eager forward as it is.
         precision: `exact`; or the approximate `bf16` (on a CPU bfloat16 autocast of the feature computation, on
             CUDA of the whole forward), `fp16` (CUDA: float16 autocast) or `int8` (CPU: dynamic int8 quantisation
             of the Linear layers, the R-CNN box head). `fpn eval --precision` tells what each costs in AP.
@@ -420,18 +484,18 @@ class Predictor:
         model = model.to(self.device).eval()
         self.has_masks = getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask()
         detector = is_detector(model)
-        fast = fast and cpu and detector
+        fast = fast and detector
         if channels_last is None:
-            channels_last = fast
+            channels_last = fast and cpu
         if fast or channels_last or precision != "exact" or compile or not cpu:
             model = copy.deepcopy(model)  # the caller's model stays as it is (fpn train evaluates with a Predictor)
         if not cpu:
             fold_norms(model)
         self.executor = None
         if fast:
-            if keep_memory:
+            if keep_memory and cpu:
                 keep_freed_memory()
-            threads = torch.get_num_threads()
+            threads = torch.get_num_threads() if cpu else 1
             self.executor = _Pool(threads, thread_name_prefix="fpn-predict") if threads > 1 else None
             fast_path(model, self.executor, channels_last=channels_last)
         elif channels_last:

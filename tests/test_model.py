@@ -182,6 +182,32 @@ def test_fast_path_gives_the_eager_detections_on_real_frames(which):
         _assert_same_detections(plain(soap), fast(soap))
 
 
+def test_batch_wide_choices_are_torchvision_s_own():
+    """The fast path's RPN and RoI heads choose boxes for the whole batch at once (on a GPU a few waits per batch,
+    not several per image): the same boxes, scores and labels as torchvision's loop over the images, bit for bit,
+    for images of different sizes in one batch, with the NMS calls in the calling thread or on a pool."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fpn_model.predict import FastRoIHeads, FastRPN, fast_path
+
+    frames = _bikes()
+    model = _mobilenet_v3_fpn(frames, 320).eval()
+    images = [torch.from_numpy(f).permute(2, 0, 1).float() / 255 for f in frames]
+    images[1], images[3] = images[1][:, :200, :300], images[3][:, 20:, 10:]
+    with torch.inference_mode():
+        ref = model(images)
+    assert sum(len(r["boxes"]) for r in ref) > 0
+    with ThreadPoolExecutor(2) as pool:
+        for executor in (None, pool):
+            fast = fast_path(copy.deepcopy(model), executor, channels_last=False)
+            assert type(fast.rpn) is FastRPN and type(fast.roi_heads) is FastRoIHeads
+            with torch.inference_mode():
+                out = fast(images)
+            for a, b in zip(ref, out):
+                assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
 def test_parallel_nms_and_roi_align_are_torchvision_s_own():
     from concurrent.futures import ThreadPoolExecutor
 
