@@ -557,7 +557,7 @@ import sys, time, json
 t0 = time.perf_counter(); marks = {}
 def mark(name): marks[name] = round(time.perf_counter() - t0, 3)
 import torch; mark("import_torch")
-import torchvision; mark("import_torchvision")
+import fpn_model, torchvision; mark("import_torchvision")  # as a detector imports it (fpn_model._imports)
 dev = sys.argv[2]
 if dev == "cuda":
     torch.zeros(1, device="cuda"); torch.cuda.synchronize(); mark("cuda_init")

@@ -11,7 +11,6 @@ from collections import OrderedDict
 from functools import partial
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large
 from torchvision.models._utils import IntermediateLayerGetter

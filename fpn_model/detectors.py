@@ -11,13 +11,13 @@ produced each box (RetinaNet: the level of its anchor; R-CNNs: the level its box
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
-from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -31,6 +31,7 @@ from .backbone import build_backbone, group_norm, level_names, norm_layer
 from .config import ModelConfig
 from .fpn import build_neck
 from .levels import PyramidRoIAlign, assign_levels
+from .selection import batched_nms_many, select_rows
 
 __all__ = ["BackboneWithNeck", "build_detector", "count_parameters"]
 
@@ -111,42 +112,43 @@ class FPNTransform(GeneralizedRCNNTransform):
 class FPNRetinaNet(RetinaNet):
     """torchvision's RetinaNet that also reports the pyramid level of each detection.
 
-    `postprocess_detections` is torchvision's, with the level of each kept anchor carried along
-    (torchvision drops it when it concatenates the levels).
+    `postprocess_detections` is torchvision's, with the level of each kept anchor carried along (torchvision drops
+    it when it concatenates the levels), and the candidates above the score threshold chosen for all images at once,
+    level by level (`select_rows`: on a GPU two waits for the device per level, where torchvision's loop takes two
+    per image and level); the per-image NMS calls run on `executor` when the fast path gives one
+    (fpn_model.predict.fast_path). The same candidates in the same order, so the same detections.
     """
 
     pyramid_levels: tuple[int, ...] = ()
+    executor: ThreadPoolExecutor | None = None
 
     def postprocess_detections(self, head_outputs, anchors, image_shapes):
-        detections = []
-        for index, image_shape in enumerate(image_shapes):
-            per_level = zip(
-                [br[index] for br in head_outputs["bbox_regression"]],
-                [cl[index] for cl in head_outputs["cls_logits"]],
-                anchors[index],
-                self.pyramid_levels,
-            )
-            boxes, scores, labels, levels = [], [], [], []
-            for regression, logits, level_anchors, level in per_level:
-                num_classes = logits.shape[-1]
-                level_scores = torch.sigmoid(logits).flatten()
-                keep = level_scores > self.score_thresh
-                level_scores = level_scores[keep]
-                topk_idxs = torch.where(keep)[0]
-                num_topk = det_utils._topk_min(topk_idxs, self.topk_candidates, 0)
-                level_scores, idxs = level_scores.topk(num_topk)
+        cls_logits, regressions = head_outputs["cls_logits"], head_outputs["bbox_regression"]  # per level [n, A, *]
+        n, num_classes = len(image_shapes), cls_logits[0].shape[-1]
+        per_level = []  # for each level, each image's (scores, indices) above the threshold
+        for logits in cls_logits:
+            scores = torch.sigmoid(logits).reshape(-1)
+            per_level.append(select_rows(scores > self.score_thresh, [logits[0].numel()] * n, scores, positions=True))
+        jobs, levels = [], []
+        for i, image_shape in enumerate(image_shapes):
+            boxes, kept_scores, labels, kept_levels = [], [], [], []
+            for j, level in enumerate(self.pyramid_levels):
+                level_scores, topk_idxs = per_level[j][i]
+                level_scores, idxs = level_scores.topk(min(self.topk_candidates, len(topk_idxs)))
                 topk_idxs = topk_idxs[idxs]
                 anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
-                level_boxes = self.box_coder.decode_single(regression[anchor_idxs], level_anchors[anchor_idxs])
+                level_boxes = self.box_coder.decode_single(regressions[j][i][anchor_idxs], anchors[i][j][anchor_idxs])
                 boxes.append(box_ops.clip_boxes_to_image(level_boxes, image_shape))
-                scores.append(level_scores)
+                kept_scores.append(level_scores)
                 labels.append(topk_idxs % num_classes)
-                levels.append(torch.full_like(topk_idxs, level))
-            boxes_t, scores_t, labels_t, levels_t = (torch.cat(t) for t in (boxes, scores, labels, levels))
-            keep = box_ops.batched_nms(boxes_t, scores_t, labels_t, self.nms_thresh)[: self.detections_per_img]
-            detections.append(
-                {"boxes": boxes_t[keep], "scores": scores_t[keep], "labels": labels_t[keep], "levels": levels_t[keep]}
-            )
+                kept_levels.append(torch.full_like(topk_idxs, level))
+            jobs.append((torch.cat(boxes), torch.cat(kept_scores), torch.cat(labels), self.nms_thresh))
+            levels.append(torch.cat(kept_levels))
+        detections = []
+        for (boxes, scores, labels, _), lvl, keep in zip(jobs, levels, batched_nms_many(jobs, self.executor)):
+            keep = keep[: self.detections_per_img]
+            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
+                               "levels": lvl[keep]})
         return detections
 
 

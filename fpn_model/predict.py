@@ -35,12 +35,12 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format
 
 from .config import PRECISIONS, TileConfig, check_precision
 from .memory import keep_freed_memory
 from .rle import encode_masks
+from .selection import batched_nms_many, clip_batch, run_all, select_rows
 from .tiling import merge_detections, plan_tiles
 
 __all__ = ["Predictor", "TileConfig", "Detections", "PRECISIONS", "fast_path", "batched_nms_many",
@@ -83,79 +83,9 @@ class _Pool(ThreadPoolExecutor):
         return self
 
 
-def _run_all(executor: ThreadPoolExecutor | None, calls: list) -> list:
-    """Results of the zero-argument `calls`, on `executor` when there is one and more than one call."""
-    if executor is None or len(calls) < 2:
-        return [c() for c in calls]
-
-    def run(call):
-        with torch.inference_mode():
-            return call()
-
-    return list(executor.map(run, calls))
-
-
-def batched_nms_many(jobs: list[tuple[Tensor, Tensor, Tensor, float]],
-                     executor: ThreadPoolExecutor | None = None) -> list[Tensor]:
-    """`torchvision.ops.batched_nms(boxes, scores, idxs, threshold)` of each job, the NMS calls of all jobs run
-    together on `executor`; the same algorithm torchvision picks for each job (per class above 4000 numbers on a
-    CPU, else the coordinate offset trick), so the same result."""
-    calls, plans = [], []
-    for boxes, scores, idxs, thresh in jobs:
-        if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000):  # torchvision's _batched_nms_vanilla
-            members = [torch.where(idxs == c)[0] for c in torch.unique(idxs)]
-            first = len(calls)
-            calls += [partial(box_ops.nms, boxes[m], scores[m], thresh) for m in members]
-            plans.append(("vanilla", members, first))
-        elif boxes.numel() == 0:
-            plans.append(("empty", None, None))
-        else:  # torchvision's _batched_nms_coordinate_trick
-            offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
-            plans.append(("trick", None, len(calls)))
-            calls.append(partial(box_ops.nms, boxes + offsets[:, None], scores, thresh))
-    done = _run_all(executor, calls)
-    keeps = []
-    for (kind, members, first), (_, scores, _, _) in zip(plans, jobs):
-        if kind == "empty":
-            keeps.append(torch.empty((0,), dtype=torch.int64, device=scores.device))
-        elif kind == "trick":
-            keeps.append(done[first])
-        else:
-            keep_mask = torch.zeros_like(scores, dtype=torch.bool)
-            for m, k in zip(members, done[first:first + len(members)]):
-                keep_mask[m[k]] = True
-            keep = torch.where(keep_mask)[0]
-            keeps.append(keep[scores[keep].sort(descending=True)[1]])
-    return keeps
-
-
-def _clip(boxes: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
-    """`[n, K, 4]` boxes of n images clipped to each image's size (torchvision's `clip_boxes_to_image`), in one
-    operation when the images have one size (a Predictor batch always has)."""
-    if len(set(image_sizes)) == 1:
-        return box_ops.clip_boxes_to_image(boxes, image_sizes[0])
-    return torch.stack([box_ops.clip_boxes_to_image(b, s) for b, s in zip(boxes, image_sizes)])
-
-
-def _select(keep: Tensor, lengths: list[int], *tensors: Tensor) -> list[tuple[Tensor, ...]]:
-    """Rows of `tensors` where `keep` (one flat mask over the rows of a batch's images, `lengths` rows each), per
-    image and in order: what torchvision's heads select image by image with boolean masks, chosen here for the
-    whole batch at once. On a GPU each such selection waits for the device (it has to learn how many rows are
-    left): two waits per batch here where the per-image loop takes two per image and filter."""
-    if not lengths:
-        return []
-    if len(set(lengths)) == 1:
-        counts = keep.view(len(lengths), -1).sum(1)
-    else:
-        counts = torch.stack([k.sum() for k in keep.split(lengths)])
-    counts = counts.tolist()
-    rows = torch.where(keep)[0]
-    return list(zip(*(t[rows].split(counts) for t in tensors)))
-
-
 class FastRPN(RegionProposalNetwork):
     """torchvision's RPN at inference: top-n anchors per level chosen before decoding, the small and low-scoring
-    boxes of all images dropped at once (`_select`), the NMS of all images and levels on `executor`. Training runs
+    boxes of all images dropped at once (`select_rows`), the NMS of all images and levels on `executor`. Training runs
     torchvision's forward unchanged."""
 
     executor: ThreadPoolExecutor | None = None
@@ -180,11 +110,11 @@ class FastRPN(RegionProposalNetwork):
         chosen = [a[i] for a, i in zip(anchors, top_n_idx)]
         proposals = self.box_coder.decode(deltas[batch_idx, top_n_idx].reshape(-1, 4), chosen).view(num_images, -1, 4)
         probs = torch.sigmoid(objectness)
-        boxes = _clip(proposals, images.image_sizes)
+        boxes = clip_batch(proposals, images.image_sizes)
         # torchvision's remove_small_boxes, then its score threshold (>=)
         keep = (boxes[..., 2] - boxes[..., 0] >= self.min_size) & (boxes[..., 3] - boxes[..., 1] >= self.min_size) \
             & (probs >= self.score_thresh)
-        kept = [(*rows, self.nms_thresh) for rows in _select(keep.view(-1), [probs.shape[1]] * num_images,
+        kept = [(*rows, self.nms_thresh) for rows in select_rows(keep.view(-1), [probs.shape[1]] * num_images,
                                                              boxes.view(-1, 4), probs.view(-1), levels.view(-1))]
         final = []
         for (boxes, _, _, _), keep in zip(kept, batched_nms_many(kept, self.executor)):
@@ -194,7 +124,7 @@ class FastRPN(RegionProposalNetwork):
 
 class FastRoIHeads(RoIHeads):
     """torchvision's RoI heads, their inference post-processing over the whole batch: boxes clipped and candidates
-    chosen (score above the threshold, not empty) for all images at once (`_select`), the per-image NMS on
+    chosen (score above the threshold, not empty) for all images at once (`select_rows`), the per-image NMS on
     `executor`. The same candidates in the same order as torchvision's loop over images, so the same detections."""
 
     executor: ThreadPoolExecutor | None = None
@@ -204,15 +134,12 @@ class FastRoIHeads(RoIHeads):
         per_image = [len(p) for p in proposals]
         boxes = self.box_coder.decode(box_regression, proposals).reshape(len(class_logits), num_classes, 4)
         scores = F.softmax(class_logits, -1)
-        if len(set(image_shapes)) == 1:
-            boxes = box_ops.clip_boxes_to_image(boxes, image_shapes[0])
-        else:
-            boxes = torch.cat([box_ops.clip_boxes_to_image(b, s) for b, s in zip(boxes.split(per_image), image_shapes)])
+        boxes = clip_batch(boxes, image_shapes, per_image)
         labels = torch.arange(1, num_classes, device=class_logits.device).expand(len(boxes), -1)
         boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)  # background dropped
         # torchvision's score threshold (>), then its remove_small_boxes(min_size=1e-2)
         keep = (scores > self.score_thresh) & (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
-        chosen = _select(keep, [n * (num_classes - 1) for n in per_image], boxes, scores, labels.reshape(-1))
+        chosen = select_rows(keep, [n * (num_classes - 1) for n in per_image], boxes, scores, labels.reshape(-1))
         out: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
         for (b, s, lab), k in zip(chosen, batched_nms_many([(*c, self.nms_thresh) for c in chosen], self.executor)):
             k = k[: self.detections_per_img]
@@ -247,7 +174,7 @@ class _FastRoIAlign:
                     calls.append(partial(roi_align, feat, rois[piece], self.output_size, scale, self.sampling_ratio))
                     where.append(piece)
         out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
-        for piece, pooled in zip(where, _run_all(self.executor, calls)):
+        for piece, pooled in zip(where, run_all(self.executor, calls)):
             out[piece] = pooled.to(out.dtype)
         return out
 
@@ -349,6 +276,8 @@ def fast_path(model: nn.Module, executor: ThreadPoolExecutor | None, *, channels
     if type(heads) is RoIHeads:
         heads.__class__ = FastRoIHeads
         heads.executor = executor
+    if isinstance(model, RetinaNet) and hasattr(model, "executor"):  # FPNRetinaNet: its per-image NMS calls
+        model.executor = executor
     for m in model.modules():
         if isinstance(m, MultiScaleRoIAlign):
             if not isinstance(m, _FastRoIAlign):

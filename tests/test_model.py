@@ -208,6 +208,38 @@ def test_batch_wide_choices_are_torchvision_s_own():
                 assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
 
 
+def test_retinanet_chooses_torchvision_s_candidates_for_the_whole_batch():
+    """FPNRetinaNet's post-processing picks each level's candidates for all images at once: torchvision's own
+    boxes, scores and labels, bit for bit (images of two sizes, NMS in the calling thread or on a pool), plus
+    the level of each."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision.models.detection import RetinaNet
+
+    from fpn_model.predict import fast_path
+
+    torch.manual_seed(0)
+    cfg = preset("retinanet_r50_fpn", backbone="resnet18", min_size=160, max_size=160, score_thresh=0.005,
+                 num_classes=5)
+    model = build_detector(cfg).eval()
+    images = [torch.rand(3, 160, 160), torch.rand(3, 120, 150), torch.rand(3, 160, 128)]
+    plain = copy.deepcopy(model)
+    plain.__class__ = RetinaNet  # torchvision's forward and post-processing as they are
+    with torch.inference_mode():
+        ref = plain(images)
+    assert all(len(r["boxes"]) > 50 for r in ref)
+    with ThreadPoolExecutor(2) as pool:
+        for executor in (None, pool):
+            fast = fast_path(copy.deepcopy(model), executor, channels_last=False)
+            assert fast.executor is executor
+            with torch.inference_mode():
+                out = fast(images)
+            for a, b in zip(ref, out):
+                assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+                assert set(b["levels"].tolist()) <= set(cfg.levels) and len(b["levels"]) == len(b["boxes"])
+
+
 def test_parallel_nms_and_roi_align_are_torchvision_s_own():
     from concurrent.futures import ThreadPoolExecutor
 
