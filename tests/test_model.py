@@ -465,3 +465,9 @@ def test_frozen_norms_fold_into_the_convolutions_before_them():
     with torch.no_grad():
         assert torch.allclose(mb.features(x), folded.features(x), rtol=1e-4, atol=1e-5)
     assert fold_norms(mobilenet_v3_large().train()) == 0
+    # the Predictor folds on the CPU's approximate paths, not on its exact one
+    from fpn_model.predict import Predictor
+
+    norms = lambda p: sum(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in p.model.modules())
+    assert norms(Predictor(r50)) == 53 and norms(Predictor(r50, precision="int8")) == 0
+    assert norms(Predictor(r50, precision="bf16")) == 0
