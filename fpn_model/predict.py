@@ -267,8 +267,9 @@ def fast_path(model: nn.Module, executor: ThreadPoolExecutor | None, *, channels
     thread)."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         for m in model.modules():
-            if type(m) is nn.GroupNorm:
+            if type(m) is nn.GroupNorm and on_cpu:  # the CPU kernel's rounding (above)
                 m.__class__ = _ChannelsLastGroupNorm
     rpn = getattr(model, "rpn", None)
     if type(rpn) is RegionProposalNetwork:

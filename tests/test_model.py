@@ -206,6 +206,16 @@ def test_batch_wide_choices_are_torchvision_s_own():
                 out = fast(images)
             for a, b in zip(ref, out):
                 assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+    # Mask R-CNN's masks come from the boxes chosen so: the same too
+    torch.manual_seed(0)
+    masks = build_detector(preset("mask_rcnn_r50_fpn", backbone="resnet18", min_size=160, max_size=160,
+                                  score_thresh=0.0, num_classes=7)).eval()
+    images = [torch.rand(3, 160, 160), torch.rand(3, 120, 150)]
+    with torch.inference_mode():
+        ref, out = masks(images), fast_path(copy.deepcopy(masks), None, channels_last=False)(images)
+    assert all(len(r["masks"]) for r in ref)
+    for a, b in zip(ref, out):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_retinanet_chooses_torchvision_s_candidates_for_the_whole_batch():
