@@ -136,15 +136,15 @@ def _decodes_on_to(keyframes: list[int], nxt: int | None, i: int) -> bool:
     return nxt is not None and nxt <= i and _keyframe_before(keyframes, i) <= nxt
 
 
-def _seek_policy_counts(keyframes: list[int], nxt: int | None, indices: list[int]) -> list[int]:
+def _seek_policy_counts(keyframes: list[int], nxt: int | None, indices: list[int]) -> tuple[list[int], int | None]:
     """Frames decoded for each of `indices` by a decoder that decodes on within a group of pictures and otherwise
-    seeks to the keyframe before the wanted frame, its next frame being `nxt` at first: for backends that do not
-    count (decord, NVDEC)."""
+    seeks to the keyframe before the wanted frame, its next frame being `nxt` at first, and its next frame after
+    them: for backends that do not count (decord, NVDEC)."""
     counts = []
     for i in indices:
         counts.append(i - (nxt if _decodes_on_to(keyframes, nxt, i) else _keyframe_before(keyframes, i)) + 1)
         nxt = i + 1
-    return counts
+    return counts, nxt
 
 
 class DecordVideo:
@@ -183,8 +183,7 @@ class DecordVideo:
 
     def frames(self, indices: list[int]) -> np.ndarray:
         out = self._vr.get_batch(indices).asnumpy()
-        self.decoded = _seek_policy_counts(self.keyframes, self._next, indices)
-        self._next = indices[-1] + 1 if indices else self._next
+        self.decoded, self._next = _seek_policy_counts(self.keyframes, self._next, indices)
         return out
 
     def timestamps(self, indices: list[int]) -> np.ndarray:

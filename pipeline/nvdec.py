@@ -110,8 +110,7 @@ class NvdecVideo(PyAVVideo):
         batch = torch.stack([torch.from_dlpack(f) for f in got])  # uint8 on the device
         if batch.shape[-1] != 3 and batch.shape[1] == 3:  # planar
             batch = batch.permute(0, 2, 3, 1)
-        self.decoded = _seek_policy_counts(self.keyframes, self._after, indices)
-        self._after = indices[-1] + 1 if indices else self._after
+        self.decoded, self._after = _seek_policy_counts(self.keyframes, self._after, indices)
         return batch.cpu().numpy()
 
     def close(self) -> None:
