@@ -108,6 +108,22 @@ def r50_checkpoint(tv, min_size: int, path: Path) -> str:
                                path))
 
 
+def eager_inputs(frames, device: str) -> list:
+    """Frames as torchvision's eager forward is handed them: each to the device on its own, CHW float in [0, 1]."""
+    import torch
+
+    return [torch.from_numpy(f).to(device).permute(2, 0, 1).float().div(255) for f in frames]
+
+
+def eager_boxes(tv, frames, device: str, dtype=None) -> list:
+    """torchvision's eager forward of `frames` (autocast to `dtype` unless None), its boxes on the host."""
+    import torch
+
+    with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = tv(eager_inputs(frames, device))
+    return [o["boxes"].cpu() for o in out]
+
+
 def decoded_batch(frames, start: int = 0) -> dict:
     """The columns `pipeline.decode` yields for a batch of video frames."""
     import numpy as np
@@ -189,15 +205,9 @@ def forward_worker(args) -> dict:
         for bs in args.batches:
             batch = decoded_batch(frames[:bs])
 
-            def eager():
-                amp = torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None)
-                with torch.inference_mode(), amp:
-                    out = tv([torch.from_numpy(f).to(dev).permute(2, 0, 1).float().div(255) for f in batch["image"]])
-                return [o["boxes"].cpu() for o in out]
-
             r = {"precision": precision, "batch": bs}
             if not args.skip_eager:
-                t = timed(eager, args.reps, args.warm, sync)
+                t = timed(lambda: eager_boxes(tv, batch["image"], dev, dtype), args.reps, args.warm, sync)
                 r["eager_fps"] = round(bs / t["median_s"], 2)
                 r["eager_spread_fps"] = [round(bs / t["max_s"], 2), round(bs / t["min_s"], 2)]
             if dev == "cuda":
@@ -218,7 +228,7 @@ def forward_worker(args) -> dict:
                                         reps=args.reps, sync=sync, context=_both(pred._stream(), pred._autocast()))
                 if not args.skip_eager:
                     r["eager_stages_ms"] = stages(
-                        tv, lambda fs: [torch.from_numpy(f).to(dev).permute(2, 0, 1).float().div(255) for f in fs],
+                        tv, lambda fs: eager_inputs(fs, dev),
                         batch["image"], reps=args.reps, sync=sync,
                         context=torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None))
                 if args.layouts:  # the Predictor alone (no rows), its convolutions in NHWC and in NCHW
@@ -626,12 +636,7 @@ def profile(args, ckpt: str) -> dict:
 
     tv = r50(args.min_size).to(args.device)  # torchvision's eager forward on the same frames: its waits beside ours
 
-    def eager():
-        with torch.inference_mode():
-            out = tv([torch.from_numpy(f).to(args.device).permute(2, 0, 1).float().div(255) for f in batch["image"]])
-        return [o["boxes"].cpu() for o in out]
-
-    out[f"r50_b{bs}_eager"] = profiled(eager)
+    out[f"r50_b{bs}_eager"] = profiled(lambda: eager_boxes(tv, batch["image"], args.device))
     tv = None
     for precision in args.precisions[:2]:
         det = Detector(ckpt, model_id="r50", tile=None, max_batch=bs, precision=precision)
