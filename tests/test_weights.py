@@ -69,6 +69,39 @@ def test_checkpoint_round_trip_keeps_config_and_outputs(tmp_path):
     assert path.stat().st_size < sum(v.numel() * 4 for v in model.state_dict().values()) * 0.6  # fp16 storage
 
 
+def test_loading_draws_no_random_weights_and_leaves_other_threads_alone(tmp_path):
+    """Loading skips the random initialisers (their draws would be overwritten): no draw from torch's generator,
+    every tensor exactly the file's; a model built on another thread meanwhile draws its weights as ever."""
+    import threading
+
+    cfg = preset("faster_rcnn_mobilenet_v3_fpn", num_classes=3, class_names=("a", "b"))
+    model = build_detector(cfg).eval()
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    torch.manual_seed(5)
+    loaded = load_checkpoint(path)
+    after_load = torch.rand(4)
+    torch.manual_seed(5)
+    assert torch.equal(after_load, torch.rand(4))  # the load drew nothing
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    beside: dict = {}
+    both = threading.Barrier(2)
+
+    def build():
+        both.wait()
+        beside["model"] = build_detector(cfg)
+
+    torch.manual_seed(7)
+    t = threading.Thread(target=build)
+    t.start()
+    both.wait()
+    load_checkpoint(path)  # while the other thread builds, drawing from the same generator
+    t.join()
+    torch.manual_seed(7)
+    alone = build_detector(cfg).state_dict()
+    assert all(torch.equal(beside["model"].state_dict()[k], v) for k, v in alone.items())
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, (f"touch {_Evil.marker}",))
