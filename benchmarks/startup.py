@@ -5,7 +5,11 @@ Alternating rounds (each a fresh process): `ray`: `python -c "import ray; ray.in
 a model that returns nothing (benchmarks/null_model.py). Fixed cost = median(fpn) - median(ray): what a job costs
 beyond Ray's own start. Then `cpu`: core seconds of each kind of process that one more `fpn` run starts (sampled
 with psutil every 0.1 s), beside the machine's busy and idle core seconds over the run: on a small node the
-start-up is CPU-bound, so this says where the fixed cost goes. Writes benchmarks/results/startup.json.
+start-up is CPU-bound, so this says where the fixed cost goes. `start_s`: the medians of the `fpn` runs' own
+record of where their start went (`_job.json`). `load`: `load_checkpoint` (which builds the model without drawing
+the random weights it overwrites) beside building it with them and loading the same file (as it did before),
+alternating, in this process, for the bundled model and two torchvision layouts (random weights saved here).
+Writes benchmarks/results/startup.json.
 
     .venv/bin/python benchmarks/startup.py [--repeats 3]
 """
@@ -82,29 +86,63 @@ def cpu_by_process(cmd: list[str]) -> dict:
             "machine_idle_core_s": round(psutil.cpu_times().idle - i0, 2), "cores": psutil.cpu_count()}
 
 
+def loading(repeats: int, tmp: str) -> dict:
+    """Median seconds of `load_checkpoint` against a build that draws its random weights, then the same load."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fpn_model.config import preset
+    from fpn_model.detectors import build_detector
+    from fpn_model.weights import load_checkpoint, read_config, save_checkpoint
+    from fpn_model.zoo import resolve
+
+    torch.set_num_threads(2)
+    models = {"trees": str(resolve("trees"))}
+    for name in ("faster_rcnn_mobilenet_v3_fpn", "faster_rcnn_r50_fpn"):
+        models[name] = str(save_checkpoint(build_detector(preset(name)), f"{tmp}/{name}.safetensors"))
+    out = {}
+    for name, path in models.items():
+        times: dict[str, list[float]] = {"load_checkpoint": [], "drawing_weights": []}
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            load_checkpoint(path)
+            times["load_checkpoint"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            build_detector(read_config(path)[0]).load_state_dict(load_file(path))
+            times["drawing_weights"].append(time.perf_counter() - t0)
+        out[name] = {k: round(statistics.median(v), 4) for k, v in times.items()}
+        out[name]["ratio"] = round(out[name]["load_checkpoint"] / out[name]["drawing_weights"], 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     null = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"
     runs: dict[str, list[float]] = {"ray": [], "fpn": [], "null": []}
+    start: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(a.repeats):
             runs["ray"].append(timed([sys.executable, "-c", RAY]))
             runs["fpn"].append(timed([sys.executable, "-m", "jobs.cli", "run", str(IMAGE), "-o", f"{tmp}/f{rep}"]))
+            start.append(json.loads(Path(f"{tmp}/f{rep}/_job.json").read_text())["start_s"])
             runs["null"].append(timed([sys.executable, "-m", "jobs.cli", "run", str(IMAGE), "-o", f"{tmp}/n{rep}",
                                        "-m", null]))
             print(rep, {k: v[-1] for k, v in runs.items()}, flush=True)
         cpu = cpu_by_process([sys.executable, "-m", "jobs.cli", "run", str(IMAGE), "-o", f"{tmp}/cpu"])
+        load = loading(max(5, a.repeats), tmp)
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {k: {"median_s": round(med[k], 3), "min_s": min(v), "max_s": max(v), "runs": v} for k, v in runs.items()}
     result["fixed_cost_s"] = round(med["fpn"] - med["ray"], 3)
     result["fixed_cost_null_model_s"] = round(med["null"] - med["ray"], 3)
     result["cpu"] = cpu
+    result["start_s"] = {k: round(statistics.median(s[k] for s in start), 2) for k in start[0]}
+    result["load"] = load
     result.update(measured())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("fixed_cost_s", "fixed_cost_null_model_s", "cpu")}),
+    print(json.dumps({k: result[k] for k in ("fixed_cost_s", "fixed_cost_null_model_s", "cpu", "start_s", "load")}),
           {k: result[k]["median_s"] for k in runs})
 
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from fpn_model.memory import keep_freed_memory_env
 from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
@@ -245,7 +247,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     Raises before any work (nothing written) on a missing input or output bucket, an unreachable Ray address,
     resources the cluster cannot hold (pipeline.sizing.fit), an output held by a live writer (OutputBusyError)
     or written with other settings (OutputSettingsError, a ValueError naming what differs)."""
-    t0 = time.monotonic()
+    t0, began = time.monotonic(), time.time()
     check_address(address)
     sources = expand_inputs(list(plan.inputs), plan.storage_options, stac_asset=plan.stac_asset,
                             stac_bands=plan.asset_bands, stac_search=plan.stac_search)
@@ -255,6 +257,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     plan.raster_settings(model_input)  # the bands chosen fit the model, before any work
     with_masks = cfg.arch == "mask_rcnn"
     init_ray(address)
+    start = {"before_run": began - psutil.Process().create_time(), "ray": time.time() - began}
     decoder_note = nvdec_note(plan) if _embedded.is_set() else None
     sizing = fit(plan.resources, cluster_nodes())  # a request the cluster cannot hold fails here, not by hanging
     r = sizing.resources  # GPUs and detectors decided where the job left them open
@@ -304,6 +307,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             doc["planned_frames"] = count_planned(plan, units)
             doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
             doc["work_units"] = len(units)
+            start["planned"] = time.time() - began
+            doc["start_s"] = _rounded(start)
             out.write_job(doc)
             try:
                 with Watchdog(out, plan.resources, detected=counter.total), \
@@ -316,6 +321,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             doc["min_rows_per_file"] = written["rows_per_file"]
             doc["duplicate_rows_removed"] = written["rows_removed"]  # 0 unless a frame reached the output twice
             doc["core_ms_per_frame"] = written["core_ms_per_frame"]  # CPU time by stage: decode, transfer, ...
+            doc["start_s"] = _rounded({**start, **{k.removeprefix("t_"): t - began
+                                                   for k, t in written["times"].items()}})
             if plan.video_backend == "nvdec" or written["nvdec_frames"]:  # of this run's frames written
                 doc["frames_decoded_on_gpu"] = written["nvdec_frames"]
             out.drop_stale_errors()  # this run re-attempted everything they named
@@ -345,6 +352,10 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
         doc["decoded_per_sampled"] = round(counts["decoded_frames"] / counts["frames"], 3) if counts["frames"] else None
         out.write_job(doc)
     return doc
+
+
+def _rounded(start: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in start.items()}
 
 
 def _safe_counts(out: Output) -> dict[str, int]:

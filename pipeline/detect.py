@@ -14,6 +14,7 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import torch
 
@@ -67,6 +68,7 @@ class Detector:
                  max_batch: int = 16, output: Output | str | None = None, storage_options: dict | None = None,
                  threads: int | None = None, calls: int = 1, precision: str = "exact", compile: bool = False,
                  counter: Any = None):
+        began = time.time()
         cpus = _allotted("CPU")
         threads = threads or (math.floor(cpus) if cpus >= 1 else None)
         if threads:
@@ -90,6 +92,10 @@ class Detector:
         self.output = Output(output, storage_options) if isinstance(output, str) else output
         log.info("detector on %s: %d call(s) at once of %d thread(s), precision %s%s", device, calls,
                  torch.get_num_threads(), precision, " on the fast path" if self.predictor.fast else "")
+        # when its worker process started, when __init__ began (the worker had imported torch and this module),
+        # when the model was ready: wall-clock times that the rows carry to the sink (the job's `start_s`)
+        self._times = {"t_detector_worker": psutil.Process().create_time(), "t_detector_init": began,
+                       "t_detector_ready": time.time()}
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         with self._share.call() if self._share is not None else contextlib.nullcontext():
@@ -103,6 +109,7 @@ class Detector:
             found = iter(self.predictor(todo) if todo else [])
             return detections_to_rows(batch, [_NONE if s else next(found) for s in skip], self.cfg.label_name,
                                       self.model_id, self.schema)
+        arrived = time.time()
         t0 = self._cpu_clock()
         found = iter(self._predict(todo) if todo else [])
         results = [_NONE if s else next(found) for s in skip]
@@ -116,7 +123,8 @@ class Detector:
         rows = detections_to_rows(batch, results, self.cfg.label_name, self.model_id, self.schema)
         if self.counter is not None:  # frames detected, before a bundle of them is written (the job's watchdog)
             self.counter.add(rows.num_rows)
-        return _with_costs(rows, batch, forward_s=t1 - t0, rows_s=self._cpu_clock() - t1)
+        return _with_costs(rows, batch, forward_s=t1 - t0, rows_s=self._cpu_clock() - t1,
+                           times={**self._times, "t_batch": arrived})
 
     def _predict(self, images: list[np.ndarray]) -> list:
         """Detections per image, or the exception that image raised when predicted alone."""
@@ -201,16 +209,20 @@ class _CallShare:
             torch.set_num_threads(n)
 
 
-def _with_costs(rows: pa.Table, batch: dict[str, Any], *, forward_s: float, rows_s: float) -> pa.Table:
+def _with_costs(rows: pa.Table, batch: dict[str, Any], *, forward_s: float, rows_s: float,
+                times: dict[str, float]) -> pa.Table:
     """`rows` with each stage's CPU seconds per frame (`pipeline.sink.STAGES`; the sink sums them, the files do not
     keep them): the decoder's and the transfer's from the batch, this actor's forward (all its torch threads) and
-    row building shared equally by the batch's frames."""
+    row building shared equally by the batch's frames; and the detector's `times` (`pipeline.sink.TIMES`, wall
+    clock; the sink keeps the earliest of each)."""
     n = rows.num_rows
     for name in ("cpu_decode_s", "cpu_transfer_s"):
         if name in batch:
             rows = rows.append_column(name, pa.array([float(v) for v in batch[name]], pa.float64()))
     for name, total in (("cpu_forward_s", forward_s), ("cpu_rows_s", rows_s)):
         rows = rows.append_column(name, pa.array([total / max(n, 1)] * n, pa.float64()))
+    for name, t in times.items():
+        rows = rows.append_column(name, pa.array([t] * n, pa.float64()))
     if "nvdec_frames" in batch:  # frames decoded on a GPU (pipeline.decode), counted by the sink
         rows = rows.append_column("nvdec_frames", pa.array([int(v) for v in batch["nvdec_frames"]], pa.int64()))
     return rows

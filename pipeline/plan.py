@@ -462,7 +462,8 @@ def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), 
     `rows_per_file` frames. `planned`: the frames the units give (`count_planned`, which the caller records);
     `fence`: the lease token of the run, if it holds the output's lease (a write after a takeover commits nothing:
     `Output.write_frames`). Returns what the write did: `rows_per_file`, what `Output.drop_duplicate_frames`
-    found (0 unless a frame reached the output twice) and `core_ms_per_frame` by stage (`FrameSink.cost`)."""
+    found (0 unless a frame reached the output twice), `core_ms_per_frame` by stage (`FrameSink.cost`) and the
+    detectors' first `times` (`FrameSink.times`)."""
     from .sink import FrameSink, rows_per_file  # imports ray.data: not in planning tasks, which import this module
 
     # bundle size: 1/20 of the frames this run writes unless the plan says (pipeline.sink.rows_per_file)
@@ -477,4 +478,5 @@ def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), 
     if dups["rows_removed"]:
         log.warning("a frame reached the output twice: removed %d duplicate row(s) (%d file(s) removed, %d "
                     "rewritten)", dups["rows_removed"], dups["files_removed"], dups["files_rewritten"])
-    return {"rows_per_file": rows, **dups, "core_ms_per_frame": sink.cost, "nvdec_frames": sink.nvdec_frames}
+    return {"rows_per_file": rows, **dups, "core_ms_per_frame": sink.cost, "nvdec_frames": sink.nvdec_frames,
+            "times": sink.times}

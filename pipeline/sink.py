@@ -38,6 +38,9 @@ __all__ = ["FrameSink", "rows_per_file", "MAX_AUTO_ROWS_PER_FILE", "AUTO_FILES_P
 # CPU seconds per frame that the stages before the sink add as columns (not written): decode (the decoding child),
 # transfer (the decode task and the detector moving the frames), forward (the model), rows (detections -> rows)
 STAGES = ("cpu_decode_s", "cpu_transfer_s", "cpu_forward_s", "cpu_rows_s")
+# wall-clock times the detectors add as columns (not written): when a detector's worker process started, its
+# __init__ began and ended, a batch reached it; the sink keeps the earliest of each and when its first file landed
+TIMES = ("t_detector_worker", "t_detector_init", "t_detector_ready", "t_batch")
 MAX_AUTO_ROWS_PER_FILE = 1000  # the default never bundles more frames than this per file
 AUTO_FILES_PER_JOB = 20  # the default aims at about this many files for a job of fewer than 20,000 frames
 
@@ -63,6 +66,7 @@ class FrameSink(Datasink):
         self.output, self.with_masks, self.min_rows, self.fence = output, with_masks, min_rows, fence
         self.cost: dict[str, float] = {}  # core milliseconds per frame by stage, once the write completes
         self.nvdec_frames = 0  # frames decoded by NVIDIA's engine (video_backend nvdec), once the write completes
+        self.times: dict[str, float] = {}  # the earliest of each of TIMES and `t_file`, once the write completes
 
     @property
     def min_rows_per_write(self) -> int | None:
@@ -80,13 +84,18 @@ class FrameSink(Datasink):
                                           fence=self.fence) if tables else 0
         nvdec = sum(int(pc.sum(t.column("nvdec_frames")).as_py() or 0)
                     for t in tables if "nvdec_frames" in t.column_names)
-        return {"frames": frames, **cost, "cpu_write_s": time.process_time() - t0, "nvdec_frames": nvdec}
+        first = {c: min(pc.min(t.column(c)).as_py() for t in tables) for c in TIMES
+                 if tables and all(c in t.column_names for t in tables)}
+        return {"frames": frames, **cost, "cpu_write_s": time.process_time() - t0, "nvdec_frames": nvdec, **first,
+                "t_file": time.time()}
 
     def on_write_complete(self, write_result: Any) -> None:
         """In the driver, once everything is written: the job's core time per frame by stage (`cost`)."""
         returns = [r for r in write_result.write_returns if isinstance(r, dict)]
         frames = sum(r["frames"] for r in returns)
         self.nvdec_frames = sum(r.get("nvdec_frames", 0) for r in returns)
+        self.times = {c: min(r[c] for r in returns if c in r) for c in (*TIMES, "t_file")
+                      if any(c in r for r in returns)}
         self.cost = {c.removeprefix("cpu_").removesuffix("_s"): round(1000 * sum(r.get(c, 0.0) for r in returns)
                                                                       / frames, 2)
                      for c in (*STAGES, "cpu_write_s")} if frames else {}

@@ -255,8 +255,11 @@ def test_detector_leaves_out_a_failing_frame_as_an_error_row_and_keeps_the_rest(
 
     table = det(batch)
 
-    # the contract's columns, then each stage's CPU time per frame for the sink to sum (not written)
-    assert table.schema.names == [*det.schema.names, "cpu_forward_s", "cpu_rows_s"]
+    # the contract's columns, then each stage's CPU time per frame for the sink to sum and the detector's start
+    # times for the sink to keep the earliest of (neither written)
+    from pipeline.sink import TIMES
+
+    assert table.schema.names == [*det.schema.names, "cpu_forward_s", "cpu_rows_s", *TIMES]
     assert table.select(det.schema.names).schema == det.schema
     assert min(table.column("cpu_forward_s").to_pylist()) > 0
     assert table.column("frame_index").to_pylist() == [0, 1, 2, 4]
