@@ -86,11 +86,13 @@ class FrameSink(Datasink):
                     for t in tables if "nvdec_frames" in t.column_names)
         first = {c: min(pc.min(t.column(c)).as_py() for t in tables) for c in TIMES
                  if tables and all(c in t.column_names for t in tables)}
+        landed = {"t_file": time.time()} if frames else {}  # a bundle without rows writes no file
         return {"frames": frames, **cost, "cpu_write_s": time.process_time() - t0, "nvdec_frames": nvdec, **first,
-                "t_file": time.time()}
+                **landed}
 
     def on_write_complete(self, write_result: Any) -> None:
-        """In the driver, once everything is written: the job's core time per frame by stage (`cost`)."""
+        """In the driver, once everything is written: the job's core time per frame by stage (`cost`) and the
+        earliest of the detectors' `times` and of the files' landing (`times`)."""
         returns = [r for r in write_result.write_returns if isinstance(r, dict)]
         frames = sum(r["frames"] for r in returns)
         self.nvdec_frames = sum(r.get("nvdec_frames", 0) for r in returns)
