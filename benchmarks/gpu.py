@@ -346,7 +346,7 @@ def watch_run(cmd: list[str], out: Path, log: Path, timeout: float) -> dict:
     job = json.loads((out / "_job.json").read_text()) if (out / "_job.json").exists() else {}
     return {"returncode": p.returncode, "wall_s": round(wall, 2), "files": files, "state": job.get("state"),
             "frames": job.get("frames"), "detections": job.get("detections"), "resources": job.get("resources"),
-            "core_ms_per_frame": job.get("core_ms_per_frame"), "start_s": job.get("start_s"),
+            "core_ms_per_frame": job.get("core_ms_per_frame"), "startup_s": job.get("startup_s"),
             "frames_decoded_on_gpu": job.get("frames_decoded_on_gpu"),
             "video_backend_note": job.get("video_backend_note"), "log_tail": log.read_text()[-1500:]}
 

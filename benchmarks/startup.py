@@ -5,7 +5,7 @@ Alternating rounds (each a fresh process): `ray`: `python -c "import ray; ray.in
 a model that returns nothing (benchmarks/null_model.py). Fixed cost = median(fpn) - median(ray): what a job costs
 beyond Ray's own start. Then `cpu`: core seconds of each kind of process that one more `fpn` run starts (sampled
 with psutil every 0.1 s), beside the machine's busy and idle core seconds over the run: on a small node the
-start-up is CPU-bound, so this says where the fixed cost goes. `start_s`: the medians of the `fpn` runs' own
+start-up is CPU-bound, so this says where the fixed cost goes. `startup_s`: the medians of the `fpn` runs' own
 record of where their start went (`_job.json`). `load`: `load_checkpoint` (which builds the model without drawing
 the random weights it overwrites) beside building it with them and loading the same file (as it did before),
 alternating, in this process, for the bundled model and two torchvision layouts (random weights saved here).
@@ -126,7 +126,7 @@ def main() -> None:
         for rep in range(a.repeats):
             runs["ray"].append(timed([sys.executable, "-c", RAY]))
             runs["fpn"].append(timed([sys.executable, "-m", "jobs.cli", "run", str(IMAGE), "-o", f"{tmp}/f{rep}"]))
-            start.append(json.loads(Path(f"{tmp}/f{rep}/_job.json").read_text())["start_s"])
+            start.append(json.loads(Path(f"{tmp}/f{rep}/_job.json").read_text())["startup_s"])
             runs["null"].append(timed([sys.executable, "-m", "jobs.cli", "run", str(IMAGE), "-o", f"{tmp}/n{rep}",
                                        "-m", null]))
             print(rep, {k: v[-1] for k, v in runs.items()}, flush=True)
@@ -137,12 +137,12 @@ def main() -> None:
     result["fixed_cost_s"] = round(med["fpn"] - med["ray"], 3)
     result["fixed_cost_null_model_s"] = round(med["null"] - med["ray"], 3)
     result["cpu"] = cpu
-    result["start_s"] = {k: round(statistics.median(s[k] for s in start), 2) for k in start[0]}
+    result["startup_s"] = {k: round(statistics.median(s[k] for s in start), 2) for k in start[0]}
     result["load"] = load
     result.update(measured())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("fixed_cost_s", "fixed_cost_null_model_s", "cpu", "start_s", "load")}),
+    print(json.dumps({k: result[k] for k in ("fixed_cost_s", "fixed_cost_null_model_s", "cpu", "startup_s", "load")}),
           {k: result[k]["median_s"] for k in runs})
 
 

@@ -130,7 +130,7 @@ def _read_options(endpoint_url=None, profile=None, anon=False) -> dict[str, Any]
     return _storage_flags(endpoint_url, profile, anon).get("storage_options")
 
 
-# `_job.json`'s start_s, as the summary says it (seconds from the run's start)
+# `_job.json`'s startup_s, as the summary says it (seconds from the run's start)
 _START_NAMES = {"ray": "Ray ready", "planned": "planned", "detector_ready": "detector ready",
                 "batch": "first batch in", "file": "first file"}
 
@@ -150,8 +150,8 @@ def _print_summary(doc: dict) -> None:
         click.echo(f"nvdec: {doc['frames_decoded_on_gpu']} of this run's frames decoded on the GPU")
     if doc.get("core_ms_per_frame"):
         click.echo("CPU per frame: " + ", ".join(f"{k} {v:g} ms" for k, v in doc["core_ms_per_frame"].items()))
-    if doc.get("start_s"):
-        start = doc["start_s"]
+    if doc.get("startup_s"):
+        start = doc["startup_s"]
         click.echo("start: " + ", ".join(f"{name} {start[k]:.1f} s" for k, name in _START_NAMES.items() if k in start)
                    + (f" (the command's own start before that: {start['before_run']:.1f} s)"
                       if "before_run" in start else ""))

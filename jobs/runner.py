@@ -308,7 +308,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
             doc["work_units"] = len(units)
             start["planned"] = time.time() - began
-            doc["start_s"] = _rounded(start)
+            doc["startup_s"] = _rounded(start)
             out.write_job(doc)
             try:
                 with Watchdog(out, plan.resources, detected=counter.total), \
@@ -321,7 +321,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             doc["min_rows_per_file"] = written["rows_per_file"]
             doc["duplicate_rows_removed"] = written["rows_removed"]  # 0 unless a frame reached the output twice
             doc["core_ms_per_frame"] = written["core_ms_per_frame"]  # CPU time by stage: decode, transfer, ...
-            doc["start_s"] = _rounded({**start, **{k.removeprefix("t_"): t - began
+            doc["startup_s"] = _rounded({**start, **{k.removeprefix("t_"): t - began
                                                    for k, t in written["times"].items()}})
             if plan.video_backend == "nvdec" or written["nvdec_frames"]:  # of this run's frames written
                 doc["frames_decoded_on_gpu"] = written["nvdec_frames"]

@@ -93,7 +93,7 @@ class Detector:
         log.info("detector on %s: %d call(s) at once of %d thread(s), precision %s%s", device, calls,
                  torch.get_num_threads(), precision, " on the fast path" if self.predictor.fast else "")
         # when its worker process started, when __init__ began (the worker had imported torch and this module),
-        # when the model was ready: wall-clock times that the rows carry to the sink (the job's `start_s`)
+        # when the model was ready: wall-clock times that the rows carry to the sink (the job's `startup_s`)
         self._times = {"t_detector_worker": psutil.Process().create_time(), "t_detector_init": began,
                        "t_detector_ready": time.time()}
 

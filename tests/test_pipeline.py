@@ -165,7 +165,7 @@ def test_pipeline_detections_equal_direct_model_call(ray_session, tmp_path):
     assert meta["state"] == "succeeded" and meta["model"]["sha256"] and meta["versions"]["torch"]
     assert doc["model"]["id"].startswith("trees@")
     # where the start went, in the order it happens (the detector's worker may have started before the run)
-    start = meta["start_s"]
+    start = meta["startup_s"]
     steps = [start[k] for k in ("ray", "planned", "detector_init", "detector_ready", "batch", "file")]
     assert 0 <= steps[0] and steps == sorted(steps) and steps[-1] <= meta["wall_s"], start
     assert start["detector_worker"] <= start["detector_init"] and start["before_run"] > 0
