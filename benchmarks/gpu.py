@@ -35,6 +35,7 @@ Sections (`--sections`, in this order; those added at the second GPU session fir
 
     python benchmarks/gpu.py --out benchmarks/results/gpu.json [--before /tmp/old-tree]
     python benchmarks/gpu.py --device cpu --quick   # the same code paths on a CPU, small inputs
+    # sizes given as flags win over --quick's (tests/test_gpu_benchmark.py: tiny ones, in make test)
 """
 from __future__ import annotations
 
@@ -141,26 +142,30 @@ def decoded_batch(frames, start: int = 0) -> dict:
 
 
 def looped_remux(video: Path, frames: int, dest: Path) -> int:
-    """`video` repeated until it holds at least `frames` frames, by copying its packets with shifted timestamps
-    (no re-encoding: each copy starts on the source's first keyframe). Returns the frame count."""
+    """`video` repeated until it holds at least `frames` frames, by copying its packets with shifted timestamps (no
+    re-encoding: each copy starts on the source's first keyframe; the last one ends before the first keyframe past
+    `frames`). Returns the frame count."""
     import av
 
     with av.open(str(video)) as src:
         stream = src.streams.video[0]
         packets = [(p.pts, p.duration) for p in src.demux(stream) if p.size]
     span = max(pts for pts, _ in packets) + packets[0][1]
-    times = -(-frames // len(packets))
+    muxed = 0
     with av.open(str(dest), "w") as out:
         with av.open(str(video)) as src:
             ostream = out.add_stream_from_template(src.streams.video[0])
-        for k in range(times):  # muxing takes a packet's data: demux afresh for each copy
+        for k in range(-(-frames // len(packets))):  # muxing takes a packet's data: demux afresh for each copy
             with av.open(str(video)) as src:
                 for p in src.demux(src.streams.video[0]):
+                    if p.size and muxed >= frames and p.is_keyframe:
+                        break
                     if p.size:
                         p.pts, p.dts = p.pts + k * span, p.dts + k * span
                         p.stream = ostream
                         out.mux(p)
-    return times * len(packets)
+                        muxed += 1
+    return muxed
 
 
 def timed(call, reps: int, warm: int, sync) -> dict:
@@ -718,6 +723,13 @@ def compiled(args, ckpt: str) -> dict:
     return out
 
 
+# -- sizes ---------------------------------------------------------------------------------------------------------
+SIZES = {"height": 1080, "min_size": 800, "batches": "1,8,16", "reps": 5, "warm": 2, "alone_frames": 2000,
+         "e2e_frames": 10000, "raster_side": 4096, "hd_frames": 250}
+QUICK = {**SIZES, "height": 180, "min_size": 200, "batches": "1,2", "reps": 2, "warm": 1, "alone_frames": 32,
+         "e2e_frames": 250, "raster_side": 1024, "hd_frames": 20}
+
+
 # -- main ------------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -727,16 +739,17 @@ def main() -> None:
                     "precision,decoders,masks,alone,e2e,e2e_shared,e2e_nvdec,compile")
     ap.add_argument("--before", help="another source tree (an older commit) whose Detector to time beside")
     ap.add_argument("--quick", action="store_true", help="small inputs (CPU runs)")
-    ap.add_argument("--height", type=int, default=1080)
-    ap.add_argument("--min-size", type=int, default=800)
-    ap.add_argument("--batches", default="1,8,16")
+    # sizes: the GPU's defaults, or with --quick a CPU's (QUICK); a flag given wins over both
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--min-size", type=int)
+    ap.add_argument("--batches")
     ap.add_argument("--precisions", default="exact,bf16,fp16")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--warm", type=int, default=2)
-    ap.add_argument("--alone-frames", type=int, default=2000)
-    ap.add_argument("--e2e-frames", type=int, default=10000)
-    ap.add_argument("--raster-side", type=int, default=4096)
-    ap.add_argument("--hd-frames", type=int, default=250, help="decoders: frames of the 1080p clip")
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--warm", type=int)
+    ap.add_argument("--alone-frames", type=int)
+    ap.add_argument("--e2e-frames", type=int)
+    ap.add_argument("--raster-side", type=int)
+    ap.add_argument("--hd-frames", type=int, help="decoders: frames of the 1080p clip")
     ap.add_argument("--section-timeout", type=float, default=300)
     ap.add_argument("--worker")
     ap.add_argument("--checkpoint")
@@ -744,14 +757,14 @@ def main() -> None:
     ap.add_argument("--two-calls", action="store_true")
     ap.add_argument("--layouts", action="store_true", help="forward: also the Predictor alone in NHWC and NCHW")
     args = ap.parse_args()
+    for k, v in (QUICK if args.quick else SIZES).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.precisions = str(args.precisions).split(",")
     if args.worker == "forward":
         print(json.dumps(forward_worker(args)))
         return
-    if args.quick:
-        args.height, args.min_size, args.batches, args.reps, args.warm = 180, 200, [1, 2], 2, 1
-        args.alone_frames, args.e2e_frames, args.raster_side, args.hd_frames = 32, 250, 1024, 20
     if args.device == "cpu":
         args.precisions = ["exact", "bf16"]
     sections = args.sections.split(",")
