@@ -135,6 +135,11 @@ _START_NAMES = {"ray": "Ray ready", "planned": "planned", "detector_ready": "det
                 "batch": "first batch in", "file": "first file"}
 
 
+def _start_line(start: dict) -> str:
+    return ", ".join(f"{name} {start[k]:.1f} s" for k, name in _START_NAMES.items() if k in start) \
+        + (f" (the command's own start before that: {start['before_run']:.1f} s)" if "before_run" in start else "")
+
+
 def _print_summary(doc: dict) -> None:
     state = doc["state"].replace("_", " ")
     click.echo(
@@ -151,10 +156,7 @@ def _print_summary(doc: dict) -> None:
     if doc.get("core_ms_per_frame"):
         click.echo("CPU per frame: " + ", ".join(f"{k} {v:g} ms" for k, v in doc["core_ms_per_frame"].items()))
     if doc.get("startup_s"):
-        start = doc["startup_s"]
-        click.echo("start: " + ", ".join(f"{name} {start[k]:.1f} s" for k, name in _START_NAMES.items() if k in start)
-                   + (f" (the command's own start before that: {start['before_run']:.1f} s)"
-                      if "before_run" in start else ""))
+        click.echo("start: " + _start_line(doc["startup_s"]))
     out = doc["spec"]["output"]
     click.echo(f"output: {out}")
     rasters = doc.get("rasters") or {}
@@ -423,6 +425,8 @@ def status(target, endpoint_url, profile, anon, address, fmt):
         click.echo(f"rate:     {row['frames_per_s']:.2f} frames/s" if row.get("frames_per_s") else "rate:     -")
         click.echo(f"errors:   {row.get('errors', 0)}")
         click.echo(f"eta:      {_fmt_s(row.get('eta_s')) or '-'}")
+        if row.get("startup_s"):
+            click.echo(f"start:    {_start_line(row['startup_s'])}")
         if row.get("job_id"):
             click.echo(f"started:  {row.get('start_time')}  ended: {row.get('end_time') or '-'}")
     sys.exit(EXIT_CODES.get(row.get("state") or "", 0))

@@ -407,7 +407,7 @@ class Output:
 
     def progress(self, *, now_s: float | None = None) -> dict[str, Any]:
         """State, frames written vs planned, errors, rate and ETA, from `_job.json`, the lease and the Parquet
-        footers (no row is read)."""
+        footers (no row is read); where the run's start went (`startup_s`, as far as it has got)."""
         doc = self.read_job(missing_ok=True)
         written = sum(self._footer(f).num_rows for f in self.frame_files())
         errors = sum(self._footer(f).num_rows for f in self.error_files())
@@ -424,7 +424,8 @@ class Output:
         elif doc.get("frames_per_s"):
             rate = doc["frames_per_s"]
         return {"state": state, "frames_done": written, "frames_planned": planned, "errors": errors,
-                "frames_per_s": rate, "eta_s": eta, "runs": doc.get("runs"), "error": doc.get("error")}
+                "frames_per_s": rate, "eta_s": eta, "runs": doc.get("runs"), "error": doc.get("error"),
+                "startup_s": doc.get("startup_s")}
 
     # -- housekeeping -----------------------------------------------------------------------------
     def clean_temporary(self) -> int:

@@ -169,6 +169,14 @@ def test_pipeline_detections_equal_direct_model_call(ray_session, tmp_path):
     steps = [start[k] for k in ("ray", "planned", "detector_init", "detector_ready", "batch", "file")]
     assert 0 <= steps[0] and steps == sorted(steps) and steps[-1] <= meta["wall_s"], start
     assert start["detector_worker"] <= start["detector_init"] and start["before_run"] > 0
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    status = CliRunner().invoke(cli, ["status", str(out)])  # fpn status says it too
+    assert status.exit_code == 0 and f"start:    Ray ready {start['ray']:.1f} s, planned" in status.output, \
+        status.output
+    assert f"first file {start['file']:.1f} s" in status.output
 
 
 def test_output_reads_with_duckdb_and_polars(ray_session, make_video, tmp_path):
