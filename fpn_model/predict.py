@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -43,10 +44,13 @@ from .rle import encode_masks
 from .selection import batched_nms_many, clip_batch, run_all, select_rows
 from .tiling import merge_detections, plan_tiles
 
-__all__ = ["Predictor", "TileConfig", "Detections", "PRECISIONS", "fast_path", "batched_nms_many",
+__all__ = ["Predictor", "TileConfig", "Detections", "PRECISIONS", "OOM_ERRORS", "fast_path", "batched_nms_many",
            "detection_difference", "quantize_linear", "bf16_features", "compile_convolutions", "is_detector",
            "keep_freed_memory", "fold_norms"]
 
+
+log = logging.getLogger(__name__)
+OOM_ERRORS = (torch.OutOfMemoryError, torch.cuda.OutOfMemoryError)  # the same class in recent torch
 
 
 @dataclass
@@ -399,7 +403,8 @@ class Predictor:
         keep_memory: with `fast`, `keep_freed_memory()` for this process (unless FPN_KEEP_FREED_MEMORY=0): no page
             faults for the large tensors each batch allocates again, for resident memory that stays at its peak
             (+10 % for the trees model, up to 2x for torchvision's mobilenet_v3 FPN at 800 px, batch 4).
-        max_batch: most images (tiles) per forward pass.
+        max_batch: most images (tiles) per forward pass; halved for good when a forward pass runs out of device
+            memory (`_forward`).
 
     Frames of one shape go to the device in one copy (on CUDA from a pinned buffer, without blocking the host) and
     are converted, normalised and resized there as one batch; each thread calling the predictor (a detector
@@ -507,8 +512,31 @@ class Predictor:
         with self._stream(), self._autocast():
             for members in by_size.values():
                 for batch, owners in self._batches(self._upload(frames, members), members):
-                    outputs += [(*owner, out) for owner, out in zip(owners, self.model(batch))]
+                    outputs += [(*owner, out) for owner, out in zip(owners, self._forward(batch))]
             return self._collect(outputs, sizes)
+
+    def _forward(self, x: Tensor) -> list[dict[str, Tensor]]:
+        """The model's output for the images `x`. Out of device memory, the forward's images run again in halves, and
+        `max_batch` stays halved for this predictor's later calls (they bring the same shapes again, and its
+        concurrent calls share the memory): a frame whose tiles did not fit at once is still detected, where it
+        used to become an error row. One image that does not fit alone raises."""
+        out: list[dict[str, Tensor]] = []
+        step = len(x)
+        while len(out) < len(x):
+            step = min(step, self.max_batch)
+            try:
+                out += self.model(x[len(out):len(out) + step])
+            except OOM_ERRORS:
+                if step == 1:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                failed, step = step, step // 2
+                if step < self.max_batch:
+                    self.max_batch = step
+                    log.warning("out of device memory at %d images of %dx%d per forward pass; %d from now on",
+                                failed, x.shape[-1], x.shape[-2], step)
+        return out
 
     def _batches(self, x: Tensor, members: list[int]):
         """(`[n, 3, h, w]` batch of at most max_batch images, (frame, x offset, y offset) of each) of the frames `x`:

@@ -18,7 +18,7 @@ import psutil
 import pyarrow as pa
 import torch
 
-from fpn_model.predict import Detections, Predictor, TileConfig
+from fpn_model.predict import OOM_ERRORS, Detections, Predictor, TileConfig
 from fpn_model.weights import load_checkpoint
 
 from .output import Output, error_row, frame_schema
@@ -59,8 +59,8 @@ class Detector:
         compile: torch.compile the model's convolutional parts (a long first batch per input shape).
         counter: a `pipeline.counter.FrameCounter` told how many frames each batch detected.
 
-    A batch that fails is retried in parts: halves on out-of-memory (recursively, down to one frame), else frame
-    by frame. A frame that fails alone becomes an error row (stage `detect`) and is left out of the returned
+    A batch that fails is retried in parts: halves on out-of-memory (recursively, down to one frame; the predictor
+    has already retried its forward passes in halves, down to one image each), else frame by frame. A frame that fails alone becomes an error row (stage `detect`) and is left out of the returned
     rows, so it is not written to `frames/` and a resumed job tries it again; the rest of the batch goes on.
     """
 
@@ -131,7 +131,7 @@ class Detector:
         try:
             return list(self.predictor(images))
         except Exception as e:  # noqa: BLE001 - narrowed down below; a lone frame's error is its result
-            oom = isinstance(e, _OOM_ERRORS)
+            oom = isinstance(e, OOM_ERRORS)
             if oom and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if len(images) == 1:
@@ -150,7 +150,6 @@ class Detector:
             self.output.write_errors([row], f"detect:{batch['frame_id'][i]}")
 
 
-_OOM_ERRORS = (torch.OutOfMemoryError, torch.cuda.OutOfMemoryError)  # the same class in recent torch
 _NONE = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int8))
 
 

@@ -237,3 +237,48 @@ def test_a_frames_detections_do_not_depend_on_its_batch_mates():
     assert len(alone.boxes) > 0
     np.testing.assert_allclose(mixed.boxes, alone.boxes, atol=1e-4)
     np.testing.assert_allclose(mixed.scores, alone.scores, atol=1e-4)
+
+
+class _OutOfMemoryAbove:
+    """A model that runs out of device memory on more than `limit` images at once (as a GPU would), and notes the
+    sizes it was called with."""
+
+    def __init__(self, model, limit: int):
+        self.model, self.limit, self.sizes = model, limit, []
+
+    def __call__(self, x):
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.model(x)
+
+
+def test_tiles_that_run_out_of_memory_together_run_in_halves_and_later_calls_keep_the_smaller_batch(caplog):
+    """A frame whose tiles do not fit in one forward pass is still detected, the same as in one pass: the pass runs
+    again in halves and the predictor keeps the smaller batch (before, the frame became an error row)."""
+    from fpn_model.weights import load_checkpoint
+    from fpn_model.zoo import resolve
+    from PIL import Image
+
+    soap = np.array(Image.open(SOAP).convert("RGB"))
+    frame = np.ascontiguousarray(np.tile(soap, (2, 2, 1))[:700, :700])
+    tile = TileConfig(size=256, overlap=32)
+    model = load_checkpoint(resolve("trees"))
+    whole = Predictor(model, tile=tile, max_batch=16)([frame])[0]
+    p = Predictor(model, tile=tile, max_batch=16)
+    p.model = small = _OutOfMemoryAbove(p.model, limit=3)
+    with caplog.at_level("WARNING", logger="fpn_model.predict"):
+        got = p([frame])[0]
+    tiles = len(plan_tiles(700, 700, 256, 32))
+    assert tiles == 9 and small.sizes == [9, 4, 2, 2, 2, 2, 1] and p.max_batch == 2
+    assert "out of device memory at 9 images of 256x256 per forward pass; 4 from now on" in caplog.text
+    assert "at 4 images of 256x256 per forward pass; 2 from now on" in caplog.text
+    np.testing.assert_allclose(got.boxes, whole.boxes, atol=1e-4)
+    np.testing.assert_allclose(got.scores, whole.scores, atol=1e-4)
+    assert len(got.boxes) > 0
+    small.sizes.clear()
+    p([frame])
+    assert max(small.sizes) == 2  # the next call starts at the batch that fitted
+    p.model.limit = 0
+    with pytest.raises(torch.OutOfMemoryError):  # one image that does not fit alone: the caller's to handle
+        p([frame])
