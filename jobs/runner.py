@@ -317,12 +317,18 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
                                       fence=lease.record["token"], with_masks=with_masks, threads=sizing.threads,
                                       calls=sizing.calls, counter=counter, worker_env=dict(_worker_env))
             finally:
+                try:
+                    device_errors = counter.events("device_lost")  # each restarted a detector, up to a limit
+                except Exception:  # noqa: BLE001 - Ray gone: the execution's own error says why
+                    device_errors = None
                 counter.close()
             doc["min_rows_per_file"] = written["rows_per_file"]
             doc["duplicate_rows_removed"] = written["rows_removed"]  # 0 unless a frame reached the output twice
             doc["core_ms_per_frame"] = written["core_ms_per_frame"]  # CPU time by stage: decode, transfer, ...
             doc["startup_s"] = _rounded({**start, **{k.removeprefix("t_"): t - began
                                                    for k, t in written["times"].items()}})
+            if device_errors:
+                doc["device_errors"] = device_errors
             if plan.video_backend == "nvdec" or written["nvdec_frames"]:  # of this run's frames written
                 doc["frames_decoded_on_gpu"] = written["nvdec_frames"]
             out.drop_stale_errors()  # this run re-attempted everything they named

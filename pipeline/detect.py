@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from typing import Any, Iterator
@@ -57,17 +58,22 @@ class Detector:
         precision: "exact" (on a CPU the exact fast path: the same detections as torchvision's eager forward within
             float rounding), or the approximate "bf16" | "int8" (CPU) | "fp16" (GPU): `fpn_model.predict.Predictor`.
         compile: torch.compile the model's convolutional parts (a long first batch per input shape).
-        counter: a `pipeline.counter.FrameCounter` told how many frames each batch detected.
+        counter: a `pipeline.counter.FrameCounter` told how many frames each batch detected (and the run's device
+            errors).
+        device_exits: how many times in a run the detectors may exit after a device error to be started anew
+            (`_exit_for_a_new_device`); 0: never.
 
     A batch that fails is retried in parts: halves on out-of-memory (recursively, down to one frame; the predictor
-    has already retried its forward passes in halves, down to one image each), else frame by frame. A frame that fails alone becomes an error row (stage `detect`) and is left out of the returned
-    rows, so it is not written to `frames/` and a resumed job tries it again; the rest of the batch goes on.
+    has already retried its forward passes in halves, down to one image each), else frame by frame. A frame that
+    fails alone becomes an error row (stage `detect`) and is left out of the returned rows, so it is not written to
+    `frames/` and a resumed job tries it again; the rest of the batch goes on. A device error ends the process
+    instead, so that Ray starts the detector anew and runs its batches again (at most `device_exits` times a run).
     """
 
     def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, overrides: dict | None = None,
                  max_batch: int = 16, output: Output | str | None = None, storage_options: dict | None = None,
                  threads: int | None = None, calls: int = 1, precision: str = "exact", compile: bool = False,
-                 counter: Any = None):
+                 counter: Any = None, device_exits: int = 0):
         began = time.time()
         cpus = _allotted("CPU")
         threads = threads or (math.floor(cpus) if cpus >= 1 else None)
@@ -87,6 +93,7 @@ class Detector:
         else:  # a GPU's calls (or a CPU detector without a thread count): an even share of the process's
             self._cpu_clock = lambda: time.process_time() / calls
         self.counter = counter
+        self.device_exits = device_exits
         self.model_id = model_id
         self.schema = frame_schema(self.predictor.has_masks)
         self.output = Output(output, storage_options) if isinstance(output, str) else output
@@ -131,6 +138,8 @@ class Detector:
         try:
             return list(self.predictor(images))
         except Exception as e:  # noqa: BLE001 - narrowed down below; a lone frame's error is its result
+            if device_lost(e):
+                self._exit_for_a_new_device(e)
             oom = isinstance(e, OOM_ERRORS)
             if oom and torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -143,11 +152,47 @@ class Detector:
                 return self._predict(images[:half]) + self._predict(images[half:])
             return [r for image in images for r in self._predict([image])]
 
+    def _exit_for_a_new_device(self, e: BaseException) -> None:
+        """After a device error this process cannot use its GPU again (CUDA's errors are sticky), so every frame it
+        still had would become an error row: it exits instead, and Ray starts the detector anew, with a fresh
+        device context, and runs its batches again (none of their rows was delivered). At most `device_exits`
+        times in a run (a frame that breaks the device every time would otherwise restart detectors forever);
+        after that, frames that fail are error rows as other errors make them. Returns when it does not exit."""
+        if self.counter is None or not self.device_exits:
+            return
+        try:
+            n = self.counter.note("device_lost")
+        except Exception as kv:  # noqa: BLE001 - without the run's count, no exit: an exit could repeat forever
+            log.error("device error not counted (%s: %s); frames that fail become error rows", type(kv).__name__, kv)
+            return
+        what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if n > self.device_exits:
+            log.error("%s; %d device errors in this run, more than the %d detector restarts allowed: frames that "
+                      "fail become error rows", what, n, self.device_exits)
+            return
+        log.error("%s; the detector's process exits, and Ray starts it anew and runs its batches again (restart %d "
+                  "of at most %d in this run)", what, n, self.device_exits)
+        for h in logging.getLogger().handlers:
+            h.flush()
+        os._exit(DEVICE_LOST_EXIT)
+
     def _record_failures(self, batch: dict[str, Any], errors: dict[int, BaseException]) -> None:
         for i, e in errors.items():
             row = error_row(str(batch["source"][i]), "detect", e, int(batch["frame_index"][i]))
             log.warning("detection failed for %s frame %d: %s", row["source"], row["frame_index"], row["message"])
             self.output.write_errors([row], f"detect:{batch['frame_id'][i]}")
+
+
+DEVICE_LOST_EXIT = 75  # a detector's exit status after a device error (EX_TEMPFAIL: Ray starts it again)
+_DEVICE_ERRORS = tuple(getattr(torch, name) for name in ("AcceleratorError",) if hasattr(torch, name))  # torch>=2.8
+
+
+def device_lost(e: BaseException) -> bool:
+    """Whether `e` is an error of the accelerator itself (CUDA's illegal address, launch failure, uncorrectable ECC
+    error, ...), after which the process's device context is unusable; out of memory is not one."""
+    if isinstance(e, OOM_ERRORS):
+        return False
+    return isinstance(e, _DEVICE_ERRORS) or (isinstance(e, RuntimeError) and str(e).startswith("CUDA error"))
 
 
 _NONE = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int8))

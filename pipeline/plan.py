@@ -37,6 +37,8 @@ __all__ = ["Plan", "Resources", "detector_pool", "plan_units", "plan_work", "cou
            "build_dataset", "execute"]
 
 log = logging.getLogger(__name__)
+# a run's detectors may exit this many times each after a device error, to be started anew (pipeline.detect)
+DEVICE_EXITS_PER_DETECTOR = 3
 
 
 @dataclass(frozen=True)
@@ -449,7 +451,8 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
         fn_constructor_kwargs=dict(checkpoint=plan.checkpoint, model_id=plan.model_id, tile=tile,
                                    overrides=plan.model_overrides, max_batch=r.max_batch, output=out,
                                    threads=threads, calls=calls, precision=r.precision or "exact", compile=r.compile,
-                                   counter=counter),
+                                   counter=counter, device_exits=DEVICE_EXITS_PER_DETECTOR * max(
+                                       r.num_detectors or 1, r.max_detectors or 0)),
         batch_format="numpy",
         **({"runtime_env": {"env_vars": env}} if env else {}),
     )

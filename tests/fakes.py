@@ -9,7 +9,7 @@ decoding child processes they spawn) do not have `tests/` on their Python path.
 boxes: one per connected region of bright pixels of its input, so a test that draws squares into a raster knows
 where every box must land after windows, resampling and georeferencing. `MallocProbe` reports whether its
 detector process started with the malloc settings of `fpn_model.memory`, `LaneProbe` which of a detector's
-concurrent calls ran each frame.
+concurrent calls ran each frame, `LosesDevice` raises CUDA's error after an illegal memory access.
 
 The generator functions are for `pipeline.isolate` directly; they are pickled by reference, which works
 because a spawned child gets its parent's `sys.path` (and pytest puts `tests/` there).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -107,6 +108,32 @@ class LaneProbe(torch.nn.Module):
         return [{"boxes": torch.tensor([[0.0, 0.0, im.shape[-1], im.shape[-2]]]), "scores": torch.tensor([0.9]),
                  "labels": torch.full((1,), label, dtype=torch.int64), "levels": torch.full((1,), 2, dtype=torch.int8)}
                 for im in images]
+
+
+DEVICE_ERRORS = Path(tempfile.gettempdir()) / "fpn-fakes-device-errors"  # one file per error still to raise
+
+
+class LosesDevice(torch.nn.Module):
+    """A model whose calls raise what CUDA raises after an illegal memory access (`torch.AcceleratorError`) while
+    files are left in DEVICE_ERRORS, each call taking one (a test puts as many as it wants errors), and otherwise
+    find one box per image. Its process stays usable: whether the detector exits is the pipeline's choice."""
+
+    config = ModelConfig(num_classes=2, class_names=("object",))
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        for f in sorted(DEVICE_ERRORS.glob("*")):
+            try:
+                f.unlink()  # this call's error; a concurrent call that lost the race takes the next file
+            except FileNotFoundError:
+                continue
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return [{"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "scores": torch.tensor([0.9]),
+                 "labels": torch.ones(1, dtype=torch.int64), "levels": torch.full((1,), 2, dtype=torch.int8)}
+                for _ in images]
 
 
 class EngineVideo(PyAVVideo):

@@ -241,6 +241,64 @@ def test_detector_actor_sigkilled_mid_job_loses_no_frame(ray_session, tmp_path, 
     assert sum(rows) == 120 and sum(n < 30 for n in rows) <= 1, rows  # one short file at most: the remainder
 
 
+@pytest.fixture
+def device_errors():
+    """`fakes.LosesDevice`'s budget: `device_errors(n)` makes its next n calls (in any process) raise CUDA's error."""
+    import fakes
+
+    def budget(n: int) -> None:
+        fakes.DEVICE_ERRORS.mkdir(exist_ok=True)
+        for k in range(n):
+            (fakes.DEVICE_ERRORS / f"{k:04d}").touch()
+
+    yield budget
+    for f in fakes.DEVICE_ERRORS.glob("*"):
+        f.unlink()
+
+
+def test_a_device_error_restarts_the_detector_and_its_batches_run_again(ray_session, tmp_path, device_errors,
+                                                                         monkeypatch):
+    """After CUDA's illegal-memory-access error a process cannot use its GPU again; its frames would all become
+    error rows. The detector's process exits instead; Ray starts it anew and runs its batches again."""
+    import fakes
+
+    video = long_video(tmp_path, 24)
+    out = tmp_path / "out"
+    repairs = record_repairs(monkeypatch)
+    device_errors(1)
+    doc = run(plan_from_dict({"inputs": [str(video)], "output": str(out), "model": fakes.backend(fakes.LosesDevice),
+                              "batch_size": 4, "segment_frames": 12}))
+    assert not list(fakes.DEVICE_ERRORS.glob("*"))  # the error was raised
+    assert (doc["state"], doc["errors"], doc["device_errors"]) == ("succeeded", 0, 1), doc
+    assert_once(frames(out), 24)
+    assert repairs == [0] and errors(out) is None
+    record("detector's GPU fails (CUDA illegal memory access) mid-job", "its process exits, Ray restarts it and "
+           "runs its batches again; succeeded", expected=24, frames=frames(out), errors=0, exit_code=0)
+
+
+def test_a_device_that_keeps_failing_restarts_detectors_a_bounded_number_of_times(ray_session, tmp_path,
+                                                                                  device_errors):
+    """A frame that broke the device every time would restart detectors forever: after 3 restarts per detector,
+    frames that fail are error rows, the job ends, and a resume tries them again."""
+    import fakes
+
+    video = long_video(tmp_path, 8)
+    out = tmp_path / "out"
+    device_errors(1000)
+    r = invoke("run", video, "-o", out, "-m", fakes.backend(fakes.LosesDevice), "--batch-size", 4)
+    doc = json.loads((out / "_job.json").read_text())
+    assert r.exit_code == 1 and doc["state"] == "failed" and doc["errors"] == 8, r.output
+    assert doc["device_errors"] > 3 and "device errors:" in r.output  # 3 restarts, then the frames' own errors
+    assert {e["error_type"] for e in errors(out).to_pylist()} == {"AcceleratorError"}
+    for f in fakes.DEVICE_ERRORS.glob("*"):  # the device works again
+        f.unlink()
+    r = invoke("resume", out)
+    assert r.exit_code == 0, r.output
+    assert_once(frames(out), 8)
+    record("detector's GPU fails on every call", "3 detector restarts, then 8 error rows (exit 1); a resume wrote "
+           "all 8", expected=8, frames=frames(out), errors=0, exit_code=0)
+
+
 # -- fewer, larger files: bundles of frames, still exactly once ------------------------------------------
 def _rows(ids) -> pa.Table:
     from pipeline.output import FRAME_SCHEMA

@@ -289,3 +289,14 @@ def test_detector_outside_a_job_still_raises():
     det.predictor = FlakyPredictor(det.predictor, bad=batch["image"][1])
     with pytest.raises(torch.OutOfMemoryError):
         det(batch)
+
+
+def test_only_errors_of_the_device_itself_count_as_a_lost_device():
+    """What ends a detector's process to be started anew (pipeline.detect): CUDA's sticky errors, not out of
+    memory (the predictor halves its batch) nor a frame's own error (an error row)."""
+    from pipeline.detect import device_lost
+
+    assert device_lost(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    assert device_lost(RuntimeError("CUDA error: unspecified launch failure"))  # torch before AcceleratorError
+    assert not device_lost(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not device_lost(ValueError("cannot read this frame")) and not device_lost(RuntimeError("shape mismatch"))

@@ -99,9 +99,12 @@ def test_the_frame_counter_sums_every_detectors_copy_and_forgets_the_run_when_cl
         list(pool.map(here.add, [1] * 40))
     ray.get(ray.remote(lambda c: (c.add(5), c.add(2))).remote(run))  # another detector, in a worker process
     other.add(100)
+    # events the run's detectors count, apart from its frames and from other runs'
+    assert ray.get(ray.remote(lambda c: c.note("device_lost")).remote(run)) == 1
+    assert here.note("device_lost") == 2 and other.events("device_lost") == 0 and run.events("device_lost") == 2
     assert (run.total(), other.total()) == (47, 100)
     run.close()
-    assert (run.total(), other.total()) == (0, 100)
+    assert (run.total(), other.total(), run.events("device_lost")) == (0, 100, 0)
     other.close()
 
 
