@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -377,6 +378,36 @@ def detection_difference(a: Detections, b: Detections) -> dict:
     return {"box": box, "box_rel": box_rel, "score": score, "count": (len(a.boxes), len(b.boxes))}
 
 
+class Staging:
+    """One thread's pinned host buffer for its uploads to a GPU: a batch's frames are copied into it and from it to
+    the device without blocking the host. One buffer, grown to the largest batch asked for, serves every shape; a
+    buffer kept per shape (and per frame count) held pinned memory for every shape a job met, never freed: the
+    windows of a raster archive come in many shapes, each batch up to gigabytes. `allocate` and `event` are CUDA's
+    unless given (tests)."""
+
+    def __init__(self, allocate=None, event=None):
+        self._allocate = allocate or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
+        self._event = event or torch.cuda.Event
+        self._buffer: Tensor | None = None
+        self._copied = None  # recorded after the last copy out of the buffer
+
+    def take(self, shape: tuple[int, ...]) -> Tensor:
+        """A `shape` uint8 view of the buffer, once the previous copy out of it has finished."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        n = math.prod(shape)
+        if self._buffer is None or self._buffer.numel() < n:
+            self._buffer = None  # the old one goes back to the allocator's cache before the larger one is made
+            self._buffer = self._allocate(n)
+        return self._buffer[:n].view(shape)
+
+    def copied(self) -> None:
+        """Mark the copy just queued out of the buffer (on the current stream)."""
+        if self._copied is None:
+            self._copied = self._event()
+        self._copied.record()
+
+
 class Predictor:
     """Run `model` on batches of uint8 frames.
 
@@ -473,24 +504,19 @@ class Predictor:
 
     def _upload(self, frames, members: list[int]) -> Tensor:
         """Frames `members` of `frames` (one shape) as a `[n, 3, H, W]` float tensor in [0, 1] on the device, in one
-        copy: on CUDA through this thread's pinned buffer for the shape, asynchronously (the buffer is reused once
-        its previous copy has finished). Its memory is NHWC with `channels_last`, else NCHW."""
+        copy: on CUDA through this thread's pinned buffer (`Staging`), asynchronously. Its memory is NHWC with `channels_last`, else NCHW."""
         if self.device.type != "cuda":
             if isinstance(frames, np.ndarray) and len(members) == len(frames):
                 batch = torch.from_numpy(np.ascontiguousarray(frames))
             else:
                 batch = torch.from_numpy(np.stack([np.asarray(frames[i]) for i in members]))
             return self._to_float(batch.to(self.device))
-        buffers = self._local.__dict__.setdefault("pinned", {})
-        shape = (len(members), *np.shape(frames[members[0]]))
-        if shape not in buffers:
-            buffers[shape] = (torch.empty(shape, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
-        staging, copied = buffers[shape]
-        copied.synchronize()  # the last copy out of this buffer has finished
+        pinned = self._local.__dict__.setdefault("pinned", Staging())
+        staging = pinned.take((len(members), *np.shape(frames[members[0]])))
         for j, i in enumerate(members):
             staging[j].copy_(torch.from_numpy(np.asarray(frames[i])))
         batch = staging.to(self.device, non_blocking=True)
-        copied.record()
+        pinned.copied()
         return self._to_float(batch)
 
     def _to_float(self, batch: Tensor) -> Tensor:

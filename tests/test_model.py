@@ -357,6 +357,31 @@ def test_the_predictor_gives_the_detections_of_the_model_called_on_its_own():
         assert diff["count"][0] == diff["count"][1] and diff["score"] <= 1e-4 and diff["box_rel"] <= 1e-4, diff
 
 
+def test_one_growing_pinned_buffer_serves_every_upload_shape():
+    """A thread's uploads to a GPU go through one host buffer (pinned there, plain here), grown to the largest batch,
+    not a buffer kept for good per shape and frame count; each reuse first waits for the copy out of it."""
+    from fpn_model.predict import Staging
+
+    made, seen = [], []
+
+    class Event:
+        def record(self):
+            seen.append("record")
+
+        def synchronize(self):
+            seen.append("wait")
+
+    staging = Staging(allocate=lambda n: made.append(n) or torch.empty(n, dtype=torch.uint8), event=Event)
+    views = []
+    for shape in ((2, 4, 6, 3), (1, 4, 6, 3), (3, 8, 6, 3), (2, 4, 6, 3)):
+        views.append(staging.take(shape))
+        assert views[-1].shape == shape
+        staging.copied()
+    assert made == [144, 432]  # grown once, for the largest batch
+    assert views[0].data_ptr() == views[1].data_ptr() and views[2].data_ptr() == views[3].data_ptr()
+    assert seen == ["record", "wait", "record", "wait", "record", "wait", "record"]
+
+
 def test_the_predictor_gives_mask_rcnn_masks_as_rles_of_the_models_own_masks():
     """Each detection's RLE decodes to the model's mask (> 0.5) in frame pixels, for a frame fed whole; tiled, to a
     frame-sized mask inside its box."""
