@@ -32,17 +32,19 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, PermissionError, LookupError, ConnectionError, OutputBusyError,
-                TimeoutError, *_checkpoint_error()) as e:
+                TimeoutError, *_loaded_errors()) as e:
             raise click.ClickException(redact_text(str(e))) from e
 
     return wrapper
 
 
-def _checkpoint_error() -> tuple[type, ...]:
-    """fpn_model.weights.CheckpointError when that module is loaded: it imports torch (4 s, 800 MB here), which
-    commands that never load a model (status, query, report) should not pay; unloaded, none was raised."""
-    weights = sys.modules.get("fpn_model.weights")
-    return (weights.CheckpointError,) if weights else ()
+def _loaded_errors() -> tuple[type, ...]:
+    """fpn_model.weights.CheckpointError and jobs.runner.DetectorStartError when their modules are loaded: the first
+    imports torch (4 s, 800 MB here), the second Ray, which commands that never use them (status, query, report)
+    should not pay; unloaded, none was raised."""
+    return tuple(getattr(sys.modules[m], name) for m, name in (("fpn_model.weights", "CheckpointError"),
+                                                               ("jobs.runner", "DetectorStartError"))
+                 if m in sys.modules)
 
 
 def _emit(rows: list[dict], fmt: str, columns: list[str]) -> None:

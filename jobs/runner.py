@@ -341,12 +341,16 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
                 state = "interrupted" if lease.lost else "cancelled"
             else:
                 state = "failed"
-            doc.update(state=state, error=redact_text(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"),
+            cause = None if isinstance(e, KeyboardInterrupt) else detector_start_error(e)
+            doc.update(state=state, error=redact_text(str(cause) if cause else
+                                                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"),
                        wall_s=round(time.monotonic() - t0, 2), finished_at=_now())
             if not lease.lost:
                 out.write_job(doc)  # the state first: SIGTERM may be followed by SIGKILL within seconds
                 doc.update(_safe_counts(out))
                 out.write_job(doc)
+            if cause:
+                raise cause from e
             raise
         finally:
             if old_handler is not None:
@@ -358,6 +362,26 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
         doc["decoded_per_sampled"] = round(counts["decoded_frames"] / counts["frames"], 3) if counts["frames"] else None
         out.write_job(doc)
     return doc
+
+
+class DetectorStartError(RuntimeError):
+    """The detectors could not start (their model, its device): the cause, in one line."""
+
+
+def detector_start_error(e: BaseException) -> DetectorStartError | None:
+    """A DetectorStartError naming why a detector actor died in its `__init__` (a checkpoint or plugin that does not
+    load, a GPU torch cannot use, ...), when that is what ended the execution: Ray Data raises it as an
+    ActorDiedError, whose message holds the actor's whole traceback, and retries nothing."""
+    from ray.exceptions import ActorDiedError
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ActorDiedError) and e.actor_init_failed:
+            lines = [ln.strip() for ln in str(e.error_msg).splitlines() if ln.strip()]
+            return DetectorStartError(f"the detector could not start: {lines[-1] if lines else e.error_msg}")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _rounded(start: dict[str, float]) -> dict[str, float]:

@@ -80,6 +80,12 @@ class Detector:
         if threads:
             torch.set_num_threads(max(1, threads // calls))  # the global value each call's thread starts with
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from actors not given one
+        gpus = _allotted("GPU")
+        if gpus and device == "cpu":  # it would detect on the CPU, a hundred times slower, without a word
+            why = "it is built without CUDA" if torch.version.cuda is None else "it sees no CUDA device (the driver?)"
+            raise RuntimeError(f"this detector was given {gpus:g} GPU(s), but torch {torch.__version__} here cannot "
+                               f"use them: {why}; install a CUDA build of torch where the detectors run, or keep them "
+                               "on CPUs (gpus_per_detector: 0)")
         model = load_checkpoint(checkpoint, map_location=device, **(overrides or {}))
         self.cfg = model.config
         self.predictor = Predictor(model, device=device, tile=TileConfig(**tile) if tile else None,

@@ -9,7 +9,8 @@ decoding child processes they spawn) do not have `tests/` on their Python path.
 boxes: one per connected region of bright pixels of its input, so a test that draws squares into a raster knows
 where every box must land after windows, resampling and georeferencing. `MallocProbe` reports whether its
 detector process started with the malloc settings of `fpn_model.memory`, `LaneProbe` which of a detector's
-concurrent calls ran each frame, `LosesDevice` raises CUDA's error after an illegal memory access.
+concurrent calls ran each frame, `LosesDevice` raises CUDA's error after an illegal memory access, `FailsToStart`
+cannot be built.
 
 The generator functions are for `pipeline.isolate` directly; they are pickled by reference, which works
 because a spawned child gets its parent's `sys.path` (and pytest puts `tests/` there).
@@ -134,6 +135,15 @@ class LosesDevice(torch.nn.Module):
         return [{"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "scores": torch.tensor([0.9]),
                  "labels": torch.ones(1, dtype=torch.int64), "levels": torch.full((1,), 2, dtype=torch.int8)}
                 for _ in images]
+
+
+class FailsToStart(torch.nn.Module):
+    """A model plugin that cannot be built (as a checkpoint of other code, or a model needing a missing library)."""
+
+    config = ModelConfig(num_classes=2, class_names=("object",))
+
+    def __init__(self, config: ModelConfig):
+        raise RuntimeError("needs the nms_rotated kernel, which this build of torchvision lacks")
 
 
 class EngineVideo(PyAVVideo):

@@ -460,6 +460,22 @@ def test_outcomes_and_exit_codes(ray_session, tmp_path):
     assert r.exit_code == 3 and "finished with errors" in r.output
 
 
+def test_a_detector_that_cannot_start_fails_the_job_with_its_cause_in_one_line(ray_session, tmp_path):
+    """Ray Data reports a detector that died in its __init__ as an ActorDiedError holding the actor's whole traceback
+    (it printed as 80 lines, and _job.json said only that an actor died): the job's error is the cause."""
+    import fakes
+
+    out = tmp_path / "out"
+    r = invoke("run", SOAP, "-o", out, "-m", fakes.backend(fakes.FailsToStart))
+    said = "the detector could not start: RuntimeError: needs the nms_rotated kernel, which this build of torchvision lacks"
+    # (Ray's own thread prints the actor's traceback to stderr as well, not always before this line)
+    assert r.exit_code == 1 and f"Error: {said}" in r.output.splitlines(), r.output[-2000:]
+    doc = json.loads((out / "_job.json").read_text())
+    assert (doc["state"], doc["error"]) == ("failed", said)
+    record("the model cannot be built in the detector (its __init__ raises)", "failed in one line naming the cause "
+           "(exit 1)", expected=0, written=0, duplicates=0, errors=0, exit_code=r.exit_code)
+
+
 def test_torn_job_record_and_corrupt_parquet_give_one_line_and_a_way_out(ray_session, tmp_path):
     out = tmp_path / "out"
     run(plan_from_dict({"inputs": [str(SOAP)], "output": str(out)}))

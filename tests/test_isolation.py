@@ -300,3 +300,14 @@ def test_only_errors_of_the_device_itself_count_as_a_lost_device():
     assert device_lost(RuntimeError("CUDA error: unspecified launch failure"))  # torch before AcceleratorError
     assert not device_lost(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not device_lost(ValueError("cannot read this frame")) and not device_lost(RuntimeError("shape mismatch"))
+
+
+def test_a_detector_given_a_gpu_that_torch_cannot_use_says_so_instead_of_running_on_the_cpu(monkeypatch):
+    """A CPU-only torch on a GPU node (or a driver torch cannot use): the detector would run on the CPU, a hundred
+    times slower, and say nothing."""
+    import pipeline.detect
+    from pipeline.detect import Detector
+
+    monkeypatch.setattr(pipeline.detect, "_allotted", lambda resource: 1.0 if resource == "GPU" else 2.0)
+    with pytest.raises(RuntimeError, match=r"given 1 GPU\(s\), but torch .* cannot use them: .*gpus_per_detector: 0"):
+        Detector(str(resolve("trees")), model_id="trees", tile=None)
