@@ -99,7 +99,7 @@ class Detector:
         else:  # a GPU's calls (or a CPU detector without a thread count): an even share of the process's
             self._cpu_clock = lambda: time.process_time() / calls
         self.counter = counter
-        self.device_exits = device_exits
+        self.device_exits, self._past_exits = device_exits, False
         self.model_id = model_id
         self.schema = frame_schema(self.predictor.has_masks)
         self.output = Output(output, storage_options) if isinstance(output, str) else output
@@ -173,8 +173,10 @@ class Detector:
             return
         what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if n > self.device_exits:
-            log.error("%s; %d device errors in this run, more than the %d detector restarts allowed: frames that "
-                      "fail become error rows", what, n, self.device_exits)
+            if not self._past_exits:  # once: every frame that fails after this comes here
+                self._past_exits = True
+                log.error("%s; %d device errors in this run, more than the %d detector restarts allowed: frames "
+                          "that fail become error rows", what, n, self.device_exits)
             return
         log.error("%s; the detector's process exits, and Ray starts it anew and runs its batches again (restart %d "
                   "of at most %d in this run)", what, n, self.device_exits)
