@@ -504,7 +504,8 @@ class Predictor:
 
     def _upload(self, frames, members: list[int]) -> Tensor:
         """Frames `members` of `frames` (one shape) as a `[n, 3, H, W]` float tensor in [0, 1] on the device, in one
-        copy: on CUDA through this thread's pinned buffer (`Staging`), asynchronously. Its memory is NHWC with `channels_last`, else NCHW."""
+        copy: on CUDA through this thread's pinned buffer (`Staging`), asynchronously. Its memory is NHWC with
+        `channels_last`, else NCHW."""
         if self.device.type != "cuda":
             if isinstance(frames, np.ndarray) and len(members) == len(frames):
                 batch = torch.from_numpy(np.ascontiguousarray(frames))
