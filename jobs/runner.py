@@ -342,9 +342,9 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             else:
                 state = "failed"
             cause = None if isinstance(e, KeyboardInterrupt) else detector_start_error(e)
-            doc.update(state=state, error=redact_text(str(cause) if cause else
-                                                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"),
-                       wall_s=round(time.monotonic() - t0, 2), finished_at=_now())
+            said = str(cause) if cause else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            doc.update(state=state, error=redact_text(said), wall_s=round(time.monotonic() - t0, 2),
+                       finished_at=_now())
             if not lease.lost:
                 out.write_job(doc)  # the state first: SIGTERM may be followed by SIGKILL within seconds
                 doc.update(_safe_counts(out))

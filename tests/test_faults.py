@@ -467,7 +467,8 @@ def test_a_detector_that_cannot_start_fails_the_job_with_its_cause_in_one_line(r
 
     out = tmp_path / "out"
     r = invoke("run", SOAP, "-o", out, "-m", fakes.backend(fakes.FailsToStart))
-    said = "the detector could not start: RuntimeError: needs the nms_rotated kernel, which this build of torchvision lacks"
+    said = ("the detector could not start: RuntimeError: needs the nms_rotated kernel, which this build of "
+            "torchvision lacks")
     # (Ray's own thread prints the actor's traceback to stderr as well, not always before this line)
     assert r.exit_code == 1 and f"Error: {said}" in r.output.splitlines(), r.output[-2000:]
     doc = json.loads((out / "_job.json").read_text())
