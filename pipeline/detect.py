@@ -99,7 +99,7 @@ class Detector:
         else:  # a GPU's calls (or a CPU detector without a thread count): an even share of the process's
             self._cpu_clock = lambda: time.process_time() / calls
         self.counter = counter
-        self.device_exits, self._past_exits = device_exits, False
+        self.device_exits, self._past_exits, self._exit_lock = device_exits, False, threading.Lock()
         self.model_id = model_id
         self.schema = frame_schema(self.predictor.has_masks)
         self.output = Output(output, storage_options) if isinstance(output, str) else output
@@ -166,23 +166,25 @@ class Detector:
         after that, frames that fail are error rows as other errors make them. Returns when it does not exit."""
         if self.counter is None or not self.device_exits:
             return
-        try:
-            n = self.counter.note("device_lost")
-        except Exception as kv:  # noqa: BLE001 - without the run's count, no exit: an exit could repeat forever
-            log.error("device error not counted (%s: %s); frames that fail become error rows", type(kv).__name__, kv)
-            return
-        what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if n > self.device_exits:
-            if not self._past_exits:  # once: every frame that fails after this comes here
-                self._past_exits = True
-                log.error("%s; %d device errors in this run, more than the %d detector restarts allowed: frames "
-                          "that fail become error rows", what, n, self.device_exits)
-            return
-        log.error("%s; the detector's process exits, and Ray starts it anew and runs its batches again (restart %d "
-                  "of at most %d in this run)", what, n, self.device_exits)
-        for h in logging.getLogger().handlers:
-            h.flush()
-        os._exit(DEVICE_LOST_EXIT)
+        with self._exit_lock:  # the process's other calls fail too: one of them counts and exits, the rest wait
+            try:
+                n = self.counter.note("device_lost")
+            except Exception as kv:  # noqa: BLE001 - without the run's count, no exit: an exit could repeat forever
+                log.error("device error not counted (%s: %s); frames that fail become error rows",
+                          type(kv).__name__, kv)
+                return
+            what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if n > self.device_exits:
+                if not self._past_exits:  # once: every frame that fails after this comes here
+                    self._past_exits = True
+                    log.error("%s; %d device errors in this run, more than the %d detector restarts allowed: "
+                              "frames that fail become error rows", what, n, self.device_exits)
+                return
+            log.error("%s; the detector's process exits, and Ray starts it anew and runs its batches again (restart "
+                      "%d of at most %d in this run)", what, n, self.device_exits)
+            for h in logging.getLogger().handlers:
+                h.flush()
+            os._exit(DEVICE_LOST_EXIT)
 
     def _record_failures(self, batch: dict[str, Any], errors: dict[int, BaseException]) -> None:
         for i, e in errors.items():

@@ -17,6 +17,7 @@ because a spawned child gets its parent's `sys.path` (and pytest puts `tests/` t
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import tempfile
@@ -111,7 +112,8 @@ class LaneProbe(torch.nn.Module):
                 for im in images]
 
 
-DEVICE_ERRORS = Path(tempfile.gettempdir()) / "fpn-fakes-device-errors"  # one file per error still to raise
+# one file per error still to raise; a checkout's own (two checkouts' tests may run at once on one machine)
+DEVICE_ERRORS = Path(tempfile.gettempdir()) / f"fpn-fakes-device-errors-{hashlib.sha1(bytes(FAKES)).hexdigest()[:10]}"
 
 
 class LosesDevice(torch.nn.Module):
