@@ -156,8 +156,10 @@ def _print_summary(doc: dict) -> None:
     if "frames_decoded_on_gpu" in doc:
         click.echo(f"nvdec: {doc['frames_decoded_on_gpu']} of this run's frames decoded on the GPU")
     if doc.get("device_errors"):
+        from pipeline.plan import DEVICE_EXITS_PER_DETECTOR
+
         click.echo(f"device errors: {doc['device_errors']} (a detector restarted for each, its batches run again, "
-                   "up to 3 times per detector; the detectors' logs say which)")
+                   f"up to {DEVICE_EXITS_PER_DETECTOR} times per detector; the detectors' logs say which)")
     if doc.get("core_ms_per_frame"):
         click.echo("CPU per frame: " + ", ".join(f"{k} {v:g} ms" for k, v in doc["core_ms_per_frame"].items()))
     if doc.get("startup_s"):

@@ -316,11 +316,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
                     written = execute(plan, out, units, done, planned=doc["planned_frames"],
                                       fence=lease.record["token"], with_masks=with_masks, threads=sizing.threads,
                                       calls=sizing.calls, counter=counter, worker_env=dict(_worker_env))
+                device_errors = counter.events("device_lost")  # each restarted a detector, up to a limit
             finally:
-                try:
-                    device_errors = counter.events("device_lost")  # each restarted a detector, up to a limit
-                except Exception:  # noqa: BLE001 - Ray gone: the execution's own error says why
-                    device_errors = None
                 counter.close()
             doc["min_rows_per_file"] = written["rows_per_file"]
             doc["duplicate_rows_removed"] = written["rows_removed"]  # 0 unless a frame reached the output twice
