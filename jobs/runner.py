@@ -28,7 +28,8 @@ from fpn_model.zoo import model_id
 from pipeline.output import Output, OutputSettingsError, error_row, final_state
 from pipeline.counter import FrameCounter
 from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary
-from pipeline.raydata import environ, one_node_execution, patched, start_ray_data_helpers
+from pipeline.raydata import (actor_init_death, environ, one_node_execution, patched, quiet_actor_init_deaths,
+                              start_ray_data_helpers)
 from pipeline.sizing import auto_batch, cluster_nodes, detector_gpu_memory_gib, fit, model_input_mpx
 from pipeline.sources import expand_inputs
 from pipeline.storage import check_output_location, redact_text
@@ -311,7 +312,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             doc["startup_s"] = _rounded(start)
             out.write_job(doc)
             try:
-                with Watchdog(out, plan.resources, detected=counter.total), \
+                with Watchdog(out, plan.resources, detected=counter.total), quiet_actor_init_deaths(), \
                         one_node_execution() if _embedded.is_set() else contextlib.nullcontext():
                     written = execute(plan, out, units, done, planned=doc["planned_frames"],
                                       fence=lease.record["token"], with_masks=with_masks, threads=sizing.threads,
@@ -369,16 +370,11 @@ def detector_start_error(e: BaseException) -> DetectorStartError | None:
     """A DetectorStartError naming why a detector actor died in its `__init__` (a checkpoint or plugin that does not
     load, a GPU torch cannot use, ...), when that is what ended the execution: Ray Data raises it as an
     ActorDiedError, whose message holds the actor's whole traceback, and retries nothing."""
-    from ray.exceptions import ActorDiedError
-
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, ActorDiedError) and e.actor_init_failed:
-            lines = [ln.strip() for ln in str(e.error_msg).splitlines() if ln.strip()]
-            return DetectorStartError(f"the detector could not start: {lines[-1] if lines else e.error_msg}")
-        e = e.__cause__ or e.__context__
-    return None
+    died = actor_init_death(e)
+    if died is None:
+        return None
+    lines = [ln.strip() for ln in str(died.error_msg).splitlines() if ln.strip()]
+    return DetectorStartError(f"the detector could not start: {lines[-1] if lines else died.error_msg}")
 
 
 def _rounded(start: dict[str, float]) -> dict[str, float]:

@@ -4,7 +4,9 @@ is only quicker, and where the internals move it does nothing and Ray Data runs 
 - `start_ray_data_helpers`: on a cluster, Ray Data's helper actors started while the job plans, not beside the
   detectors;
 - `one_node_execution`: on the embedded one-node cluster, without the four actors that serve only clusters of
-  several nodes, the dashboard's metrics or telemetry.
+  several nodes, the dashboard's metrics or telemetry;
+- `quiet_actor_init_deaths`: an actor that died in its `__init__` is the caller's to report, in one line, not Ray
+  Data's and Ray's on the terminal (an internal error's traceback, and each retry of a call to the dead actor).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import os
 import threading
 from typing import Iterator
 
-__all__ = ["start_ray_data_helpers", "one_node_execution", "environ", "patched"]
+__all__ = ["start_ray_data_helpers", "one_node_execution", "quiet_actor_init_deaths", "actor_init_death", "environ",
+           "patched"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,75 @@ def one_node_execution() -> Iterator[None]:
         if "RAY_DATA_USAGE_DISABLED" not in os.environ:
             stack.enter_context(environ({"RAY_DATA_USAGE_DISABLED": "1"}))
         yield
+
+
+def actor_init_death(e: BaseException | None):
+    """The `ActorDiedError` of an actor that died in its `__init__`, when `e` is one or was raised from one, else
+    None (Ray Data retries nothing then: it fails the execution with it)."""
+    from ray.exceptions import ActorDiedError
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ActorDiedError) and e.actor_init_failed:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class _ActorInitDeaths(logging.Filter):
+    """Drops the records logged while an actor's death in its `__init__` is being handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import sys
+
+        handled = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return actor_init_death(handled) is None
+
+
+_CREATION_TASK_DEATH = "died because of an error raised in its creation task"  # ray.exceptions.ActorDiedError's
+
+
+def _quiet_retries_on_dead_actors() -> None:
+    """From now on, this driver does not print the errors Ray publishes for each retry of a call to an actor that
+    died in its `__init__` (Ray Data asks its actors where they run, with endless retries): each holds the actor's
+    whole traceback (~50 lines), and the call never succeeds. Other errors Ray publishes to the driver (a worker
+    killed for memory, a node lost, ...) still print. The listener thread looks the printer up on each message, so
+    replacing it works at any time; without it (another Ray), nothing changes."""
+    from ray._private import worker
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "quiet_on_dead_actors", False):
+        return
+
+    def print_to_stdstream(data, *args, **kwargs):
+        if data.get("pid") == "raylet" and any(_CREATION_TASK_DEATH in str(ln) for ln in data.get("lines", ())):
+            return
+        printer(data, *args, **kwargs)
+
+    print_to_stdstream.quiet_on_dead_actors = True
+    worker.print_to_stdstream = print_to_stdstream
+
+
+@contextlib.contextmanager
+def quiet_actor_init_deaths() -> Iterator[None]:
+    """While it lasts, Ray Data's console says nothing of an actor (a detector) that died in its `__init__`, and
+    from then on the driver does not print Ray's error for each retried call to it; Ray Data's log file under the
+    Ray session still has every record. Ray Data takes such a death for a bug of its own and prints ~80 lines, the
+    actor's traceback inside its own, while the caller names the cause in one line
+    (`jobs.runner.DetectorStartError`). Only the records logged while that exception is handled are dropped."""
+    from ray._private.log import PlainRayHandler
+
+    _quiet_retries_on_dead_actors()
+    quiet = _ActorInitDeaths()
+    consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, PlainRayHandler)]
+    for handler in consoles:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(quiet)
 
 
 @contextlib.contextmanager

@@ -302,6 +302,28 @@ def test_only_errors_of_the_device_itself_count_as_a_lost_device():
     assert not device_lost(ValueError("cannot read this frame")) and not device_lost(RuntimeError("shape mismatch"))
 
 
+def test_the_driver_prints_no_retry_of_calls_to_an_actor_that_died_starting_but_other_errors_from_ray(capsys):
+    """Ray publishes an error to the driver for each retry of a call to an actor whose `__init__` raised (Ray Data
+    asks its actors where they run, retrying for ever), each with the actor's traceback; the job says the cause in
+    one line instead. What else Ray reports there still prints."""
+    from ray._private import worker
+
+    from pipeline.raydata import quiet_actor_init_deaths
+
+    with quiet_actor_init_deaths():
+        pass
+    retry = ("Task MapWorker(MapBatches(Detector)).get_location failed. There are infinite retries remaining, so the "
+             "task will be retried. Error: Traceback ...\nray.exceptions.ActorDiedError: The actor died because of an "
+             "error raised in its creation task, ...")
+    killed = "Task was killed due to the node running low on memory."
+    for line in (retry, killed):
+        worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    printed = capsys.readouterr().out
+    assert "get_location" not in printed and killed in printed
+    with quiet_actor_init_deaths():  # installed once: the printer is not wrapped again
+        assert worker.print_to_stdstream.quiet_on_dead_actors
+
+
 def test_a_detector_given_a_gpu_that_torch_cannot_use_says_so_instead_of_running_on_the_cpu(monkeypatch):
     """A CPU-only torch on a GPU node (or a driver torch cannot use): the detector would run on the CPU, a hundred
     times slower, and say nothing."""
