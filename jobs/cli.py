@@ -400,7 +400,7 @@ def _is_output(target: str) -> bool:
 @format_option
 @_fail_cleanly
 def status(target, endpoint_url, profile, anon, address, fmt):
-    """State and progress of a job: frames done / planned, frames/s, errors, ETA.
+    """State and progress of a job: frames done / planned, frames/s, errors, ETA, where its start-up went.
 
     TARGET is a submitted job's id (asks the --address cluster) or an OUTPUT directory/URL (reads it). The exit
     code follows the state: 0 running or succeeded, 1 failed, 3 finished with errors, 4 interrupted (the writer
