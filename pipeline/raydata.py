@@ -11,6 +11,7 @@ is only quicker, and where the internals move it does nothing and Ray Data runs 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import threading
@@ -143,7 +144,7 @@ def actor_init_death(e: BaseException | None):
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, ActorDiedError) and e.actor_init_failed:
+        if isinstance(e, ActorDiedError) and getattr(e, "actor_init_failed", False):
             return e
         e = e.__cause__ or e.__context__
     return None
@@ -190,7 +191,12 @@ def quiet_actor_init_deaths() -> Iterator[None]:
     Ray session still has every record. Ray Data takes such a death for a bug of its own and prints ~80 lines, the
     actor's traceback inside its own, while the caller names the cause in one line
     (`jobs.runner.DetectorStartError`). Only the records logged while that exception is handled are dropped."""
-    from ray._private.log import PlainRayHandler
+    importlib.import_module("ray.data")  # its import configures its loggers, whose console handlers are filtered here
+
+    try:
+        from ray._private.log import PlainRayHandler
+    except ImportError:  # another Ray: its console says what it says
+        PlainRayHandler = ()
 
     _quiet_retries_on_dead_actors()
     quiet = _ActorInitDeaths()

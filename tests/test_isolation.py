@@ -304,14 +304,37 @@ def test_only_errors_of_the_device_itself_count_as_a_lost_device():
 
 def test_the_driver_prints_no_retry_of_calls_to_an_actor_that_died_starting_but_other_errors_from_ray(capsys):
     """Ray publishes an error to the driver for each retry of a call to an actor whose `__init__` raised (Ray Data
-    asks its actors where they run, retrying for ever), each with the actor's traceback; the job says the cause in
-    one line instead. What else Ray reports there still prints."""
+    asks its actors where they run, retrying for ever), each with the actor's traceback, and Ray Data reports the
+    death as an internal error with its own traceback; the job says the cause in one line instead. What else Ray
+    and Ray Data report still prints."""
+    import logging
+
     from ray._private import worker
+    from ray.exceptions import ActorDiedError, RayTaskError
 
     from pipeline.raydata import quiet_actor_init_deaths
 
+    def record(msg: str) -> logging.LogRecord:
+        return logging.getLogger("ray.data.exceptions").makeRecord("ray.data.exceptions", logging.ERROR, __file__, 1,
+                                                                   msg, (), None)
+
+    died = ActorDiedError(RayTaskError("__init__", "Traceback ...\nRuntimeError: no kernel", RuntimeError("no kernel")))
     with quiet_actor_init_deaths():
-        pass
+        consoles = [h for h in logging.getLogger("ray.data").handlers if h.filters and "Plain" in type(h).__name__]
+        assert consoles
+        try:
+            raise RuntimeError("Ray Data's execution failed") from died
+        except RuntimeError:
+            assert not any(h.filter(record("Exception occurred in Ray Data or Ray Core internal code"))
+                           for h in consoles)
+        try:
+            raise RuntimeError("a block failed")
+        except RuntimeError:
+            assert all(h.filter(record("a block failed")) for h in consoles)
+    try:
+        raise died
+    except ActorDiedError:
+        assert all(h.filter(record("Full stack trace")) for h in consoles)  # the filter went with the block
     retry = ("Task MapWorker(MapBatches(Detector)).get_location failed. There are infinite retries remaining, so the "
              "task will be retried. Error: Traceback ...\nray.exceptions.ActorDiedError: The actor died because of an "
              "error raised in its creation task, ...")
