@@ -1,5 +1,6 @@
-"""What a job changes in Ray Data's start-up, through Ray Data's internals (Ray is pinned at 2.60): each piece
-is only quicker, and where the internals move it does nothing and Ray Data runs as it would by itself.
+"""What a job changes in Ray Data's start-up and console, through Ray's internals (Ray is pinned at 2.60): each
+piece is only quicker or quieter, and where the internals move it does nothing and Ray Data runs as it would by
+itself.
 
 - `start_ray_data_helpers`: on a cluster, Ray Data's helper actors started while the job plans, not beside the
   detectors;
@@ -14,6 +15,7 @@ import contextlib
 import importlib
 import logging
 import os
+import sys
 import threading
 from typing import Iterator
 
@@ -154,8 +156,6 @@ class _ActorInitDeaths(logging.Filter):
     """Drops the records logged while an actor's death in its `__init__` is being handled."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        import sys
-
         handled = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
         return actor_init_death(handled) is None
 
