@@ -1,8 +1,10 @@
 """Object storage end to end: inputs read from and output written to a real S3 API (moto's server)."""
 import json
 import os
+import sys
 import threading
 import time
+import traceback
 
 from pathlib import Path
 
@@ -151,6 +153,15 @@ def test_a_remote_video_is_read_by_ranges_each_segment_about_its_share(ray_sessi
     assert doc["decoded_per_sampled"] == 1.0 and served < 0.5 * size
 
 
+def _stacks() -> str:
+    """Where each thread of this process is (the job's, Ray Data's executor, the fault proxy's), for a test that
+    found a job still running: once (a fresh-clone CI run, 2026-11-27) a job outlived its 300 s here, inside Ray
+    Data's execution, and nothing said where."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame)[-8:])
+                     for ident, frame in sys._current_frames().items())
+
+
 @pytest.mark.parametrize("mode", ["500", "restart"])
 def test_s3_answering_500s_or_restarting_mid_job_loses_and_repeats_no_frame(ray_session, s3, tmp_path, mode):
     """The S3 server fails for a few seconds while the job reads and writes through it; the job retries (or,
@@ -175,7 +186,7 @@ def test_s3_answering_500s_or_restarting_mid_job_loses_and_repeats_no_frame(ray_
     time.sleep(3)
     proxy.heal()
     job.join(300)
-    assert not job.is_alive()
+    assert not job.is_alive(), f"the job still runs 300 s after the fault ended; this process's threads:\n{_stacks()}"
     assert proxy.faulted > before, "the fault hit no request: the test proved nothing"
     print(f"\nS3 fault {mode}: {proxy.faulted - before} connections faulted; first run {result.get('state')}, "
           f"{result.get('frames')} frames, {result.get('errors')} errors")
