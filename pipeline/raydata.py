@@ -19,6 +19,8 @@ import sys
 import threading
 from typing import Iterator
 
+from .storage import exception_chain
+
 __all__ = ["start_ray_data_helpers", "one_node_execution", "quiet_actor_init_deaths", "actor_init_death", "environ",
            "patched"]
 
@@ -143,13 +145,8 @@ def actor_init_death(e: BaseException | None):
     None (Ray Data retries nothing then: it fails the execution with it)."""
     from ray.exceptions import ActorDiedError
 
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, ActorDiedError) and getattr(e, "actor_init_failed", False):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
+    return next((x for x in exception_chain(e)
+                 if isinstance(x, ActorDiedError) and getattr(x, "actor_init_failed", False)), None)
 
 
 class _ActorInitDeaths(logging.Filter):

@@ -42,7 +42,7 @@ __all__ = [
     "filesystem", "join", "parquet_files", "options_for", "normalize_options", "merge_options",
     "canonical_uri", "redact", "redact_url", "redact_text", "drop_redacted", "translate_error",
     "check_output_location", "local_copy", "ranged_opener", "open_ranged", "REMOTE_BLOCK", "protocol_of",
-    "object_version", "REDACTED",
+    "object_version", "exception_chain", "REDACTED",
 ]
 
 log = logging.getLogger(__name__)
@@ -427,7 +427,7 @@ _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimi
                    "TooManyRequestsException", "RequestThrottled", "ServiceUnavailable", "503", "429"}
 
 
-def _chain(e: BaseException) -> Iterator[BaseException]:
+def exception_chain(e: BaseException | None) -> Iterator[BaseException]:
     """`e` and the exceptions it was raised from or during (s3fs keeps botocore's as `__cause__`)."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
@@ -474,7 +474,7 @@ def _translate(e: BaseException, what: str) -> BaseException | None:
     from botocore.exceptions import (ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
                                      PartialCredentialsError)
 
-    chain = list(_chain(e))
+    chain = list(exception_chain(e))
     for exc in chain:
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)) or "Unable to locate credentials" in str(exc):
             return PermissionError(_NO_CREDENTIALS.format(what=what))
