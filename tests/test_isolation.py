@@ -343,8 +343,9 @@ def test_the_driver_prints_no_retry_of_calls_to_an_actor_that_died_starting_but_
         worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     printed = capsys.readouterr().out
     assert "get_location" not in printed and killed in printed
+    installed = worker.print_to_stdstream
     with quiet_actor_init_deaths():  # installed once: the printer is not wrapped again
-        assert worker.print_to_stdstream.quiet_on_dead_actors
+        assert worker.print_to_stdstream is installed
 
 
 def test_a_detector_given_a_gpu_that_torch_cannot_use_says_so_instead_of_running_on_the_cpu(monkeypatch):
