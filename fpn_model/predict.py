@@ -593,9 +593,7 @@ class Predictor:
             per_frame[f].append((out, x0, y0))
         packed, masks = [], []
         for parts, (h, w) in zip(per_frame, sizes):
-            device = parts[0][0]["boxes"].device
-            shift = lambda o, x, y: o["boxes"].float() + torch.tensor([x, y, x, y], device=device, dtype=torch.float32)
-            boxes = torch.cat([shift(o, x, y) if x or y else o["boxes"].float() for o, x, y in parts])
+            boxes = torch.cat([_shifted(o["boxes"], x, y) for o, x, y in parts])
             scores = torch.cat([o["scores"].float() for o, _, _ in parts])
             labels = torch.cat([o["labels"] for o, _, _ in parts])
             levels = torch.cat([o["levels"] for o, _, _ in parts])
@@ -606,8 +604,9 @@ class Predictor:
                 scores, labels, levels = scores[keep], labels[keep], levels[keep]
                 if frame_masks is not None:
                     frame_masks = [frame_masks[i] for i in keep.tolist()]
-            limit = torch.tensor([w, h, w, h], device=device, dtype=torch.float32)
-            boxes = torch.minimum(boxes.clamp(min=0), limit)
+            boxes = boxes.clamp(min=0)
+            boxes[:, 0::2].clamp_(max=w)  # scalars, not a tensor of limits: a copy of one to a GPU waits for it
+            boxes[:, 1::2].clamp_(max=h)
             packed.append(torch.cat([boxes, scores[:, None], labels[:, None].float(), levels[:, None].float()], 1))
             masks.append(frame_masks)
         if not packed:
@@ -623,3 +622,14 @@ class Predictor:
         GPU from run boundaries found there, on a CPU by pycocotools a chunk of masks at a time)."""
         return [rle for o, x0, y0 in parts
                 for rle in encode_masks(o["masks"][:, 0] > 0.5, x0=x0, y0=y0, height=h, width=w)]
+
+
+def _shifted(boxes: Tensor, x: int, y: int) -> Tensor:
+    """A tile's float32 boxes moved by its offset in the frame, with Python scalars: a tensor of offsets would be
+    copied to the device, and on a GPU each such copy waits for it (once per tile)."""
+    if not (x or y):
+        return boxes.float()
+    boxes = boxes.to(torch.float32, copy=True)
+    boxes[:, 0::2] += x
+    boxes[:, 1::2] += y
+    return boxes

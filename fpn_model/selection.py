@@ -42,7 +42,9 @@ def batched_nms_many(jobs: list[tuple[Tensor, Tensor, Tensor, float]],
         elif boxes.numel() == 0:
             plans.append(("empty", None, None))
         else:  # torchvision's _batched_nms_coordinate_trick
-            offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
+            # torchvision's `boxes.max() + torch.tensor(1).to(boxes)`, without its copy of the 1 to the device: on
+            # a GPU that copy waits for the device, once per image and stage (the same sum: 1 is exact in any dtype)
+            offsets = idxs.to(boxes) * (boxes.max() + 1)
             plans.append(("trick", None, len(calls)))
             calls.append(partial(box_ops.nms, boxes + offsets[:, None], scores, thresh))
     done = run_all(executor, calls)

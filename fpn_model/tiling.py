@@ -17,11 +17,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, box_area, box_iou
+from torchvision.ops import box_area, box_iou
 
 __all__ = ["plan_tiles", "merge_detections", "MERGE_METHODS", "MERGE_METRICS"]
 
 from .config import MERGE_METHODS, MERGE_METRICS, check_tile
+from .selection import batched_nms_many
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -69,7 +70,7 @@ def merge_detections(boxes: Tensor, scores: Tensor, labels: Tensor, *, threshold
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device), boxes.reshape(0, 4)
     if method == "nms" and metric == "iou":
-        keep = batched_nms(boxes, scores, labels, threshold)
+        keep = batched_nms_many([(boxes, scores, labels, threshold)])[0]  # torchvision's, one wait less on a GPU
         return keep, boxes[keep]
     order = scores.argsort(descending=True)
     b, lab = boxes[order], labels[order]
@@ -86,7 +87,7 @@ def merge_detections(boxes: Tensor, scores: Tensor, labels: Tensor, *, threshold
         suppressed |= group
         keep.append(i)
         groups.append(group)
-    idx = torch.as_tensor(keep, device=b.device)
+    idx = torch.as_tensor(keep).to(b.device, non_blocking=True)  # a pageable copy: no wait for the device
     keep_t = order[idx]
     if method != "nmm":
         return keep_t, b[idx]

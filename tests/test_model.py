@@ -263,8 +263,9 @@ def test_parallel_nms_and_roi_align_are_torchvision_s_own():
         xy = torch.rand(n, 2, generator=g) * 300
         return torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 60 + 1], 1)
 
-    # per class (more than 4000 numbers), the coordinate trick, and nothing at all
+    # per class (more than 4000 numbers), the coordinate trick (float32 and float64: its offset's sum), nothing at all
     jobs = [(boxes(n), torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g), 0.6) for n in (3000, 200, 0)]
+    jobs.append(tuple(x.double() if x.is_floating_point() else x for x in jobs[1][:3]) + (0.6,))
     with ThreadPoolExecutor(2) as pool:
         for executor in (None, pool):
             for (b, s, i, t), keep in zip(jobs, batched_nms_many(jobs, executor)):
@@ -279,6 +280,31 @@ def test_parallel_nms_and_roi_align_are_torchvision_s_own():
         assert type(model.pool).__name__ == "FastPyramidRoIAlign"
         feats_cl = {k: v.contiguous(memory_format=torch.channels_last) for k, v in feats.items()}
         assert torch.equal(model.pool(feats_cl, rois, [(512, 512)] * 2), ref)
+
+
+def test_tile_offsets_and_frame_clipping_are_the_tensor_arithmetic_they_replace():
+    """`Predictor._collect` shifts a tile's boxes and clips a frame's with Python scalars (no tensor of offsets or
+    limits copied to the device: on a GPU each copy waits for it): the same numbers as the tensor arithmetic."""
+    from fpn_model.predict import _shifted
+
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(500, 4, generator=g) * 1400 - 200  # in and out of a 1000x800 frame
+    for x, y in ((0, 0), (768, 0), (0, 512), (3072, 1536)):
+        ref = boxes + torch.tensor([x, y, x, y], dtype=torch.float32)
+        assert torch.equal(_shifted(boxes, x, y), ref) and torch.equal(_shifted(boxes.half(), x, y), boxes.half().float()
+                                                                       + torch.tensor([x, y, x, y]))
+    before = boxes.clone()
+    _shifted(boxes, 8, 8)
+    assert torch.equal(boxes, before)  # the tile's own boxes stay as they were
+    from types import SimpleNamespace
+
+    from fpn_model.predict import Predictor
+
+    w, h = 1000, 800  # one frame, one part: no merge, so no more of a Predictor than has_masks
+    out = Predictor._collect(SimpleNamespace(has_masks=False), [(0, 0, 0, {"boxes": boxes, "scores": torch.rand(500, generator=g),
+                                                "labels": torch.ones(500, dtype=torch.int64),
+                                                "levels": torch.full((500,), 2)})], [(h, w)])[0]
+    assert np.array_equal(out.boxes, torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h])).numpy())
 
 
 def test_precisions_are_opt_in_and_change_only_a_copy():
