@@ -24,6 +24,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import boxes as box_ops
 
@@ -102,11 +103,29 @@ class FPNTransform(GeneralizedRCNNTransform):
         return image, target
 
     def postprocess(self, result, image_shapes, original_image_sizes):
-        if self.roi_levels is not None:
-            for r in result:
-                if "levels" not in r:
-                    r["levels"] = assign_levels(r["boxes"], self.roi_levels[0], self.roi_levels[-1])
-        return super().postprocess(result, image_shapes, original_image_sizes)
+        """torchvision's: detections back to each image's original size (R-CNN detections tagged with their levels
+        first). Its `resize_boxes` makes the two ratios device tensors from Python numbers: four copies to the
+        device per image, and on a GPU each waits for it (64 waits for a batch of 16). Here the ratios are Python
+        numbers of the same value (float32 division, rounded to the boxes' dtype as the device would round
+        them), so the same boxes."""
+        if self.training:
+            return result
+        for r, size, original in zip(result, image_shapes, original_image_sizes):
+            if self.roi_levels is not None and "levels" not in r:
+                r["levels"] = assign_levels(r["boxes"], self.roi_levels[0], self.roi_levels[-1])
+            r["boxes"] = _resized(r["boxes"], size, original)
+            if "masks" in r:
+                r["masks"] = paste_masks_in_image(r["masks"], r["boxes"], original)
+        return result
+
+
+def _resized(boxes: Tensor, size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    """torchvision's `resize_boxes(boxes, size, new_size)` with its ratios as Python numbers (see
+    `FPNTransform.postprocess`)."""
+    ratio_h, ratio_w = (torch.tensor(float(n), dtype=torch.float32).div(float(o)).to(boxes.dtype).item()
+                        for n, o in zip(new_size, size))
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 
 
 class FPNRetinaNet(RetinaNet):

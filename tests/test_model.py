@@ -307,6 +307,28 @@ def test_tile_offsets_and_frame_clipping_are_the_tensor_arithmetic_they_replace(
     assert np.array_equal(out.boxes, torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h])).numpy())
 
 
+def test_detections_go_back_to_the_frame_size_as_torchvision_s_transform_takes_them():
+    """FPNTransform.postprocess resizes with Python-number ratios (no copies to the device, each a wait on a GPU):
+    the same boxes and pasted masks as torchvision's own postprocess, the levels tagged from the model-size boxes."""
+    import copy
+
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from fpn_model.detectors import FPNTransform
+
+    g = torch.Generator().manual_seed(0)
+    transform = FPNTransform(preset("trees"), roi_levels=(2, 5)).eval()
+    shapes, originals = [(800, 1333), (608, 800), (800, 800)], [(1080, 1920), (576, 768), (333, 333)]
+    result = [{"boxes": torch.rand(50, 4, generator=g).cumsum(1) * 200, "masks": torch.rand(50, 1, 28, 28, generator=g)}
+              for _ in shapes]
+    ref = GeneralizedRCNNTransform.postprocess(transform, copy.deepcopy(result), shapes, originals)
+    levels = [assign_levels(r["boxes"], 2, 5) for r in result]
+    out = transform.postprocess(copy.deepcopy(result), shapes, originals)
+    for o, r, lv in zip(out, ref, levels):
+        assert torch.equal(o["boxes"], r["boxes"]) and torch.equal(o["masks"], r["masks"])
+        assert torch.equal(o["levels"], lv)
+
+
 def test_precisions_are_opt_in_and_change_only_a_copy():
     from fpn_model.predict import Predictor
 
