@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
@@ -122,8 +123,7 @@ class FPNTransform(GeneralizedRCNNTransform):
 def _resized(boxes: Tensor, size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
     """torchvision's `resize_boxes(boxes, size, new_size)` with its ratios as Python numbers (see
     `FPNTransform.postprocess`)."""
-    ratio_h, ratio_w = (torch.tensor(float(n), dtype=torch.float32).div(float(o)).to(boxes.dtype).item()
-                        for n, o in zip(new_size, size))
+    ratio_h, ratio_w = (_scalar(np.float32(n) / np.float32(o), boxes.dtype) for n, o in zip(new_size, size))
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 
@@ -148,21 +148,26 @@ class FPNRetinaNet(RetinaNet):
         for logits in cls_logits:
             scores = torch.sigmoid(logits).reshape(-1)
             per_level.append(select_rows(scores > self.score_thresh, [logits[0].numel()] * n, scores, positions=True))
-        jobs, levels = [], []
-        for i, image_shape in enumerate(image_shapes):
-            boxes, kept_scores, labels, kept_levels = [], [], [], []
-            for j, level in enumerate(self.pyramid_levels):
+        top = [[None] * len(self.pyramid_levels) for _ in image_shapes]  # [image][level]: (scores, indices, boxes)
+        for j in range(len(self.pyramid_levels)):
+            chosen = []
+            for i in range(n):
                 level_scores, topk_idxs = per_level[j][i]
                 level_scores, idxs = level_scores.topk(min(self.topk_candidates, len(topk_idxs)))
-                topk_idxs = topk_idxs[idxs]
-                anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
-                level_boxes = self.box_coder.decode_single(regressions[j][i][anchor_idxs], anchors[i][j][anchor_idxs])
-                boxes.append(box_ops.clip_boxes_to_image(level_boxes, image_shape))
-                kept_scores.append(level_scores)
-                labels.append(topk_idxs % num_classes)
-                kept_levels.append(torch.full_like(topk_idxs, level))
-            jobs.append((torch.cat(boxes), torch.cat(kept_scores), torch.cat(labels), self.nms_thresh))
-            levels.append(torch.cat(kept_levels))
+                chosen.append((level_scores, topk_idxs[idxs]))
+            anchor_idxs = [torch.div(t, num_classes, rounding_mode="floor") for _, t in chosen]
+            # the level's boxes of all images decoded at once (row by row, so as image by image): torchvision's
+            # decode_single makes two tensors of its 0.5 on the device, each a wait on a GPU
+            decoded = self.box_coder.decode_single(torch.cat([regressions[j][i][a] for i, a in enumerate(anchor_idxs)]),
+                                                   torch.cat([anchors[i][j][a] for i, a in enumerate(anchor_idxs)]))
+            for i, (c, boxes) in enumerate(zip(chosen, decoded.split([len(a) for a in anchor_idxs]))):
+                top[i][j] = (*c, boxes)
+        jobs, levels = [], []
+        for per_image, image_shape in zip(top, image_shapes):
+            jobs.append((torch.cat([box_ops.clip_boxes_to_image(b, image_shape) for _, _, b in per_image]),
+                         torch.cat([s for s, _, _ in per_image]), torch.cat([t % num_classes for _, t, _ in per_image]),
+                         self.nms_thresh))
+            levels.append(torch.cat([torch.full_like(t, lv) for (_, t, _), lv in zip(per_image, self.pyramid_levels)]))
         detections = []
         for (boxes, scores, labels, _), lvl, keep in zip(jobs, levels, batched_nms_many(jobs, self.executor)):
             keep = keep[: self.detections_per_img]
@@ -241,3 +246,9 @@ def build_detector(cfg: ModelConfig) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _scalar(x: np.float32, dtype: torch.dtype) -> float:
+    """`x` as a Python number with the value a float32 device tensor holding it has in `dtype`'s arithmetic
+    (rounded to half precision; float32 and float64 keep it)."""
+    return float(x) if dtype in (torch.float32, torch.float64) else torch.tensor(float(x)).to(dtype).item()

@@ -17,6 +17,10 @@ __all__ = ["assign_levels", "PyramidRoIAlign", "CANONICAL_SCALE", "CANONICAL_LEV
 CANONICAL_SCALE = 224
 CANONICAL_LEVEL = 4
 _EPS = 1e-6  # as torchvision: a box of exactly 224 px maps to level 4 despite float rounding
+# torchvision adds torch.tensor(eps, dtype=s.dtype): the same number, as a Python scalar (a forward pass makes no
+# tensor from Python numbers per image; on a GPU most such tensors are copies that wait for it: tests/test_model.py)
+_EPS_IN = {dt: torch.tensor(_EPS, dtype=dt).item()
+           for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def assign_levels(
@@ -38,7 +42,7 @@ def assign_levels(
     if k_min > k_max:
         raise ValueError(f"k_min ({k_min}) must not exceed k_max ({k_max})")
     s = torch.sqrt(box_area(boxes))
-    k = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(_EPS, dtype=s.dtype))
+    k = torch.floor(canonical_level + torch.log2(s / canonical_scale) + _EPS_IN[s.dtype])
     return torch.clamp(k, min=k_min, max=k_max).to(torch.int64)
 
 

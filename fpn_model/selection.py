@@ -57,7 +57,7 @@ def batched_nms_many(jobs: list[tuple[Tensor, Tensor, Tensor, float]],
         else:
             keep_mask = torch.zeros_like(scores, dtype=torch.bool)
             for m, k in zip(members, done[first:first + len(members)]):
-                keep_mask[m[k]] = True
+                keep_mask.index_fill_(0, m[k], True)  # not `[m[k]] = True`: a tensor made of the True
             keep = torch.where(keep_mask)[0]
             keeps.append(keep[scores[keep].sort(descending=True)[1]])
     return keeps
