@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.output import Output
-from pipeline.storage import redact, redact_text, redact_url
+from pipeline.storage import one_line, redact, redact_text, redact_url
 
 from .query import connect
 from .render import Region, boxes, colour, draw_boxes, of_frame, read_pixels, read_video_frames, unnested
@@ -174,7 +174,7 @@ def _resize(frame: np.ndarray, scale: float) -> Image.Image:
 
 def _why(e: BaseException) -> str:
     """Why a source's pixels could not be drawn, in one redacted line."""
-    return redact_text(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return redact_text(one_line(e))
 
 
 def _still_section(con, row: tuple, min_score: float, storage_options) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from pipeline.raydata import (actor_init_death, environ, one_node_execution, pat
                               start_ray_data_helpers)
 from pipeline.sizing import auto_batch, cluster_nodes, detector_gpu_memory_gib, fit, model_input_mpx
 from pipeline.sources import expand_inputs
-from pipeline.storage import check_output_location, redact_text
+from pipeline.storage import check_output_location, one_line, redact_text
 
 from .spec import plan_to_dict
 from .watchdog import Watchdog
@@ -340,7 +340,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             else:
                 state = "failed"
             cause = None if isinstance(e, KeyboardInterrupt) else detector_start_error(e)
-            said = str(cause) if cause else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            said = str(cause) if cause else one_line(e)
             doc.update(state=state, error=redact_text(said), wall_s=round(time.monotonic() - t0, 2),
                        finished_at=_now())
             if not lease.lost:

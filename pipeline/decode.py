@@ -36,7 +36,7 @@ import numpy as np
 from .output import frame_id
 from .raster import RasterPlan, open_raster, open_rasters, read_window
 from .sources import WorkUnit, media_kind
-from .storage import REMOTE_BLOCK, filesystem, local_copy, open_ranged, protocol_of, translate_error
+from .storage import REMOTE_BLOCK, filesystem, local_copy, one_line, open_ranged, protocol_of, translate_error
 
 __all__ = ["Sampling", "sample_indices", "probe", "decode_unit", "VideoDecoder", "open_video", "read_video",
            "MediaInfo", "PyAVVideo", "DecordVideo"]
@@ -403,7 +403,7 @@ def probe(uri: str, storage_options: dict | None = None, *, video_backend: str =
                 info = MediaInfo("video", v.width, v.height, v.num_frames, v.fps,
                                  None if keys is None else tuple(int(k) for k in keys))
         except Exception as e:
-            raise ValueError(f"{uri}: cannot decode video ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+            raise ValueError(f"{uri}: cannot decode video ({one_line(e)})") from e
         if info.num_frames <= 0:
             raise ValueError(f"{uri}: video has no frames")
         return info

@@ -24,6 +24,7 @@ from fpn_model.weights import load_checkpoint
 
 from .output import Output, error_row, frame_schema
 from .raster import map_boxes
+from .storage import one_line
 
 __all__ = ["Detector", "detections_to_rows"]
 
@@ -173,7 +174,7 @@ class Detector:
                 log.error("device error not counted (%s: %s); frames that fail become error rows",
                           type(kv).__name__, kv)
                 return
-            what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            what = one_line(e)
             if n > self.device_exits:
                 if not self._past_exits:  # once: every frame that fails after this comes here
                     self._past_exits = True

@@ -18,6 +18,7 @@ import threading
 import numpy as np
 
 from .decode import PyAVVideo, _seek_policy_counts
+from .storage import one_line
 
 __all__ = ["NvdecVideo", "nvdec_unavailable", "nvdec_missing_here"]
 
@@ -94,7 +95,7 @@ class NvdecVideo(PyAVVideo):
                 self.backend = "nvdec"
                 return
             except Exception as e:  # noqa: BLE001 - any failure of the engine leaves the CPU decoder
-                why = f"{type(e).__name__}: {e}".splitlines()[0]
+                why = one_line(e)
         _say_once(why)
 
     def frames(self, indices: list[int]) -> np.ndarray:

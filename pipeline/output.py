@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .storage import filesystem, join, parquet_files, redact_text
+from .storage import filesystem, join, one_line, parquet_files, redact_text
 
 __all__ = [
     "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_schema", "frame_id", "frames_file", "Output", "Lease",
@@ -452,8 +452,7 @@ def _error_run(path: str) -> int:
 
 
 def _corrupt(f: str, e: BaseException) -> ValueError:
-    first = str(e).splitlines()[0] if str(e) else ""
-    return ValueError(f"{f} is not a readable Parquet file ({type(e).__name__}: {first}): move it out of the "
+    return ValueError(f"{f} is not a readable Parquet file ({one_line(e)}): move it out of the "
                       "output; the next run detects its frames again")
 
 

@@ -427,6 +427,11 @@ _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimi
                    "TooManyRequestsException", "RequestThrottled", "ServiceUnavailable", "503", "429"}
 
 
+def one_line(e: BaseException) -> str:
+    """`Type: first line of the message`: an error as the one-line summaries and error rows give it."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def exception_chain(e: BaseException | None) -> Iterator[BaseException]:
     """`e` and the exceptions it was raised from or during (s3fs keeps botocore's as `__cause__`)."""
     seen: set[int] = set()
