@@ -6,7 +6,8 @@ Sections (`--sections`, in this order; those added at the second GPU session fir
 
 - `machine`: the GPU, its driver, NVDEC's library and PyNvVideoCodec.
 - `profile`: torch.profiler over Detector calls of the largest batch (fp32 and bf16) and the trees model on a
-  raster's tiles: the ops taking most device and host time, the host's waits per call, the GPU's busy share.
+  raster's tiles: the ops taking most device and host time, the host's waits per call, the GPU's busy share;
+  torchvision's eager forward beside, and with `--before` the before tree's calls (`before`) in a process of its own.
 - `startup_parts`: seconds from a fresh Python to torch, CUDA, the Detector, its first and second call.
 - `startup_again`: `startup` once more (files cached, compiled kernels on disk).
 - `decoders`: every frame of a 1080p H.264 clip and of bikes.mp4 through pyav, decord and nvdec (`pipeline.nvdec`):
@@ -290,8 +291,9 @@ def _both(a, b):
     return stack
 
 
-def run_forward_worker(root: Path, args, ckpt: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--worker", "forward", "--device", args.device,
+def run_worker(root: Path, args, ckpt: str, extra: list[str], worker: str = "forward") -> dict:
+    """`worker` (forward, profile) in a fresh process whose imports come from the source tree `root`."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--worker", worker, "--device", args.device,
            "--checkpoint", ckpt, "--height", str(args.height), "--min-size", str(args.min_size),
            "--reps", str(args.reps), "--warm", str(args.warm), "--batches", ",".join(map(str, args.batches)),
            "--precisions", ",".join(args.precisions), *extra]
@@ -598,9 +600,9 @@ def startup_parts(args, ckpt: str) -> dict:
 
 
 def profile(args, ckpt: str) -> dict:
-    """torch.profiler over 3 calls of torchvision's eager forward (fp32) and of the Detector per precision on the
-    largest batch (and the trees model on 1024-px tiles of a raster): the ops taking most device and host time, and
-    the host's waits for the device (on a CPU the ops that would wait: nonzero, nms)."""
+    """torch.profiler over 3 calls of torchvision's eager forward (fp32; not with --skip-eager) and of the Detector
+    per precision on the largest batch (and the trees model on 1024-px tiles of a raster): the ops taking most device
+    and host time, and the host's waits for the device (on a CPU the ops that would wait: nonzero, nms)."""
     import torch
     from torch.profiler import ProfilerActivity
 
@@ -640,21 +642,20 @@ def profile(args, ckpt: str) -> dict:
             wall = time.perf_counter() - t0
         return table(prof, wall)
 
-    tv = r50(args.min_size).to(args.device)  # torchvision's eager forward on the same frames: its waits beside ours
-
-    out[f"r50_b{bs}_eager"] = profiled(lambda: eager_boxes(tv, batch["image"], args.device))
-    tv = None
+    if not args.skip_eager:  # torchvision's eager forward on the same frames: its waits beside ours
+        tv = r50(args.min_size).to(args.device)
+        out[f"r50_b{bs}_eager"] = profiled(lambda: eager_boxes(tv, batch["image"], args.device))
+        tv = None
     for precision in args.precisions[:2]:
         det = Detector(ckpt, model_id="r50", tile=None, max_batch=bs, precision=precision)
         out[f"r50_b{bs}_{precision}"] = profiled(lambda: det(batch))
         det = None
     from fpn_model.predict import Predictor, TileConfig
     from fpn_model.weights import load_checkpoint
-    from fpn_model.zoo import resolve
 
     big = raster_frame(args.raster_side)
-    pred = Predictor(load_checkpoint(resolve("trees")), device=args.device, tile=TileConfig(size=1024, overlap=128),
-                     max_batch=32)
+    trees = REPO / "fpn_model" / "checkpoints" / "trees.safetensors"  # this tree's: a --before tree comes without
+    pred = Predictor(load_checkpoint(trees), device=args.device, tile=TileConfig(size=1024, overlap=128), max_batch=32)
     out["trees_raster_exact"] = profiled(lambda: pred([big]))
     return out
 
@@ -765,6 +766,9 @@ def main() -> None:
     if args.worker == "forward":
         print(json.dumps(forward_worker(args)))
         return
+    if args.worker == "profile":
+        print(json.dumps(profile(args, args.checkpoint)))
+        return
     if args.device == "cpu":
         args.precisions = ["exact", "bf16"]
     sections = args.sections.split(",")
@@ -784,10 +788,10 @@ def main() -> None:
             t0 = time.monotonic()
             try:
                 if name == "forward":
-                    value = {"after": run_forward_worker(REPO, args, ckpt, ["--two-calls", "--layouts"])}
+                    value = {"after": run_worker(REPO, args, ckpt, ["--two-calls", "--layouts"])}
                     if args.before and args.before != "none":
-                        value["before"] = run_forward_worker(Path(args.before).resolve(), args, ckpt,
-                                                             ["--skip-eager", "--two-calls"])
+                        value["before"] = run_worker(Path(args.before).resolve(), args, ckpt,
+                                                     ["--skip-eager", "--two-calls"])
                 elif name in ("alone", "e2e", "e2e_shared", "e2e_nvdec"):
                     video = tmp / "looped.mp4"
                     if not video.exists():
@@ -802,6 +806,9 @@ def main() -> None:
                     value = startup_parts(args, ckpt)
                 elif name == "profile":
                     value = profile(args, ckpt)
+                    if args.before and args.before != "none":  # the same calls of the before tree's code
+                        value["before"] = run_worker(Path(args.before).resolve(), args, ckpt, ["--skip-eager"],
+                                                     "profile")
                 elif name == "decoders":
                     value = decoders(args, tmp)
                 elif name == "masks":
