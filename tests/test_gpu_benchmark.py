@@ -94,3 +94,17 @@ def test_accuracy_rasters_decoders_and_masks(result):
         assert dec[f"{name}/nvdec"]["backend"] == "pyav"  # no NVDEC here: the fallback decodes, exactly as PyAV
         assert dec[f"{name}/nvdec"]["mean_abs_diff_vs_pyav"] == 0
     assert result["masks"]["same_rles"] is True
+
+
+def test_startup_overlap_runs_each_variant(tmp_path):
+    """benchmarks/startup_overlap.py, which a GPU session runs to learn what overlapping the start would buy: each
+    variant's job succeeds; with `overlap` Ray is up before the run begins (its `ray` step is 0)."""
+    out = tmp_path / "overlap.json"
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "startup_overlap.py"), "--rounds", "1", "--out",
+                        str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    med = json.loads(out.read_text())["median"]
+    assert list(med) == ["base", "overlap", "preload", "both"]
+    for v, m in med.items():
+        assert 0 < m["first_file_s"] <= m["wall_s"] + 1, v
+        assert (m["startup_s"]["ray"] == 0) == (v in ("overlap", "both")), v
