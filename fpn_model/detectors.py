@@ -65,6 +65,7 @@ class FPNTransform(GeneralizedRCNNTransform):
         super().__init__(cfg.min_size, cfg.max_size, list(cfg.image_mean), list(cfg.image_std))
         self.scale = cfg.scale
         self.roi_levels = roi_levels
+        self._stats: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (mean, std) as tensors
 
     def forward(self, images, targets=None):
         """torchvision's transform; a `[B, 3, H, W]` batch at inference is normalised, resized and padded in one
@@ -72,7 +73,7 @@ class FPNTransform(GeneralizedRCNNTransform):
         operations on each image, so the same values."""
         if not (isinstance(images, Tensor) and images.dim() == 4 and targets is None and not self.training):
             return super().forward(images, targets)
-        x = self.normalize(images)  # broadcasts over the batch
+        x = self._normalized(images)
         h, w = x.shape[-2:]
         factor = self.scale if self.scale is not None else \
             min(float(self.min_size[-1]) / min(h, w), float(self.max_size) / max(h, w))
@@ -85,6 +86,19 @@ class FPNTransform(GeneralizedRCNNTransform):
         if pad_h or pad_w:
             x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h))
         return ImageList(x, [(h, w)] * len(x)), None
+
+    def _normalized(self, images: Tensor) -> Tensor:
+        """torchvision's `normalize`, over a batch, with its mean and std made as tensors once per dtype and device,
+        not at every call: on a GPU each is a copy that waits for it."""
+        if not images.is_floating_point():
+            return self.normalize(images)  # torchvision's TypeError
+        key = (images.dtype, images.device)
+        if key not in self._stats:
+            mean, std = (torch.as_tensor(v, dtype=images.dtype, device=images.device)[:, None, None]
+                         for v in (self.image_mean, self.image_std))
+            self._stats[key] = (mean, std)
+        mean, std = self._stats[key]
+        return (images - mean) / std
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
         if self.scale is None:

@@ -364,6 +364,10 @@ def test_a_batch_makes_no_tensor_from_python_numbers_per_image(name):
             predictor(frames)
         made.append(mode.ops["lift_fresh"])  # torch.tensor(...) of Python data
     assert 0 < made[0] == made[1], made
+    batch = torch.rand(2, 3, 96, 128)
+    with Made() as mode:
+        predictor.model.transform(batch)
+    assert mode.ops["lift_fresh"] == 0  # the normalisation's mean and std were made once, not at each call
 
 
 def test_precisions_are_opt_in_and_change_only_a_copy():
