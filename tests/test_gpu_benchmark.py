@@ -98,7 +98,7 @@ def test_accuracy_rasters_decoders_and_masks(result):
 
 def test_startup_overlap_runs_each_variant(tmp_path):
     """benchmarks/startup_overlap.py, which a GPU session runs to learn what overlapping the start would buy: each
-    variant's job succeeds; with `overlap` Ray is up before the run begins (its `ray` step is 0)."""
+    variant's job succeeds; with `overlap` Ray is up before the run begins (its `ray` step about 0, 1.3 s without)."""
     out = tmp_path / "overlap.json"
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "startup_overlap.py"), "--rounds", "1", "--out",
                         str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -107,4 +107,4 @@ def test_startup_overlap_runs_each_variant(tmp_path):
     assert list(med) == ["base", "overlap", "preload", "both"]
     for v, m in med.items():
         assert 0 < m["first_file_s"] <= m["wall_s"] + 1, v
-        assert (m["startup_s"]["ray"] == 0) == (v in ("overlap", "both")), v
+        assert (m["startup_s"]["ray"] < 0.2) == (v in ("overlap", "both")), (v, m["startup_s"])
