@@ -10,10 +10,10 @@ it is (`base`), and with one of two overlaps done from outside by a wrapper, no 
 - `both`.
 
 Rounds alternate the variants (each a fresh process); medians of the wall time, of the time to the first frames
-file (the command's own start + `startup_s.file`) and of each `startup_s` step. On the 2-core host the first
-measured 0.98 of the wall time (noise) and the second delayed the plan; a GPU node (16 cores, torch's import
-3.8 s) is where they could pay: `bash` on the device, after `scripts/gpu-bundle`:
-`PYTHONPATH=/tmp/site:$PWD python3 benchmarks/startup_overlap.py --gpu --out $OUT/startup_overlap.json`.
+file (the command's own start + `startup_s.file`) and of each `startup_s` step. Neither paid where measured: on
+the 2-core host wall 1.018 / 1.043 / 0.996 of the plain start (`benchmarks/results/startup_overlap.json`), on an
+H200 node with 16 cores 1.085 / 1.127 / 1.055 (`GPU_OVERLAP=3 bash scripts/gpu-run`; `run2_startup_overlap` in
+`benchmarks/results/gpu_h200_s32.json`).
 
     .venv/bin/python benchmarks/startup_overlap.py [--rounds 4] [--gpu] [-m MODEL] [--out FILE]
 """

@@ -42,7 +42,7 @@ __all__ = [
     "filesystem", "join", "parquet_files", "options_for", "normalize_options", "merge_options",
     "canonical_uri", "redact", "redact_url", "redact_text", "drop_redacted", "translate_error",
     "check_output_location", "local_copy", "ranged_opener", "open_ranged", "REMOTE_BLOCK", "protocol_of",
-    "object_version", "exception_chain", "REDACTED",
+    "object_version", "exception_chain", "one_line", "REDACTED",
 ]
 
 log = logging.getLogger(__name__)
