@@ -1,26 +1,33 @@
-"""What overlapping the serial steps of a job's start would buy, before anyone builds it: `fpn run` on one image as
-it is (`base`), and with one of two overlaps done from outside by a wrapper, no product code changed:
+"""What changing the serial steps of a job's start would buy, before anyone builds it: `fpn run` on one image as it
+is (`base`), and with a change done from outside by a wrapper, no product code changed:
 
-- `overlap`: Ray's start (`jobs.runner.init_ray`, on the main thread: `ray.init` sets signal handlers) while a
-  thread imports Ray Data, which the driver otherwise imports first (the modules `ray.init` imports lazily are
-  imported before, so the two threads never import the same module);
 - `preload`: every worker of the embedded node also imports the detector's module (torch, torchvision) on a
   thread of its own as it starts (`_preload_detector.py`), so the detector actor, which starts after the plan,
   finds it imported;
-- `both`.
+- `prestartN`: the raylet starts N workers ahead (`--num_prestart_python_workers`; jobs.runner.PRESTART_WORKERS);
+- `batch8`: `--batch-size 8` instead of `auto`, which asks a GPU task for the GPU's memory while the job plans;
+- `before`: `base` from another source tree (`--before DIR`: the code before a change, for before -> after).
 
-Rounds alternate the variants (each a fresh process); medians of the wall time, of the time to the first frames
-file (the command's own start + `startup_s.file`) and of each `startup_s` step. Neither paid where measured: on
-the 2-core host wall 1.018 / 1.043 / 0.996 of the plain start (`benchmarks/results/startup_overlap.json`), on an
-H200 node with 16 cores 1.085 / 1.127 / 1.055 (`GPU_OVERLAP=3 bash scripts/gpu-run`; `run2_startup_overlap` in
+Rounds alternate the variants (each a fresh process; `wall_vs_base`: of the first variant listed); medians of the
+wall time, of the time to the first frames file (the command's own start + `startup_s.file`) and of each
+`startup_s` step; `--logs DIR` keeps the Ray logs of each variant's first round (the raylet's, the agents', the
+driver's, and when each port file was written) for a timeline of the node's start.
+
+Measured so (`benchmarks/README.md`, start-up): variants since built into jobs.runner (`overlap`: Ray Data imported
+on a thread while `ray.init` runs; `envport`: the runtime-env agent's port given to the raylet; `prestart4`), and
+`preload`, which did not pay: 1.043 of the plain start's wall time on the 2-core host
+(`benchmarks/results/startup_overlap.json`), 1.127 on an H200 node with 16 cores (`run2_startup_overlap` in
 `benchmarks/results/gpu_h200_s32.json`).
 
-    .venv/bin/python benchmarks/startup_overlap.py [--rounds 4] [--gpu] [-m MODEL] [--out FILE]
+    .venv/bin/python benchmarks/startup_overlap.py [--rounds 4] [--variants base,preload] [--gpu] [--before DIR]
+        [--logs DIR] [-m MODEL] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,43 +40,61 @@ from _meta import measured  # benchmarks/ is this script's directory
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 IMAGE = REPO / "data" / "aerial-trees" / "SOAP_061.png"
-VARIANTS = ("base", "overlap", "preload", "both")
+VARIANTS = ("base", "preload")  # the default set
 
 # argv: variant, then `fpn run`'s arguments
 WRAPPER = """
-import os, sys
+import os, re, sys
 variant, args = sys.argv[1], sys.argv[2:]
-if variant in ("preload", "both"):
+if variant == "preload":
     import jobs.runner
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), {here!r}]))
     jobs.runner.EMBEDDED_SYSTEM_CONFIG["preload_python_modules"].append("_preload_detector")
-if variant in ("overlap", "both"):
-    import importlib, threading
-    import ray
-    for name in ("argparse", "ctypes.util", "gettext", "optparse", "ray._common.usage.usage_lib",
-                 "ray._private.runtime_env.uv_runtime_env_hook", "ray._private.thirdparty.pynvml",
-                 "ray.core.generated.usage_pb2"):
-        importlib.import_module(name)
-    thread = threading.Thread(target=importlib.import_module, args=("ray.data",))
-    thread.start()
-    from jobs.runner import init_ray
-    init_ray()
-    thread.join()
+if variant.startswith("prestart"):
+    from ray._private import services
+    start_process = services.start_ray_process
+
+    def process(command, *a, **kw):
+        if command and command[0] == services.RAYLET_EXECUTABLE:
+            command = [re.sub("^--num_prestart_python_workers=.*", "--num_prestart_python_workers=" + variant[8:], c)
+                       for c in command]
+        return start_process(command, *a, **kw)
+
+    services.start_ray_process = process
+if variant == "batch8":
+    args += ["--batch-size", "8"]
 from jobs.cli import main
 sys.argv = ["fpn", "run", *args]
 main()
 """
+RAY_LOGS = ("raylet.out", "gcs_server.out", "dashboard_agent.log", "runtime_env_agent.log", "python-core-driver-*")
 
 
-def one(variant: str, out: str, extra: list[str]) -> dict:
+def one(variant: str, out: str, extra: list[str], before: Path | None, logs: Path | None) -> dict:
+    tree = before if variant == "before" else REPO  # the wrapper's imports come from its working directory first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", WRAPPER.format(here=str(HERE)), variant, str(IMAGE), "-o", out, *extra],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+                       cwd=tree, env=env, capture_output=True, text=True, timeout=300)
     wall = time.monotonic() - t0
     if p.returncode:
         raise RuntimeError(f"{variant} failed: {p.stderr[-3000:]}")
+    if logs is not None and not (logs / variant).exists():
+        keep_ray_logs(logs / variant)
     start = json.loads(Path(out, "_job.json").read_text())["startup_s"]
     return {"wall_s": round(wall, 2), "first_file_s": round(start["before_run"] + start["file"], 2), "startup_s": start}
+
+
+def keep_ray_logs(dest: Path) -> None:
+    """The last Ray session's logs that time its start, and when each port file was written (`ports.txt`)."""
+    session = Path("/tmp/ray/session_latest").resolve()
+    dest.mkdir(parents=True)
+    for pattern in RAY_LOGS:
+        for f in (session / "logs").glob(pattern):
+            shutil.copy(f, dest / f.name)
+    ports = sorted(session.glob("*_port_*"), key=lambda f: f.stat().st_mtime)
+    (dest / "ports.txt").write_text("".join(f"{f.stat().st_mtime:.3f} {f.name} {f.read_text().strip()}\n"
+                                            for f in ports))
 
 
 def main() -> None:
@@ -77,23 +102,32 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("-m", "--model", default="trees")
     ap.add_argument("--gpu", action="store_true", help="one GPU detector (as benchmarks/gpu.py's start-up)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of those in the docstring")
+    ap.add_argument("--before", type=Path, help="source tree of the `before` variant")
+    ap.add_argument("--logs", type=Path, help="keep each variant's Ray logs of its first round here")
     ap.add_argument("--out", default=str(HERE / "results" / "startup_overlap.json"))
     a = ap.parse_args()
-    extra = ["-m", a.model, "--no-tile"] + (["--num-detectors", "1", "--gpus-per-detector", "1",
-                                             "--cpus-per-detector", "2"] if a.gpu else [])
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = a.variants.split(",")
+    if "before" in variants and a.before is None:
+        ap.error("the before variant needs --before DIR")
+    model = str(REPO / "fpn_model" / "checkpoints" / f"{a.model}.safetensors") if a.model == "trees" else a.model
+    # the bundled model by its path: a `before` tree may hold no weights
+    extra = ["-m", model, "--no-tile"] + (["--num-detectors", "1", "--gpus-per-detector", "1", "--cpus-per-detector",
+                                           "2"] if a.gpu else [])
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
-            for v in VARIANTS:
-                runs[v].append(one(v, f"{tmp}/{v}{r}", extra))
+            for v in variants:
+                runs[v].append(one(v, f"{tmp}/{v}{r}", extra, a.before, a.logs))
                 print(r, v, runs[v][-1], flush=True)
-    result: dict = {"args": vars(a), "runs": runs, "median": {}}
+    result: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, "runs": runs,
+                    "median": {}}
     for v, rs in runs.items():
         steps = {k: round(statistics.median(x["startup_s"][k] for x in rs), 2) for k in rs[0]["startup_s"]}
         result["median"][v] = {"wall_s": round(statistics.median(x["wall_s"] for x in rs), 2),
                                "first_file_s": round(statistics.median(x["first_file_s"] for x in rs), 2),
                                "startup_s": steps}
-    base = result["median"]["base"]["wall_s"]
+    base = result["median"][variants[0]]["wall_s"]
     result["wall_vs_base"] = {v: round(m["wall_s"] / base, 3) for v, m in result["median"].items()}
     result.update(measured())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ Only this module prints. Library errors become one-line `click.ClickException`s 
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import logging
 import os
@@ -177,17 +178,29 @@ def _print_summary(doc: dict) -> None:
     click.echo(f"query it: fpn query {out} \"SELECT count(*) FROM detections\"")
 
 
-def _progress(output: str, storage_options: dict | None = None):
+def _progress(output: str, storage_options: dict | None = None, *, quiet_now: bool = True):
     """One progress bar over a local run writing `output`, instead of Ray Data's operator lines; `fpn -v` keeps
-    those (and shows no bar)."""
+    those (and shows no bar). `quiet_now=False`: Ray Data is quieted later (`_ray_data_setup`), not here."""
     import contextlib
 
     from jobs.progress import RunProgress, quiet_ray_data
 
     if logging.getLogger().getEffectiveLevel() <= logging.INFO:
         return contextlib.nullcontext()
-    quiet_ray_data()
+    if quiet_now:
+        quiet_ray_data()
     return RunProgress(output, storage_options)
+
+
+def _ray_data_setup() -> None:
+    """Import Ray Data, quieted where the progress bar shows (`_progress`): run while Ray starts
+    (jobs.runner.init_ray's `alongside`)."""
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        importlib.import_module("ray.data")  # now, beside Ray's start, not when the job first needs it
+    else:
+        from jobs.progress import quiet_ray_data
+
+        quiet_ray_data()
 
 
 def _run_and_exit(plan, **kwargs) -> None:
@@ -198,8 +211,8 @@ def _run_and_exit(plan, **kwargs) -> None:
 
     try:
         try:
-            with _progress(plan.output, plan.output_options):
-                doc = run_plan(plan, **kwargs)
+            with _progress(plan.output, plan.output_options, quiet_now=False):
+                doc = run_plan(plan, alongside_ray=_ray_data_setup, **kwargs)
         except KeyboardInterrupt:
             click.echo(f"\ncancelled: what was written stays; continue with: fpn resume {plan.output}", err=True)
             sys.exit(EXIT_CODES["cancelled"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import platform
@@ -18,7 +19,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -30,7 +31,7 @@ from pipeline.counter import FrameCounter
 from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary
 from pipeline.raydata import (actor_init_death, environ, one_node_execution, patched, quiet_actor_init_deaths,
                               start_ray_data_helpers)
-from pipeline.sizing import auto_batch, cluster_nodes, detector_gpu_memory_gib, fit, model_input_mpx
+from pipeline.sizing import ask_detector_gpu_memory, auto_batch, cluster_nodes, fit, model_input_mpx
 from pipeline.sources import expand_inputs
 from pipeline.storage import check_output_location, one_line, redact_text
 
@@ -77,13 +78,16 @@ def check_address(address: str | None, timeout_s: float = 10.0) -> None:
 # - worker_niceness 0: Ray starts its workers at nice 15, below its own daemons and the driver; a detector's torch
 #   threads then lose their core to every wake-up of those (benchmarks/worker_niceness.py: the same forward in an
 #   actor, 1.025x as fast at 0);
-# - enable_worker_prestart: the raylet starts a worker per CPU as it starts, not once the driver has connected, so
-#   they boot while `ray.init` finishes: a job's first task and its detector find one ready;
+# - enable_worker_prestart: the raylet starts workers (one per CPU, at most PRESTART_WORKERS) as it starts, not once
+#   the driver has connected, so they boot while `ray.init` finishes: a job's first task and its detector find one
+#   ready;
 # - preload_python_modules: what every worker of a job imports on its first call (Ray Data's workers, the planning
 #   task, the detector class), imported by the workers Ray starts ahead, while the job plans (pipeline/preload.py);
 #   measured on the 2-core node: the detector's `__init__` 1.1 -> 0.35 s after the execution starts.
+# - enable_metrics_collection off: no Prometheus to scrape (`_lean_local_node`); its dashboard agent then binds no
+#   metrics port and polls no process's stats.
 EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": True,
-                          "preload_python_modules": ["pipeline.preload"]}
+                          "preload_python_modules": ["pipeline.preload"], "enable_metrics_collection": False}
 
 
 _embedded = threading.Event()  # set while the local Ray that init_ray started in this process runs
@@ -91,11 +95,52 @@ _worker_env: dict[str, str] = {}  # the environment variables its processes star
 _ray_threads: list[threading.Thread] = []  # threads of this process that call Ray: stop_ray waits for them
 
 
-def init_ray(address: str | None = None) -> None:
+# Modules that `ray.init` imports only as it runs and that importing Ray Data imports too: imported before the two
+# run side by side (init_ray's `alongside`), so that no module is imported on both threads at once (Ray Data's
+# circular imports on two threads end in Python's import deadlock detection; pipeline/preload.py).
+# tests/test_sizing.py checks that the two import nothing else in common.
+RAY_INIT_IMPORTS = ("argparse", "ctypes.util", "gettext", "optparse", "ray._common.usage.usage_lib",
+                    "ray._private.runtime_env.uv_runtime_env_hook", "ray._private.thirdparty.pynvml",
+                    "ray.core.generated.usage_pb2")
+
+
+def init_ray(address: str | None = None, alongside: Callable[[], Any] | None = None) -> None:
     """Join `address` (or RAY_ADDRESS), else start embedded local Ray (workers at the driver's priority; `stop_ray`
-    stops it); no-op when already connected."""
+    stops it); no-op when already connected. `alongside`: run on a thread of its own while the embedded node
+    starts (its exception raised here; after `ray.init` where Ray is joined): that start is mostly `ray.init`
+    waiting for the node's processes (the first driver's registration waits for the workers the node starts
+    ahead), and the CLI imports Ray Data meanwhile (benchmarks/startup_overlap.py: `overlap`, 0.85 of the wall
+    time of a job on one image on an H200 node, medians of 5)."""
     import ray
 
+    if ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):  # joining a cluster: no node to wait for
+        _init_ray(ray, address)
+        if alongside is not None:
+            alongside()
+        return
+    thread, failed = None, []
+    if alongside is not None:
+        for name in RAY_INIT_IMPORTS:
+            importlib.import_module(name)
+
+        def run_alongside():
+            try:
+                alongside()
+            except BaseException as e:  # noqa: BLE001 - raised on the caller's thread below
+                failed.append(e)
+
+        thread = threading.Thread(target=run_alongside, name="fpn-beside-ray-init", daemon=True)
+        thread.start()
+    try:
+        _init_ray(ray, address)
+    finally:
+        if thread is not None:
+            thread.join()
+    if failed:
+        raise failed[0]
+
+
+def _init_ray(ray, address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -129,12 +174,18 @@ def _lean_local_node():
     decide (0.26 s): `ray.init()` and a first task 2.3 -> 2.0 s (medians of 4). What stays: the GCS, the raylet,
     its dashboard and runtime-env agents, and the workers. `ray.init` has no options for these (`ray start` has
     some), so the switch is Ray's internals (Ray is pinned): if they move, this is a plain `ray.init()`. Set
-    FPN_RAY_FULL_NODE=1 for Ray's full set (`ray status` against an embedded cluster needs the monitor)."""
+    FPN_RAY_FULL_NODE=1 for Ray's full set (`ray status` against an embedded cluster needs the monitor).
+
+    The raylet is started so that it waits for none of its agents before it starts workers and registers the node
+    (`_raylet_without_waits`), and with at most PRESTART_WORKERS workers started ahead.
+    """
     try:
-        from ray._private import node, parameter, utils
+        from ray._private import node, parameter, services, utils
 
         params_init = parameter.RayParams.__init__
+        start_raylet = services.start_raylet
         utils.get_dashboard_dependency_error, node.Node.start_api_server  # all there, or none patched
+        services.start_ray_process, services.RAYLET_EXECUTABLE
     except (ImportError, AttributeError) as e:
         log.debug("Ray's daemons not trimmed: %s: %s", type(e).__name__, e)
         params_init = None
@@ -155,8 +206,79 @@ def _lean_local_node():
 
     with patched(node.Node, "start_api_server", no_api_server), \
             patched(parameter.RayParams, "__init__", without_monitors), \
-            patched(utils, "get_dashboard_dependency_error", minimal_agent):
+            patched(utils, "get_dashboard_dependency_error", minimal_agent), \
+            patched(services, "start_raylet", _raylet_without_waits(services, start_raylet)):
         yield
+
+
+# what the raylet would otherwise wait for its dashboard agent to write (a port file each)
+_AGENT_PORTS = ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port")
+# Workers the embedded node starts ahead, at most (Ray: one per CPU). What a small job needs at once (its probe task,
+# its detector, a decode task, a GPU's memory question) is there; more start when a job asks for them. On a node of
+# 16 CPUs, 16 workers importing Ray Data at once slowed the start of a job on one image (benchmarks/
+# startup_overlap.py: `prestart4`, 0.80 of the wall time of 16 on an H200 node, medians of 2).
+PRESTART_WORKERS = 4
+
+
+def _raylet_without_waits(services, start_raylet):
+    """`services.start_raylet`, with the raylet given the ports its agents would otherwise report in files that it
+    waits for before it starts any worker or registers the node (and `ray.init` waits for that):
+
+    - the dashboard agent's gRPC server, metrics export and HTTP server: -1 (none), which a minimal agent with
+      metrics collection off (EMBEDDED_SYSTEM_CONFIG) runs none of. It writes the last of those files only once
+      it has imported and loaded every dashboard module: 1 s of a 2-core node's start. Ray's Python passes no
+      `--dashboard_agent_listen_port` to the raylet (a flag it has), so it is added to the raylet's command;
+    - the runtime-env agent's port: a free one picked here (`_free_port`), as Ray picked its ports before its
+      agents reported them, so that the raylet does not wait for that Python process to start (benchmarks/
+      startup_overlap.py: `envport`, 0.79 of the wall time on an H200 node, medians of 2).
+
+    and with at most PRESTART_WORKERS workers started ahead (`--num_prestart_python_workers`)."""
+
+    def without_waits(*args, **kwargs):
+        kwargs.update(dict.fromkeys(_AGENT_PORTS, -1))
+        if not kwargs.get("runtime_env_agent_port"):
+            kwargs["runtime_env_agent_port"] = _free_port()
+        start_process = services.start_ray_process
+
+        def start(command, *a, **kw):
+            if command and command[0] == services.RAYLET_EXECUTABLE:
+                command = [_fewer_prestarted(arg) for arg in command] + ["--dashboard_agent_listen_port=-1"]
+            return start_process(command, *a, **kw)
+
+        with patched(services, "start_ray_process", start):
+            return start_raylet(*args, **kwargs)
+
+    return without_waits
+
+
+def _fewer_prestarted(arg: str) -> str:
+    flag = "--num_prestart_python_workers="
+    if arg.startswith(flag) and arg[len(flag):].isdigit():
+        return f"{flag}{min(int(arg[len(flag):]), PRESTART_WORKERS)}"
+    return arg
+
+
+def _free_port() -> int:
+    """A TCP port that no socket of this machine holds, below the kernel's range of ports for outgoing connections
+    (so that none of the connections the node's processes open as it starts takes it before the agent binds it);
+    any free port where that range is unknown."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    first = 20000  # above the worker ports of clusters `ray start` starts (10002-19999)
+    for port in random.sample(range(first, low), min(50, low - first)) if low > first else []:
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+                return port
+            except OSError:
+                continue
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def stop_ray() -> None:
@@ -227,27 +349,35 @@ def nvdec_note(plan: Plan) -> str | None:
     return note
 
 
-def resolve_batch(plan: Plan, cfg, *, calls: int) -> tuple[Plan, dict[str, Any] | None]:
-    """`plan` with `batch_size: auto` decided (pipeline.sizing.auto_batch: by the memory of the GPU a detector
-    gets, asked of the cluster; on CPUs AUTO_BATCH_CPU), and what it was decided from, for `_job.json`."""
+def ask_batch(plan: Plan, cfg, *, calls: int) -> Callable[[], tuple[Plan, dict[str, Any] | None]]:
+    """A function that returns `plan` with `batch_size: auto` decided (pipeline.sizing.auto_batch: by the memory of
+    the GPU a detector gets, asked of the cluster now, its answer awaited when the function is called; on CPUs
+    AUTO_BATCH_CPU), and what it was decided from, for `_job.json`."""
     if plan.batch_size != "auto":
-        return plan, None
+        return lambda: (plan, None)
     r = plan.resources
-    mpx = model_input_mpx(cfg, plan.tile.size if plan.tile else None)
-    memory = detector_gpu_memory_gib(r.gpus_per_detector) if r.gpus_per_detector else None
-    if r.gpus_per_detector and memory is None:
-        log.warning("batch_size auto: no GPU told its memory within a minute; batch size of a CPU detector")
-    n = auto_batch(memory, calls=calls, mpx=mpx, precision=r.precision)
-    return dataclasses.replace(plan, batch_size=n), {"batch_size": n, "gpu_memory_gib": memory,
-                                                      "model_input_mpx": round(mpx, 3), "calls": calls}
+    memory_answer = ask_detector_gpu_memory(r.gpus_per_detector) if r.gpus_per_detector else lambda: None
+
+    def decided() -> tuple[Plan, dict[str, Any]]:
+        memory = memory_answer()
+        if r.gpus_per_detector and memory is None:
+            log.warning("batch_size auto: no GPU told its memory within a minute; batch size of a CPU detector")
+        mpx = model_input_mpx(cfg, plan.tile.size if plan.tile else None)
+        n = auto_batch(memory, calls=calls, mpx=mpx, precision=r.precision)
+        return dataclasses.replace(plan, batch_size=n), {"batch_size": n, "gpu_memory_gib": memory,
+                                                          "model_input_mpx": round(mpx, 3), "calls": calls}
+
+    return decided
 
 
-def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) -> dict[str, Any]:
+def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
+        alongside_ray: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Execute `plan`; returns the summary that `_job.json` also records (its `state` says how it ended).
 
     Raises before any work (nothing written) on a missing input or output bucket, an unreachable Ray address,
     resources the cluster cannot hold (pipeline.sizing.fit), an output held by a live writer (OutputBusyError)
-    or written with other settings (OutputSettingsError, a ValueError naming what differs)."""
+    or written with other settings (OutputSettingsError, a ValueError naming what differs). `alongside_ray`: run
+    while Ray starts (`init_ray`)."""
     t0, began = time.monotonic(), time.time()
     check_address(address)
     sources = expand_inputs(list(plan.inputs), plan.storage_options, stac_asset=plan.stac_asset,
@@ -257,7 +387,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     model_input = read_input_spec(plan.checkpoint)
     plan.raster_settings(model_input)  # the bands chosen fit the model, before any work
     with_masks = cfg.arch == "mask_rcnn"
-    init_ray(address)
+    init_ray(address, alongside_ray)
     start = {"before_run": began - psutil.Process().create_time(), "ray": time.time() - began}
     decoder_note = nvdec_note(plan) if _embedded.is_set() else None
     sizing = fit(plan.resources, cluster_nodes())  # a request the cluster cannot hold fails here, not by hanging
@@ -265,7 +395,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
     # unless told, the precision the checkpoint's evaluation chose for the detectors' device
     plan = dataclasses.replace(plan, resources=dataclasses.replace(
         r, precision=r.precision or default_precision(plan.checkpoint, r.device_type)))
-    plan, batch_record = resolve_batch(plan, cfg, calls=sizing.calls)
+    decide_batch = ask_batch(plan, cfg, calls=sizing.calls)  # a GPU's memory asked while the job plans
     # processes that every job starts, started now so that they start while it plans and not beside the detectors
     if not _embedded.is_set():
         _ray_threads.append(start_ray_data_helpers())
@@ -289,8 +419,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
                       "input": dataclasses.asdict(model_input)},
             "versions": versions(), "inputs": len(sources), "started_at": _now(), "runs": out.run,
             "lease": {k: lease.record[k] for k in ("owner", "host", "pid")},
-            "resources": {**sizing.as_record(), "precision": plan.resources.precision,
-                          **({"batch_size_auto": batch_record} if batch_record else {})},
+            "resources": {**sizing.as_record(), "precision": plan.resources.precision},
         }
         if decoder_note:
             doc["video_backend_note"] = decoder_note
@@ -308,6 +437,10 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None) ->
             doc["planned_frames"] = count_planned(plan, units)
             doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
             doc["work_units"] = len(units)
+            plan, batch_record = decide_batch()
+            if batch_record:
+                doc["spec"] = plan_to_dict(plan)
+                doc["resources"]["batch_size_auto"] = batch_record
             start["planned"] = time.time() - began
             doc["startup_s"] = _rounded(start)
             out.write_job(doc)

@@ -111,7 +111,8 @@ def test_the_frame_counter_sums_every_detectors_copy_and_forgets_the_run_when_cl
 def _embedded_ray(**env_vars) -> dict:
     """In a fresh process (this one may hold Ray): `init_ray()`, then a task's niceness, whether its worker had
     imported (or was importing) pipeline.plan and Ray Data before the task came, the names of the Python scripts the
-    driver's child processes run (Ray's daemons) and whether its dashboard agent runs minimal."""
+    driver's child processes run (Ray's daemons), whether its dashboard agent runs minimal and the raylet's flags
+    that decide what it waits for as it starts (with PRESTART_WORKERS set to 1)."""
     import json
     import os
     import subprocess
@@ -119,7 +120,9 @@ def _embedded_ray(**env_vars) -> dict:
 
     code = """if True:
         import json, os, sys, psutil, ray
+        import jobs.runner
         from jobs.runner import init_ray, stop_ray
+        jobs.runner.PRESTART_WORKERS = 1
         init_ray()
         nice, ready = ray.get(ray.remote(lambda: (os.nice(0), {"pipeline.plan", "ray.data"} <= set(sys.modules)))
                               .remote())
@@ -128,7 +131,11 @@ def _embedded_ray(**env_vars) -> dict:
         print(json.dumps({"nice": nice, "preloaded": ready,
                           "scripts": sorted({os.path.basename(a) for c in cmds for a in c if a.endswith(".py")}),
                           "minimal_agent": any(a.startswith("--dashboard_agent_command=") and "--minimal" in a
-                                               for c in cmds for a in c)}))"""
+                                               for c in cmds for a in c),
+                          "raylet": dict((k[2:].replace("-", "_"), v) for c in cmds
+                                         if c and c[0].endswith("/raylet") for k, _, v in (a.partition("=") for a in c)
+                                         if k.endswith("port") or "prestart" in k)
+                          }))"""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness", "FPN_RAY_FULL_NODE")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**env, **env_vars}, timeout=120)
@@ -139,13 +146,48 @@ def test_embedded_ray_runs_its_workers_at_the_drivers_priority_without_daemons_o
     """Ray's default worker niceness (15) puts a detector's threads below Ray's own daemons (benchmarks/
     worker_niceness.py); the embedded Ray of `fpn run` starts them at 0, with what a job's workers import on their
     first call imported ahead. It starts no autoscaler monitor, log monitor or API server, and its dashboard agent
-    minimal (jobs.runner._lean_local_node): FPN_RAY_FULL_NODE=1 brings them back."""
+    minimal, and its raylet waits for neither agent as it starts (jobs.runner._lean_local_node): FPN_RAY_FULL_NODE=1
+    brings them back."""
     daemons = {"monitor.py", "log_monitor.py", "dashboard.py"}
     lean = _embedded_ray()
     assert lean["nice"] == 0 and lean["preloaded"] and lean["minimal_agent"]
     assert not set(lean["scripts"]) & daemons, lean["scripts"]
+    # the raylet waits for none of its agents' port files (the dashboard agent's: none, a port for the runtime-env
+    # agent's) and starts PRESTART_WORKERS workers ahead, not one per CPU
+    r = lean["raylet"]
+    assert (r["metrics_agent_port"], r["metrics_export_port"], r["dashboard_agent_listen_port"]) == ("-1",) * 3, r
+    assert 1024 < int(r["runtime_env_agent_port"]) < 65536 and r["num_prestart_python_workers"] == "1", r
     full = _embedded_ray(FPN_RAY_FULL_NODE="1")
     assert set(full["scripts"]) >= daemons and not full["minimal_agent"]
+    assert full["raylet"]["runtime_env_agent_port"] == "0" and full["raylet"]["num_prestart_python_workers"] != "1"
+
+
+def test_ray_data_imported_beside_ray_init_shares_no_module_with_it():
+    """`fpn run` imports Ray Data on a thread while `ray.init` starts the embedded node (jobs.runner.init_ray's
+    `alongside`), once the modules `ray.init` imports as it runs (RAY_INIT_IMPORTS) are imported: from the CLI's
+    state at that point, what `ray.init` then imports and what importing Ray Data imports have nothing in common,
+    so no module is imported on both threads at once."""
+    import json
+    import subprocess
+    import sys
+
+    pre = """if True:
+        import importlib, json, sys
+        import jobs.cli, jobs.progress, jobs.runner
+        import ray
+        for name in jobs.runner.RAY_INIT_IMPORTS:
+            importlib.import_module(name)
+        before = set(sys.modules)
+        """
+    steps = {"ray.init": "jobs.runner._init_ray(ray, None); jobs.runner.stop_ray()",
+             "ray.data": "jobs.cli._ray_data_setup()"}
+    new = {}
+    for name, step in steps.items():
+        code = f"{pre}{step}\n        print(json.dumps(sorted(set(sys.modules) - before)))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+        new[name] = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert len(new["ray.data"]) > 100  # Ray Data was imported there
+    assert not new["ray.init"] & new["ray.data"], sorted(new["ray.init"] & new["ray.data"])
 
 
 def test_a_cpu_detectors_calls_share_its_threads_among_those_running_and_its_cpu_time():
@@ -355,22 +397,24 @@ def test_batch_size_auto_fits_the_memory_of_a_detectors_gpu(tmp_path, monkeypatc
     cfg = preset("trees", num_classes=2)
     cpu = plan_from_dict({"inputs": [str(SOAP)], "output": str(tmp_path / "o"), "model": "trees",
                           "batch_size": "auto"})
-    plan, record = runner.resolve_batch(cpu, cfg, calls=2)
+    plan, record = runner.ask_batch(cpu, cfg, calls=2)()
     assert plan.batch_size == 8 and record["gpu_memory_gib"] is None and record["batch_size"] == 8
     gpu = plan_from_dict({"inputs": [str(SOAP)], "output": str(tmp_path / "o"), "model": "trees",
                           "batch_size": "auto", "resources": {"gpus_per_detector": 0.5, "precision": "fp16"}})
     asked = []
-    monkeypatch.setattr(runner, "detector_gpu_memory_gib", lambda g: asked.append(g) or 40.0)
-    plan, record = runner.resolve_batch(gpu, cfg, calls=2)
+    monkeypatch.setattr(runner, "ask_detector_gpu_memory", lambda g: asked.append(g) or (lambda: 40.0))
+    decide = runner.ask_batch(gpu, cfg, calls=2)
+    assert asked == [0.5]  # asked at once, the answer awaited when the batch size is decided
+    plan, record = decide()
     mpx = model_input_mpx(cfg, 1024)
     assert asked == [0.5] and plan.batch_size == min(16, int(0.6 * 40.0 / (2 * 0.4 * mpx)))
     assert record == {"batch_size": plan.batch_size, "gpu_memory_gib": 40.0, "model_input_mpx": round(mpx, 3),
                       "calls": 2}
-    monkeypatch.setattr(runner, "detector_gpu_memory_gib", lambda g: None)  # no GPU answered
+    monkeypatch.setattr(runner, "ask_detector_gpu_memory", lambda g: lambda: None)  # no GPU answered
     with caplog.at_level("WARNING", logger="jobs.runner"):
-        assert runner.resolve_batch(gpu, cfg, calls=2)[0].batch_size == 8
+        assert runner.ask_batch(gpu, cfg, calls=2)()[0].batch_size == 8
     assert "no GPU told its memory" in caplog.text
-    assert runner.resolve_batch(plan, cfg, calls=2) == (plan, None)  # a number is kept
+    assert runner.ask_batch(plan, cfg, calls=2)() == (plan, None)  # a number is kept
 
 
 def test_a_batch_size_is_a_number_or_auto():
