@@ -4,7 +4,7 @@ is (`base`), and with a change done from outside by a wrapper, no product code c
 - `preload`: every worker of the embedded node also imports the detector's module (torch, torchvision) on a
   thread of its own as it starts (`_preload_detector.py`), so the detector actor, which starts after the plan,
   finds it imported;
-- `prestartN`: the raylet starts N workers ahead (`--num_prestart_python_workers`; jobs.runner.PRESTART_WORKERS);
+- `prestartN`: the raylet starts at most N workers ahead, not PRESTART_WORKERS (jobs.runner; one per CPU at most);
 - `batch8`: `--batch-size 8` instead of `auto`, which asks a GPU task for the GPU's memory while the job plans;
 - `before`: `base` from another source tree (`--before DIR`: the code before a change, for before -> after).
 
@@ -44,23 +44,15 @@ VARIANTS = ("base", "preload")  # the default set
 
 # argv: variant, then `fpn run`'s arguments
 WRAPPER = """
-import os, re, sys
+import os, sys
 variant, args = sys.argv[1], sys.argv[2:]
 if variant == "preload":
     import jobs.runner
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), {here!r}]))
     jobs.runner.EMBEDDED_SYSTEM_CONFIG["preload_python_modules"].append("_preload_detector")
 if variant.startswith("prestart"):
-    from ray._private import services
-    start_process = services.start_ray_process
-
-    def process(command, *a, **kw):
-        if command and command[0] == services.RAYLET_EXECUTABLE:
-            command = [re.sub("^--num_prestart_python_workers=.*", "--num_prestart_python_workers=" + variant[8:], c)
-                       for c in command]
-        return start_process(command, *a, **kw)
-
-    services.start_ray_process = process
+    import jobs.runner
+    jobs.runner.PRESTART_WORKERS = int(variant[8:])
 if variant == "batch8":
     args += ["--batch-size", "8"]
 from jobs.cli import main

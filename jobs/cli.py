@@ -178,22 +178,20 @@ def _print_summary(doc: dict) -> None:
     click.echo(f"query it: fpn query {out} \"SELECT count(*) FROM detections\"")
 
 
-def _progress(output: str, storage_options: dict | None = None, *, quiet_now: bool = True):
-    """One progress bar over a local run writing `output`, instead of Ray Data's operator lines; `fpn -v` keeps
-    those (and shows no bar). `quiet_now=False`: Ray Data is quieted later (`_ray_data_setup`), not here."""
+def _progress(output: str, storage_options: dict | None = None):
+    """One progress bar over a local run writing `output`, instead of Ray Data's operator lines (quieted by
+    `_ray_data_setup`); `fpn -v` keeps those (and shows no bar)."""
     import contextlib
 
-    from jobs.progress import RunProgress, quiet_ray_data
+    from jobs.progress import RunProgress
 
     if logging.getLogger().getEffectiveLevel() <= logging.INFO:
         return contextlib.nullcontext()
-    if quiet_now:
-        quiet_ray_data()
     return RunProgress(output, storage_options)
 
 
 def _ray_data_setup() -> None:
-    """Import Ray Data, quieted where the progress bar shows (`_progress`): run while Ray starts
+    """Import Ray Data, quieted where the progress bar shows (`_progress`): `fpn run` runs this while Ray starts
     (jobs.runner.init_ray's `alongside`)."""
     if logging.getLogger().getEffectiveLevel() <= logging.INFO:
         importlib.import_module("ray.data")  # now, beside Ray's start, not when the job first needs it
@@ -211,7 +209,7 @@ def _run_and_exit(plan, **kwargs) -> None:
 
     try:
         try:
-            with _progress(plan.output, plan.output_options, quiet_now=False):
+            with _progress(plan.output, plan.output_options):
                 doc = run_plan(plan, alongside_ray=_ray_data_setup, **kwargs)
         except KeyboardInterrupt:
             click.echo(f"\ncancelled: what was written stays; continue with: fpn resume {plan.output}", err=True)
@@ -880,6 +878,7 @@ def demo(output):
     """
     from jobs.demo import run_demo
 
+    _ray_data_setup()
     with _progress(str(Path(output) / "job")):
         doc, report, stats = run_demo(output)
     _print_summary(doc)

@@ -113,29 +113,28 @@ def init_ray(address: str | None = None, alongside: Callable[[], Any] | None = N
     time of a job on one image on an H200 node, medians of 5)."""
     import ray
 
-    if ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):  # joining a cluster: no node to wait for
+    # joining a cluster (or joined): no node to wait for
+    if alongside is None or ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
         _init_ray(ray, address)
         if alongside is not None:
             alongside()
         return
-    thread, failed = None, []
-    if alongside is not None:
-        for name in RAY_INIT_IMPORTS:
-            importlib.import_module(name)
+    for name in RAY_INIT_IMPORTS:
+        importlib.import_module(name)
+    failed: list[BaseException] = []
 
-        def run_alongside():
-            try:
-                alongside()
-            except BaseException as e:  # noqa: BLE001 - raised on the caller's thread below
-                failed.append(e)
+    def run_alongside():
+        try:
+            alongside()
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread below
+            failed.append(e)
 
-        thread = threading.Thread(target=run_alongside, name="fpn-beside-ray-init", daemon=True)
-        thread.start()
+    thread = threading.Thread(target=run_alongside, name="fpn-beside-ray-init", daemon=True)
+    thread.start()
     try:
         _init_ray(ray, address)
     finally:
-        if thread is not None:
-            thread.join()
+        thread.join()
     if failed:
         raise failed[0]
 
