@@ -212,7 +212,11 @@ def forward_worker(args) -> dict:
             batch = decoded_batch(frames[:bs])
 
             r = {"precision": precision, "batch": bs}
-            if not args.skip_eager:
+            # on a CPU torchvision's eager forward at exact only: under bf16 autocast it took 50 s a call at 200 px
+            # on an AMD EPYC host without bf16 instructions (where our Detector's bf16 takes 5 s), and a CPU
+            # detector's precision is exact unless its checkpoint's evaluation chose otherwise
+            eager = not args.skip_eager and (dev == "cuda" or precision == "exact")
+            if eager:
                 t = timed(lambda: eager_boxes(tv, batch["image"], dev, dtype), args.reps, args.warm, sync)
                 r["eager_fps"] = round(bs / t["median_s"], 2)
                 r["eager_spread_fps"] = [round(bs / t["max_s"], 2), round(bs / t["min_s"], 2)]
@@ -232,7 +236,7 @@ def forward_worker(args) -> dict:
                 pred = det.predictor
                 r["stages_ms"] = stages(pred.model, lambda f: pred._upload(f, list(range(len(f)))), batch["image"],
                                         reps=args.reps, sync=sync, context=_both(pred._stream(), pred._autocast()))
-                if not args.skip_eager:
+                if eager:
                     r["eager_stages_ms"] = stages(
                         tv, lambda fs: eager_inputs(fs, dev),
                         batch["image"], reps=args.reps, sync=sync,
@@ -600,8 +604,8 @@ def startup_parts(args, ckpt: str) -> dict:
 
 
 def profile(args, ckpt: str) -> dict:
-    """torch.profiler over 3 calls of torchvision's eager forward (fp32; not with --skip-eager) and of the Detector
-    per precision on the largest batch (and the trees model on 1024-px tiles of a raster): the ops taking most device
+    """torch.profiler over 3 calls (`--warm` calls before; `--reps` calls when under 3) of torchvision's eager
+    forward (fp32; not with --skip-eager) and of the Detector per precision on the largest batch (and the trees model on 1024-px tiles of a raster): the ops taking most device
     and host time, and the host's waits for the device (on a CPU the ops that would wait: nonzero, nms)."""
     import torch
     from torch.profiler import ProfilerActivity
@@ -617,26 +621,28 @@ def profile(args, ckpt: str) -> dict:
     def table(prof, wall: float) -> dict:
         ev = prof.key_averages()
         dev_attr = "device_time_total" if hasattr(ev[0], "device_time_total") else "cuda_time_total"
-        rows = [{"op": e.key, "calls": e.count, "cpu_ms": round(e.cpu_time_total / 1000 / 3, 2),
-                 "self_cpu_ms": round(e.self_cpu_time_total / 1000 / 3, 2),
-                 "device_ms": round(getattr(e, dev_attr, 0) / 1000 / 3, 2)} for e in ev]
-        waits = {k: sum(r["calls"] for r in rows if r["op"] == k) / 3 for k in
+        rows = [{"op": e.key, "calls": e.count, "cpu_ms": round(e.cpu_time_total / 1000 / calls, 2),
+                 "self_cpu_ms": round(e.self_cpu_time_total / 1000 / calls, 2),
+                 "device_ms": round(getattr(e, dev_attr, 0) / 1000 / calls, 2)} for e in ev]
+        waits = {k: sum(r["calls"] for r in rows if r["op"] == k) / calls for k in
                  ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense",
                   "aten::nonzero", "torchvision::nms", "cudaMemcpyAsync", "cudaLaunchKernel")}
         kernels = sum(getattr(e, "self_device_time_total", 0) for e in ev if e.device_type.name == "CUDA") \
             if args.device == "cuda" else 0
-        return {"ms_per_call": round(wall * 1000 / 3, 1), "gpu_busy": round(kernels / 1000 / 3 / (wall * 1000 / 3), 3)
+        return {"ms_per_call": round(wall * 1000 / calls, 1), "gpu_busy": round(kernels / 1000 / wall / 1000, 3)
                 if kernels else None, "per_call": waits,
                 "top_device": sorted(rows, key=lambda r: -r["device_ms"])[:25],
                 "top_self_cpu": sorted(rows, key=lambda r: -r["self_cpu_ms"])[:25]}
 
+    calls = min(3, args.reps)  # on a GPU (reps 5, warm 2) 2 calls to warm up and 3 profiled
+
     def profiled(call) -> dict:
-        for _ in range(2):
+        for _ in range(args.warm):
             call()
         sync()
         with torch.profiler.profile(activities=acts) as prof:
             t0 = time.perf_counter()
-            for _ in range(3):
+            for _ in range(calls):
                 call()
             sync()
             wall = time.perf_counter() - t0

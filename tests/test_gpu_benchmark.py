@@ -38,14 +38,16 @@ def test_every_section_ran_without_error(result):
 def test_forward_compares_eager_and_both_trees_per_precision(result):
     after, before = result["forward"]["after"], result["forward"]["before"]
     assert after["api"] == before["api"] == "precision"
-    for rows, eager in ((after["rows"], True), (before["rows"], False)):
+    for rows, this_tree in ((after["rows"], True), (before["rows"], False)):
         assert [(r["precision"], r["batch"]) for r in rows] == [("exact", 1), ("bf16", 1)]
         for r in rows:
             assert r["detector_fps"] > 0 and r["detections_per_frame"] == 100  # the boosted logits: 100 boxes a frame
-            assert ("eager_fps" in r) == eager
+            eager = this_tree and r["precision"] == "exact"  # on a CPU torchvision's eager forward at exact only
+            assert ("eager_fps" in r) == ("eager_stages_ms" in r) == eager
             assert list(r["stages_ms"]) == ["upload", "transform", "backbone_neck", "rpn", "roi_heads_post"]
             if eager:
-                assert list(r["eager_stages_ms"]) == list(r["stages_ms"]) and r["predictor_nchw_fps"] > 0
+                assert list(r["eager_stages_ms"]) == list(r["stages_ms"])
+            assert ("predictor_nchw_fps" in r) == this_tree  # --layouts, this tree's only
 
 
 def test_profile_counts_what_would_wait_for_a_gpu(result):
