@@ -455,6 +455,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             doc["min_rows_per_file"] = written["rows_per_file"]
             doc["duplicate_rows_removed"] = written["rows_removed"]  # 0 unless a frame reached the output twice
             doc["core_ms_per_frame"] = written["core_ms_per_frame"]  # CPU time by stage: decode, transfer, ...
+            doc["work_units_written_before"] = written["units_written_before"]  # not run again
             doc["startup_s"] = _rounded({**start, **{k.removeprefix("t_"): t - began
                                                    for k, t in written["times"].items()}})
             if device_errors:

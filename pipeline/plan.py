@@ -34,7 +34,7 @@ from .sources import Source, WorkUnit
 from .stac import check_search
 
 __all__ = ["Plan", "Resources", "detector_pool", "plan_units", "plan_work", "count_planned", "raster_summary",
-           "build_dataset", "execute"]
+           "unwritten", "build_dataset", "execute"]
 
 log = logging.getLogger(__name__)
 # a run's detectors may exit this many times each after a device error, to be started anew (pipeline.detect)
@@ -365,15 +365,25 @@ def plan_work(plan: Plan, out: Output, sources: list[Source]) -> list[dict[str, 
 
 def count_planned(plan: Plan, units) -> int:
     """Frames (or raster windows) the units will produce under the plan's sampling."""
-    total = 0
-    for u in units:
-        if u["kind"] == "video":
-            keys = WorkUnit(**u).keyframe_indices()  # None: the unit's decode fails under keyframes sampling
-            total += len(sample_indices(u["num_frames"], u["fps"], plan.sampling, u["start"], u["stop"],
-                                        [] if keys is None and plan.sampling.keyframes else keys))
-        else:
-            total += u["stop"] - u["start"]
-    return total
+    return sum(len(_sampled(plan, u)) if u["kind"] == "video" else u["stop"] - u["start"] for u in units)
+
+
+def _sampled(plan: Plan, u: dict[str, Any]) -> list[int]:
+    """The frame indices (raster window ids) unit `u` gives under the plan's sampling: its frames' ids are
+    `frame_id(source, index)`."""
+    unit = WorkUnit(**u)
+    if unit.kind != "video":
+        return unit.frame_indices()
+    keys = unit.keyframe_indices()  # None: the unit's decode fails under keyframes sampling
+    return sample_indices(unit.num_frames, unit.fps, plan.sampling, unit.start, unit.stop,
+                          [] if keys is None and plan.sampling.keyframes else keys)
+
+
+def unwritten(plan: Plan, units, done: frozenset[str]) -> list[dict[str, Any]]:
+    """The units with a frame not in `done` (or none at all: a unit whose decode fails writes its error row
+    again). A rerun of a finished job starts no decoder and no detector."""
+    return [u for u in units if not (ids := _sampled(plan, u)) or any(frame_id(u["source"], k) not in done
+                                                                      for k in ids)]
 
 
 def raster_summary(units) -> dict[str, Any]:
@@ -465,21 +475,25 @@ def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), 
     `rows_per_file` frames. `planned`: the frames the units give (`count_planned`, which the caller records);
     `fence`: the lease token of the run, if it holds the output's lease (a write after a takeover commits nothing:
     `Output.write_frames`). Returns what the write did: `rows_per_file`, what `Output.drop_duplicate_frames`
-    found (0 unless a frame reached the output twice), `core_ms_per_frame` by stage (`FrameSink.cost`) and the
-    detectors' first `times` (`FrameSink.times`)."""
+    found (0 unless a frame reached the output twice), `core_ms_per_frame` by stage (`FrameSink.cost`), the
+    detectors' first `times` (`FrameSink.times`) and `units_written_before`: units whose every frame is in `done`,
+    not run again (`unwritten`; with none left, no decoder or detector starts)."""
     from .sink import FrameSink, rows_per_file  # imports ray.data: not in planning tasks, which import this module
 
     # bundle size: 1/20 of the frames this run writes unless the plan says (pipeline.sink.rows_per_file)
     rows = rows_per_file(plan.min_rows_per_file, frames=planned - len(done), batch_size=plan.batch_size)
     sink = FrameSink(out, with_masks, min_rows=rows, fence=fence)
+    todo = unwritten(plan, units, done)
+    if len(todo) < len(units):
+        log.info("%d of %d work units are written already", len(units) - len(todo), len(units))
     # writing is I/O: a small CPU reservation, so files land while the detector actors hold the CPUs
     # (with the default of one CPU a write waits until detection of every frame has finished)
-    build_dataset(plan, out, units, done, threads=threads, calls=calls, counter=counter,
-                  worker_env=worker_env).write_datasink(
-        sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+    if todo:
+        build_dataset(plan, out, todo, done, threads=threads, calls=calls, counter=counter,
+                      worker_env=worker_env).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
     dups = out.drop_duplicate_frames()
     if dups["rows_removed"]:
         log.warning("a frame reached the output twice: removed %d duplicate row(s) (%d file(s) removed, %d "
                     "rewritten)", dups["rows_removed"], dups["files_removed"], dups["files_rewritten"])
     return {"rows_per_file": rows, **dups, "core_ms_per_frame": sink.cost, "nvdec_frames": sink.nvdec_frames,
-            "times": sink.times}
+            "times": sink.times, "units_written_before": len(units) - len(todo)}

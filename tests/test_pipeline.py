@@ -1,5 +1,6 @@
 """The main job end to end on real Ray: every sampled frame exactly once, errors as rows, resume,
 and detections equal to calling the model directly."""
+import dataclasses
 import json
 
 import duckdb
@@ -101,6 +102,31 @@ def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video
     assert_exactly_once(t)
     assert sorted(t.column("frame_index").to_pylist()) == list(range(0, 40, 2))
     assert doc["skipped_frames"] == 20 - lost and doc["runs"] == 2
+    assert 0 < doc["work_units_written_before"] < doc["work_units"] == 4  # the lost file's units ran again
+    again = job([v], out, sampling={"every_n": 2}, segment_frames=10)  # nothing left: no decoder, no detector
+    assert again["state"] == "succeeded" and again["skipped_frames"] == 20 and again["frames"] == 20
+    assert again["work_units_written_before"] == again["work_units"] == 4
+    assert frames_table(out).equals(t)
+
+
+def test_only_units_with_a_frame_to_write_run_again(tmp_path):
+    """`unwritten`: a unit runs again when one of its sampled frames is missing, or when it samples none (a unit
+    whose decode fails writes its error row again)."""
+    from pipeline.output import frame_id
+    from pipeline.plan import Plan, Sampling, count_planned, unwritten
+    from pipeline.sources import WorkUnit
+
+    plan = Plan(inputs=("v.mp4",), output=str(tmp_path), checkpoint="m", model_id="m", sampling=Sampling(every_n=2))
+    unit = WorkUnit("v.mp4", "/v.mp4", "video", 0, 10, num_frames=20, fps=10.0, keyframes="0").to_row()
+    units = [unit, {**unit, "start": 10, "stop": 20, "keyframes": "10"}]
+    first = frozenset(frame_id("/v.mp4", k) for k in range(0, 10, 2))
+    assert count_planned(plan, units) == 10
+    assert unwritten(plan, units, first) == units[1:]
+    assert unwritten(plan, units, first - {frame_id("/v.mp4", 8)}) == units
+    assert unwritten(plan, units, first | {frame_id("/v.mp4", k) for k in range(10, 20, 2)}) == []
+    keyframes_only = dataclasses.replace(plan, sampling=Sampling(keyframes=True))
+    no_index = [{**unit, "keyframes": ""}]  # sampled by keyframes, a unit without an index samples none
+    assert count_planned(keyframes_only, no_index) == 0 and unwritten(keyframes_only, no_index, first) == no_index
 
 
 def test_min_rows_per_file_writes_few_files_of_whole_bundles(ray_session, make_video, tmp_path):
