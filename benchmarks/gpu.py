@@ -605,8 +605,9 @@ def startup_parts(args, ckpt: str) -> dict:
 
 def profile(args, ckpt: str) -> dict:
     """torch.profiler over 3 calls (`--warm` calls before; `--reps` calls when under 3) of torchvision's eager
-    forward (fp32; not with --skip-eager) and of the Detector per precision on the largest batch (and the trees model on 1024-px tiles of a raster): the ops taking most device
-    and host time, and the host's waits for the device (on a CPU the ops that would wait: nonzero, nms)."""
+    forward (fp32; not with --skip-eager) and of the Detector per precision on the largest batch (and the trees
+    model on 1024-px tiles of a raster): the ops taking most device and host time, and the host's waits for the
+    device (on a CPU the ops that would wait: nonzero, nms)."""
     import torch
     from torch.profiler import ProfilerActivity
 
