@@ -618,6 +618,7 @@ def profile(args, ckpt: str) -> dict:
     bs = max(args.batches)
     batch = decoded_batch(frames_hd(bs, args.height))
     out = {}
+    calls = min(3, args.reps)  # on a GPU (reps 5, warm 2) 2 calls to warm up and 3 profiled
 
     def table(prof, wall: float) -> dict:
         ev = prof.key_averages()
@@ -634,8 +635,6 @@ def profile(args, ckpt: str) -> dict:
                 if kernels else None, "per_call": waits,
                 "top_device": sorted(rows, key=lambda r: -r["device_ms"])[:25],
                 "top_self_cpu": sorted(rows, key=lambda r: -r["self_cpu_ms"])[:25]}
-
-    calls = min(3, args.reps)  # on a GPU (reps 5, warm 2) 2 calls to warm up and 3 profiled
 
     def profiled(call) -> dict:
         for _ in range(args.warm):

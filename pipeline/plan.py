@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -368,9 +369,18 @@ def count_planned(plan: Plan, units) -> int:
     return sum(len(_sampled(plan, u)) if u["kind"] == "video" else u["stop"] - u["start"] for u in units)
 
 
+@functools.lru_cache(maxsize=4)
+def _window_ids(raster: str) -> tuple[int, ...]:
+    """The window ids of a raster plan's JSON, parsed once for all the units that share it (each unit's
+    `WorkUnit.frame_indices` would parse it and list every window of the raster again)."""
+    return tuple(RasterPlan.from_json(raster).window_ids())
+
+
 def _sampled(plan: Plan, u: dict[str, Any]) -> list[int]:
     """The frame indices (raster window ids) unit `u` gives under the plan's sampling: its frames' ids are
     `frame_id(source, index)`."""
+    if u["kind"] == "raster":
+        return list(_window_ids(u["raster"])[u["start"]:u["stop"]])
     unit = WorkUnit(**u)
     if unit.kind != "video":
         return unit.frame_indices()
@@ -382,6 +392,8 @@ def _sampled(plan: Plan, u: dict[str, Any]) -> list[int]:
 def unwritten(plan: Plan, units, done: frozenset[str]) -> list[dict[str, Any]]:
     """The units with a frame not in `done` (or none at all: a unit whose decode fails writes its error row
     again). A rerun of a finished job starts no decoder and no detector."""
+    if not done:  # a first run: every unit
+        return list(units)
     return [u for u in units if not (ids := _sampled(plan, u)) or any(frame_id(u["source"], k) not in done
                                                                       for k in ids)]
 

@@ -114,6 +114,7 @@ def test_only_units_with_a_frame_to_write_run_again(tmp_path):
     whose decode fails writes its error row again)."""
     from pipeline.output import frame_id
     from pipeline.plan import Plan, Sampling, count_planned, unwritten
+    from pipeline.raster import RasterPlan
     from pipeline.sources import WorkUnit
 
     plan = Plan(inputs=("v.mp4",), output=str(tmp_path), checkpoint="m", model_id="m", sampling=Sampling(every_n=2))
@@ -127,6 +128,13 @@ def test_only_units_with_a_frame_to_write_run_again(tmp_path):
     keyframes_only = dataclasses.replace(plan, sampling=Sampling(keyframes=True))
     no_index = [{**unit, "keyframes": ""}]  # sampled by keyframes, a unit without an index samples none
     assert count_planned(keyframes_only, no_index) == 0 and unwritten(keyframes_only, no_index, first) == no_index
+    # a raster's units: windows window_ids()[start:stop] (an area of interest keeps 1, 4, 6 and 7)
+    raster = RasterPlan(width=40, height=30, crs=None, transform=(1, 0, 0, 0, -1, 0), bands=(1, 2, 3), low=(0,) * 3,
+                        high=(255,) * 3, scale=1.0, window=10, margin=0, gsd_m=None, keep=(1, 4, 6, 7)).to_json()
+    tiles = [WorkUnit("r.tif", "/r.tif", "raster", a, a + 2, num_frames=12, raster=raster).to_row() for a in (0, 2)]
+    assert count_planned(plan, tiles) == 4
+    assert unwritten(plan, tiles, frozenset({frame_id("/r.tif", 1), frame_id("/r.tif", 4)})) == tiles[1:]
+    assert unwritten(plan, tiles, frozenset({frame_id("/r.tif", 0), frame_id("/r.tif", 1)})) == tiles
 
 
 def test_min_rows_per_file_writes_few_files_of_whole_bundles(ray_session, make_video, tmp_path):
