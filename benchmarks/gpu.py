@@ -241,7 +241,9 @@ def forward_worker(args) -> dict:
                         tv, lambda fs: eager_inputs(fs, dev),
                         batch["image"], reps=args.reps, sync=sync,
                         context=torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None))
-                if args.layouts:  # the Predictor alone (no rows), its convolutions in NHWC and in NCHW
+                # the Predictor alone (no rows), its convolutions in NHWC and in NCHW; on a CPU at exact only, as
+                # eager above (bf16 in NCHW: 50 s a call at 200 px on that host, 6 s in NHWC)
+                if args.layouts and (dev == "cuda" or precision == "exact"):
                     from fpn_model.predict import Predictor
 
                     for layout, cl in (("nhwc", True), ("nchw", False)):
