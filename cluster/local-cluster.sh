@@ -33,8 +33,9 @@ while [ $# -gt 0 ]; do
 done
 RAY=${RAY:-$(command -v ray || echo ray)}
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
-# Each raylet keeps up to 8 idle workers (Ray's default: one per CPU). With 1-CPU nodes and tasks reserving fractions
-# of a CPU (decode 0.25, write 0.1), Ray ended each task's worker once idle and the next task started a fresh one
+# Each raylet keeps up to 8 idle workers (Ray's default: one per CPU; jobs.runner.kept_workers: one per decode task
+# its CPUs hold, + 4, for the tests' 1-CPU nodes and decode 0.25). With 1-CPU nodes and tasks reserving fractions of a
+# CPU (decode 0.25, write 0.1), Ray ended each task's worker once idle and the next task started a fresh one
 # (27 workers for a 240-frame job, 17 on the head), importing Ray Data again: that job took ~140 s, 60 s with this.
 export RAY_num_workers_soft_limit=${RAY_num_workers_soft_limit:-8}
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import math
 import os
 import platform
 import signal
@@ -28,7 +29,7 @@ from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
 from pipeline.output import Output, OutputSettingsError, error_row, final_state
 from pipeline.counter import FrameCounter
-from pipeline.plan import Plan, count_planned, execute, plan_work, raster_summary
+from pipeline.plan import Plan, Resources, count_planned, execute, plan_work, raster_summary
 from pipeline.raydata import (actor_init_death, environ, one_node_execution, patched, quiet_actor_init_deaths,
                               start_ray_data_helpers)
 from pipeline.sizing import ask_detector_gpu_memory, auto_batch, cluster_nodes, fit, model_input_mpx
@@ -86,8 +87,32 @@ def check_address(address: str | None, timeout_s: float = 10.0) -> None:
 #   measured on the 2-core node: the detector's `__init__` 1.1 -> 0.35 s after the execution starts.
 # - enable_metrics_collection off: no Prometheus to scrape (`_lean_local_node`); its dashboard agent then binds no
 #   metrics port and polls no process's stats.
+# - num_workers_soft_limit (set as it starts: `kept_workers`): how many workers the raylet keeps when idle.
 EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": True,
                           "preload_python_modules": ["pipeline.preload"], "enable_metrics_collection": False}
+
+
+def kept_workers(cpus: float, decode_cpus: float = Resources.decode_cpus) -> int:
+    """Workers a node's raylet should keep alive while idle (Ray's `num_workers_soft_limit`): one per decode task its
+    CPUs hold at once, plus 4 for a detector, writes and the planning task.
+
+    Ray's default is one per CPU: while a node runs more workers than that, the raylet ends each that has been idle
+    for a second (its worker pool's TryKillingIdleWorkers), and with decode tasks holding half a CPU and writes a
+    tenth, a job's next task then waits for a fresh worker, which imports Ray Data again. benchmarks/idle_workers.py
+    (a model that finds nothing: the pipeline's pace, as on a GPU; 1250 frames, 2 CPUs): `fpn run` started 11-12
+    workers and took 41.1 s (median of 3), with these 7 and 34.8 s (0.85x); with 16-frame segments 9-10 and 39.1 s,
+    4-5 and 32.4 s (0.83x). A detector-bound job (`trees`) ran as fast either way. cluster/ starts its worker nodes
+    with the same rule."""
+    return math.ceil(cpus / decode_cpus) + 4
+
+
+def _embedded_system_config() -> dict[str, Any]:
+    """EMBEDDED_SYSTEM_CONFIG with the workers kept for this machine's CPUs, unless RAY_num_workers_soft_limit is
+    set (a system config would override it: the user's own setting wins, and benchmarks/idle_workers.py sets Ray's
+    default so)."""
+    if "RAY_num_workers_soft_limit" in os.environ:
+        return dict(EMBEDDED_SYSTEM_CONFIG)
+    return {**EMBEDDED_SYSTEM_CONFIG, "num_workers_soft_limit": kept_workers(os.cpu_count() or 1)}
 
 
 _embedded = threading.Event()  # set while the local Ray that init_ray started in this process runs
@@ -153,7 +178,7 @@ def _init_ray(ray, address: str | None) -> None:
         env = keep_freed_memory_env()
         with _lean_local_node(), environ(env):
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     _system_config=EMBEDDED_SYSTEM_CONFIG)
+                     _system_config=_embedded_system_config())
         _worker_env.clear()
         _worker_env.update(env)
         _embedded.set()

@@ -1,4 +1,5 @@
 """cluster/: the configs a user applies are well-formed and run this project."""
+import re
 import subprocess
 
 import yaml
@@ -50,7 +51,7 @@ def test_aws_launcher_starts_every_node_with_token_auth_and_a_local_dashboard():
     starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
     assert len(starts) == 2
     for c in starts:  # each command runs in its own shell: the variable must be on the line itself
-        assert c.startswith("RAY_AUTH_MODE=token ray start"), c
+        assert re.match(r"RAY_AUTH_MODE=token (\S+=\S+ )*ray start", c), c
     head = next(c for c in cfg["head_start_ray_commands"] if "--head" in c)
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # one token on every node
@@ -63,3 +64,20 @@ def test_no_cluster_config_binds_everywhere_without_token_auth():
         text = path.read_text()
         if "0.0.0.0" in text:
             assert "authOptions" in text and "mode: token" in text, f"{path.name}: 0.0.0.0 without token auth"
+
+
+def test_worker_nodes_keep_the_idle_workers_the_embedded_node_keeps():
+    """Every config's GPU workers keep as many idle workers as jobs.runner.kept_workers gives for their CPUs (Ray
+    ends workers idle for a second beyond one per CPU): aws.yaml computes it from the instance's CPUs in bash."""
+    from jobs.runner import kept_workers
+
+    for name, spec in _kuberay_clusters():
+        worker = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in worker.get("env", [])}
+        assert int(env["RAY_num_workers_soft_limit"]) == kept_workers(int(worker["resources"]["limits"]["cpu"])), name
+    cfg = yaml.safe_load((C / "aws.yaml").read_text())
+    start = next(c for c in cfg["worker_start_ray_commands"] if "ray start" in c)
+    expr = re.search(r"RAY_num_workers_soft_limit=(\S+)", start).group(1)
+    for cpus in (8, 32):
+        out = subprocess.run(["bash", "-c", f"nproc() {{ echo {cpus}; }}; echo {expr}"], capture_output=True, text=True)
+        assert int(out.stdout) == kept_workers(cpus), (expr, out.stderr)

@@ -162,6 +162,53 @@ def test_embedded_ray_runs_its_workers_at_the_drivers_priority_without_daemons_o
     assert full["raylet"]["runtime_env_agent_port"] == "0" and full["raylet"]["num_prestart_python_workers"] != "1"
 
 
+def test_embedded_ray_keeps_the_workers_of_a_jobs_short_tasks_between_them():
+    """Waves of 5 short tasks of a quarter CPU each, idle 2 s between waves (a decode task's reservation is half a
+    CPU, a write's a tenth): the embedded node keeps their workers (jobs.runner.kept_workers), so later waves run on
+    the same processes. With Ray's default (one idle worker kept per CPU: 2 on CI's node) the raylet ended the
+    workers idle for over a second, and each wave started fresh ones that imported Ray Data again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from jobs.runner import kept_workers
+
+    assert kept_workers(2) == 8 and kept_workers(16) == 36 and kept_workers(2, decode_cpus=0.25) == 12
+    code = """if True:
+        import asyncio, json, os, time, ray
+        from jobs.runner import init_ray, stop_ray
+        init_ray()
+
+        @ray.remote(num_cpus=0)
+        class Barrier:  # a wave's tasks all hold a worker at once
+            def __init__(self):
+                self.seen = {}
+            async def arrive(self, wave, n):
+                self.seen[wave] = self.seen.get(wave, 0) + 1
+                while self.seen[wave] < n:
+                    await asyncio.sleep(0.05)
+
+        @ray.remote(num_cpus=0.25)
+        def task(barrier, wave):
+            ray.get(barrier.arrive.remote(wave, 5))
+            return os.getpid()
+
+        barrier = Barrier.remote()
+        waves = []
+        for wave in range(3):
+            waves.append(sorted(set(ray.get([task.remote(barrier, wave) for _ in range(5)]))))
+            time.sleep(2.0)  # idle: Ray ends a worker idle for 1 s while the node runs more than it keeps
+        stop_ray()
+        print(json.dumps(waves))"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_num_workers_soft_limit")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    waves = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(len(w) == 5 for w in waves), waves
+    assert waves[1] == waves[2] == waves[0], waves  # the same 5 processes each time
+
+
 def test_ray_data_imported_beside_ray_init_shares_no_module_with_it():
     """`fpn run` imports Ray Data on a thread while `ray.init` starts the embedded node (jobs.runner.init_ray's
     `alongside`), once the modules `ray.init` imports as it runs (RAY_INIT_IMPORTS) are imported: from the CLI's
