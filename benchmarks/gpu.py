@@ -212,10 +212,12 @@ def forward_worker(args) -> dict:
             batch = decoded_batch(frames[:bs])
 
             r = {"precision": precision, "batch": bs}
-            # on a CPU torchvision's eager forward at exact only: under bf16 autocast it took 50 s a call at 200 px
-            # on an AMD EPYC host without bf16 instructions (where our Detector's bf16 takes 5 s), and a CPU
-            # detector's precision is exact unless its checkpoint's evaluation chose otherwise
-            eager = not args.skip_eager and (dev == "cuda" or precision == "exact")
+            # on a CPU torchvision's eager forward and the layouts below at exact only: under bf16 autocast eager
+            # took 50 s a call at 200 px on an AMD EPYC host without bf16 instructions (where our Detector's bf16
+            # takes 5 s), the Predictor in NCHW bf16 50 s too (6 s in NHWC), and a CPU detector's precision is
+            # exact unless its checkpoint's evaluation chose otherwise
+            comparable = dev == "cuda" or precision == "exact"
+            eager = not args.skip_eager and comparable
             if eager:
                 t = timed(lambda: eager_boxes(tv, batch["image"], dev, dtype), args.reps, args.warm, sync)
                 r["eager_fps"] = round(bs / t["median_s"], 2)
@@ -241,9 +243,7 @@ def forward_worker(args) -> dict:
                         tv, lambda fs: eager_inputs(fs, dev),
                         batch["image"], reps=args.reps, sync=sync,
                         context=torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None))
-                # the Predictor alone (no rows), its convolutions in NHWC and in NCHW; on a CPU at exact only, as
-                # eager above (bf16 in NCHW: 50 s a call at 200 px on that host, 6 s in NHWC)
-                if args.layouts and (dev == "cuda" or precision == "exact"):
+                if args.layouts and comparable:  # the Predictor alone (no rows), its convolutions in NHWC and NCHW
                     from fpn_model.predict import Predictor
 
                     for layout, cl in (("nhwc", True), ("nchw", False)):
