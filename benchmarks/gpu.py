@@ -18,11 +18,12 @@ Sections (`--sections`, in this order; those added at the second GPU session fir
   against without, exact and bf16, largest batch.
 
 - `forward`: Faster R-CNN R50-FPN (torchvision's, seeded random weights, the class logits scaled so that some
-  boxes pass the score threshold) at `--min-size` (800) from `--height`p uint8 frames (bikes.mp4 upscaled), batch
-  1 / 8 / 16, fp32 and bf16, frames/s of: `eager` (torchvision: each frame to the device, converted, the model's
-  own transform), `detector` (`pipeline.detect.Detector` on a decoded batch, Parquet rows included) and
-  `detector_2calls` (two threads calling it at once, as a GPU detector actor runs its calls). `--before DIR` runs
-  the Detector of another source tree (an older commit) in the same way, for before -> after.
+  boxes pass the score threshold; `--proposals` RPN boxes, torchvision's 1000, 200 with --quick) at `--min-size`
+  (800) from `--height`p uint8 frames (bikes.mp4 upscaled), batch 1 / 8 / 16, fp32 and bf16, frames/s of:
+  `eager` (torchvision: each frame to the device, converted, the model's own transform), `detector`
+  (`pipeline.detect.Detector` on a decoded batch, Parquet rows included) and `detector_2calls` (two threads calling
+  it at once, as a GPU detector actor runs its calls). `--before DIR` runs the Detector of another source tree (an
+  older commit) in the same way, for before -> after.
   At the largest batch, milliseconds per part of the model (upload, transform, backbone+neck, RPN, RoI heads).
   The same for torchvision's eager model (`eager_stages_ms`).
 - `alone`: the Detector on `--alone-frames` frames of the looped clip (640x272, decoded first), 1 and 2 calls.
@@ -90,24 +91,29 @@ def frames_hd(n: int, height: int):
     return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR)) for f in src])
 
 
-def r50(min_size: int, seed: int = 0, boost: float = 30.0):
+def r50(min_size: int, proposals: int = 1000, seed: int = 0, boost: float = 30.0):
     """torchvision's fasterrcnn_resnet50_fpn with seeded random weights, class logits scaled by `boost` (random
-    logits are near 0: every class scores about 1/91, under the 0.05 threshold)."""
+    logits are near 0: every class scores about 1/91, under the 0.05 threshold), keeping `proposals` RPN boxes per
+    level before NMS and per image after it (torchvision's default 1000)."""
     import torch
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
     torch.manual_seed(seed)
-    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=min_size).eval()
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=min_size,
+                                 rpn_pre_nms_top_n_test=proposals, rpn_post_nms_top_n_test=proposals).eval()
     with torch.no_grad():
         tv.roi_heads.box_predictor.cls_score.weight.mul_(boost)
     return tv
 
 
 def r50_checkpoint(tv, min_size: int, path: Path) -> str:
+    """`tv` (`r50`) as an fpn-pipeline checkpoint with its input size and RPN limits."""
     from fpn_model.weights import import_torchvision, save_checkpoint
 
-    return str(save_checkpoint(import_torchvision("fasterrcnn_resnet50_fpn", tv.state_dict(), min_size=min_size),
-                               path))
+    limits = {"rpn_pre_nms_top_n_test": tv.rpn._pre_nms_top_n["testing"],
+              "rpn_post_nms_top_n_test": tv.rpn._post_nms_top_n["testing"]}
+    return str(save_checkpoint(import_torchvision("fasterrcnn_resnet50_fpn", tv.state_dict(), min_size=min_size,
+                                                  **limits), path))
 
 
 def eager_inputs(frames, device: str) -> list:
@@ -195,7 +201,7 @@ def forward_worker(args) -> dict:
     dev = args.device
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     frames = frames_hd(max(args.batches), args.height)
-    tv = r50(args.min_size).to(dev)
+    tv = r50(args.min_size, args.proposals).to(dev)
     ckpt = args.checkpoint
     new_api = "precision" in inspect.signature(Detector.__init__).parameters and \
         "amp" not in inspect.signature(Detector.__init__).parameters
@@ -302,7 +308,8 @@ def run_worker(root: Path, args, ckpt: str, extra: list[str], worker: str = "for
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--worker", worker, "--device", args.device,
            "--checkpoint", ckpt, "--height", str(args.height), "--min-size", str(args.min_size),
            "--reps", str(args.reps), "--warm", str(args.warm), "--batches", ",".join(map(str, args.batches)),
-           "--precisions", ",".join(args.precisions), *extra]
+           "--precisions", ",".join(args.precisions), "--raster-side", str(args.raster_side),
+           "--proposals", str(args.proposals), *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=args.section_timeout)
     if p.returncode:
@@ -651,7 +658,7 @@ def profile(args, ckpt: str) -> dict:
         return table(prof, wall)
 
     if not args.skip_eager:  # torchvision's eager forward on the same frames: its waits beside ours
-        tv = r50(args.min_size).to(args.device)
+        tv = r50(args.min_size, args.proposals).to(args.device)
         out[f"r50_b{bs}_eager"] = profiled(lambda: eager_boxes(tv, batch["image"], args.device))
         tv = None
     for precision in args.precisions[:2]:
@@ -664,7 +671,7 @@ def profile(args, ckpt: str) -> dict:
     big = raster_frame(args.raster_side)
     trees = REPO / "fpn_model" / "checkpoints" / "trees.safetensors"  # this tree's: a --before tree comes without
     pred = Predictor(load_checkpoint(trees), device=args.device, tile=TileConfig(size=1024, overlap=128), max_batch=32)
-    out["trees_raster_exact"] = profiled(lambda: pred([big]))
+    out["trees_raster_exact"] = {"side": args.raster_side, **profiled(lambda: pred([big]))}
     return out
 
 
@@ -734,9 +741,11 @@ def compiled(args, ckpt: str) -> dict:
 
 # -- sizes ---------------------------------------------------------------------------------------------------------
 SIZES = {"height": 1080, "min_size": 800, "batches": "1,8,16", "reps": 5, "warm": 2, "alone_frames": 2000,
-         "e2e_frames": 10000, "raster_side": 4096, "hd_frames": 250}
+         "e2e_frames": 10000, "raster_side": 4096, "hd_frames": 250, "proposals": 1000}
+# on a CPU the RoI heads of 1000 proposals took half of an R50 call at 200 px (and bf16 autocast 5 s a call on a host
+# without bf16 instructions): 200 still leave the boosted logits their 100 detections a frame
 QUICK = {**SIZES, "height": 180, "min_size": 200, "batches": "1,2", "reps": 2, "warm": 1, "alone_frames": 32,
-         "e2e_frames": 250, "raster_side": 1024, "hd_frames": 20}
+         "e2e_frames": 250, "raster_side": 1024, "hd_frames": 20, "proposals": 200}
 
 
 # -- main ------------------------------------------------------------------------------------------------------------
@@ -758,6 +767,7 @@ def main() -> None:
     ap.add_argument("--alone-frames", type=int)
     ap.add_argument("--e2e-frames", type=int)
     ap.add_argument("--raster-side", type=int)
+    ap.add_argument("--proposals", type=int, help="R50's RPN boxes kept per level before NMS and per image after")
     ap.add_argument("--hd-frames", type=int, help="decoders: frames of the 1080p clip")
     ap.add_argument("--section-timeout", type=float, default=300)
     ap.add_argument("--worker")
@@ -791,7 +801,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ckpt = r50_checkpoint(r50(args.min_size), args.min_size, tmp / "r50.safetensors")
+        ckpt = r50_checkpoint(r50(args.min_size, args.proposals), args.min_size, tmp / "r50.safetensors")
         for name in sections:
             t0 = time.monotonic()
             try:

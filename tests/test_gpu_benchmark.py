@@ -59,6 +59,8 @@ def test_profile_counts_what_would_wait_for_a_gpu(result):
         if name not in ("section_s", "before"):
             assert p["ms_per_call"] > 0 and p["per_call"]["aten::nonzero"] > 0 and p["top_self_cpu"], name
     assert prof["r50_b1_eager"]["per_call"]["torchvision::nms"] > 0  # torchvision's own calls are seen
+    # both trees' calls on the same raster (the before tree's process once took the GPU's 4096 px under --quick)
+    assert prof["trees_raster_exact"]["side"] == prof["before"]["trees_raster_exact"]["side"] == 1024
 
 
 def test_startup_is_broken_down_in_order(result):
