@@ -107,12 +107,23 @@ def kept_workers(cpus: float, decode_cpus: float = Resources.decode_cpus) -> int
 
 
 def _embedded_system_config() -> dict[str, Any]:
-    """EMBEDDED_SYSTEM_CONFIG with the workers kept for this machine's CPUs, unless RAY_num_workers_soft_limit is
-    set (a system config would override it: the user's own setting wins, and benchmarks/idle_workers.py sets Ray's
-    default so)."""
+    """EMBEDDED_SYSTEM_CONFIG with the workers kept for the CPUs the embedded node gets, unless
+    RAY_num_workers_soft_limit is set (a system config would override it: the user's own setting wins, and
+    benchmarks/idle_workers.py sets Ray's default so)."""
     if "RAY_num_workers_soft_limit" in os.environ:
         return dict(EMBEDDED_SYSTEM_CONFIG)
-    return {**EMBEDDED_SYSTEM_CONFIG, "num_workers_soft_limit": kept_workers(os.cpu_count() or 1)}
+    return {**EMBEDDED_SYSTEM_CONFIG, "num_workers_soft_limit": kept_workers(_node_cpus())}
+
+
+def _node_cpus() -> float:
+    """The CPUs `ray.init` gives a node it starts: Ray's own count, a container's CPU quota where there is one
+    (os.cpu_count() counts the host's, and a 2-CPU pod on a 64-core host would keep 132 idle workers)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return get_num_cpus(override_docker_cpu_warning=True)
+    except (ImportError, TypeError):  # another Ray
+        return os.cpu_count() or 1
 
 
 _embedded = threading.Event()  # set while the local Ray that init_ray started in this process runs

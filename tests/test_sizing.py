@@ -209,6 +209,21 @@ def test_embedded_ray_keeps_the_workers_of_a_jobs_short_tasks_between_them():
     assert waves[1] == waves[2] == waves[0], waves  # the same 5 processes each time
 
 
+def test_embedded_node_keeps_workers_for_the_cpus_ray_gives_it(monkeypatch):
+    """The idle workers kept are counted from the CPUs Ray gives the node it starts (a container's CPU quota), not
+    the host's (os.cpu_count()); a user's RAY_num_workers_soft_limit wins."""
+    import ray._private.utils
+
+    from jobs.runner import _embedded_system_config, _node_cpus, kept_workers
+
+    assert _node_cpus() == ray._private.utils.get_num_cpus()
+    monkeypatch.delenv("RAY_num_workers_soft_limit", raising=False)
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **_: 3)  # a 3-CPU quota on this host
+    assert _embedded_system_config()["num_workers_soft_limit"] == kept_workers(3) == 10
+    monkeypatch.setenv("RAY_num_workers_soft_limit", "-1")
+    assert "num_workers_soft_limit" not in _embedded_system_config()
+
+
 def test_ray_data_imported_beside_ray_init_shares_no_module_with_it():
     """`fpn run` imports Ray Data on a thread while `ray.init` starts the embedded node (jobs.runner.init_ray's
     `alongside`), once the modules `ray.init` imports as it runs (RAY_INIT_IMPORTS) are imported: from the CLI's
