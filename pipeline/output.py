@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .storage import filesystem, join, one_line, parquet_files, redact_text
+from .storage import exception_chain, filesystem, join, one_line, parquet_files, redact_text
 
 __all__ = [
     "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_schema", "frame_id", "frames_file", "Output", "Lease",
@@ -193,6 +193,13 @@ class Output:
             if fs.exists(tmp):
                 fs.rm(tmp)
 
+    def _read_small(self, rel: str) -> bytes:
+        """The whole of a small record that its writer replaces while others read it (`_lease.json` at each
+        heartbeat, `_job.json`): one GET. `fs.open` on s3fs is a HEAD and then GETs with `If-Match` on the ETag
+        it saw, so a replacement landing in between failed the read (PreconditionFailed), and with it the
+        fenced write task that asked, and the job."""
+        return self.fs.cat_file(self._p(rel))
+
     def write_table(self, table: pa.Table, rel: str, *, before_commit: Callable[[], None] | None = None) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
@@ -214,8 +221,7 @@ class Output:
     def lease_token(self) -> str | None:
         """The token of the lease now recorded on the output (None: no lease)."""
         try:
-            with self.fs.open(self._p("_lease.json"), "rb") as f:
-                return json.loads(f.read()).get("token")
+            return json.loads(self._read_small("_lease.json")).get("token")
         except FileNotFoundError:
             return None
         except ValueError:  # torn record (only without conditional writes): no writer can be named
@@ -364,8 +370,7 @@ class Output:
         """`_job.json` as a dict. Missing: {} with `missing_ok`, else FileNotFoundError. Torn or not JSON:
         ValueError naming it and the way out."""
         try:
-            with self.fs.open(self._p("_job.json"), "rb") as f:
-                data = f.read()
+            data = self._read_small("_job.json")
         except FileNotFoundError:
             if missing_ok:
                 return {}
@@ -385,8 +390,7 @@ class Output:
     def read_sources(self) -> dict[str, dict]:
         """{canonical source: {size, version, first_run}} of the sources earlier runs read."""
         try:
-            with self.fs.open(self._p("_sources.parquet"), "rb") as f:
-                rows = pq.read_table(f).to_pylist()
+            rows = pq.read_table(pa.BufferReader(self._read_small("_sources.parquet"))).to_pylist()
         except FileNotFoundError:
             return {}
         return {r.pop("source"): r for r in rows}
@@ -502,13 +506,10 @@ class Lease:
     def _read(self) -> tuple[dict | None, str | None]:
         fs = self.out.fs
         try:
-            if self._s3():
-                # the ETag before the body: a record that changes in between makes the If-Match of a takeover
-                # fail, which refuses (never a second writer)
-                etag = fs.info(self._key, refresh=True)["ETag"]
-                return json.loads(fs.cat_file(self._key)), etag
-            with fs.open(self._key, "rb") as f:
-                return json.loads(f.read()), None
+            # on S3 the ETag before the body: a record that changes in between makes the If-Match of a takeover
+            # fail, which refuses (never a second writer)
+            etag = fs.info(self._key, refresh=True)["ETag"] if self._s3() else None
+            return json.loads(fs.cat_file(self._key)), etag
         except FileNotFoundError:
             return None, None
         except ValueError:  # torn record (only without conditional writes): treat as stale
@@ -541,12 +542,19 @@ class Lease:
         bucket, key, _ = fs.split_path(self._key)
         try:
             r = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), **condition)
-        except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
-            return False
         except Exception as e:  # noqa: BLE001
-            if "PreconditionFailed" in str(e) or "ConditionalRequestConflict" in str(e):
+            # s3fs raises a 412 as FileExistsError or OSError(EINVAL), botocore's ClientError as its cause
+            refused = isinstance(e, FileExistsError) or any(
+                c in str(x) for x in exception_chain(e) for c in ("PreconditionFailed", "ConditionalRequestConflict"))
+            if not refused:
+                raise
+            # botocore retries a PUT whose answer was lost (a connection cut, a 500 after the write): when the
+            # first attempt landed, the retry's condition fails against this lease's own record, still held
+            rec, etag = self._read()
+            if rec is None or rec.get("token") != self.record["token"]:
                 return False
-            raise
+            self._etag = etag
+            return True
         self._etag = r["ETag"]
         return True
 
