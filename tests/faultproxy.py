@@ -25,9 +25,12 @@ _RESPONSE_500 = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: applicati
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0), as a dying server's kernel does."""
+    """Close with RST (SO_LINGER 0), as a dying server's kernel does. `shutdown(SHUT_RD)` first wakes the pump
+    thread blocked reading it: a plain close() leaves the socket open while another thread is in recv() on it
+    (the kernel keeps it for the call), so a "cut" connection went on, neither forwarded nor reset."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)
     except OSError:
         pass
     sock.close()
@@ -103,8 +106,9 @@ class FaultProxy:
             pass
         finally:
             with self._lock:
-                self._live -= {src, dst}
-            for s in (src, dst):
+                ours = {src, dst} & self._live  # the ones a fault cut are its to close, with a reset
+                self._live -= ours
+            for s in ours:
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
