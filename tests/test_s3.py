@@ -173,18 +173,18 @@ def _worker_stacks() -> str:
     import psutil
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    out, seen = [], set()
+    out, seen, deadline = [], set(), time.monotonic() + 90
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
         if not cmd.startswith("ray::") or re.match(r"ray::\w*(Agent|Dashboard)", cmd):  # a worker names its task
             continue
         for p in [proc, *proc.children(recursive=True)]:
-            if p.pid in seen:
+            if p.pid in seen or time.monotonic() > deadline:
                 continue
             seen.add(p.pid)
             try:
                 dump = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True,
-                                      timeout=20)
+                                      timeout=max(1.0, min(20.0, deadline - time.monotonic())))
                 busy = [t for t in re.split(r"\n(?=Thread )", dump.stdout) if "(idle)" not in t.split("\n")[0]
                         or "MainThread" in t.split("\n")[0]]  # py-spy marks threads waiting in a syscall idle
                 out.append(f"=== {p.pid} {' '.join(p.cmdline())[:100].strip()}\n" + "\n".join(busy) + dump.stderr)
