@@ -219,7 +219,8 @@ def test_s3_answering_500s_or_restarting_mid_job_loses_and_repeats_no_frame(ray_
     job.join(240)
     stalled = ""
     if job.is_alive():  # where everything waits, then the pipeline's own bound on a hung decoder (300 s) may act
-        stalled = f"its Ray workers:\n{_worker_stacks()}\nthis process's threads:\n{_stacks()}"
+        stalled = (f"Ray's free resources {ray_session.available_resources()} of {ray_session.cluster_resources()};"
+                   f" its Ray workers:\n{_worker_stacks()}\nthis process's threads:\n{_stacks()}")
         job.join(360)
     assert not job.is_alive(), f"the job still runs 600 s after the fault ended; at 240 s {stalled}"
     if stalled:  # twice in CI (2026-11-27, -28) a job here outlived 300 s, never here: say where, once it ends
