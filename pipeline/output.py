@@ -504,12 +504,11 @@ class Lease:
 
     # -- reading ----------------------------------------------------------------------------------
     def _read(self) -> tuple[dict | None, str | None]:
-        fs = self.out.fs
         try:
             # on S3 the ETag before the body: a record that changes in between makes the If-Match of a takeover
             # fail, which refuses (never a second writer)
-            etag = fs.info(self._key, refresh=True)["ETag"] if self._s3() else None
-            return json.loads(fs.cat_file(self._key)), etag
+            etag = self.out.fs.info(self._key, refresh=True)["ETag"] if self._s3() else None
+            return json.loads(self.out._read_small("_lease.json")), etag
         except FileNotFoundError:
             return None, None
         except ValueError:  # torn record (only without conditional writes): treat as stale
