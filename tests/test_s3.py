@@ -255,18 +255,16 @@ def test_a_heartbeat_landing_while_a_write_checks_the_lease_fails_nothing(s3, mo
     from pipeline.output import Output
 
     head = s3fs.S3FileSystem._info
-    armed = []
+    armed = threading.Event()
+    replacements = {"_lease.json": lambda: lease._body(),
+                    "_job.json": lambda: json.dumps({"state": "running", "at": time.time()}).encode()}
 
     async def head_then_replace(self, path, *args, **kwargs):
         info = await head(self, path, *args, **kwargs)
         bucket, key, _ = self.split_path(path)
-        if armed and key.endswith("_lease.json"):
-            await self._call_s3("put_object", Bucket=bucket, Key=key, Body=lease._body())
-            armed.append(key)
-        elif armed and key.endswith("_job.json"):
-            body = json.dumps({"state": "running", "at": time.time()}).encode()
-            await self._call_s3("put_object", Bucket=bucket, Key=key, Body=body)
-            armed.append(key)
+        body = replacements.get(key.rsplit("/", 1)[-1])
+        if armed.is_set() and body is not None:
+            await self._call_s3("put_object", Bucket=bucket, Key=key, Body=body())
         return info
 
     # before the filesystem is made: fsspec binds its blocking `info` to the `_info` an instance is made with
@@ -278,7 +276,7 @@ def test_a_heartbeat_landing_while_a_write_checks_the_lease_fails_nothing(s3, mo
     lease._stop.set()  # the test replaces the record instead, at the worst moment
     try:
         out.write_job({"state": "running"})
-        armed.append("armed")
+        armed.set()
         token = lease.record["token"]
         assert out.lease_token() == token
         assert out.read_job()["state"] == "running"
