@@ -878,9 +878,8 @@ def demo(output):
     """
     from jobs.demo import run_demo
 
-    _ray_data_setup()
     with _progress(str(Path(output) / "job")):
-        doc, report, stats = run_demo(output)
+        doc, report, stats = run_demo(output, alongside_ray=_ray_data_setup)
     _print_summary(doc)
     for line in stats:
         click.echo(line)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 
-from fpn_model.data import read_image
 from fpn_model.zoo import DEFAULT_MODEL
 from pipeline.output import Output, OutputSettingsError
 
@@ -43,14 +44,19 @@ def _earlier_demo(job: str, inputs) -> bool:
     return [Path(str(i)).name for i in spec.get("inputs", [])] == [Path(i).name for i in inputs]
 
 
-def run_demo(output: str | Path, *, min_score: float = 0.3) -> tuple[dict, Path, list[str]]:
+def run_demo(output: str | Path, *, min_score: float = 0.3,
+             alongside_ray: Callable[[], Any] | None = None) -> tuple[dict, Path, list[str]]:
     """Run the demo job into OUTPUT/job and write OUTPUT/report.html (drawings and per-source charts show
-    detections scoring at least `min_score`). Returns the job summary, the report's path and summary lines."""
+    detections scoring at least `min_score`). Returns the job summary, the report's path and summary lines.
+    `alongside_ray`: run while Ray starts (jobs.runner.run)."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     aerial = DATA_DIR / "aerial-trees" / "SOAP_061.png"
     flyover = out / "flyover.mp4"
-    make_flyover(read_image(aerial), flyover)
+    # PIL here, not fpn_model.data.read_image: that module imports torch (2-4 s on a small node), which this driver
+    # never needs otherwise (the detectors import it in their own processes)
+    with Image.open(aerial) as im:
+        make_flyover(np.asarray(im.convert("RGB")), flyover)
     job = str(out / "job")
     plan = plan_from_dict({
         "inputs": [str(aerial), str(flyover)],
@@ -61,7 +67,7 @@ def run_demo(output: str | Path, *, min_score: float = 0.3) -> tuple[dict, Path,
     })
     try:
         try:
-            doc = run(plan)
+            doc = run(plan, alongside_ray=alongside_ray)
         except OutputSettingsError as e:
             if not _earlier_demo(job, plan.inputs):
                 raise
@@ -69,7 +75,7 @@ def run_demo(output: str | Path, *, min_score: float = 0.3) -> tuple[dict, Path,
             log.warning("%s holds frames made with other settings (%s); it is an earlier demo's output: starting "
                         "it afresh", job, e.differences)
             shutil.rmtree(job)
-            doc = run(plan)
+            doc = run(plan, alongside_ray=alongside_ray)
     finally:
         stop_ray()  # the report needs no Ray: its memory goes back first
     report = build_report(job, out / "report.html", min_score=min_score)

@@ -65,7 +65,9 @@ print(json.dumps({"counters": type(counters).__name__, "placeholder_gone": sys.m
     assert got == {"counters": "defaultdict", "placeholder_gone": True}
 
 
-def test_planning_code_stays_torch_free():
-    got = _fresh("import json, sys; import fpn_model.weights, pipeline.plan, jobs.runner; "
+def test_planning_code_and_the_drivers_commands_stay_torch_free():
+    """The driver of `fpn run` and `fpn demo` never needs torch (the detectors import it in their processes):
+    importing it there cost the demo 2-4 s and 590 MiB before Ray started (benchmarks/README)."""
+    got = _fresh("import json, sys; import fpn_model.weights, pipeline.plan, jobs.runner, jobs.cli, jobs.demo; "
                  "print(json.dumps({'torch': 'torch' in sys.modules}))")
     assert got == {"torch": False}
