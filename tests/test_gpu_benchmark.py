@@ -19,7 +19,7 @@ def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu") / "gpu.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick", "--out", str(out),
            "--batches", "1", "--reps", "1", "--warm", "0", "--alone-frames", "8", "--e2e-frames", "24",
-           "--hd-frames", "10", "--before", str(REPO), "--sections", ",".join(SECTIONS)]
+           "--hd-frames", "10", "--min-size", "128", "--before", str(REPO), "--sections", ",".join(SECTIONS)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(out.read_text())
