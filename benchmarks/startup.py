@@ -11,7 +11,11 @@ the random weights it overwrites) beside building it with them and loading the s
 alternating, in this process, for the bundled model and two torchvision layouts (random weights saved here).
 Writes benchmarks/results/startup.json.
 
-    .venv/bin/python benchmarks/startup.py [--repeats 3]
+`--demo BEFORE`: instead, `fpn demo` of this tree and of BEFORE (another source tree, e.g. a `git worktree` of an
+older commit), alternating `--repeats` rounds, each into a fresh directory: wall, the driver's peak RSS (sampled
+with the core seconds) and its `startup_s`. Writes benchmarks/results/startup_demo.json.
+
+    .venv/bin/python benchmarks/startup.py [--repeats 3] [--demo BEFORE]
 """
 from __future__ import annotations
 
@@ -50,8 +54,9 @@ KINDS = (("detector actor", ("MapWorker(MapBatches(Detector",)),
          ("Ray task workers", ("ray::",)))
 
 
-def cpu_by_process(cmd: list[str]) -> dict:
-    """Run `cmd`; core seconds of it and each process under it, by kind (KINDS), and of the whole machine."""
+def cpu_by_process(cmd: list[str], cwd: Path = REPO) -> dict:
+    """Run `cmd` in `cwd`; core seconds of it and each process under it, by kind (KINDS), and of the whole
+    machine; the peak RSS of `cmd`'s own process, sampled."""
     import psutil
 
     def busy() -> float:
@@ -59,8 +64,9 @@ def cpu_by_process(cmd: list[str]) -> dict:
         return t.user + t.system + t.nice
 
     seen: dict[int, tuple[str, float]] = {}
+    peak_rss = 0
     b0, i0, t0 = busy(), psutil.cpu_times().idle, time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
@@ -72,10 +78,14 @@ def cpu_by_process(cmd: list[str]) -> dict:
                 with q.oneshot():
                     c = q.cpu_times()
                     seen[q.pid] = (" ".join(q.cmdline()), c.user + c.system)
+                    if q.pid == proc.pid:
+                        peak_rss = max(peak_rss, q.memory_info().rss)
             except psutil.Error:
                 pass
         time.sleep(0.1)
     wall = time.monotonic() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{cmd} exited with {proc.returncode}")
     kinds: dict[str, float] = {}
     for pid, (line, cpu) in seen.items():
         kind = "driver (fpn run)" if pid == proc.pid else next(
@@ -83,7 +93,29 @@ def cpu_by_process(cmd: list[str]) -> dict:
         kinds[kind] = round(kinds.get(kind, 0.0) + cpu, 2)
     return {"wall_s": round(wall, 2), "core_s_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "core_s_tracked": round(sum(kinds.values()), 2), "machine_busy_core_s": round(busy() - b0, 2),
-            "machine_idle_core_s": round(psutil.cpu_times().idle - i0, 2), "cores": psutil.cpu_count()}
+            "machine_idle_core_s": round(psutil.cpu_times().idle - i0, 2), "cores": psutil.cpu_count(),
+            "driver_peak_rss_mib": round(peak_rss / 2**20, 1)}
+
+
+def demo_runs(before: Path, rounds: int, tmp: str) -> dict:
+    """`fpn demo` of this tree and of `before`, alternating, each into a fresh directory (`--demo`)."""
+    trees = {"after": REPO, "before": before.resolve()}
+    runs: dict[str, list[dict]] = {k: [] for k in trees}
+    for rep in range(rounds):
+        for name, tree in trees.items():
+            out = f"{tmp}/{name}{rep}"
+            # `python -m` puts its working directory first on sys.path: each tree runs its own jobs/ and pipeline/
+            r = cpu_by_process([sys.executable, "-m", "jobs.cli", "demo", "--output", out], cwd=tree)
+            start = json.loads(Path(out, "job", "_job.json").read_text())["startup_s"]
+            runs[name].append({"wall_s": r["wall_s"], "driver_peak_rss_mib": r["driver_peak_rss_mib"],
+                               "core_s_tracked": r["core_s_tracked"], "startup_s": start})
+            print(rep, name, runs[name][-1], flush=True)
+    med = {name: {k: statistics.median(run[k] for run in rs) for k in ("wall_s", "driver_peak_rss_mib",
+                                                                       "core_s_tracked")}
+           | {"before_run_s": statistics.median(run["startup_s"]["before_run"] for run in rs)}
+           for name, rs in runs.items()}
+    ratio = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(runs["after"], runs["before"]))
+    return {"median": med, "wall_ratio_after_before": round(ratio, 3), "runs": runs, "before_tree": str(before)}
 
 
 def loading(repeats: int, tmp: str) -> dict:
@@ -118,7 +150,15 @@ def loading(repeats: int, tmp: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--demo", type=Path, metavar="BEFORE", help="time `fpn demo` against this source tree's")
     a = ap.parse_args()
+    if a.demo:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = demo_runs(a.demo, a.repeats, tmp) | measured()
+        dest = RESULTS.with_name("startup_demo.json")
+        dest.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: result[k] for k in ("median", "wall_ratio_after_before")}))
+        return
     null = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"
     runs: dict[str, list[float]] = {"ray": [], "fpn": [], "null": []}
     start: list[dict] = []
