@@ -1,7 +1,11 @@
 """Annotations (Pascal-VOC XML, COCO JSON) and the training-crop sampler.
 
 Large aerial images are not resized to fit a network: training samples crops at (near) native
-resolution, so a 10 px crown stays 10 px. Each sample applies a random scale (jitter), one of the
+resolution, so a 10 px crown stays 10 px.
+
+Torch is imported by the sampler's functions, not by the module: reading annotations and images
+(`load_annotations`, `read_image`) is done in drivers that never run a model (`fpn demo`), where
+importing torch cost 2-4 s and about 500 MiB. Each sample applies a random scale (jitter), one of the
 8 flips/90-degree rotations (aerial imagery has no "up"), colour jitter and occasional greyscale.
 """
 from __future__ import annotations
@@ -13,11 +17,13 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["Annotated", "load_voc", "load_coco", "load_annotations", "CropSampler", "read_image", "dihedral"]
 
@@ -105,6 +111,8 @@ def load_annotations(paths: list[str | Path], *, single_class: str | None = None
 
 def dihedral(img: Tensor, boxes: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Apply one of the 8 flips/rotations (k in 0..7) to a `[3, H, W]` image and its boxes."""
+    import torch
+
     if k >= 4:
         img = img.flip(-1)
         w = img.shape[-1]
@@ -139,6 +147,8 @@ class CropSampler:
     def __init__(self, items: list[Annotated], *, images: list[np.ndarray] | None = None, crop: int = 384, scale_range: tuple[float, float] = (0.6, 1.4),
                  object_centred: float = 0.75, min_visible: float = 0.5, colour: float = 0.3, grey: float = 0.1,
                  saturation_min: float | None = None, rare: float = 0.0, rare_quantile: float = 0.05, seed: int = 0):
+        import torch
+
         if not items:
             raise ValueError("no annotated images to train on")
         self.items = items
@@ -166,6 +176,9 @@ class CropSampler:
 
     def sample(self) -> tuple[Tensor, dict[str, Tensor]]:
         """One `[3, crop, crop]` float image in [0, 1] and its target dict."""
+        import torch
+        import torch.nn.functional as F
+
         rng = self.rng
         i, centre = self._choose()
         img, ann = self.images[i], self.items[i]
@@ -198,6 +211,8 @@ class CropSampler:
         return patch.contiguous(), {"boxes": boxes.float(), "labels": labels}
 
     def _colour(self, x: Tensor) -> Tensor:
+        import torch
+
         rng, c = self.rng, self.colour
         if c > 0:
             x = x * rng.uniform(1 - c, 1 + c)  # brightness

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 
+from fpn_model.data import read_image
 from fpn_model.zoo import DEFAULT_MODEL
 from pipeline.output import Output, OutputSettingsError
 
@@ -53,10 +53,7 @@ def run_demo(output: str | Path, *, min_score: float = 0.3,
     out.mkdir(parents=True, exist_ok=True)
     aerial = DATA_DIR / "aerial-trees" / "SOAP_061.png"
     flyover = out / "flyover.mp4"
-    # PIL here, not fpn_model.data.read_image: that module imports torch (2-4 s on a small node), which this driver
-    # never needs otherwise (the detectors import it in their own processes)
-    with Image.open(aerial) as im:
-        make_flyover(np.asarray(im.convert("RGB")), flyover)
+    make_flyover(read_image(aerial), flyover)
     job = str(out / "job")
     plan = plan_from_dict({
         "inputs": [str(aerial), str(flyover)],
