@@ -65,11 +65,40 @@ def _absolute(p: str) -> str:
     return p if "://" in p else str(Path(p).resolve())
 
 
+def _has_dashboard() -> bool:
+    """Whether the connected cluster runs Ray's dashboard (its address in the GCS), which serves the state API."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return bool(_internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD))
+
+
+def _trainer_class():
+    """Ray Train's TorchTrainer; on a cluster without a dashboard (the embedded node, `ray start
+    --include-dashboard=false`), less its placement-group cleaner. That detached actor asks the state API every
+    second whether the run's controller still lives; with no dashboard each question first waits 40 s for the API
+    server's address in the GCS (20 reads, 2 s apart) and then fails, so it can never clean anything, and the
+    controller's stop of it times out after 12 s at the end of every run ("Failed to stop PlacementGroupCleaner
+    gracefully", Ray 2.60; ray/train/v2/_internal/callbacks/placement_group_callback.py). Ray offers no switch for
+    it, hence the override of the trainer's default callbacks (Ray Train v2; v1's trainer never calls it)."""
+    from ray.train.torch import TorchTrainer
+
+    if _has_dashboard():
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
 def train_distributed(tc: TrainConfig, *, workers: int, address: str | None = None, use_gpu: bool = False,
                       storage_path: str | None = None) -> dict:
     """Train `tc` on `workers` Ray Train workers; writes `tc.output` and returns the final metrics."""
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from .runner import init_ray
 
@@ -80,7 +109,7 @@ def train_distributed(tc: TrainConfig, *, workers: int, address: str | None = No
                              init=tc.init and _absolute(tc.init))
     init_ray(address)
     storage = storage_path or tempfile.mkdtemp(prefix="fpn-train-")
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         _loop,
         train_loop_config={"tc": tc, "threads": tc.threads or 1},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
