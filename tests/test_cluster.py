@@ -199,7 +199,7 @@ def test_resume_of_a_running_job_is_refused(cluster, tmp_path):
 
 
 def test_cancel_then_resume_writes_every_frame_once(cluster, tmp_path):
-    total, out = 240, tmp_path / "out"
+    total, out = 120, tmp_path / "out"
     job_id, row = submit_long_job(cluster, tmp_path, total, out)
     assert row["status"] == "RUNNING" and row["frames_planned"] == total
     code, text = fpn("cancel", job_id, "--address", cluster)
@@ -240,7 +240,7 @@ def test_a_worker_node_lost_mid_job_loses_no_frame(cluster, tmp_path):
     """Runs last in this module: the cluster has one node less afterwards. The job finishes on the head (Ray
     retries the lost tasks and restarts the detector actor there) or, where it fails, a resume completes it:
     every frame once either way."""
-    total, out = 240, tmp_path / "out"
+    total, out = 120, tmp_path / "out"
     job_id, row = submit_long_job(cluster, tmp_path, total, out)
     assert row["status"] == "RUNNING" and len(detector_nodes(cluster)) == 2
     killed = _kill_worker_node()
