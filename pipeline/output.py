@@ -69,6 +69,8 @@ ERROR_SCHEMA = pa.schema([
 SOURCES_SCHEMA = pa.schema([("source", pa.string()), ("size", pa.int64()), ("version", pa.string()),
                             ("first_run", pa.int32())])
 
+JOB_RECORD, LEASE_RECORD = "_job.json", "_lease.json"  # OUTPUT/<name>: the job's record, the writer's lease
+
 # Job states, defined once: `_job.json`, the run summary, `fpn status` and `fpn list` all use these.
 STATES = {
     "running": "a writer holds the output's lease and is working",
@@ -221,7 +223,7 @@ class Output:
     def lease_token(self) -> str | None:
         """The token of the lease now recorded on the output (None: no lease)."""
         try:
-            return json.loads(self._read_small("_lease.json")).get("token")
+            return json.loads(self._read_small(LEASE_RECORD)).get("token")
         except FileNotFoundError:
             return None
         except ValueError:  # torn record (only without conditional writes): no writer can be named
@@ -370,7 +372,7 @@ class Output:
         """`_job.json` as a dict. Missing: {} with `missing_ok`, else FileNotFoundError. Torn or not JSON:
         ValueError naming it and the way out."""
         try:
-            data = self._read_small("_job.json")
+            data = self._read_small(JOB_RECORD)
         except FileNotFoundError:
             if missing_ok:
                 return {}
@@ -385,7 +387,7 @@ class Output:
                              "next fpn run with the same inputs writes it again") from None
 
     def write_job(self, doc: dict) -> None:
-        self._put(json.dumps(doc, indent=2, default=str).encode(), "_job.json")
+        self._put(json.dumps(doc, indent=2, default=str).encode(), JOB_RECORD)
 
     def read_sources(self) -> dict[str, dict]:
         """{canonical source: {size, version, first_run}} of the sources earlier runs read."""
@@ -497,7 +499,7 @@ class Lease:
 
     @property
     def _key(self) -> str:
-        return self.out._p("_lease.json")
+        return self.out._p(LEASE_RECORD)
 
     def _s3(self) -> bool:
         return self.out.url.startswith(("s3://", "s3a://"))
@@ -508,7 +510,7 @@ class Lease:
             # on S3 the ETag before the body: a record that changes in between makes the If-Match of a takeover
             # fail, which refuses (never a second writer)
             etag = self.out.fs.info(self._key, refresh=True)["ETag"] if self._s3() else None
-            return json.loads(self.out._read_small("_lease.json")), etag
+            return json.loads(self.out._read_small(LEASE_RECORD)), etag
         except FileNotFoundError:
             return None, None
         except ValueError:  # torn record (only without conditional writes): treat as stale
@@ -570,7 +572,7 @@ class Lease:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _local_put(self) -> None:
-        self.out._put(self._body(), "_lease.json")
+        self.out._put(self._body(), LEASE_RECORD)
 
     def acquire(self) -> "Lease":
         """Take the lease, or raise OutputBusyError naming the live holder."""
@@ -594,7 +596,7 @@ class Lease:
             if rec is not None and not self._stale(rec):
                 raise self._busy(rec)
             self.took_over = rec
-            self.out._put(self._body(), "_lease.json")
+            self.out._put(self._body(), LEASE_RECORD)
         if self.took_over:
             log.warning("took over the lease of %s from %s on %s (pid %s): no heartbeat for %.0f s", self.out.url,
                         self.took_over.get("owner"), self.took_over.get("host"), self.took_over.get("pid"),
@@ -613,7 +615,7 @@ class Lease:
                 rec, _ = self._read()
                 ok = rec is not None and rec.get("token") == self.record["token"]
                 if ok:
-                    self.out._put(self._body(), "_lease.json")
+                    self.out._put(self._body(), LEASE_RECORD)
         self._lost = self._lost or not ok
         return ok
 
