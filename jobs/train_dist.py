@@ -7,6 +7,7 @@ copies it to the requested output path.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 from fpn_model.train import TrainConfig
 
 __all__ = ["train_distributed"]
+
+log = logging.getLogger(__name__)
 
 
 def _loop(config: dict) -> None:
@@ -66,11 +69,16 @@ def _absolute(p: str) -> str:
 
 
 def _has_dashboard() -> bool:
-    """Whether the connected cluster runs Ray's dashboard (its address in the GCS), which serves the state API."""
+    """Whether the connected cluster runs Ray's dashboard (its address in the GCS), which serves the state API; True
+    where that cannot be read (Ray Train's defaults then stay)."""
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
 
-    return bool(_internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD))
+    try:
+        return bool(_internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD))
+    except Exception:  # noqa: BLE001 - another Ray's internals: keep its defaults
+        log.debug("cannot tell whether the cluster runs a dashboard", exc_info=True)
+        return True
 
 
 def _trainer_class():
