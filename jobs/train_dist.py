@@ -117,17 +117,21 @@ def train_distributed(tc: TrainConfig, *, workers: int, address: str | None = No
                              init=tc.init and _absolute(tc.init))
     init_ray(address)
     storage = storage_path or tempfile.mkdtemp(prefix="fpn-train-")
-    trainer = _trainer_class()(
-        _loop,
-        train_loop_config={"tc": tc, "threads": tc.threads or 1},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(storage_path=storage, name=f"fpn-train-{int(time.time())}"),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"distributed training ended without a checkpoint: {result.error}")
-    out = Path(tc.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
-        shutil.copyfile(Path(d) / "model.safetensors", out)
+    try:
+        trainer = _trainer_class()(
+            _loop,
+            train_loop_config={"tc": tc, "threads": tc.threads or 1},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(storage_path=storage, name=f"fpn-train-{int(time.time())}"),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"distributed training ended without a checkpoint: {result.error}")
+        out = Path(tc.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with result.checkpoint.as_directory() as d:
+            shutil.copyfile(Path(d) / "model.safetensors", out)
+    finally:
+        if storage_path is None:  # Ray Train's copy of the checkpoint, in a directory made here: the output has it
+            shutil.rmtree(storage, ignore_errors=True)
     return {"checkpoint": str(out), **(result.metrics or {})}

@@ -159,8 +159,11 @@ def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(tmp_pa
     of the weights. One distributed run (Ray Train's start is ~15 s of it on the 2-core host); training from scratch
     is the same loop with no checkpoint to load (tests/test_tiling_train.py trains from scratch). The embedded node
     runs no dashboard: Ray Train's placement-group cleaner is left out there (jobs/train_dist.py)."""
+    import os
+    import shutil
     import subprocess
     import sys
+    import tempfile
 
     from fpn_model.weights import load_checkpoint, read_config
 
@@ -170,10 +173,16 @@ def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(tmp_pa
     r = invoke(*common, "--steps", 1, "--seed", 7, "-o", "base.safetensors")  # not the run's seed: a start
     # from the run's own random weights instead of the init's would be far from them
     assert r.exit_code == 0, r.output
-    p = subprocess.run([sys.executable, "-c", _TRAIN_THEN_ACTORS, *common, "--steps", "2", "--workers", "2",
-                        "--init", "base.safetensors", "--ema", "0.9", "-o", "dist.safetensors"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    tmp = Path(tempfile.mkdtemp(prefix="fpnt-", dir="/tmp"))  # its TMPDIR (short: Ray's sockets go there too)
+    try:
+        p = subprocess.run([sys.executable, "-c", _TRAIN_THEN_ACTORS, *common, "--steps", "2", "--workers", "2",
+                            "--init", "base.safetensors", "--ema", "0.9", "-o", "dist.safetensors"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp)})
+        left = sorted(f.name for f in tmp.iterdir())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert left == ["ray"], left  # Ray Train's checkpoint directory (fpn-train-*) is removed once copied
     run = json.loads(p.stdout.strip().splitlines()[-1])
     assert run["exit_code"] == 0 and "on 2 workers" in run["output"], run
     assert "TrainController" in run["actors"] and "PlacementGroupCleaner" not in run["actors"], run["actors"]
