@@ -177,7 +177,8 @@ def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(tmp_pa
     try:
         p = subprocess.run([sys.executable, "-c", _TRAIN_THEN_ACTORS, *common, "--steps", "2", "--workers", "2",
                             "--init", "base.safetensors", "--ema", "0.9", "-o", "dist.safetensors"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp)})
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "TMPDIR": str(tmp)})
         left = sorted(f.name for f in tmp.iterdir())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -196,4 +197,5 @@ def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(tmp_pa
         return sum(float(t.double().norm()) ** 2 for t in tensors) ** 0.5
 
     moved = norm(tuned[k] - init[k] for k in tuned if tuned[k].is_floating_point())
-    assert 0 < moved < 0.1 * norm(init.values())  # fine-tuned: near the init's weights, and moved
+    assert 0 < moved < 0.1 * norm(init.values())  # fine-tuned: near the init's weights (4e-4 of them; a start
+    # from the run's own seed instead: 1.1), and moved
