@@ -1,12 +1,12 @@
 """Annotations (Pascal-VOC XML, COCO JSON) and the training-crop sampler.
 
 Large aerial images are not resized to fit a network: training samples crops at (near) native
-resolution, so a 10 px crown stays 10 px.
+resolution, so a 10 px crown stays 10 px. Each sample applies a random scale (jitter), one of the
+8 flips/90-degree rotations (aerial imagery has no "up"), colour jitter and occasional greyscale.
 
 Torch is imported by the sampler's functions, not by the module: reading annotations and images
 (`load_annotations`, `read_image`) is done in drivers that never run a model (`fpn demo`), where
-importing torch cost 2-4 s and about 500 MiB. Each sample applies a random scale (jitter), one of the
-8 flips/90-degree rotations (aerial imagery has no "up"), colour jitter and occasional greyscale.
+importing torch cost 2-4 s and about 500 MiB.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import random
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
