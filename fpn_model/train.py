@@ -85,8 +85,9 @@ def build_model(tc: TrainConfig, items: list[Annotated]) -> nn.Module:
     return model
 
 
-def make_sampler(tc: TrainConfig, items: list[Annotated], *, seed: int) -> CropSampler:
-    return CropSampler(items, crop=tc.crop, scale_range=tc.scale_range, colour=tc.colour, grey=tc.grey,
+def make_sampler(tc: TrainConfig, items: list[Annotated], *, seed: int, images: list | None = None) -> CropSampler:
+    """`tc`'s crop sampler over `items` (their images read from their paths, unless given in memory)."""
+    return CropSampler(items, images=images, crop=tc.crop, scale_range=tc.scale_range, colour=tc.colour, grey=tc.grey,
                        saturation_min=tc.saturation_min, rare=tc.rare, seed=seed)
 
 

@@ -139,6 +139,17 @@ def test_a_cluster_with_a_dashboard_keeps_ray_trains_placement_group_cleaner(ray
     assert _has_dashboard() and _trainer_class() is TorchTrainer
 
 
+def test_distributed_training_of_a_missing_annotation_file_fails_in_one_line_before_ray_starts(tmp_path, monkeypatch):
+    """The driver reads the training data for its workers (jobs/train_dist.py): a wrong path is its one-line error,
+    before Ray is started or joined for it."""
+    joined = []
+    monkeypatch.setattr("jobs.runner.init_ray", lambda *a, **k: joined.append(a))
+    r = CliRunner().invoke(cli, ["train", "--train", str(tmp_path / "nope.xml"), "--workers", "2",
+                                 "-o", str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 1 and r.output == f"Error: annotation file {tmp_path / 'nope.xml'} does not exist\n"
+    assert joined == []
+
+
 # `fpn train ARGS` in a fresh process, as a user runs it (its own embedded Ray), then the classes of the actors
 # that ran on that Ray (from the GCS), before the process ends
 _TRAIN_THEN_ACTORS = """

@@ -29,12 +29,18 @@ def cluster_dir():
 
 
 @pytest.fixture(scope="module")
-def cluster(cluster_dir):
+def gcs_port():
+    """The head's GCS port (what `ray start --address` and a driver's `ray.init` join)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_dir, gcs_port):
     """A head and one worker with token auth on, their token in a file of this cluster's own
     (RAY_AUTH_TOKEN_PATH for the nodes, the jobs they run and this test's clients). Both nodes run on this
     2-core machine, so each offers 1 CPU: with 2 each, their detectors ran 4 torch threads on 2 cores and a
     65-frame job took 83.5 s instead of 47.6."""
-    port, dash = _free_port(), _free_port()
+    port, dash = gcs_port, _free_port()
     d = str(cluster_dir)
     cluster_dir.mkdir(parents=True)
     token = cluster_dir / "auth_token"
@@ -237,7 +243,7 @@ def _kill_worker_node(name: str = "node_worker_1") -> int:
 
 
 def test_a_worker_node_lost_mid_job_loses_no_frame(cluster, tmp_path):
-    """Runs last in this module: the cluster has one node less afterwards. The job finishes on the head (Ray
+    """The cluster has one node less afterwards (the next test counts the nodes). The job finishes on the head (Ray
     retries the lost tasks and restarts the detector actor there) or, where it fails, a resume completes it:
     every frame once either way."""
     total, out = 120, tmp_path / "out"
@@ -257,3 +263,85 @@ def test_a_worker_node_lost_mid_job_loses_no_frame(cluster, tmp_path):
            f"{first}: Ray re-ran lost tasks, restarted the detector on the head", expected=total, frames=t,
            errors=0, exit_code=0)
     assert sorted(t.column("frame_index").to_pylist()) == list(range(total))  # all, none twice
+
+
+def _mount_namespace_of_its_own() -> bool:
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+def _join_from_a_filesystem_of_its_own(gcs_port: int, hidden: Path) -> str:
+    """Start a Ray node that joins the cluster from a mount namespace of its own in which `hidden` is an empty
+    tmpfs: a machine that sees none of the driver's files there (it shares the code, as nodes of one image do).
+    Returns the namespace (`/proc/PID/ns/mnt`) its processes run in."""
+    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
+    script = ('mount -t tmpfs -o size=1m fpn-private "$1" && readlink /proc/self/ns/mnt && '
+              'ray start --address "127.0.0.1:$2" --node-ip-address 127.0.0.1 --num-cpus 1 --num-gpus 0 '
+              '--resources \'{"node_private": 1}\' --min-worker-port 25000 --max-worker-port 25999 '
+              '--dashboard-agent-listen-port "$3" >/dev/null 2>&1 && echo joined')
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "bash", str(hidden),
+                        str(gcs_port), str(_free_port())], capture_output=True, text=True, env=env, timeout=180)
+    namespace, *rest = p.stdout.split()
+    assert rest == ["joined"], (p.stdout, p.stderr)
+    return namespace
+
+
+def _stop_namespace(namespace: str) -> int:
+    """SIGKILL every process of the mount namespace `namespace` (that node's raylet, workers, agents)."""
+    import psutil
+
+    killed = 0
+    for p in psutil.process_iter():
+        try:
+            if os.readlink(f"/proc/{p.pid}/ns/mnt") == namespace:
+                p.kill()
+                killed += 1
+        except (OSError, psutil.Error):
+            pass
+    return killed
+
+
+@pytest.mark.skipif(not _mount_namespace_of_its_own(), reason="needs `unshare --mount` (root or user namespaces)")
+def test_training_on_nodes_that_share_no_files_with_the_driver(cluster, gcs_port, tmp_path):
+    """`fpn train --workers N --address` with a worker on a node that cannot see the driver's annotations, images,
+    `--init` checkpoint or temporary directory (a mount namespace of its own, where the test's directory is empty):
+    the driver hands the workers the data and weights through Ray and gets the checkpoint back the same way, so the
+    run neither needs a shared filesystem nor leaves its Ray Train directory behind. One worker per live node (each
+    offers 1 CPU), so one rank runs on that node."""
+    import sys
+    import tempfile
+
+    from fpn_model.weights import load_checkpoint, read_config
+    from test_cli import _soap_crop
+
+    _soap_crop(tmp_path)
+    common = ["train", "--train", str(tmp_path / "crop.xml"), "--single-class", "Tree", "--batch-size", "1", "--crop", "96"]
+    r = CliRunner().invoke(cli, [*common, "--steps", "1", "--seed", "7", "-o", str(tmp_path / "base.safetensors")])
+    assert r.exit_code == 0, r.output
+    namespace = _join_from_a_filesystem_of_its_own(gcs_port, tmp_path)
+    try:
+        ray = str(Path(os.sys.executable).parent / "ray")
+        listed = subprocess.run([ray, "list", "nodes", "--address", cluster, "--format", "json", "--detail"],
+                                capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
+        nodes = [n for n in json.loads(listed.stdout) if n["state"] == "ALIVE"]
+        private = [n["node_id"] for n in nodes if "node_private" in n["resources_total"]]
+        assert len(private) == 1 and len(nodes) >= 2, nodes
+        tmp = Path(tempfile.mkdtemp(dir=tmp_path))  # the driver's TMPDIR (Ray Train's directory goes there)
+        p = subprocess.run([sys.executable, "-m", "jobs.cli", *common, "--steps", "2", "--workers", str(len(nodes)),
+                            "--address", f"127.0.0.1:{gcs_port}", "--init", "base.safetensors", "--ema", "0.9",
+                            "-o", "dist.safetensors"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(REPO)})
+        workers = subprocess.run([ray, "list", "actors", "--address", cluster, "--format", "json", "--detail",
+                                  "--limit", "1000", "--filter", "class_name=RayTrainWorker"],
+                                 capture_output=True, text=True, timeout=120,
+                                 env={**os.environ, "RAY_AUTH_MODE": "token"})
+    finally:
+        _stop_namespace(namespace)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"on {len(nodes)} workers" in p.stdout and "step      1  loss" in p.stderr, (p.stdout, p.stderr[-2000:])
+    assert private[0] in {a["node_id"] for a in json.loads(workers.stdout)}  # a rank ran on the private node
+    assert list(tmp.iterdir()) == []  # Ray Train's directory of the run, removed
+    model, base = load_checkpoint(tmp_path / "dist.safetensors"), load_checkpoint(tmp_path / "base.safetensors")
+    assert read_config(tmp_path / "dist.safetensors")[1]["train"]["distributed"]["workers"] == len(nodes)
+    tuned, init = model.state_dict(), base.state_dict()
+    moved = sum(float((tuned[k] - init[k]).double().norm()) ** 2 for k in tuned if tuned[k].is_floating_point())
+    assert 0 < moved ** 0.5 < 0.1 * sum(float(t.double().norm()) ** 2 for t in init.values()) ** 0.5  # from --init
