@@ -4,6 +4,7 @@ actors on both nodes."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import uuid
@@ -23,9 +24,14 @@ SCRIPT = REPO / "cluster" / "local-cluster.sh"
 
 
 @pytest.fixture(scope="module")
-def cluster_dir():
-    """The cluster's --dir: its temp dir, logs and unpacked job working dirs."""
-    return Path(f"/tmp/fpnt-{uuid.uuid4().hex[:6]}")
+def cluster_dir(request):
+    """The cluster's --dir: its temp dir, logs and unpacked job working dirs (~7 MB); removed after the module
+    unless one of its tests failed (then kept for its logs)."""
+    d = Path(f"/tmp/fpnt-{uuid.uuid4().hex[:6]}")
+    failed = request.session.testsfailed
+    yield d
+    if request.session.testsfailed == failed:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
