@@ -69,18 +69,21 @@ def read_image_size(a: Annotated) -> tuple[int, int]:
         return im.height, im.width
 
 
-def evaluate(predictor: Predictor, items: list[Annotated], *, views: int = 1) -> dict[str, float]:
+def evaluate(predictor: Predictor, items: list[Annotated], *, views: int = 1,
+             images: list[np.ndarray] | None = None) -> dict[str, float]:
     """Run `predictor` on every image of `items` (one at a time; large ones tiled) and score it.
 
-    `views` 8: the mean of each metric over the 8 flips/rotations of the images (plus `AP50_sd`).
+    `views` 8: the mean of each metric over the 8 flips/rotations of the images (plus `AP50_sd`). `images`: the
+    items' pixels `[H, W, 3]` uint8 where they are already in memory (else read from their paths).
     """
     if views not in (1, 8):
         raise ValueError(f"views must be 1 or 8, got {views}")
-    images = [torch.from_numpy(read_image(a.image_path)).permute(2, 0, 1) for a in items]
+    arrays = images if images is not None else [read_image(a.image_path) for a in items]
+    chw = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]
     per_view = []
     for k in range(views):
         turned, preds, sizes = [], [], []
-        for a, img in zip(items, images):
+        for a, img in zip(items, chw):
             pixels, boxes = dihedral(img, torch.from_numpy(a.boxes).reshape(-1, 4), k)
             det = predictor([pixels.permute(1, 2, 0).numpy()])[0]
             preds.append((det.boxes, det.scores, det.labels))

@@ -1,8 +1,8 @@
 """Training loop: random crops from annotated images, AdamW with warm-up and cosine decay.
 
-`train(TrainConfig)` is the single-process loop behind `fpn train`; `train_step` is the piece a
-distributed trainer (Ray Train) calls on each worker. Progress goes to the `log` callback
-(the CLI prints it); the best checkpoint by validation AP50 and the last one are written.
+`train(TrainConfig)` is the loop behind `fpn train`, in one process or on each rank of a data-parallel run (Ray
+Train, jobs/train_dist.py: the same options either way). Progress goes to the `log` callback (the CLI prints it);
+the best checkpoint by validation AP50 and the last one are written.
 """
 from __future__ import annotations
 
@@ -10,23 +10,25 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import ModelConfig
-from .data import Annotated, CropSampler, load_annotations
+from .data import Annotated, CropSampler, load_annotations, read_image
 from .detectors import build_detector
 from .evaluate import evaluate
 from .predict import Predictor, TileConfig
 from .weights import load_checkpoint, save_checkpoint
 
-__all__ = ["TrainConfig", "train", "train_step", "make_optimizer", "make_sampler", "make_ema", "build_model", "lr_at",
-           "model_config_for"]
+__all__ = ["TrainConfig", "TrainData", "train", "train_step", "make_optimizer", "make_sampler", "make_ema", "build_model",
+           "lr_at", "model_config_for", "output_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +79,45 @@ def model_config_for(tc: TrainConfig, items: list[Annotated]) -> ModelConfig:
     return tc.model.replace(num_classes=len(class_names) + 1, class_names=class_names)
 
 
-def build_model(tc: TrainConfig, items: list[Annotated]) -> nn.Module:
-    """The detector to train: fresh weights, or `tc.init`'s for fine-tuning."""
+def build_model(tc: TrainConfig, items: list[Annotated], state: dict | None = None) -> nn.Module:
+    """The detector to train: `state`'s weights where given, else fresh ones or `tc.init`'s (fine-tuning)."""
     model = build_detector(model_config_for(tc, items))
-    if tc.init:
-        model.load_state_dict(load_checkpoint(tc.init).state_dict())
+    if state is not None or tc.init:
+        model.load_state_dict(state if state is not None else load_checkpoint(tc.init).state_dict())
     return model
+
+
+@dataclass
+class TrainData:
+    """What `train` otherwise reads from `tc`'s paths: the annotations, their pixels `[H, W, 3]` uint8 (training
+    and validation) and the first weights. A distributed worker gets it from its driver (jobs/train_dist.py), so
+    that no worker reads the driver's files."""
+
+    items: list[Annotated]
+    images: list[np.ndarray]
+    val_items: list[Annotated] = field(default_factory=list)
+    val_images: list[np.ndarray] = field(default_factory=list)
+    state: dict | None = None
+
+    @classmethod
+    def read(cls, tc: TrainConfig, *, first_weights: bool = False) -> TrainData:
+        """`tc`'s annotations and images; with `first_weights`, also the model's first weights (fresh from
+        `tc.seed`, or `tc.init`'s), which `train` otherwise makes itself."""
+        items = load_annotations(list(tc.train), single_class=tc.single_class)
+        val_items = load_annotations(list(tc.val), single_class=tc.single_class) if tc.val else []
+        state = None
+        if first_weights:
+            torch.manual_seed(tc.seed)
+            state = build_model(tc, items).state_dict()
+        return cls(items, [read_image(a.image_path) for a in items], val_items,
+                   [read_image(a.image_path) for a in val_items], state)
+
+
+def output_paths(output: str | Path) -> tuple[Path, Path, Path]:
+    """Where `train` writes: the best checkpoint (by validation AP50; the last without validation), the last one,
+    and the summary JSON."""
+    out = Path(output)
+    return out, out.with_name(out.stem + ".last.safetensors"), out.with_suffix(".train.json")
 
 
 def make_sampler(tc: TrainConfig, items: list[Annotated], *, seed: int, images: list | None = None) -> CropSampler:
@@ -127,53 +162,74 @@ def _dtype(name: str) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> dict:
-    """Train `tc.model` on `tc.train`; returns the summary (also written next to the checkpoint)."""
+def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None, data: TrainData | None = None,
+          wrap: Callable[[nn.Module], nn.Module] | None = None, write_to: str | Path | None = None) -> dict:
+    """Train `tc.model` on `tc.train`; returns the summary (also written next to the checkpoint).
+
+    Data-parallel where `torch.distributed` is initialised (a Ray Train worker, jobs/train_dist.py): every rank runs
+    this loop on crops of its own (seed + rank), `wrap` makes the model a DDP replica, ranks agree on the progress of
+    a `tc.minutes` budget so they take the same number of steps, and rank 0 alone logs, validates and writes (other
+    ranks return an empty summary). `data`: what is otherwise read from `tc`'s paths (`TrainData.read`).
+    `write_to`: a directory to write the files in, under `tc.output`'s names, instead of where `tc.output` says
+    (the summary still names `tc.output`'s: a distributed worker's driver moves them there).
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    items = load_annotations(list(tc.train), single_class=tc.single_class)
-    val_items: list[Annotated] = load_annotations(list(tc.val), single_class=tc.single_class) if tc.val else []
-    model = build_model(tc, items)
-    sampler = make_sampler(tc, items, seed=tc.seed)
-    opt = make_optimizer(model, tc)
-    ema = make_ema(model, tc)
+    if data is None:
+        data = TrainData.read(tc)
+    torch.manual_seed(tc.seed + rank)
+    model = build_model(tc, data.items, data.state)
+    sampler = make_sampler(tc, data.items, images=data.images, seed=tc.seed + rank)
+    val_items, val_images = (data.val_items, data.val_images) if rank == 0 else ([], [])
+    del data
+    trained = wrap(model) if wrap is not None else model  # a DDP replica wraps the model, which stays the weights
+    device = next(trained.parameters()).device
+    opt = make_optimizer(trained, tc)
+    ema = make_ema(model, tc) if rank == 0 else None  # DDP keeps the replicas equal: one average suffices
     product = ema.module if ema is not None else model  # the weights that are evaluated and saved
-    out = Path(tc.output)
-    best_path = out
-    last_path = out.with_name(out.stem + ".last.safetensors")
+    named = output_paths(tc.output)
+    best_path, last_path, summary_path = output_paths(Path(write_to) / named[0].name) if write_to else named
     history: list[dict] = []
     best = {"AP50": -1.0}
     start = time.monotonic()
     step = 0
-    emit = log_fn or (lambda rec: log.info("%s", rec))
+    emit = (log_fn or (lambda rec: log.info("%s", rec))) if rank == 0 else (lambda rec: None)
+    trained_as = {**_summary(tc), "workers": world}
 
     def progress() -> float:
-        if tc.minutes is not None:
-            return (time.monotonic() - start) / (tc.minutes * 60)
-        return step / tc.steps
+        if tc.minutes is None:
+            return step / tc.steps
+        elapsed = torch.tensor((time.monotonic() - start) / (tc.minutes * 60), device=device)
+        if distributed:  # the furthest rank's clock: all stop at the same step
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return float(elapsed)
 
     def validate() -> None:
         nonlocal best
         if not val_items:
             return
         metrics = evaluate(Predictor(product, tile=TileConfig(size=tc.val_tile, overlap=tc.val_tile // 8)), val_items,
-                           views=tc.val_views)
+                           views=tc.val_views, images=val_images)
         model.train()
         rec = {"step": step, "minutes": round((time.monotonic() - start) / 60, 2), **{k: round(v, 4) for k, v in metrics.items()}}
         history.append(rec)
         emit({"event": "eval", **rec})
         if metrics["AP50"] > best["AP50"]:
             best = rec
-            save_checkpoint(product, best_path, dtype=_dtype(tc.save_dtype), extra={"val": rec, "train": _summary(tc)})
+            save_checkpoint(product, best_path, dtype=_dtype(tc.save_dtype), extra={"val": rec, "train": trained_as})
 
-    model.train()
-    while progress() < 1.0 and (tc.minutes is not None or step < tc.steps):
+    trained.train()
+    while (done := progress()) < 1.0 and (tc.minutes is not None or step < tc.steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(progress(), step, tc)
+            g["lr"] = lr_at(done, step, tc)
         images, targets = sampler.batch(tc.batch_size)
+        if device.type != "cpu":
+            images = [i.to(device) for i in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         t0 = time.monotonic()
-        losses = train_step(model, opt, images, targets, tc.clip)
+        losses = train_step(trained, opt, images, targets, tc.clip)
         if ema is not None:
             ema.update_parameters(model)
         step += 1
@@ -183,13 +239,15 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None) -> d
                   **{k: round(v, 4) for k, v in losses.items()}})
         if step % tc.eval_every == 0:
             validate()
+    if rank != 0:
+        return {}
     validate()
-    save_checkpoint(product, last_path, dtype=_dtype(tc.save_dtype), extra={"train": _summary(tc)})
+    save_checkpoint(product, last_path, dtype=_dtype(tc.save_dtype), extra={"train": trained_as})
     if not val_items:
-        save_checkpoint(product, best_path, dtype=_dtype(tc.save_dtype), extra={"train": _summary(tc)})
-    summary = {"steps": step, "minutes": round((time.monotonic() - start) / 60, 2), "best": best,
-               "history": history, "checkpoint": str(best_path), "last": str(last_path), "config": _summary(tc)}
-    out.with_suffix(".train.json").write_text(json.dumps(summary, indent=2))
+        save_checkpoint(product, best_path, dtype=_dtype(tc.save_dtype), extra={"train": trained_as})
+    summary = {"steps": step, "minutes": round((time.monotonic() - start) / 60, 2), "workers": world, "best": best,
+               "history": history, "checkpoint": str(named[0]), "last": str(named[1]), "config": _summary(tc)}
+    summary_path.write_text(json.dumps(summary, indent=2))
     return summary
 
 

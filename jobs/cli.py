@@ -677,7 +677,9 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
               "annotations and record them in the checkpoint when they keep AP50 on --val within its spread over 8 "
               "views, as `fpn eval --limits-from --record` does.")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
-@click.option("--workers", type=int, default=0, help="Ray Train workers (DDP; one CPU each, nodes need share no files); 0 trains in this process.")
+@click.option("--workers", type=int, default=0,
+              help="Ray Train workers (DDP; one CPU each; every option as in one process; nodes need share no files); "
+              "0 trains in this process.")
 @click.option("--use-gpu", is_flag=True, help="With --workers: one GPU per worker (DDP over nccl).")
 @_fail_cleanly
 def train(train_paths, val_paths, preset_name, sets, single_class, output, steps, minutes, batch_size, crop, scale_min,
@@ -707,15 +709,12 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
     if workers:
         from jobs.train_dist import train_distributed
 
-        result = train_distributed(tc, workers=workers, address=address, use_gpu=use_gpu, log_fn=show)
-        click.echo(f"checkpoint: {result['checkpoint']} ({result.get('step')} steps on {result.get('workers')} "
-                   f"workers, final loss {result.get('loss', float('nan')):.4f})")
-        if size_limits and val_paths:
-            _size_trained_limits(result["checkpoint"], train_paths, val_paths, single_class)
-        return
-    summary = run_train(tc, log_fn=show)
+        summary = train_distributed(tc, workers=workers, address=address, use_gpu=use_gpu, log_fn=show)
+    else:
+        summary = run_train(tc, log_fn=show)
     click.echo(f"checkpoint: {summary['checkpoint']} (best AP50 {summary['best'].get('AP50')}); "
-               f"last: {summary['last']}; {summary['steps']} steps in {summary['minutes']} min")
+               f"last: {summary['last']}; {summary['steps']} steps in {summary['minutes']} min"
+               + (f" on {summary['workers']} workers" if workers else ""))
     if size_limits and val_paths:
         _size_trained_limits(summary["checkpoint"], train_paths, val_paths, single_class)
 

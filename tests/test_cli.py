@@ -167,9 +167,11 @@ print(json.dumps({"exit_code": r.exit_code, "output": r.output,
 def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
     """`fpn train --workers 2` on the embedded Ray it starts: Ray Train DDP (gloo) on a crop of the shared aerial
     data, fine-tuning a checkpoint given by a relative path (trained here in this process), with a moving average
-    of the weights. One distributed run (Ray Train's start is ~15 s of it on the 2-core host); training from scratch
-    is the same loop with no checkpoint to load (tests/test_tiling_train.py trains from scratch). The embedded node
-    runs no dashboard: Ray Train's placement-group cleaner is left out there (jobs/train_dist.py)."""
+    of the weights, a time budget (the ranks agree when it is spent, or one would wait for the other for ever) and
+    validation (rank 0's: the best checkpoint, the last and the summary, as in one process). One distributed run
+    (Ray Train's start is ~15 s of it on the 2-core host); training from scratch is the same loop with no
+    checkpoint to load (tests/test_tiling_train.py trains from scratch). The embedded node runs no dashboard: Ray
+    Train's placement-group cleaner is left out there (jobs/train_dist.py)."""
     import os
     import shutil
     import subprocess
@@ -186,9 +188,10 @@ def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(tmp_pa
     assert r.exit_code == 0, r.output
     tmp = Path(tempfile.mkdtemp(prefix="fpnt-", dir="/tmp"))  # its TMPDIR (short: Ray's sockets go there too)
     try:
-        p = subprocess.run([sys.executable, "-c", _TRAIN_THEN_ACTORS, *common, "--steps", "2", "--workers", "2",
-                            "--init", "base.safetensors", "--ema", "0.9", "-o", "dist.safetensors"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        p = subprocess.run([sys.executable, "-c", _TRAIN_THEN_ACTORS, *common, "--minutes", "0.1", "--workers", "2",
+                            "--init", "base.safetensors", "--ema", "0.9", "--val", "crop.xml", "--eval-every", "4",
+                            "--no-size-limits", "-o", "dist.safetensors"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "TMPDIR": str(tmp)})
         left = sorted(f.name for f in tmp.iterdir())
     finally:
@@ -196,11 +199,17 @@ def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(tmp_pa
     assert p.returncode == 0, p.stderr[-3000:]
     assert left == ["ray"], left  # Ray Train's checkpoint directory (fpn-train-*) is removed once copied
     run = json.loads(p.stdout.strip().splitlines()[-1])
-    assert run["exit_code"] == 0 and "on 2 workers" in run["output"], run
+    assert run["exit_code"] == 0 and "on 2 workers" in run["output"] and "eval @ 4: AP" in run["output"], run
+    summary = json.loads((tmp_path / "dist.train.json").read_text())
+    assert summary["workers"] == 2 and summary["steps"] >= 4 and summary["checkpoint"] == "dist.safetensors"
+    assert [h["step"] for h in summary["history"]][-1] == summary["steps"]  # validated every 4 steps and at the end
+    assert summary["config"]["output"] == "dist.safetensors" and summary["best"]["AP50"] >= 0
+    assert (tmp_path / "dist.last.safetensors").is_file()
     assert "TrainController" in run["actors"] and "PlacementGroupCleaner" not in run["actors"], run["actors"]
     model, base = load_checkpoint(tmp_path / "dist.safetensors"), load_checkpoint(tmp_path / "base.safetensors")
     assert model.config.class_names == ("Tree",)
-    assert read_config(tmp_path / "dist.safetensors")[1]["train"]["distributed"]["workers"] == 2
+    meta = read_config(tmp_path / "dist.safetensors")[1]
+    assert meta["train"]["workers"] == 2 and meta["val"] == summary["best"]
     tuned, init = model.state_dict(), base.state_dict()
     assert tuned.keys() == init.keys()
 

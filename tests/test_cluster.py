@@ -347,7 +347,7 @@ def test_training_on_nodes_that_share_no_files_with_the_driver(cluster, gcs_port
     assert private[0] in {a["node_id"] for a in json.loads(workers.stdout)}  # a rank ran on the private node
     assert list(tmp.iterdir()) == []  # Ray Train's directory of the run, removed
     model, base = load_checkpoint(tmp_path / "dist.safetensors"), load_checkpoint(tmp_path / "base.safetensors")
-    assert read_config(tmp_path / "dist.safetensors")[1]["train"]["distributed"]["workers"] == len(nodes)
+    assert read_config(tmp_path / "dist.safetensors")[1]["train"]["workers"] == len(nodes)
     tuned, init = model.state_dict(), base.state_dict()
     moved = sum(float((tuned[k] - init[k]).double().norm()) ** 2 for k in tuned if tuned[k].is_floating_point())
     assert 0 < moved ** 0.5 < 0.1 * sum(float(t.double().norm()) ** 2 for t in init.values()) ** 0.5  # from --init
