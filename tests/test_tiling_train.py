@@ -206,6 +206,47 @@ def test_a_few_training_steps_write_a_loadable_checkpoint(tmp_path):
     assert summary["history"] and set(summary["history"][0]) >= {"AP50", "AP_S"}
 
 
+# One rank of a two-process data-parallel `train` with a time budget (gloo over a file store, no Ray); rank 1's clock
+# runs `fast` times as fast, so alone it would spend the budget steps before rank 0 does
+_RANK = """
+import datetime, json, sys, time
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from fpn_model.config import preset
+from fpn_model.train import TrainConfig, train
+rank, store, out, xml, fast = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=30))
+if rank == 1:
+    real, t0 = time.monotonic, time.monotonic()
+    time.monotonic = lambda: t0 + (real() - t0) * fast
+tc = TrainConfig(model=preset("trees"), train=(xml,), single_class="Tree", output=out, minutes=0.05, batch_size=1,
+                 crop=64, threads=1)
+summary = train(tc, wrap=lambda m: DistributedDataParallel(m, find_unused_parameters=True))
+print(json.dumps({"rank": rank, "steps": summary.get("steps"), "workers": summary.get("workers")}))
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_spend_a_time_budget_together(tmp_path):
+    """`train` under torch.distributed with `minutes`: the ranks agree on the budget's progress (the furthest
+    clock), so all stop at the same step; a rank that stopped alone would leave the other waiting in DDP's
+    all-reduce (here: an error after gloo's 30 s; under Ray Train, 30 minutes). Rank 0 alone writes."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.safetensors"
+    ranks = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), str(tmp_path / "store"), str(out), str(SOAP_XML),
+                               "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    done = [p.communicate(timeout=240) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], [e[-2000:] for _, e in done]
+    first, second = (json.loads(o.strip().splitlines()[-1]) for o, _ in done)
+    assert first["workers"] == 2 and first["steps"] >= 1 and second["steps"] is None  # rank 1 writes no summary
+    assert load_checkpoint(out).config.class_names == ("Tree",)
+    assert json.loads(out.with_suffix(".train.json").read_text())["steps"] == first["steps"]
+
+
 def test_ema_is_what_training_evaluates_and_saves(tmp_path):
     """torch's AveragedModel starts from the weights after the first step; with a decay of ~1 it stays
     there, so 3 steps with EMA save the weights of 1 step without, and not those of 3 steps without."""
