@@ -210,8 +210,9 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None, data
         nonlocal best
         if not val_items:
             return
-        metrics = evaluate(Predictor(product, tile=TileConfig(size=tc.val_tile, overlap=tc.val_tile // 8)), val_items,
-                           views=tc.val_views, images=val_images)
+        predictor = Predictor(product, device=device, tile=TileConfig(size=tc.val_tile, overlap=tc.val_tile // 8))
+        metrics = evaluate(predictor, val_items, views=tc.val_views, images=val_images)  # where it trains: a
+        # Predictor moves the model it is given to its device
         model.train()
         rec = {"step": step, "minutes": round((time.monotonic() - start) / 60, 2), **{k: round(v, 4) for k, v in metrics.items()}}
         history.append(rec)

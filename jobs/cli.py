@@ -712,7 +712,9 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
         summary = train_distributed(tc, workers=workers, address=address, use_gpu=use_gpu, log_fn=show)
     else:
         summary = run_train(tc, log_fn=show)
-    click.echo(f"checkpoint: {summary['checkpoint']} (best AP50 {summary['best'].get('AP50')}); "
+    chosen = f"best AP50 {summary['best']['AP50']} at step {summary['best']['step']}" if summary["history"] else \
+        "no validation: the last weights"
+    click.echo(f"checkpoint: {summary['checkpoint']} ({chosen}); "
                f"last: {summary['last']}; {summary['steps']} steps in {summary['minutes']} min"
                + (f" on {summary['workers']} workers" if workers else ""))
     if size_limits and val_paths:

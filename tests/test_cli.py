@@ -204,6 +204,8 @@ def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(tmp_pa
     assert summary["workers"] == 2 and summary["steps"] >= 4 and summary["checkpoint"] == "dist.safetensors"
     assert [h["step"] for h in summary["history"]][-1] == summary["steps"]  # validated every 4 steps and at the end
     assert summary["config"]["output"] == "dist.safetensors" and summary["best"]["AP50"] >= 0
+    assert f"checkpoint: dist.safetensors (best AP50 {summary['best']['AP50']} at step {summary['best']['step']})" \
+        in run["output"]
     assert (tmp_path / "dist.last.safetensors").is_file()
     assert "TrainController" in run["actors"] and "PlacementGroupCleaner" not in run["actors"], run["actors"]
     model, base = load_checkpoint(tmp_path / "dist.safetensors"), load_checkpoint(tmp_path / "base.safetensors")
