@@ -661,7 +661,8 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
 @click.option("--eval-every", type=int, default=150, show_default=True)
 @click.option("--val-views", type=click.Choice(["1", "8"]), default="8", show_default=True,
               help="Validation metrics (and the best-checkpoint choice) averaged over 8 flips/rotations, or 1.")
-@click.option("--threads", type=int, help="torch CPU threads.")
+@click.option("--threads", type=int,
+              help="torch CPU threads (with --workers: each worker's; default: its node's CPUs shared by the workers there).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--init", "init", help="Start from this checkpoint's weights (fine-tuning; same architecture).")
 @click.option("--colour", type=float, default=0.3, show_default=True, help="Colour jitter strength.")

@@ -11,6 +11,7 @@ directory), for files of tens of MB that Ray carries as well.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -35,13 +36,27 @@ def _loop(config: dict) -> None:
 
     tc: TrainConfig = config["tc"]
     inbox = config["inbox"]  # to the driver: progress records, then the files rank 0 wrote
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    if not tc.threads:  # recorded in the summary's config: what each worker ran with
+        tc = dataclasses.replace(tc, threads=_threads_per_worker())
+    torch.set_num_threads(tc.threads)
     with tempfile.TemporaryDirectory() as d:
         summary = train(tc, log_fn=inbox.put, data=ray.get(config["data"]), write_to=d,
                         wrap=lambda m: prepare_model(m, parallel_strategy_kwargs={"find_unused_parameters": True}))
         if summary:  # rank 0: the files it wrote, by their names under tc.output
             files = {p.name: p.read_bytes() for p in output_paths(Path(d) / Path(tc.output).name)}
             inbox.put({"event": "done", "summary": summary, "files": files})
+
+
+def _threads_per_worker() -> int:
+    """torch threads for this training worker: its node's CPUs shared by the workers there. Ray starts a worker that
+    reserves 1 CPU with OMP_NUM_THREADS=1, and torch follows it: a worker alone on a 16-CPU node (or each of 2 on a
+    2-GPU node of 32 CPUs) used 1 core for its forward and backward passes and its crops' augmentation."""
+    import ray
+    import ray.train
+
+    here = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here), 1)
+    return max(1, int(cpus // ray.train.get_context().get_local_world_size()))
 
 
 def _has_dashboard() -> bool:
@@ -118,7 +133,7 @@ def train_distributed(tc: TrainConfig, *, workers: int, address: str | None = No
     try:
         trainer = _trainer_class()(
             _loop,
-            train_loop_config={"tc": tc, "threads": tc.threads or 1, "data": ray.put(data), "inbox": inbox},
+            train_loop_config={"tc": tc, "data": ray.put(data), "inbox": inbox},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(storage_path=storage, name=f"fpn-train-{int(time.time())}"),
         )

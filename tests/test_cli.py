@@ -157,8 +157,9 @@ import json, sys
 from click.testing import CliRunner
 from jobs.cli import cli
 r = CliRunner().invoke(cli, sys.argv[1:], catch_exceptions=False)
+import ray
 from ray._private.state import actors
-print(json.dumps({"exit_code": r.exit_code, "output": r.output,
+print(json.dumps({"exit_code": r.exit_code, "output": r.output, "cpus": ray.cluster_resources().get("CPU"),
                   "actors": sorted(a["ActorClassName"] for a in actors().values())}))
 """
 
@@ -202,6 +203,7 @@ def test_distributed_training_on_two_workers_writes_a_loadable_checkpoint(tmp_pa
     assert run["exit_code"] == 0 and "on 2 workers" in run["output"] and "eval @ 4: AP" in run["output"], run
     summary = json.loads((tmp_path / "dist.train.json").read_text())
     assert summary["workers"] == 2 and summary["steps"] >= 4 and summary["checkpoint"] == "dist.safetensors"
+    assert summary["config"]["threads"] == max(1, int(run["cpus"]) // 2)  # the node's CPUs shared by its 2 workers
     assert [h["step"] for h in summary["history"]][-1] == summary["steps"]  # validated every 4 steps and at the end
     assert summary["config"]["output"] == "dist.safetensors" and summary["best"]["AP50"] >= 0
     assert f"checkpoint: dist.safetensors (best AP50 {summary['best']['AP50']} at step {summary['best']['step']})" \
