@@ -717,7 +717,7 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
         "no validation: the last weights"
     click.echo(f"checkpoint: {summary['checkpoint']} ({chosen}); "
                f"last: {summary['last']}; {summary['steps']} steps in {summary['minutes']} min"
-               + (f" on {summary['workers']} workers" if workers else ""))
+               + (f" on {summary['workers']} worker{'s' * (summary['workers'] != 1)}" if workers else ""))
     if size_limits and val_paths:
         _size_trained_limits(summary["checkpoint"], train_paths, val_paths, single_class)
 
