@@ -272,7 +272,12 @@ def test_a_worker_node_lost_mid_job_loses_no_frame(cluster, tmp_path):
 
 
 def _mount_namespace_of_its_own() -> bool:
-    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+    """Whether this process may start one and mount a tmpfs in it (root, or a user namespace that allows it)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "fpn-probe", d],
+                              capture_output=True).returncode == 0
 
 
 def _join_from_a_filesystem_of_its_own(gcs_port: int, hidden: Path) -> str:
@@ -306,7 +311,7 @@ def _stop_namespace(namespace: str) -> int:
     return killed
 
 
-@pytest.mark.skipif(not _mount_namespace_of_its_own(), reason="needs `unshare --mount` (root or user namespaces)")
+@pytest.mark.skipif(not _mount_namespace_of_its_own(), reason="needs `unshare --mount` and a tmpfs mount in it")
 def test_training_on_nodes_that_share_no_files_with_the_driver(cluster, gcs_port, tmp_path):
     """`fpn train --workers N --address` with a worker on a node that cannot see the driver's annotations, images,
     `--init` checkpoint or temporary directory (a mount namespace of its own, where the test's directory is empty):
