@@ -679,7 +679,7 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
               "views, as `fpn eval --limits-from --record` does.")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
 @click.option("--workers", type=int, default=0,
-              help="Ray Train workers (DDP; one CPU each; every option as in one process; nodes need share no files); "
+              help="Ray Train workers (DDP; each reserves 1 CPU; every option as in one process; nodes need share no files); "
               "0 trains in this process.")
 @click.option("--use-gpu", is_flag=True, help="With --workers: one GPU per worker (DDP over nccl).")
 @_fail_cleanly
