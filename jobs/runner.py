@@ -127,6 +127,11 @@ def _node_cpus() -> float:
 
 
 _embedded = threading.Event()  # set while the local Ray that init_ray started in this process runs
+
+
+def embedded_node() -> bool:
+    """Whether this process runs on the local Ray node `init_ray` started (a fixed size: nothing scales it)."""
+    return _embedded.is_set()
 _worker_env: dict[str, str] = {}  # the environment variables its processes started with
 _ray_threads: list[threading.Thread] = []  # threads of this process that call Ray: stop_ray waits for them
 

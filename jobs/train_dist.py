@@ -94,6 +94,16 @@ def _trainer_class():
     return Trainer
 
 
+def _check_room(workers: int, use_gpu: bool, have: dict) -> None:
+    """Fail in one line where the local Ray node cannot hold the workers: Ray Train would wait for the resources
+    for ever, printing nothing (a cluster may grow, so only the node `fpn` starts is checked)."""
+    for name, need in (("CPU", workers), ("GPU", workers if use_gpu else 0)):
+        if need > have.get(name, 0):
+            raise ValueError(f"--workers {workers}{' --use-gpu' if use_gpu else ''} needs {need} {name}s (one per "
+                             f"worker) and this machine's Ray has {have.get(name, 0):g}: use fewer workers, or "
+                             "--address a cluster that has them")
+
+
 def _relay(inbox, log_fn: Callable[[dict], None] | None, fit_over: threading.Event, done: dict) -> None:
     """Hand rank 0's progress records to `log_fn` as they come and keep its final record, until the training is
     over and the queue is empty (rank 0's puts return once the queue holds them, before `fit` can)."""
@@ -120,12 +130,14 @@ def train_distributed(tc: TrainConfig, *, workers: int, address: str | None = No
     from ray.train import RunConfig, ScalingConfig
     from ray.util.queue import Queue
 
-    from .runner import init_ray
+    from .runner import embedded_node, init_ray
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     data = TrainData.read(tc, first_weights=True)
     init_ray(address)
+    if embedded_node():
+        _check_room(workers, use_gpu, ray.cluster_resources())
     inbox = Queue(actor_options={"num_cpus": 0})
     storage = tempfile.mkdtemp(prefix="fpn-train-")  # Ray Train's record of the run, on this node (its controller's)
     fit_over, done = threading.Event(), {}

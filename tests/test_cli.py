@@ -150,6 +150,38 @@ def test_distributed_training_of_a_missing_annotation_file_fails_in_one_line_bef
     assert joined == []
 
 
+@pytest.mark.slow
+def test_distributed_training_with_more_workers_than_the_local_ray_holds_fails_in_one_line(tmp_path):
+    """On the node `fpn` starts (a fixed size), more workers than CPUs, or GPU workers on a machine without GPUs,
+    fail at once: Ray Train waited for the resources for ever, printing nothing (95 s before a kill, checked). In a
+    fresh process, as a user runs it (this one's Ray is the suite's)."""
+    import subprocess
+    import sys
+
+    _soap_crop(tmp_path)
+    script = """
+import sys
+from click.testing import CliRunner
+from jobs.cli import cli
+import ray
+common = ["train", "--train", "crop.xml", "--single-class", "Tree", "--steps", "1", "-o", "m.safetensors"]
+for extra in (["--workers", "64"], ["--workers", "1", "--use-gpu"]):
+    r = CliRunner().invoke(cli, common + extra)
+    print(r.exit_code, r.output.strip().splitlines()[-1])
+print("cpus", ray.cluster_resources().get("CPU"), "gpus", ray.cluster_resources().get("GPU", 0))
+"""
+    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    many, gpu, resources = p.stdout.strip().splitlines()[-3:]
+    cpus, gpus = float(resources.split()[1]), float(resources.split()[3])
+    assert many == (f"1 Error: --workers 64 needs 64 CPUs (one per worker) and this machine's Ray has {cpus:g}: use "
+                    "fewer workers, or --address a cluster that has them")
+    if gpus == 0:
+        assert gpu == ("1 Error: --workers 1 --use-gpu needs 1 GPUs (one per worker) and this machine's Ray has 0: "
+                       "use fewer workers, or --address a cluster that has them")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 # `fpn train ARGS` in a fresh process, as a user runs it (its own embedded Ray), then the classes of the actors
 # that ran on that Ray (from the GCS), before the process ends
 _TRAIN_THEN_ACTORS = """
