@@ -127,13 +127,13 @@ def _node_cpus() -> float:
 
 
 _embedded = threading.Event()  # set while the local Ray that init_ray started in this process runs
+_worker_env: dict[str, str] = {}  # the environment variables its processes started with
+_ray_threads: list[threading.Thread] = []  # threads of this process that call Ray: stop_ray waits for them
 
 
 def embedded_node() -> bool:
     """Whether this process runs on the local Ray node `init_ray` started (a fixed size: nothing scales it)."""
     return _embedded.is_set()
-_worker_env: dict[str, str] = {}  # the environment variables its processes started with
-_ray_threads: list[threading.Thread] = []  # threads of this process that call Ray: stop_ray waits for them
 
 
 # Modules that `ray.init` imports only as it runs and that importing Ray Data imports too: imported before the two

@@ -29,16 +29,14 @@ log = logging.getLogger(__name__)
 
 def _loop(config: dict) -> None:
     import ray
-    import torch
     from ray.train.torch import prepare_model
 
     from fpn_model.train import train
 
     tc: TrainConfig = config["tc"]
     inbox = config["inbox"]  # to the driver: progress records, then the files rank 0 wrote
-    if not tc.threads:  # recorded in the summary's config: what each worker ran with
+    if not tc.threads:  # train sets them; recorded in the summary's config: what each worker ran with
         tc = dataclasses.replace(tc, threads=_threads_per_worker())
-    torch.set_num_threads(tc.threads)
     with tempfile.TemporaryDirectory() as d:
         summary = train(tc, log_fn=inbox.put, data=ray.get(config["data"]), write_to=d,
                         wrap=lambda m: prepare_model(m, parallel_strategy_kwargs={"find_unused_parameters": True}))

@@ -280,35 +280,18 @@ def _mount_namespace_of_its_own() -> bool:
                               capture_output=True).returncode == 0
 
 
-def _join_from_a_filesystem_of_its_own(gcs_port: int, hidden: Path) -> str:
-    """Start a Ray node that joins the cluster from a mount namespace of its own in which `hidden` is an empty
-    tmpfs: a machine that sees none of the driver's files there (it shares the code, as nodes of one image do).
-    Returns the namespace (`/proc/PID/ns/mnt`) its processes run in."""
+def _join_from_a_filesystem_of_its_own(gcs_port: int, hidden: Path) -> None:
+    """Start a Ray node (custom resource node_private) that joins the cluster from a mount namespace of its own in
+    which `hidden` is an empty tmpfs: a machine that sees none of the driver's files there (it shares the code, as
+    nodes of one image do)."""
     env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
-    script = ('mount -t tmpfs -o size=1m fpn-private "$1" && readlink /proc/self/ns/mnt && '
+    script = ('mount -t tmpfs -o size=1m fpn-private "$1" && '
               'ray start --address "127.0.0.1:$2" --node-ip-address 127.0.0.1 --num-cpus 1 --num-gpus 0 '
               '--resources \'{"node_private": 1}\' --min-worker-port 25000 --max-worker-port 25999 '
               '--dashboard-agent-listen-port "$3" >/dev/null 2>&1 && echo joined')
     p = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "bash", str(hidden),
                         str(gcs_port), str(_free_port())], capture_output=True, text=True, env=env, timeout=180)
-    namespace, *rest = p.stdout.split()
-    assert rest == ["joined"], (p.stdout, p.stderr)
-    return namespace
-
-
-def _stop_namespace(namespace: str) -> int:
-    """SIGKILL every process of the mount namespace `namespace` (that node's raylet, workers, agents)."""
-    import psutil
-
-    killed = 0
-    for p in psutil.process_iter():
-        try:
-            if os.readlink(f"/proc/{p.pid}/ns/mnt") == namespace:
-                p.kill()
-                killed += 1
-        except (OSError, psutil.Error):
-            pass
-    return killed
+    assert p.stdout.split() == ["joined"], (p.stdout, p.stderr)
 
 
 @pytest.mark.skipif(not _mount_namespace_of_its_own(), reason="needs `unshare --mount` and a tmpfs mount in it")
@@ -328,7 +311,7 @@ def test_training_on_nodes_that_share_no_files_with_the_driver(cluster, gcs_port
     common = ["train", "--train", str(tmp_path / "crop.xml"), "--single-class", "Tree", "--batch-size", "1", "--crop", "96"]
     r = CliRunner().invoke(cli, [*common, "--steps", "1", "--seed", "7", "-o", str(tmp_path / "base.safetensors")])
     assert r.exit_code == 0, r.output
-    namespace = _join_from_a_filesystem_of_its_own(gcs_port, tmp_path)
+    _join_from_a_filesystem_of_its_own(gcs_port, tmp_path)
     try:
         ray = str(Path(os.sys.executable).parent / "ray")
         listed = subprocess.run([ray, "list", "nodes", "--address", cluster, "--format", "json", "--detail"],
@@ -346,7 +329,7 @@ def test_training_on_nodes_that_share_no_files_with_the_driver(cluster, gcs_port
                                  capture_output=True, text=True, timeout=120,
                                  env={**os.environ, "RAY_AUTH_MODE": "token"})
     finally:
-        _stop_namespace(namespace)
+        _kill_worker_node("node_private")  # its raylet and the processes under it
     assert p.returncode == 0, p.stderr[-3000:]
     assert "(no validation: the last weights)" in p.stdout and f"on {len(nodes)} workers" in p.stdout, p.stdout
     assert "step      1  loss" in p.stderr, p.stderr[-2000:]  # rank 0's progress, printed by the driver
