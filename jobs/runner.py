@@ -192,12 +192,27 @@ def _init_ray(ray, address: str | None) -> None:
         # have them too: a detector then needs no runtime_env of its own and takes one of the workers Ray starts
         # with the node instead of a fresh process (pipeline.plan.build_dataset)
         env = keep_freed_memory_env()
-        with _lean_local_node(), environ(env):
+        with _lean_local_node(), environ(env), _quiet_auth_notice():
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                      _system_config=_embedded_system_config())
         _worker_env.clear()
         _worker_env.update(env)
         _embedded.set()
+
+
+@contextlib.contextmanager
+def _quiet_auth_notice():
+    """While `ray.init` starts the embedded node: without Ray's warning that it turned token authentication on
+    ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out..."), the first
+    line every local `fpn run` printed. The node is the run's own and is gone with it; token authentication stays
+    on (Ray's default, a token made once in ~/.ray/auth_token). Ray's errors from that module still print."""
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth.level
+    auth.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        auth.setLevel(level)
 
 
 @contextlib.contextmanager
