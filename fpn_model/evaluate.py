@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import replace
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ from pycocotools.cocoeval import COCOeval
 from .data import Annotated, dihedral, read_image
 from .predict import Predictor
 
-__all__ = ["coco_metrics", "evaluate", "choose_precision", "METRIC_NAMES"]
+__all__ = ["coco_metrics", "evaluate", "view_predictions", "view_metrics", "mean_over_views", "choose_precision",
+           "METRIC_NAMES"]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR100", "AR1000", "AR_S", "AR_M", "AR_L")
 MAX_DETS = [1, 100, 1000]
@@ -76,24 +78,49 @@ def evaluate(predictor: Predictor, items: list[Annotated], *, views: int = 1,
     `views` 8: the mean of each metric over the 8 flips/rotations of the images (plus `AP50_sd`). `images`: the
     items' pixels `[H, W, 3]` uint8 where they are already in memory (else read from their paths).
     """
+    predicted = view_predictions(predictor, items, views=views, images=images)
+    return mean_over_views(view_metrics(predicted, len(items), range(views)))
+
+
+def view_predictions(predictor: Predictor, items: list[Annotated], *, views: int = 1,
+                     images: list[np.ndarray] | None = None, units: Iterable[int] | None = None) -> dict[int, tuple]:
+    """`evaluate`'s forward passes, by unit: unit `k * len(items) + i` is item i turned by view k, and maps to
+    (the item with its boxes turned, the turned image's (height, width), the predicted (boxes, scores, labels)).
+    `units`: only these (a share of the work: data-parallel ranks each run theirs and share the scoring by view,
+    `view_metrics`); default all. Only the images those units need are read."""
     if views not in (1, 8):
         raise ValueError(f"views must be 1 or 8, got {views}")
-    arrays = images if images is not None else [read_image(a.image_path) for a in items]
-    chw = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]
-    per_view = []
-    for k in range(views):
-        turned, preds, sizes = [], [], []
-        for a, img in zip(items, chw):
-            pixels, boxes = dihedral(img, torch.from_numpy(a.boxes).reshape(-1, 4), k)
-            det = predictor([pixels.permute(1, 2, 0).numpy()])[0]
-            preds.append((det.boxes, det.scores, det.labels))
-            turned.append(replace(a, boxes=boxes.numpy()))
-            sizes.append(tuple(pixels.shape[-2:]))
-        per_view.append(coco_metrics(turned, preds, sizes=sizes))
-    if views == 1:
-        return per_view[0]
-    out = {k: float(np.mean([m[k] for m in per_view])) for k in METRIC_NAMES}
-    out["AP50_sd"] = float(np.std([m["AP50"] for m in per_view]))
+    n = len(items)
+    units = range(n * views) if units is None else units
+    chw: dict[int, torch.Tensor] = {}
+    out = {}
+    for u in units:
+        k, i = divmod(u, n)
+        if i not in chw:
+            a = images[i] if images is not None else read_image(items[i].image_path)
+            chw[i] = torch.from_numpy(a).permute(2, 0, 1)
+        pixels, boxes = dihedral(chw[i], torch.from_numpy(items[i].boxes).reshape(-1, 4), k)
+        det = predictor([pixels.permute(1, 2, 0).numpy()])[0]
+        out[u] = (replace(items[i], boxes=boxes.numpy()), tuple(pixels.shape[-2:]), (det.boxes, det.scores, det.labels))
+    return out
+
+
+def view_metrics(predicted: dict[int, tuple], n_items: int, views: Iterable[int]) -> dict[int, dict[str, float]]:
+    """The COCO metrics of each of `views` (view k: units `k * n_items + i` of `view_predictions`, from one call
+    or merged from several), by view."""
+    out = {}
+    for k in views:
+        turned, sizes, preds = zip(*(predicted[k * n_items + i] for i in range(n_items))) if n_items else ((), (), ())
+        out[k] = coco_metrics(list(turned), list(preds), sizes=list(sizes))
+    return out
+
+
+def mean_over_views(per_view: dict[int, dict[str, float]]) -> dict[str, float]:
+    """One view's metrics as they are; of 8, each metric's mean and the spread of AP50 (`AP50_sd`)."""
+    if len(per_view) == 1:
+        return next(iter(per_view.values()))
+    out = {k: float(np.mean([m[k] for m in per_view.values()])) for k in METRIC_NAMES}
+    out["AP50_sd"] = float(np.std([m["AP50"] for m in per_view.values()]))
     return out
 
 

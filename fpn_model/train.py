@@ -6,6 +6,7 @@ the best checkpoint by validation AP50 and the last one are written.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .config import ModelConfig
 from .data import Annotated, CropSampler, load_annotations, read_image
 from .detectors import build_detector
-from .evaluate import evaluate
+from .evaluate import mean_over_views, view_metrics, view_predictions
 from .predict import Predictor, TileConfig
 from .weights import load_checkpoint, save_checkpoint
 
@@ -158,6 +159,31 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, images, targets, cl
     return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
 
 
+def _rank0_weights(product: nn.Module, model: nn.Module) -> nn.Module:
+    """Rank 0's `product` (its moving average of the weights, or the model) on every rank, for the ranks to
+    validate it together: rank 0's own module there, elsewhere a copy of the rank's `model` given rank 0's
+    parameters and buffers. A collective: every rank calls it at the same point."""
+    weights = product if dist.get_rank() == 0 else copy.deepcopy(model)
+    for t in weights.state_dict().values():
+        dist.broadcast(t, src=0)
+    return weights
+
+
+def _merged_over_ranks(parts: dict) -> dict:
+    """Every rank's `parts` (disjoint keys) merged, on every rank (a collective)."""
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, parts)
+    return {k: v for share in shares for k, v in share.items()}
+
+
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the data-parallel ranks (a collective: every rank calls it at the same step), so
+    the losses a run prints are its whole batch's, not rank 0's crops'."""
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
@@ -168,8 +194,10 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None, data
 
     Data-parallel where `torch.distributed` is initialised (a Ray Train worker, jobs/train_dist.py): every rank runs
     this loop on crops of its own (seed + rank), `wrap` makes the model a DDP replica, ranks agree on the progress of
-    a `tc.minutes` budget so they take the same number of steps, and rank 0 alone logs, validates and writes (other
-    ranks return an empty summary). `data`: what is otherwise read from `tc`'s paths (`TrainData.read`).
+    a `tc.minutes` budget so they take the same number of steps, they validate rank 0's weights together (each
+    rank predicts and scores a share of the images and views; a long validation keeps no rank waiting), and rank 0
+    alone averages the views, logs and writes (other ranks return an empty summary). `data`: what is otherwise read
+    from `tc`'s paths (`TrainData.read`).
     `write_to`: a directory to write the files in, under `tc.output`'s names, instead of where `tc.output` says
     (the summary still names `tc.output`'s: a distributed worker's driver moves them there).
     """
@@ -182,12 +210,13 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None, data
     torch.manual_seed(tc.seed + rank)
     model = build_model(tc, data.items, data.state)
     sampler = make_sampler(tc, data.items, images=data.images, seed=tc.seed + rank)
-    val_items, val_images = (data.val_items, data.val_images) if rank == 0 else ([], [])
+    val_items, val_images = data.val_items, data.val_images  # every rank validates a share
     del data
     trained = wrap(model) if wrap is not None else model  # a DDP replica wraps the model, which stays the weights
     device = next(trained.parameters()).device
     opt = make_optimizer(trained, tc)
-    ema = make_ema(model, tc) if rank == 0 else None  # DDP keeps the replicas equal: one average suffices
+    ema = make_ema(model, tc) if rank == 0 else None  # DDP keeps the replicas equal: one average suffices (the
+    # other ranks validate rank 0's weights: _rank0_weights)
     product = ema.module if ema is not None else model  # the weights that are evaluated and saved
     named = output_paths(tc.output)
     best_path, last_path, summary_path = output_paths(Path(write_to) / named[0].name) if write_to else named
@@ -210,10 +239,21 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None, data
         nonlocal best
         if not val_items:
             return
-        predictor = Predictor(product, device=device, tile=TileConfig(size=tc.val_tile, overlap=tc.val_tile // 8))
-        metrics = evaluate(predictor, val_items, views=tc.val_views, images=val_images)  # where it trains: a
-        # Predictor moves the model it is given to its device
-        model.train()
+        weights = _rank0_weights(product, model) if distributed else product
+        predictor = Predictor(weights, device=device, tile=TileConfig(size=tc.val_tile, overlap=tc.val_tile // 8))
+        n = len(val_items)
+        units = range(rank, n * tc.val_views, world)  # this rank's share of the (view, image)s
+        predicted = view_predictions(predictor, val_items, views=tc.val_views, images=val_images, units=units)
+        model.train()  # where it trains: a Predictor moves the model it is given to its device (and evaluates)
+        per_view = view_metrics(_merged_over_ranks(predicted) if distributed else predicted, n,
+                                range(rank, tc.val_views, world))  # each rank scores its share of the views
+        if distributed:
+            shares = [None] * world if rank == 0 else None
+            dist.gather_object(per_view, shares, dst=0)
+            if rank != 0:
+                return
+            per_view = {k: m for share in shares for k, m in share.items()}
+        metrics = mean_over_views(per_view)
         rec = {"step": step, "minutes": round((time.monotonic() - start) / 60, 2), **{k: round(v, 4) for k, v in metrics.items()}}
         history.append(rec)
         emit({"event": "eval", **rec})
@@ -234,15 +274,18 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None, data
         if ema is not None:
             ema.update_parameters(model)
         step += 1
-        if step % 20 == 0 or step == 1:
+        if step % 20 == 0 or step == 1:  # the same steps on every rank
+            if distributed:
+                losses = _mean_over_ranks(losses, device)
             emit({"event": "step", "step": step, "lr": round(opt.param_groups[0]["lr"], 6),
                   "s_per_step": round(time.monotonic() - t0, 3), "elapsed_min": round((time.monotonic() - start) / 60, 2),
                   **{k: round(v, 4) for k, v in losses.items()}})
         if step % tc.eval_every == 0:
             validate()
+    if step == 0 or step % tc.eval_every:  # not twice at the same step
+        validate()
     if rank != 0:
         return {}
-    validate()
     save_checkpoint(product, last_path, dtype=_dtype(tc.save_dtype), extra={"train": trained_as})
     if not val_items:
         save_checkpoint(product, best_path, dtype=_dtype(tc.save_dtype), extra={"train": trained_as})

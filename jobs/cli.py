@@ -679,8 +679,8 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
               "views, as `fpn eval --limits-from --record` does.")
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
 @click.option("--workers", type=int, default=0,
-              help="Ray Train workers (DDP; each reserves 1 CPU; every option as in one process; nodes need share no files); "
-              "0 trains in this process.")
+              help="Ray Train workers (DDP; each reserves 1 CPU; every option as in one process; --val shared by the "
+              "workers; nodes need share no files); 0 trains in this process.")
 @click.option("--use-gpu", is_flag=True, help="With --workers: one GPU per worker (DDP over nccl).")
 @_fail_cleanly
 def train(train_paths, val_paths, preset_name, sets, single_class, output, steps, minutes, batch_size, crop, scale_min,

@@ -2,12 +2,13 @@
 
 The driver reads the annotations, their images (training and validation) and the first weights (fresh, or
 `--init`'s) once and hands them to the workers through Ray's object store; each rank trains on crops of its own,
-DDP averages the gradients, and rank 0 validates and sends its progress records and finally its checkpoints back to
-the driver through a Ray queue: the driver prints the progress as a one-process `fpn train` does and writes the
-files where that would. So no worker reads a file of the driver's and the driver reads none of theirs: a cluster
-whose nodes share no filesystem trains as one machine does. Ray Train's own checkpointing would need a
-`storage_path` every node can reach (S3, NFS; a rank on another node fails its check of the driver's local
-directory), for files of tens of MB that Ray carries as well.
+DDP averages the gradients, the ranks validate together (each predicts and scores a share of the images and
+views), and rank 0 sends its progress records and finally its checkpoints back to the driver through a Ray queue:
+the driver prints the progress as a one-process `fpn train` does and writes the files where that would. So no
+worker reads a file of the driver's and the driver reads none of theirs: a cluster whose nodes share no filesystem
+trains as one machine does. Ray Train's own checkpointing would need a `storage_path` every node can reach (S3,
+NFS; a rank on another node fails its check of the driver's local directory), for files of tens of MB that Ray
+carries as well.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from conftest import SOAP, SOAP_XML
 from fpn_model.config import preset
 from fpn_model.data import CropSampler, load_annotations
 from fpn_model.detectors import build_detector
-from fpn_model.evaluate import coco_metrics
+from fpn_model.evaluate import coco_metrics, evaluate
 from fpn_model.predict import Predictor, TileConfig
 from fpn_model.tiling import merge_detections, plan_tiles
 from fpn_model.train import TrainConfig, train
@@ -126,7 +126,6 @@ def test_eval_over_8_views_turns_images_and_boxes_together(tmp_path):
     from PIL import Image
 
     from fpn_model.data import Annotated
-    from fpn_model.evaluate import evaluate
     from fpn_model.predict import Detections
 
     img = np.zeros((120, 200, 3), np.uint8)
@@ -203,27 +202,47 @@ def test_a_few_training_steps_write_a_loadable_checkpoint(tmp_path):
     summary = train(tc)
     model = load_checkpoint(summary["checkpoint"])
     assert model.config.class_names == ("Tree",) and summary["steps"] == 3
-    assert summary["history"] and set(summary["history"][0]) >= {"AP50", "AP_S"}
+    assert [h["step"] for h in summary["history"]] == [3]  # the last step's validation is the final one
+    assert set(summary["history"][0]) >= {"AP50", "AP_S"}
 
 
 # One rank of a two-process data-parallel `train` with a time budget (gloo over a file store, no Ray); rank 1's clock
-# runs `fast` times as fast, so alone it would spend the budget steps before rank 0 does
+# runs `fast` times as fast, so alone it would spend the budget steps before rank 0 does. Fine-tunes the bundled
+# model with a moving average of the weights and validates at the end (8 views of the training image). Prints its
+# own first-step loss, what the run logged for that step (rank 0's log), the validation units it predicted, the
+# views it scored and a fingerprint of the weights it validated
 _RANK = """
 import datetime, json, sys, time
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from fpn_model import train as train_module
 from fpn_model.config import preset
 from fpn_model.train import TrainConfig, train
+from fpn_model.zoo import resolve
+own, logged, units, scored, validated = [], [], [], [], []
+step_of, views_of, metrics_of = train_module.train_step, train_module.view_predictions, train_module.view_metrics
+predictor_of = train_module.Predictor
+train_module.train_step = lambda *a: own.append(step_of(*a)) or own[-1]
+train_module.view_predictions = lambda *a, **kw: units.append(list(kw["units"])) or views_of(*a, **kw)
+train_module.view_metrics = lambda p, n, views: scored.append(list(views)) or metrics_of(p, n, views)
+def predictor(weights, **kw):
+    validated.append(sum(float(t.double().sum()) for t in weights.state_dict().values() if t.is_floating_point()))
+    return predictor_of(weights, **kw)
+train_module.Predictor = predictor
 rank, store, out, xml, fast = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                         timeout=datetime.timedelta(seconds=30))
 if rank == 1:
     real, t0 = time.monotonic, time.monotonic()
     time.monotonic = lambda: t0 + (real() - t0) * fast
-tc = TrainConfig(model=preset("trees"), train=(xml,), single_class="Tree", output=out, minutes=0.05, batch_size=1,
-                 crop=64, threads=1)
-summary = train(tc, wrap=lambda m: DistributedDataParallel(m, find_unused_parameters=True))
-print(json.dumps({"rank": rank, "steps": summary.get("steps"), "workers": summary.get("workers")}))
+tc = TrainConfig(model=preset("trees"), train=(xml,), val=(xml,), single_class="Tree", output=out, minutes=0.05,
+                 batch_size=1, crop=64, threads=1, init=str(resolve("trees")), warmup=1, ema=0.5, eval_every=10**6,
+                 save_dtype="float32")
+summary = train(tc, log_fn=logged.append, wrap=lambda m: DistributedDataParallel(m, find_unused_parameters=True))
+dist.destroy_process_group()
+print(json.dumps({"rank": rank, "steps": summary.get("steps"), "workers": summary.get("workers"),
+                  "loss": own[0]["loss"], "logged": [r["loss"] for r in logged if r.get("step") == 1],
+                  "units": units, "scored": scored, "validated": validated, "best": summary.get("best")}))
 """
 
 
@@ -231,7 +250,9 @@ print(json.dumps({"rank": rank, "steps": summary.get("steps"), "workers": summar
 def test_data_parallel_ranks_spend_a_time_budget_together(tmp_path):
     """`train` under torch.distributed with `minutes`: the ranks agree on the budget's progress (the furthest
     clock), so all stop at the same step; a rank that stopped alone would leave the other waiting in DDP's
-    all-reduce (here: an error after gloo's 30 s; under Ray Train, 30 minutes). Rank 0 alone writes."""
+    all-reduce (here: an error after gloo's 30 s; under Ray Train, 30 minutes). Rank 0 alone writes; the loss it
+    logs is the mean over both ranks' batches. Both validate rank 0's weights (its moving average, which rank 1
+    does not keep), each predicts and scores half of the 8 views, and rank 0 averages: the metrics of one process."""
     import json
     import subprocess
     import sys
@@ -245,6 +266,16 @@ def test_data_parallel_ranks_spend_a_time_budget_together(tmp_path):
     assert first["workers"] == 2 and first["steps"] >= 1 and second["steps"] is None  # rank 1 writes no summary
     assert load_checkpoint(out).config.class_names == ("Tree",)
     assert json.loads(out.with_suffix(".train.json").read_text())["steps"] == first["steps"]
+    assert second["logged"] == [] and first["loss"] != second["loss"]  # crops of their own (seed + rank)
+    assert first["logged"] == [pytest.approx(round((first["loss"] + second["loss"]) / 2, 4), abs=1e-4)]
+    assert first["units"] == first["scored"] == [[0, 2, 4, 6]] and second["units"] == second["scored"] == [[1, 3, 5, 7]]
+    saved = load_checkpoint(out)  # the moving average, as float32
+    fingerprint = sum(float(t.double().sum()) for t in saved.state_dict().values() if t.is_floating_point())
+    assert first["validated"] == second["validated"] == [pytest.approx(fingerprint, rel=1e-9)]
+    alone = evaluate(Predictor(saved, tile=TileConfig(size=1024, overlap=128)), load_annotations([SOAP_XML],
+                     single_class="Tree"), views=8)
+    assert first["best"]["AP50"] > 0.1
+    assert {k: first["best"][k] for k in alone} == {k: pytest.approx(round(v, 4), abs=2e-3) for k, v in alone.items()}
 
 
 def test_ema_is_what_training_evaluates_and_saves(tmp_path):
