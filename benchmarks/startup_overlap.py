@@ -64,22 +64,28 @@ RAY_LOGS = ("raylet.out", "gcs_server.out", "dashboard_agent.log", "runtime_env_
 
 def one(variant: str, out: str, extra: list[str], before: Path | None, logs: Path | None) -> dict:
     tree = before if variant == "before" else REPO  # the wrapper's imports come from its working directory first
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", WRAPPER.format(here=str(HERE)), variant, str(IMAGE), "-o", out, *extra],
-                       cwd=tree, env=env, capture_output=True, text=True, timeout=300)
-    wall = time.monotonic() - t0
-    if p.returncode:
-        raise RuntimeError(f"{variant} failed: {p.stderr[-3000:]}")
-    if logs is not None and not (logs / variant).exists():
-        keep_ray_logs(logs / variant)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fpnso-", dir="/tmp"))  # its Ray's own (short: sockets go there), so
+    # the logs kept are this run's, not those of another Ray started on the machine meanwhile
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])),
+           "RAY_TMPDIR": str(ray_tmp)}
+    try:
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-c", WRAPPER.format(here=str(HERE)), variant, str(IMAGE), "-o", out,
+                            *extra], cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+        wall = time.monotonic() - t0
+        if p.returncode:
+            raise RuntimeError(f"{variant} failed: {p.stderr[-3000:]}")
+        if logs is not None and not (logs / variant).exists():
+            keep_ray_logs(ray_tmp / "ray" / "session_latest", logs / variant)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     start = json.loads(Path(out, "_job.json").read_text())["startup_s"]
     return {"wall_s": round(wall, 2), "first_file_s": round(start["before_run"] + start["file"], 2), "startup_s": start}
 
 
-def keep_ray_logs(dest: Path) -> None:
-    """The last Ray session's logs that time its start, and when each port file was written (`ports.txt`)."""
-    session = Path("/tmp/ray/session_latest").resolve()
+def keep_ray_logs(session: Path, dest: Path) -> None:
+    """The Ray session's logs that time its start, and when each port file was written (`ports.txt`)."""
+    session = session.resolve()
     dest.mkdir(parents=True)
     for pattern in RAY_LOGS:
         for f in (session / "logs").glob(pattern):
