@@ -461,7 +461,13 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     with probe.lease(owner=job_id) as lease:
         previous = probe.read_job(missing_ok=True)
         if previous.get("identity") and previous["identity"] != identity:
-            raise OutputSettingsError(plan.output, "; ".join(_identity_diff(previous["identity"], identity)))
+            differences = "; ".join(_identity_diff(previous["identity"], identity))
+            if probe.has_frames():
+                raise OutputSettingsError(plan.output, differences)
+            # runs before wrote no frame (a run that failed at its start, or only error rows): nothing to keep
+            # consistent, and this run re-attempts everything their error rows name (removed when it completes)
+            log.warning("%s holds no frames yet: this run's settings replace the earlier run's (%s)",
+                        plan.output, differences)
         out = Output(plan.output, plan.output_options, run=previous.get("runs", 0) + 1)
         removed = out.clean_temporary()
         if removed:

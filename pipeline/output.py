@@ -262,6 +262,10 @@ class Output:
     def error_files(self) -> list[str]:
         return parquet_files(self.fs, self._p("errors"))
 
+    def has_frames(self) -> bool:
+        """Whether any frame is written (the footers; an empty frames file holds none)."""
+        return any(self._footer(f).num_rows for f in self.frame_files())
+
     def _footer(self, f: str) -> pq.FileMetaData:
         try:
             with self.fs.open(f, "rb") as fh:

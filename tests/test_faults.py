@@ -417,6 +417,25 @@ def test_a_rerun_with_settings_that_change_frame_ids_is_refused_naming_them(ray_
            expected=1, frames=frames(out), errors=0, exit_code=r.exit_code)
 
 
+def test_an_output_without_frames_takes_the_settings_of_the_next_run(ray_session, tmp_path):
+    """A run that wrote no frame (here only an error row: its one input was an empty file) leaves nothing whose ids
+    other settings would change: the next run, with other settings and inputs, writes there (it used to be refused
+    for ever, naming the first run's settings), and its completion removes the first run's error row."""
+    bad = tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    out = tmp_path / "out"
+    doc = run(plan_from_dict({"inputs": [str(bad)], "output": str(out), "tile": {"size": 512, "overlap": 64}}))
+    assert doc["state"] == "failed" and errors(out).num_rows == 1 and frames(out).num_rows == 0
+    r = invoke("run", SOAP, "-o", out, "--tile", 256)
+    assert r.exit_code == 0, r.output
+    job = json.loads((out / "_job.json").read_text())
+    assert job["state"] == "succeeded" and job["spec"]["tile"]["size"] == 256 and job["runs"] == 2
+    assert_once(frames(out), 1)
+    assert errors(out) is None  # the first run's error row, removed as this one completed
+    record("rerun with other settings into an output holding no frame", "runs with the new settings",
+           expected=1, frames=frames(out), errors=0, exit_code=r.exit_code)
+
+
 def test_a_changed_source_is_an_error_row_on_resume(ray_session, make_video, tmp_path):
     src = tmp_path / "clip.mp4"
     src.write_bytes(make_video("chg12.mp4", 12, 6.0).read_bytes())
