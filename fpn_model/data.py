@@ -49,7 +49,10 @@ def read_image(path: str | Path) -> np.ndarray:
 def load_voc(xml_path: str | Path, *, single_class: str | None = None, image_dir: str | Path | None = None) -> Annotated:
     """One Pascal-VOC XML file. `single_class` maps every object to that one class."""
     xml_path = Path(xml_path)
-    root = ET.parse(xml_path).getroot()
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as e:
+        raise ValueError(f"{xml_path}: not Pascal-VOC XML ({e})") from None
     filename = root.findtext("filename") or xml_path.with_suffix(".png").name
     image_path = Path(image_dir or xml_path.parent) / filename
     names, boxes = [], []
@@ -70,7 +73,13 @@ def load_voc(xml_path: str | Path, *, single_class: str | None = None, image_dir
 def load_coco(json_path: str | Path, *, single_class: str | None = None) -> list[Annotated]:
     """Every image of a COCO detection JSON (boxes converted from xywh)."""
     json_path = Path(json_path)
-    coco = json.loads(json_path.read_text())
+    try:
+        coco = json.loads(json_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{json_path}: not JSON ({e})") from None
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(coco, dict) or k not in coco]
+    if missing:
+        raise ValueError(f"{json_path}: not COCO detection JSON (no {', '.join(repr(k) for k in missing)})")
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     classes = (single_class,) if single_class else tuple(c["name"] for c in cats)
     cat_index = {c["id"]: i + 1 for i, c in enumerate(cats)}

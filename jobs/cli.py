@@ -33,7 +33,7 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, PermissionError, LookupError, ConnectionError, OutputBusyError,
-                TimeoutError, *_loaded_errors()) as e:
+                TimeoutError, IsADirectoryError, NotADirectoryError, FileExistsError, *_loaded_errors()) as e:
             raise click.ClickException(redact_text(str(e))) from e
 
     return wrapper
@@ -401,7 +401,13 @@ def submit(spec, output, job_id, address):
 
 
 def _is_output(target: str) -> bool:
-    return "://" in target or Path(target).exists()
+    """Whether `target` is an output (a URL or an existing path) rather than a submitted job's id; a path that
+    does not exist (it has a '/', which no job id has) fails in one line."""
+    if "://" in target or Path(target).exists():
+        return True
+    if "/" in target:
+        raise FileNotFoundError(f"output {target} does not exist")
+    return False
 
 
 @cli.command()
@@ -422,7 +428,9 @@ def status(target, endpoint_url, profile, anon, address, fmt):
     from pipeline.output import EXIT_CODES, Output
 
     if _is_output(target):
-        row = {"output": target, **Output(target, _read_options(endpoint_url, profile, anon)).progress()}
+        out = Output(target, _read_options(endpoint_url, profile, anon))
+        out.read_job()  # a directory that is no output (no _job.json) fails in one line, not "state: ?"
+        row = {"output": target, **out.progress()}
     else:
         from jobs.manager import job_status
 
@@ -514,8 +522,7 @@ def resume(target, endpoint_url, address):
     from jobs.spec import plan_from_record
     from pipeline.output import Output
 
-    is_output = "://" in target or Path(target).exists()
-    if not is_output:
+    if not _is_output(target):
         jid = resume_job(target, address=address)
         click.echo(f"resubmitted {target} as {jid}: frames already written are skipped")
         click.echo(f"  fpn status {jid}")

@@ -30,7 +30,7 @@ import pyarrow.dataset as pads
 
 from pipeline.output import Output
 from pipeline.raster import box_polygons
-from pipeline.storage import filesystem
+from pipeline.storage import check_file_destination, filesystem
 
 from .dedup import duplicates
 
@@ -39,6 +39,7 @@ __all__ = ["FORMATS", "ExportSummary", "export"]
 log = logging.getLogger(__name__)
 
 FORMATS = ("geoparquet", "geojson", "coco", "csv")
+_SUFFIX = {"geoparquet": "parquet", "geojson": "geojson", "coco": "json", "csv": "csv"}
 _FRAME_COLUMNS = ("frame_id", "source", "source_kind", "frame_index", "pts_s", "width", "height", "stac_item",
                   "datetime", "crs", "transform")
 _BOX = ("x1", "y1", "x2", "y2")
@@ -183,6 +184,7 @@ def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = N
         raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if dedup_iou is not None and not 0 < dedup_iou < 1:
         raise ValueError(f"dedup IoU must be between 0 and 1, got {dedup_iou}")
+    check_file_destination(dest, f"detections.{_SUFFIX[fmt]}", storage_options)
     out = Output(output, storage_options)
     ds = _dataset(out)
     target = _target_crs(ds, fmt, crs, output)

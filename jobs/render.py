@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.decode import open_video
 from pipeline.raster import open_raster
-from pipeline.storage import canonical_uri, filesystem, local_copy
+from pipeline.storage import canonical_uri, check_file_destination, filesystem, local_copy
 
 from .query import connect
 
@@ -33,6 +33,7 @@ __all__ = ["Region", "Rendered", "render_frame", "render_clip", "write_video", "
            "read_pixels", "read_video_frames", "draw_boxes", "of_frame", "colour"]
 
 # one colour per class label (matplotlib's tab10, as the report's charts use)
+_PICTURES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")  # what render_frame writes (.tif: GeoTIFF)
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
@@ -209,6 +210,9 @@ def render_frame(output: str, source: str, dest: str | Path, *, frame_index: int
     Video: frame `frame_index`, or the processed frame nearest `time_s`, or the first processed one. Image or
     raster: `region` (default: all of it) with the boxes of every window touching it. `max_side` bounds the
     picture (default: full resolution for a region or an image, 4096 px for a whole raster)."""
+    check_file_destination(str(dest), "frame.png")
+    if Path(dest).suffix.lower() not in _PICTURES:
+        raise ValueError(f"{dest}: name the picture with an image extension ({', '.join(_PICTURES[:4])}, ...)")
     if frame_index is not None and time_s is not None:
         raise ValueError("give a frame index or a time, not both")
     src = canonical_uri(source)
@@ -271,6 +275,7 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
     the latest processed frame at or before it (frames before the first processed one have none)."""
     if end_s <= start_s:
         raise ValueError(f"--clip {start_s:g} {end_s:g}: the end must be after the start")
+    check_file_destination(str(dest), "clip.mp4")
     if Path(dest).suffix.lower() != ".mp4":
         raise ValueError(f"{dest}: a clip is written as MP4 (name it .mp4)")
     src = canonical_uri(source)

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.output import Output
-from pipeline.storage import one_line, redact, redact_text, redact_url
+from pipeline.storage import check_file_destination, one_line, redact, redact_text, redact_url
 
 from .query import connect
 from .render import Region, boxes, colour, draw_boxes, of_frame, read_pixels, read_video_frames, unnested
@@ -300,6 +300,7 @@ def build_report(output: str, dest: str | Path = "report.html", *, storage_optio
     `max_sources` bounds the videos and the images/rasters shown one by one (those with most detections);
     `strip` is the number of frames sampled per video, decoded with `video_backend` (default: the job's)."""
     t0 = time.monotonic()
+    check_file_destination(str(dest), "report.html")
     out = Output(output, storage_options)
     counts = out.counts()
     job = _job(out, counts)

@@ -377,7 +377,7 @@ class Output:
         ValueError naming it and the way out."""
         try:
             data = self._read_small(JOB_RECORD)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # the latter: the output's path is a file
             if missing_ok:
                 return {}
             raise FileNotFoundError(f"{self.url}: no _job.json (is it an fpn output?)") from None

@@ -527,18 +527,30 @@ def translate_error(e: BaseException, what: str) -> BaseException:
 _OBJECT_STORES = {"s3", "gcs", "az", "abfs", "adl", "oss", "r2"}
 
 
+def check_file_destination(url: str, example: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse a destination for one file (an export, a report, a picture) that is an existing directory, before
+    any work: writing there failed late with a traceback, or (fsspec's local transaction) replaced nothing and
+    made the directory unreadable (mode 644). `example`: a file name to suggest inside it."""
+    fs, path = filesystem(url, storage_options)
+    if fs.isdir(path):
+        raise ValueError(f"{url} is a directory: name the file to write (e.g. {url.rstrip('/')}/{example})")
+
+
 def check_output_location(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Refuse an output on object storage whose bucket does not exist (FileNotFoundError), cannot be
-    reached (ConnectionError) or is forbidden (PermissionError), before any work starts.
+    reached (ConnectionError) or is forbidden (PermissionError), and a local output that is a file (ValueError),
+    before any work starts.
 
     fpn never creates buckets (a typo would otherwise make one, possibly public, in the wrong
     account): this only looks, and s3fs's `mkdir`/`makedirs`, which create buckets, must never be
     called on object storage. Local outputs need no check (their directory is created when written).
     """
     proto = protocol_of(url)
-    if proto not in _OBJECT_STORES:
-        return
     fs, path = filesystem(url, storage_options)
+    if proto not in _OBJECT_STORES:
+        if fs.exists(path) and not fs.isdir(path):
+            raise ValueError(f"output {url} is a file: an output is a directory (a new one, or an fpn output)")
+        return
     bucket = path.strip("/").split("/", 1)[0]
     what = f"output {url}"
     try:

@@ -52,6 +52,32 @@ def test_missing_input_is_one_clear_line(tmp_path):
     assert r.exit_code == 1 and "nope.mp4 does not exist" in r.output and "Traceback" not in r.output
 
 
+def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tmp_path, monkeypatch):
+    """A file where an output (a directory) belongs, a directory that is no output, a path that does not exist,
+    annotation files that are not what they are named: each one line naming it, before any work. They were
+    tracebacks (FileExistsError after Ray's start, NotADirectoryError, ParseError), a bare "Error: 'categories'",
+    a cluster's error for a mistyped path ("job id ... is not valid") or exit 0 with "state: ?"."""
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("x")
+    Path("notout").mkdir()
+    Path("bad.xml").write_text("not xml")
+    Path("bad.json").write_text('{"images": []}')
+    cases = [(["run", SOAP, "-o", "afile"], "output afile is a file: an output is a directory (a new one, or an fpn "
+              "output)"),
+             (["status", "afile"], "afile: no _job.json (is it an fpn output?)"),
+             (["resume", "afile"], "afile: no _job.json (is it an fpn output?)"),
+             (["status", "notout"], "notout: no _job.json (is it an fpn output?)"),
+             (["status", "out/nope"], "output out/nope does not exist"),
+             (["resume", "./nope"], "output ./nope does not exist"),
+             (["eval", "trees", "bad.xml"], "bad.xml: not Pascal-VOC XML (syntax error: line 1, column 0)"),
+             (["eval", "trees", "bad.json"], "bad.json: not COCO detection JSON (no 'annotations', 'categories')")]
+    for args, line in cases:
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+        assert (r.exit_code, r.output.strip().splitlines()[-1]) == (1, f"Error: {line}"), args  # run: after its
+        assert "Traceback" not in r.output  # header and progress bar
+    assert Path("afile").read_text() == "x" and not any(Path("notout").iterdir())
+
+
 @pytest.mark.slow
 def test_run_spec_file_with_flag_override_then_render(ray_session, make_video, tmp_path):
     import yaml

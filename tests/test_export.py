@@ -107,6 +107,25 @@ def test_csv_and_the_cli(scene_output, tmp_path):
     assert r.exit_code == 1 and "EPSG:nope" in r.output and "Traceback" not in r.output
 
 
+def test_a_directory_given_as_the_file_to_write_is_refused_and_left_as_it_was(scene_output, tmp_path):
+    """export, report and render write one file each: a directory given for it (an fpn output, say) fails in one
+    line before any work and is left as it was. Export used to say it wrote there (exit 0) and leave the directory
+    mode 644 (unreadable to a non-root owner) with a temporary file inside; report and render ended in a traceback."""
+    scene, out = scene_output
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    mode = d.stat().st_mode
+    cases = [(["export", out, "-o", d, "--format", fmt], f"detections.{suffix}")
+             for fmt, suffix in (("geoparquet", "parquet"), ("geojson", "geojson"), ("coco", "json"), ("csv", "csv"))]
+    cases += [(["report", out, "-o", d], "report.html"), (["render", out, scene.path, d], "frame.png")]
+    for args, example in cases:
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+        assert r.exit_code == 1, (args, r.output)
+        assert r.output.strip() == f"Error: {d} is a directory: name the file to write (e.g. {d}/{example})", args
+    assert d.stat().st_mode == mode and [f.name for f in d.iterdir()] == ["keep.txt"]
+
+
 def test_several_crs_need_a_choice_and_overlapping_scenes_merge_with_dedup(tmp_path):
     import geopandas as gpd
 
