@@ -108,7 +108,7 @@ def _job(out: Output, counts: dict[str, int]) -> dict[str, Any]:
         "planned": doc.get("planned_frames"), "frames": counts["frames"], "detections": counts["detections"],
         "errors": counts["errors"], "wall": _fmt_s(doc.get("wall_s")), "rate": doc.get("frames_per_s"),
         "started": doc.get("started_at"), "finished": doc.get("finished_at"), "runs": doc.get("runs"),
-        "skipped": doc.get("skipped_frames"), "video_backend": spec.get("video_backend"),
+        "skipped": doc.get("skipped_frames"), "outside": doc.get("frames_outside_plan"), "video_backend": spec.get("video_backend"),
         "sampling": ", ".join(f"{k} {v}" for k, v in (spec.get("sampling") or {}).items() if v is not None),
     }
 
@@ -364,7 +364,7 @@ img { max-width: 100%; }
 <tr><th>model</th><td>{{ job.model }}{% if job.arch %} ({{ job.arch }}{% if job.levels %}, {{ job.levels }}{% endif %}){% endif %}{% if job.classes %}; classes: {{ job.classes }}{% endif %}</td></tr>
 <tr><th>inputs</th><td>{% for i in job.inputs[:20] %}<code>{{ i }}</code><br>{% endfor %}{% if job.inputs|length > 20 %}… and {{ job.inputs|length - 20 }} more{% endif %}</td></tr>
 {% if job.sampling %}<tr><th>sampling</th><td><code>{{ job.sampling }}</code></td></tr>{% endif %}
-<tr><th>frames</th><td><span data-key="frames">{{ job.frames }}</span> written{% if job.planned is not none %} of {{ job.planned }} planned{% endif %}{% if job.skipped %} ({{ job.skipped }} by earlier runs){% endif %}</td></tr>
+<tr><th>frames</th><td><span data-key="frames">{{ job.frames }}</span> written{% if job.planned is not none %} of {{ job.planned }} planned{% endif %}{% if job.skipped %} ({{ job.skipped }} by earlier runs){% endif %}{% if job.outside %}; {{ job.outside }} more that earlier runs sampled and this job does not{% endif %}</td></tr>
 <tr><th>sources</th><td>{% for k, n in kinds|dictsort %}{{ n }} {{ k }}{{ "s" if n != 1 }}{{ ", " if not loop.last }}{% endfor %}</td></tr>
 <tr><th>detections</th><td><span data-key="detections">{{ job.detections }}</span></td></tr>
 <tr><th>errors</th><td><span data-key="errors">{{ job.errors }}</span></td></tr>

@@ -29,7 +29,7 @@ from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
 from pipeline.output import Output, OutputSettingsError, error_row, final_state
 from pipeline.counter import FrameCounter
-from pipeline.plan import Plan, Resources, count_planned, execute, plan_work, raster_summary
+from pipeline.plan import Plan, Resources, count_planned, count_written, execute, plan_work, raster_summary
 from pipeline.raydata import (actor_init_death, environ, one_node_execution, patched, quiet_actor_init_deaths,
                               start_ray_data_helpers)
 from pipeline.sizing import ask_detector_gpu_memory, auto_batch, cluster_nodes, fit, model_input_mpx
@@ -493,9 +493,10 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             out.write_job(doc)
             sources = _skip_changed(out, sources)
             done = frozenset(out.done_ids())
-            doc["skipped_frames"] = len(done)
             units = plan_work(plan, out, sources)
             doc["planned_frames"] = count_planned(plan, units)
+            doc["skipped_frames"] = count_written(plan, units, done)  # planned, and written by earlier runs
+            doc["frames_outside_plan"] = len(done) - doc["skipped_frames"]  # earlier runs' sampling took them
             doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
             doc["work_units"] = len(units)
             plan, batch_record = decide_batch()

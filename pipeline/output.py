@@ -417,9 +417,10 @@ class Output:
 
     def progress(self, *, now_s: float | None = None) -> dict[str, Any]:
         """State, frames written vs planned, errors, rate and ETA, from `_job.json`, the lease and the Parquet
-        footers (no row is read); where the run's start went (`startup_s`, as far as it has got)."""
+        footers (no row is read); where the run's start went (`startup_s`, as far as it has got). Frames an earlier
+        run's sampling took and the job's does not are not counted as done (`frames_outside_plan`)."""
         doc = self.read_job(missing_ok=True)
-        written = sum(self._footer(f).num_rows for f in self.frame_files())
+        written = sum(self._footer(f).num_rows for f in self.frame_files()) - doc.get("frames_outside_plan", 0)
         errors = sum(self._footer(f).num_rows for f in self.error_files())
         planned, state = doc.get("planned_frames"), self.state()
         rate = eta = None

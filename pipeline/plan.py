@@ -369,6 +369,14 @@ def count_planned(plan: Plan, units) -> int:
     return sum(len(_sampled(plan, u)) if u["kind"] == "video" else u["stop"] - u["start"] for u in units)
 
 
+def count_written(plan: Plan, units, done: frozenset[str]) -> int:
+    """Of the frames the units will produce under the plan's sampling, those already in `done` (an earlier run
+    wrote them). The output may hold more: frames an earlier run's sampling took and this one's does not."""
+    if not done:
+        return 0
+    return sum(frame_id(u["source"], k) in done for u in units for k in _sampled(plan, u))
+
+
 @functools.lru_cache(maxsize=4)
 def _window_ids(raster: str) -> tuple[int, ...]:
     """The window ids of a raster plan's JSON, parsed once for all the units that share it (each unit's

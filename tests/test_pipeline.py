@@ -16,7 +16,7 @@ from fpn_model.weights import load_checkpoint
 from fpn_model.zoo import resolve
 from jobs.runner import run
 from jobs.spec import plan_from_dict
-from pipeline.output import frame_id
+from pipeline.output import Output, frame_id
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +107,12 @@ def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video
     assert again["state"] == "succeeded" and again["skipped_frames"] == 20 and again["frames"] == 20
     assert again["work_units_written_before"] == again["work_units"] == 4
     assert frames_table(out).equals(t)
+    # a sparser sampling: its 10 frames are among the 20 written; the other 10 are no part of this job's progress
+    # (status said "frames: 20 / 10 (200%)" and the run "20 frames already written were skipped")
+    sparse = job([v], out, sampling={"every_n": 4}, segment_frames=10)
+    assert (sparse["planned_frames"], sparse["skipped_frames"], sparse["frames_outside_plan"]) == (10, 10, 10)
+    p = Output(str(out)).progress()
+    assert (p["frames_done"], p["frames_planned"], sparse["frames"]) == (10, 10, 20)
 
 
 def test_only_units_with_a_frame_to_write_run_again(tmp_path):
