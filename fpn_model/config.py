@@ -83,6 +83,12 @@ class ModelConfig:
             raise ValueError(f"out_channels must be >= 8, got {self.out_channels}")
         if self.scale is not None and not 0.1 <= self.scale <= 8:
             raise ValueError(f"scale must be between 0.1 and 8, got {self.scale}")
+        if not 0 <= self.score_thresh <= 1:
+            raise ValueError(f"score_thresh must be between 0 and 1, got {self.score_thresh}")
+        if not 0 < self.nms_thresh <= 1:
+            raise ValueError(f"nms_thresh must be above 0 and at most 1, got {self.nms_thresh}")
+        if self.detections_per_img < 1:
+            raise ValueError(f"detections_per_img must be >= 1, got {self.detections_per_img}")
         if not self.returned_layers:
             raise ValueError("returned_layers must name at least one backbone stage")
         if len(self.anchor_sizes) != self.num_levels:

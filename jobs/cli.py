@@ -353,6 +353,8 @@ def _run_flags(*, tile, no_tile, **fields) -> dict[str, Any]:
         if v is not None:
             flags[k] = v
     if no_tile:
+        if any(v is not None for v in tile.values()):
+            raise click.UsageError("--no-tile feeds frames whole: give it or --tile/--tile-overlap, not both")
         flags["tile"] = None
     elif any(v is not None for v in tile.values()):
         flags["tile"] = {k: v for k, v in tile.items() if v is not None}
@@ -557,7 +559,8 @@ def query(output, sql, fmt, endpoint_url):
 @click.option("-o", "--out", "dest", required=True, help="File (path or URL) to write.")
 @click.option("--format", "fmt", type=click.Choice(["geoparquet", "geojson", "coco", "csv"]), default="geoparquet",
               show_default=True)
-@click.option("--min-score", type=float, default=0.0, show_default=True, help="Leave out detections scoring below.")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Leave out detections scoring below.")
 @click.option("--crs", help="Reproject map geometries to this CRS (e.g. EPSG:3857); GeoJSON is always EPSG:4326.")
 @click.option("--dedup", "dedup_iou", type=float,
               help="Merge detections of overlapping scenes whose map boxes overlap by more than this IoU.")

@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from fpn_model.config import TileConfig
+from fpn_model.weights import read_config
 from fpn_model.zoo import DEFAULT_MODEL, model_id, resolve
 from pipeline.decode import Sampling
 from pipeline.plan import Plan, Resources
@@ -132,6 +133,11 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
         if k in d and d[k] is not None:
             overrides[k] = _coerce(k, d.pop(k), float if k != "detections_per_img" else int)
         d.pop(k, None)
+    if overrides:  # checked against the model's config now, not in the detector once Ray and the job have started
+        try:
+            dataclasses.replace(read_config(ckpt)[0], **overrides)
+        except ValueError as e:
+            raise SpecError(f"spec field {str(e).split()[0]}: {e}") from e
     for k in _STORAGE:
         if d.get(k) is not None:
             try:

@@ -62,6 +62,8 @@ class Sampling:
             raise ValueError(f"end_s ({self.end_s}) must be after start_s ({self.start_s})")
         if self.keyframes and (self.every_n != 1 or self.fps is not None):
             raise ValueError("keyframes: sampling keyframes only cannot be combined with every_n or fps")
+        if self.fps is not None and self.every_n != 1:
+            raise ValueError(f"every_n ({self.every_n}) and fps ({self.fps:g}) are two ways to choose frames: give one")
 
 
 def sample_indices(num_frames: int, video_fps: float, s: Sampling, start: int = 0, stop: int | None = None,

@@ -35,6 +35,9 @@ def test_models_lists_bundled_checkpoint_as_json():
     ({"inputs": ["x.mp4"], "output": "o", "colour": "red"}, "colour"),
     ({"inputs": ["x.mp4"], "output": "o", "model": "no-such-model"}, "model"),
     ({"output": "o"}, "inputs"),
+    ({"inputs": ["x.mp4"], "output": "o", "score_thresh": 5}, "score_thresh"),  # was a run finding nothing
+    ({"inputs": ["x.mp4"], "output": "o", "scale": 0}, "scale"),  # failed in the detector once Ray had started
+    ({"inputs": ["x.mp4"], "output": "o", "sampling": {"every_n": 5, "fps": 4}}, "sampling"),  # sampled both ways
 ])
 def test_bad_spec_fails_before_work_naming_the_field(tmp_path, spec, field):
     import yaml
@@ -45,6 +48,12 @@ def test_bad_spec_fails_before_work_naming_the_field(tmp_path, spec, field):
     assert r.exit_code == 1
     assert f"spec field {field}" in r.output or "spec: " in r.output and field in r.output
     assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_tile_flags_that_contradict_each_other_are_refused(tmp_path):
+    r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", str(tmp_path / "o"), "--tile", "256", "--no-tile"])
+    assert r.exit_code == 2 and "--no-tile feeds frames whole: give it or --tile/--tile-overlap, not both" in r.output
+    assert not (tmp_path / "o").exists()  # --no-tile used to win silently
 
 
 def test_missing_input_is_one_clear_line(tmp_path):
