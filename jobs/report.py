@@ -26,6 +26,7 @@ import jinja2
 import numpy as np
 from PIL import Image
 
+from pipeline.decode import check_video_backend
 from pipeline.output import Output
 from pipeline.storage import check_file_destination, one_line, redact, redact_text, redact_url
 
@@ -301,6 +302,8 @@ def build_report(output: str, dest: str | Path = "report.html", *, storage_optio
     `strip` is the number of frames sampled per video, decoded with `video_backend` (default: the job's)."""
     t0 = time.monotonic()
     check_file_destination(str(dest), "report.html")
+    if video_backend is not None:
+        check_video_backend(video_backend)
     out = Output(output, storage_options)
     counts = out.counts()
     job = _job(out, counts)

@@ -315,6 +315,12 @@ class PyAVVideo:
         self._c.close()
 
 
+def check_video_backend(backend: str) -> None:
+    """Refuse a name `open_video` cannot take, before any work."""
+    if backend not in ("decord", "pyav", "nvdec") and ":" not in backend:
+        raise ValueError(f"video_backend must be decord, pyav, nvdec or module:Class, got {backend!r}")
+
+
 def open_video(path: str | BinaryIO, backend: str = "decord") -> VideoDecoder:
     """Open `path` with a video backend: "decord", "pyav" (which also takes a seekable binary file object),
     "nvdec" (`pipeline.nvdec`: NVIDIA's decode engine, PyAV where there is none), or a plugin named
@@ -329,8 +335,7 @@ def open_video(path: str | BinaryIO, backend: str = "decord") -> VideoDecoder:
         from .nvdec import NvdecVideo
 
         return NvdecVideo(path)
-    if ":" not in backend:
-        raise ValueError(f"unknown video backend {backend!r}; choose decord, pyav, nvdec or module:Class")
+    check_video_backend(backend)
     module, _, name = backend.rpartition(":")
     try:
         if module.endswith(".py"):

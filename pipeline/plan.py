@@ -26,7 +26,7 @@ from fpn_model.config import TileConfig, check_precision
 from fpn_model.memory import keep_freed_memory_env
 from fpn_model.weights import InputSpec, read_input_spec  # torch-free: no model is built here
 
-from .decode import Sampling, decode_unit, probe, sample_indices, with_cpu_time
+from .decode import Sampling, check_video_backend, decode_unit, probe, sample_indices, with_cpu_time
 from .isolate import ChildTimeout, IsolationError, process_child
 from .output import Output, error_row, frame_id
 from .raster import RasterPlan, RasterSettings, Stretch, aoi_geometry, open_rasters, plan_raster
@@ -135,9 +135,7 @@ class Plan:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_rows_per_file is not None and self.min_rows_per_file < 1:
             raise ValueError(f"min_rows_per_file must be >= 1, got {self.min_rows_per_file}")
-        if self.video_backend not in ("decord", "pyav", "nvdec") and ":" not in self.video_backend:
-            raise ValueError(
-                f"video_backend must be decord, pyav, nvdec or module:Class, got {self.video_backend!r}")
+        check_video_backend(self.video_backend)
         if self.decode_timeout_s <= 0:
             raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
         if self.bands is not None:

@@ -72,6 +72,9 @@ def test_report_figures_equal_fpn_query_answers(run_output, tmp_path):
     # the sections a person looks at: a frame strip of the clip (4 processed frames), the image, the error row
     assert html.count("<figcaption>frame ") == 4 and "fly.mp4" in html and "SOAP_061.png" in html
     assert "empty.mp4" in html and "empty file (0 bytes)" in html
+    r = invoke("report", out, "-o", tmp_path / "other.html", "--video-backend", "nonsense")  # was a page, exit 0,
+    assert r.exit_code == 1 and "video_backend must be decord, pyav" in r.output  # saying its frames were not drawn
+    assert not (tmp_path / "other.html").exists()
 
 
 @pytest.mark.slow
