@@ -279,8 +279,8 @@ def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, star
         endpoint_url, profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
     """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
 
-    INPUTS are files, directories, globs, s3:// or other fsspec URLs, manifests (one URI a line),
-    or a single job spec (.yaml) whose fields the flags override.
+    INPUTS are files, directories, globs, s3:// or other fsspec URLs, manifests (.txt: one URI a line, relative
+    paths from the manifest's directory), or a single job spec (.yaml) whose fields the flags override.
 
     Example: fpn run s3://bucket/flights/**.mp4 -o s3://bucket/out --fps 2 --endpoint-url http://127.0.0.1:9000
     """

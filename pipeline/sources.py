@@ -98,6 +98,15 @@ def _source(fs, name: str, info: dict, original: str) -> Source:
     return Source(url, canonical_uri(url), int(size) if size is not None else None, object_version(info))
 
 
+def _beside(manifest: str, entry: str) -> str:
+    """A manifest's entry: a URL or an absolute path as it is, a relative path from the manifest's own directory
+    (as a spec's inputs are from the spec's), wherever the command runs."""
+    if "://" in entry or os.path.isabs(entry):
+        return entry
+    folder = manifest.split("?", 1)[0].rpartition("/")[0]
+    return f"{folder}/{entry}" if folder else entry
+
+
 def _is_pattern(item: str, path: str) -> bool:
     """Glob characters in the path; an HTTP(S) URL is never a pattern (`?` starts its query)."""
     return protocol_of(item) not in ("http", "https") and any(ch in path for ch in "*?[")
@@ -135,7 +144,11 @@ def _expand_one(item: str, storage_options: dict | None, stac_asset: str, stac_b
     if ext in MANIFEST_EXT:
         with fs.open(path, "rt") as f:
             lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        return expand_inputs(lines, storage_options, stac_asset=stac_asset, stac_bands=stac_bands)
+        try:
+            return expand_inputs([_beside(item, ln) for ln in lines], storage_options, stac_asset=stac_asset,
+                                 stac_bands=stac_bands)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} (listed in manifest {item})") from None
     url = canonical_uri(item) if protocol_of(item) == "file" else item
     size = info.get("size")
     return [Source(url, canonical_uri(item), int(size) if size is not None else None, object_version(info))]

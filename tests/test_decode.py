@@ -168,6 +168,15 @@ def test_expand_inputs_globs_directories_manifests(tmp_path, make_video):
     assert [s.url for s in expand_inputs([str(tmp_path / "a" / "*.png")])] == [str(tmp_path / "a" / "x.png")]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         expand_inputs([str(tmp_path / "missing.mp4")])
+    # relative entries are read from the manifest's directory, wherever the command runs (they were read from the
+    # working directory: "input x.png does not exist", naming no manifest)
+    (tmp_path / "a" / "rel.txt").write_text("x.png\nsub/y.png\n")
+    with pytest.raises(FileNotFoundError, match=r"a/sub/y.png does not exist \(listed in manifest .*a/rel.txt\)"):
+        expand_inputs([str(tmp_path / "a" / "rel.txt")])
+    (tmp_path / "a" / "sub").mkdir()
+    (tmp_path / "a" / "sub" / "y.png").write_bytes(b"y")
+    assert [s.url for s in expand_inputs([str(tmp_path / "a" / "rel.txt")])] == [
+        str(tmp_path / "a" / "sub" / "y.png"), str(tmp_path / "a" / "x.png")]
     with pytest.raises(FileNotFoundError, match="matches no media"):
         expand_inputs([str(tmp_path / "*.mkv")])
 
