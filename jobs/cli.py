@@ -48,7 +48,9 @@ def _loaded_errors() -> tuple[type, ...]:
                  if m in sys.modules)
 
 
-def _emit(rows: list[dict], fmt: str, columns: list[str]) -> None:
+def _emit(rows: list[dict], fmt: str, columns: list[str], *, upper: bool = True) -> None:
+    """Rows as JSON, CSV (lists and structs as JSON) or a table (headers upper-cased unless `upper` is False:
+    a query's column names are SQL's, as csv and json give them)."""
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -57,10 +59,11 @@ def _emit(rows: list[dict], fmt: str, columns: list[str]) -> None:
 
         w = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: json.dumps(v, default=str) if isinstance(v, (dict, list)) else v for k, v in r.items()}
+                    for r in rows)
         return
     widths = {c: max([len(c)] + [len(_cell(r.get(c))) for r in rows]) for c in columns}
-    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    click.echo("  ".join((c.upper() if upper else c).ljust(widths[c]) for c in columns))
     for r in rows:
         click.echo("  ".join(_cell(r.get(c)).ljust(widths[c]) for c in columns))
 
@@ -551,7 +554,7 @@ def query(output, sql, fmt, endpoint_url):
     from jobs.query import query as run_query
 
     cols, rows = run_query(output, sql, _storage_flags(endpoint_url).get("storage_options"))
-    _emit([dict(zip(cols, r)) for r in rows], fmt, cols)
+    _emit([dict(zip(cols, r)) for r in rows], fmt, cols, upper=False)
 
 
 @cli.command()
