@@ -221,7 +221,7 @@ def render_frame(output: str, source: str, dest: str | Path, *, frame_index: int
         region = (region or Region(0, 0, width, height)).clip(width, height)
         if kind == "video":
             index, pts = _video_frame(con, src, output, frame_index, time_s)
-            dets = boxes(con, src, frames=[index], min_score=min_score)
+            dets = boxes(con, src, frames=[index], region=region, min_score=min_score)  # those the picture shows
         else:
             if frame_index is not None or time_s is not None:
                 raise ValueError(f"{source} is {'an' if kind == 'image' else 'a'} {kind}: --frame and --time are "

@@ -65,6 +65,9 @@ def test_rendering_a_video_frame_draws_the_boxes_of_that_frame_only(video_output
     x1, y1, x2, y2 = VIDEO_BOXES[4][0][:4]
     assert not changed[:y1].any() and not changed[y2 + 1:].any()  # nothing drawn outside the box
     assert not changed[y1 + 1:y2, x1 + 1:x2].any()  # the frame's own pixels inside the box
+    # a region away from the box: none drawn, and none counted (the whole frame's count was reported)
+    r = invoke("render", out, video, tmp_path / "corner.png", "--frame", 4, "--min-score", 0, "--region", 0, 0, 40, 16)
+    assert r.exit_code == 0 and "0 detections drawn (frame 4 at 0.33 s)" in r.output, r.output
 
 
 def test_time_picks_the_nearest_processed_frame_and_an_unprocessed_index_is_one_line(video_output, tmp_path):
