@@ -135,6 +135,9 @@ def _target_crs(ds: pads.Dataset, fmt: str, crs: str | None, output: str) -> str
             CRS.from_user_input(crs)
         except CRSError as e:
             raise ValueError(f"crs {crs!r} is not a coordinate reference system ({e})") from None
+        if not found:
+            raise ValueError(f"{output}: no georeferenced detections to reproject to {crs} (without --crs: pixel "
+                             "boxes)")
         return crs
     if len(found) > 1:
         raise ValueError(f"{output} holds detections in {len(found)} CRSs ({', '.join(sorted(found))}): "

@@ -167,6 +167,9 @@ def test_pixel_only_rasters_export_pixel_boxes_and_say_so(tmp_path):
         {"xmin": 50.0, "ymin": 100.0, "xmax": 90.0, "ymax": 140.0}]
     with pytest.raises(ValueError, match="no georeferenced detections, and GeoJSON needs map coordinates"):
         export(out, str(tmp_path / "px.geojson"), fmt="geojson")
+    for fmt in ("csv", "geoparquet"):  # csv said "(csv, EPSG:3857)" with empty map columns; geoparquet wrote none
+        with pytest.raises(ValueError, match="no georeferenced detections to reproject to EPSG:3857"):
+            export(out, str(tmp_path / f"px.{fmt}"), fmt=fmt, crs="EPSG:3857")
 
 
 def test_export_writes_to_object_storage(scene_output, s3):
