@@ -405,13 +405,16 @@ def submit(spec, output, job_id, address):
     click.echo(f"  fpn query {data['output']} \"SELECT label_name, count(*) FROM detections GROUP BY 1\"")
 
 
-def _is_output(target: str) -> bool:
+def _is_output(target: str, address: str | None) -> bool:
     """Whether `target` is an output (a URL or an existing path) rather than a submitted job's id; a path that
-    does not exist (it has a '/', which no job id has) fails in one line."""
+    does not exist (it has a '/', which no job id has), or a name with no cluster to ask, fails in one line."""
     if "://" in target or Path(target).exists():
         return True
     if "/" in target:
         raise FileNotFoundError(f"output {target} does not exist")
+    if not address:
+        raise FileNotFoundError(f"{target}: no output of that name here, and no cluster to ask for a job of that id "
+                                "(--address or RAY_ADDRESS)")
     return False
 
 
@@ -432,7 +435,7 @@ def status(target, endpoint_url, profile, anon, address, fmt):
     """
     from pipeline.output import EXIT_CODES, Output
 
-    if _is_output(target):
+    if _is_output(target, address):
         out = Output(target, _read_options(endpoint_url, profile, anon))
         out.read_job()  # a directory that is no output (no _job.json) fails in one line, not "state: ?"
         row = {"output": target, **out.progress()}
@@ -527,7 +530,7 @@ def resume(target, endpoint_url, address):
     from jobs.spec import plan_from_record
     from pipeline.output import Output
 
-    if not _is_output(target):
+    if not _is_output(target, address):
         jid = resume_job(target, address=address)
         click.echo(f"resubmitted {target} as {jid}: frames already written are skipped")
         click.echo(f"  fpn status {jid}")

@@ -67,6 +67,7 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
     tracebacks (FileExistsError after Ray's start, NotADirectoryError, ParseError), a bare "Error: 'categories'",
     a cluster's error for a mistyped path ("job id ... is not valid") or exit 0 with "state: ?"."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     Path("afile").write_text("x")
     Path("notout").mkdir()
     Path("bad.xml").write_text("not xml")
@@ -78,6 +79,8 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
              (["status", "notout"], "notout: no _job.json (is it an fpn output?)"),
              (["status", "out/nope"], "output out/nope does not exist"),
              (["resume", "./nope"], "output ./nope does not exist"),
+             (["status", "nope"], "nope: no output of that name here, and no cluster to ask for a job of that id "
+              "(--address or RAY_ADDRESS)"),
              (["eval", "trees", "bad.xml"], "bad.xml: not Pascal-VOC XML (syntax error: line 1, column 0)"),
              (["eval", "trees", "bad.json"], "bad.json: not COCO detection JSON (no 'annotations', 'categories')")]
     for args, line in cases:
