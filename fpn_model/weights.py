@@ -135,8 +135,21 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.d
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates it 0600: others (a cluster's workers, a team) read it
     os.replace(tmp, path)
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (`os.umask` sets it, racing other threads' files); Linux
+    reports it in /proc/self/status, elsewhere the usual 022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _metadata(path: str | os.PathLike) -> dict[str, str]:

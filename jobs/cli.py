@@ -636,7 +636,9 @@ def import_torchvision_cmd(name, dest, state_dict):
     Example: fpn import-torchvision fasterrcnn_resnet50_fpn models/frcnn-coco.safetensors
     """
     from fpn_model.weights import import_torchvision, save_checkpoint
+    from pipeline.storage import check_file_destination
 
+    check_file_destination(dest, "model.safetensors")  # before the download
     model = import_torchvision(name, state_dict)
     click.echo(f"wrote {save_checkpoint(model, dest)}")
 
@@ -708,7 +710,9 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
     """
     from fpn_model.train import TrainConfig
     from fpn_model.train import train as run_train
+    from pipeline.storage import check_file_destination
 
+    check_file_destination(output, "model.safetensors")  # not after the training: it failed at the first save
     tc = TrainConfig(model=_model_config(preset_name, sets), train=train_paths, val=val_paths, output=output,
                      single_class=single_class, steps=steps, minutes=minutes, batch_size=batch_size, crop=crop,
                      scale_range=(scale_min, scale_max), lr=lr, eval_every=eval_every, threads=threads, seed=seed,

@@ -82,6 +82,10 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
              (["status", "nope"], "nope: no output of that name here, and no cluster to ask for a job of that id "
               "(--address or RAY_ADDRESS)"),
              (["eval", "trees", "bad.xml"], "bad.xml: not Pascal-VOC XML (syntax error: line 1, column 0)"),
+             (["train", "--train", SOAP_XML, "--steps", 1, "-o", "notout"],  # it trained, then failed to save
+              "notout is a directory: name the file to write (e.g. notout/model.safetensors)"),
+             (["import-torchvision", "fasterrcnn_resnet50_fpn", "notout"],
+              "notout is a directory: name the file to write (e.g. notout/model.safetensors)"),
              (["eval", "trees", "bad.json"], "bad.json: not COCO detection JSON (no 'annotations', 'categories')")]
     for args, line in cases:
         r = CliRunner().invoke(cli, [str(a) for a in args])

@@ -67,6 +67,10 @@ def test_checkpoint_round_trip_keeps_config_and_outputs(tmp_path):
         a.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
         torch.testing.assert_close(a(img)[0]["boxes"], loaded(img)[0]["boxes"])
     assert path.stat().st_size < sum(v.numel() * 4 for v in model.state_dict().values()) * 0.6  # fp16 storage
+    # readable as any file this process writes (safetensors made it 0600: a cluster's other users could not load it)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_loading_draws_no_random_weights_and_leaves_other_threads_alone(tmp_path):
