@@ -248,11 +248,9 @@ def train(tc: TrainConfig, *, log_fn: Callable[[dict], None] | None = None, data
         per_view = view_metrics(_merged_over_ranks(predicted) if distributed else predicted, n,
                                 range(rank, tc.val_views, world))  # each rank scores its share of the views
         if distributed:
-            shares = [None] * world if rank == 0 else None
-            dist.gather_object(per_view, shares, dst=0)
+            per_view = _merged_over_ranks(per_view)  # a few numbers a view
             if rank != 0:
                 return
-            per_view = {k: m for share in shares for k, m in share.items()}
         metrics = mean_over_views(per_view)
         rec = {"step": step, "minutes": round((time.monotonic() - start) / 60, 2), **{k: round(v, 4) for k, v in metrics.items()}}
         history.append(rec)

@@ -437,8 +437,7 @@ def status(target, endpoint_url, profile, anon, address, fmt):
 
     if _is_output(target, address):
         out = Output(target, _read_options(endpoint_url, profile, anon))
-        out.read_job()  # a directory that is no output (no _job.json) fails in one line, not "state: ?"
-        row = {"output": target, **out.progress()}
+        row = {"output": target, **out.progress(missing_ok=False)}  # no _job.json: one line, not "state: ?"
     else:
         from jobs.manager import job_status
 

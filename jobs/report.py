@@ -109,7 +109,8 @@ def _job(out: Output, counts: dict[str, int]) -> dict[str, Any]:
         "planned": doc.get("planned_frames"), "frames": counts["frames"], "detections": counts["detections"],
         "errors": counts["errors"], "wall": _fmt_s(doc.get("wall_s")), "rate": doc.get("frames_per_s"),
         "started": doc.get("started_at"), "finished": doc.get("finished_at"), "runs": doc.get("runs"),
-        "skipped": doc.get("skipped_frames"), "outside": doc.get("frames_outside_plan"), "video_backend": spec.get("video_backend"),
+        "skipped": doc.get("skipped_frames"), "outside": doc.get("frames_outside_plan"),
+        "video_backend": spec.get("video_backend"),
         "sampling": ", ".join(f"{k} {v}" for k, v in (spec.get("sampling") or {}).items() if v is not None),
     }
 

@@ -415,11 +415,12 @@ class Output:
                 return "interrupted"
         return st
 
-    def progress(self, *, now_s: float | None = None) -> dict[str, Any]:
+    def progress(self, *, now_s: float | None = None, missing_ok: bool = True) -> dict[str, Any]:
         """State, frames written vs planned, errors, rate and ETA, from `_job.json`, the lease and the Parquet
         footers (no row is read); where the run's start went (`startup_s`, as far as it has got). Frames an earlier
-        run's sampling took and the job's does not are not counted as done (`frames_outside_plan`)."""
-        doc = self.read_job(missing_ok=True)
+        run's sampling took and the job's does not are not counted as done (`frames_outside_plan`). `missing_ok`:
+        as `read_job`'s (False: a location without `_job.json` is no output, FileNotFoundError)."""
+        doc = self.read_job(missing_ok=missing_ok)
         written = sum(self._footer(f).num_rows for f in self.frame_files()) - doc.get("frames_outside_plan", 0)
         errors = sum(self._footer(f).num_rows for f in self.error_files())
         planned, state = doc.get("planned_frames"), self.state()

@@ -543,7 +543,7 @@ def check_output_location(url: str, storage_options: dict[str, Any] | None = Non
 
     fpn never creates buckets (a typo would otherwise make one, possibly public, in the wrong
     account): this only looks, and s3fs's `mkdir`/`makedirs`, which create buckets, must never be
-    called on object storage. Local outputs need no check (their directory is created when written).
+    called on object storage. A local output's directory is created when written.
     """
     proto = protocol_of(url)
     fs, path = filesystem(url, storage_options)
