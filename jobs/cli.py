@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -418,6 +419,18 @@ def _is_output(target: str, address: str | None) -> bool:
     return False
 
 
+@contextmanager
+def _nor_an_output(target: str):
+    """A TARGET that is neither an output here nor a job on the cluster says both (a mistyped output name
+    reaches the cluster as a job id)."""
+    from jobs.manager import JobNotFound
+
+    try:
+        yield
+    except JobNotFound as e:
+        raise JobNotFound(f"{e}, and there is no output {target} here") from e
+
+
 @cli.command()
 @click.argument("target")
 @storage_flags
@@ -441,7 +454,8 @@ def status(target, endpoint_url, profile, anon, address, fmt):
     else:
         from jobs.manager import job_status
 
-        row = _public(job_status(target, address=address))
+        with _nor_an_output(target):
+            row = _public(job_status(target, address=address))
     if fmt == "json":
         click.echo(json.dumps(row, indent=2, default=str))
     else:
@@ -530,7 +544,8 @@ def resume(target, endpoint_url, address):
     from pipeline.output import Output
 
     if not _is_output(target, address):
-        jid = resume_job(target, address=address)
+        with _nor_an_output(target):
+            jid = resume_job(target, address=address)
         click.echo(f"resubmitted {target} as {jid}: frames already written are skipped")
         click.echo(f"  fpn status {jid}")
         return

@@ -273,12 +273,16 @@ def resume(job_id: str, *, address: str | None, env: Mapping[str, str] = os.envi
     return _submit_spec(spec, address=address)[0]
 
 
+class JobNotFound(LookupError):
+    """No job of that id on the cluster asked."""
+
+
 def _job_info(job_id: str, address: str | None) -> Any:
     check_job_id(job_id)
     try:
         return client(address).get_job_info(job_id)
     except RuntimeError as e:
-        raise LookupError(f"job {job_id}: not found on {address or os.environ.get('RAY_ADDRESS')}") from e
+        raise JobNotFound(f"job {job_id}: not found on {address or os.environ.get('RAY_ADDRESS')}") from e
 
 
 def _status(info: Any) -> str:

@@ -163,6 +163,9 @@ def test_submit_status_list_logs_on_two_nodes(cluster, cluster_dir, make_video, 
     assert job_id in [r["job_id"] for r in json.loads(text)]
     code, text = fpn("logs", job_id, "--address", cluster)
     assert code == 0 and "succeeded: 65 frames" in text
+    for cmd in ("status", "resume"):  # a mistyped output name reaches the cluster as a job id: both are said
+        code, text = fpn(cmd, "ouptut", "--address", cluster)
+        assert code == 1 and f"job ouptut: not found on {cluster}, and there is no output ouptut here" in text, text
     assert_no_planted_secret(cluster, cluster_dir, job_id, out)
 
 
