@@ -173,10 +173,13 @@ def _print_summary(doc: dict) -> None:
     click.echo(f"output: {out}")
     rasters = doc.get("rasters") or {}
     for src, r in (rasters.get("georeferenced") or {}).items():
-        click.echo(f"raster {src}: {r['crs']}, {r['gsd_m']:g} m/pixel read at {r['scale']:g}x, {r['windows']} windows"
-                   + (f" ({doc['nodata_windows']} all nodata, skipped)" if doc.get("nodata_windows") else ""))
+        click.echo(f"raster {src}: {r['crs']}, {r['gsd_m']:g} m/pixel read at {r['scale']:g}x, {r['windows']} windows")
     if rasters.get("pixel_coordinates_only"):
         click.echo(f"rasters without a georeference (pixel coordinates only): {len(rasters['pixel_coordinates_only'])}")
+    for src, note in (rasters.get("notes") or {}).items():
+        click.echo(f"raster {src}: {note}")
+    if doc.get("nodata_windows"):
+        click.echo(f"raster windows all nodata (skipped): {doc['nodata_windows']}")
     if doc.get("errors"):
         click.echo(f"errors: fpn query {out} \"SELECT source, stage, error_type, message FROM errors\"")
     click.echo(f"query it: fpn query {out} \"SELECT count(*) FROM detections\"")

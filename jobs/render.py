@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.decode import open_video
-from pipeline.raster import open_raster
+from pipeline.raster import open_raster, palette_of, read_palette, valid_values
 from pipeline.storage import canonical_uri, check_file_destination, filesystem, local_copy
 
 from .query import connect
@@ -156,9 +156,12 @@ def read_pixels(source: str, kind: str, *, region: Region, max_side: int | None 
         from rasterio.enums import Resampling
         from rasterio.windows import Window
 
+        window = Window(region.x, region.y, region.width, region.height)
         with open_raster(source, storage_options) as ds:
-            data = ds.read(window=Window(region.x, region.y, region.width, region.height),
-                           out_shape=(ds.count, h, w), resampling=Resampling.average)
+            if (palette := palette_of(ds)) is not None:  # colours, not index values
+                return _display_rgb(read_palette(ds, 1, palette, window, (h, w), downsampling=True))
+            data = valid_values(ds.read(window=window, out_shape=(ds.count, h, w), resampling=Resampling.average,
+                                        masked=True))
         return _display_rgb(data)
     fs, path = filesystem(source, storage_options)
     with fs.open(path, "rb") as f, Image.open(f) as im:
@@ -169,15 +172,18 @@ def read_pixels(source: str, kind: str, *, region: Region, max_side: int | None 
         return np.asarray(im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR, box=box))
 
 
-def _display_rgb(data: np.ndarray) -> np.ndarray:
-    """`[bands, h, w]` raster values -> `[h, w, 3]` uint8 for a person to look at: the first three bands (one
-    band as grey), 8-bit kept as is, other types stretched from their 2nd to 98th percentile. A picture only:
-    the model's input is made by the pipeline's raster reader, with the job's own band and stretch settings."""
-    data = data[:3] if data.shape[0] >= 3 else np.repeat(data[:1], 3, axis=0)
+def _display_rgb(data: np.ma.MaskedArray) -> np.ndarray:
+    """`[bands, h, w]` raster values (nodata masked) -> `[h, w, 3]` uint8 for a person to look at: the first three
+    bands (one band as grey), 8-bit kept as is, other types stretched from the 2nd to 98th percentile of their valid
+    values; nodata black. A picture only: the model's input is made by the pipeline's raster reader, with the
+    job's own band and stretch settings."""
+    data = data[:3] if data.shape[0] >= 3 else np.ma.concatenate([data[:1]] * 3)
     if data.dtype != np.uint8:
-        lo, hi = np.percentile(data, [2, 98])
-        data = np.clip((data.astype(np.float32) - lo) * (255.0 / max(float(hi - lo), 1e-9)), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(data.transpose(1, 2, 0))
+        valid = data.compressed()
+        lo, hi = np.percentile(valid, [2, 98]) if valid.size else (0.0, 1.0)
+        scaled = (np.ma.filled(data.astype(np.float32), lo) - lo) * (255.0 / max(float(hi - lo), 1e-9))
+        data = np.ma.MaskedArray(np.clip(scaled, 0, 255).astype(np.uint8), np.ma.getmaskarray(data))
+    return np.ascontiguousarray(np.ma.filled(data, 0).transpose(1, 2, 0))
 
 
 def of_frame(dets: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:

@@ -493,11 +493,11 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             out.write_job(doc)
             sources = _skip_changed(out, sources)
             done = frozenset(out.done_ids())
-            units = plan_work(plan, out, sources)
+            units, unread = plan_work(plan, out, sources)
             doc["planned_frames"] = count_planned(plan, units)
             doc["skipped_frames"] = count_written(plan, units, done)  # planned, and written by earlier runs
             doc["frames_outside_plan"] = len(done) - doc["skipped_frames"]  # earlier runs' sampling took them
-            doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
+            doc["rasters"] = raster_summary(units, unread)  # CRS, GSD and resampling of each; which have pixels only
             doc["work_units"] = len(units)
             plan, batch_record = decide_batch()
             if batch_record:

@@ -217,6 +217,8 @@ def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int
         except ValueError as e:
             raise ValueError(f"{uri}: {e}") from e
         n = len(plan.window_ids())
+        if not n:
+            raise NothingToRead(f"the aoi meets none of its {len(plan.windows())} windows: nothing read")
         for start in range(0, n, windows_per_unit):
             yield WorkUnit(uri, source, "raster", start, min(start + windows_per_unit, n), n, 0.0, info.width,
                            info.height, plan.to_json(), **item)
@@ -224,8 +226,13 @@ def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int
         yield WorkUnit(uri, source, "image", 0, 1, 1, 0.0, info.width, info.height, **item)
 
 
-def _probe_sources(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]]) -> list[list[dict] | dict]:
-    """A planning task: for each source row its work units (rows), or its error row when it cannot be read."""
+class NothingToRead(Exception):
+    """A source with nothing the job asks for (a raster its aoi misses): no work unit, and no error."""
+
+
+def _probe_sources(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]]) -> list[list[dict] | dict | str]:
+    """A planning task: for each source row its work units (rows), its error row when it cannot be read, or why
+    there is nothing to read in it."""
     out: list[list[dict] | dict] = []
     for row in rows:
         try:
@@ -234,6 +241,8 @@ def _probe_sources(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]
                 windows_per_unit=plan.windows_per_unit, storage_options=plan.storage_options,
                 video_backend=plan.video_backend, raster=raster, stac_item=row["stac_item"],
                 datetime=row["datetime"], assets=tuple(row["assets"]))])
+        except NothingToRead as e:
+            out.append(str(e))
         except Exception as e:  # noqa: BLE001 - any failure of one input is that input's error row
             out.append(error_row(row["source"], "probe", e))
     return out
@@ -319,9 +328,9 @@ def _scalar(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def plan_work(plan: Plan, out: Output, sources: list[Source]) -> list[dict[str, Any]]:
+def plan_work(plan: Plan, out: Output, sources: list[Source]) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Probe every source and return the work units (rows), in the order of the sources: the planned frame count
-    is known before decoding starts (progress, ETA).
+    is known before decoding starts (progress, ETA); and the sources with nothing to read, with why.
 
     Probing reads headers and indexes (by ranges on object storage), in plain Ray tasks, a few per CPU of the
     cluster, each over a share of the sources: one round of tasks is the whole fixed cost (a Ray Data stage, two
@@ -333,12 +342,12 @@ def plan_work(plan: Plan, out: Output, sources: list[Source]) -> list[dict[str, 
     rows = [{"uri": s.url, "source": s.canonical, "stac_item": s.stac_item, "datetime": s.datetime,
              "assets": [str(a) for a in s.assets]} for s in sources]
     if not rows:
-        return []
+        return [], {}
     raster = plan.raster_settings(read_input_spec(plan.checkpoint))
     task = ray.remote(_probe_sources).options(num_cpus=plan.resources.decode_cpus, max_retries=0)
     shares = min(len(rows), 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
     order = [list(range(k, len(rows), shares)) for k in range(shares)]  # interleaved: big files spread out
-    results: list[list[dict] | dict | None] = [None] * len(rows)
+    results: list[list[dict] | dict | str | None] = [None] * len(rows)
     pending = {task.remote(plan, raster, [rows[i] for i in idx]): idx for idx in order}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -353,13 +362,17 @@ def plan_work(plan: Plan, out: Output, sources: list[Source]) -> list[dict[str, 
                 results[idx[0]] = error_row(rows[idx[0]]["source"], "probe", f"probe crashed ({type(e).__name__})",
                                             error_type="ProbeCrashed")
     units: list[dict[str, Any]] = []
+    unread: dict[str, str] = {}
     for row, r in zip(rows, results):
         if isinstance(r, dict):
             log.warning("probe failed for %s: %s", row["source"], r["message"])
             out.write_errors([r], f"probe:{row['source']}")
+        elif isinstance(r, str):
+            log.warning("%s: %s", row["source"], r)
+            unread[row["source"]] = r
         else:
             units += r
-    return units
+    return units, unread
 
 
 def count_planned(plan: Plan, units) -> int:
@@ -404,9 +417,10 @@ def unwritten(plan: Plan, units, done: frozenset[str]) -> list[dict[str, Any]]:
                                                                       for k in ids)]
 
 
-def raster_summary(units) -> dict[str, Any]:
-    """What `_job.json` says of the job's rasters: which are georeferenced (CRS, GSD, resampling scale) and which
-    keep pixel coordinates only (no CRS or transform)."""
+def raster_summary(units, unread: dict[str, str] | None = None) -> dict[str, Any]:
+    """What `_job.json` says of the job's rasters: which are georeferenced (CRS, GSD, resampling scale), which
+    keep pixel coordinates only (no CRS or transform), and notes on some (a transform fitted to ground control
+    points, or why not; `unread`: rasters with nothing to read, and why)."""
     rasters: dict[str, RasterPlan] = {}
     for u in units:
         if u["kind"] == "raster" and u["source"] not in rasters:
@@ -414,7 +428,9 @@ def raster_summary(units) -> dict[str, Any]:
     georef = {s: {"crs": r.crs, "gsd_m": None if r.gsd_m is None else round(r.gsd_m, 6), "scale": round(r.scale, 6),
                   "bands": list(r.bands), "low": list(r.low), "high": list(r.high), "windows": len(r.window_ids())}
               for s, r in sorted(rasters.items()) if r.crs}
-    return {"georeferenced": georef, "pixel_coordinates_only": sorted(s for s, r in rasters.items() if not r.crs)}
+    notes = {**{s: r.note for s, r in sorted(rasters.items()) if r.note}, **(unread or {})}
+    return {"georeferenced": georef, "pixel_coordinates_only": sorted(s for s, r in rasters.items() if not r.crs),
+            **({"notes": notes} if notes else {})}
 
 
 def detector_pool(r: Resources, calls: int):

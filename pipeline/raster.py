@@ -84,6 +84,8 @@ class RasterPlan:
     gsd_m: float | None
     keep: tuple[int, ...] | None = None  # window indices an area of interest keeps; None: all
     assets: tuple[str, ...] | None = None  # band assets (STAC), one single-band raster per channel, on this grid
+    palette: tuple[tuple[int, int, int], ...] | None = None  # a paletted band's colours (index -> RGB): read as RGB
+    note: str | None = None  # what a reader should know of its georeference (fitted to GCPs, or why not)
 
     def windows(self) -> list[tuple[int, int, int, int]]:
         """Core windows `(x, y, w, h)` in raster pixels, row by row."""
@@ -103,6 +105,8 @@ class RasterPlan:
         for k in ("transform", "bands", "low", "high", "keep", "assets"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
+        if d.get("palette") is not None:
+            d["palette"] = tuple(map(tuple, d["palette"]))
         return cls(**d)
 
 
@@ -170,6 +174,38 @@ def _gsd_m(crs: str, t: tuple[float, ...], width: int, height: int) -> float | N
     return None
 
 
+def valid_values(data: np.ndarray) -> np.ma.MaskedArray:
+    """`data` (a masked read) with the non-finite values of a floating-point raster masked too: NaN marks missing
+    data in many float products that carry no nodata tag, and one NaN would make the stretch NaN (every pixel 0)."""
+    return np.ma.masked_invalid(data) if data.dtype.kind == "f" else np.ma.asarray(data)
+
+
+def palette_of(ds, band: int = 1) -> tuple[tuple[int, int, int], ...] | None:
+    """The colours of a paletted (colour-mapped) band, index -> (r, g, b); None when the band is not paletted."""
+    from rasterio.enums import ColorInterp
+
+    if ds.colorinterp[band - 1] != ColorInterp.palette:
+        return None
+    cmap = ds.colormap(band)
+    lut = [(0, 0, 0)] * (max(cmap) + 1)
+    for i, rgba in cmap.items():
+        lut[i] = tuple(int(v) for v in rgba[:3])
+    return tuple(lut)
+
+
+def read_palette(ds, band: int, palette, window, out_shape: tuple[int, int], downsampling: bool) -> np.ma.MaskedArray:
+    """`[3, h, w]` colours of paletted `band`: indices read with nearest (or, reduced, the most common) value,
+    never averaged, then looked up."""
+    from rasterio.enums import Resampling
+
+    idx = ds.read(band, window=window, out_shape=out_shape, masked=True,
+                  resampling=Resampling.mode if downsampling else Resampling.nearest)
+    lut = np.zeros((max(len(palette), int(np.ma.getdata(idx).max(initial=0)) + 1), 3), np.uint8)
+    lut[:len(palette)] = palette
+    rgb = lut[np.ma.getdata(idx).astype(np.intp)].transpose(2, 0, 1)
+    return np.ma.MaskedArray(rgb, np.broadcast_to(np.ma.getmaskarray(idx), rgb.shape))
+
+
 def _choose_bands(ds, settings: RasterSettings) -> tuple[int, ...]:
     n = len(settings.model_bands)
     if settings.bands is not None:
@@ -207,7 +243,7 @@ def _stretch(ds, bands: tuple[int, ...], settings: RasterSettings) -> tuple[tupl
     f = max(1.0, max(ds.width, ds.height) / _OVERVIEW_SIDE)  # GDAL serves a decimated read from overviews
     shape = (len(set(bands)), max(1, round(ds.height / f)), max(1, round(ds.width / f)))
     unique = sorted(set(bands))
-    data = ds.read(unique, out_shape=shape, masked=True)
+    data = valid_values(ds.read(unique, out_shape=shape, masked=True))
     by_band = {}
     for k, b in enumerate(unique):
         valid = data[k].compressed().astype(np.float64)
@@ -262,6 +298,27 @@ def _aoi_windows(plan: RasterPlan, aoi: dict) -> tuple[int, ...]:
     return tuple(int(i) for i in np.flatnonzero(shapely.intersects(feet, geom)))
 
 
+def _from_gcps(ds, crs: str | None, t: tuple[float, ...]) -> tuple[str | None, tuple[float, ...], bool, str | None]:
+    """(crs, transform, georeferenced, note) of a raster georeferenced by ground control points only: the affine
+    transform fitted to them (least squares) when it lands every one within half a pixel, else pixel coordinates
+    with a note saying why (fpn maps boxes through an affine transform, not a GCP warp)."""
+    from rasterio.transform import from_gcps
+
+    gcps, gcp_crs = ds.gcps
+    if not gcps or gcp_crs is None:
+        return None, t, False, None
+    if len(gcps) < 3:
+        return None, t, False, f"{len(gcps)} ground control points, too few to fit a transform: pixel coordinates only"
+    fitted = from_gcps(gcps)
+    back = ~fitted
+    worst = max(math.hypot(c - g.col, r - g.row) for g in gcps for c, r in [back @ (g.x, g.y)])
+    if worst > 0.5:
+        return None, t, False, (f"{len(gcps)} ground control points that no affine transform fits within half a "
+                                f"pixel (worst {worst:.1f} px): pixel coordinates only (warp it first: gdalwarp)")
+    return (_crs_string(gcp_crs), tuple(fitted)[:6], True,
+            f"transform fitted to its {len(gcps)} ground control points (within {worst:.2f} px)")
+
+
 def plan_raster(ds, settings: RasterSettings, *, band_assets: list[tuple[str, Any]] | None = None) -> RasterPlan:
     """The plan of an open raster (see the module docstring). `band_assets`: (href, open dataset) of single-band
     rasters, one per model channel, combined on the grid of the finest of them (`ds` is ignored). Raises
@@ -274,6 +331,9 @@ def plan_raster(ds, settings: RasterSettings, *, band_assets: list[tuple[str, An
     crs = _crs_string(ds.crs)
     t = tuple(ds.transform)[:6]
     georef = crs is not None and not ds.transform.is_identity
+    note = None
+    if not georef and not band_assets:
+        crs, t, georef, note = _from_gcps(ds, crs, t)
     gsd = _gsd_m(crs, t, ds.width, ds.height) if georef else None
     scale = 1.0
     if gsd and settings.target_gsd_m:
@@ -284,13 +344,18 @@ def plan_raster(ds, settings: RasterSettings, *, band_assets: list[tuple[str, An
         bands = (1,) * len(band_assets)
         ranges = [_stretch(d, (1,), settings) for _, d in band_assets]
         low, high = tuple(r[0][0] for r in ranges), tuple(r[1][0] for r in ranges)
+        palette = None
     else:
         bands = _choose_bands(ds, settings)
-        low, high = _stretch(ds, bands, settings)
+        palette = palette_of(ds, bands[0]) if len(set(bands)) == 1 else None
+        if palette is not None and settings.model_bands != ("red", "green", "blue"):
+            raise ValueError(f"band {bands[0]} is paletted (colour-mapped) and the model takes "
+                             f"{', '.join(settings.model_bands)}: expand it first (gdal_translate -expand rgb)")
+        low, high = ((0.0,) * 3, (255.0,) * 3) if palette else _stretch(ds, bands, settings)
     plan = RasterPlan(width=ds.width, height=ds.height, crs=crs if georef else None, transform=t, bands=bands,
                       low=low, high=high, scale=scale, window=max(16, round(settings.window / scale)),
                       margin=math.ceil(settings.margin / scale), gsd_m=gsd,
-                      assets=tuple(h for h, _ in band_assets) if band_assets else None)
+                      assets=tuple(h for h, _ in band_assets) if band_assets else None, palette=palette, note=note)
     if settings.aoi is not None:
         plan = RasterPlan(**{**asdict(plan), "keep": _aoi_windows(plan, settings.aoi)})
     return plan
@@ -320,12 +385,14 @@ def read_window(datasets: list, plan: RasterPlan, k: int) -> WindowRead:
         from affine import Affine
 
         area = bounds(window, Affine(*plan.transform))
-        channels = [d.read(1, window=from_bounds(*area, transform=d.transform), out_shape=(out_h, out_w),
-                           masked=True, resampling=Resampling.bilinear) for d in datasets]
+        channels = [valid_values(d.read(1, window=from_bounds(*area, transform=d.transform), out_shape=(out_h, out_w),
+                                        masked=True, resampling=Resampling.bilinear)) for d in datasets]
+    elif plan.palette:
+        channels = list(read_palette(datasets[0], plan.bands[0], plan.palette, window, (out_h, out_w), plan.scale < 1))
     else:
         unique = sorted(set(plan.bands))
-        data = datasets[0].read(unique, window=window, out_shape=(len(unique), out_h, out_w), masked=True,
-                                resampling=resampling)  # [bands, H, W]
+        data = valid_values(datasets[0].read(unique, window=window, out_shape=(len(unique), out_h, out_w),
+                                             masked=True, resampling=resampling))  # [bands, H, W]
         channels = [data[unique.index(b)] for b in plan.bands]
     valid = ~np.all([np.ma.getmaskarray(c) for c in channels], axis=0)
     scale = (out_w / (x1 - x0), out_h / (y1 - y0))
@@ -333,7 +400,7 @@ def read_window(datasets: list, plan: RasterPlan, k: int) -> WindowRead:
         return WindowRead(np.zeros((1, 1, 3), np.uint8), (x0, y0), scale, True)
     img = np.empty((out_h, out_w, len(plan.bands)), np.uint8)
     for c, (channel, lo, hi) in enumerate(zip(channels, plan.low, plan.high)):
-        band = np.ma.getdata(channel).astype(np.float32)
+        band = np.ma.filled(channel.astype(np.float32), lo)  # nodata (NaN too): set to 0 below
         img[..., c] = np.clip((band - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
     img[~valid] = 0
     return WindowRead(img, (x0, y0), scale, False)

@@ -16,7 +16,7 @@ from fpn_model.zoo import resolve
 from geo_scenes import write_scene
 from jobs.runner import run
 from jobs.spec import plan_from_dict
-from pipeline.raster import RasterSettings, Stretch, box_polygons, map_boxes, open_raster, plan_raster, read_window
+from pipeline.raster import RasterPlan, RasterSettings, Stretch, box_polygons, map_boxes, open_raster, plan_raster, read_window
 
 
 def detections(out):
@@ -32,7 +32,7 @@ def geo_job(scene, out, **fields):
 
 
 @pytest.mark.slow
-def test_boxes_land_at_map_coordinates_after_resampling_and_nodata_windows_are_skipped(ray_session, tmp_path):
+def test_boxes_land_at_map_coordinates_after_resampling_and_nodata_windows_are_skipped(ray_session, tmp_path, capsys):
     scene = write_scene(tmp_path / "scene.tif", gsd=0.2)
     doc = geo_job(scene, tmp_path / "out")
     t, dets = detections(tmp_path / "out")
@@ -76,6 +76,17 @@ def test_boxes_land_at_map_coordinates_after_resampling_and_nodata_windows_are_s
     with pytest.raises(ValueError, match=r"bands \[4, 3, 2\] -> \[2, 3, 4\]"):
         geo_job(scene, tmp_path / "out", bands=[2, 3, 4])
     assert json.loads((tmp_path / "out" / "_job.json").read_text())["spec"]["bands"] == [4, 3, 2]
+
+    # an area of interest that misses the scene (latitude and longitude swapped): no work, and said so
+    doc = geo_job(scene, tmp_path / "far", aoi={"bbox": [47.8, 15.0, 47.9, 15.1]})
+    assert doc["state"] == "succeeded" and doc["frames"] == 0 and doc["errors"] == 0
+    assert doc["rasters"]["notes"] == {str(scene.path): "the aoi meets none of its 20 windows: nothing read"}
+    from jobs.cli import _print_summary
+
+    _print_summary({**doc, "nodata_windows": 3})
+    printed = capsys.readouterr().out
+    assert f"raster {scene.path}: the aoi meets none of its 20 windows: nothing read" in printed
+    assert "raster windows all nodata (skipped): 3" in printed
 
 
 def test_native_pixels_and_the_first_bands_find_the_same_places_and_the_decoy(tmp_path):
@@ -274,23 +285,105 @@ def test_an_area_of_interest_limits_the_windows_read(tmp_path):
         plan_from_dict({"inputs": [str(scene.path)], "output": str(tmp_path / "o"), "aoi": {"bbox": [3, 2, 1]}})
 
 
-def test_float_rasters_are_stretched_with_nan_nodata_masked(tmp_path):
+@pytest.mark.parametrize("tagged", [True, False], ids=["nodata-nan", "untagged-nan"])
+def test_float_rasters_are_stretched_with_nan_nodata_masked(tmp_path, tagged):
+    """NaN is missing data whether or not the file says so (many reflectance products carry no nodata tag): an
+    untagged NaN made the stretch NaN and the model saw a black image."""
     import rasterio
     from rasterio.transform import from_origin
+
+    from jobs.render import Region, read_pixels
 
     data = np.linspace(0.0, 1.0, 3 * 64 * 64, dtype=np.float32).reshape(3, 64, 64)
     data[:, :, :16] = np.nan
     path = tmp_path / "reflectance.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="float32", nodata=float("nan"),
-                       crs="EPSG:32633", transform=from_origin(500_000, 5_300_000, 0.1, 0.1)) as ds:
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="float32",
+                       nodata=float("nan") if tagged else None, crs="EPSG:32633",
+                       transform=from_origin(500_000, 5_300_000, 0.1, 0.1)) as ds:
         ds.write(data)
     with open_raster(str(path)) as ds:
         plan = plan_raster(ds, RasterSettings(window=64, margin=0, stretch=Stretch((0, 100)), target_gsd_m=0.1))
         r = read_window([ds], plan, 0)
     valid = data[:, :, 16:]
     assert plan.low == tuple(float(np.nanmin(b)) for b in valid) and plan.high == tuple(float(np.nanmax(b)) for b in valid)
+    assert json.loads(plan.to_json())["low"] == list(plan.low)  # finite: strict JSON
     assert not r.all_nodata and r.image.dtype == np.uint8
     assert (r.image[:, :16] == 0).all() and r.image[-1, -1, 0] == 255 and r.image[0, 16, 0] == 0
+    # the picture a person sees (render, report): the valid part stretched, the NaN part black
+    picture = read_pixels(str(path), "raster", region=Region(0, 0, 64, 64))
+    assert (picture[:, :16] == 0).all() and picture[:, 16:].mean() > 60 and picture[-1, -1, 2] == 255
+
+
+def test_a_paletted_raster_is_read_as_its_colours(tmp_path):
+    """A colour-mapped band is colours, not grey levels: the model and the picture get the palette's RGB, and a
+    reduced read never averages indices into colours the palette does not have."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from jobs.render import Region, read_pixels
+
+    colours = {0: (0, 0, 0, 255), 1: (200, 30, 10, 255), 2: (20, 120, 250, 255)}
+    idx = np.ones((64, 64), np.uint8)
+    idx[:, 32:] = 2
+    idx[:8] = 0  # nodata
+    path = tmp_path / "paletted.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8", nodata=0,
+                       crs="EPSG:32633", transform=from_origin(500_000, 5_300_000, 0.1, 0.1),
+                       photometric="palette") as ds:
+        ds.write(idx, 1)
+        ds.write_colormap(1, colours)
+    for gsd, side in ((0.1, 64), (0.25, 26)):  # native, and read reduced
+        with open_raster(str(path)) as ds:
+            plan = plan_raster(ds, RasterSettings(window=64, margin=0, target_gsd_m=gsd))
+            image = read_window([ds], plan, 0).image
+        assert plan.palette[1] == (200, 30, 10) and (plan.low, plan.high) == ((0.0,) * 3, (255.0,) * 3)
+        assert image.shape == (side, side, 3)
+        assert {tuple(p) for p in image.reshape(-1, 3)} == {(0, 0, 0), (200, 30, 10), (20, 120, 250)}
+        assert tuple(image[-1, 0]) == (200, 30, 10) and tuple(image[-1, -1]) == (20, 120, 250)
+        assert (image[0] == 0).all()  # nodata
+    assert RasterPlan.from_json(plan.to_json()) == plan
+    picture = read_pixels(str(path), "raster", region=Region(0, 0, 64, 64))
+    assert tuple(picture[-1, 0]) == (200, 30, 10) and tuple(picture[-1, -1]) == (20, 120, 250)
+    with open_raster(str(path)) as ds, pytest.raises(ValueError, match="band 1 is paletted .* expand it first"):
+        plan_raster(ds, RasterSettings(model_bands=("red", "green", "blue", "nir")))
+
+
+def _gcp_raster(path, gcps):
+    import rasterio
+    from rasterio.crs import CRS as RioCRS
+
+    with rasterio.open(path, "w", driver="GTiff", width=100, height=80, count=3, dtype="uint8") as ds:
+        ds.write(np.full((3, 80, 100), 90, np.uint8))
+        ds.gcps = (gcps, RioCRS.from_epsg(32633))
+    return path
+
+
+def test_ground_control_points_give_a_transform_when_an_affine_one_fits_them(tmp_path):
+    from rasterio.control import GroundControlPoint
+
+    from pipeline.plan import raster_summary
+
+    true = (0.5, 0.0, 500_000.0, 0.0, -0.5, 5_300_000.0)  # 0.5 m pixels, north up
+    at = lambda c, r: (true[0] * c + true[2], true[4] * r + true[5])  # noqa: E731
+    corners = [(0, 0), (100, 0), (0, 80), (100, 80), (50, 40)]
+    exact = [GroundControlPoint(row=r, col=c, x=at(c, r)[0], y=at(c, r)[1]) for c, r in corners]
+    bent = exact[:4] + [GroundControlPoint(row=40, col=50, x=at(50, 40)[0] + 4.0, y=at(50, 40)[1])]  # 8 px off
+    with open_raster(str(_gcp_raster(tmp_path / "fits.tif", exact))) as ds:
+        fits = plan_raster(ds, RasterSettings(window=64, margin=0))
+    with open_raster(str(_gcp_raster(tmp_path / "bent.tif", bent))) as ds:
+        bent_plan = plan_raster(ds, RasterSettings(window=64, margin=0))
+    with open_raster(str(_gcp_raster(tmp_path / "two.tif", exact[:2]))) as ds:
+        two = plan_raster(ds, RasterSettings(window=64, margin=0))
+    assert fits.crs == "EPSG:32633" and fits.gsd_m == pytest.approx(0.5)
+    np.testing.assert_allclose(fits.transform, true, atol=1e-6)
+    assert fits.note.startswith("transform fitted to its 5 ground control points")
+    assert bent_plan.crs is None and "no affine transform fits within half a pixel" in bent_plan.note
+    assert two.crs is None and "2 ground control points, too few" in two.note
+    units = [{"kind": "raster", "source": s, "raster": p.to_json()}
+             for s, p in (("fits.tif", fits), ("bent.tif", bent_plan))]
+    summary = raster_summary(units, {"far.tif": "the aoi meets none of its 4 windows: nothing read"})
+    assert list(summary["georeferenced"]) == ["fits.tif"] and summary["pixel_coordinates_only"] == ["bent.tif"]
+    assert set(summary["notes"]) == {"fits.tif", "bent.tif", "far.tif"}
 
 
 def test_bands_that_do_not_fit_the_model_fail_the_run_before_any_work(tmp_path):
