@@ -1,7 +1,7 @@
-"""Duplicates of one object seen in overlapping scenes, found in bounded memory (`fpn export --dedup IOU`).
+"""Duplicates of one object seen in overlapping scenes or windows, found in bounded memory (`fpn export --dedup IOU`).
 
-Two detections are duplicates when they come from different sources and their map polygons overlap by more than
-IOU; within each group of detections linked by such pairs, a greedy, score-ordered pass keeps the best and drops
+Two detections are duplicates when they come from different scenes, or from different windows of one raster (an
+object across a window edge, boxed in both), and their map polygons overlap by more than IOU; within each group of detections linked by such pairs, a greedy, score-ordered pass keeps the best and drops
 the duplicates of every detection it keeps (non-maximum suppression across scenes).
 
 An STRtree over every detection would hold the whole output in memory, and a relational join on map cells runs
@@ -59,11 +59,11 @@ _SCHEMA = pa.schema([("row", pa.int64()), ("source", pa.int32()), ("score", pa.f
 
 
 def _write_extents(tables, geometries, path: str) -> tuple[tuple[float, ...] | None, int]:
-    """Stream the detections with map polygons to `path` (sources as small integer ids); (their overall extent,
-    rows seen)."""
+    """Stream the detections with map polygons to `path` (each (source, window) as a small integer id: boxes of
+    one window are the model's own, already suppressed); (their overall extent, rows seen)."""
     import shapely
 
-    sources: dict[str, int] = {}
+    sources: dict[tuple[str, int], int] = {}
     writer, total, ext = None, 0, None
     try:
         for t in tables:
@@ -76,8 +76,8 @@ def _write_extents(tables, geometries, path: str) -> tuple[tuple[float, ...] | N
             corners = shapely.get_coordinates(shapely.get_exterior_ring(geoms)).reshape(len(geoms), -1, 2)
             if corners.shape[1] != 5:
                 raise ValueError("dedup expects four-cornered box polygons")
-            src = np.array([sources.setdefault(s, len(sources)) for s in np.asarray(t.column("source").to_pylist(),
-                                                                                     dtype=object)[ok]], np.int32)
+            keys = zip(t.column("source").to_pylist(), t.column("frame_index").to_pylist())
+            src = np.array([sources.setdefault(k, len(sources)) for k, keep in zip(keys, ok) if keep], np.int32)
             bounds = shapely.bounds(geoms)
             cols = {"row": rows[ok], "source": src, "score": t.column("score").to_numpy(zero_copy_only=False)[ok]}
             for k in range(4):

@@ -5,11 +5,15 @@
   that GeoPandas, QGIS and DuckDB (without its spatial extension: `WHERE bbox.xmin > ...`) read. An output of
   pixel-only rasters or images is written in pixel coordinates with an undefined CRS (`"crs": null`).
 - GeoJSON (RFC 7946): WGS 84 longitude/latitude, one Feature per georeferenced detection.
+
+In a geographic CRS (GeoJSON, or GeoParquet/CSV with `--crs EPSG:4326`), a box across the antimeridian is split
+into a MultiPolygon of its two sides (RFC 7946 section 3.1.9); its corners alone made a polygon around the globe.
 - COCO results: `[{image_id, category_id, bbox: [x, y, w, h], score}]` in source pixels; image ids number the
   images (a video frame; an image or a whole raster) with detections in the order met, listed in
   `DEST.images.json` (COCO `images` entries: id, file_name = the source, frame_index, width, height), from which
   ground truth can take its ids.
-- CSV: the per-detection columns, pixel and map boxes side by side.
+- CSV: the per-detection columns, pixel and map boxes side by side (map boxes in `--crs` when given: the envelope
+  of the reprojected box, and `crs` says so).
 
 Everything streams: frames are read in batches of rows (pyarrow.dataset), flattened to detections with Arrow
 compute, turned into geometries with shapely and reprojected with pyproj, and written batch by batch, so memory
@@ -107,6 +111,16 @@ def _detections(ds: pads.Dataset, *, min_score: float, batch_frames: int) -> Ite
             yield t
 
 
+def _no_detections(ds: pads.Dataset) -> pa.Table:
+    """An empty table with the columns `_detections` gives."""
+    names = set(ds.schema.names)
+    item = ds.schema.field("detections").type.value_type
+    fields = [(c, ds.schema.field(c).type if c in names else _NULL_TYPES[c]) for c in _FRAME_COLUMNS]
+    fields += [(c, item.field(c).type if item.get_field_index(c) >= 0 else pa.float64())
+               for c in ("label", "label_name", "score", "level", *_BOX, *_MAP)]
+    return pa.schema(fields).empty_table()
+
+
 _NULL_TYPES = {"crs": pa.string(), "transform": pa.list_(pa.float64()), "stac_item": pa.string(),
                "datetime": pa.timestamp("us", tz="UTC")}
 
@@ -118,12 +132,25 @@ def _crss(ds: pads.Dataset) -> set[str]:
     return set(pc.unique(ds.to_table(columns=["crs"]).column("crs").combine_chunks().drop_null()).to_pylist())
 
 
-def _target_crs(ds: pads.Dataset, fmt: str, crs: str | None, output: str) -> str | None:
-    """The CRS of the exported geometries: EPSG:4326 for GeoJSON, else `crs` if given, else the one CRS of the
-    output's rasters; None (pixel coordinates) when no raster has one. ValueError naming the problem."""
+def _target_crs(ds: pads.Dataset, fmt: str, crs: str | None, output: str, dedup: bool) -> str | None:
+    """The CRS of the exported geometries (and of the map boxes `--dedup` compares): EPSG:4326 for GeoJSON, else
+    `crs` if given, else the one CRS of the output's rasters; None (pixel coordinates) when no raster has one, and
+    for COCO results (source pixels) without `dedup`. ValueError naming the problem."""
     from pyproj import CRS
     from pyproj.exceptions import CRSError
 
+    if crs is not None:
+        try:
+            given = CRS.from_user_input(crs)
+        except CRSError as e:
+            raise ValueError(f"crs {crs!r} is not a coordinate reference system ({e})") from None
+        if fmt == "geojson" and given != CRS.from_epsg(4326):
+            raise ValueError(f"crs {crs}: GeoJSON is always EPSG:4326 (RFC 7946); --crs is for geoparquet and csv")
+        if fmt == "coco" and not dedup:
+            raise ValueError(f"crs {crs}: COCO results are boxes in source pixels (--crs applies to them only with "
+                             "--dedup, whose map boxes it sets)")
+    if fmt == "coco" and not dedup:
+        return None
     found = _crss(ds)
     if fmt == "geojson":
         if not found:
@@ -131,10 +158,6 @@ def _target_crs(ds: pads.Dataset, fmt: str, crs: str | None, output: str) -> str
                              "(export pixel boxes with --format geoparquet, coco or csv)")
         return "EPSG:4326"
     if crs is not None:
-        try:
-            CRS.from_user_input(crs)
-        except CRSError as e:
-            raise ValueError(f"crs {crs!r} is not a coordinate reference system ({e})") from None
         if not found:
             raise ValueError(f"{output}: no georeferenced detections to reproject to {crs} (without --crs: pixel "
                              "boxes)")
@@ -166,6 +189,28 @@ def _geometries(t: pa.Table, target: str | None) -> tuple[np.ndarray, np.ndarray
     return geoms, valid
 
 
+def _split_at_antimeridian(geoms: np.ndarray, target: str | None) -> np.ndarray:
+    """In a geographic `target` CRS, the polygons wider than 180 degrees (a box across the antimeridian, its
+    corners transformed one by one) as MultiPolygons of their parts east and west of it (RFC 7946 3.1.9)."""
+    import shapely
+    from pyproj import CRS
+
+    if target is None or not len(geoms) or not CRS.from_user_input(target).is_geographic:
+        return geoms
+    bounds = shapely.bounds(geoms)
+    wide = np.flatnonzero(bounds[:, 2] - bounds[:, 0] > 180)
+    if not len(wide):
+        return geoms
+    geoms = geoms.copy()
+    east = shapely.box(-180, -90, 180, 90)
+    for i in wide:
+        unwrapped = shapely.transform(geoms[i], lambda xy: np.column_stack([xy[:, 0] % 360, xy[:, 1]]))  # 0..360
+        parts = [shapely.intersection(unwrapped, east),
+                 shapely.transform(shapely.intersection(unwrapped, shapely.box(180, -90, 540, 90)), lambda xy: xy - [360, 0])]
+        geoms[i] = shapely.orient_polygons(shapely.MultiPolygon([p for p in parts if not p.is_empty]))
+    return geoms
+
+
 def _reproject(geoms: np.ndarray, src: str, dst: str) -> np.ndarray:
     import shapely
     from pyproj import CRS, Transformer
@@ -181,8 +226,8 @@ def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = N
     """Write the detections of `output` to `dest` (a path or URL) as `fmt` (see the module docstring).
 
     `crs`: reproject map geometries to it (needed when the output's rasters have several CRSs); GeoJSON is always
-    EPSG:4326. `dedup_iou`: merge detections of different sources whose map boxes overlap by more than this IoU,
-    keeping the highest score. Raises ValueError naming the cause."""
+    EPSG:4326. `dedup_iou`: merge detections of different scenes or windows whose map boxes overlap by more than
+    this IoU, keeping the highest score. Raises ValueError naming the cause."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if dedup_iou is not None and not 0 < dedup_iou < 1:
@@ -190,7 +235,7 @@ def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = N
     check_file_destination(dest, f"detections.{_SUFFIX[fmt]}", storage_options)
     out = Output(output, storage_options)
     ds = _dataset(out)
-    target = _target_crs(ds, fmt, crs, output)
+    target = _target_crs(ds, fmt, crs, output, dedup_iou is not None)
     if dedup_iou is not None and target is None:
         raise ValueError(f"{output}: --dedup needs map coordinates, and no detection has them")
     batches = _detections(ds, min_score=min_score, batch_frames=batch_frames)
@@ -207,6 +252,8 @@ def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = N
             w = writer(f, target)
             for t in batches:
                 w.write(t)
+            if not w.written:  # the columns still, for readers of an empty result
+                w.write(_no_detections(ds))
             w.close()
         if fmt == "coco":
             with fs.open(path + ".images.json", "wb") as f:
@@ -248,12 +295,14 @@ class _GeoParquet(_Writer):
         self.left_out += int((~ok).sum())
         if not ok.all():
             t, geoms = t.filter(pa.array(ok)), geoms[ok]
-        if not t.num_rows:
+        if not t.num_rows and self.pq_writer is not None:
             return
-        bounds = shapely.bounds(geoms)
-        bbox = pa.StructArray.from_arrays([pa.array(bounds[:, k]) for k in range(4)], ["xmin", "ymin", "xmax", "ymax"])
-        t = t.drop_columns(["crs", "transform", *_MAP]).append_column("geometry", pa.array(shapely.to_wkb(geoms),
-                                                                                         pa.binary()))
+        geoms = _split_at_antimeridian(geoms, self.target)
+        bounds = shapely.bounds(geoms).reshape(-1, 4)
+        bbox = pa.StructArray.from_arrays([pa.array(bounds[:, k], pa.float64()) for k in range(4)],
+                                          ["xmin", "ymin", "xmax", "ymax"])
+        t = t.drop_columns(["crs", "transform", *_MAP]).append_column(
+            "geometry", pa.array(shapely.to_wkb(geoms), pa.binary()))
         t = t.append_column("bbox", bbox)
         if self.pq_writer is None:
             self.pq_writer = pq.ParquetWriter(self.f, t.schema.with_metadata({"geo": json.dumps(self._geo())}),
@@ -264,20 +313,16 @@ class _GeoParquet(_Writer):
     def _geo(self) -> dict[str, Any]:
         from pyproj import CRS
 
-        crs = None if self.target is None else CRS.from_user_input(self.target).to_json_dict()
+        crs = None if self.target is None else CRS.from_user_input(self.target)
+        # a geographic CRS may hold boxes split at the antimeridian (_split_at_antimeridian)
+        types = ["Polygon", "MultiPolygon"] if crs is not None and crs.is_geographic else ["Polygon"]
         covering = {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}}
         return {"version": "1.1.0", "primary_column": "geometry",
-                "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": crs,
-                                        "covering": covering}}}
+                "columns": {"geometry": {"encoding": "WKB", "geometry_types": types,
+                                         "crs": None if crs is None else crs.to_json_dict(), "covering": covering}}}
 
     def close(self) -> None:
-        if self.pq_writer is None:  # nothing to write: an empty file with the columns still reads
-            import pyarrow.parquet as pq
-
-            schema = pa.schema([("geometry", pa.binary())], metadata={"geo": json.dumps(self._geo())})
-            pq.write_table(schema.empty_table(), self.f)
-        else:
-            self.pq_writer.close()
+        self.pq_writer.close()
 
 
 class _GeoJSON(_Writer):
@@ -290,6 +335,7 @@ class _GeoJSON(_Writer):
 
         geoms, ok = _geometries(t, self.target)
         self.left_out += int((~ok).sum())
+        geoms[ok] = _split_at_antimeridian(geoms[ok], self.target)
         props = t.select(["frame_id", "source", "frame_index", "stac_item", "datetime", "label", "label_name",
                           "score", *_BOX]).to_pylist()
         for i in np.flatnonzero(ok):
@@ -326,6 +372,29 @@ class _Coco(_Writer):
         self.f.write(b"]")
 
 
+def _map_columns_in(t: pa.Table, target: str) -> pa.Table:
+    """`t` with the map boxes of the rows in another CRS than `target` reprojected to it (the envelope of the
+    reprojected box) and their `crs` set to it."""
+    import shapely
+
+    crs = t.column("crs").to_numpy(zero_copy_only=False)
+    move = pc.is_valid(t.column("crs")).to_numpy(zero_copy_only=False) & (crs != target)
+    if not move.any():
+        return t
+    geoms, _ = _geometries(t.filter(pa.array(move)), target)
+    bounds = shapely.bounds(_split_at_antimeridian(geoms, target))
+    where = np.flatnonzero(move)
+    for k, name in enumerate(_MAP):
+        values = t.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        values[where] = bounds[:, k]
+        missing = pc.is_null(t.column(name)).to_numpy(zero_copy_only=False) & ~move
+        t = t.set_column(t.schema.get_field_index(name), name,
+                         pa.array(values, t.schema.field(name).type, mask=missing))
+    crs = crs.astype(object)
+    crs[where] = target
+    return t.set_column(t.schema.get_field_index("crs"), "crs", pa.array(crs, pa.string()))
+
+
 class _Csv(_Writer):
     def __init__(self, f, target):
         super().__init__(f, target)
@@ -334,6 +403,8 @@ class _Csv(_Writer):
     def write(self, t: pa.Table) -> None:
         import pyarrow.csv as pcsv
 
+        if self.target is not None:  # map boxes in the target CRS: envelopes of the reprojected boxes
+            t = _map_columns_in(t, self.target)
         t = t.drop_columns(["transform"])
         if self.csv is None:
             self.schema = t.schema

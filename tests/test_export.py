@@ -150,6 +150,81 @@ def test_several_crs_need_a_choice_and_overlapping_scenes_merge_with_dedup(tmp_p
     lon = sorted(round(g.bounds[0]) for g in df.geometry)
     assert lon == [15, 15, 21]  # UTM 33N and 34N, 500 km east: near 15 E and 21 E
 
+    # CSV: map boxes in --crs (it said "EPSG:4326" and wrote UTM), the envelopes of the GeoParquet's polygons
+    import pyarrow.csv as pcsv
+
+    with pytest.raises(ValueError, match=r"holds detections in 2 CRSs"):
+        export(mixed, str(tmp_path / "m.csv"), fmt="csv")
+    assert export(mixed, str(tmp_path / "m.csv"), fmt="csv", crs="EPSG:4326").crs == "EPSG:4326"
+    t = pcsv.read_csv(tmp_path / "m.csv")
+    assert set(t.column("crs").to_pylist()) == {"EPSG:4326"}
+    got = sorted(zip(*(t.column(c).to_pylist() for c in ("map_x1", "map_y1", "map_x2", "map_y2"))))
+    np.testing.assert_allclose(got, sorted(g.bounds for g in df.geometry), atol=1e-9)
+    # COCO results are source pixels: several CRSs do not matter (it was refused), and --crs is no setting of them
+    s = export(mixed, str(tmp_path / "m.json"), fmt="coco")
+    assert s.detections == 3 and s.crs is None and len(json.loads((tmp_path / "m.json").read_text())) == 3
+    with pytest.raises(ValueError, match="COCO results are boxes in source pixels"):
+        export(mixed, str(tmp_path / "m.json"), fmt="coco", crs="EPSG:4326")
+    with pytest.raises(ValueError, match=r"GeoJSON is always EPSG:4326 \(RFC 7946\)"):
+        export(mixed, str(tmp_path / "m.geojson"), fmt="geojson", crs="EPSG:3857")
+
+
+def test_a_box_across_the_antimeridian_is_split_in_geographic_exports(tmp_path):
+    """RFC 7946 3.1.9: a box across 180 degrees is a MultiPolygon of its two sides. Its corners, transformed one
+    by one, made a 4 m box into a polygon around the globe (lon -180 to 180 the long way)."""
+    import geopandas as gpd
+    import pyarrow.csv as pcsv
+    import shapely
+    from pyproj import Transformer
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:32660", always_xy=True).transform(180.0, 60.0)
+    scene = write_scene(tmp_path / "am.tif", width=800, height=600, squares=((400, 100, 20), (600, 300, 16)),
+                        crs="EPSG:32660", origin=(x - 400 * 0.2 - 2.0, y + 100 * 0.2 + 2.0))  # the first: 180 E
+    out = make_output(tmp_path / "out", [scene])
+    export(out, str(tmp_path / "am.geojson"), fmt="geojson")
+    shapes = sorted((shapely.geometry.shape(f["geometry"]) for f in json.loads(
+        (tmp_path / "am.geojson").read_text())["features"]), key=lambda g: g.geom_type)
+    assert [g.geom_type for g in shapes] == ["MultiPolygon", "Polygon"]
+    across, inside = shapes
+    east, west = sorted(across.geoms, key=lambda g: -g.bounds[0])
+    assert 179.99 < east.bounds[0] and east.bounds[2] == 180.0 and west.bounds[0] == -180.0 and west.bounds[2] < -179.99
+    assert inside.bounds[2] - inside.bounds[0] < 1e-3 and across.is_valid
+    # both sides together are the 4 m box: its area on the ellipsoid
+    from pyproj import Geod
+
+    assert abs(Geod(ellps="WGS84").geometry_area_perimeter(across)[0]) == pytest.approx(16.0, rel=0.02)
+    export(out, str(tmp_path / "am.parquet"), fmt="geoparquet", crs="EPSG:4326")
+    geo = json.loads(pq.read_schema(tmp_path / "am.parquet").metadata[b"geo"])
+    assert geo["columns"]["geometry"]["geometry_types"] == ["Polygon", "MultiPolygon"]
+    df = gpd.read_parquet(tmp_path / "am.parquet")
+    assert sorted(df.geometry.geom_type) == ["MultiPolygon", "Polygon"]
+    export(out, str(tmp_path / "am.csv"), fmt="csv", crs="EPSG:4326")
+    t = pcsv.read_csv(tmp_path / "am.csv")
+    assert sorted(t.column("map_x2").to_pylist())[-1] == 180.0  # the envelope of both sides: no narrower box exists
+    # in its own CRS (UTM 60N) nothing is split
+    export(out, str(tmp_path / "utm.parquet"), fmt="geoparquet")
+    assert set(gpd.read_parquet(tmp_path / "utm.parquet").geometry.geom_type) == {"Polygon"}
+
+
+def test_an_empty_export_has_the_columns_of_a_full_one(scene_output, tmp_path):
+    """Nothing above --min-score: the file still has every column (GeoParquet wrote `geometry` alone while its
+    metadata named a `bbox` covering column, so GeoPandas' bbox filter failed; CSV wrote no header)."""
+    import geopandas as gpd
+    import pyarrow.csv as pcsv
+
+    scene, out = scene_output
+    for fmt, suffix in (("geoparquet", "parquet"), ("csv", "csv")):
+        full, empty = tmp_path / f"full.{suffix}", tmp_path / f"empty.{suffix}"
+        assert export(out, str(full), fmt=fmt).detections == len(scene.squares)
+        assert export(out, str(empty), fmt=fmt, min_score=0.95).detections == 0
+        if fmt == "csv":
+            assert pcsv.read_csv(empty).column_names == pcsv.read_csv(full).column_names
+            continue
+        assert pq.read_schema(empty) == pq.read_schema(full)
+        assert pq.read_table(empty).num_rows == 0
+        assert len(gpd.read_parquet(empty, bbox=(0, 0, 1e7, 1e7))) == 0
+        assert len(gpd.read_parquet(full, bbox=(0, 0, 1e7, 1e7))) == len(scene.squares)
+
 
 def test_pixel_only_rasters_export_pixel_boxes_and_say_so(tmp_path):
     from PIL import Image
@@ -188,7 +263,8 @@ def test_export_writes_to_object_storage(scene_output, s3):
 @pytest.mark.parametrize("tall, iou", [(False, 0.25), (True, 0.02)])
 def test_dedup_sweep_matches_a_greedy_merge_over_all_pairs(monkeypatch, tall, iou):
     """The bounded-memory sweep (sorted chunks of 16, groups closed as it passes them) drops exactly what a greedy,
-    score-ordered merge over every pair in memory drops: chains, groups spanning chunks, same-source pairs kept."""
+    score-ordered merge over every pair in memory drops: chains, groups spanning chunks, pairs of one window of one
+    source kept (the model's own boxes), pairs of two windows of one source merged (an object across a window edge)."""
     import shapely
 
     from jobs import dedup
@@ -201,10 +277,11 @@ def test_dedup_sweep_matches_a_greedy_merge_over_all_pairs(monkeypatch, tall, io
     wh = rng.uniform(6, 12, (n, 2))
     boxes = np.column_stack([xy, xy + wh])
     sources = rng.integers(0, 3, n)
+    windows = rng.integers(0, 2, n)
     scores = rng.uniform(0, 1, n).astype(np.float32)
     geoms = shapely.box(*boxes.T)
     has = rng.uniform(size=n) > 0.05  # a few rows without map coordinates: never dropped
-    table = pa.table({"source": [f"s{s}" for s in sources], "score": scores, "i": np.arange(n)})
+    table = pa.table({"source": [f"s{s}" for s in sources], "frame_index": windows, "score": scores, "i": np.arange(n)})
     batches = [table.slice(k, 100) for k in range(0, n, 100)]
     drop = dedup.duplicates(iter(batches), lambda t: (geoms[t.column("i").to_numpy()], has[t.column("i").to_numpy()]),
                             iou)
@@ -214,7 +291,7 @@ def test_dedup_sweep_matches_a_greedy_merge_over_all_pairs(monkeypatch, tall, io
     overlap = inter / (shapely.area(geoms[left]) + shapely.area(geoms[right]) - inter)
     partners = {i: [] for i in range(n)}
     for i, j, v in zip(left, right, overlap):
-        if i != j and has[i] and has[j] and sources[i] != sources[j] and v > iou:
+        if i != j and has[i] and has[j] and (sources[i], windows[i]) != (sources[j], windows[j]) and v > iou:
             partners[i].append(j)
     removed = set()
     for i in sorted(range(n), key=lambda i: (-float(scores[i]), i)):
