@@ -70,8 +70,16 @@ def _emit(rows: list[dict], fmt: str, columns: list[str], *, upper: bool = True)
 
 
 def _cell(v: Any) -> str:
+    """A value as a table shows it: floats as the shortest text that reads back as the same value (a single-
+    precision one, such as a score, as a float32: 0.9, not 0.8999999761581421). Four significant digits showed
+    every map coordinate of a scene as the same place (5e+05, 4.4e+06), even after round(x, 2)."""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        import numpy as np
+
+        single = np.float32(v)
+        if float(single) != v or not np.isfinite(single):
+            return repr(v)
+        return np.format_float_positional(single, trim="-") if v == 0 or 1e-4 <= abs(v) < 1e16 else str(single)
     return "" if v is None else str(v)
 
 
@@ -584,9 +592,11 @@ def query(output, sql, fmt, endpoint_url):
               show_default=True)
 @click.option("--min-score", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Leave out detections scoring below.")
-@click.option("--crs", help="Reproject map geometries to this CRS (e.g. EPSG:3857); GeoJSON is always EPSG:4326.")
+@click.option("--crs", help="Reproject map geometries (geoparquet) or map boxes (csv) to this CRS (e.g. EPSG:3857); "
+                            "GeoJSON is always EPSG:4326.")
 @click.option("--dedup", "dedup_iou", type=float,
-              help="Merge detections of overlapping scenes whose map boxes overlap by more than this IoU.")
+              help="Merge detections of overlapping scenes, or of neighbouring windows of a raster, whose map boxes "
+                   "overlap by more than this IoU.")
 @storage_flags
 @_fail_cleanly
 def export(output, dest, fmt, min_score, crs, dedup_iou, endpoint_url, profile, anon):
@@ -604,7 +614,7 @@ def export(output, dest, fmt, min_score, crs, dedup_iou, endpoint_url, profile, 
     if s.left_out:
         click.echo(f"{s.left_out} detections of rasters without a georeference left out (no map coordinates)")
     if s.duplicates:
-        click.echo(f"{s.duplicates} duplicates of overlapping scenes merged")
+        click.echo(f"{s.duplicates} duplicates merged (overlapping scenes, neighbouring windows)")
 
 
 # -- models ---------------------------------------------------------------------------------------

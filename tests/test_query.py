@@ -79,6 +79,12 @@ def test_query_local_output_in_every_format(tmp_path):
                                  "--format", "csv"])
     cell = list(csv.DictReader(io.StringIO(r.output)))[0]["detections"]
     assert json.loads(cell)[0]["score"] > 0 and "None" not in cell
+    # the table shows each number as it reads back: map coordinates were 4 significant digits (5e+05, -81),
+    # every box of a scene the same place; a float32 score shows as itself, not its double expansion
+    r = CliRunner().invoke(cli, ["query", out, "SELECT round(500027.834::DOUBLE, 2) AS e, 4399972.6::DOUBLE AS n, "
+                                 "-80.996612::DOUBLE AS lon, "
+                                 "max(score) AS s FROM detections"])
+    assert r.exit_code == 0 and r.output.split()[4:] == ["500027.83", "4399972.6", "-80.996612", "0.9"], r.output
 
 
 def test_query_errors_are_one_line(tmp_path):
