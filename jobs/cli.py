@@ -948,7 +948,7 @@ def demo(output):
 @click.option("--min-score", type=click.FloatRange(0, 1), default=0.3, show_default=True)
 @click.option("--max-side", type=click.IntRange(min=16), help="Scale the picture down to at most this many pixels a side "
               "[default: full size; 4096 for a whole raster].")
-@click.option("--video-backend", default="decord", show_default=True, help="Video decoder: decord or pyav.")
+@click.option("--video-backend", help="Video decoder: decord or pyav.  [default: the job's]")
 @storage_flags
 @_fail_cleanly
 def render(output, source, dest, frame, time_s, clip, region, min_score, max_side, video_backend, endpoint_url,

@@ -1,7 +1,7 @@
 """Draw detections from an output onto the pixels they were found in: any frame of any source.
 
 - a video frame, by index or by time (the processed frame nearest that time), decoded from the source with
-  the pipeline's own decoders (`pipeline.decode.open_video`);
+  the pipeline's own decoders (`pipeline.decode.read_video`: a remote video by byte ranges, as the job read it);
 - an image, or a region of a raster with the boxes of every window that touches it: rasterio reads only
   that region, decimated to at most `max_side` pixels, so a huge raster costs what its thumbnail costs;
 - a short annotated MP4 of a video time range (`render_clip`, encoded with PyAV), each frame showing the
@@ -13,8 +13,6 @@ come from the source. `fpn report` draws its frame strips and thumbnails with th
 from __future__ import annotations
 
 import bisect
-import contextlib
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -23,9 +21,10 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.decode import open_video
+from pipeline.decode import read_video
 from pipeline.raster import open_raster, palette_of, read_palette, valid_values
-from pipeline.storage import canonical_uri, check_file_destination, filesystem, local_copy
+from pipeline.output import Output
+from pipeline.storage import canonical_uri, check_file_destination, filesystem
 
 from .query import connect
 
@@ -135,10 +134,16 @@ def _video_frame(con, source: str, output: str, frame_index: int | None, time_s:
 
 # -- pixels ---------------------------------------------------------------------------------------------
 def read_video_frames(source: str, indices: list[int], *, storage_options: dict | None = None,
-                      video_backend: str = "decord") -> np.ndarray:
+                      video_backend: str | None = "decord") -> np.ndarray:
     """`[N, H, W, 3]` uint8 frames of a video at sorted `indices`, decoded as the pipeline decodes them."""
-    with local_copy(source, storage_options) as local, contextlib.closing(open_video(local, video_backend)) as v:
+    with read_video(source, storage_options, video_backend or "decord") as v:
         return v.frames(indices)
+
+
+def job_video_backend(output: str, storage_options: dict | None = None) -> str:
+    """The video backend the job that wrote `output` decoded with (decord when it does not say)."""
+    job = Output(output, storage_options).read_job(missing_ok=True)
+    return (job.get("spec") or {}).get("video_backend") or "decord"
 
 
 def _fit(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -210,12 +215,13 @@ def draw_boxes(image: np.ndarray | Image.Image, dets: dict[str, np.ndarray], *, 
 def render_frame(output: str, source: str, dest: str | Path, *, frame_index: int | None = None,
                  time_s: float | None = None, region: Region | None = None, min_score: float = 0.0,
                  max_side: int | None = None, storage_options: dict | None = None,
-                 video_backend: str = "decord") -> Rendered:
+                 video_backend: str | None = None) -> Rendered:
     """Draw the detections (score >= `min_score`) of one frame of `source` from `output` into the image `dest`.
 
     Video: frame `frame_index`, or the processed frame nearest `time_s`, or the first processed one. Image or
     raster: `region` (default: all of it) with the boxes of every window touching it. `max_side` bounds the
-    picture (default: full resolution for a region or an image, 4096 px for a whole raster)."""
+    picture (default: full resolution for a region or an image, 4096 px for a whole raster). `video_backend`:
+    default, the job's."""
     check_file_destination(str(dest), "frame.png")
     if Path(dest).suffix.lower() not in _PICTURES:
         raise ValueError(f"{dest}: name the picture with an image extension ({', '.join(_PICTURES[:4])}, ...)")
@@ -237,7 +243,8 @@ def render_frame(output: str, source: str, dest: str | Path, *, frame_index: int
     if max_side is None and kind == "raster" and (region.width, region.height) == (width, height):
         max_side = 4096
     if kind == "video":
-        pixels = read_video_frames(source, [index], storage_options=storage_options, video_backend=video_backend)[0]
+        pixels = read_video_frames(source, [index], storage_options=storage_options,
+                                   video_backend=video_backend or job_video_backend(output, storage_options))[0]
         pixels = pixels[region.y:region.y + region.height, region.x:region.x + region.width]
         w, h = _fit(region.width, region.height, max_side)
         picture = Image.fromarray(pixels).resize((w, h)) if (w, h) != (region.width, region.height) else pixels
@@ -276,9 +283,10 @@ def _save_geotiff(canvas: Image.Image, source: str, kind: str, region: Region, d
 
 
 def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_s: float, *, min_score: float = 0.0,
-                storage_options: dict | None = None, video_backend: str = "decord", chunk: int = 32) -> Rendered:
-    """An MP4 of `source` from `start_s` to `end_s` at the video's own frame rate, each frame with the boxes of
-    the latest processed frame at or before it (frames before the first processed one have none)."""
+                storage_options: dict | None = None, video_backend: str | None = None, chunk: int = 32) -> Rendered:
+    """An MP4 of `source`'s frames whose times lie from `start_s` to `end_s`, at the video's average frame rate,
+    each frame with the boxes of the latest processed frame at or before it (frames before the first processed
+    one have none). `video_backend`: default, the job's."""
     if end_s <= start_s:
         raise ValueError(f"--clip {start_s:g} {end_s:g}: the end must be after the start")
     check_file_destination(str(dest), "clip.mp4")
@@ -297,8 +305,10 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
         found = boxes(con, src, frames=keys, min_score=min_score)
     dets = {k: of_frame(found, k) for k in keys}
     drawn = 0
-    with local_copy(source, storage_options) as local, contextlib.closing(open_video(local, video_backend)) as v:
-        first, stop = math.ceil(start_s * v.fps - 1e-6), min(v.num_frames, math.ceil(end_s * v.fps - 1e-6))
+    backend = video_backend or job_video_backend(output, storage_options)
+    with read_video(source, storage_options, backend) as v:
+        times = v.timestamps(list(range(v.num_frames)))  # a variable rate's own times
+        first, stop = (int(np.searchsorted(times, t - 1e-6)) for t in (start_s, end_s))
         if first >= stop:
             raise ValueError(f"--clip {start_s:g} {end_s:g}: no frame of {source} in that range "
                              f"({v.num_frames} frames at {v.fps:g} fps)")
@@ -315,7 +325,7 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
 
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         n = write_video(annotated(), dest, v.fps)
-    return Rendered(Path(dest), drawn, first, first / v.fps, frames=n)
+    return Rendered(Path(dest), drawn, first, float(times[first]), frames=n)
 
 
 def write_video(frames: Iterable[np.ndarray], path: str | Path, fps: float, *, codec: str = "libx264",

@@ -104,6 +104,78 @@ def test_frame_count_and_keyframes_without_a_container_index(tmp_path, container
     v.close()
 
 
+def _encode(path, frames, *, pts_ms=None, rotation=None, gop=8):
+    """H.264 (B-frames on) of `frames` with presentation times `pts_ms` (a variable rate; default 10 fps) and a
+    display rotation (`degrees` counterclockwise, as phones record)."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w") as c:
+        st = c.add_stream("libx264", rate=10, options={"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"})
+        st.height, st.width = frames[0].shape[:2]
+        st.pix_fmt = "yuv420p"
+        if pts_ms is not None:
+            st.time_base = st.codec_context.time_base = fractions.Fraction(1, 1000)
+        if rotation is not None:
+            st.set_display_rotation(rotation)
+        for i, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = pts_ms[i], fractions.Fraction(1, 1000)
+            for packet in st.encode(frame):
+                c.mux(packet)
+        for packet in st.encode():
+            c.mux(packet)
+    return str(path)
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_a_variable_frame_rate_video_gives_the_same_frames_and_times_with_both_backends(tmp_path, container):
+    """Bursts 10 ms apart, then gaps of 100 ms (a camera that drops frames). PyAV (every remote video) numbered
+    frames by time x average rate: frame 10 held frame 13 and the MP4 failed ("frame 30 not found")."""
+    pts = []
+    for i in range(40):
+        pts.append(0 if not i else pts[-1] + (10 if ((i - 1) // 10) % 2 == 0 else 100))
+    path = _encode(tmp_path / f"vfr.{container}", [index_frame(i) for i in range(40)], pts_ms=pts)
+    for backend in ("decord", "pyav"):
+        units = list(plan_units(path, path, segment_frames=16, raster_pixels=10**8, windows_per_unit=4,
+                                video_backend=backend))
+        assert sum(u.stop - u.start for u in units) == 40, backend
+        rows = [r for u in units for r in _frames(u, Sampling(every_n=3), backend)]
+        assert [r[0] for r in rows] == list(range(0, 40, 3)), backend
+        assert [r[2] for r in rows] == [r[0] for r in rows], backend  # the pixels are that frame's
+        assert [r[1] for r in rows] == [pts[i] / 1000 for i in range(0, 40, 3)], backend  # its own time, exactly
+
+
+def test_a_rotated_video_is_turned_upright_by_both_backends(tmp_path):
+    """A display matrix (a phone held upright) turns the picture: decord applied it and PyAV (every remote video)
+    did not, so the same file gave other pixels, sizes and boxes by where it was stored."""
+    frames = [index_frame(i) for i in range(12)]  # 96 x 64, bars vertical
+    path = _encode(tmp_path / "rot.mp4", frames, rotation=-90)  # shown turned a quarter clockwise
+    for backend in ("decord", "pyav"):
+        info = probe(path, video_backend=backend)
+        assert (info.width, info.height) == (64, 96), backend
+        unit = next(iter(plan_units(path, path, segment_frames=16, raster_pixels=10**8, windows_per_unit=4,
+                                    video_backend=backend)))
+        got = [b["image"] for b in decode_unit(unit, sampling=Sampling(every_n=5), batch_size=4,
+                                                video_backend=backend)]
+        images = np.concatenate(got)
+        assert images.shape == (3, 96, 64, 3), backend
+        upright = [np.rot90(images[k], 1) for k in range(3)]  # turned back: the bars vertical again
+        assert [read_index(im) for im in upright] == [0, 5, 10], backend
+
+
+def test_an_mpeg_ts_read_with_decord_gives_its_own_frames(tmp_path):
+    """decord numbered an MPEG-TS's frames wrongly after a seek (3, 17, 29 came back as 11, 25, 27): the default
+    backend reads transport streams with PyAV."""
+    path = gop_clip(tmp_path / "cctv", 30, 10.0, 8, "ts")
+    unit = next(iter(plan_units(path, path, segment_frames=64, raster_pixels=10**8, windows_per_unit=4)))
+    rows = _frames(unit, Sampling(every_n=7))
+    assert [r[0] for r in rows] == [r[2] for r in rows] == [0, 7, 14, 21, 28]
+    assert [r[1] for r in rows] == pytest.approx([0.0, 0.7, 1.4, 2.1, 2.8])
+
+
 def test_fps_sampling_and_time_range():
     assert sample_indices(50, 25.0, Sampling(fps=5)) == list(range(0, 50, 5))
     assert sample_indices(30, 30.0, Sampling(fps=12)) == [i for i in range(30) if i == 0 or int(i / 2.5) != int((i - 1) / 2.5)]

@@ -172,3 +172,25 @@ def test_render_and_report_read_s3_outputs_and_sources_with_the_storage_flags(ma
     assert "every box, across windows" in html and "detection density" in html
     r = invoke("render", "s3://test/nope", src, tmp_path / "x.png", "--endpoint-url", endpoint)
     assert r.exit_code == 1 and "s3://test/nope: no frames/ directory" in r.output and "Traceback" not in r.output
+
+
+def test_a_clip_of_a_variable_frame_rate_video_takes_the_frames_of_its_time_range(tmp_path):
+    """Frames were picked by time x average rate: on a camera that drops frames, --clip 1.0 1.6 held other
+    frames than those shown at those times."""
+    from conftest import index_frame, read_index
+    from test_decode import _encode
+
+    pts = [0]
+    for i in range(1, 40):
+        pts.append(pts[-1] + (10 if ((i - 1) // 10) % 2 == 0 else 100))  # bursts 10 ms apart, gaps of 100 ms
+    video = _encode(tmp_path / "vfr.mp4", [index_frame(i) for i in range(40)], pts_ms=pts)
+    src = canonical_uri(video)
+    rows = [_row(src, "video", i, pts[i] / 1000, 96, 64, []) for i in (0, 10, 20, 30)]
+    Output(str(tmp_path / "out")).write_frames(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA))
+    want = [i for i, t in enumerate(pts) if 1.0 <= t / 1000 < 1.6]
+    for backend in ("decord", "pyav"):
+        dest = tmp_path / f"clip-{backend}.mp4"
+        r = invoke("render", tmp_path / "out", video, dest, "--clip", 1.0, 1.6, "--video-backend", backend)
+        assert r.exit_code == 0 and f"{len(want)} frames from {pts[want[0]] / 1000:.2f} s" in r.output, r.output
+        clip = open_video(str(dest), "pyav")
+        assert [read_index(f) for f in clip.frames(list(range(clip.num_frames)))] == want, backend
