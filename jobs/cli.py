@@ -588,8 +588,8 @@ def query(output, sql, fmt, endpoint_url):
 @cli.command()
 @click.argument("output")
 @click.option("-o", "--out", "dest", required=True, help="File (path or URL) to write.")
-@click.option("--format", "fmt", type=click.Choice(["geoparquet", "geojson", "coco", "csv"]), default="geoparquet",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["geoparquet", "geojson", "coco", "csv"]),
+              help="Format of FILE.  [default: what its name says (.parquet, .geojson, .csv), else geoparquet]")
 @click.option("--min-score", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Leave out detections scoring below.")
 @click.option("--crs", help="Reproject map geometries (geoparquet) or map boxes (csv) to this CRS (e.g. EPSG:3857); "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any, Iterator
 
 import numpy as np
@@ -44,6 +45,24 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("geoparquet", "geojson", "coco", "csv")
 _SUFFIX = {"geoparquet": "parquet", "geojson": "geojson", "coco": "json", "csv": "csv"}
+_BY_SUFFIX = {".parquet": "geoparquet", ".geoparquet": "geoparquet", ".geojson": "geojson", ".csv": "csv"}
+
+
+def export_format(dest: str, fmt: str | None) -> str:
+    """The format to write `dest` in: `fmt`, or the one its name says (.parquet, .geojson, .csv; GeoParquet when
+    it says none). A name that says another format than `fmt`, or a .json without `fmt` (COCO results or
+    GeoJSON?), is refused: a file named d.csv held GeoParquet."""
+    suffix = PurePosixPath(dest).suffix.lower()
+    named = _BY_SUFFIX.get(suffix)
+    if fmt is None:
+        if suffix == ".json":
+            raise ValueError(f"{dest}: a .json file is COCO results or GeoJSON: say which with --format coco|geojson")
+        return named or "geoparquet"
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if named is not None and named != fmt:
+        raise ValueError(f"{dest}: its name says {named}, and --format says {fmt}: name it .{_SUFFIX[fmt]}")
+    return fmt
 _FRAME_COLUMNS = ("frame_id", "source", "source_kind", "frame_index", "pts_s", "width", "height", "stac_item",
                   "datetime", "crs", "transform")
 _BOX = ("x1", "y1", "x2", "y2")
@@ -221,15 +240,15 @@ def _reproject(geoms: np.ndarray, src: str, dst: str) -> np.ndarray:
     return shapely.transform(geoms, lambda xy: np.column_stack(tf.transform(xy[:, 0], xy[:, 1])))
 
 
-def export(output: str, dest: str, *, fmt: str, storage_options: dict | None = None, min_score: float = 0.0,
+def export(output: str, dest: str, *, fmt: str | None = None, storage_options: dict | None = None, min_score: float = 0.0,
            crs: str | None = None, dedup_iou: float | None = None, batch_frames: int = 256) -> ExportSummary:
-    """Write the detections of `output` to `dest` (a path or URL) as `fmt` (see the module docstring).
+    """Write the detections of `output` to `dest` (a path or URL) as `fmt` (see the module docstring; default: the
+    format `dest`'s name says, see `export_format`).
 
     `crs`: reproject map geometries to it (needed when the output's rasters have several CRSs); GeoJSON is always
     EPSG:4326. `dedup_iou`: merge detections of different scenes or windows whose map boxes overlap by more than
     this IoU, keeping the highest score. Raises ValueError naming the cause."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    fmt = export_format(dest, fmt)
     if dedup_iou is not None and not 0 < dedup_iou < 1:
         raise ValueError(f"dedup IoU must be between 0 and 1, got {dedup_iou}")
     check_file_destination(dest, f"detections.{_SUFFIX[fmt]}", storage_options)

@@ -105,6 +105,16 @@ def test_csv_and_the_cli(scene_output, tmp_path):
     assert t.num_rows == len(scene.squares) and {"x1", "map_x1", "crs", "score", "source"} <= set(t.column_names)
     r = CliRunner().invoke(cli, ["export", out, "-o", str(tmp_path / "x"), "--crs", "EPSG:nope"])
     assert r.exit_code == 1 and "EPSG:nope" in r.output and "Traceback" not in r.output
+    # the format a name says, without --format (d.csv held GeoParquet); a name that says another, or .json, refused
+    r = CliRunner().invoke(cli, ["export", out, "-o", str(tmp_path / "named.csv")])
+    assert r.exit_code == 0 and "(csv, EPSG:32633)" in r.output and pcsv.read_csv(tmp_path / "named.csv").num_rows
+    r = CliRunner().invoke(cli, ["export", out, "-o", str(tmp_path / "n.geojson")])
+    assert r.exit_code == 0 and "(geojson, EPSG:4326)" in r.output
+    r = CliRunner().invoke(cli, ["export", out, "-o", str(tmp_path / "c.json")])
+    assert r.exit_code == 1 and "a .json file is COCO results or GeoJSON: say which with --format" in r.output
+    r = CliRunner().invoke(cli, ["export", out, "-o", str(tmp_path / "m.parquet"), "--format", "csv"])
+    assert r.exit_code == 1 and "its name says geoparquet, and --format says csv: name it .csv" in r.output
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "m.parquet").exists()
 
 
 def test_a_directory_given_as_the_file_to_write_is_refused_and_left_as_it_was(scene_output, tmp_path):
