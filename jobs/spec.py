@@ -186,13 +186,20 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# fields of which a spec takes one: a flag for one replaces the spec's other (`--fps 5` over `every_n: 10`)
+_ONE_OF = {"sampling": ("every_n", "fps", "keyframes")}
+
+
 def merge_fields(data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     """`data` with `flags` applied: each key in `flags` was given by the user and wins (None included); nested
-    mappings (sampling, tile, resources, storage options and their per-location sets) merge key by key."""
+    mappings (sampling, tile, resources, storage options and their per-location sets) merge key by key, except
+    that a flag for one of the alternatives in `_ONE_OF` replaces the others."""
     out = dict(data)
     for k, v in flags.items():
         old = out.get(k)
         if isinstance(v, dict) and isinstance(old, dict):
+            if alternatives := set(_ONE_OF.get(k, ())) & set(v):
+                old = {kk: vv for kk, vv in old.items() if kk not in _ONE_OF[k] or kk in alternatives}
             out[k] = merge_fields(old, v)
         else:
             out[k] = v

@@ -56,8 +56,11 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.every_n < 1:
             raise ValueError(f"every_n must be >= 1, got {self.every_n}")
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"fps must be a number > 0, got {self.fps}")
+        for name in ("start_s", "end_s"):
+            if (v := getattr(self, name)) is not None and not math.isfinite(v):
+                raise ValueError(f"{name} must be a number of seconds, got {v}")
         if self.start_s is not None and self.end_s is not None and self.end_s <= self.start_s:
             raise ValueError(f"end_s ({self.end_s}) must be after start_s ({self.start_s})")
         if self.keyframes and (self.every_n != 1 or self.fps is not None):

@@ -56,6 +56,24 @@ def test_tile_flags_that_contradict_each_other_are_refused(tmp_path):
     assert not (tmp_path / "o").exists()  # --no-tile used to win silently
 
 
+def test_a_sampling_flag_replaces_the_specs_other_way_and_nan_is_refused(tmp_path):
+    """`fpn run job.yaml --fps 5` over `sampling: {every_n: 10}` failed ("two ways to choose frames") though flags
+    override the spec; `--fps nan` processed every frame and wrote a bare NaN into _job.json."""
+    from jobs.spec import merge_fields, plan_from_dict
+
+    spec = {"inputs": [str(SOAP)], "output": str(tmp_path / "o"), "sampling": {"every_n": 10, "start_s": 2.0}}
+    s = plan_from_dict(merge_fields(spec, {"sampling": {"fps": 5.0}})).sampling
+    assert (s.every_n, s.fps, s.start_s, s.keyframes) == (1, 5.0, 2.0, False)
+    s = plan_from_dict(merge_fields(spec, {"sampling": {"keyframes": True}})).sampling
+    assert (s.every_n, s.keyframes, s.start_s) == (1, True, 2.0)
+    s = plan_from_dict(merge_fields(spec, {"sampling": {"end_s": 9.0}})).sampling  # not an alternative: merged
+    assert (s.every_n, s.start_s, s.end_s) == (10, 2.0, 9.0)
+    for flag, value in (("--fps", "nan"), ("--fps", "inf"), ("--start", "nan")):
+        r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", str(tmp_path / "o"), flag, value])
+        assert r.exit_code == 1 and "must be a number" in r.output, (flag, r.output)
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_input_is_one_clear_line(tmp_path):
     r = CliRunner().invoke(cli, ["run", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "out")])
     assert r.exit_code == 1 and "nope.mp4 does not exist" in r.output and "Traceback" not in r.output
