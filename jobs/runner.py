@@ -442,6 +442,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     model_input = read_input_spec(plan.checkpoint)
     plan.raster_settings(model_input)  # the bands chosen fit the model, before any work
     with_masks = cfg.arch == "mask_rcnn"
+    Output(plan.output, plan.output_options).lease(owner=job_id).check_free()  # a live writer: before Ray starts
     init_ray(address, alongside_ray)
     start = {"before_run": began - psutil.Process().create_time(), "ray": time.time() - began}
     decoder_note = nvdec_note(plan) if _embedded.is_set() else None

@@ -468,13 +468,36 @@ def _corrupt(f: str, e: BaseException) -> ValueError:
                       "output; the next run detects its frames again")
 
 
+def _process_space() -> str | None:
+    """This machine's boot and PID namespace: processes that see each other's PIDs share it (None: unknown)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (a reused PID reads as alive: the heartbeat then decides)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Lease:
     """The single-writer lease of an output: `OUTPUT/_lease.json` = {owner, host, pid, token, heartbeat_at}.
 
     Acquired by a conditional create (locally: under `flock` of `OUTPUT/_lease.lock`, released by the kernel
     even when the holder is SIGKILLed; on S3: PutObject with If-None-Match, and If-Match of the ETag read for a
     takeover or a heartbeat). A lease whose heartbeat is older than `timeout_s` (default 120 s, env
-    FPN_LEASE_TIMEOUT_S) is taken over. The holder refreshes it every `timeout_s / 4` from a daemon thread; if
+    FPN_LEASE_TIMEOUT_S) is taken over, and at once one whose holder was a process of this machine's process space
+    (same boot, same PID namespace) that no longer exists: a killed local run is resumed without waiting. The holder refreshes it every `timeout_s / 4` from a daemon thread; if
     it finds the lease taken, it interrupts the main thread (the job stops as `interrupted`: another writer owns
     the output now). Other object stores get the same record without a conditional write (documented race).
     """
@@ -483,7 +506,7 @@ class Lease:
         self.out = out
         self.timeout_s = float(timeout_s or os.environ.get("FPN_LEASE_TIMEOUT_S") or LEASE_TIMEOUT_S)
         self.record = {"owner": owner or "fpn run", "host": socket.gethostname(), "pid": os.getpid(),
-                       "token": uuid.uuid4().hex, "started_at": _iso(time.time())}
+                       "token": uuid.uuid4().hex, "started_at": _iso(time.time()), "processes": _process_space()}
         self._etag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -523,7 +546,10 @@ class Lease:
             return {"owner": "?", "host": "?", "pid": 0, "token": "", "heartbeat_at": 0}, None
 
     def _stale(self, rec: dict) -> bool:
-        return time.time() - float(rec.get("heartbeat_at", 0)) > float(rec.get("timeout_s", self.timeout_s))
+        if time.time() - float(rec.get("heartbeat_at", 0)) > float(rec.get("timeout_s", self.timeout_s)):
+            return True
+        space = rec.get("processes")
+        return bool(space) and space == _process_space() and not _alive(int(rec.get("pid") or 0))
 
     def holder(self) -> dict | None:
         """The current record with `age_s` and `stale` added, or None."""
@@ -531,6 +557,13 @@ class Lease:
         if rec is None:
             return None
         return {**rec, "age_s": round(time.time() - float(rec.get("heartbeat_at", 0)), 1), "stale": self._stale(rec)}
+
+    def check_free(self) -> None:
+        """Raise OutputBusyError when a live writer holds the output now: a quick refusal before a job starts its
+        work (`acquire` decides, atomically)."""
+        rec, _ = self._read()
+        if rec is not None and not self._stale(rec):
+            raise self._busy(rec)
 
     def _busy(self, rec: dict) -> OutputBusyError:
         age = time.time() - float(rec.get("heartbeat_at", 0))
