@@ -227,7 +227,12 @@ def _run_and_exit(plan, **kwargs) -> None:
             with _progress(plan.output, plan.output_options):
                 doc = run_plan(plan, alongside_ray=_ray_data_setup, **kwargs)
         except KeyboardInterrupt:
-            click.echo(f"\ncancelled: what was written stays; continue with: fpn resume {plan.output}", err=True)
+            from pipeline.output import Output
+
+            if Output(plan.output, plan.output_options).read_job(missing_ok=True):
+                click.echo(f"\ncancelled: what was written stays; continue with: fpn resume {plan.output}", err=True)
+            else:  # stopped before the job was recorded: there is no output to resume
+                click.echo("\ncancelled before the job started: nothing was written", err=True)
             sys.exit(EXIT_CODES["cancelled"])
         _print_summary(doc)
     finally:

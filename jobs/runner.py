@@ -537,7 +537,9 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             else:
                 state = "failed"
             cause = None if isinstance(e, KeyboardInterrupt) else detector_start_error(e)
-            said = str(cause) if cause else one_line(e)
+            said = str(cause) if cause else one_line(e) if not isinstance(e, KeyboardInterrupt) else (
+                "another writer took the output's lease over" if lease.lost
+                else f"stopped by {e}" if str(e) else "stopped by Ctrl-C (SIGINT)")
             doc.update(state=state, error=redact_text(said), wall_s=round(time.monotonic() - t0, 2),
                        finished_at=_now())
             if not lease.lost:

@@ -74,6 +74,19 @@ def test_a_sampling_flag_replaces_the_specs_other_way_and_nan_is_refused(tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_ctrl_c_before_the_job_is_recorded_says_nothing_was_written(tmp_path, monkeypatch):
+    """It said "continue with: fpn resume OUT" for an output that did not exist (resume then failed)."""
+    import jobs.runner
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs.runner, "run", interrupted)
+    r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 130 and "cancelled before the job started: nothing was written" in r.output, r.output
+    assert "fpn resume" not in r.output
+
+
 def test_missing_input_is_one_clear_line(tmp_path):
     r = CliRunner().invoke(cli, ["run", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "out")])
     assert r.exit_code == 1 and "nope.mp4 does not exist" in r.output and "Traceback" not in r.output

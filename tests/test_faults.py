@@ -204,9 +204,12 @@ def test_fpn_run_ends_every_process_it_started_by_the_time_it_returns(tmp_path, 
     _, alive = psutil.wait_procs([c for c in started if c.is_running()], timeout=2)
     alive = [c for c in alive if c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(c.pid, c.name()) for c in alive]
-    state = json.loads((out / "_job.json").read_text())["state"]
+    doc = json.loads((out / "_job.json").read_text())
+    state = doc["state"]
     if stop == "sigterm":
         assert (p.returncode, state) == (130, "cancelled"), output
+        assert doc["error"] == "stopped by signal SIGTERM"  # it said "_Stop: signal SIGTERM"
+        assert f"continue with: fpn resume {out}" in output
         assert 0 < frames(out).num_rows < 160
     else:
         assert (p.returncode, state) == (0, "succeeded"), output
