@@ -178,7 +178,7 @@ def main() -> None:
         for name in ("every_frame", "keyframes"):
             s = samplings[name]
             for u in units:
-                wanted = sample_indices(u.num_frames, u.fps, s, u.start, u.stop, u.keyframe_indices())
+                wanted = sample_indices(u.num_frames, u.fps, s, u.start, u.stop, u.keyframe_indices(), u.frame_times())
                 with read_video(url, opts, block_size=block) as v:
                     for i in range(0, len(wanted), 8):
                         v.frames(wanted[i:i + 8])

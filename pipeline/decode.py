@@ -29,7 +29,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator, Protocol, Sequence
+from typing import Any, BinaryIO, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -70,10 +70,12 @@ class Sampling:
 
 
 def sample_indices(num_frames: int, video_fps: float, s: Sampling, start: int = 0, stop: int | None = None,
-                   keyframes: Sequence[int] | None = None) -> list[int]:
+                   keyframes: Sequence[int] | None = None, times: Mapping[int, float] | None = None) -> list[int]:
     """Sampled frame indices within [start, stop) of a video; a pure function of the whole video, so
     segments agree at their borders. `keyframes`: the video's keyframe indices (those in [start, stop) suffice),
-    needed when `s.keyframes`."""
+    needed when `s.keyframes`. `times`: a variable-rate video's frame times in seconds (frames start - 1 to
+    stop), by which the time range and `fps` choose (the first frame of each 1/fps interval); without them frame
+    i is at i / video_fps."""
     stop = num_frames if stop is None else min(stop, num_frames)
     if s.keyframes:
         if keyframes is None:
@@ -83,12 +85,15 @@ def sample_indices(num_frames: int, video_fps: float, s: Sampling, start: int = 
         candidates = range(start, stop)
     out = []
     for i in candidates:
-        t = i / video_fps if video_fps > 0 else 0.0
+        t = times[i] if times is not None else i / video_fps if video_fps > 0 else 0.0
         if s.start_s is not None and t < s.start_s - 1e-9:
             continue
         if s.end_s is not None and t >= s.end_s - 1e-9:
             continue
-        if s.fps is not None and video_fps > 0:
+        if s.fps is not None and times is not None:
+            if i > 0 and math.floor(t * s.fps + 1e-6) == math.floor(times[i - 1] * s.fps + 1e-6):
+                continue
+        elif s.fps is not None and video_fps > 0:
             step = video_fps / s.fps
             if step > 1 and math.floor(i / step) == math.floor((i - 1) / step) and i > 0:
                 continue
@@ -106,6 +111,7 @@ class MediaInfo:
     num_frames: int = 1
     fps: float = 0.0
     keyframes: tuple[int, ...] | None = None  # video: keyframe indices, when the decoder reports them
+    times: tuple[float, ...] | None = None  # video: each frame's time (s), when the rate varies
 
 
 class VideoDecoder(Protocol):
@@ -478,8 +484,10 @@ def probe(uri: str, storage_options: dict | None = None, *, video_backend: str =
         try:
             with read_video(uri, storage_options, video_backend) as v:
                 keys = getattr(v, "keyframes", None)
+                times = v.timestamps(list(range(v.num_frames))) if v.num_frames else []
                 info = MediaInfo("video", v.width, v.height, v.num_frames, v.fps,
-                                 None if keys is None else tuple(int(k) for k in keys))
+                                 None if keys is None else tuple(int(k) for k in keys),
+                                 None if _evenly_spaced(times) else tuple(float(t) for t in times))
         except Exception as e:
             raise ValueError(f"{uri}: cannot decode video ({one_line(e)})") from e
         if info.num_frames <= 0:
@@ -562,7 +570,8 @@ def _decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done, s
                  video_backend: str) -> Iterator[dict[str, Any]]:
     if unit.kind == "video":
         wanted = [i for i in sample_indices(unit.num_frames, unit.fps, sampling, unit.start, unit.stop,
-                                            unit.keyframe_indices()) if frame_id(unit.source, i) not in done]
+                                            unit.keyframe_indices(), unit.frame_times())
+                  if frame_id(unit.source, i) not in done]
         if not wanted:
             return
         with read_video(unit.uri, storage_options, video_backend,

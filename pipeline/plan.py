@@ -207,8 +207,10 @@ def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int
         for start, stop in zip(cuts, cuts[1:] + [n]):
             inside = "" if keys is None else ",".join(str(k) for k in keys[bisect.bisect_left(keys, start):
                                                                              bisect.bisect_left(keys, stop)])
+            times = "" if info.times is None else ",".join(str(round(t * 1e6)) for t in
+                                                             info.times[max(start - 1, 0):stop])
             yield WorkUnit(uri, source, "video", start, stop, n, info.fps, info.width, info.height,
-                           keyframes=inside, **item)
+                           keyframes=inside, times=times, **item)
     elif info.kind == "raster":
         settings = raster or RasterSettings(window=window or 2048)
         try:
@@ -405,7 +407,7 @@ def _sampled(plan: Plan, u: dict[str, Any]) -> list[int]:
         return unit.frame_indices()
     keys = unit.keyframe_indices()  # None: the unit's decode fails under keyframes sampling
     return sample_indices(unit.num_frames, unit.fps, plan.sampling, unit.start, unit.stop,
-                          [] if keys is None and plan.sampling.keyframes else keys)
+                          [] if keys is None and plan.sampling.keyframes else keys, unit.frame_times())
 
 
 def unwritten(plan: Plan, units, done: frozenset[str]) -> list[dict[str, Any]]:

@@ -49,9 +49,19 @@ class WorkUnit:
     # video: its keyframes in [start, stop), comma-separated ("" when the decoder reports none); a string, as
     # `raster` is, so that a unit is a row of scalars in Ray Data
     keyframes: str = ""
+    # video whose rate varies: the times (microseconds) of frames start - 1 to stop, comma-separated (sampling by
+    # time needs the frame before the unit's first); "" at a constant rate (frame i at i / fps)
+    times: str = ""
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
+
+    def frame_times(self) -> dict[int, float] | None:
+        """Frame index -> time (s) for frames start - 1 to stop of a variable-rate video; None at a constant rate."""
+        if not self.times:
+            return None
+        first = max(self.start - 1, 0)
+        return {first + k: int(us) / 1e6 for k, us in enumerate(self.times.split(","))}
 
     def keyframe_indices(self) -> list[int] | None:
         """The video's keyframes in [start, stop), or None when they are not known."""

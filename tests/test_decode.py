@@ -146,6 +146,12 @@ def test_a_variable_frame_rate_video_gives_the_same_frames_and_times_with_both_b
         assert [r[0] for r in rows] == list(range(0, 40, 3)), backend
         assert [r[2] for r in rows] == [r[0] for r in rows], backend  # the pixels are that frame's
         assert [r[1] for r in rows] == [pts[i] / 1000 for i in range(0, 40, 3)], backend  # its own time, exactly
+        # by time, not by index / average rate: the first frame of each 0.2 s, and the frames from 1.0 to 1.2 s
+        by_time = {(5.0, None, None): [i for i in range(40) if i == 0 or pts[i] // 200 != pts[i - 1] // 200],
+                   (None, 1.0, 1.2): [i for i in range(40) if 1000 <= pts[i] < 1200]}
+        for (fps, start_s, end_s), want in by_time.items():
+            s = Sampling(fps=fps, start_s=start_s, end_s=end_s)
+            assert [r[0] for u in units for r in _frames(u, s, backend)] == want, (backend, fps)
 
 
 def test_a_rotated_video_is_turned_upright_by_both_backends(tmp_path):
