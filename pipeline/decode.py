@@ -399,13 +399,22 @@ def check_video_backend(backend: str) -> None:
 
 
 def open_video(path: str | BinaryIO, backend: str = "decord") -> VideoDecoder:
-    """Open `path` with a video backend: "decord", "pyav" (which also takes a seekable binary file object),
+    """Open `path` with a video backend: "decord" (PyAV for an MPEG-TS, and for a file decord's reader refuses
+    and PyAV opens: a truncated MP4's frames before the cut), "pyav" (which also takes a seekable binary file object),
     "nvdec" (`pipeline.nvdec`: NVIDIA's decode engine, PyAV where there is none), or a plugin named
     "package.module:Class" (or "/path/to/plugin.py:Class", for a file not on the Python path of every worker)
     whose class takes the path and implements `VideoDecoder`: a decoder of your own, or a test double that hangs
     or crashes."""
     if backend == "decord":
-        return PyAVVideo(path) if _is_mpeg_ts(path) else DecordVideo(path)
+        if _is_mpeg_ts(path):
+            return PyAVVideo(path)
+        try:
+            return DecordVideo(path)
+        except Exception as e:  # noqa: BLE001 - decord's reader refuses what FFmpeg's demuxer reads (a cut file)
+            try:
+                return PyAVVideo(path)
+            except Exception:  # noqa: BLE001 - not a video PyAV reads either: decord's error says why
+                raise e from None
     if backend == "pyav":
         return PyAVVideo(path)
     if backend == "nvdec":
@@ -535,6 +544,47 @@ def _batch(rows: list[dict], images: list[np.ndarray]) -> dict[str, Any]:
     return out
 
 
+class UndecodableFrame(ValueError):
+    """A video frame the decoder cannot decode (a damaged or truncated file): its unit ends there, its error row
+    names the frame, and the frames decoded before it are kept."""
+
+    error_type = "UndecodableFrame"
+
+    def __init__(self, message: str, frame_index: int):
+        super().__init__(message)
+        self.frame_index = frame_index
+
+    def __reduce__(self):  # pickled from the decoding child process with its frame
+        return type(self), (self.args[0], self.frame_index)
+
+
+def _frames_before_failure(unit: WorkUnit, v: VideoDecoder, idx: list[int], e: Exception
+                           ) -> tuple[list[int], np.ndarray | None, list[int], UndecodableFrame]:
+    """After a batch failed to decode: its frames decoded one by one up to the first that fails (indices, frames,
+    frames decoded for each), and the error for that one (a truncated file lost a whole segment's decodable
+    frames, its error row at the segment's start, in decord's C++ log text)."""
+    got: list[np.ndarray] = []
+    costs: list[int] = []
+    failed = UndecodableFrame(f"{unit.source}: frame {idx[0]} cannot be decoded (damaged or truncated file?): "
+                              f"{_decoder_message(e)}", idx[0])
+    for j in idx if len(idx) > 1 else ():
+        try:
+            got.append(v.frames([j])[0])
+            costs.append((getattr(v, "decoded", None) or [1])[0])
+        except Exception as ej:  # noqa: BLE001
+            failed = UndecodableFrame(f"{unit.source}: frame {j} cannot be decoded (damaged or truncated file?): "
+                                      f"{_decoder_message(ej)}", j)
+            break
+    return idx[:len(got)], np.stack(got) if got else None, costs, failed
+
+
+def _decoder_message(e: Exception) -> str:
+    """A decoder's error in one line, without decord's log prefixes ("[07:20:14] .../threaded_decoder.cc:292: ")."""
+    import re
+
+    return re.sub(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ", "", one_line(e)).strip()
+
+
 def decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done: frozenset[str] | set[str] = frozenset(),
                 storage_options: dict | None = None, video_backend: str = "decord") -> Iterator[dict[str, Any]]:
     """Yield batches (column dicts with an `image` column `[B, H, W, 3]` uint8) of the unit's sampled,
@@ -578,17 +628,24 @@ def _decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done, s
                         block_size=KEYFRAME_BLOCK if sampling.keyframes else REMOTE_BLOCK) as v:
             for i in range(0, len(wanted), batch_size):
                 idx = wanted[i:i + batch_size]
-                frames = v.frames(idx)
+                try:
+                    frames, failed = v.frames(idx), None
+                    decoded = list(getattr(v, "decoded", None) or [1] * len(idx))
+                except Exception as e:  # noqa: BLE001 - which frame: the ones before it are kept
+                    idx, frames, decoded, failed = _frames_before_failure(unit, v, idx, e)
+                if not idx:
+                    raise failed
                 pts = v.timestamps(idx)
                 if len(pts) > 1 and not np.all(np.diff(pts) > 0):
                     raise ValueError(f"{unit.source}: frame timestamps are not increasing around frames {idx[0]}-{idx[-1]}"
                                      " (broken index); try --video-backend pyav")
-                decoded = list(getattr(v, "decoded", None) or [1] * len(idx))
                 rows = [_row(unit, j, float(p), frames.shape[2], frames.shape[1], decoded=d)
                         for j, p, d in zip(idx, pts, decoded)]
                 batch = _batch(rows, list(frames))
                 batch["nvdec_frames"] = [int(getattr(v, "backend", None) == "nvdec")] * len(idx)
                 yield batch
+                if failed is not None:
+                    raise failed
     elif unit.kind == "image":
         if frame_id(unit.source, 0) in done:
             return

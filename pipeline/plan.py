@@ -294,7 +294,8 @@ class _Decode:
             storage_options=p.storage_options, video_backend=p.video_backend), "cpu_transfer_s")
 
     def _fail(self, unit: WorkUnit, e: BaseException | str, error_type: str) -> None:
-        row = error_row(unit.source, "decode", e, unit.start if unit.kind == "video" else None, error_type=error_type)
+        at = getattr(e, "frame_index", unit.start) if unit.kind == "video" else None  # the frame that failed
+        row = error_row(unit.source, "decode", e, at, error_type=error_type)
         log.warning("decode failed: %s (%s)", row["message"], row["error_type"])
         self.out.write_errors([row], f"decode:{unit.source}:{unit.start}")
 

@@ -182,6 +182,47 @@ def test_an_mpeg_ts_read_with_decord_gives_its_own_frames(tmp_path):
     assert [r[1] for r in rows] == pytest.approx([0.0, 0.7, 1.4, 2.1, 2.8])
 
 
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_a_truncated_video_keeps_the_frames_before_the_damage_and_names_the_first_it_cannot_decode(tmp_path,
+                                                                                                 backend):
+    """Its index at the front (faststart), its data cut: a batch holding an undecodable frame lost every frame of
+    its segment, its error row at the segment's start, in decord's C++ log text; decord's reader refused some
+    such files whole ("av_read_frame failed"), which PyAV reads up to the cut."""
+    import re
+
+    import av
+
+    from pipeline.decode import UndecodableFrame
+
+    path = tmp_path / "cut.mp4"
+    noise = np.random.default_rng(0).integers(-20, 20, (40, 64, 96, 3))  # frames of some size: the cut falls inside
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        st = c.add_stream("libx264", rate=10, options={"x264-params": "keyint=8:min-keyint=8:scenecut=0"})
+        st.height, st.width, st.pix_fmt = 64, 96, "yuv420p"
+        for i in range(40):
+            img = (index_frame(i) + noise[i]).clip(0, 255).astype(np.uint8)
+            for packet in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(packet)
+        for packet in st.encode():
+            c.mux(packet)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) * 6 // 10])
+    unit = next(iter(plan_units(str(path), str(path), segment_frames=64, raster_pixels=10**8, windows_per_unit=4,
+                                video_backend=backend)))
+    assert (unit.start, unit.stop) == (0, 40)  # the index still lists every frame
+    rows = []
+    with pytest.raises(UndecodableFrame) as failed:
+        for b in decode_unit(unit, sampling=Sampling(every_n=3), batch_size=8, video_backend=backend):
+            rows += [(i, read_index(im)) for i, im in zip(b["frame_index"], b["image"])]
+    sampled = list(range(0, 40, 3))
+    assert len(rows) >= 4 and [i for i, _ in rows] == sampled[:len(rows)] and all(i == k for i, k in rows), rows
+    k = failed.value.frame_index
+    assert k == sampled[len(rows)], (k, rows)
+    message = str(failed.value)
+    assert message.startswith(f"{path}: frame {k} cannot be decoded (damaged or truncated file?)"), message
+    assert not re.search(r"\[\d\d:\d\d:\d\d\]|\.cc:\d+", message), message
+
+
 def test_fps_sampling_and_time_range():
     assert sample_indices(50, 25.0, Sampling(fps=5)) == list(range(0, 50, 5))
     assert sample_indices(30, 30.0, Sampling(fps=12)) == [i for i in range(30) if i == 0 or int(i / 2.5) != int((i - 1) / 2.5)]
