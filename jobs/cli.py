@@ -976,11 +976,19 @@ def render(output, source, dest, frame, time_s, clip, region, min_score, max_sid
         r = render_clip(output, source, dest, clip[0], clip[1], min_score=min_score, storage_options=opts,
                         video_backend=video_backend)
         click.echo(f"{dest}: {r.frames} frames from {r.pts_s:.2f} s, {r.boxes} boxes drawn")
+        _say_changed(source, r.changed)
         return
     r = render_frame(output, source, dest, frame_index=frame, time_s=time_s, region=Region(*region) if region else None,
                      min_score=min_score, max_side=max_side, storage_options=opts, video_backend=video_backend)
     where = f" (frame {r.frame_index} at {r.pts_s:.2f} s)" if r.frame_index is not None else ""
     click.echo(f"{dest}: {r.boxes} detections drawn{where}")
+    _say_changed(source, r.changed)
+
+
+def _say_changed(source: str, changed: str | None) -> None:
+    if changed:
+        click.echo(f"warning: {source} changed since the job read it ({changed}): the boxes drawn are of the "
+                   "version it read", err=True)
 
 
 @cli.command()

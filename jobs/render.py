@@ -70,6 +70,19 @@ class Rendered:
     frame_index: int | None = None
     pts_s: float | None = None
     frames: int = 1
+    changed: str | None = None  # how the source differs from the version the job read (its boxes are of that)
+
+
+def source_changed(output: str, source: str, storage_options: dict | None = None) -> str | None:
+    """How `source` differs now (size, version) from the version the job that wrote `output` read, or None."""
+    from pipeline.sources import expand_inputs
+
+    recorded = Output(output, storage_options).read_sources().get(canonical_uri(source))
+    if not recorded:
+        return None
+    now = expand_inputs([source], storage_options)[0]
+    return Output.source_change(recorded, {"size": now.size, "version": None if now.version is None else
+                                           str(now.version)})
 
 
 # -- detections ---------------------------------------------------------------------------------------
@@ -257,7 +270,7 @@ def render_frame(output: str, source: str, dest: str | Path, *, frame_index: int
         _save_geotiff(canvas, source, kind, region, dest, storage_options)
     else:
         canvas.save(dest)
-    return Rendered(Path(dest), len(dets["score"]), index, pts)
+    return Rendered(Path(dest), len(dets["score"]), index, pts, changed=source_changed(output, source, storage_options))
 
 
 def _save_geotiff(canvas: Image.Image, source: str, kind: str, region: Region, dest: str | Path,
@@ -325,7 +338,8 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
 
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         n = write_video(annotated(), dest, v.fps)
-    return Rendered(Path(dest), drawn, first, float(times[first]), frames=n)
+    return Rendered(Path(dest), drawn, first, float(times[first]), frames=n,
+                    changed=source_changed(output, source, storage_options))
 
 
 def write_video(frames: Iterable[np.ndarray], path: str | Path, fps: float, *, codec: str = "libx264",

@@ -595,7 +595,8 @@ def _skip_changed(out: Output, sources: list) -> list:
     recorded = out.read_sources()
     current = {s.canonical: {"size": s.size, "version": None if s.version is None else str(s.version)}
                for s in sources}
-    differs = {src: why for src, cur in current.items() if src in recorded and (why := _change(recorded[src], cur))}
+    differs = {src: why for src, cur in current.items()
+               if src in recorded and (why := Output.source_change(recorded[src], cur))}
     stale = out.sources_with_frames(set(differs)) if differs else set()
     for src in sorted(stale):
         msg = (f"{src} changed since run {recorded[src].get('first_run')} ({differs[src]}): its frames here are of "
@@ -608,9 +609,3 @@ def _skip_changed(out: Output, sources: list) -> list:
     return [s for s in sources if s.canonical not in stale]
 
 
-def _change(old: dict, new: dict) -> str | None:
-    if old.get("size") is not None and new["size"] is not None and old["size"] != new["size"]:
-        return f"size {old['size']} -> {new['size']} bytes"
-    if old.get("version") and new["version"] and old["version"] != new["version"]:
-        return f"version {old['version']} -> {new['version']}"
-    return None

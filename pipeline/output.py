@@ -401,6 +401,15 @@ class Output:
             return {}
         return {r.pop("source"): r for r in rows}
 
+    @staticmethod
+    def source_change(old: dict, new: dict) -> str | None:
+        """How a source's {size, version} differ from what was recorded of it (None: the same, or not known)."""
+        if old.get("size") is not None and new.get("size") is not None and old["size"] != new["size"]:
+            return f"size {old['size']} -> {new['size']} bytes"
+        if old.get("version") and new.get("version") and old["version"] != new["version"]:
+            return f"version {old['version']} -> {new['version']}"
+        return None
+
     def write_sources(self, sources: dict[str, dict]) -> None:
         rows = [{"source": s, **v} for s, v in sorted(sources.items())]
         self.write_table(pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA), "_sources.parquet")

@@ -194,3 +194,23 @@ def test_a_clip_of_a_variable_frame_rate_video_takes_the_frames_of_its_time_rang
         assert r.exit_code == 0 and f"{len(want)} frames from {pts[want[0]] / 1000:.2f} s" in r.output, r.output
         clip = open_video(str(dest), "pyav")
         assert [read_index(f) for f in clip.frames(list(range(clip.num_frames)))] == want, backend
+
+
+def test_a_source_changed_since_the_job_read_it_is_said(make_video, tmp_path):
+    """Its boxes are of the version the job read: drawn on other pixels without a word before."""
+    import shutil
+
+    video = tmp_path / "v.mp4"
+    shutil.copy(make_video("render12.mp4", 12, 12.0), video)
+    src, size = canonical_uri(str(video)), video.stat().st_size
+    rows = [_row(src, "video", i, i / 12.0, 96, 64, dets) for i, dets in VIDEO_BOXES.items()]
+    out = Output(str(tmp_path / "out"))
+    out.write_frames(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA))
+    out.write_sources({src: {"size": size, "version": None, "first_run": 1}})
+    r = invoke("render", tmp_path / "out", video, tmp_path / "same.png", "--frame", 4)
+    assert r.exit_code == 0 and "changed since" not in r.output, r.output
+    shutil.copy(make_video("other20.mp4", 20, 12.0), video)  # another video under the same name
+    r = invoke("render", tmp_path / "out", video, tmp_path / "other.png", "--frame", 4)
+    assert r.exit_code == 0 and "1 detections drawn" in r.output, r.output
+    assert (f"warning: {video} changed since the job read it (size {size} -> {video.stat().st_size} bytes): the "
+            "boxes drawn are of the version it read") in r.output
