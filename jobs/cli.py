@@ -181,7 +181,8 @@ def _print_summary(doc: dict) -> None:
     click.echo(f"output: {out}")
     rasters = doc.get("rasters") or {}
     for src, r in (rasters.get("georeferenced") or {}).items():
-        click.echo(f"raster {src}: {r['crs']}, {r['gsd_m']:g} m/pixel read at {r['scale']:g}x, {r['windows']} windows")
+        at = f"{r['scale']:g}x" + (f" across and {r['scale_y']:g}x down (pixels not square)" if r.get("scale_y") else "")
+        click.echo(f"raster {src}: {r['crs']}, {r['gsd_m']:g} m/pixel read at {at}, {r['windows']} windows")
     if rasters.get("pixel_coordinates_only"):
         click.echo(f"rasters without a georeference (pixel coordinates only): {len(rasters['pixel_coordinates_only'])}")
     for src, note in (rasters.get("notes") or {}).items():

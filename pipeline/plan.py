@@ -429,6 +429,7 @@ def raster_summary(units, unread: dict[str, str] | None = None) -> dict[str, Any
         if u["kind"] == "raster" and u["source"] not in rasters:
             rasters[u["source"]] = RasterPlan.from_json(u["raster"])
     georef = {s: {"crs": r.crs, "gsd_m": None if r.gsd_m is None else round(r.gsd_m, 6), "scale": round(r.scale, 6),
+                  **({} if r.scale_y is None else {"scale_y": round(r.scale_y, 6)}),
                   "bands": list(r.bands), "low": list(r.low), "high": list(r.high), "windows": len(r.window_ids())}
               for s, r in sorted(rasters.items()) if r.crs}
     notes = {**{s: r.note for s, r in sorted(rasters.items()) if r.note}, **(unread or {})}

@@ -69,7 +69,9 @@ class RasterSettings:
 @dataclass(frozen=True)
 class RasterPlan:
     """Everything fixed once per raster. Pixel coordinates are the raster's own; `scale` is model pixels per
-    raster pixel (2.0: a 0.2 m raster read for a 0.1 m model)."""
+    raster pixel (2.0: a 0.2 m raster read for a 0.1 m model). Pixels that are not square on the ground (a
+    raster in degrees away from the equator) are read with another scale down the rows (`scale_y`), windows
+    and margins sized per axis (`window_y`, `margin_y`), so that the model sees square pixels; None: as across."""
 
     width: int
     height: int
@@ -85,12 +87,21 @@ class RasterPlan:
     keep: tuple[int, ...] | None = None  # window indices an area of interest keeps; None: all
     assets: tuple[str, ...] | None = None  # band assets (STAC), one single-band raster per channel, on this grid
     palette: tuple[tuple[int, int, int], ...] | None = None  # a paletted band's colours (index -> RGB): read as RGB
+    scale_y: float | None = None
+    window_y: int | None = None
+    margin_y: int | None = None
     note: str | None = None  # what a reader should know of its georeference (fitted to GCPs, or why not)
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """Model pixels per raster pixel across and down."""
+        return self.scale, self.scale if self.scale_y is None else self.scale_y
 
     def windows(self) -> list[tuple[int, int, int, int]]:
         """Core windows `(x, y, w, h)` in raster pixels, row by row."""
-        return [(x, y, min(self.window, self.width - x), min(self.window, self.height - y))
-                for y in range(0, self.height, self.window) for x in range(0, self.width, self.window)]
+        wx, wy = self.window, self.window_y or self.window
+        return [(x, y, min(wx, self.width - x), min(wy, self.height - y))
+                for y in range(0, self.height, wy) for x in range(0, self.width, wx)]
 
     def window_ids(self) -> list[int]:
         """The indices of the windows to read (the frame indices of their rows)."""
@@ -153,24 +164,22 @@ def _crs_string(crs) -> str | None:
     return f"EPSG:{epsg}" if epsg else crs.to_wkt()
 
 
-def _gsd_m(crs: str, t: tuple[float, ...], width: int, height: int) -> float | None:
-    """Metres per pixel at the raster's centre (projected CRS: its linear unit; geographic: along the
-    ellipsoid). None when the CRS has neither."""
+def _gsd_m(crs: str, t: tuple[float, ...], width: int, height: int) -> tuple[float, float] | None:
+    """Metres per pixel across and down at the raster's centre (projected CRS: its linear unit; geographic:
+    along the ellipsoid). None when the CRS has neither."""
     from pyproj import CRS, Geod
 
     c = CRS.from_user_input(crs)
     a, b, _, d, e, _ = t
-    side = math.sqrt(abs(a * e - b * d))
     if c.is_projected:
-        return side * c.axis_info[0].unit_conversion_factor
+        unit = c.axis_info[0].unit_conversion_factor
+        return math.hypot(a, d) * unit, math.hypot(b, e) * unit
     if c.is_geographic:
         x = lambda col, row: (a * col + b * row + t[2], d * col + e * row + t[5])  # noqa: E731
         geod = Geod(ellps="WGS84") if c.ellipsoid is None else Geod(a=c.ellipsoid.semi_major_metre,
                                                                      rf=c.ellipsoid.inverse_flattening)
         (x0, y0), (x1, y1), (x2, y2) = x(width / 2, height / 2), x(width / 2 + 1, height / 2), x(width / 2, height / 2 + 1)
-        ax = geod.inv(x0, y0, x1, y1)[2]
-        ay = geod.inv(x0, y0, x2, y2)[2]
-        return math.sqrt(ax * ay)
+        return geod.inv(x0, y0, x1, y1)[2], geod.inv(x0, y0, x2, y2)[2]
     return None
 
 
@@ -334,12 +343,12 @@ def plan_raster(ds, settings: RasterSettings, *, band_assets: list[tuple[str, An
     note = None
     if not georef and not band_assets:
         crs, t, georef, note = _from_gcps(ds, crs, t)
-    gsd = _gsd_m(crs, t, ds.width, ds.height) if georef else None
-    scale = 1.0
-    if gsd and settings.target_gsd_m:
-        scale = gsd / settings.target_gsd_m
-        if abs(scale - 1) < 0.01:
-            scale = 1.0
+    sides = _gsd_m(crs, t, ds.width, ds.height) if georef else None
+    gsd = math.sqrt(sides[0] * sides[1]) if sides else None
+    scale = scale_y = 1.0
+    if sides and settings.target_gsd_m:
+        scale, scale_y = (1.0 if abs(s / settings.target_gsd_m - 1) < 0.01 else s / settings.target_gsd_m
+                          for s in sides)
     if band_assets:
         bands = (1,) * len(band_assets)
         ranges = [_stretch(d, (1,), settings) for _, d in band_assets]
@@ -352,10 +361,13 @@ def plan_raster(ds, settings: RasterSettings, *, band_assets: list[tuple[str, An
             raise ValueError(f"band {bands[0]} is paletted (colour-mapped) and the model takes "
                              f"{', '.join(settings.model_bands)}: expand it first (gdal_translate -expand rgb)")
         low, high = ((0.0,) * 3, (255.0,) * 3) if palette else _stretch(ds, bands, settings)
+    square = abs(scale_y / scale - 1) < 0.01
     plan = RasterPlan(width=ds.width, height=ds.height, crs=crs if georef else None, transform=t, bands=bands,
                       low=low, high=high, scale=scale, window=max(16, round(settings.window / scale)),
                       margin=math.ceil(settings.margin / scale), gsd_m=gsd,
-                      assets=tuple(h for h, _ in band_assets) if band_assets else None, palette=palette, note=note)
+                      assets=tuple(h for h, _ in band_assets) if band_assets else None, palette=palette, note=note,
+                      **({} if square else {"scale_y": scale_y, "window_y": max(16, round(settings.window / scale_y)),
+                                            "margin_y": math.ceil(settings.margin / scale_y)}))
     if settings.aoi is not None:
         plan = RasterPlan(**{**asdict(plan), "keep": _aoi_windows(plan, settings.aoi)})
     return plan
@@ -370,17 +382,19 @@ class WindowRead:
 
 
 def read_window(datasets: list, plan: RasterPlan, k: int) -> WindowRead:
-    """Window `k` padded by the margin (clipped to the raster), resampled by `plan.scale`, stretched to uint8.
+    """Window `k` padded by the margin (clipped to the raster), resampled by `plan.scales`, stretched to uint8.
     `datasets`: the open raster, or its band assets in `plan.assets` order (`open_rasters`)."""
     from rasterio.enums import Resampling
     from rasterio.windows import Window, bounds, from_bounds
 
     x, y, w, h = plan.windows()[k]
-    x0, y0 = max(0, x - plan.margin), max(0, y - plan.margin)
-    x1, y1 = min(plan.width, x + w + plan.margin), min(plan.height, y + h + plan.margin)
-    out_w, out_h = max(1, round((x1 - x0) * plan.scale)), max(1, round((y1 - y0) * plan.scale))
+    (sx, sy), mx, my = plan.scales, plan.margin, plan.margin_y or plan.margin
+    x0, y0 = max(0, x - mx), max(0, y - my)
+    x1, y1 = min(plan.width, x + w + mx), min(plan.height, y + h + my)
+    out_w, out_h = max(1, round((x1 - x0) * sx)), max(1, round((y1 - y0) * sy))
     window = Window(x0, y0, x1 - x0, y1 - y0)
-    resampling = Resampling.nearest if plan.scale == 1 else Resampling.bilinear if plan.scale > 1 else Resampling.average
+    resampling = (Resampling.nearest if sx == sy == 1 else Resampling.bilinear if min(sx, sy) >= 1
+                  else Resampling.average)
     if plan.assets:  # the same ground from each band asset, onto this window's pixels
         from affine import Affine
 
@@ -388,7 +402,7 @@ def read_window(datasets: list, plan: RasterPlan, k: int) -> WindowRead:
         channels = [valid_values(d.read(1, window=from_bounds(*area, transform=d.transform), out_shape=(out_h, out_w),
                                         masked=True, resampling=Resampling.bilinear)) for d in datasets]
     elif plan.palette:
-        channels = list(read_palette(datasets[0], plan.bands[0], plan.palette, window, (out_h, out_w), plan.scale < 1))
+        channels = list(read_palette(datasets[0], plan.bands[0], plan.palette, window, (out_h, out_w), min(sx, sy) < 1))
     else:
         unique = sorted(set(plan.bands))
         data = valid_values(datasets[0].read(unique, window=window, out_shape=(len(unique), out_h, out_w),

@@ -397,3 +397,30 @@ def test_bands_that_do_not_fit_the_model_fail_the_run_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
     r = CliRunner().invoke(cli, ["run", str(scene.path), "-o", str(tmp_path / "out"), "--stretch", "2"])
     assert r.exit_code == 2 and "--stretch" in r.output
+
+
+def test_pixels_that_are_not_square_on_the_ground_are_read_square(tmp_path):
+    """A raster in degrees at 60 N: a pixel 1e-6 degrees a side is 0.056 m across and 0.111 m down. Read with one
+    scale, the model saw every crown squeezed to half its width."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    data = np.full((3, 200, 400), 60, np.uint8)
+    data[:, 90:110, 180:220] = 230  # 40 x 20 pixels: a square on the ground
+    path = tmp_path / "degrees.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=400, height=200, count=3, dtype="uint8", crs="EPSG:4326",
+                       transform=from_origin(10.0, 60.0, 1e-6, 1e-6)) as ds:
+        ds.write(data)
+    with open_raster(str(path)) as ds:
+        plan = plan_raster(ds, RasterSettings(window=64, margin=8, target_gsd_m=0.1))
+        sx, sy = plan.scales
+        assert sx == pytest.approx(0.558, rel=0.01) and sy == pytest.approx(1.116, rel=0.01)
+        assert plan.window == round(64 / sx) and plan.window_y == round(64 / sy)  # 64 model pixels each way
+        assert RasterPlan.from_json(plan.to_json()) == plan
+        got = [(k, read_window([ds], plan, k)) for k in range(len(plan.windows()))]
+    bright = [(k, r) for k, r in got if (r.image > 150).any()]
+    k, r = max(bright, key=lambda kr: (kr[1].image > 150).sum())
+    rows, cols = np.nonzero((r.image > 150).all(axis=2))
+    w, h = cols.max() - cols.min() + 1, rows.max() - rows.min() + 1
+    assert abs(w / h - 1) < 0.15, (w, h)  # square, as on the ground (it was 2:1)
+    assert r.scale == pytest.approx((sx, sy), rel=0.05)  # boxes go back to raster pixels per axis
