@@ -163,6 +163,9 @@ def _print_summary(doc: dict) -> None:
         + (f"; {doc['skipped_frames']} frames already written were skipped" if doc.get("skipped_frames") else "")
         + ")"
     )
+    if doc.get("frames_outside_plan"):
+        click.echo(f"of them, {doc['frames_outside_plan']} frames are of earlier runs' sampling, outside this run's "
+                   f"plan ({doc.get('planned_frames')} frames, as fpn status counts)")
     if doc.get("decoded_per_sampled") is not None:
         click.echo(f"decoded: {doc['decoded_frames']} frames for {doc['frames']} sampled "
                    f"({doc['decoded_per_sampled']:.2f} per sampled frame)")
@@ -187,6 +190,8 @@ def _print_summary(doc: dict) -> None:
         click.echo(f"rasters without a georeference (pixel coordinates only): {len(rasters['pixel_coordinates_only'])}")
     for src, note in (rasters.get("notes") or {}).items():
         click.echo(f"raster {src}: {note}")
+    for src, why in (doc.get("nothing_read") or {}).items():
+        click.echo(f"{src}: {why}")
     if doc.get("nodata_windows"):
         click.echo(f"raster windows all nodata (skipped): {doc['nodata_windows']}")
     if doc.get("errors"):

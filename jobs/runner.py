@@ -498,7 +498,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             doc["planned_frames"] = count_planned(plan, units)
             doc["skipped_frames"] = count_written(plan, units, done)  # planned, and written by earlier runs
             doc["frames_outside_plan"] = len(done) - doc["skipped_frames"]  # earlier runs' sampling took them
-            doc["rasters"] = raster_summary(units, unread)  # CRS, GSD and resampling of each; which have pixels only
+            doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
+            doc["nothing_read"] = unread  # sources the aoi or the time range misses, and why
             doc["work_units"] = len(units)
             plan, batch_record = decide_batch()
             if batch_record:

@@ -229,7 +229,23 @@ def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int
 
 
 class NothingToRead(Exception):
-    """A source with nothing the job asks for (a raster its aoi misses): no work unit, and no error."""
+    """A source with nothing the job asks for (a raster its aoi misses, a video its time range misses): no work
+    unit, and no error."""
+
+
+def _check_time_range(plan: Plan, units: list[dict[str, Any]]) -> None:
+    """Raise NothingToRead when the plan's time range meets no frame of a video (its times count from its
+    first frame)."""
+    s = plan.sampling
+    if not units or units[0]["kind"] != "video" or (s.start_s is None and s.end_s is None):
+        return
+    if any(_sampled(plan, u) for u in units):
+        return
+    last = WorkUnit(**units[-1])
+    end = (last.frame_times() or {}).get(last.stop - 1, (last.stop - 1) / last.fps if last.fps else 0.0)
+    span = f"{s.start_s or 0:g} s to {'the end' if s.end_s is None else f'{s.end_s:g} s'}"
+    raise NothingToRead(f"the time range {span} meets none of its {last.num_frames} frames (0 to {end:.2f} s): "
+                        "nothing read")
 
 
 def _probe_sources(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]]) -> list[list[dict] | dict | str]:
@@ -238,11 +254,13 @@ def _probe_sources(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]
     out: list[list[dict] | dict] = []
     for row in rows:
         try:
-            out.append([u.to_row() for u in plan_units(
+            units = [u.to_row() for u in plan_units(
                 row["uri"], row["source"], segment_frames=plan.segment_frames, raster_pixels=plan.raster_pixels,
                 windows_per_unit=plan.windows_per_unit, storage_options=plan.storage_options,
                 video_backend=plan.video_backend, raster=raster, stac_item=row["stac_item"],
-                datetime=row["datetime"], assets=tuple(row["assets"]))])
+                datetime=row["datetime"], assets=tuple(row["assets"]))]
+            _check_time_range(plan, units)
+            out.append(units)
         except NothingToRead as e:
             out.append(str(e))
         except Exception as e:  # noqa: BLE001 - any failure of one input is that input's error row
@@ -420,10 +438,10 @@ def unwritten(plan: Plan, units, done: frozenset[str]) -> list[dict[str, Any]]:
                                                                       for k in ids)]
 
 
-def raster_summary(units, unread: dict[str, str] | None = None) -> dict[str, Any]:
+def raster_summary(units) -> dict[str, Any]:
     """What `_job.json` says of the job's rasters: which are georeferenced (CRS, GSD, resampling scale), which
     keep pixel coordinates only (no CRS or transform), and notes on some (a transform fitted to ground control
-    points, or why not; `unread`: rasters with nothing to read, and why)."""
+    points, or why not)."""
     rasters: dict[str, RasterPlan] = {}
     for u in units:
         if u["kind"] == "raster" and u["source"] not in rasters:
@@ -432,7 +450,7 @@ def raster_summary(units, unread: dict[str, str] | None = None) -> dict[str, Any
                   **({} if r.scale_y is None else {"scale_y": round(r.scale_y, 6)}),
                   "bands": list(r.bands), "low": list(r.low), "high": list(r.high), "windows": len(r.window_ids())}
               for s, r in sorted(rasters.items()) if r.crs}
-    notes = {**{s: r.note for s, r in sorted(rasters.items()) if r.note}, **(unread or {})}
+    notes = {s: r.note for s, r in sorted(rasters.items()) if r.note}
     return {"georeferenced": georef, "pixel_coordinates_only": sorted(s for s, r in rasters.items() if not r.crs),
             **({"notes": notes} if notes else {})}
 

@@ -358,3 +358,22 @@ def test_a_local_nvdec_job_says_before_any_work_when_nvdec_cannot_run_here(tmp_p
     assert note in caplog.text
     assert nvdec_note(plan_from_dict({"inputs": [str(tmp_path / "v.mp4")], "output": str(tmp_path / "o"),
                                       "model": "trees", "video_backend": "pyav"})) is None
+
+
+def test_a_time_range_that_misses_a_video_is_said_not_silent(tmp_path):
+    """--start 5.2 on a 2 s video ended "succeeded: 0 frames" without a word."""
+    from fpn_model.weights import read_input_spec
+    from jobs.spec import plan_from_dict
+    from pipeline.plan import _probe_sources
+
+    path = gop_clip(tmp_path / "short", 20, 10.0, 8)
+    row = {"uri": path, "source": path, "stac_item": None, "datetime": None, "assets": []}
+
+    def probed(**sampling):
+        plan = plan_from_dict({"inputs": [path], "output": str(tmp_path / "o"), "sampling": sampling})
+        return _probe_sources(plan, plan.raster_settings(read_input_spec(plan.checkpoint)), [row])[0]
+
+    assert probed(start_s=5.2) == "the time range 5.2 s to the end meets none of its 20 frames (0 to 1.90 s): nothing read"
+    assert probed(start_s=0.51, end_s=0.58) == ("the time range 0.51 s to 0.58 s meets none of its 20 frames (0 to "
+                                                "1.90 s): nothing read")
+    assert isinstance(probed(start_s=1.5), list) and isinstance(probed(every_n=5), list)  # frames to read

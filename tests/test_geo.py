@@ -80,12 +80,12 @@ def test_boxes_land_at_map_coordinates_after_resampling_and_nodata_windows_are_s
     # an area of interest that misses the scene (latitude and longitude swapped): no work, and said so
     doc = geo_job(scene, tmp_path / "far", aoi={"bbox": [47.8, 15.0, 47.9, 15.1]})
     assert doc["state"] == "succeeded" and doc["frames"] == 0 and doc["errors"] == 0
-    assert doc["rasters"]["notes"] == {str(scene.path): "the aoi meets none of its 20 windows: nothing read"}
+    assert doc["nothing_read"] == {str(scene.path): "the aoi meets none of its 20 windows: nothing read"}
     from jobs.cli import _print_summary
 
     _print_summary({**doc, "nodata_windows": 3})
     printed = capsys.readouterr().out
-    assert f"raster {scene.path}: the aoi meets none of its 20 windows: nothing read" in printed
+    assert f"{scene.path}: the aoi meets none of its 20 windows: nothing read" in printed
     assert "raster windows all nodata (skipped): 3" in printed
 
 
@@ -381,9 +381,9 @@ def test_ground_control_points_give_a_transform_when_an_affine_one_fits_them(tmp
     assert two.crs is None and "2 ground control points, too few" in two.note
     units = [{"kind": "raster", "source": s, "raster": p.to_json()}
              for s, p in (("fits.tif", fits), ("bent.tif", bent_plan))]
-    summary = raster_summary(units, {"far.tif": "the aoi meets none of its 4 windows: nothing read"})
+    summary = raster_summary(units)
     assert list(summary["georeferenced"]) == ["fits.tif"] and summary["pixel_coordinates_only"] == ["bent.tif"]
-    assert set(summary["notes"]) == {"fits.tif", "bent.tif", "far.tif"}
+    assert set(summary["notes"]) == {"fits.tif", "bent.tif"}
 
 
 def test_bands_that_do_not_fit_the_model_fail_the_run_before_any_work(tmp_path):

@@ -88,7 +88,7 @@ def test_bad_inputs_become_error_rows_and_good_ones_finish(ray_session, make_vid
     assert doc["errors"] == e.num_rows
 
 
-def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video, tmp_path):
+def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video, tmp_path, capsys):
     v = make_video("r40.mp4", 40, 10.0)
     out = tmp_path / "out"
     job([v], out, sampling={"every_n": 2}, segment_frames=10)
@@ -113,6 +113,11 @@ def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video
     assert (sparse["planned_frames"], sparse["skipped_frames"], sparse["frames_outside_plan"]) == (10, 10, 10)
     p = Output(str(out)).progress()
     assert (p["frames_done"], p["frames_planned"], sparse["frames"]) == (10, 10, 20)
+    from jobs.cli import _print_summary  # "20 frames" beside status's 10 / 10: the summary says why
+
+    _print_summary(sparse)
+    assert ("of them, 10 frames are of earlier runs' sampling, outside this run's plan (10 frames, as fpn status "
+            "counts)") in capsys.readouterr().out
 
 
 def test_only_units_with_a_frame_to_write_run_again(tmp_path):
