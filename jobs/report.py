@@ -110,7 +110,7 @@ def _job(out: Output, counts: dict[str, int]) -> dict[str, Any]:
         "errors": counts["errors"], "wall": _fmt_s(doc.get("wall_s")), "rate": doc.get("frames_per_s"),
         "started": doc.get("started_at"), "finished": doc.get("finished_at"), "runs": doc.get("runs"),
         "skipped": doc.get("skipped_frames"), "outside": doc.get("frames_outside_plan"),
-        "video_backend": spec.get("video_backend"),
+        "video_backend": spec.get("video_backend"), "rasters": doc.get("rasters") or {},
         "sampling": ", ".join(f"{k} {v}" for k, v in (spec.get("sampling") or {}).items() if v is not None),
     }
 
@@ -179,11 +179,18 @@ def _why(e: BaseException) -> str:
     return redact_text(one_line(e))
 
 
-def _still_section(con, row: tuple, min_score: float, storage_options) -> dict[str, Any]:
-    source, kind, frames, dets, width, height = row
+def _still_section(con, row: tuple, min_score: float, storage_options, rasters: dict) -> dict[str, Any]:
+    source, kind, frames, dets, width, height, nodata = row
     section = {"name": _name(source), "source": redact_url(source), "kind": kind, "frames": frames,
                "detections": dets, "size": f"{width} x {height}", "thumb": None, "density": None, "error": None,
-               "drawn": 0}
+               "drawn": 0, "nodata": nodata, "geo": None}
+    if kind == "raster":  # where it lies and how it was read (the job's record of it)
+        g = (rasters.get("georeferenced") or {}).get(source)
+        across = f"{g['scale']:g}x" + (f" across, {g['scale_y']:g}x down" if g and g.get("scale_y") else "") if g else ""
+        section["geo"] = (f"{g['crs']}, {g['gsd_m']:g} m/pixel, read at {across}" if g
+                          else "no georeference: pixel coordinates only")
+        if note := (rasters.get("notes") or {}).get(source):
+            section["geo"] += f" ({note})"
     d = boxes(con, source, min_score=min_score, limit=MAX_BOXES)
     section["drawn"] = len(d["score"])
     try:
@@ -309,6 +316,7 @@ def build_report(output: str, dest: str | Path = "report.html", *, storage_optio
     counts = out.counts()
     job = _job(out, counts)
     video_backend = video_backend or job.pop("video_backend") or "decord"
+    rasters = job.pop("rasters")
     with connect(output, storage_options) as con:
         classes = con.execute(f"SELECT d.label, any_value(d.label_name), count(*) FROM {unnested()} GROUP BY 1 "
                               "ORDER BY 3 DESC, 1").fetchall()
@@ -317,8 +325,10 @@ def build_report(output: str, dest: str | Path = "report.html", *, storage_optio
             SELECT source, count(*), sum(num_detections), min(pts_s), max(pts_s) FROM frames
             WHERE source_kind = 'video' GROUP BY source ORDER BY 3 DESC, 1 LIMIT ?""", [max_sources]).fetchall()
         labels = {lb for lb, _, _ in classes[:CHART_CLASSES]}
-        stills = con.execute("""
-            SELECT source, any_value(source_kind), count(*), sum(num_detections), max(width), max(height)
+        nodata = ("count(*) FILTER (WHERE all_nodata)" if "all_nodata" in
+                  {c for c, in con.execute("SELECT column_name FROM (DESCRIBE frames)").fetchall()} else "0")
+        stills = con.execute(f"""
+            SELECT source, any_value(source_kind), count(*), sum(num_detections), max(width), max(height), {nodata}
             FROM frames WHERE source_kind <> 'video' GROUP BY source ORDER BY 4 DESC, 1 LIMIT ?""",
                              [max_sources]).fetchall()
         page = {
@@ -328,7 +338,7 @@ def build_report(output: str, dest: str | Path = "report.html", *, storage_optio
             "kinds": kinds, "min_score": min_score,
             "videos": [_video_section(con, r, labels, min_score, strip, storage_options, video_backend)
                        for r in videos],
-            "stills": [_still_section(con, r, min_score, storage_options) for r in stills],
+            "stills": [_still_section(con, r, min_score, storage_options, rasters) for r in stills],
             "hidden_videos": max(0, kinds.get("video", 0) - len(videos)),
             "hidden_stills": max(0, kinds.get("image", 0) + kinds.get("raster", 0) - len(stills)),
             "sizes": _sizes(con, labels, min_score) if counts["detections"] else None,
@@ -397,6 +407,7 @@ img { max-width: 100%; }
 {% if stills %}<h2>Images and rasters</h2>
 {% for s in stills %}<h3>{{ s.name }}</h3>
 <div class="muted"><code>{{ s.source }}</code> · {{ s.kind }} {{ s.size }} px · {{ s.frames }} {{ "windows" if s.kind == "raster" else "frame" }} · {{ s.detections }} detections{% if s.drawn < s.detections %} ({{ s.drawn }} drawn){% endif %}</div>
+{% if s.geo %}<div class="muted" data-raster>{{ s.geo }}{% if s.nodata %} · {{ s.nodata }} windows all nodata (skipped){% endif %}</div>{% endif %}
 <div class="grid">
 {% if s.thumb %}<figure><img alt="{{ s.name }} with its boxes" src="{{ s.thumb }}"><figcaption>every box, across windows</figcaption></figure>{% endif %}
 {% if s.density %}<figure><img alt="density of detections in {{ s.name }}" src="{{ s.density }}"><figcaption>detection density</figcaption></figure>{% endif %}

@@ -72,6 +72,13 @@ def test_boxes_land_at_map_coordinates_after_resampling_and_nodata_windows_are_s
             near = pixels[:, row, max(col - 1, 0):col + 2].T
             assert any(tuple(p) == colour(d["label"]) for p in near), (d, near)
 
+    # the report says where the raster lies and what was skipped
+    from jobs.report import build_report
+
+    build_report(str(tmp_path / "out"), tmp_path / "report.html")
+    html = (tmp_path / "report.html").read_text()
+    assert "<div class=\"muted\" data-raster>EPSG:32633, 0.2 m/pixel, read at 2x · 4 windows all nodata (skipped)</div>" in html
+
     # other bands change what the frames mean: a rerun into the output is refused, naming the setting
     with pytest.raises(ValueError, match=r"bands \[4, 3, 2\] -> \[2, 3, 4\]"):
         geo_job(scene, tmp_path / "out", bands=[2, 3, 4])
