@@ -153,6 +153,13 @@ def read_video_frames(source: str, indices: list[int], *, storage_options: dict 
         return v.frames(indices)
 
 
+def raster_bands(output: str, source: str, storage_options: dict | None = None) -> list[int] | None:
+    """The bands of raster `source` the job that wrote `output` fed its model, as its record says (None: not
+    recorded): a picture of what the model saw, not of the file's first three bands (NIR first: false colour)."""
+    job = Output(output, storage_options).read_job(missing_ok=True)
+    return ((job.get("rasters") or {}).get("georeferenced") or {}).get(canonical_uri(source), {}).get("bands")
+
+
 def job_video_backend(output: str, storage_options: dict | None = None) -> str:
     """The video backend the job that wrote `output` decoded with (decord when it does not say)."""
     job = Output(output, storage_options).read_job(missing_ok=True)
@@ -165,10 +172,11 @@ def _fit(width: int, height: int, max_side: int | None) -> tuple[int, int]:
 
 
 def read_pixels(source: str, kind: str, *, region: Region, max_side: int | None = None,
-                storage_options: dict | None = None) -> np.ndarray:
+                storage_options: dict | None = None, bands: list[int] | None = None) -> np.ndarray:
     """`[h, w, 3]` uint8 pixels of `region` of an image or raster, at most `max_side` pixels a side. Rasters
     are read with rasterio, remote ones by byte ranges (`pipeline.raster.open_raster`): only the region,
-    decimated on read (a cloud-optimised GeoTIFF's overviews answer a thumbnail); images with PIL."""
+    decimated on read (a cloud-optimised GeoTIFF's overviews answer a thumbnail), `bands` (the ones the job fed
+    the model: `raster_bands`) or the first three; images with PIL."""
     w, h = _fit(region.width, region.height, max_side)
     if kind == "raster":
         from rasterio.enums import Resampling
@@ -178,8 +186,9 @@ def read_pixels(source: str, kind: str, *, region: Region, max_side: int | None 
         with open_raster(source, storage_options) as ds:
             if (palette := palette_of(ds)) is not None:  # colours, not index values
                 return _display_rgb(read_palette(ds, 1, palette, window, (h, w), downsampling=True))
-            data = valid_values(ds.read(window=window, out_shape=(ds.count, h, w), resampling=Resampling.average,
-                                        masked=True))
+            chosen = list(bands) if bands and max(bands) <= ds.count else list(range(1, ds.count + 1))
+            data = valid_values(ds.read(chosen, window=window, out_shape=(len(chosen), h, w),
+                                        resampling=Resampling.average, masked=True))
         return _display_rgb(data)
     fs, path = filesystem(source, storage_options)
     with fs.open(path, "rb") as f, Image.open(f) as im:
@@ -262,7 +271,8 @@ def render_frame(output: str, source: str, dest: str | Path, *, frame_index: int
         w, h = _fit(region.width, region.height, max_side)
         picture = Image.fromarray(pixels).resize((w, h)) if (w, h) != (region.width, region.height) else pixels
     else:
-        picture = read_pixels(source, kind, region=region, max_side=max_side, storage_options=storage_options)
+        picture = read_pixels(source, kind, region=region, max_side=max_side, storage_options=storage_options,
+                              bands=raster_bands(output, source, storage_options) if kind == "raster" else None)
     scale = _fit(region.width, region.height, max_side)[0] / region.width
     canvas = draw_boxes(picture, dets, scale=scale, offset=(region.x, region.y))
     Path(dest).parent.mkdir(parents=True, exist_ok=True)

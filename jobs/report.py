@@ -194,7 +194,8 @@ def _still_section(con, row: tuple, min_score: float, storage_options, rasters: 
     d = boxes(con, source, min_score=min_score, limit=MAX_BOXES)
     section["drawn"] = len(d["score"])
     try:
-        pixels = read_pixels(source, kind, region=Region(0, 0, width, height), max_side=THUMB_SIDE,
+        bands = ((rasters.get("georeferenced") or {}).get(source) or {}).get("bands")
+        pixels = read_pixels(source, kind, region=Region(0, 0, width, height), max_side=THUMB_SIDE, bands=bands,
                              storage_options=storage_options)
         scale = pixels.shape[1] / width
         section["thumb"] = _image_uri(draw_boxes(pixels, d, scale=scale, width=1))

@@ -60,7 +60,9 @@ def test_boxes_land_at_map_coordinates_after_resampling_and_nodata_windows_are_s
     # the drawing as a GeoTIFF: the scene's CRS and bounds, each box drawn where its map coordinates are
     import rasterio
 
-    from jobs.render import colour, render_frame
+    from PIL import Image
+
+    from jobs.render import Region, colour, render_frame
 
     render_frame(str(tmp_path / "out"), str(scene.path), tmp_path / "drawn.tif", max_side=600)
     with rasterio.open(tmp_path / "drawn.tif") as drawn, rasterio.open(scene.path) as src:
@@ -71,6 +73,13 @@ def test_boxes_land_at_map_coordinates_after_resampling_and_nodata_windows_are_s
             row, col = drawn.index(d["map_x1"], (d["map_y1"] + d["map_y2"]) / 2)  # the middle of its left edge
             near = pixels[:, row, max(col - 1, 0):col + 2].T
             assert any(tuple(p) == colour(d["label"]) for p in near), (d, near)
+
+    # the picture shows the bands the model saw ([4, 3, 2]): the decoy, bright in bands 1-2 only, shows in the
+    # third channel alone (the first three bands showed it bright red and green)
+    x, y, side = scene.decoy
+    render_frame(str(tmp_path / "out"), str(scene.path), tmp_path / "decoy.png", region=Region(x, y, side, side))
+    centre = np.asarray(Image.open(tmp_path / "decoy.png").convert("RGB"))[side // 2, side // 2]
+    assert centre[2] > 200 and centre[0] < 100 and centre[1] < 100, centre
 
     # the report says where the raster lies and what was skipped
     from jobs.report import build_report
