@@ -559,14 +559,15 @@ class UndecodableFrame(ValueError):
 
 
 def _frames_before_failure(unit: WorkUnit, v: VideoDecoder, idx: list[int], e: Exception
-                           ) -> tuple[list[int], np.ndarray | None, list[int], UndecodableFrame]:
-    """After a batch failed to decode: its frames decoded one by one up to the first that fails (indices, frames,
-    frames decoded for each), and the error for that one (a truncated file lost a whole segment's decodable
-    frames, its error row at the segment's start, in decord's C++ log text)."""
+                           ) -> tuple[list[int], np.ndarray | None, list[int], UndecodableFrame | None]:
+    """After a batch failed to decode: its frames decoded one by one by `v` (a fresh decoder: decord's reader
+    fails on after a failed batch) up to the first that fails (indices, frames, frames decoded for each), and the
+    error for that one, None when each decodes alone (a truncated file lost a whole segment's decodable frames,
+    its error row at the segment's start, in decord's C++ log text)."""
     got: list[np.ndarray] = []
     costs: list[int] = []
-    failed = UndecodableFrame(f"{unit.source}: frame {idx[0]} cannot be decoded (damaged or truncated file?): "
-                              f"{_decoder_message(e)}", idx[0])
+    failed = None if len(idx) > 1 else UndecodableFrame(
+        f"{unit.source}: frame {idx[0]} cannot be decoded (damaged or truncated file?): {_decoder_message(e)}", idx[0])
     for j in idx if len(idx) > 1 else ():
         try:
             got.append(v.frames([j])[0])
@@ -624,14 +625,17 @@ def _decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done, s
                   if frame_id(unit.source, i) not in done]
         if not wanted:
             return
-        with read_video(unit.uri, storage_options, video_backend,
-                        block_size=KEYFRAME_BLOCK if sampling.keyframes else REMOTE_BLOCK) as v:
+        block = KEYFRAME_BLOCK if sampling.keyframes else REMOTE_BLOCK
+        with contextlib.ExitStack() as stack:
+            v = stack.enter_context(read_video(unit.uri, storage_options, video_backend, block_size=block))
             for i in range(0, len(wanted), batch_size):
                 idx = wanted[i:i + batch_size]
                 try:
                     frames, failed = v.frames(idx), None
                     decoded = list(getattr(v, "decoded", None) or [1] * len(idx))
                 except Exception as e:  # noqa: BLE001 - which frame: the ones before it are kept
+                    stack.close()  # the failed decoder, for a fresh one that goes on if each frame decodes alone
+                    v = stack.enter_context(read_video(unit.uri, storage_options, video_backend, block_size=block))
                     idx, frames, decoded, failed = _frames_before_failure(unit, v, idx, e)
                 if not idx:
                     raise failed

@@ -66,11 +66,14 @@ class ChildCrashed(IsolationError):
 
 
 class ChildError(Exception):
-    """An ordinary exception raised by the work in the child: its type name, message and formatted traceback."""
+    """An ordinary exception raised by the work in the child: its type name, message, formatted traceback and, for
+    a video frame that cannot be decoded, its `frame_index` (the error row names it)."""
 
-    def __init__(self, error_type: str, message: str, child_traceback: str = ""):
+    def __init__(self, error_type: str, message: str, child_traceback: str = "", frame_index: int | None = None):
         super().__init__(message)
         self.error_type, self.message, self.child_traceback = error_type, message, child_traceback
+        if frame_index is not None:
+            self.frame_index = frame_index
 
 
 def _signal_name(signum: int) -> str:
@@ -236,9 +239,10 @@ def _send(conn, message: tuple[str, Any]) -> None:
         os._exit(0)
 
 
-def _describe(e: BaseException) -> tuple[str, str, str]:
+def _describe(e: BaseException) -> tuple[str, str, str, int | None]:
     text = str(e)
-    return type(e).__name__, text.splitlines()[0] if text else type(e).__name__, traceback.format_exc()
+    return (type(e).__name__, text.splitlines()[0] if text else type(e).__name__, traceback.format_exc(),
+            getattr(e, "frame_index", None))
 
 
 def _exit_with_parent() -> None:

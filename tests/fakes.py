@@ -155,6 +155,24 @@ class EngineVideo(PyAVVideo):
     backend = "nvdec"
 
 
+class BreaksAfterABadBatch(PyAVVideo):
+    """PyAV with decord's ways on a truncated file: frames from FIRST_LOST on cannot be decoded, a batch reaching
+    BATCH_FAILS fails too, and a reader that failed fails every call after it (a fresh one decodes up to the cut)."""
+
+    FIRST_LOST, BATCH_FAILS = 28, 16
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.broken = False
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        if self.broken or max(indices) >= self.FIRST_LOST or (len(indices) > 1 and max(indices) >= self.BATCH_FAILS):
+            self.broken = True
+            raise RuntimeError("[07:20:14] /github/workspace/src/video/ffmpeg/threaded_decoder.cc:292: Check failed: "
+                               "avcodec_send_packet(dec_ctx_.get(), pkt.get()) >= 0 Thread worker: Error sending packet.")
+        return super().frames(indices)
+
+
 class HangingVideo(PyAVVideo):
     """PyAV, except that a video named hang*.mp4 blocks for an hour when asked for frame BAD_FRAME."""
 

@@ -74,6 +74,26 @@ def test_exception_in_child_arrives_with_its_type_and_message_and_keeps_the_chil
     assert list(child.stream(fakes.pid, timeout_s=30)) == [before]
 
 
+def test_a_frame_that_cannot_be_decoded_ends_its_unit_there_and_is_named_across_the_child(child, make_video):
+    """decord on a truncated MP4: a failed batch left its reader failing, so the frames after the batch's first
+    were lost (16 of 28 kept); the frame's index did not cross the child process (the error row said the unit's
+    first frame)."""
+    from pipeline.decode import Sampling, decode_unit
+    from pipeline.plan import plan_units
+
+    video = str(make_video("cut40.mp4", 40, 10.0))
+    unit = next(iter(plan_units(video, video, segment_frames=64, raster_pixels=10**8, windows_per_unit=4)))
+    got: list = []
+    with pytest.raises(ChildError) as e:
+        for b in child.stream(decode_unit, unit, sampling=Sampling(), batch_size=8,
+                              video_backend="fakes:BreaksAfterABadBatch", timeout_s=60):
+            got += b["frame_index"]
+    assert got == list(range(28)), got
+    assert (e.value.error_type, e.value.frame_index) == ("UndecodableFrame", 28)
+    assert e.value.message.startswith(f"{video}: frame 28 cannot be decoded (damaged or truncated file?): "
+                                      "RuntimeError: Check failed: avcodec_send_packet")
+
+
 def test_child_that_died_between_calls_is_replaced(child):
     [first] = child.stream(fakes.pid, timeout_s=30)
     os.kill(first, signal.SIGKILL)
