@@ -230,6 +230,23 @@ def _split_at_antimeridian(geoms: np.ndarray, target: str | None) -> np.ndarray:
     return geoms
 
 
+def _continuous_at_antimeridian(geoms: np.ndarray, ok: np.ndarray, target: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """For `--dedup` in a geographic CRS: each box across the antimeridian with longitudes 0..360 (continuous
+    there), not wider than 180 degrees. Two such boxes, each around the globe, overlapped by IoU near 1 whatever
+    their true overlap (unrelated detections merged)."""
+    import shapely
+    from pyproj import CRS
+
+    if target is None or not ok.any() or not CRS.from_user_input(target).is_geographic:
+        return geoms, ok
+    bounds = shapely.bounds(geoms[ok])
+    wide = np.flatnonzero(ok)[bounds[:, 2] - bounds[:, 0] > 180]
+    if len(wide):
+        geoms = geoms.copy()
+        geoms[wide] = shapely.transform(geoms[wide], lambda xy: np.column_stack([xy[:, 0] % 360, xy[:, 1]]))
+    return geoms, ok
+
+
 def _reproject(geoms: np.ndarray, src: str, dst: str) -> np.ndarray:
     import shapely
     from pyproj import CRS, Transformer
@@ -261,7 +278,7 @@ def export(output: str, dest: str, *, fmt: str | None = None, storage_options: d
     removed = 0
     if dedup_iou is not None:
         drop = duplicates(_detections(ds, min_score=min_score, batch_frames=batch_frames),
-                          lambda t: _geometries(t, target), dedup_iou)
+                          lambda t: _continuous_at_antimeridian(*_geometries(t, target), target), dedup_iou)
         removed = int(drop.sum())
         batches = _without(batches, drop)
     writer = {"geoparquet": _GeoParquet, "geojson": _GeoJSON, "coco": _Coco, "csv": _Csv}[fmt]

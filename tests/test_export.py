@@ -214,6 +214,16 @@ def test_a_box_across_the_antimeridian_is_split_in_geographic_exports(tmp_path):
     # in its own CRS (UTM 60N) nothing is split
     export(out, str(tmp_path / "utm.parquet"), fmt="geoparquet")
     assert set(gpd.read_parquet(tmp_path / "utm.parquet").geometry.geom_type) == {"Polygon"}
+    # --dedup in lon/lat: another scene 1.5 m further east sees both objects again, each overlapping its first
+    # sighting by IoU 0.45 and 0.36: no duplicates, as in metres (the boxes around the globe overlapped by ~1)
+    shifted = write_scene(tmp_path / "am2.tif", width=800, height=600, squares=((400, 100, 20), (600, 300, 16)),
+                          crs="EPSG:32660", origin=(x - 400 * 0.2 - 0.5, y + 100 * 0.2 + 2.0))
+    both = make_output(tmp_path / "both", [scene, shifted])
+    for crs in (None, "EPSG:4326"):
+        s = export(both, str(tmp_path / f"dedup-{crs}.parquet"), fmt="geoparquet", crs=crs, dedup_iou=0.4)
+        assert (s.detections, s.duplicates) == (3, 1), crs  # IoU 0.45 > 0.4: the pair across 180 E merged
+        s = export(both, str(tmp_path / f"dedup5-{crs}.parquet"), fmt="geoparquet", crs=crs, dedup_iou=0.5)
+        assert (s.detections, s.duplicates) == (4, 0), crs
 
 
 def test_an_empty_export_has_the_columns_of_a_full_one(scene_output, tmp_path):
