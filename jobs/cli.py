@@ -156,6 +156,8 @@ def _start_line(start: dict) -> str:
 
 
 def _print_summary(doc: dict) -> None:
+    from pipeline.plan import read_scale
+
     state = doc["state"].replace("_", " ")
     click.echo(
         f"\n{state}: {doc.get('frames', 0)} frames, {doc.get('detections', 0)} detections, {doc.get('errors', 0)} "
@@ -184,8 +186,7 @@ def _print_summary(doc: dict) -> None:
     click.echo(f"output: {out}")
     rasters = doc.get("rasters") or {}
     for src, r in (rasters.get("georeferenced") or {}).items():
-        at = f"{r['scale']:g}x" + (f" across and {r['scale_y']:g}x down (pixels not square)" if r.get("scale_y") else "")
-        click.echo(f"raster {src}: {r['crs']}, {r['gsd_m']:g} m/pixel read at {at}, {r['windows']} windows")
+        click.echo(f"raster {src}: {r['crs']}, {r['gsd_m']:g} m/pixel read at {read_scale(r)}, {r['windows']} windows")
     if rasters.get("pixel_coordinates_only"):
         click.echo(f"rasters without a georeference (pixel coordinates only): {len(rasters['pixel_coordinates_only'])}")
     for src, note in (rasters.get("notes") or {}).items():

@@ -1,8 +1,9 @@
 """Duplicates of one object seen in overlapping scenes or windows, found in bounded memory (`fpn export --dedup IOU`).
 
 Two detections are duplicates when they come from different scenes, or from different windows of one raster (an
-object across a window edge, boxed in both), and their map polygons overlap by more than IOU; within each group of detections linked by such pairs, a greedy, score-ordered pass keeps the best and drops
-the duplicates of every detection it keeps (non-maximum suppression across scenes).
+object across a window edge, boxed in both), and their map polygons overlap by more than IOU; within each group
+of detections linked by such pairs, a greedy, score-ordered pass keeps the best and drops the duplicates of every
+detection it keeps (non-maximum suppression across scenes).
 
 An STRtree over every detection would hold the whole output in memory, and a relational join on map cells runs
 out of DuckDB's memory at 10^7 detections (measured: the 9x neighbour-cell join), so this is a sweep, written by

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 FORMATS = ("geoparquet", "geojson", "coco", "csv")
 _SUFFIX = {"geoparquet": "parquet", "geojson": "geojson", "coco": "json", "csv": "csv"}
 _BY_SUFFIX = {".parquet": "geoparquet", ".geoparquet": "geoparquet", ".geojson": "geojson", ".csv": "csv"}
+_FRAME_COLUMNS = ("frame_id", "source", "source_kind", "frame_index", "pts_s", "width", "height", "stac_item",
+                  "datetime", "crs", "transform")
+_BOX = ("x1", "y1", "x2", "y2")
+_MAP = ("map_x1", "map_y1", "map_x2", "map_y2")
+MAX_DETECTIONS = 65_536  # per batch written
 
 
 def export_format(dest: str, fmt: str | None) -> str:
@@ -63,11 +68,6 @@ def export_format(dest: str, fmt: str | None) -> str:
     if named is not None and named != fmt:
         raise ValueError(f"{dest}: its name says {named}, and --format says {fmt}: name it .{_SUFFIX[fmt]}")
     return fmt
-_FRAME_COLUMNS = ("frame_id", "source", "source_kind", "frame_index", "pts_s", "width", "height", "stac_item",
-                  "datetime", "crs", "transform")
-_BOX = ("x1", "y1", "x2", "y2")
-_MAP = ("map_x1", "map_y1", "map_x2", "map_y2")
-MAX_DETECTIONS = 65_536  # per batch written
 
 
 @dataclass(frozen=True)
@@ -208,43 +208,52 @@ def _geometries(t: pa.Table, target: str | None) -> tuple[np.ndarray, np.ndarray
     return geoms, valid
 
 
-def _split_at_antimeridian(geoms: np.ndarray, target: str | None) -> np.ndarray:
-    """In a geographic `target` CRS, the polygons wider than 180 degrees (a box across the antimeridian, its
-    corners transformed one by one) as MultiPolygons of their parts east and west of it (RFC 7946 3.1.9)."""
+def _across_antimeridian(geoms: np.ndarray, target: str | None) -> np.ndarray:
+    """Indices of the polygons wider than 180 degrees in a geographic `target` CRS: boxes across the antimeridian,
+    their corners transformed one by one (the long way round the globe)."""
     import shapely
     from pyproj import CRS
 
     if target is None or not len(geoms) or not CRS.from_user_input(target).is_geographic:
-        return geoms
+        return np.zeros(0, np.intp)
     bounds = shapely.bounds(geoms)
-    wide = np.flatnonzero(bounds[:, 2] - bounds[:, 0] > 180)
+    return np.flatnonzero(bounds[:, 2] - bounds[:, 0] > 180)
+
+
+def _unwrapped(geoms):
+    """Longitudes 0..360: continuous at the antimeridian."""
+    import shapely
+
+    return shapely.transform(geoms, lambda xy: np.column_stack([xy[:, 0] % 360, xy[:, 1]]))
+
+
+def _split_at_antimeridian(geoms: np.ndarray, target: str | None) -> np.ndarray:
+    """`geoms` with those across the antimeridian (`_across_antimeridian`) as MultiPolygons of their parts east and
+    west of it (RFC 7946 3.1.9)."""
+    import shapely
+
+    wide = _across_antimeridian(geoms, target)
     if not len(wide):
         return geoms
     geoms = geoms.copy()
-    east = shapely.box(-180, -90, 180, 90)
+    inside, beyond = shapely.box(-180, -90, 180, 90), shapely.box(180, -90, 540, 90)
     for i in wide:
-        unwrapped = shapely.transform(geoms[i], lambda xy: np.column_stack([xy[:, 0] % 360, xy[:, 1]]))  # 0..360
-        parts = [shapely.intersection(unwrapped, east),
-                 shapely.transform(shapely.intersection(unwrapped, shapely.box(180, -90, 540, 90)), lambda xy: xy - [360, 0])]
+        unwrapped = _unwrapped(geoms[i])  # 0..360: the part east of 180 is past 180, moved back to -180..
+        parts = [shapely.intersection(unwrapped, inside),
+                 shapely.transform(shapely.intersection(unwrapped, beyond), lambda xy: xy - [360, 0])]
         geoms[i] = shapely.orient_polygons(shapely.MultiPolygon([p for p in parts if not p.is_empty]))
     return geoms
 
 
-def _continuous_at_antimeridian(geoms: np.ndarray, ok: np.ndarray, target: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """For `--dedup` in a geographic CRS: each box across the antimeridian with longitudes 0..360 (continuous
-    there), not wider than 180 degrees. Two such boxes, each around the globe, overlapped by IoU near 1 whatever
-    their true overlap (unrelated detections merged)."""
-    import shapely
-    from pyproj import CRS
-
-    if target is None or not ok.any() or not CRS.from_user_input(target).is_geographic:
-        return geoms, ok
-    bounds = shapely.bounds(geoms[ok])
-    wide = np.flatnonzero(ok)[bounds[:, 2] - bounds[:, 0] > 180]
-    if len(wide):
-        geoms = geoms.copy()
-        geoms[wide] = shapely.transform(geoms[wide], lambda xy: np.column_stack([xy[:, 0] % 360, xy[:, 1]]))
-    return geoms, ok
+def _continuous_at_antimeridian(geoms: np.ndarray, target: str | None) -> np.ndarray:
+    """For `--dedup`: `geoms` with those across the antimeridian in longitudes 0..360, each its own width. Two such
+    boxes, each around the globe, overlapped by IoU near 1 whatever their true overlap (unrelated ones merged)."""
+    wide = _across_antimeridian(geoms, target)
+    if not len(wide):
+        return geoms
+    geoms = geoms.copy()
+    geoms[wide] = _unwrapped(geoms[wide])
+    return geoms
 
 
 def _reproject(geoms: np.ndarray, src: str, dst: str) -> np.ndarray:
@@ -257,8 +266,8 @@ def _reproject(geoms: np.ndarray, src: str, dst: str) -> np.ndarray:
     return shapely.transform(geoms, lambda xy: np.column_stack(tf.transform(xy[:, 0], xy[:, 1])))
 
 
-def export(output: str, dest: str, *, fmt: str | None = None, storage_options: dict | None = None, min_score: float = 0.0,
-           crs: str | None = None, dedup_iou: float | None = None, batch_frames: int = 256) -> ExportSummary:
+def export(output: str, dest: str, *, fmt: str | None = None, storage_options: dict | None = None,
+           min_score: float = 0.0, crs: str | None = None, dedup_iou: float | None = None, batch_frames: int = 256) -> ExportSummary:
     """Write the detections of `output` to `dest` (a path or URL) as `fmt` (see the module docstring; default: the
     format `dest`'s name says, see `export_format`).
 
@@ -277,8 +286,12 @@ def export(output: str, dest: str, *, fmt: str | None = None, storage_options: d
     batches = _detections(ds, min_score=min_score, batch_frames=batch_frames)
     removed = 0
     if dedup_iou is not None:
-        drop = duplicates(_detections(ds, min_score=min_score, batch_frames=batch_frames),
-                          lambda t: _continuous_at_antimeridian(*_geometries(t, target), target), dedup_iou)
+        def compared(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+            geoms, ok = _geometries(t, target)
+            geoms[ok] = _continuous_at_antimeridian(geoms[ok], target)
+            return geoms, ok
+
+        drop = duplicates(_detections(ds, min_score=min_score, batch_frames=batch_frames), compared, dedup_iou)
         removed = int(drop.sum())
         batches = _without(batches, drop)
     writer = {"geoparquet": _GeoParquet, "geojson": _GeoJSON, "coco": _Coco, "csv": _Csv}[fmt]

@@ -147,9 +147,9 @@ def _video_frame(con, source: str, output: str, frame_index: int | None, time_s:
 
 # -- pixels ---------------------------------------------------------------------------------------------
 def read_video_frames(source: str, indices: list[int], *, storage_options: dict | None = None,
-                      video_backend: str | None = "decord") -> np.ndarray:
+                      video_backend: str = "decord") -> np.ndarray:
     """`[N, H, W, 3]` uint8 frames of a video at sorted `indices`, decoded as the pipeline decodes them."""
-    with read_video(source, storage_options, video_backend or "decord") as v:
+    with read_video(source, storage_options, video_backend) as v:
         return v.frames(indices)
 
 

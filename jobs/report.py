@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipeline.decode import check_video_backend
 from pipeline.output import Output
+from pipeline.plan import read_scale
 from pipeline.storage import check_file_destination, one_line, redact, redact_text, redact_url
 
 from .query import connect
@@ -184,19 +185,17 @@ def _still_section(con, row: tuple, min_score: float, storage_options, rasters: 
     section = {"name": _name(source), "source": redact_url(source), "kind": kind, "frames": frames,
                "detections": dets, "size": f"{width} x {height}", "thumb": None, "density": None, "error": None,
                "drawn": 0, "nodata": nodata, "geo": None}
-    if kind == "raster":  # where it lies and how it was read (the job's record of it)
-        g = (rasters.get("georeferenced") or {}).get(source)
-        across = f"{g['scale']:g}x" + (f" across, {g['scale_y']:g}x down" if g and g.get("scale_y") else "") if g else ""
-        section["geo"] = (f"{g['crs']}, {g['gsd_m']:g} m/pixel, read at {across}" if g
+    g = (rasters.get("georeferenced") or {}).get(source) or {}  # a raster's place and reading (the job's record)
+    if kind == "raster":
+        section["geo"] = (f"{g['crs']}, {g['gsd_m']:g} m/pixel, read at {read_scale(g)}" if g
                           else "no georeference: pixel coordinates only")
         if note := (rasters.get("notes") or {}).get(source):
             section["geo"] += f" ({note})"
     d = boxes(con, source, min_score=min_score, limit=MAX_BOXES)
     section["drawn"] = len(d["score"])
     try:
-        bands = ((rasters.get("georeferenced") or {}).get(source) or {}).get("bands")
-        pixels = read_pixels(source, kind, region=Region(0, 0, width, height), max_side=THUMB_SIDE, bands=bands,
-                             storage_options=storage_options)
+        pixels = read_pixels(source, kind, region=Region(0, 0, width, height), max_side=THUMB_SIDE,
+                             bands=g.get("bands"), storage_options=storage_options)
         scale = pixels.shape[1] / width
         section["thumb"] = _image_uri(draw_boxes(pixels, d, scale=scale, width=1))
     except Exception as e:  # noqa: BLE001 - a source gone or unreadable: the rest of the page stands

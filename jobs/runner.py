@@ -557,9 +557,14 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             else:
                 state = "failed"
             cause = None if isinstance(e, KeyboardInterrupt) else detector_start_error(e)
-            said = str(cause) if cause else one_line(e) if not isinstance(e, KeyboardInterrupt) else (
-                "another writer took the output's lease over" if lease.lost
-                else f"stopped by {e}" if str(e) else "stopped by Ctrl-C (SIGINT)")
+            if cause:
+                said = str(cause)
+            elif not isinstance(e, KeyboardInterrupt):
+                said = one_line(e)
+            elif lease.lost:
+                said = "another writer took the output's lease over"
+            else:  # _on_sigterm's "signal SIGTERM", or Ctrl-C's bare KeyboardInterrupt
+                said = f"stopped by {e}" if str(e) else "stopped by Ctrl-C (SIGINT)"
             doc.update(state=state, error=redact_text(said), wall_s=round(time.monotonic() - t0, 2),
                        finished_at=_now())
             if not lease.lost:

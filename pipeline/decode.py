@@ -136,8 +136,8 @@ class VideoDecoder(Protocol):
 
 
 def _evenly_spaced(timestamps: list[int]) -> bool:
-    """Whether timestamps (an MP4 index's decode times) are those of a constant frame rate: each within half a
-    frame of the straight line from the first to the last."""
+    """Whether a video's frame times (an MP4 index's decode times, or a decoder's presentation times) are those of
+    a constant frame rate: each within half a frame of the straight line from the first to the last."""
     if len(timestamps) < 3:
         return True
     t = np.asarray(timestamps, np.float64)
@@ -564,26 +564,27 @@ def _frames_before_failure(unit: WorkUnit, v: VideoDecoder, idx: list[int], e: E
     fails on after a failed batch) up to the first that fails (indices, frames, frames decoded for each), and the
     error for that one, None when each decodes alone (a truncated file lost a whole segment's decodable frames,
     its error row at the segment's start, in decord's C++ log text)."""
+    if len(idx) == 1:
+        return [], None, [], _undecodable(unit, idx[0], e)
     got: list[np.ndarray] = []
     costs: list[int] = []
-    failed = None if len(idx) > 1 else UndecodableFrame(
-        f"{unit.source}: frame {idx[0]} cannot be decoded (damaged or truncated file?): {_decoder_message(e)}", idx[0])
-    for j in idx if len(idx) > 1 else ():
+    failed = None
+    for j in idx:
         try:
             got.append(v.frames([j])[0])
             costs.append((getattr(v, "decoded", None) or [1])[0])
         except Exception as ej:  # noqa: BLE001
-            failed = UndecodableFrame(f"{unit.source}: frame {j} cannot be decoded (damaged or truncated file?): "
-                                      f"{_decoder_message(ej)}", j)
+            failed = _undecodable(unit, j, ej)
             break
     return idx[:len(got)], np.stack(got) if got else None, costs, failed
 
 
-def _decoder_message(e: Exception) -> str:
-    """A decoder's error in one line, without decord's log prefixes ("[07:20:14] .../threaded_decoder.cc:292: ")."""
+def _undecodable(unit: WorkUnit, j: int, e: Exception) -> UndecodableFrame:
+    """Frame `j`'s error, in one line without decord's log prefixes ("[07:20:14] .../threaded_decoder.cc:292: ")."""
     import re
 
-    return re.sub(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ", "", one_line(e)).strip()
+    why = re.sub(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ", "", one_line(e)).strip()
+    return UndecodableFrame(f"{unit.source}: frame {j} cannot be decoded (damaged or truncated file?): {why}", j)
 
 
 def decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done: frozenset[str] | set[str] = frozenset(),

@@ -505,8 +505,9 @@ class Lease:
     Acquired by a conditional create (locally: under `flock` of `OUTPUT/_lease.lock`, released by the kernel
     even when the holder is SIGKILLed; on S3: PutObject with If-None-Match, and If-Match of the ETag read for a
     takeover or a heartbeat). A lease whose heartbeat is older than `timeout_s` (default 120 s, env
-    FPN_LEASE_TIMEOUT_S) is taken over, and at once one whose holder was a process of this machine's process space
-    (same boot, same PID namespace) that no longer exists: a killed local run is resumed without waiting. The holder refreshes it every `timeout_s / 4` from a daemon thread; if
+    FPN_LEASE_TIMEOUT_S) is taken over, and at once one whose holder was a process of this machine's process
+    space (same boot, same PID namespace) that no longer exists: a killed local run is resumed without waiting.
+    The holder refreshes it every `timeout_s / 4` from a daemon thread; if
     it finds the lease taken, it interrupts the main thread (the job stops as `interrupted`: another writer owns
     the output now). Other object stores get the same record without a conditional write (documented race).
     """
@@ -570,7 +571,10 @@ class Lease:
     def check_free(self) -> None:
         """Raise OutputBusyError when a live writer holds the output now: a quick refusal before a job starts its
         work (`acquire` decides, atomically)."""
-        rec, _ = self._read()
+        self._refuse_live(self._read()[0])
+
+    def _refuse_live(self, rec: dict | None) -> None:
+        """Raise OutputBusyError naming the holder of lease record `rec` when it is live (not stale)."""
         if rec is not None and not self._stale(rec):
             raise self._busy(rec)
 
@@ -627,22 +631,19 @@ class Lease:
         if self._s3():
             if not self._s3_put({"IfNoneMatch": "*"}):
                 rec, etag = self._read()
-                if rec is not None and not self._stale(rec):
-                    raise self._busy(rec)
+                self._refuse_live(rec)
                 if not self._s3_put({"IfMatch": etag} if etag else {"IfNoneMatch": "*"}):
                     raise self._busy(self._read()[0] or {})
                 self.took_over = rec
         elif _is_local(self.out.url):
             with self._flock():
                 rec, _ = self._read()
-                if rec is not None and not self._stale(rec):
-                    raise self._busy(rec)
+                self._refuse_live(rec)
                 self.took_over = rec
                 self._local_put()
         else:
             rec, _ = self._read()
-            if rec is not None and not self._stale(rec):
-                raise self._busy(rec)
+            self._refuse_live(rec)
             self.took_over = rec
             self.out._put(self._body(), LEASE_RECORD)
         if self.took_over:

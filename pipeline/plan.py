@@ -455,6 +455,11 @@ def raster_summary(units) -> dict[str, Any]:
             **({"notes": notes} if notes else {})}
 
 
+def read_scale(r: dict[str, Any]) -> str:
+    """How a georeferenced raster of `raster_summary` was read: "2x", or per axis when its pixels are not square."""
+    return f"{r['scale']:g}x" + (f" across and {r['scale_y']:g}x down (pixels not square)" if r.get("scale_y") else "")
+
+
 def detector_pool(r: Resources, calls: int):
     """The Ray Data actor pool of a job's detectors: fixed at `num_detectors`, or autoscaling up to `max_detectors`;
     each actor runs `calls` batches at once on threads of its own."""

@@ -164,7 +164,7 @@ def _crs_string(crs) -> str | None:
     return f"EPSG:{epsg}" if epsg else crs.to_wkt()
 
 
-def _gsd_m(crs: str, t: tuple[float, ...], width: int, height: int) -> tuple[float, float] | None:
+def _pixel_size_m(crs: str, t: tuple[float, ...], width: int, height: int) -> tuple[float, float] | None:
     """Metres per pixel across and down at the raster's centre (projected CRS: its linear unit; geographic:
     along the ellipsoid). None when the CRS has neither."""
     from pyproj import CRS, Geod
@@ -307,7 +307,7 @@ def _aoi_windows(plan: RasterPlan, aoi: dict) -> tuple[int, ...]:
     return tuple(int(i) for i in np.flatnonzero(shapely.intersects(feet, geom)))
 
 
-def _from_gcps(ds, crs: str | None, t: tuple[float, ...]) -> tuple[str | None, tuple[float, ...], bool, str | None]:
+def _from_gcps(ds, t: tuple[float, ...]) -> tuple[str | None, tuple[float, ...], bool, str | None]:
     """(crs, transform, georeferenced, note) of a raster georeferenced by ground control points only: the affine
     transform fitted to them (least squares) when it lands every one within half a pixel, else pixel coordinates
     with a note saying why (fpn maps boxes through an affine transform, not a GCP warp)."""
@@ -342,8 +342,8 @@ def plan_raster(ds, settings: RasterSettings, *, band_assets: list[tuple[str, An
     georef = crs is not None and not ds.transform.is_identity
     note = None
     if not georef and not band_assets:
-        crs, t, georef, note = _from_gcps(ds, crs, t)
-    sides = _gsd_m(crs, t, ds.width, ds.height) if georef else None
+        crs, t, georef, note = _from_gcps(ds, t)
+    sides = _pixel_size_m(crs, t, ds.width, ds.height) if georef else None
     gsd = math.sqrt(sides[0] * sides[1]) if sides else None
     scale = scale_y = 1.0
     if sides and settings.target_gsd_m:
