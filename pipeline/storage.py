@@ -230,7 +230,11 @@ def join(base: str, *parts: str) -> str:
 
 def parquet_files(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
     """Finished Parquet files in `directory` (none if it does not exist). Files being written carry a
-    temporary dot-name until they are complete, and are left out."""
+    temporary dot-name until they are complete, and are left out.
+
+    Listed afresh each time: other processes write these files, and s3fs answers a listing it made before from its
+    cache (a job's driver, listing `frames/` while the writers wrote, counted 192 of the 600 frames it wrote)."""
+    fs.invalidate_cache(directory)
     if not fs.exists(directory):
         return []
     return sorted(f for f in fs.glob(join(directory, "*.parquet")) if not f.rsplit("/", 1)[-1].startswith("."))

@@ -317,6 +317,30 @@ def test_a_lease_write_whose_answer_was_lost_is_still_held(s3):
         second.release()
 
 
+def test_files_other_processes_write_are_listed_and_counted(s3):
+    """A job's driver lists `frames/` while other processes write it (the progress bar, the final counts, the
+    duplicate check): s3fs answered every listing after the first from its cache, so a 600-frame job recorded
+    192 frames and its state as succeeded."""
+    import s3fs
+
+    from pipeline.output import Output, frame_schema
+
+    _, endpoint = s3
+    out = Output("s3://test/out/listed", {"endpoint_url": endpoint})
+    out.write_empty_frames()
+    assert len(out.frame_files()) == 1 and out.counts()["frames"] == 0  # listed, as a progress poll lists
+    writer = Output("s3://test/out/listed", {"endpoint_url": endpoint})
+    writer.fs  # its path
+    writer._fs = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": endpoint})
+    row = {name: None for name in frame_schema().names}
+    for k in range(3):  # another process (a write task) adds files
+        writer.write_frames(pa.Table.from_pylist([{**row, "frame_id": f"f{k}", "source": "s", "frame_index": k,
+                                                   "num_detections": 0}], schema=frame_schema()))
+    writer.write_errors([{"source": "bad", "stage": "probe", "message": "m", "error_type": "E"}], "k")
+    assert len(out.frame_files()) == 4 and out.done_ids() == {"f0", "f1", "f2"}
+    assert out.counts()["frames"] == 3 and out.counts()["errors"] == 1
+
+
 SECRETS = {"s3 key": "PLANTEDINKEY7", "s3 secret": "PLANTEDINSECRET8", "output key": "PLANTEDOUTKEY9",
            "output secret": "PLANTEDOUTSECRET0", "http token": "PLANTEDBEARER1", "signature": "PLANTEDSIGNATURE2",
            "credential": "PLANTEDCREDENTIAL3"}
