@@ -283,6 +283,35 @@ def _with_costs(rows: pa.Table, batch: dict[str, Any], *, forward_s: float, rows
     return rows
 
 
+def _masks_in_source(rles: list[dict], scale, offset, width: int, height: int) -> list[dict]:
+    """A raster window's masks, COCO RLEs over the image the model saw (the window resampled by `scale`, its first
+    pixel at source pixel `offset`, padded past the raster's edge), as RLEs over the whole raster, where its boxes
+    are: each source pixel takes the mask's value at its centre (nearest). Only the part a mask covers is made,
+    and it is encoded in place (`fpn_model.rle.runs_to_rle`): a raster-sized array per mask would be gigabytes.
+    Written by hand: pycocotools has no translate or resize of an RLE."""
+    from pycocotools import mask as mask_utils
+
+    from fpn_model.rle import runs_to_rle
+
+    (sx, sy), (ox, oy) = (float(v) for v in scale), (float(v) for v in offset)
+    out = []
+    for rle in rles:
+        m = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        x0, y0 = (max(0, math.floor(c[0] / s + o)) if len(c) else 0 for c, s, o in ((cols, sx, ox), (rows, sy, oy)))
+        x1, y1 = (min(n, math.ceil((c[-1] + 1) / s + o)) if len(c) else 0
+                  for c, s, o, n in ((cols, sx, ox, width), (rows, sy, oy, height)))
+        if x1 <= x0 or y1 <= y0:  # nothing of it on the raster: an empty mask
+            x0, y0, x1, y1 = 0, 0, 1, 1
+            part = np.zeros((1, 1), bool)
+        else:
+            xs = np.clip(((np.arange(x0, x1) + 0.5 - ox) * sx).astype(np.int64), 0, m.shape[1] - 1)
+            ys = np.clip(((np.arange(y0, y1) + 0.5 - oy) * sy).astype(np.int64), 0, m.shape[0] - 1)
+            part = m[np.ix_(ys, xs)].astype(bool)
+        out += runs_to_rle(torch.from_numpy(part)[None], x0=x0, y0=y0, height=height, width=width)
+    return out
+
+
 def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: str, schema: pa.Schema) -> pa.Table:
     """Frame rows (the output contract) from a decoded batch and its detections. Raster windows keep only
     detections whose centre lies in the window's core, mapped to raster pixels (undoing the resampling) and,
@@ -311,7 +340,10 @@ def detections_to_rows(batch: dict[str, Any], dets: list, label_name, model_id: 
                                if georef else np.zeros((len(boxes), 4)))
         parts["georef"].append(np.full(len(boxes), georef))
         if d.masks is not None:
-            masks += [d.masks[j] for j in np.arange(len(d.boxes))[keep]]
+            kept = [d.masks[j] for j in np.arange(len(d.boxes))[keep]]
+            masks += kept if batch["source_kind"][i] != "raster" else _masks_in_source(
+                kept, (batch["scale_x"][i], batch["scale_y"][i]), (batch["offset_x"][i], batch["offset_y"][i]),
+                int(batch["width"][i]), int(batch["height"][i]))
         counts.append(len(boxes))
     flat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
     detection_type = schema.field("detections").type.value_type

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pyarrow as pa
+from pycocotools import mask as mask_utils
 
 from fpn_model.predict import Detections
 from pipeline.detect import detections_to_rows
@@ -28,10 +29,37 @@ def _batch():
     return batch
 
 
+def _rle(m: np.ndarray) -> dict:
+    r = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    return {"size": r["size"], "counts": r["counts"].decode("ascii")}
+
+
+def _box_mask(box, side: int) -> dict:
+    """A mask filling its box but a corner, over a `side` x `side` image."""
+    m = np.zeros((side, side), np.uint8)
+    x1, y1, x2, y2 = (int(v) for v in box)
+    m[y1:y2, x1:x2] = 1
+    m[y1, x1] = 0
+    return _rle(m)
+
+
+def _mask_in_raster(rle: dict, batch, i) -> dict:
+    """A window's mask over the whole raster, the plain way: each raster pixel looked up at its centre in the
+    image the model saw, in a raster-sized array."""
+    m = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+    ys, xs = np.mgrid[0:batch["height"][i], 0:batch["width"][i]] + 0.5
+    u = np.floor((xs - batch["offset_x"][i]) * batch["scale_x"][i]).astype(int)
+    v = np.floor((ys - batch["offset_y"][i]) * batch["scale_y"][i]).astype(int)
+    inside = (u >= 0) & (u < m.shape[1]) & (v >= 0) & (v < m.shape[0])
+    full = np.zeros(xs.shape, np.uint8)
+    full[inside] = m[v[inside], u[inside]]
+    return _rle(full)
+
+
 def _dets(rng, n, labels=3, masks=False):
     xy = rng.uniform(0, 440, (n, 2)).astype(np.float32)
     boxes = np.concatenate([xy, xy + rng.uniform(2, 20, (n, 2)).astype(np.float32)], 1)
-    rles = [{"size": [464, 464], "counts": f"rle{i}"} for i in range(n)] if masks else None
+    rles = [_box_mask(b, 464) for b in boxes] if masks else None
     return Detections(boxes, rng.uniform(0, 1, n).astype(np.float32), rng.integers(1, labels, n).astype(np.int32),
                       rng.integers(2, 6, n).astype(np.int8), rles)
 
@@ -51,8 +79,8 @@ def _expected(batch, i, d, name):
              "label_name": name(int(d.labels[j])), "level": int(d.levels[j])}
         m = map_boxes(b[None], T)[0] if batch["crs"][i] else [None] * 4
         r.update(zip(("map_x1", "map_y1", "map_x2", "map_y2"), m))
-        if d.masks is not None:
-            r["mask"] = d.masks[j]
+        if d.masks is not None:  # a raster window's in raster pixels, as its box
+            r["mask"] = d.masks[j] if batch["source_kind"][i] != "raster" else _mask_in_raster(d.masks[j], batch, i)
         rows.append(r)
     return rows
 
