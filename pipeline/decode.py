@@ -20,7 +20,7 @@ per sampled frame. The count reaches the frames rows as `decoded_frames`.
 
 Images are read with PIL; rasters window by window with rasterio, as `pipeline.raster` plans them (bands,
 stretch, resampling, nodata), by byte ranges when remote. Images too large for PIL (beyond its
-decompression-bomb limit) take the raster path.
+decompression-bomb limit) and images of more than 8 bits a sample take the raster path.
 """
 from __future__ import annotations
 
@@ -464,15 +464,19 @@ def read_video(uri: str, storage_options: dict | None = None, backend: str = "de
 
 
 def _image_size(uri: str, storage_options: dict | None) -> tuple[int, int] | None:
-    """(width, height) of an image, or None when it is beyond PIL's decompression-bomb limit (read as a raster)."""
-    from PIL import Image
+    """(width, height) of an image, or None when it is read as a raster: beyond PIL's decompression-bomb limit, or
+    of more than 8 bits a sample (16-bit or float PNGs: PIL's RGB conversion clips them, so a 16-bit PNG reached the
+    model all white; as a raster it is stretched as a 16-bit TIFF is)."""
+    from PIL import Image, UnidentifiedImageError
 
     fs, path = filesystem(uri, storage_options)
     try:
         with fs.open(path, "rb") as f, Image.open(f) as im:
-            return im.size
+            return None if im.mode.startswith(("I", "F")) else im.size
     except Image.DecompressionBombError:
         return None
+    except UnidentifiedImageError:  # its text names the file object PIL was given, an address that changes
+        raise ValueError("not an image format PIL reads") from None
 
 
 def probe(uri: str, storage_options: dict | None = None, *, video_backend: str = "decord",
@@ -506,7 +510,7 @@ def probe(uri: str, storage_options: dict | None = None, *, video_backend: str =
         try:
             size = _image_size(uri, storage_options)
         except Exception as e:
-            raise ValueError(f"{uri}: cannot read image ({type(e).__name__}: {e})") from e
+            raise ValueError(f"{uri}: cannot read image ({one_line(e)})") from e
         if size is not None and size[0] * size[1] <= raster_pixels:
             return MediaInfo("image", *size)
     try:

@@ -377,3 +377,32 @@ def test_a_time_range_that_misses_a_video_is_said_not_silent(tmp_path):
     assert probed(start_s=0.51, end_s=0.58) == ("the time range 0.51 s to 0.58 s meets none of its 20 frames (0 to "
                                                 "1.90 s): nothing read")
     assert isinstance(probed(start_s=1.5), list) and isinstance(probed(every_n=5), list)  # frames to read
+
+
+def test_a_16_bit_png_is_stretched_as_the_same_pixels_in_a_tiff_are(tmp_path):
+    """PIL's RGB conversion clips 16-bit samples at 255: a 16-bit PNG reached the model all white."""
+    import rasterio
+    from PIL import Image
+
+    grey = (1000 + 3000 * np.linspace(0, 1, 96 * 128).reshape(96, 128)).astype(np.uint16)
+    png, tif = tmp_path / "g16.png", tmp_path / "g16.tif"
+    Image.fromarray(grey).save(png)
+    assert Image.open(png).mode.startswith("I;16")
+    with rasterio.open(tif, "w", driver="GTiff", width=128, height=96, count=1, dtype="uint16") as ds:
+        ds.write(grey, 1)
+    images = {}
+    for path in (png, tif):
+        (unit,) = plan_units(str(path), str(path), segment_frames=8, raster_pixels=10**8, windows_per_unit=4)
+        assert unit.kind == "raster"
+        (batch,) = decode_unit(unit, sampling=Sampling(), batch_size=4)
+        images[path.suffix] = batch["image"][0]
+    assert np.array_equal(images[".png"], images[".tif"])
+    assert images[".png"].min() < 20 and images[".png"].max() > 235  # stretched, not clipped
+
+
+def test_a_file_that_is_no_image_is_said_in_words_the_same_each_time(tmp_path):
+    fake = tmp_path / "fake.jpg"
+    fake.write_bytes(b"not an image at all" * 10)
+    with pytest.raises(ValueError) as e:
+        probe(str(fake))
+    assert str(e.value) == f"{fake}: cannot read image (ValueError: not an image format PIL reads)"
