@@ -62,10 +62,12 @@ def test_every_n_over_segments_and_fps_sampling(ray_session, make_video, tmp_pat
     assert sorted(t.column("frame_index").to_pylist()) == list(range(0, 45, 3))
 
 
-def test_bad_inputs_become_error_rows_and_good_ones_finish(ray_session, make_video, tmp_path):
+def test_bad_inputs_become_error_rows_and_good_ones_finish(ray_session, make_video, tmp_path, caplog):
     good = make_video("good12.mp4", 12, 6.0)
     src = tmp_path / "in"
     src.mkdir()
+    for k in range(12):
+        (src / f"empty{k}.jpg").write_bytes(b"")
     (src / "zero.mp4").write_bytes(b"")
     (src / "junk.mp4").write_bytes(b"garbage" * 500)
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
@@ -86,6 +88,13 @@ def test_bad_inputs_become_error_rows_and_good_ones_finish(ray_session, make_vid
                         if s == str(truncated)]
     assert truncated_frames or str(truncated) in failed
     assert doc["errors"] == e.num_rows
+    # the files that cannot be probed are one error file's rows, said one line each up to 10, then how many more
+    probed = [pq.read_table(f).column("stage").to_pylist() for f in (tmp_path / "out" / "errors").iterdir()]
+    assert sum("probe" in stages for stages in probed) == 1
+    n = sum(len(stages) for stages in probed if "probe" in stages)
+    assert n >= 15
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("probe failed for")]
+    assert len(said) == 11 and said[-1].startswith(f"probe failed for {n - 10} more sources"), said
 
 
 def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video, tmp_path, capsys):
