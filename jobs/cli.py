@@ -33,6 +33,8 @@ def _fail_cleanly(fn):
 
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:  # a reader that stopped early (`fpn query ... | head`): click ends quietly
+            raise
         except (ValueError, FileNotFoundError, PermissionError, LookupError, ConnectionError, OutputBusyError,
                 TimeoutError, IsADirectoryError, NotADirectoryError, FileExistsError, *_loaded_errors()) as e:
             raise click.ClickException(redact_text(str(e))) from e

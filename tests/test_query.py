@@ -229,3 +229,18 @@ def test_s3_query_reads_its_output_and_refuses_other_buckets_and_prefixes(s3, mo
     assert set(fs.find("test")) | set(fs.find("other")) == before
     frames = "s3://test/q/frames/*.parquet"
     assert query("s3://test/q", f"SELECT count(*) FROM read_parquet('{frames}'), errors")[1] == [(151,)]
+
+
+def test_a_reader_that_stops_early_gets_no_error_line(tmp_path):
+    """`fpn query OUT SQL | head -2` printed 'Error: [Errno 32] Broken pipe' when head had what it wanted."""
+    import subprocess
+    import sys
+
+    from pipeline.output import Output
+
+    Output(str(tmp_path)).write_empty_frames()
+    p = subprocess.Popen([sys.executable, "-m", "jobs.cli", "query", str(tmp_path), "SELECT * FROM range(300000)"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"range"
+    p.stdout.close()  # as head does
+    assert p.wait(60) in (0, 1) and p.stderr.read() == b""
