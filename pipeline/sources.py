@@ -14,6 +14,7 @@ manifests (`*.txt` / `*.lst`: one URI a line) into `Source`s (read URL, identity
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 from .raster import RasterPlan
 from .stac import DEFAULT_ASSET, is_stac, search_assets, stac_assets
 from .storage import canonical_uri, filesystem, object_version, protocol_of, translate_error
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Source", "WorkUnit", "expand_inputs", "media_kind", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
 
@@ -154,14 +157,35 @@ def _expand_one(item: str, storage_options: dict | None, stac_asset: str, stac_b
     if ext in MANIFEST_EXT:
         with fs.open(path, "rt") as f:
             lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        try:
-            return expand_inputs([_beside(item, ln) for ln in lines], storage_options, stac_asset=stac_asset,
-                                 stac_bands=stac_bands)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e} (listed in manifest {item})") from None
-    url = canonical_uri(item) if protocol_of(item) == "file" else item
+        return _manifest_sources(item, [_beside(item, ln) for ln in lines], storage_options, stac_asset, stac_bands)
     size = info.get("size")
-    return [Source(url, canonical_uri(item), int(size) if size is not None else None, object_version(info))]
+    return [Source(_read_url(item), canonical_uri(item), int(size) if size is not None else None, object_version(info))]
+
+
+def _read_url(item: str) -> str:
+    return canonical_uri(item) if protocol_of(item) == "file" else item
+
+
+def _manifest_sources(manifest: str, entries: list[str], storage_options: dict | None, stac_asset: str,
+                      stac_bands: tuple[str, ...]) -> list[Source]:
+    """The Sources of a manifest's entries. An entry naming nothing (a snapshot deleted since the list was made) is
+    a Source all the same, whose probe fails: its error row says so, and the job goes on. A job over a manifest of
+    100,000 entries stopped at the first missing one, naming it alone, once per run. A pattern that matches nothing
+    or a directory without media fails the job, as on the command line."""
+    out, missing = [], []
+    for entry in entries:
+        try:
+            out += expand_inputs([entry], storage_options, stac_asset=stac_asset, stac_bands=stac_bands)
+        except FileNotFoundError as e:
+            fs, path = filesystem(entry, storage_options)
+            if _is_pattern(entry, path) or fs.exists(path):
+                raise FileNotFoundError(f"{e} (listed in manifest {manifest})") from None
+            missing.append(entry)
+            out.append(Source(_read_url(entry), canonical_uri(entry)))
+    if missing:
+        log.warning("manifest %s lists %d input(s) that do not exist (%s%s): each is an error row", manifest,
+                    len(missing), ", ".join(missing[:3]), ", ..." if len(missing) > 3 else "")
+    return out
 
 
 def expand_inputs(inputs: list[str], storage_options: dict | None = None, *,

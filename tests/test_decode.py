@@ -290,8 +290,14 @@ def test_expand_inputs_globs_directories_manifests(tmp_path, make_video):
     # relative entries are read from the manifest's directory, wherever the command runs (they were read from the
     # working directory: "input x.png does not exist", naming no manifest)
     (tmp_path / "a" / "rel.txt").write_text("x.png\nsub/y.png\n")
-    with pytest.raises(FileNotFoundError, match=r"a/sub/y.png does not exist \(listed in manifest .*a/rel.txt\)"):
-        expand_inputs([str(tmp_path / "a" / "rel.txt")])
+    assert [s.url for s in expand_inputs([str(tmp_path / "a" / "rel.txt")])] == [
+        str(tmp_path / "a" / "sub" / "y.png"), str(tmp_path / "a" / "x.png")]  # y.png's probe makes its error row
+    # an entry naming nothing is a source whose probe fails (the job stopped at the first, naming it alone); a
+    # pattern matching nothing fails as on the command line
+    (tmp_path / "a" / "glob.txt").write_text("x.png\nsub/*.png\n")
+    with pytest.raises(FileNotFoundError, match=r"sub/\*.png: the pattern matches no media files \(listed in manifest "
+                                                r".*a/glob.txt\)"):
+        expand_inputs([str(tmp_path / "a" / "glob.txt")])
     (tmp_path / "a" / "sub").mkdir()
     (tmp_path / "a" / "sub" / "y.png").write_bytes(b"y")
     assert [s.url for s in expand_inputs([str(tmp_path / "a" / "rel.txt")])] == [
