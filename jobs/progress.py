@@ -58,7 +58,7 @@ class RunProgress:
             self.bar.reset(total=planned)
             self.bar.initial = self.bar.n = done
             self.bar.set_description_str("frames", refresh=False)
-        elif done > self.bar.n:
+        elif self.bar.total is not None and done > self.bar.n:  # while planning, an earlier run's frames are no rate
             self.bar.update(done - self.bar.n)
         self.bar.set_postfix_str(f"{p['errors']} errors", refresh=False)
         if not final:

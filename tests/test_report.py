@@ -132,7 +132,12 @@ def test_progress_bar_counts_what_the_output_holds(tmp_path):
     out.write_errors([{"source": "/w.mp4", "stage": "probe", "frame_index": None, "error_type": "ValueError",
                        "message": "empty file"}], "probe:/w.mp4")
     text = io.StringIO()
-    with out.lease(), RunProgress(out.url, file=text, interval_s=60) as bar:  # a live writer: state running
+    out.write_job({"state": "cancelled", "planned_frames": 10})  # a resume planning: the record is the last run's
+    bar = RunProgress(out.url, file=text, interval_s=60)
+    bar.update()  # its frames are no progress of this run ('planning: 2520/? 167.78frame/s')
+    assert bar.bar.total is None and bar.bar.n == 0 and "planning: 0/? " in text.getvalue().split("\r")[-1]
+    out.write_job({"state": "running", "planned_frames": 10, "started_at": "2026-01-01T00:00:00"})
+    with out.lease(), bar:  # a live writer: state running
         bar.update()
         assert bar.bar.total == 10 and bar.bar.n == 3
     assert "frames: 3/10" in text.getvalue() and "1 errors" in text.getvalue()
