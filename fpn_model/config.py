@@ -94,7 +94,8 @@ class ModelConfig:
         if len(self.anchor_sizes) != self.num_levels:
             raise ValueError(
                 f"anchor_sizes has {len(self.anchor_sizes)} levels but the pyramid has {self.num_levels} "
-                f"(levels {self.levels})"
+                f"(levels {self.levels}): give one list of sizes per level, e.g. --set \"anchor_sizes="
+                f"{_anchor_example(self.anchor_sizes, self.levels)}\""
             )
         if self.class_names and len(self.class_names) not in (self.num_classes, self.num_classes - 1):
             raise ValueError(f"class_names has {len(self.class_names)} names for num_classes={self.num_classes}")
@@ -165,6 +166,13 @@ class ModelConfig:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _anchor_example(sizes, levels: tuple[int, ...]) -> str:
+    """Anchor sizes for a pyramid of `levels`: all of `sizes` on one level, else the paper's 8 x stride a level."""
+    if len(levels) == 1:
+        return str([sorted({int(v) for a in sizes for v in a})])
+    return str([[8 * 2 ** k] for k in levels])
 
 
 def _paper(arch: str) -> ModelConfig:

@@ -72,6 +72,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.save_dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
+        if self.model.arch == "mask_rcnn":  # before any work: torchvision failed at the first step, in its words
+            raise ValueError("arch=mask_rcnn: training reads boxes only (no instance masks from VOC or COCO "
+                             "annotations); train faster_rcnn or retinanet, or import a torchvision Mask R-CNN "
+                             "(fpn import-torchvision)")
 
 
 def model_config_for(tc: TrainConfig, items: list[Annotated]) -> ModelConfig:

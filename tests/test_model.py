@@ -126,6 +126,21 @@ def test_invalid_config_names_the_field(field, value, match):
         ModelConfig(**{field: value})
 
 
+def test_a_pyramid_without_as_many_anchor_sizes_says_what_to_set():
+    with pytest.raises(ValueError, match=r'levels \(4,\)\): give one list of sizes per level, e.g. --set '
+                                         r'"anchor_sizes=\[\[12, 20, 28, 40'):
+        preset("trees", neck="single")  # the sizes of its 5 levels on one
+
+
+def test_training_a_mask_rcnn_is_refused_before_any_work():
+    """Training reads boxes only: torchvision failed at the first step ('Every element of targets should have a
+    masks key'), even from COCO polygons."""
+    from fpn_model.train import TrainConfig
+
+    with pytest.raises(ValueError, match="arch=mask_rcnn: training reads boxes only"):
+        TrainConfig(model=preset("mask_rcnn_r50_fpn"), train=("a.xml",))
+
+
 def test_config_round_trips_through_dict():
     cfg = preset("trees")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
