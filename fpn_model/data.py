@@ -31,13 +31,17 @@ Image.MAX_IMAGE_PIXELS = 20_000 ** 2
 
 @dataclass
 class Annotated:
-    """One image with boxes `[N, 4]` (x1, y1, x2, y2 pixels) and labels (1-based class ids)."""
+    """One image with boxes `[N, 4]` (x1, y1, x2, y2 pixels) and labels (label k: `class_names[k - 1]`).
+
+    `category_ids`: the file's own id of each of `class_names` (COCO's category ids, often sparse); empty where the
+    file gives none (VOC XML names its classes only)."""
 
     image_path: Path
     boxes: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...] = field(default=("object",))
     image_id: int = 0
+    category_ids: tuple[int, ...] = ()
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -67,7 +71,8 @@ def load_voc(xml_path: str | Path, *, single_class: str | None = None, image_dir
         names.append(single_class or obj.findtext("name") or "object")
     classes = tuple(sorted(set(names))) if not single_class else (single_class,)
     labels = np.array([classes.index(n) + 1 for n in names], dtype=np.int64)
-    return Annotated(image_path, np.array(boxes, dtype=np.float32).reshape(-1, 4), labels, classes)
+    return Annotated(image_path, np.array(boxes, dtype=np.float32).reshape(-1, 4), labels, classes,
+                     category_ids=(1,) if single_class else ())
 
 
 def load_coco(json_path: str | Path, *, single_class: str | None = None) -> list[Annotated]:
@@ -82,6 +87,7 @@ def load_coco(json_path: str | Path, *, single_class: str | None = None) -> list
         raise ValueError(f"{json_path}: not COCO detection JSON (no {', '.join(repr(k) for k in missing)})")
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     classes = (single_class,) if single_class else tuple(c["name"] for c in cats)
+    ids = (1,) if single_class else tuple(c["id"] for c in cats)
     cat_index = {c["id"]: i + 1 for i, c in enumerate(cats)}
     by_image: dict[int, list[dict]] = {}
     for a in coco["annotations"]:
@@ -91,7 +97,8 @@ def load_coco(json_path: str | Path, *, single_class: str | None = None) -> list
         anns = [a for a in by_image.get(img["id"], []) if a["bbox"][2] > 0 and a["bbox"][3] > 0]
         boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=np.float32)
         labels = np.array([1 if single_class else cat_index[a["category_id"]] for a in anns], dtype=np.int64)
-        out.append(Annotated(json_path.parent / img["file_name"], boxes.reshape(-1, 4), labels, classes, img["id"]))
+        out.append(Annotated(json_path.parent / img["file_name"], boxes.reshape(-1, 4), labels, classes, img["id"],
+                             ids))
     return out
 
 

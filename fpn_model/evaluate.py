@@ -7,11 +7,16 @@ A validation set of one image and a few dozen objects gives a noisy figure. Aeri
 "up", so `evaluate(..., views=8)` scores the model on each of the 8 flips/90-degree rotations of
 every image and averages: a steadier estimate of the same quality (the spread is reported as
 `AP50_sd`), and a fairer criterion for choosing a checkpoint than the one orientation.
+
+Annotations number their classes their own way (VOC XML by name in alphabetical order, COCO JSON by its category
+ids) and a model its own (its training data's order; an imported COCO detector by COCO's sparse ids), so
+`aligned_to_model` renumbers the annotations as the model's labels, matching classes by name, before scoring.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+from collections import Counter
 from dataclasses import replace
 from typing import Iterable
 
@@ -20,14 +25,42 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .config import ModelConfig
 from .data import Annotated, dihedral, read_image
 from .predict import Predictor
 
-__all__ = ["coco_metrics", "evaluate", "view_predictions", "view_metrics", "mean_over_views", "choose_precision",
-           "METRIC_NAMES"]
+__all__ = ["aligned_to_model", "coco_metrics", "evaluate", "view_predictions", "view_metrics", "mean_over_views",
+           "choose_precision", "METRIC_NAMES"]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR100", "AR1000", "AR_S", "AR_M", "AR_L")
 MAX_DETS = [1, 100, 1000]
+
+
+def aligned_to_model(items: list[Annotated], cfg: ModelConfig, *, single_class: str | None = None) -> list[Annotated]:
+    """`items` with their labels renumbered to the labels `cfg`'s model gives the same classes, matched by name
+    (ignoring case; a name the model gives several labels, as COCO's "N/A", matches none).
+
+    An annotated class the model lacks gets a label past the model's: its objects count as missed. A model without
+    class names is taken to answer the annotations' own category ids (an imported COCO detector's labels are
+    COCO's ids). With `single_class` (every object made that one class), a model of one class is that class
+    whatever its name. ValueError naming both lists when no class can be matched."""
+    if not cfg.class_names:
+        if any(not a.category_ids for a in items):
+            raise ValueError("the model has no class names and VOC XML has no category ids to match its labels to: "
+                             "give --single-class NAME, or COCO JSON whose category ids are the model's labels")
+        return [replace(a, labels=np.array([a.category_ids[k - 1] for k in a.labels], np.int64)) for a in items]
+    named = [(k, cfg.label_name(k)) for k in range(1, cfg.num_classes)]  # label 0 is the background
+    counts = Counter(n.lower() for _, n in named)
+    by_name = {n.lower(): k for k, n in named if counts[n.lower()] == 1}
+    if single_class and len(by_name) == 1:
+        by_name = {single_class.lower(): next(iter(by_name.values()))}
+    wanted = sorted({n for a in items for n in a.class_names})
+    if not any(n.lower() in by_name for n in wanted):
+        raise ValueError(f"no class of the annotations ({', '.join(wanted)}) is one of the model's "
+                         f"({', '.join(n for _, n in named if counts[n.lower()] == 1)}): classes are matched by name")
+    extra = iter(range(cfg.num_classes, cfg.num_classes + len(wanted)))
+    label_of = {n: by_name[n.lower()] if n.lower() in by_name else next(extra) for n in wanted}
+    return [replace(a, labels=np.array([label_of[a.class_names[k - 1]] for k in a.labels], np.int64)) for a in items]
 
 
 def coco_metrics(items: list[Annotated], predictions: list[tuple[np.ndarray, np.ndarray, np.ndarray]],

@@ -788,9 +788,7 @@ def _size_trained_limits(checkpoint: str, train_paths, val_paths, single_class: 
     the preset's limits (and saying so) when the sized ones cost AP."""
     import torch
 
-    from fpn_model.data import load_annotations
-
-    items = load_annotations(list(val_paths), single_class=single_class)
+    items = _eval_items(checkpoint, val_paths, single_class)
     _eval_limits(checkpoint, checkpoint, val_paths, items, train_paths, single_class=single_class, overrides={},
                  tile=1024, views=8, precision="exact", device="cuda" if torch.cuda.is_available() else "cpu",
                  record=True, json_out=None, fmt="table", strict=False)
@@ -824,12 +822,16 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
              record, json_out, fmt):
     """COCO box metrics (AP, AP50, AP75, AP_S/M/L, AR) of MODEL on annotated images.
 
+    The model's classes are matched to the annotations' by name (ignoring case), whatever numbers the files give
+    them; a model without class names (torchvision's COCO detectors imported before they had them) is taken to
+    answer COCO JSON's own category ids. Annotations none of whose classes the model has are refused; with
+    --single-class, a model of one class is that class.
+
     Example: fpn eval trees data/aerial-trees/SOAP_061.xml --single-class Tree
     """
     import torch
 
     from fpn_model.config import check_precision, precisions_on
-    from fpn_model.data import load_annotations
     from fpn_model.evaluate import choose_precision, evaluate
     from fpn_model.predict import Predictor, TileConfig
     from fpn_model.weights import is_plugin, load_checkpoint, read_precision, record_precision
@@ -843,7 +845,7 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
     kind = torch.device(device).type
     check_precision(precision, kind)
     overrides = {k: v for k, v in dict(score_thresh=score_thresh, scale=scale).items() if v is not None}
-    items = load_annotations(list(annotations), single_class=single_class)
+    items = _eval_items(path, annotations, single_class)
     if limits_from:
         _eval_limits(path, model, annotations, items, limits_from, single_class=single_class, overrides=overrides,
                      tile=tile, views=int(views), precision=precision, device=device, record=record,
@@ -867,6 +869,17 @@ def eval_cmd(model, annotations, single_class, score_thresh, scale, tile, views,
     metrics = results[runs[0]] if len(runs) == 1 else {f"{p}/{k}": v for p, m in results.items() for k, v in m.items()}
     _emit_metrics(metrics, fmt, json_out, {"model": str(model), "images": len(items),
                                            "precision": runs[0] if len(runs) == 1 else runs, "device": device})
+
+
+def _eval_items(path, annotations, single_class: str | None) -> list:
+    """The annotated images `fpn eval` scores the model at `path` on, their labels the model's for the same class
+    names (`fpn_model.evaluate.aligned_to_model`)."""
+    from fpn_model.data import load_annotations
+    from fpn_model.evaluate import aligned_to_model
+    from fpn_model.weights import read_config
+
+    items = load_annotations(list(annotations), single_class=single_class)
+    return aligned_to_model(items, read_config(path)[0], single_class=single_class)
 
 
 def _emit_metrics(metrics: dict[str, float], fmt: str, json_out: str | None, about: dict[str, Any]) -> None:

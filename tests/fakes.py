@@ -10,7 +10,8 @@ boxes: one per connected region of bright pixels of its input, so a test that dr
 where every box must land after windows, resampling and georeferencing. `MallocProbe` reports whether its
 detector process started with the malloc settings of `fpn_model.memory`, `LaneProbe` which of a detector's
 concurrent calls ran each frame, `LosesDevice` raises CUDA's error after an illegal memory access, `FailsToStart`
-cannot be built.
+cannot be built. `GreyLevels` and its subclasses find objects of known grey levels and label them with classes a test
+chooses (named as a trained model's, as a COCO detector's, or not at all).
 
 The generator functions are for `pipeline.isolate` directly; they are pickled by reference, which works
 because a spawned child gets its parent's `sys.path` (and pytest puts `tests/` there).
@@ -110,6 +111,54 @@ class LaneProbe(torch.nn.Module):
         return [{"boxes": torch.tensor([[0.0, 0.0, im.shape[-1], im.shape[-2]]]), "scores": torch.tensor([0.9]),
                  "labels": torch.full((1,), label, dtype=torch.int64), "levels": torch.full((1,), 2, dtype=torch.int8)}
                 for im in images]
+
+
+class GreyLevels(torch.nn.Module):
+    """A model plugin of known classes: one box per grey level of LEVELS (in 0..255) filling a region of its input,
+    bounding that region exactly (score 0.9), labelled as LEVELS says: a level-100 object is "Dead" (label 1) and a
+    level-250 one "Alive" (label 2), whatever number an annotation file gives those classes."""
+
+    config = ModelConfig(num_classes=3, class_names=("Dead", "Alive"))
+    LEVELS = {100: 1, 250: 2}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        from torchvision.ops import masks_to_boxes
+
+        out = []
+        for im in images:
+            masks = {label: (im[0] * 255 - level).abs() < 1 for level, label in self.LEVELS.items()}
+            found = [(label, m) for label, m in masks.items() if m.any()]
+            boxes = masks_to_boxes(torch.stack([m for _, m in found])) + torch.tensor([0, 0, 1, 1]) if found \
+                else torch.zeros(0, 4)
+            out.append({"boxes": boxes, "scores": torch.full((len(found),), 0.9),
+                        "labels": torch.tensor([label for label, _ in found], dtype=torch.int64),
+                        "levels": torch.full((len(found),), 2, dtype=torch.int8)})
+        return out
+
+
+def coco_names() -> tuple[str, ...]:
+    """torchvision's COCO class names by label (91: "__background__" at 0, "N/A" at the ids COCO left unused)."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    return tuple(FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"])
+
+
+class CocoGreyLevels(GreyLevels):
+    """GreyLevels as torchvision's COCO detectors label: level 100 is a remote (label 75, COCO's id), 250 a person
+    (label 1)."""
+
+    config = ModelConfig(num_classes=91, class_names=coco_names())
+    LEVELS = {100: 75, 250: 1}
+
+
+class UnnamedGreyLevels(CocoGreyLevels):
+    """CocoGreyLevels without its class names, as torchvision's COCO detectors were imported from a state dict."""
+
+    config = ModelConfig(num_classes=91)
 
 
 # one file per error still to raise; a checkout's own (two checkouts' tests may run at once on one machine)

@@ -148,6 +148,79 @@ def test_eval_prints_coco_metrics(tmp_path):
     assert {"AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1000"} <= set(m) and 0 < m["AP50"] <= 1
 
 
+GREY_BOXES = {100: [10, 20, 60, 50], 250: [120, 60, 180, 110]}  # fakes.GreyLevels' objects: grey level -> box
+
+
+def _grey_levels(folder: Path, names: dict[int, str], ids: dict[int, int] | None = None) -> Path:
+    """An image of GREY_BOXES' objects and its annotations naming the object of grey level v `names[v]`: VOC XML
+    (folder/grey.xml), or COCO JSON giving that class the category id `ids[v]` (folder/grey.json)."""
+    from PIL import Image
+
+    import numpy as np
+
+    img = np.zeros((120, 200, 3), np.uint8)
+    for level, (x1, y1, x2, y2) in GREY_BOXES.items():
+        img[y1:y2, x1:x2] = level
+    Image.fromarray(img).save(folder / "grey.png")
+    if ids is None:
+        objs = "".join(f"<object><name>{names[v]}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}"
+                       f"</xmax><ymax>{b[3]}</ymax></bndbox></object>" for v, b in GREY_BOXES.items())
+        (folder / "grey.xml").write_text(f"<annotation><filename>grey.png</filename>{objs}</annotation>")
+        return folder / "grey.xml"
+    coco = {"images": [{"id": 1, "file_name": "grey.png", "width": 200, "height": 120}],
+            "categories": [{"id": ids[v], "name": names[v]} for v in names],
+            "annotations": [{"id": k, "image_id": 1, "category_id": ids[v], "iscrowd": 0, "area": 1,
+                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+                            for k, (v, b) in enumerate(GREY_BOXES.items())]}
+    (folder / "grey.json").write_text(json.dumps(coco))
+    return folder / "grey.json"
+
+
+def _eval_ap50(model: str, annotations: Path, *flags) -> float:
+    r = invoke("eval", model, annotations, "--format", "json", *flags)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)["AP50"]
+
+
+def test_eval_matches_the_models_classes_to_the_annotations_by_name(tmp_path):
+    """A model of classes (Dead, Alive) that finds both objects scores 1 against VOC XML (which numbers its classes
+    alphabetically: Alive first) and against COCO JSON whose ids put Alive first; eval compared numbers (0.0006
+    where 0.0915 was right on a trained model)."""
+    from fakes import GreyLevels, backend
+
+    assert _eval_ap50(backend(GreyLevels), _grey_levels(tmp_path, {100: "dead", 250: "Alive"})) == pytest.approx(1)
+    coco = _grey_levels(tmp_path, {100: "Dead", 250: "Alive"}, {100: 9, 250: 5})
+    assert _eval_ap50(backend(GreyLevels), coco) == pytest.approx(1)
+
+
+def test_eval_scores_a_coco_detector_against_cocos_own_category_ids(tmp_path):
+    """COCO JSON with COCO's sparse category ids (75: remote) against a COCO detector, named or not: eval renumbered
+    the file's ids 1..N by position and scored AP 0 where pycocotools gives 1."""
+    from fakes import CocoGreyLevels, UnnamedGreyLevels, backend, coco_names
+
+    names = coco_names()
+    coco = json.loads(_grey_levels(tmp_path, {100: "remote", 250: "person"}, {100: 75, 250: 1}).read_text())
+    coco["categories"] = [{"id": i, "name": n} for i, n in enumerate(names) if n not in ("__background__", "N/A")]
+    (tmp_path / "grey.json").write_text(json.dumps(coco))
+    for model in (CocoGreyLevels, UnnamedGreyLevels):
+        assert _eval_ap50(backend(model), tmp_path / "grey.json") == pytest.approx(1), model.__name__
+
+
+def test_eval_refuses_classes_it_cannot_match_and_single_class_still_scores(tmp_path):
+    """Annotations none of whose classes the model has, or VOC XML for a model without class names, are refused
+    in one line naming what is missing (they were scored by number); --single-class makes a one-class model's
+    class the annotations' one whatever its name."""
+    from fakes import BrightBoxes, GreyLevels, UnnamedGreyLevels, backend
+
+    xml = _grey_levels(tmp_path, {100: "Stump", 250: "Snag"})
+    r = CliRunner().invoke(cli, ["eval", backend(GreyLevels), str(xml)])
+    assert r.exit_code == 1 and "no class of the annotations (Snag, Stump) is one of the model's (Dead, Alive)" \
+        in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = CliRunner().invoke(cli, ["eval", backend(UnnamedGreyLevels), str(xml)])
+    assert r.exit_code == 1 and "the model has no class names" in r.output and "--single-class" in r.output
+    assert _eval_ap50(backend(BrightBoxes), xml, "--single-class", "Tree") == pytest.approx(0.5, abs=0.01)  # 1 of 2
+
+
 def test_import_torchvision_from_a_local_state_dict(tmp_path):
     import torch
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
