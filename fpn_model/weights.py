@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "save_checkpoint", "load_checkpoint", "read_config", "file_sha256", "TORCHVISION_MODELS",
-    "import_torchvision", "torchvision_to_ours", "CheckpointError", "InputSpec", "read_input_spec",
+    "import_torchvision", "coco_class_names", "torchvision_to_ours", "CheckpointError", "InputSpec", "read_input_spec",
     "is_plugin", "model_file", "read_precision", "default_precision", "record_precision",
     "read_limits", "record_limits",
 ]
@@ -343,15 +343,20 @@ def torchvision_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def _safe_torch_load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     import torch
 
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):  # torch.save writes a zip, or (legacy) a pickle
+        raise CheckpointError(f"{path} is not a PyTorch state dict: neither a zip archive nor a pickle (it begins "
+                              f"{head!r})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"refusing {path}: it is a pickle that would run code or build non-tensor objects "
-            f"(loaded with weights_only=True): {str(e).splitlines()[0]}"
+            f"refusing {path}: a pickle that torch's weights-only loader cannot read as tensors (it may run code or "
+            f"build other objects): {_unpickling_reason(e)}"
         ) from e
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path} is not a PyTorch state dict: {e}") from e
+    except (RuntimeError, EOFError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a PyTorch state dict: {type(e).__name__}: {e}") from e
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -359,8 +364,39 @@ def _safe_torch_load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _unpickling_reason(e: Exception) -> str:
+    """What torch's weights-only unpickler found, from its many-paragraph message: the line after "WeightsUnpickler
+    error:" (an object it will not build, `Unsupported global: GLOBAL os.system ...`, or an opcode it does not
+    know, `Unsupported operand 149`)."""
+    text = str(e).partition("WeightsUnpickler error:")[2] or str(e)
+    line = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    return line.split(". ")[0]  # not its advice on allowlisting
+
+
+def _download_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's COCO weights of `name` (DEFAULT), downloaded (or from torch's cache); CheckpointError in one
+    line when they cannot be fetched, pointing to --state-dict (urllib's error was an 85-line traceback)."""
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(name).DEFAULT
+    try:
+        return weights.get_state_dict(progress=True)
+    except OSError as e:  # urllib.error.URLError and socket errors are OSErrors
+        raise CheckpointError(f"cannot download {weights.url} ({getattr(e, 'reason', e)}): without a network, "
+                              f"download it elsewhere and pass the file with --state-dict FILE") from e
+
+
+def coco_class_names(name: str) -> tuple[str, ...]:
+    """torchvision's class names of its COCO detector `name`, by label: 91, "__background__" at label 0 and "N/A"
+    at the ids COCO left unused (so label k is COCO category id k: 1 "person", 3 "car"). In torchvision's weights
+    enum, offline."""
+    from torchvision.models import get_model_weights
+
+    return tuple(get_model_weights(name).DEFAULT.meta["categories"])
+
+
 def import_torchvision(name: str, source: str | os.PathLike | dict | None = None, **overrides: Any) -> nn.Module:
-    """Our model carrying torchvision's `name` weights.
+    """Our model carrying torchvision's `name` weights, with COCO's class names (`coco_class_names`).
 
     `source`: a local `.pth` file, a state dict, or None to download torchvision's COCO weights
     (`DEFAULT`), which needs a network.
@@ -368,20 +404,13 @@ def import_torchvision(name: str, source: str | os.PathLike | dict | None = None
     configs = _tv_configs()
     if name not in configs:
         raise ValueError(f"unknown torchvision model {name!r}; choose from {', '.join(configs)}")
-    cfg = configs[name]
-    class_names: tuple[str, ...] = ()
+    cfg = configs[name].replace(class_names=coco_class_names(name))
     if source is None:
-        from torchvision.models import get_model_weights
-
-        weights = get_model_weights(name).DEFAULT
-        state = weights.get_state_dict(progress=True)
-        class_names = tuple(weights.meta["categories"])
+        state = _download_state_dict(name)
     elif isinstance(source, dict):
         state = source
     else:
         state = _safe_torch_load(source)
-    if class_names:
-        cfg = cfg.replace(class_names=class_names)
     model = _build_for_loading(cfg.replace(**overrides))
     ours = torchvision_to_ours(state)
     own = model.state_dict()

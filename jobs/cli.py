@@ -674,6 +674,9 @@ def models(fmt):
 def import_torchvision_cmd(name, dest, state_dict):
     """Convert a torchvision COCO detector into an fpn checkpoint.
 
+    The checkpoint names its classes as torchvision does (label k is COCO's category id k: 1 person, 3 car; "N/A"
+    for the ids COCO left unused), with or without --state-dict.
+
     Example: fpn import-torchvision fasterrcnn_resnet50_fpn models/frcnn-coco.safetensors
     """
     from fpn_model.weights import import_torchvision, save_checkpoint

@@ -221,11 +221,13 @@ def test_eval_refuses_classes_it_cannot_match_and_single_class_still_scores(tmp_
     assert _eval_ap50(backend(BrightBoxes), xml, "--single-class", "Tree") == pytest.approx(0.5, abs=0.01)  # 1 of 2
 
 
-def test_import_torchvision_from_a_local_state_dict(tmp_path):
+def test_import_torchvision_from_a_local_state_dict_with_cocos_class_names(tmp_path):
+    """The weights are torchvision's and the class names COCO's, from torchvision offline (they were left out
+    without a download, so detections were named "1", "75"): label k is COCO's category id k."""
     import torch
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
-    from fpn_model.weights import load_checkpoint
+    from fpn_model.weights import load_checkpoint, read_config
 
     ref = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)
     torch.save(ref.state_dict(), tmp_path / "coco.pth")
@@ -235,6 +237,34 @@ def test_import_torchvision_from_a_local_state_dict(tmp_path):
     ours = load_checkpoint(tmp_path / "m.safetensors")
     head = "roi_heads.box_predictor.cls_score.weight"
     assert torch.equal(ours.state_dict()[head], ref.state_dict()[head])
+    cfg = read_config(tmp_path / "m.safetensors")[0]
+    assert [cfg.label_name(k) for k in (1, 3, 12, 75, 90)] == ["person", "car", "N/A", "remote", "toothbrush"]
+
+
+def test_import_torchvision_errors_are_one_line(tmp_path, monkeypatch):
+    """A file that is no PyTorch file (was `Error: 101`, or "a pickle that would run code"), and a download without
+    a network (was urllib's 85-line traceback): one line naming the file or URL and the cause."""
+    import socket
+    import urllib.error
+
+    import torchvision.models._api
+
+    (tmp_path / "text.pth").write_text("hello\n")
+    (tmp_path / "x.pth").write_bytes(b"garbage")
+    for name in ("text.pth", "x.pth"):
+        r = CliRunner().invoke(cli, ["import-torchvision", "fasterrcnn_resnet50_fpn", str(tmp_path / "m.safetensors"),
+                                     "--state-dict", str(tmp_path / name)])
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert f"{tmp_path / name} is not a PyTorch state dict: neither a zip archive nor a pickle" in r.output
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    r = CliRunner().invoke(cli, ["import-torchvision", "fasterrcnn_resnet50_fpn", str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "cannot download https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth " \
+           "([Errno -2] Name or service not known)" in r.output and "--state-dict FILE" in r.output
 
 
 def _soap_crop(folder: Path) -> Path:
