@@ -611,18 +611,25 @@ def query(output, sql, fmt, endpoint_url):
 @click.option("--dedup", "dedup_iou", type=float,
               help="Merge detections of overlapping scenes, or of neighbouring windows of a raster, whose map boxes "
                    "overlap by more than this IoU.")
+@click.option("--categories", type=click.Path(exists=True, dir_okay=False), metavar="ANNOTATIONS.json",
+              help="COCO results: the category_id of each detection is this COCO JSON's id of the category named as "
+                   "its label (ignoring case); a label name it lacks is refused. Default: the model's label.")
 @storage_flags
 @_fail_cleanly
-def export(output, dest, fmt, min_score, crs, dedup_iou, endpoint_url, profile, anon):
+def export(output, dest, fmt, min_score, crs, dedup_iou, categories, endpoint_url, profile, anon):
     """Export an output's detections, one record each: GeoParquet 1.1 (map polygons, CRS, bbox columns), GeoJSON
     (EPSG:4326), COCO results JSON or CSV. Streams in batches: any size of output, bounded memory.
+
+    COCO results' category_id is the model's label: 1..N for a model trained here (its classes in its training
+    data's order), COCO's ids for an imported COCO detector. To score them against a dataset that numbers its
+    categories otherwise, give its COCO JSON with --categories: ids are then matched by class name.
 
     Example: fpn export results/ -o trees.parquet --format geoparquet --min-score 0.5
     """
     from jobs.export import export as run_export
 
     s = run_export(output, dest, fmt=fmt, storage_options=_read_options(endpoint_url, profile, anon),
-                   min_score=min_score, crs=crs, dedup_iou=dedup_iou)
+                   min_score=min_score, crs=crs, dedup_iou=dedup_iou, categories=categories)
     click.echo(f"{s.detections} detections -> {s.destination} ({s.format}, "
                f"{s.crs or 'pixel coordinates'})")
     if s.left_out:

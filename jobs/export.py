@@ -11,7 +11,9 @@ into a MultiPolygon of its two sides (RFC 7946 section 3.1.9); its corners alone
 - COCO results: `[{image_id, category_id, bbox: [x, y, w, h], score}]` in source pixels; image ids number the
   images (a video frame; an image or a whole raster) with detections in the order met, listed in
   `DEST.images.json` (COCO `images` entries: id, file_name = the source, frame_index, width, height), from which
-  ground truth can take its ids.
+  ground truth can take its ids. `category_id` is the model's label (a model trained here numbers its classes
+  1..N; a COCO detector imported from torchvision, COCO's ids), unless `categories` names a COCO JSON: then the id
+  of its category of the detection's label name, so results can be scored against that dataset.
 - CSV: the per-detection columns, pixel and map boxes side by side (map boxes in `--crs` when given: the envelope
   of the reprojected box, and `crs` says so).
 
@@ -25,7 +27,8 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from functools import partial
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import numpy as np
@@ -267,14 +270,20 @@ def _reproject(geoms: np.ndarray, src: str, dst: str) -> np.ndarray:
 
 
 def export(output: str, dest: str, *, fmt: str | None = None, storage_options: dict | None = None,
-           min_score: float = 0.0, crs: str | None = None, dedup_iou: float | None = None, batch_frames: int = 256) -> ExportSummary:
+           min_score: float = 0.0, crs: str | None = None, dedup_iou: float | None = None,
+           categories: str | None = None, batch_frames: int = 256) -> ExportSummary:
     """Write the detections of `output` to `dest` (a path or URL) as `fmt` (see the module docstring; default: the
     format `dest`'s name says, see `export_format`).
 
     `crs`: reproject map geometries to it (needed when the output's rasters have several CRSs); GeoJSON is always
     EPSG:4326. `dedup_iou`: merge detections of different scenes or windows whose map boxes overlap by more than
-    this IoU, keeping the highest score. Raises ValueError naming the cause."""
+    this IoU, keeping the highest score. `categories`: a COCO JSON whose category ids COCO results take, by label
+    name (ignoring case; a label name it has no category of is refused, and nothing is written). Raises ValueError
+    naming the cause."""
     fmt = export_format(dest, fmt)
+    if categories is not None and fmt != "coco":
+        raise ValueError(f"categories {categories}: category ids are for COCO results (--format coco), not {fmt}")
+    category_ids = _category_ids(categories) if categories is not None else None
     if dedup_iou is not None and not 0 < dedup_iou < 1:
         raise ValueError(f"dedup IoU must be between 0 and 1, got {dedup_iou}")
     check_file_destination(dest, f"detections.{_SUFFIX[fmt]}", storage_options)
@@ -294,7 +303,8 @@ def export(output: str, dest: str, *, fmt: str | None = None, storage_options: d
         drop = duplicates(_detections(ds, min_score=min_score, batch_frames=batch_frames), compared, dedup_iou)
         removed = int(drop.sum())
         batches = _without(batches, drop)
-    writer = {"geoparquet": _GeoParquet, "geojson": _GeoJSON, "coco": _Coco, "csv": _Csv}[fmt]
+    writer = {"geoparquet": _GeoParquet, "geojson": _GeoJSON, "coco": partial(_Coco, categories=category_ids),
+              "csv": _Csv}[fmt]
     fs, path = filesystem(dest, storage_options)
     with fs.transaction:  # the file appears complete, or not at all (local: renamed; S3: upload completed)
         with fs.open(path, "wb") as f:
@@ -308,6 +318,23 @@ def export(output: str, dest: str, *, fmt: str | None = None, storage_options: d
             with fs.open(path + ".images.json", "wb") as f:
                 f.write(json.dumps(w.images).encode())
     return ExportSummary(dest, fmt, w.written, target, w.left_out, removed)
+
+
+def _category_ids(path: str) -> tuple[str, dict[str, int]]:
+    """(`path`, {category name in lower case: its id}) of a COCO JSON's categories. ValueError when it has none, or
+    gives one name two ids."""
+    try:
+        cats = json.loads(Path(path).read_text()).get("categories")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"categories {path}: not COCO JSON ({e})") from None
+    if not isinstance(cats, list) or not cats:
+        raise ValueError(f"categories {path}: no 'categories' list (COCO JSON's [{{id, name}}, ...])")
+    ids: dict[str, int] = {}
+    for c in cats:
+        name = str(c["name"]).lower()
+        if ids.setdefault(name, c["id"]) != c["id"]:
+            raise ValueError(f"categories {path}: {c['name']!r} has two ids, {ids[name]} and {c['id']}")
+    return path, ids
 
 
 def _without(batches: Iterator[pa.Table], drop: np.ndarray) -> Iterator[pa.Table]:
@@ -399,26 +426,40 @@ class _GeoJSON(_Writer):
 
 
 class _Coco(_Writer):
-    def __init__(self, f, target):
+    """`categories`: (a COCO JSON's path, its category ids by name in lower case) to turn label names into; None:
+    the label is the category id."""
+
+    def __init__(self, f, target, categories: tuple[str, dict[str, int]] | None = None):
         super().__init__(f, target)
+        self.categories = categories
         self.ids: dict[tuple[str, int], int] = {}
         self.images: list[dict] = []
         f.write(b"[")
 
     def write(self, t: pa.Table) -> None:
-        cols = ["source", "source_kind", "frame_index", "width", "height", "label", "score", *_BOX]
+        cols = ["source", "source_kind", "frame_index", "width", "height", "label", "label_name", "score", *_BOX]
         for r in t.select(cols).to_pylist():
             key = (r["source"], r["frame_index"] if r["source_kind"] == "video" else 0)  # a raster's boxes: its pixels
             if key not in self.ids:
                 self.ids[key] = len(self.ids) + 1
                 self.images.append({"id": self.ids[key], "file_name": r["source"], "frame_index": key[1],
                                     "width": r["width"], "height": r["height"]})
-            res = {"image_id": self.ids[key], "category_id": r["label"], "score": round(r["score"], 5),
+            res = {"image_id": self.ids[key], "category_id": self._category_id(r), "score": round(r["score"], 5),
                    "bbox": [r["x1"], r["y1"], r["x2"] - r["x1"], r["y2"] - r["y1"]]}
             self._append_json(res)
 
     def close(self) -> None:
         self.f.write(b"]")
+
+    def _category_id(self, r: dict) -> int:
+        if self.categories is None:
+            return r["label"]
+        path, ids = self.categories
+        name = r["label_name"] or ""
+        if name.lower() not in ids:
+            raise ValueError(f"label {r['label']} {name!r}: {path} has no category of that name (it has "
+                             f"{', '.join(ids)})")
+        return ids[name.lower()]
 
 
 def _map_columns_in(t: pa.Table, target: str) -> pa.Table:

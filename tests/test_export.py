@@ -94,6 +94,43 @@ def test_coco_results_score_with_pycocotools(scene_output, tmp_path):
     assert ev.stats[1] == pytest.approx(1.0)  # AP50: every square found, nothing else
 
 
+def test_coco_results_take_a_datasets_category_ids_by_label_name(scene_output, tmp_path):
+    """With --categories GT.json, category_id is GT's id of the category named as the label ("bright" -> 7, where
+    the label is 1), so the results score against GT; a label name GT lacks is refused in one line, nothing
+    written. Without it, the label as before."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    scene, out = scene_output
+    dest = tmp_path / "results.json"
+    export(out, str(dest), fmt="coco")
+    assert {d["category_id"] for d in json.loads(dest.read_text())} == {1}
+    image = json.loads((tmp_path / "results.json.images.json").read_text())[0]
+    gt = {"images": [{"id": image["id"], "width": 1200, "height": 1000, "file_name": "scene.tif"}],
+          "categories": [{"id": 3, "name": "dark"}, {"id": 7, "name": "Bright"}],
+          "annotations": [{"id": k + 1, "image_id": image["id"], "category_id": 7, "iscrowd": 0,
+                           "bbox": [x, y, s, s], "area": s * s} for k, (x, y, s) in enumerate(scene.squares)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    r = CliRunner().invoke(cli, ["export", out, "-o", str(dest), "--format", "coco", "--categories",
+                                 str(tmp_path / "gt.json")])
+    assert r.exit_code == 0, r.output
+    assert {d["category_id"] for d in json.loads(dest.read_text())} == {7}
+    coco = COCO(str(tmp_path / "gt.json"))
+    ev = COCOeval(coco, coco.loadRes(str(dest)), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ev.stats[1] == pytest.approx(1.0)
+
+    gt["categories"] = [{"id": 3, "name": "dark"}]
+    (tmp_path / "dark.json").write_text(json.dumps(gt))
+    r = CliRunner().invoke(cli, ["export", out, "-o", str(tmp_path / "r2.json"), "--format", "coco", "--categories",
+                                 str(tmp_path / "dark.json")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert f"label 1 'bright': {tmp_path / 'dark.json'} has no category of that name (it has dark)" in r.output
+    assert not (tmp_path / "r2.json").exists()
+
+
 def test_csv_and_the_cli(scene_output, tmp_path):
     import pyarrow.csv as pcsv
 
