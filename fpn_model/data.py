@@ -14,7 +14,7 @@ import json
 import math
 import random
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,7 +121,21 @@ def load_annotations(paths: list[str | Path], *, single_class: str | None = None
                 out.append(load_voc(f, single_class=single_class))
     for i, a in enumerate(out):
         a.image_id = i + 1
-    return out
+    return _shared_classes(out)
+
+
+def _shared_classes(items: list[Annotated]) -> list[Annotated]:
+    """`items` labelled by one list of classes: each VOC file numbers its own classes (alphabetically) and each
+    COCO file by its categories, so two files with other classes gave one class two labels, and training took the
+    first file's list for all. The list: the one they share, else the first COCO file's categories and then the
+    other names, sorted (category ids are kept only where all share one list)."""
+    if len({a.class_names for a in items}) <= 1:
+        return items
+    coco = next((a.class_names for a in items if a.category_ids and len(a.category_ids) == len(a.class_names)), ())
+    names = coco + tuple(sorted({n for a in items for n in a.class_names} - set(coco)))
+    label = {n: k + 1 for k, n in enumerate(names)}
+    return [replace(a, labels=np.array([label[a.class_names[k - 1]] for k in a.labels], np.int64),
+                    class_names=names, category_ids=()) for a in items]
 
 
 def dihedral(img: Tensor, boxes: Tensor, k: int) -> tuple[Tensor, Tensor]:

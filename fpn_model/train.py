@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .config import ModelConfig
 from .data import Annotated, CropSampler, load_annotations, read_image
 from .detectors import build_detector
-from .evaluate import mean_over_views, view_metrics, view_predictions
+from .evaluate import aligned_to_model, mean_over_views, view_metrics, view_predictions
 from .predict import Predictor, TileConfig
 from .weights import load_checkpoint, save_checkpoint
 
@@ -110,6 +110,8 @@ class TrainData:
         `tc.seed`, or `tc.init`'s), which `train` otherwise makes itself."""
         items = load_annotations(list(tc.train), single_class=tc.single_class)
         val_items = load_annotations(list(tc.val), single_class=tc.single_class) if tc.val else []
+        # labelled as the model's classes (the training data's), by name: its files number them their own way
+        val_items = aligned_to_model(val_items, model_config_for(tc, items), single_class=tc.single_class)
         state = None
         if first_weights:
             torch.manual_seed(tc.seed)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import SOAP, SOAP_XML
 from fpn_model.config import preset
@@ -354,3 +355,35 @@ def test_tiles_that_run_out_of_memory_together_run_in_halves_and_later_calls_kee
     p.model.limit = 0
     with pytest.raises(torch.OutOfMemoryError):  # one image that does not fit alone: the caller's to handle
         p([frame])
+
+
+def test_annotation_files_with_other_classes_share_one_list_of_labels(tmp_path):
+    """Each VOC file numbered its own classes alphabetically: a file of Dead crowns alone labelled them 1, the
+    label of Alive in a file of both, and training took the first file's list for all."""
+    def voc(name, objects):
+        boxes = "".join(f"<object><name>{n}</name><bndbox><xmin>{x}</xmin><ymin>1</ymin><xmax>{x + 9}</xmax>"
+                        f"<ymax>10</ymax></bndbox></object>" for n, x in objects)
+        (tmp_path / name).write_text(f"<annotation><filename>{name}.png</filename>{boxes}</annotation>")
+        return str(tmp_path / name)
+
+    items = load_annotations([voc("a.xml", [("Dead", 1)]), voc("b.xml", [("Alive", 1), ("Dead", 20)])])
+    assert [a.class_names for a in items] == [("Alive", "Dead")] * 2
+    assert [a.labels.tolist() for a in items] == [[2], [1, 2]]
+
+
+def test_validation_annotations_are_labelled_as_the_models_classes(tmp_path):
+    """Validation compared numbers: a validation file of Dead crowns alone labelled them 1, which a model trained
+    on (Alive, Dead) calls Alive."""
+    from fpn_model.train import TrainConfig, TrainData
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "i.png")
+
+    def voc(name, names):
+        boxes = "".join(f"<object><name>{n}</name><bndbox><xmin>{1 + 10 * k}</xmin><ymin>1</ymin>"
+                        f"<xmax>{9 + 10 * k}</xmax><ymax>10</ymax></bndbox></object>" for k, n in enumerate(names))
+        (tmp_path / name).write_text(f"<annotation><filename>i.png</filename>{boxes}</annotation>")
+        return str(tmp_path / name)
+
+    tc = TrainConfig(model=preset("trees"), train=(voc("t.xml", ["Alive", "Dead"]),), val=(voc("v.xml", ["Dead"]),))
+    data = TrainData.read(tc)
+    assert data.val_items[0].labels.tolist() == [2]
