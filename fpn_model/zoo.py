@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .weights import file_sha256, is_plugin, model_file
+from .weights import TORCHVISION_MODELS, file_sha256, is_plugin, model_file
 
 __all__ = ["ZOO_DIR", "DEFAULT_MODEL", "bundled", "resolve", "model_id"]
 
@@ -29,6 +29,11 @@ def resolve(name_or_path: str) -> Path:
     p = model_file(os.path.expanduser(name_or_path))
     if p.is_file():
         return Path(f"{p.resolve()}:{name_or_path.rpartition(':')[2]}") if is_plugin(name_or_path) else p.resolve()
+    if p.is_dir():
+        raise IsADirectoryError(f"model {name_or_path!r}: a directory, not a checkpoint file (.safetensors)")
+    if name_or_path in TORCHVISION_MODELS:
+        raise FileNotFoundError(f"model {name_or_path!r}: a torchvision detector, to import first: fpn "
+                                f"import-torchvision {name_or_path} {name_or_path}.safetensors, then -m that file")
     raise FileNotFoundError(
         f"model {name_or_path!r}: neither a bundled model ({', '.join(zoo) or 'none'}) nor an existing file"
     )

@@ -129,3 +129,13 @@ def test_state_dict_that_does_not_fit_is_refused_naming_keys(tmp_path):
     sd.pop("roi_heads.box_predictor.cls_score.weight")
     with pytest.raises(CheckpointError, match="missing keys"):
         import_torchvision("fasterrcnn_resnet50_fpn", sd)
+
+
+def test_a_model_name_that_is_no_checkpoint_says_what_it_is(tmp_path):
+    from fpn_model.zoo import resolve
+
+    with pytest.raises(FileNotFoundError, match="a torchvision detector, to import first: fpn import-torchvision "
+                                                "retinanet_resnet50_fpn"):
+        resolve("retinanet_resnet50_fpn")
+    with pytest.raises(IsADirectoryError, match="a directory, not a checkpoint file"):
+        resolve(str(tmp_path))
