@@ -96,15 +96,22 @@ def model_file(ref: str | os.PathLike) -> Path:
 
 
 def _plugin_class(ref: str | os.PathLike) -> type:
+    """The plugin's class. Whatever its file raises as it runs (an import of a missing module, a syntax error, ...)
+    is a CheckpointError of one line naming the file, the line and the cause, as any model that cannot be loaded
+    is: the file is the user's code, and its traceback would bury the cause under the pipeline's frames."""
     import runpy
+    import traceback
 
     file, _, name = str(ref).rpartition(":")
     try:
         cls = runpy.run_path(file)[name]
         if not isinstance(cls.config, ModelConfig):
             raise TypeError(f"{name}.config is a {type(cls.config).__name__}, not a ModelConfig")
-    except (OSError, KeyError, AttributeError, TypeError, SyntaxError) as e:
-        raise CheckpointError(f"model plugin {ref} cannot be loaded ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - the plugin's own code ran: any error of it means it cannot be loaded
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == file]
+        where = f"line {lines[-1]}: " if lines and not isinstance(e, SyntaxError) else ""  # a SyntaxError says it
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"model plugin {ref} cannot be loaded ({where}{type(e).__name__}: {why})") from e
     return cls
 
 

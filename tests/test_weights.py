@@ -139,3 +139,17 @@ def test_a_model_name_that_is_no_checkpoint_says_what_it_is(tmp_path):
         resolve("retinanet_resnet50_fpn")
     with pytest.raises(IsADirectoryError, match="a directory, not a checkpoint file"):
         resolve(str(tmp_path))
+
+
+@pytest.mark.parametrize("code, says", [
+    ("import torch\nimport no_such_module_xyz\n", "(line 2: ModuleNotFoundError: No module named 'no_such_module_xyz')"),
+    ("class M(:\n    pass\n", "(SyntaxError: "),
+    ("raise RuntimeError('needs CUDA 13\\nsecond line')\n", "(line 1: RuntimeError: needs CUDA 13)"),
+])
+def test_a_model_plugin_that_fails_to_import_is_one_line_naming_its_file_and_the_cause(tmp_path, code, says):
+    plugin = tmp_path / "myplugin.py"
+    plugin.write_text(code)
+    with pytest.raises(CheckpointError) as e:
+        read_config(f"{plugin}:M")
+    assert str(e.value).startswith(f"model plugin {plugin}:M cannot be loaded ") and says in str(e.value)
+    assert "\n" not in str(e.value)
