@@ -45,9 +45,9 @@ from .rle import encode_masks
 from .selection import batched_nms_many, clip_batch, run_all, select_rows
 from .tiling import merge_detections, plan_tiles
 
-__all__ = ["Predictor", "TileConfig", "Detections", "PRECISIONS", "OOM_ERRORS", "fast_path", "batched_nms_many",
-           "detection_difference", "quantize_linear", "bf16_features", "compile_convolutions", "is_detector",
-           "keep_freed_memory", "fold_norms"]
+__all__ = ["Predictor", "TileConfig", "Detections", "ModelOutputError", "PRECISIONS", "OOM_ERRORS", "fast_path",
+           "batched_nms_many", "detection_difference", "quantize_linear", "bf16_features", "compile_convolutions",
+           "is_detector", "keep_freed_memory", "fold_norms"]
 
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,13 @@ class Detections:
     labels: np.ndarray  # [N] int32
     levels: np.ndarray  # [N] int8
     masks: list | None = None  # COCO RLE dicts, Mask R-CNN only
+
+
+class ModelOutputError(ValueError):
+    """A model's output that breaks the detector contract (a list of one dict per image: boxes `[N, 4]` finite with
+    x2 >= x1 and y2 >= y1, scores `[N]` in [0, 1], integer labels `[N]` in 1..num_classes - 1, levels `[N]`), named
+    with the model. Raised for the whole call, so that a job's detector retries its frames one by one and only the
+    frames the model gets wrong become error rows, instead of rows of whatever it returned."""
 
 
 # -- the exact fast path -------------------------------------------------------------------------------
@@ -436,6 +443,15 @@ class Predictor:
             (+10 % for the trees model, up to 2x for torchvision's mobilenet_v3 FPN at 800 px, batch 4).
         max_batch: most images (tiles) per forward pass; halved for good when a forward pass runs out of device
             memory (`_forward`).
+        name: how errors name the model (a job's: the plugin's `file.py:Class`, else the model id); default: its
+            class name.
+
+    Every model's output is checked (`_checked`: its structure and shapes after each forward pass; `_flaws`: its
+    values, once per call, brought back with the detections in their one copy) and raises ModelOutputError when it
+    breaks the contract: a model plugin's output is the user's code, and an invalid box, score or label would
+    otherwise be written as a detection. The model's `config.score_thresh` is applied to every model's detections
+    (ours apply it in their heads, with the same `>`: again it changes nothing); boxes are clipped to the frame, and
+    those left without area (wholly outside it) are dropped.
 
     Frames of one shape go to the device in one copy (on CUDA from a pinned buffer, without blocking the host) and
     are converted, normalised and resized there as one batch; each thread calling the predictor (a detector
@@ -445,8 +461,12 @@ class Predictor:
 
     def __init__(self, model: nn.Module, *, device: str | torch.device = "cpu", tile: TileConfig | None = None,
                  channels_last: bool | None = None, fast: bool = True, precision: str = "exact",
-                 compile: bool = False, keep_memory: bool = True, max_batch: int = 16):
+                 compile: bool = False, keep_memory: bool = True, max_batch: int = 16, name: str | None = None):
         self.device = torch.device(device)
+        cfg = getattr(model, "config", None)  # ours and plugins have one
+        self.name = name or type(model).__name__
+        self.score_thresh = cfg.score_thresh if cfg is not None else None
+        self.max_label = cfg.num_classes - 1 if cfg is not None else None  # label 0 is the background
         check_precision(precision, self.device.type)
         cpu = self.device.type == "cpu"
         model = model.to(self.device).eval()
@@ -487,6 +507,7 @@ class Predictor:
         self.precision = precision
         self.fast = fast
         self.max_batch = max_batch
+        self.thresholds_in_heads = detector  # ours apply score_thresh before their NMS: `_collect` need not
         self._local = threading.local()  # per calling thread: CUDA stream, pinned buffers
 
     def _autocast(self):
@@ -551,8 +572,9 @@ class Predictor:
         step = len(x)
         while len(out) < len(x):
             step = min(step, self.max_batch)
+            images = x[len(out):len(out) + step]
             try:
-                out += self.model(x[len(out):len(out) + step])
+                got = self.model(images)
             except OOM_ERRORS:
                 if step == 1:
                     raise
@@ -563,7 +585,53 @@ class Predictor:
                     self.max_batch = step
                     log.warning("out of device memory at %d images of %dx%d per forward pass; %d from now on",
                                 failed, x.shape[-1], x.shape[-2], step)
+                continue
+            out += self._checked(got, len(images))
         return out
+
+    def _checked(self, got, n: int) -> list[dict[str, Tensor]]:
+        """`got`, the model's output for `n` images, when it is one dict per image with tensors boxes `[N, 4]` and
+        scores, labels (integers) and levels `[N]`; else ModelOutputError. Only what the host knows without waiting
+        for the device (types and shapes); the values are `_flaws`'. A model returning fewer dicts than images
+        (an empty list) made `_forward` call it again for the rest, forever."""
+        if not isinstance(got, (list, tuple)) or len(got) != n or not all(isinstance(o, dict) for o in got):
+            if got is None:
+                what = "None"
+            elif not isinstance(got, (list, tuple)):
+                what = f"a {type(got).__name__}"
+            else:
+                what = f"{len(got)} outputs" if len(got) != n else "a list of other things than dicts"
+            raise ModelOutputError(f"model {self.name} returned {what} for {n} image(s), expected a list of one dict "
+                                   "per image")
+        for o in got:
+            missing = [k for k in ("boxes", "scores", "labels", "levels") if not isinstance(o.get(k), Tensor)]
+            if missing:
+                raise ModelOutputError(f"model {self.name} returned no {missing[0]!r} tensor (its dict has "
+                                       f"{sorted(map(str, o))})")
+            boxes = o["boxes"]
+            if boxes.dim() != 2 or boxes.shape[1] != 4:
+                raise ModelOutputError(f"model {self.name} returned boxes of shape {list(boxes.shape)}, expected "
+                                       "[N, 4]")
+            for k in ("scores", "labels", "levels"):
+                if o[k].shape != (len(boxes),):
+                    raise ModelOutputError(f"model {self.name} returned {k} of shape {list(o[k].shape)} for "
+                                           f"{len(boxes)} boxes, expected [{len(boxes)}]")
+            if o["labels"].is_floating_point() or o["labels"].is_complex() or o["labels"].dtype == torch.bool:
+                raise ModelOutputError(f"model {self.name} returned labels of {o['labels'].dtype}, expected integers")
+        return list(got)
+
+    _FLAWS = ("boxes with a NaN or infinite coordinate", "boxes with x2 < x1 or y2 < y1",
+              "scores outside [0, 1] or NaN", "labels outside 1..{max_label}")
+
+    def _flaws(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        """Which of `_FLAWS` a frame's detections have, as `[len(_FLAWS)]` bools on the device: whole-tensor
+        comparisons, no wait for the device and no step per detection."""
+        flaws = [~torch.isfinite(boxes).all(), ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any(),
+                 ~((scores >= 0) & (scores <= 1)).all()]  # NaN fails both comparisons
+        bad = labels < 1
+        if self.max_label is not None:
+            bad |= labels > self.max_label
+        return torch.stack([*flaws, bad.any()])
 
     def _batches(self, x: Tensor, members: list[int]):
         """(`[n, 3, h, w]` batch of at most max_batch images, (frame, x offset, y offset) of each) of the frames `x`:
@@ -586,18 +654,27 @@ class Predictor:
                        [(f, x0, y0) for _, f, x0, y0, _, _ in chunk])
 
     def _collect(self, outputs, sizes) -> list[Detections]:
-        """Detections per frame: tiles shifted to frame pixels and merged, boxes clipped to the frame, all frames'
-        boxes, scores, labels and levels brought to the host in one copy."""
+        """Detections per frame: checked (`_flaws`), tiles shifted to frame pixels and merged, boxes clipped to the
+        frame, all frames' boxes, scores, labels and levels brought to the host in one copy, with each frame's
+        flaws; there those above the score threshold and with an area in the frame are kept. ModelOutputError
+        names the first frame's flaws."""
         per_frame: list[list[tuple[dict[str, Tensor], int, int]]] = [[] for _ in sizes]
         for f, x0, y0, out in outputs:
             per_frame[f].append((out, x0, y0))
-        packed, masks = [], []
+        packed, masks, flaws = [], [], []
         for parts, (h, w) in zip(per_frame, sizes):
             boxes = torch.cat([_shifted(o["boxes"], x, y) for o, x, y in parts])
             scores = torch.cat([o["scores"].float() for o, _, _ in parts])
             labels = torch.cat([o["labels"] for o, _, _ in parts])
             levels = torch.cat([o["levels"] for o, _, _ in parts])
+            flaws.append(self._flaws(boxes, scores, labels))
             frame_masks = self._masks(parts, h, w) if self.has_masks else None
+            if len(parts) > 1 and self.score_thresh is not None and not self.thresholds_in_heads:
+                # before the merge, where a low score would join a group (ours left none: no wait for that)
+                above = torch.where(scores > self.score_thresh)[0]
+                boxes, scores, labels, levels = boxes[above], scores[above], labels[above], levels[above]
+                if frame_masks is not None:
+                    frame_masks = [frame_masks[i] for i in above.tolist()]
             if len(parts) > 1:
                 keep, boxes = merge_detections(boxes, scores, labels, threshold=self.tile.threshold,
                                                method=self.tile.merge, metric=self.tile.metric)
@@ -611,10 +688,25 @@ class Predictor:
             masks.append(frame_masks)
         if not packed:
             return []
-        host = torch.cat(packed).cpu().numpy()  # labels and levels are small integers: exact in float32
+        # labels and levels are small integers: exact in float32; the flaws ride along as rows of their own
+        flawed = F.pad(torch.stack(flaws).float(), (0, packed[0].shape[1] - len(self._FLAWS)))
+        host = torch.cat([*packed, flawed]).cpu().numpy()
+        host, flawed = host[:-len(flaws)], host[-len(flaws):, :len(self._FLAWS)] > 0
+        if flawed.any():
+            first = flawed[np.flatnonzero(flawed.any(1))[0]]
+            what = "; ".join(d.format(max_label=self.max_label) for d, bad in zip(self._FLAWS, first) if bad)
+            raise ModelOutputError(f"model {self.name} returned {what}")
         bounds = np.cumsum([len(p) for p in packed])[:-1]
-        return [Detections(np.ascontiguousarray(a[:, :4]), np.ascontiguousarray(a[:, 4]), a[:, 5].astype(np.int32),
-                           a[:, 6].astype(np.int8), m) for a, m in zip(np.split(host, bounds), masks)]
+        found = []
+        for a, m in zip(np.split(host, bounds), masks):
+            keep = (a[:, 2] > a[:, 0]) & (a[:, 3] > a[:, 1])  # a box wholly outside the frame is clipped to none
+            if self.score_thresh is not None:
+                keep &= a[:, 4] > self.score_thresh
+            if not keep.all():
+                a, m = a[keep], None if m is None else [m[i] for i in np.flatnonzero(keep)]
+            found.append(Detections(np.ascontiguousarray(a[:, :4]), np.ascontiguousarray(a[:, 4]),
+                                    a[:, 5].astype(np.int32), a[:, 6].astype(np.int8), m))
+        return found
 
     @staticmethod
     def _masks(parts, h: int, w: int) -> list[dict]:

@@ -14,8 +14,9 @@ checkpoint that records none expects RGB uint8 at an unknown GSD (no resampling)
 
 A model reference of the form `path/to/file.py:Class` is a model plugin: a class with `config` (ModelConfig),
 `input` (InputSpec, optional) and `__init__(config)`, called like a torchvision detector (a list of `[3, H, W]`
-float images in 0..1 -> a list of dicts with boxes, scores, labels, levels). It runs code by design (the user's
-own model, as a video backend plugin does); checkpoints never do.
+float images in 0..1 -> a list of dicts with boxes, scores, labels, levels: `fpn_model.predict.Predictor` checks
+them and applies `config.score_thresh`). It runs code by design (the user's own model, as a video backend plugin
+does); checkpoints never do.
 
 Reading a checkpoint's config and input metadata imports no torch (the job's driver and its planning and
 decoding workers never load a model); torch comes in with the functions that build or load one.

@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from fpn_model.predict import OOM_ERRORS, Detections, Predictor, TileConfig
-from fpn_model.weights import load_checkpoint
+from fpn_model.weights import is_plugin, load_checkpoint
 
 from .output import Output, error_row, frame_schema
 from .raster import map_boxes
@@ -65,10 +65,11 @@ class Detector:
             (`_exit_for_a_new_device`); 0: never.
 
     A batch that fails is retried in parts: halves on out-of-memory (recursively, down to one frame; the predictor
-    has already retried its forward passes in halves, down to one image each), else frame by frame. A frame that
-    fails alone becomes an error row (stage `detect`) and is left out of the returned rows, so it is not written to
-    `frames/` and a resumed job tries it again; the rest of the batch goes on. A device error ends the process
-    instead, so that Ray starts the detector anew and runs its batches again (at most `device_exits` times a run).
+    has already retried its forward passes in halves, down to one image each), else frame by frame (a model output
+    that breaks the contract, `ModelOutputError`, is such a failure). A frame that fails alone becomes an error row
+    (stage `detect`) and is left out of the returned rows, so it is not written to `frames/` and a resumed job
+    tries it again; the rest of the batch goes on. A device error ends the process instead, so that Ray starts the
+    detector anew and runs its batches again (at most `device_exits` times a run).
     """
 
     def __init__(self, checkpoint: str, *, model_id: str, tile: dict | None = None, overrides: dict | None = None,
@@ -90,7 +91,8 @@ class Detector:
         model = load_checkpoint(checkpoint, map_location=device, **(overrides or {}))
         self.cfg = model.config
         self.predictor = Predictor(model, device=device, tile=TileConfig(**tile) if tile else None,
-                                   precision=precision, compile=compile, max_batch=max_batch)
+                                   precision=precision, compile=compile, max_batch=max_batch,
+                                   name=os.path.basename(checkpoint) if is_plugin(checkpoint) else model_id)
         # CPU seconds of one call (the process's clock counts every call's) and, on a CPU, its torch threads
         self._share = _CallShare(self.predictor.model, threads) if calls > 1 and device == "cpu" and threads else None
         if self._share is not None:

@@ -9,9 +9,10 @@ decoding child processes they spawn) do not have `tests/` on their Python path.
 boxes: one per connected region of bright pixels of its input, so a test that draws squares into a raster knows
 where every box must land after windows, resampling and georeferencing. `MallocProbe` reports whether its
 detector process started with the malloc settings of `fpn_model.memory`, `LaneProbe` which of a detector's
-concurrent calls ran each frame, `LosesDevice` raises CUDA's error after an illegal memory access, `FailsToStart`
-cannot be built. `GreyLevels` and its subclasses find objects of known grey levels and label them with classes a test
-chooses (named as a trained model's, as a COCO detector's, or not at all).
+concurrent calls ran each frame, `LosesDevice` raises CUDA's error after an illegal memory access,
+`OverscoresBrightFrames` returns scores above 1, `FailsToStart` cannot be built. `GreyLevels` and its subclasses
+find objects of known grey levels and label them with classes a test chooses (named as a trained model's, as a COCO
+detector's, or not at all).
 
 The generator functions are for `pipeline.isolate` directly; they are pickled by reference, which works
 because a spawned child gets its parent's `sys.path` (and pytest puts `tests/` there).
@@ -186,6 +187,23 @@ class LosesDevice(torch.nn.Module):
         return [{"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "scores": torch.tensor([0.9]),
                  "labels": torch.ones(1, dtype=torch.int64), "levels": torch.full((1,), 2, dtype=torch.int8)}
                 for _ in images]
+
+
+class OverscoresBrightFrames(torch.nn.Module):
+    """A model plugin with a bug: one whole-frame box per image, scored 0.9, or 7.5 for an image brighter than 0.5
+    on average (a score outside [0, 1])."""
+
+    config = ModelConfig(num_classes=2, class_names=("object",))
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [{"boxes": torch.tensor([[0.0, 0.0, im.shape[-1], im.shape[-2]]]),
+                 "scores": torch.tensor([7.5 if im.float().mean() > 0.5 else 0.9]),
+                 "labels": torch.ones(1, dtype=torch.int64), "levels": torch.full((1,), 2, dtype=torch.int8)}
+                for im in images]
 
 
 class FailsToStart(torch.nn.Module):

@@ -302,6 +302,22 @@ def test_detector_leaves_out_a_failing_frame_as_an_error_row_and_keeps_the_rest(
     assert errors[0]["source"] == str(SOAP)
 
 
+def test_a_model_plugins_invalid_output_is_that_frames_error_row_naming_the_plugin(tmp_path):
+    """The frames a model gets wrong (here a score above 1) are error rows of one line naming the plugin; the
+    batch's other frames are written (the batch is retried frame by frame, as when a model raises)."""
+    from pipeline.detect import Detector
+
+    det = Detector(fakes.backend(fakes.OverscoresBrightFrames), model_id="bad@test", tile=None, output=str(tmp_path))
+    batch = crops_batch(3)
+    batch["image"][1] = 255
+    table = det(batch)
+    assert table.column("frame_index").to_pylist() == [0, 2]
+    assert [r["detections"][0]["score"] for r in table.to_pylist()] == pytest.approx([0.9, 0.9])
+    errors = read_table(tmp_path / "errors").to_pylist()
+    assert [(e["stage"], e["frame_index"], e["error_type"], e["message"]) for e in errors] == [
+        ("detect", 1, "ModelOutputError", "model fakes.py:OverscoresBrightFrames returned scores outside [0, 1] or NaN")]
+
+
 def test_detector_outside_a_job_still_raises():
     from pipeline.detect import Detector
 

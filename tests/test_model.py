@@ -313,15 +313,16 @@ def test_tile_offsets_and_frame_clipping_are_the_tensor_arithmetic_they_replace(
     before = boxes.clone()
     _shifted(boxes, 8, 8)
     assert torch.equal(boxes, before)  # the tile's own boxes stay as they were
-    from types import SimpleNamespace
-
     from fpn_model.predict import Predictor
 
-    w, h = 1000, 800  # one frame, one part: no merge, so no more of a Predictor than has_masks
-    out = Predictor._collect(SimpleNamespace(has_masks=False), [(0, 0, 0, {"boxes": boxes, "scores": torch.rand(500, generator=g),
-                                                "labels": torch.ones(500, dtype=torch.int64),
-                                                "levels": torch.full((500,), 2)})], [(h, w)])[0]
-    assert np.array_equal(out.boxes, torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h])).numpy())
+    w, h = 1000, 800  # one frame, one part: no merge; a model without a config: no score threshold
+    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+    out = Predictor(torch.nn.Identity())._collect([(0, 0, 0, {"boxes": boxes, "scores": torch.rand(500, generator=g),
+                                                             "labels": torch.ones(500, dtype=torch.int64),
+                                                             "levels": torch.full((500,), 2)})], [(h, w)])[0]
+    clipped = torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h]))
+    inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])  # the others have no area left
+    assert 0 < int(inside.sum()) < 500 and np.array_equal(out.boxes, clipped[inside].numpy())
 
 
 def test_detections_go_back_to_the_frame_size_as_torchvision_s_transform_takes_them():
@@ -612,3 +613,94 @@ def test_frozen_norms_fold_into_the_convolutions_before_them():
     norms = lambda p: sum(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in p.model.modules())
     assert norms(Predictor(r50)) == 53 and norms(Predictor(r50, precision="int8")) == 0
     assert norms(Predictor(r50, precision="bf16")) == 0
+
+
+# -- what a model returns: a plugin's output is checked ----------------------------------------------------------
+
+class _Returns(torch.nn.Module):
+    """A model plugin that returns `output(h, w)` for each image: a dict of lists, made tensors as a plugin would."""
+
+    config = ModelConfig(num_classes=3, class_names=("alpha", "beta"), score_thresh=0.5)
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, images):
+        out = []
+        for im in images:
+            d = self.output(im.shape[-2], im.shape[-1])
+            if not isinstance(d, dict):
+                return d
+            out.append({k: torch.tensor(v, dtype=torch.int64 if k == "labels" else torch.float32) if k != "levels"
+                        else torch.tensor(v, dtype=torch.int8) for k, v in d.items()})
+        return out
+
+
+def _dets(boxes, scores, labels, levels=None):
+    return lambda h, w: {"boxes": boxes, "scores": scores, "labels": labels,
+                         "levels": [2] * len(scores) if levels is None else levels}
+
+
+_BOX = [10.0, 20.0, 50.0, 60.0]
+
+
+@pytest.mark.timeout(60)
+def test_a_model_that_returns_no_output_for_its_images_raises_instead_of_waiting_forever():
+    from fpn_model.predict import ModelOutputError, Predictor
+
+    frames = np.zeros((2, 48, 64, 3), np.uint8)
+    with pytest.raises(ModelOutputError, match=r"model empty\.py:M returned 0 outputs for 2 image\(s\)"):
+        Predictor(_Returns(lambda h, w: []), name="empty.py:M")(frames)
+    with pytest.raises(ModelOutputError, match="returned None for 2 image"):
+        Predictor(_Returns(lambda h, w: None), name="none.py:M")(frames)
+
+
+@pytest.mark.parametrize("output, says", [
+    (_dets([[float("nan"), 20.0, 50.0, 60.0]], [0.9], [1]), "boxes with a NaN or infinite coordinate"),
+    (_dets([[5.0, 5.0, 30.0, float("inf")]], [0.9], [1]), "boxes with a NaN or infinite coordinate"),
+    (_dets([[50.0, 60.0, 10.0, 20.0]], [0.9], [1]), "boxes with x2 < x1 or y2 < y1"),
+    (_dets([_BOX], [7.5], [1]), r"scores outside \[0, 1\] or NaN"),
+    (_dets([_BOX], [float("nan")], [1]), r"scores outside \[0, 1\] or NaN"),
+    (_dets([_BOX, _BOX], [0.9, 0.9], [1, 7]), r"labels outside 1\.\.2"),
+    (_dets([_BOX], [0.9], [0]), r"labels outside 1\.\.2"),
+    (_dets([[*_BOX, 0.5]], [0.9], [1]), r"boxes of shape \[1, 5\], expected \[N, 4\]"),
+    (_dets([[*_BOX, *_BOX]], [0.9], [1]), r"boxes of shape \[1, 8\], expected \[N, 4\]"),
+    (_dets([_BOX, _BOX], [0.9], [1, 1]), r"scores of shape \[1\] for 2 boxes, expected \[2\]"),
+    (_dets([_BOX], [0.9], [1], [2, 2]), r"levels of shape \[2\] for 1 boxes, expected \[1\]"),
+    (lambda h, w: {"boxes": [_BOX], "scores": [0.9], "labels": [1]}, "no 'levels' tensor"),
+])
+def test_an_output_that_breaks_the_contract_raises_naming_the_model_and_the_flaw(output, says):
+    """Boxes `[N, 4]` finite with x2 >= x1 and y2 >= y1, scores `[N]` in [0, 1], labels `[N]` among the classes
+    (1..num_classes - 1), the same N for all: otherwise the frame would be written with whatever came back."""
+    from fpn_model.predict import ModelOutputError, Predictor
+
+    with pytest.raises(ModelOutputError, match=f"^model bad.py:Bad returned (.* )?{says}"):
+        Predictor(_Returns(output), name="bad.py:Bad")(np.zeros((2, 48, 64, 3), np.uint8))
+
+
+def test_float_labels_are_refused():
+    from fpn_model.predict import ModelOutputError, Predictor
+
+    model = _Returns(None)
+    model.forward = lambda images: [{"boxes": torch.tensor([_BOX]), "scores": torch.tensor([0.9]),
+                                     "labels": torch.tensor([1.0]), "levels": torch.tensor([2])} for _ in images]
+    with pytest.raises(ModelOutputError, match="labels of torch.float32, expected integers"):
+        Predictor(model)(np.zeros((1, 48, 64, 3), np.uint8))
+
+
+def test_any_models_detections_keep_its_score_threshold_and_an_area_in_the_frame():
+    """A plugin's detections at or below `config.score_thresh` are dropped, as ours drop them in their heads; boxes
+    are clipped to the frame, and one wholly outside it (clipped to no area) is dropped."""
+    from fpn_model.predict import Predictor, TileConfig
+
+    boxes = [_BOX, _BOX, [-10.0, -10.0, 200.0, 30.0], [70.0, 50.0, 90.0, 60.0], [10.0, 10.0, 10.0, 30.0]]
+    model = _Returns(_dets(boxes, [0.9, 0.3, 0.8, 0.9, 0.9], [1, 2, 2, 1, 1]))
+    frames = np.zeros((1, 48, 64, 3), np.uint8)
+    got = Predictor(model)(frames)[0]
+    assert got.scores.tolist() == pytest.approx([0.9, 0.8]) and got.labels.tolist() == [1, 2]
+    assert got.boxes.tolist() == [[10.0, 20.0, 50.0, 48.0], [0.0, 0.0, 64.0, 30.0]]
+    tiled = Predictor(model, tile=TileConfig(size=32, overlap=8, merge="nmm"))(frames)[0]  # before merging too
+    assert len(tiled.scores) and tiled.scores.min() > 0.5
+    b = tiled.boxes
+    assert (b >= 0).all() and (b[:, 0::2] <= 64).all() and (b[:, 1::2] <= 48).all() and (b[:, 2:] > b[:, :2]).all()
