@@ -39,7 +39,7 @@ from .sources import WorkUnit, media_kind
 from .storage import REMOTE_BLOCK, filesystem, local_copy, one_line, open_ranged, protocol_of, translate_error
 
 __all__ = ["Sampling", "sample_indices", "probe", "decode_unit", "VideoDecoder", "open_video", "read_video",
-           "MediaInfo", "PyAVVideo", "DecordVideo"]
+           "MediaInfo", "PyAVVideo", "DecordVideo", "DecoderOutputError"]
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class VideoDecoder(Protocol):
     decoded: list[int]  # frames decoded for each frame of the last `frames` call (itself and those before it)
 
     def frames(self, indices: list[int]) -> np.ndarray:
-        """`[len(indices), H, W, 3]` uint8 frames for sorted indices."""
+        """`[len(indices), H, W, 3]` uint8 frames for sorted indices (`_checked_frames` holds a backend to it)."""
 
     def timestamps(self, indices: list[int]) -> np.ndarray:
         """Presentation time in seconds of each index."""
@@ -562,6 +562,41 @@ class UndecodableFrame(ValueError):
         return type(self), (self.args[0], self.frame_index)
 
 
+class DecoderOutputError(ValueError):
+    """Frames a video backend returned that are not what it promises (`VideoDecoder.frames`): another count than
+    the indices asked for, not `[N, H, W, 3]` uint8, or (a plugin's) not of the size it declared. Its unit ends
+    there as an error row naming the backend and the batch's first frame; the frames it gave before are kept."""
+
+    def __init__(self, message: str, frame_index: int):
+        super().__init__(message)
+        self.frame_index = frame_index
+
+    def __reduce__(self):  # pickled from the decoding child process with its frame
+        return type(self), (self.args[0], self.frame_index)
+
+
+def _checked_frames(frames: Any, idx: list[int], unit: WorkUnit, backend: str) -> np.ndarray:
+    """`frames`, what the decoder returned for `idx`, as the `[len(idx), H, W, 3]` uint8 array the pipeline takes;
+    else DecoderOutputError. Fewer frames made a batch whose columns Ray could not line up, failing the whole
+    job; float frames in 0..1 were black once cast to uint8. The size is checked against what the decoder declared
+    at the probe (the unit's) for a plugin only: the built-in decoders give each frame at its own size, which a
+    stream may change midway, and a row records its frame's."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        why = f"frames of dtype {frames.dtype}, expected uint8 (0..255)"
+    elif frames.ndim != 4 or frames.shape[3] != 3:
+        why = f"an array of shape {list(frames.shape)}, expected [{len(idx)}, H, W, 3]"
+    elif len(frames) != len(idx):
+        why = f"{len(frames)} frames for the {len(idx)} asked for"
+    elif ":" in backend and unit.width and (frames.shape[2], frames.shape[1]) != (unit.width, unit.height):
+        why = f"frames of {frames.shape[2]}x{frames.shape[1]}, not the {unit.width}x{unit.height} it declared"
+    else:
+        return frames
+    name = backend.rsplit("/", 1)[-1]  # a plugin file's name, not its whole path
+    raise DecoderOutputError(f"{unit.source}: video backend {name} returned {why} (frames {idx[0]}-{idx[-1]})",
+                             idx[0])
+
+
 def _frames_before_failure(unit: WorkUnit, v: VideoDecoder, idx: list[int], e: Exception
                            ) -> tuple[list[int], np.ndarray | None, list[int], UndecodableFrame | None]:
     """After a batch failed to decode: its frames decoded one by one by `v` (a fresh decoder: decord's reader
@@ -644,6 +679,7 @@ def _decode_unit(unit: WorkUnit, *, sampling: Sampling, batch_size: int, done, s
                     idx, frames, decoded, failed = _frames_before_failure(unit, v, idx, e)
                 if not idx:
                     raise failed
+                frames = _checked_frames(frames, idx, unit, video_backend)
                 pts = v.timestamps(idx)
                 if len(pts) > 1 and not np.all(np.diff(pts) > 0):
                     raise ValueError(f"{unit.source}: frame timestamps are not increasing around frames {idx[0]}-{idx[-1]}"

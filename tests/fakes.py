@@ -1,7 +1,8 @@
 """Test doubles that misbehave the way native decoders do: hang, or die of a signal.
 
 The video decoders are real PyAV decoders (`pipeline.decode.PyAVVideo`) that hang or crash on one frame of a
-video whose file name says so, and decode every other video normally. A job loads them through the plugin
+video whose file name says so, and decode every other video normally (`FewerFrames`, `FloatFrames` and
+`HalfSizeFrames` return other frames than the ones asked for, from one frame on, in every video). A job loads them through the plugin
 backend "path/to/fakes.py:Class" (`pipeline.decode.open_video`): a file path, because Ray workers (and the
 decoding child processes they spawn) do not have `tests/` on their Python path.
 
@@ -238,6 +239,30 @@ class BreaksAfterABadBatch(PyAVVideo):
             raise RuntimeError("[07:20:14] /github/workspace/src/video/ffmpeg/threaded_decoder.cc:292: Check failed: "
                                "avcodec_send_packet(dec_ctx_.get(), pkt.get()) >= 0 Thread worker: Error sending packet.")
         return super().frames(indices)
+
+
+class FewerFrames(PyAVVideo):
+    """PyAV that returns only the first frame of a call asking for frame BAD_FRAME."""
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        got = super().frames(indices)
+        return got[:1] if BAD_FRAME in indices else got
+
+
+class FloatFrames(PyAVVideo):
+    """PyAV that returns float32 frames in 0..1 from a call asking for frame BAD_FRAME."""
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        got = super().frames(indices)
+        return got.astype(np.float32) / 255 if BAD_FRAME in indices else got
+
+
+class HalfSizeFrames(PyAVVideo):
+    """PyAV that returns frames of half the size it declares from a call asking for frame BAD_FRAME."""
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        got = super().frames(indices)
+        return np.ascontiguousarray(got[:, ::2, ::2]) if BAD_FRAME in indices else got
 
 
 class HangingVideo(PyAVVideo):

@@ -240,6 +240,28 @@ def test_already_written_frames_are_skipped_before_decoding(make_video):
     assert [r[0] for r in _frames(unit, done=done)] == list(range(10, 20))
 
 
+@pytest.mark.parametrize("fake, says", [
+    ("FewerFrames", "returned 1 frames for the 4 asked for"),
+    ("FloatFrames", "returned frames of dtype float32, expected uint8 (0..255)"),
+    ("HalfSizeFrames", "returned frames of 48x32, not the 96x64 it declared"),
+])
+def test_a_video_backend_returning_other_frames_than_asked_ends_its_unit_there_naming_the_backend(make_video, fake,
+                                                                                                 says):
+    """Checked as the frames leave the decoder: fewer frames failed the whole job (Ray could not line the batch's
+    columns up), float frames were black once cast, frames of another size went on as if right."""
+    import fakes
+    from pipeline.decode import DecoderOutputError
+
+    path = str(make_video("idx20.mp4", 20, 10.0))
+    unit = WorkUnit(path, path, "video", 0, 20, 20, 10.0, 96, 64)
+    got = []
+    with pytest.raises(DecoderOutputError) as e:
+        for b in decode_unit(unit, sampling=Sampling(), batch_size=4, video_backend=fakes.backend(getattr(fakes, fake))):
+            got += b["frame_index"]
+    assert got == list(range(fakes.BAD_FRAME))  # the batches before it are kept
+    assert str(e.value) == f"{path}: video backend fakes.py:{fake} {says} (frames 8-11)" and e.value.frame_index == 8
+
+
 def test_image_unit_and_probe_errors(tmp_path):
     from conftest import SOAP
 
