@@ -377,12 +377,15 @@ _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
 _PAIR_RE = re.compile(r"(?<![\w.-])([A-Za-z_][\w.-]*)(\s*=\s*)(['\"]?)([^\s'\"&;,)}\]]+)")
 _QUOTED_PAIR_RE = re.compile(r"(['\"])([\w.-]+)\1(\s*:\s*)(['\"])(.*?)\4")
 _BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+# a terminal's escape sequences (colours, cursor moves): Ray colours the task name in its errors' first line
+_ANSI_RE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
 
 
 def redact_text(text: str) -> str:
     """Free text (an error message, a log line) safe to show: every URL in it through `redact_url`,
     the value of each `name=value` or `'name': 'value'` pair whose name names a secret replaced
-    by `***`, and `Bearer <token>` credentials masked."""
+    by `***`, `Bearer <token>` credentials masked, and terminal escape sequences removed."""
+    text = _ANSI_RE.sub("", text)
     text = _URL_RE.sub(lambda m: redact_url(m.group(0)), text)
     text = _PAIR_RE.sub(lambda m: m.group(0) if not _is_secret_key(m.group(1)) or m.group(4) == REDACTED
                         else f"{m.group(1)}{m.group(2)}{m.group(3)}{REDACTED}", text)
@@ -432,8 +435,10 @@ _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimi
 
 
 def one_line(e: BaseException) -> str:
-    """`Type: first line of the message`: an error as the one-line summaries and error rows give it."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    """`Type: first line of the message`: an error as the one-line summaries and error rows give it, without
+    terminal escape sequences (a Ray task's error colours the task's name)."""
+    text = _ANSI_RE.sub("", str(e))
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def exception_chain(e: BaseException | None) -> Iterator[BaseException]:

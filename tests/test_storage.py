@@ -235,6 +235,15 @@ def test_redact_text_masks_urls_and_secret_pairs_in_free_text():
     assert "AccountName=acct" in out and "endpoint_url=http://127.0.0.1:9000" in out
 
 
+def test_error_text_loses_terminal_escape_sequences():
+    """Ray colours a task's name in its errors' first line: `_job.json`'s error and the summaries are plain text."""
+    from pipeline.storage import one_line
+
+    e = RuntimeError("RayTaskError(ValueError): \x1b[36mray::MapBatches(_Decode)()\x1b[39m (pid=1, ip=192.0.2.2)\nmore")
+    assert one_line(e) == "RuntimeError: RayTaskError(ValueError): ray::MapBatches(_Decode)() (pid=1, ip=192.0.2.2)"
+    assert redact_text("\x1b[1;31mfailed\x1b[0m at s3://b/k") == "failed at s3://b/k"
+
+
 # ----------------------------------------------------------------------------- plain errors
 
 def _client_error(code: str, status: int, operation: str = "GetObject", **extra) -> ClientError:
