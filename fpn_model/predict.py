@@ -67,7 +67,7 @@ class Detections:
 
 class ModelOutputError(ValueError):
     """A model's output that breaks the detector contract (a list of one dict per image: boxes `[N, 4]` finite with
-    x2 >= x1 and y2 >= y1, scores `[N]` in [0, 1], integer labels `[N]` in 1..num_classes - 1, levels `[N]`), named
+    x2 >= x1 and y2 >= y1, scores `[N]` in [0, 1], integer labels `[N]` in 0..num_classes - 1, levels `[N]`), named
     with the model. Raised for the whole call, so that a job's detector retries its frames one by one and only the
     frames the model gets wrong become error rows, instead of rows of whatever it returned."""
 
@@ -451,7 +451,7 @@ class Predictor:
     breaks the contract: a model plugin's output is the user's code, and an invalid box, score or label would
     otherwise be written as a detection. The model's `config.score_thresh` is applied to every model's detections
     (ours apply it in their heads, with the same `>`: again it changes nothing); boxes are clipped to the frame, and
-    those left without area (wholly outside it) are dropped.
+    those left without area (wholly outside it) are dropped, as are those of label 0 (the background).
 
     Frames of one shape go to the device in one copy (on CUDA from a pinned buffer, without blocking the host) and
     are converted, normalised and resized there as one batch; each thread calling the predictor (a detector
@@ -621,14 +621,14 @@ class Predictor:
         return list(got)
 
     _FLAWS = ("boxes with a NaN or infinite coordinate", "boxes with x2 < x1 or y2 < y1",
-              "scores outside [0, 1] or NaN", "labels outside 1..{max_label}")
+              "scores outside [0, 1] or NaN", "labels outside 0..{max_label}")
 
     def _flaws(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
         """Which of `_FLAWS` a frame's detections have, as `[len(_FLAWS)]` bools on the device: whole-tensor
         comparisons, no wait for the device and no step per detection."""
         flaws = [~torch.isfinite(boxes).all(), ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any(),
                  ~((scores >= 0) & (scores <= 1)).all()]  # NaN fails both comparisons
-        bad = labels < 1
+        bad = labels < 0
         if self.max_label is not None:
             bad |= labels > self.max_label
         return torch.stack([*flaws, bad.any()])
@@ -699,7 +699,9 @@ class Predictor:
         bounds = np.cumsum([len(p) for p in packed])[:-1]
         found = []
         for a, m in zip(np.split(host, bounds), masks):
-            keep = (a[:, 2] > a[:, 0]) & (a[:, 3] > a[:, 1])  # a box wholly outside the frame is clipped to none
+            # a box wholly outside the frame is clipped to none; label 0 is the background (torchvision's RetinaNet
+            # scores it as a class), no detection
+            keep = (a[:, 2] > a[:, 0]) & (a[:, 3] > a[:, 1]) & (a[:, 5] > 0)
             if self.score_thresh is not None:
                 keep &= a[:, 4] > self.score_thresh
             if not keep.all():

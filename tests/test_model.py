@@ -662,8 +662,8 @@ def test_a_model_that_returns_no_output_for_its_images_raises_instead_of_waiting
     (_dets([[50.0, 60.0, 10.0, 20.0]], [0.9], [1]), "boxes with x2 < x1 or y2 < y1"),
     (_dets([_BOX], [7.5], [1]), r"scores outside \[0, 1\] or NaN"),
     (_dets([_BOX], [float("nan")], [1]), r"scores outside \[0, 1\] or NaN"),
-    (_dets([_BOX, _BOX], [0.9, 0.9], [1, 7]), r"labels outside 1\.\.2"),
-    (_dets([_BOX], [0.9], [0]), r"labels outside 1\.\.2"),
+    (_dets([_BOX, _BOX], [0.9, 0.9], [1, 7]), r"labels outside 0\.\.2"),
+    (_dets([_BOX], [0.9], [-1]), r"labels outside 0\.\.2"),
     (_dets([[*_BOX, 0.5]], [0.9], [1]), r"boxes of shape \[1, 5\], expected \[N, 4\]"),
     (_dets([[*_BOX, *_BOX]], [0.9], [1]), r"boxes of shape \[1, 8\], expected \[N, 4\]"),
     (_dets([_BOX, _BOX], [0.9], [1, 1]), r"scores of shape \[1\] for 2 boxes, expected \[2\]"),
@@ -691,11 +691,11 @@ def test_float_labels_are_refused():
 
 def test_any_models_detections_keep_its_score_threshold_and_an_area_in_the_frame():
     """A plugin's detections at or below `config.score_thresh` are dropped, as ours drop them in their heads; boxes
-    are clipped to the frame, and one wholly outside it (clipped to no area) is dropped."""
+    are clipped to the frame, and one wholly outside it (clipped to no area) is dropped, as is label 0."""
     from fpn_model.predict import Predictor, TileConfig
 
-    boxes = [_BOX, _BOX, [-10.0, -10.0, 200.0, 30.0], [70.0, 50.0, 90.0, 60.0], [10.0, 10.0, 10.0, 30.0]]
-    model = _Returns(_dets(boxes, [0.9, 0.3, 0.8, 0.9, 0.9], [1, 2, 2, 1, 1]))
+    boxes = [_BOX, _BOX, [-10.0, -10.0, 200.0, 30.0], [70.0, 50.0, 90.0, 60.0], [10.0, 10.0, 10.0, 30.0], _BOX]
+    model = _Returns(_dets(boxes, [0.9, 0.3, 0.8, 0.9, 0.9, 0.9], [1, 2, 2, 1, 1, 0]))  # label 0: the background
     frames = np.zeros((1, 48, 64, 3), np.uint8)
     got = Predictor(model)(frames)[0]
     assert got.scores.tolist() == pytest.approx([0.9, 0.8]) and got.labels.tolist() == [1, 2]
