@@ -35,6 +35,7 @@ bench: venv
 	$(PY) benchmarks/export_memory.py --dedup
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/idle_workers.py
+	$(PY) benchmarks/many_images.py
 	$(PY) benchmarks/forward_speed.py
 	$(PY) benchmarks/fold_norms.py
 	$(PY) benchmarks/mask_rle.py
