@@ -8,7 +8,8 @@
 
 In a geographic CRS (GeoJSON, or GeoParquet/CSV with `--crs EPSG:4326`), a box across the antimeridian is split
 into a MultiPolygon of its two sides (RFC 7946 section 3.1.9); its corners alone made a polygon around the globe.
-- COCO results: `[{image_id, category_id, bbox: [x, y, w, h], score}]` in source pixels; image ids number the
+- COCO results: `[{image_id, category_id, bbox: [x, y, w, h], score}]` in source pixels, and `segmentation` (the
+  mask's COCO RLE) for a Mask R-CNN output, so it scores by pycocotools' segm too; image ids number the
   images (a video frame; an image or a whole raster) with detections in the order met, listed in
   `DEST.images.json` (COCO `images` entries: id, file_name = the source, frame_index, width, height), from which
   ground truth can take its ids. `category_id` is the model's label (a model trained here numbers its classes
@@ -106,9 +107,9 @@ def _frame_batches(ds: pads.Dataset, columns: list[str], batch_frames: int) -> I
         yield rb.slice(start)
 
 
-def _detections(ds: pads.Dataset, *, min_score: float, batch_frames: int) -> Iterator[pa.Table]:
+def _detections(ds: pads.Dataset, *, min_score: float, batch_frames: int, masks: bool = False) -> Iterator[pa.Table]:
     """One table of detections (frame columns repeated) per batch of frames; columns an older output lacks are
-    null."""
+    null. `masks`: with a Mask R-CNN output's `mask` column (COCO RLE) too."""
     names = set(ds.schema.names)
     cols = [c for c in _FRAME_COLUMNS if c in names] + ["detections"]
     for rb in _frame_batches(ds, cols, batch_frames):
@@ -125,8 +126,9 @@ def _detections(ds: pads.Dataset, *, min_score: float, batch_frames: int) -> Ite
         for c in _MAP:
             fields.setdefault(c, pa.nulls(len(flat), pa.float64()))
         t = frame.select(list(_FRAME_COLUMNS))
-        for name in ("label", "label_name", "score", "level", *_BOX, *_MAP):
-            t = t.append_column(name, fields[name])
+        for name in ("label", "label_name", "score", "level", *_BOX, *_MAP, *(("mask",) if masks else ())):
+            if name in fields:
+                t = t.append_column(name, fields[name])
         if min_score > 0:
             t = t.filter(pc.greater_equal(t.column("score"), min_score))
         if t.num_rows:
@@ -292,7 +294,7 @@ def export(output: str, dest: str, *, fmt: str | None = None, storage_options: d
     target = _target_crs(ds, fmt, crs, output, dedup_iou is not None)
     if dedup_iou is not None and target is None:
         raise ValueError(f"{output}: --dedup needs map coordinates, and no detection has them")
-    batches = _detections(ds, min_score=min_score, batch_frames=batch_frames)
+    batches = _detections(ds, min_score=min_score, batch_frames=batch_frames, masks=fmt == "coco")
     removed = 0
     if dedup_iou is not None:
         def compared(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -437,7 +439,8 @@ class _Coco(_Writer):
         f.write(b"[")
 
     def write(self, t: pa.Table) -> None:
-        cols = ["source", "source_kind", "frame_index", "width", "height", "label", "label_name", "score", *_BOX]
+        cols = ["source", "source_kind", "frame_index", "width", "height", "label", "label_name", "score", *_BOX,
+                *(("mask",) if "mask" in t.column_names else ())]
         for r in t.select(cols).to_pylist():
             key = (r["source"], r["frame_index"] if r["source_kind"] == "video" else 0)  # a raster's boxes: its pixels
             if key not in self.ids:
@@ -446,6 +449,8 @@ class _Coco(_Writer):
                                     "width": r["width"], "height": r["height"]})
             res = {"image_id": self.ids[key], "category_id": self._category_id(r), "score": round(r["score"], 5),
                    "bbox": [r["x1"], r["y1"], r["x2"] - r["x1"], r["y2"] - r["y1"]]}
+            if r.get("mask"):  # Mask R-CNN: its RLE over the image (a raster's over the whole raster)
+                res["segmentation"] = r["mask"]
             self._append_json(res)
 
     def close(self) -> None:

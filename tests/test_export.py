@@ -356,3 +356,45 @@ def test_dedup_sweep_matches_a_greedy_merge_over_all_pairs(monkeypatch, tall, io
             removed.update(partners[i])
     assert len(removed) > 100 and any(len(p) > 1 for p in partners.values())
     assert set(np.flatnonzero(drop)) == removed
+
+
+def test_coco_results_of_a_mask_rcnn_output_carry_its_masks(tmp_path):
+    """The masks were in the Parquet rows only: COCO results had boxes, so instance segmentation could not be
+    scored."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from pipeline.output import Output, frame_id, frame_schema
+
+    masks = []
+    for x, y in ((4, 6), (30, 20)):
+        m = np.zeros((48, 64), np.uint8)
+        m[y:y + 10, x:x + 12] = 1
+        m[y, x] = 0
+        rle = mask_utils.encode(np.asfortranarray(m))
+        masks.append({"size": rle["size"], "counts": rle["counts"].decode()})
+    dets = [{"x1": 4.0, "y1": 6.0, "x2": 16.0, "y2": 16.0, "score": 0.9, "label": 1, "label_name": "thing",
+             "level": 2, "mask": masks[0]},
+            {"x1": 30.0, "y1": 20.0, "x2": 42.0, "y2": 30.0, "score": 0.8, "label": 1, "label_name": "thing",
+             "level": 2, "mask": masks[1]}]
+    row = {"frame_id": frame_id("/a.png", 0), "source": "/a.png", "source_kind": "image", "frame_index": 0,
+           "width": 64, "height": 48, "num_detections": 2, "detections": dets}
+    Output(str(tmp_path / "out")).write_frames(pa.Table.from_pylist([row], schema=frame_schema(with_masks=True)))
+    dest = tmp_path / "r.json"
+    export(str(tmp_path / "out"), str(dest), fmt="coco")
+    got = json.loads(dest.read_text())
+    assert [d["segmentation"] for d in got] == masks
+    image = json.loads((tmp_path / "r.json.images.json").read_text())[0]
+    gt = {"images": [{"id": image["id"], "width": 64, "height": 48, "file_name": "a.png"}],
+          "categories": [{"id": 1, "name": "thing"}],
+          "annotations": [{"id": k + 1, "image_id": image["id"], "category_id": 1, "iscrowd": 0, "segmentation": m,
+                           "area": float(mask_utils.area(m | {"counts": m["counts"].encode()})),
+                           "bbox": list(mask_utils.toBbox(m | {"counts": m["counts"].encode()}))}
+                          for k, m in enumerate(masks)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    ev = COCOeval(COCO(str(tmp_path / "gt.json")), COCO(str(tmp_path / "gt.json")).loadRes(str(dest)), "segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)
