@@ -77,6 +77,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: str, out: Output) -> Non
     types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE frames)").fetchall())
     geo = ("d.map_x1, d.map_y1, d.map_x2, d.map_y2, f.crs, f.stac_item, f.datetime,"
            if "map_x1" in types.get("detections", "") and "crs" in types else "")
+    geo += " d.mask," if " mask STRUCT(" in types.get("detections", "") else ""  # Mask R-CNN: COCO RLE
     con.execute(f"""
         CREATE VIEW detections AS
         SELECT f.frame_id, f.source, f.source_kind, f.frame_index, f.pts_s, f.width, f.height, f.model,

@@ -244,3 +244,14 @@ def test_a_reader_that_stops_early_gets_no_error_line(tmp_path):
     assert p.stdout.readline().strip() == b"range"
     p.stdout.close()  # as head does
     assert p.wait(60) in (0, 1) and p.stderr.read() == b""
+
+
+def test_the_detections_view_has_mask_rcnn_masks(tmp_path):
+    from pipeline.output import Output, frame_schema
+
+    det = {"x1": 1.0, "y1": 1.0, "x2": 3.0, "y2": 3.0, "score": 0.9, "label": 1, "label_name": "t", "level": 2,
+           "mask": {"size": [4, 4], "counts": "04L4"}}
+    row = {"frame_id": frame_id("/a.png", 0), "source": "/a.png", "source_kind": "image", "frame_index": 0,
+           "width": 4, "height": 4, "num_detections": 1, "detections": [det]}
+    Output(str(tmp_path)).write_frames(pa.Table.from_pylist([row], schema=frame_schema(with_masks=True)))
+    assert query(str(tmp_path), "SELECT mask FROM detections") == (["mask"], [(det["mask"],)])
