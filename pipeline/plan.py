@@ -191,16 +191,16 @@ class Plan:
 def plan_units(uri: str, source: str, *, segment_frames: int, raster_pixels: int, window: int | None = None,
                windows_per_unit: int, storage_options: dict | None = None, video_backend: str = "decord",
                raster: RasterSettings | None = None, stac_item: str = "", datetime: str = "",
-               assets: tuple[str, ...] = ()) -> Iterator[WorkUnit]:
+               assets: tuple[str, ...] = (), size: int | None = None) -> Iterator[WorkUnit]:
     """Probe `uri` and yield its units. Raises on unreadable input (the caller records the error). `raster`:
     the job's raster settings (default: windows of `window` pixels, nothing else set); `assets`: band assets
-    combined into one raster (`uri` is the first).
+    combined into one raster (`uri` is the first); `size`: its bytes, when the listing gave them.
 
     A video is cut at keyframes: each segment after the first starts at the first keyframe at or after a
     multiple of `segment_frames`, so every segment begins where decoding can begin and no two segments decode
     the same frames (a group of pictures longer than `segment_frames` makes a longer segment). The keyframes
     come from the container's index (`probe`); a decoder that reports none is cut every `segment_frames`."""
-    info = probe(uri, storage_options, video_backend=video_backend, raster_pixels=raster_pixels)
+    info = probe(uri, storage_options, video_backend=video_backend, raster_pixels=raster_pixels, size=size)
     item = dict(stac_item=stac_item, datetime=datetime)
     if info.kind == "video":
         n, keys = info.num_frames, info.keyframes
@@ -263,7 +263,7 @@ def _probe_sources(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]
                 row["uri"], row["source"], segment_frames=plan.segment_frames, raster_pixels=plan.raster_pixels,
                 windows_per_unit=plan.windows_per_unit, storage_options=plan.storage_options,
                 video_backend=plan.video_backend, raster=raster, stac_item=row["stac_item"],
-                datetime=row["datetime"], assets=tuple(row["assets"]))]
+                datetime=row["datetime"], assets=tuple(row["assets"]), size=row.get("size"))]
             _check_time_range(plan, units)
             out.append(units)
         except NothingToRead as e:
@@ -366,7 +366,7 @@ def plan_work(plan: Plan, out: Output, sources: list[Source]) -> tuple[list[dict
     import ray
 
     rows = [{"uri": s.url, "source": s.canonical, "stac_item": s.stac_item, "datetime": s.datetime,
-             "assets": [str(a) for a in s.assets]} for s in sources]
+             "assets": [str(a) for a in s.assets], "size": None if s.assets else s.size} for s in sources]
     if not rows:
         return [], {}
     raster = plan.raster_settings(read_input_spec(plan.checkpoint))

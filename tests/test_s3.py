@@ -76,6 +76,51 @@ def counted_s3_server():
     server.stop()
 
 
+def test_a_small_remote_image_costs_a_request_to_probe_and_one_to_decode(counted_s3_server, tmp_path, monkeypatch):
+    """Its size comes from the listing: s3fs asked for it again before each read (3 HEADs and 2 GETs an image, a
+    request a few ms even on loopback, for archives of 100,000 snapshots)."""
+    import numpy as np
+    import s3fs
+    from PIL import Image
+
+    from pipeline.decode import Sampling, decode_unit
+    from pipeline.plan import plan_units
+    from pipeline.sources import expand_inputs
+
+    endpoint, counter = counted_s3_server
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "snap.png")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    fs.mkdir("snaps")
+    fs.put(str(tmp_path / "snap.png"), "snaps/cam/snap.png")
+    opts = {"s3": {"endpoint_url": endpoint}}
+    (src,) = expand_inputs(["s3://snaps/cam/"], opts)  # a listing: no request for the object itself
+    counter.suffix = "/snaps/cam/snap.png"
+    counter.take()
+    s3fs.S3FileSystem.clear_instance_cache()  # probing and decoding run in other processes: no listing cached
+    (unit,) = plan_units(src.url, src.canonical, segment_frames=8, raster_pixels=10**8, windows_per_unit=1,
+                         storage_options=opts, size=src.size)
+    time.sleep(0.2)  # the server counts a request once it has sent the answer
+    assert counter.take()[1] == 1
+    s3fs.S3FileSystem.clear_instance_cache()
+    (batch,) = decode_unit(unit, sampling=Sampling(), batch_size=4, storage_options=opts)
+    time.sleep(0.2)
+    assert counter.take()[1] == 1 and np.array_equal(batch["image"][0], pixels)
+
+    # a header past the first bytes the probe reads (a JPEG's application segments: 300 kB of them) is read on
+    jpeg = (tmp_path / "snap.jpg")
+    Image.fromarray(pixels).save(jpeg)
+    data = jpeg.read_bytes()
+    segments = b"".join(b"\xff\xef" + (60002).to_bytes(2, "big") + bytes(60000) for _ in range(5))
+    fs.pipe("snaps/cam/big-exif.jpg", data[:2] + segments + data[2:])
+    (unit,) = plan_units("s3://snaps/cam/big-exif.jpg", "s3://snaps/cam/big-exif.jpg", segment_frames=8,
+                         raster_pixels=10**8, windows_per_unit=1, storage_options=opts)
+    assert (unit.kind, unit.width, unit.height) == ("image", 64, 48)
+
+
 def _noise_clip(path: Path, frames: int, gop: int) -> Path:
     """An H.264 MP4 of 320x240 noise (every frame about as large: a segment's share is its frame count's) with a
     keyframe every `gop` frames."""
