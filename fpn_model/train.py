@@ -111,7 +111,8 @@ class TrainData:
         items = load_annotations(list(tc.train), single_class=tc.single_class)
         val_items = load_annotations(list(tc.val), single_class=tc.single_class) if tc.val else []
         # labelled as the model's classes (the training data's), by name: its files number them their own way
-        val_items = aligned_to_model(val_items, model_config_for(tc, items), single_class=tc.single_class)
+        if val_items:
+            val_items = aligned_to_model(val_items, model_config_for(tc, items), single_class=tc.single_class)
         state = None
         if first_weights:
             torch.manual_seed(tc.seed)
