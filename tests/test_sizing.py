@@ -433,11 +433,13 @@ def test_a_detector_has_a_runtime_env_only_for_what_the_workers_lack(ray_session
     from fpn_model.memory import keep_freed_memory_env
     from pipeline.output import Output
     from pipeline.plan import build_dataset
+    from pipeline.sources import WorkUnit
 
     plan = plan_from_dict({"inputs": ["a.mp4"], "output": str(tmp_path), "batch_size": 4})
+    units = [WorkUnit("a.mp4", "a.mp4", "video", 0, 8, 8).to_row()]
 
     def runtime_env(**kwargs):
-        return build_dataset(plan, Output(plan.output), [{"unit": 0}], **kwargs)._logical_plan.dag.ray_remote_args.get(
+        return build_dataset(plan, Output(plan.output), units, **kwargs)._logical_plan.dag.ray_remote_args.get(
             "runtime_env")
 
     assert runtime_env() == {"env_vars": keep_freed_memory_env()}
