@@ -171,7 +171,7 @@ def _print_summary(doc: dict) -> None:
         click.echo(f"of them, {doc['frames_outside_plan']} frames are of earlier runs' sampling, outside this run's "
                    f"plan ({doc.get('planned_frames')} frames, as fpn status counts)")
     if doc.get("decoded_per_sampled") is not None:
-        click.echo(f"decoded: {doc['decoded_frames']} frames for {doc['frames']} sampled "
+        click.echo(f"decoded: {doc['decoded_frames']} frames for the output's {doc['frames']} sampled, all runs "
                    f"({doc['decoded_per_sampled']:.2f} per sampled frame)")
     if "frames_decoded_on_gpu" in doc:
         click.echo(f"nvdec: {doc['frames_decoded_on_gpu']} of this run's frames decoded on the GPU")
@@ -633,7 +633,8 @@ def export(output, dest, fmt, min_score, crs, dedup_iou, categories, endpoint_ur
     click.echo(f"{s.detections} detections -> {s.destination} ({s.format}, "
                f"{s.crs or 'pixel coordinates'})")
     if s.left_out:
-        click.echo(f"{s.left_out} detections of rasters without a georeference left out (no map coordinates)")
+        click.echo(f"{s.left_out} detections without map coordinates left out (of images, videos and rasters without a "
+                   "georeference)")
     if s.duplicates:
         click.echo(f"{s.duplicates} duplicates merged (overlapping scenes, neighbouring windows)")
 

@@ -240,9 +240,9 @@ def _send(conn, message: tuple[str, Any]) -> None:
 
 
 def _describe(e: BaseException) -> tuple[str, str, str, int | None]:
-    text = str(e)
-    return (type(e).__name__, text.splitlines()[0] if text else type(e).__name__, traceback.format_exc(),
-            getattr(e, "frame_index", None))
+    from .storage import first_line
+
+    return type(e).__name__, first_line(e), traceback.format_exc(), getattr(e, "frame_index", None)
 
 
 def _exit_with_parent() -> None:

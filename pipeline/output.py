@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .storage import exception_chain, filesystem, join, one_line, parquet_files, redact_text
+from .storage import exception_chain, filesystem, first_line, join, one_line, parquet_files, redact_text
 
 __all__ = [
     "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_schema", "frame_id", "frames_file", "Output", "Lease",
@@ -116,9 +116,9 @@ def frames_file(ids: list[str]) -> str:
 
 def error_row(source: str, stage: str, e: BaseException | str, frame_index: int | None = None,
               error_type: str | None = None) -> dict:
-    """One `errors` row; the message is its first line, with URLs' signatures and secrets redacted."""
-    text = str(e)
-    msg = text.splitlines()[0] if text else type(e).__name__
+    """One `errors` row; the message is its first line (`storage.first_line`), with URLs' signatures and secrets
+    redacted."""
+    msg = first_line(e) if isinstance(e, BaseException) else (e.splitlines()[0] if e else "")
     return {"source": source, "stage": stage, "frame_index": frame_index,
             "error_type": error_type or type(e).__name__, "message": redact_text(msg)}
 

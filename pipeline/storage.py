@@ -42,7 +42,7 @@ __all__ = [
     "filesystem", "join", "parquet_files", "options_for", "normalize_options", "merge_options",
     "canonical_uri", "redact", "redact_url", "redact_text", "drop_redacted", "translate_error",
     "check_output_location", "local_copy", "ranged_opener", "open_ranged", "REMOTE_BLOCK", "protocol_of",
-    "object_version", "exception_chain", "one_line", "REDACTED",
+    "object_version", "exception_chain", "first_line", "one_line", "REDACTED",
 ]
 
 log = logging.getLogger(__name__)
@@ -432,6 +432,18 @@ _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchVersion", "NoSuchUpload"}
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                    "TooManyRequestsException", "RequestThrottled", "ServiceUnavailable", "503", "429"}
+
+
+def first_line(e: BaseException) -> str:
+    """An error's first line (its type's name when it has no text). One that refers to the error before it for details
+    (rasterio: "Read failed. See previous exception for details.") says that one's first line too, as it was raised
+    from it: a truncated GeoTIFF's error row named no cause."""
+    text = str(e)
+    msg = text.splitlines()[0] if text else type(e).__name__
+    cause = e.__cause__ or e.__context__
+    if cause is not None and "previous exception" in msg and str(cause):
+        msg = f"{msg.rstrip('.')}: {str(cause).splitlines()[0]}"
+    return msg
 
 
 def one_line(e: BaseException) -> str:

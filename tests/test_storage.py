@@ -390,3 +390,20 @@ def test_local_copy_of_a_missing_object_is_file_not_found():
     with pytest.raises(FileNotFoundError, match="memory://fpn-test/none.mp4"):
         with local_copy("memory://fpn-test/none.mp4"):
             pass
+
+
+def test_an_error_row_of_a_truncated_geotiff_says_the_cause_its_error_refers_to(tmp_path):
+    """rasterio's "Read failed. See previous exception for details." was the whole row: no cause."""
+    import rasterio
+
+    from pipeline.output import error_row
+
+    with rasterio.open(tmp_path / "full.tif", "w", driver="GTiff", width=400, height=400, count=3,
+                       dtype="uint8") as ds:
+        ds.write(np.random.default_rng(0).integers(0, 255, (3, 400, 400), np.uint8))
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "full.tif").read_bytes()[:150_000])
+    with pytest.raises(rasterio.errors.RasterioIOError) as e, rasterio.open(tmp_path / "cut.tif") as ds:
+        ds.read()
+    message = error_row("cut.tif", "decode", e.value)["message"]
+    assert message.startswith("Read failed. See previous exception for details: cut.tif, band ") and \
+        "IReadBlock failed" in message, message
