@@ -583,6 +583,12 @@ def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), 
     # writing is I/O: a small CPU reservation, so files land while the detector actors hold the CPUs
     # (with the default of one CPU a write waits until detection of every frame has finished)
     if todo:
+        from ray.util.debug import log_once
+
+        # spent here: Ray Data warns that "the Dataset job will hang" when no CPU is free as it starts, which a third
+        # of small jobs met while the planning tasks' CPUs were being returned; the job's request was checked against
+        # the cluster's resources before any work (pipeline.sizing.fit)
+        log_once("cpu_warning")
         build_dataset(plan, out, todo, done, threads=threads, calls=calls, counter=counter,
                       worker_env=worker_env).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
     dups = out.drop_duplicate_frames()

@@ -305,3 +305,22 @@ def test_a_job_counts_the_frames_nvidias_engine_decoded(ray_session, tmp_path):
                                   "sampling": {"every_n": 50}, "video_backend": backend}))
         assert doc["state"] == "succeeded" and doc["frames"] == 6
         assert json.loads((out / "_job.json").read_text())["frames_decoded_on_gpu"] == on_gpu
+
+
+def test_no_warning_that_the_job_will_hang_while_planning_tasks_return_their_cpus(ray_session, tmp_path, caplog,
+                                                                               capfd, monkeypatch):
+    """Ray Data warns "The Dataset job will hang unless more CPUs are freed up" when no CPU is free as it starts: a
+    third of small jobs said so (and then succeeded) while the planning tasks' CPUs were being returned."""
+    from pathlib import Path
+
+    import ray
+    import ray.util.debug
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "a.png")
+    monkeypatch.setattr(ray, "available_resources", lambda: {})  # as Ray Data saw it then
+    monkeypatch.setattr(ray.util.debug, "_logged", set())  # as in a fresh process (Ray warns once a process)
+    null = f"{Path(__file__).resolve().parents[1] / 'benchmarks' / 'null_model.py'}:NullModel"
+    doc = job([tmp_path / "a.png"], tmp_path / "out", model=null)
+    assert doc["frames"] == 1
+    assert "available CPUs" not in caplog.text + "".join(capfd.readouterr())  # Ray Data's logger has its handler
