@@ -137,6 +137,14 @@ def _video_frame(con, source: str, output: str, frame_index: int | None, time_s:
                               f"{', '.join(str(r[0]) for r in sorted(near))}); pass one of those, or --time")
         return int(row[0]), float(row[1])
     if time_s is not None:
+        # past either end of the processed frames by more than their spacing: not a time of the video, or not one
+        # the output holds (--time 99 on a 10 s clip drew its last frame without a word, where --frame 999 failed)
+        first, last, spacing = con.execute(
+            "SELECT min(pts_s), max(pts_s), coalesce(median(gap), 0) FROM (SELECT pts_s, pts_s - lag(pts_s) OVER "
+            "(ORDER BY pts_s) AS gap FROM frames WHERE source = ?)", [source]).fetchone()
+        if not first - spacing <= time_s <= last + spacing:
+            raise LookupError(f"--time {time_s:g} s: the frames of {source} in {output} are from {first:.2f} to "
+                              f"{last:.2f} s")
         row = con.execute("SELECT frame_index, pts_s FROM frames WHERE source = ? ORDER BY abs(pts_s - ?), "
                           "frame_index LIMIT 1", [source, time_s]).fetchone()
     else:

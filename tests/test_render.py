@@ -77,6 +77,8 @@ def test_time_picks_the_nearest_processed_frame_and_an_unprocessed_index_is_one_
     assert _outline_has(np.asarray(Image.open(tmp_path / "t.png").convert("RGB")), VIDEO_BOXES[8][0], colour(3))
     r = invoke("render", out, video, tmp_path / "x.png", "--frame", 5)
     assert r.exit_code == 1 and "frame 5" in r.output and "nearest processed: 4, 8" in r.output
+    r = invoke("render", out, video, tmp_path / "x.png", "--time", 99)  # drew the last frame without a word
+    assert r.exit_code == 1 and "--time 99 s: the frames of" in r.output and "are from 0.00 to " in r.output, r.output
     assert "Traceback" not in r.output
     r = invoke("render", out, tmp_path / "other.mp4", tmp_path / "x.png")
     assert r.exit_code == 1 and "no frames of it" in r.output
