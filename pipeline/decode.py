@@ -583,31 +583,28 @@ def _batch(rows: list[dict], images: list[np.ndarray]) -> dict[str, Any]:
     return out
 
 
-class UndecodableFrame(ValueError):
-    """A video frame the decoder cannot decode (a damaged or truncated file): its unit ends there, its error row
-    names the frame, and the frames decoded before it are kept."""
+class _FrameError(ValueError):
+    """An error at a video frame: its unit ends there, its error row names the frame (`frame_index`, which crosses
+    the decoding child process with it), and the frames decoded before it are kept."""
+
+    def __init__(self, message: str, frame_index: int):
+        super().__init__(message)
+        self.frame_index = frame_index
+
+    def __reduce__(self):  # pickled from the decoding child process with its frame
+        return type(self), (self.args[0], self.frame_index)
+
+
+class UndecodableFrame(_FrameError):
+    """A video frame the decoder cannot decode (a damaged or truncated file)."""
 
     error_type = "UndecodableFrame"
 
-    def __init__(self, message: str, frame_index: int):
-        super().__init__(message)
-        self.frame_index = frame_index
 
-    def __reduce__(self):  # pickled from the decoding child process with its frame
-        return type(self), (self.args[0], self.frame_index)
-
-
-class DecoderOutputError(ValueError):
+class DecoderOutputError(_FrameError):
     """Frames a video backend returned that are not what it promises (`VideoDecoder.frames`): another count than
-    the indices asked for, not `[N, H, W, 3]` uint8, or (a plugin's) not of the size it declared. Its unit ends
-    there as an error row naming the backend and the batch's first frame; the frames it gave before are kept."""
-
-    def __init__(self, message: str, frame_index: int):
-        super().__init__(message)
-        self.frame_index = frame_index
-
-    def __reduce__(self):  # pickled from the decoding child process with its frame
-        return type(self), (self.args[0], self.frame_index)
+    the indices asked for, not `[N, H, W, 3]` uint8, or (a plugin's) not of the size it declared; the frame named
+    is the batch's first."""
 
 
 def _checked_frames(frames: Any, idx: list[int], unit: WorkUnit, backend: str) -> np.ndarray:
