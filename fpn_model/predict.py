@@ -449,9 +449,9 @@ class Predictor:
     Every model's output is checked (`_checked`: its structure and shapes after each forward pass; `_flaws`: its
     values, once per call, brought back with the detections in their one copy) and raises ModelOutputError when it
     breaks the contract: a model plugin's output is the user's code, and an invalid box, score or label would
-    otherwise be written as a detection. The model's `config.score_thresh` is applied to every model's detections
-    (ours apply it in their heads, with the same `>`: again it changes nothing); boxes are clipped to the frame, and
-    those left without area (wholly outside it) are dropped, as are those of label 0 (the background).
+    otherwise be written as a detection. The model's `config.score_thresh` is applied to a plugin's detections as
+    ours apply it in their heads (`>`); boxes are clipped to the frame, and those left without area (wholly outside
+    it) are dropped, as are those of label 0 (the background).
 
     Frames of one shape go to the device in one copy (on CUDA from a pinned buffer, without blocking the host) and
     are converted, normalised and resized there as one batch; each thread calling the predictor (a detector
@@ -465,13 +465,14 @@ class Predictor:
         self.device = torch.device(device)
         cfg = getattr(model, "config", None)  # ours and plugins have one
         self.name = name or type(model).__name__
-        self.score_thresh = cfg.score_thresh if cfg is not None else None
         self.max_label = cfg.num_classes - 1 if cfg is not None else None  # label 0 is the background
         check_precision(precision, self.device.type)
         cpu = self.device.type == "cpu"
         model = model.to(self.device).eval()
         self.has_masks = getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask()
         detector = is_detector(model)
+        # the threshold `_collect` applies: a plugin's; ours apply it in their heads, before their NMS, with the same >
+        self.score_thresh = cfg.score_thresh if cfg is not None and not detector else None
         fast = fast and detector
         if channels_last is None:
             channels_last = fast and cpu
@@ -507,7 +508,6 @@ class Predictor:
         self.precision = precision
         self.fast = fast
         self.max_batch = max_batch
-        self.thresholds_in_heads = detector  # ours apply score_thresh before their NMS: `_collect` need not
         self._local = threading.local()  # per calling thread: CUDA stream, pinned buffers
 
     def _autocast(self):
@@ -669,8 +669,8 @@ class Predictor:
             levels = torch.cat([o["levels"] for o, _, _ in parts])
             flaws.append(self._flaws(boxes, scores, labels))
             frame_masks = self._masks(parts, h, w) if self.has_masks else None
-            if len(parts) > 1 and self.score_thresh is not None and not self.thresholds_in_heads:
-                # before the merge, where a low score would join a group (ours left none: no wait for that)
+            if len(parts) > 1 and self.score_thresh is not None:
+                # before the merge, where a low score would join a group
                 above = torch.where(scores > self.score_thresh)[0]
                 boxes, scores, labels, levels = boxes[above], scores[above], labels[above], levels[above]
                 if frame_masks is not None:
