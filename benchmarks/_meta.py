@@ -8,12 +8,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measured() -> dict[str, str | None]:
-    """`measured_at` (local time with its offset) and `code` (`git describe --always --dirty` of this checkout;
-    None outside git)."""
+def code_of(tree: Path = REPO) -> str | None:
+    """`git describe --always --dirty` of the checkout at `tree` (a `--before` tree too); None outside git."""
     try:
-        code = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=tree, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        code = None
-    return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": code}
+        return None
+
+
+def measured() -> dict[str, str | None]:
+    """`measured_at` (local time with its offset) and `code` (`code_of` this checkout)."""
+    return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": code_of()}

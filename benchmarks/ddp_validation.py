@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _meta import REPO, measured
+from _meta import REPO, code_of, measured
 
 RANK = """
 import datetime, json, sys, time
@@ -65,8 +65,8 @@ def one_run(tree: Path, args, val: str) -> float:
 
 def _describe(tree: Path) -> str:
     """`tree` and its commit (`git describe`), where it is a git checkout."""
-    p = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=tree, capture_output=True, text=True)
-    return f"{tree} ({p.stdout.strip()})" if p.returncode == 0 else str(tree)
+    code = code_of(tree)
+    return f"{tree} ({code})" if code else str(tree)
 
 
 def main() -> None:

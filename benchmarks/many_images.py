@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _meta import measured  # benchmarks/ is this script's directory
+from _meta import code_of, measured  # benchmarks/ is this script's directory
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "many_images.json"
@@ -76,15 +76,10 @@ def main() -> None:
         summary["wall_this_over_before"] = round(summary["this"]["wall_s"] / summary["before"]["wall_s"], 3)
     doc = {**measured(), "images": a.images, "image_size": [160, 120], "model": "benchmarks/null_model.py",
            "before": str(a.before) if a.before else None,
-           "before_code": _describe(a.before) if a.before else None, "cpus": os.cpu_count(),
+           "before_code": code_of(a.before) if a.before else None, "cpus": os.cpu_count(),
            "summary": summary, "runs": runs}
     RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
-
-
-def _describe(tree: Path) -> str | None:
-    p = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=tree, capture_output=True, text=True)
-    return p.stdout.strip() or None
 
 
 if __name__ == "__main__":
