@@ -40,6 +40,7 @@ bench: venv
 	$(PY) benchmarks/fold_norms.py
 	$(PY) benchmarks/mask_rle.py
 	scripts/loopback-only $(PY) benchmarks/ranged_reads.py
+	scripts/loopback-only $(PY) benchmarks/manifest_lookup.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/throughput.py --street --out benchmarks/results/throughput_street.json
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ VIDEO_EXT = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".m
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 RASTER_EXT = {".tif", ".tiff", ".jp2", ".vrt"}
 MANIFEST_EXT = {".txt", ".lst", ".manifest"}
+MANIFEST_THREADS = 32  # a manifest's entries looked up at once
 
 
 @dataclass(frozen=True)
@@ -171,17 +173,29 @@ def _manifest_sources(manifest: str, entries: list[str], storage_options: dict |
     """The Sources of a manifest's entries. An entry naming nothing (a snapshot deleted since the list was made) is
     a Source all the same, whose probe fails: its error row says so, and the job goes on. A job over a manifest of
     100,000 entries stopped at the first missing one, naming it alone, once per run. A pattern that matches nothing
-    or a directory without media fails the job, as on the command line."""
-    out, missing = [], []
-    for entry in entries:
+    or a directory without media fails the job, as on the command line.
+
+    Entries are looked up `MANIFEST_THREADS` at a time: one after the other, a manifest of 100,000 objects on S3 took
+    a request's round trip each (13.7 s for 2,000 on a server on this machine; tens of minutes at S3's latency)."""
+    def expand(entry: str) -> list[Source] | None:
         try:
-            out += expand_inputs([entry], storage_options, stac_asset=stac_asset, stac_bands=stac_bands)
+            return expand_inputs([entry], storage_options, stac_asset=stac_asset, stac_bands=stac_bands)
         except FileNotFoundError as e:
             fs, path = filesystem(entry, storage_options)
             if _is_pattern(entry, path) or fs.exists(path):
                 raise FileNotFoundError(f"{e} (listed in manifest {manifest})") from None
+            return None
+
+    if entries:
+        filesystem(entries[0], storage_options)  # made once, before the threads ask fsspec's cache for it
+    with ThreadPoolExecutor(min(MANIFEST_THREADS, max(len(entries), 1))) as pool:
+        found = list(pool.map(expand, entries))
+    out, missing = [], []
+    for entry, sources in zip(entries, found):
+        if sources is None:
             missing.append(entry)
-            out.append(Source(_read_url(entry), canonical_uri(entry)))
+            sources = [Source(_read_url(entry), canonical_uri(entry))]
+        out += sources
     if missing:
         log.warning("manifest %s lists %d input(s) that do not exist (%s%s): each is an error row", manifest,
                     len(missing), ", ".join(missing[:3]), ", ..." if len(missing) > 3 else "")

@@ -202,7 +202,7 @@ def options_for(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
 
 def _s3_options(opts: dict[str, Any]) -> dict[str, Any]:
     """s3fs options with the endpoint taken from the environment when none is given (as the AWS CLI
-    does) and botocore's adaptive retries with backoff, so throttling (SlowDown, 503) is retried."""
+    does), botocore's adaptive retries with backoff, so throttling (SlowDown, 503) is retried, and 32 connections."""
     opts = dict(opts)
     client_kwargs = dict(opts.get("client_kwargs") or {})
     if not opts.get("endpoint_url") and not client_kwargs.get("endpoint_url"):
@@ -211,6 +211,8 @@ def _s3_options(opts: dict[str, Any]) -> dict[str, Any]:
             opts["endpoint_url"] = endpoint
     config_kwargs = dict(opts.get("config_kwargs") or {})
     config_kwargs.setdefault("retries", {"max_attempts": 10, "mode": "adaptive"})
+    # botocore's 10 connections held the lookups of a manifest's entries (`sources.MANIFEST_THREADS`) to 10 at once
+    config_kwargs.setdefault("max_pool_connections", 32)
     opts["config_kwargs"] = config_kwargs
     return opts
 
