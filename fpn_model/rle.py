@@ -15,9 +15,12 @@ Both equal `pycocotools.mask.encode` of each mask pasted into the frame (tested)
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where masks are encoded: `fpn render` decodes them (rle_columns) without it
+    from torch import Tensor
 
 __all__ = ["encode_masks", "chunks_to_rle", "runs_to_rle"]
 
@@ -64,6 +67,8 @@ def runs_to_rle(masks: Tensor, *, x0: int, y0: int, height: int, width: int) -> 
     boundaries are copied to the host (the module docstring)."""
     from pycocotools import mask as mask_utils
 
+    import torch
+
     n = len(masks)
     found, signs = [], []
     for k in range(0, n, CHUNK):  # a chunk's working copies: 3 bytes a pixel per mask
@@ -91,3 +96,34 @@ def runs_to_rle(masks: Tensor, *, x0: int, y0: int, height: int, width: int) -> 
     for r in rles:
         r["counts"] = r["counts"].decode("ascii")
     return rles
+
+
+def rle_columns(counts: str, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels a COCO RLE (compressed `counts` of a mask `height` rows tall) covers, as runs within columns:
+    (column, first row, row past the last), one entry per column a run touches.
+
+    Written by hand: pycocotools decodes a mask only into an array of the whole frame's size, and a raster's masks
+    span the whole raster (10^8 pixels and more each), of which a picture shows a region."""
+    runs, value, k = [], 0, 0
+    for ch in counts:  # pycocotools' rleFrString: 5 bits a character, the 6th set while more follow
+        c = ord(ch) - 48
+        value |= (c & 0x1F) << (5 * k)
+        k += 1
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            value |= -1 << (5 * k)
+        if len(runs) > 2:
+            value += runs[-2]  # from the third on, a run is stored as its difference from the one two before
+        runs.append(value)
+        value, k = 0, 0
+    ends = np.cumsum(runs, dtype=np.int64)
+    first, last = ends[0::2][:len(ends) // 2], ends[1::2]  # zeros first, then ones, zeros, ...
+    if not len(first):
+        return (np.empty(0, np.int64),) * 3
+    col0, col1 = first // height, (last - 1) // height
+    n = col1 - col0 + 1  # a run down to a column's bottom goes on at the next column's top
+    cols = np.repeat(col0, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+    top = np.maximum(np.repeat(first, n), cols * height) - cols * height
+    bottom = np.minimum(np.repeat(last, n), (cols + 1) * height) - cols * height
+    return cols, top, bottom

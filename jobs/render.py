@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fpn_model.rle import rle_columns
 from pipeline.decode import read_video
 from pipeline.raster import open_raster, palette_of, read_palette, valid_values
 from pipeline.output import Output
@@ -33,6 +34,7 @@ __all__ = ["Region", "Rendered", "render_frame", "render_clip", "write_video", "
 
 # one colour per class label (matplotlib's tab10, as the report's charts use)
 _PICTURES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")  # what render_frame writes (.tif: GeoTIFF)
+MASK_OPACITY = 110  # of 255: a mask's veil over the pixels
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
@@ -105,9 +107,9 @@ def unnested(*columns: str, where: str = "true") -> str:
 
 def boxes(con, source: str, *, frames: list[int] | None = None, region: Region | None = None,
           min_score: float = 0.0, limit: int | None = None) -> dict[str, np.ndarray]:
-    """Detections of `source` as numpy columns frame_index, x1, y1, x2, y2, score, label (best first): those of
-    the given `frames` (one query for all), or of every row (raster windows) whose boxes touch `region`; at
-    most `limit` of them."""
+    """Detections of `source` as numpy columns frame_index, x1, y1, x2, y2, score, label (best first), and with a
+    Mask R-CNN's, mask (its COCO RLE's counts) and mask_height: those of the given `frames` (one query for all), or
+    of every row (raster windows) whose boxes touch `region`; at most `limit` of them."""
     rows, args = ["source = ?"], [source]
     if frames is not None:
         rows.append("list_contains(?::BIGINT[], frame_index)")
@@ -117,7 +119,10 @@ def boxes(con, source: str, *, frames: list[int] | None = None, region: Region |
     if region is not None:
         dets.append("d.x2 >= ? AND d.x1 <= ? AND d.y2 >= ? AND d.y1 <= ?")
         args += [region.x, region.x + region.width, region.y, region.y + region.height]
+    (detection,) = con.execute("SELECT column_type FROM (DESCRIBE frames) WHERE column_name = 'detections'").fetchone()
+    masks = ", d.mask.counts AS mask, d.mask.size[1] AS mask_height" if " mask STRUCT(" in detection else ""
     sql = f"""SELECT frame_index, d.x1 AS x1, d.y1 AS y1, d.x2 AS x2, d.y2 AS y2, d.score AS score, d.label AS label
+                     {masks}
               FROM {unnested("frame_index", where=' AND '.join(rows))} WHERE {' AND '.join(dets)}
               ORDER BY score DESC"""
     if limit is not None:
@@ -229,9 +234,12 @@ def of_frame(dets: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
 
 def draw_boxes(image: np.ndarray | Image.Image, dets: dict[str, np.ndarray], *, scale: float = 1.0,
                offset: tuple[float, float] = (0.0, 0.0), width: int | None = None) -> Image.Image:
-    """`image` with `dets` (source-frame pixels) drawn as rectangles coloured by class: a box at (x, y) lands
-    at ((x - offset_x) * scale, (y - offset_y) * scale)."""
+    """`image` with `dets` (source-frame pixels) drawn as rectangles coloured by class, and their masks, if they
+    have any, as a veil of the same colour: a box at (x, y) lands at ((x - offset_x) * scale, (y - offset_y) *
+    scale)."""
     canvas = image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(image)
+    if "mask" in dets and len(dets["mask"]):
+        canvas = _veiled(canvas, dets, scale, offset)
     draw = ImageDraw.Draw(canvas)
     width = width or max(1, round(max(canvas.size) / 400))
     ox, oy = offset
@@ -239,6 +247,27 @@ def draw_boxes(image: np.ndarray | Image.Image, dets: dict[str, np.ndarray], *, 
         draw.rectangle([(x1 - ox) * scale, (y1 - oy) * scale, (x2 - ox) * scale, (y2 - oy) * scale],
                        outline=colour(label), width=width)
     return canvas
+
+
+def _veiled(canvas: Image.Image, dets: dict[str, np.ndarray], scale: float, offset: tuple[float, float]) -> Image.Image:
+    """`canvas` with each detection's mask laid over it in its class's colour, at `MASK_OPACITY`; only the part of
+    a mask the canvas shows is decoded (`rle_columns`)."""
+    width, height = canvas.size
+    veil = np.zeros((height, width, 4), np.uint8)
+    ox, oy = offset
+    for counts, mask_height, label in zip(dets["mask"], dets["mask_height"], dets["label"]):
+        if counts is None:
+            continue
+        cols, top, bottom = rle_columns(counts, int(mask_height))
+        x0 = np.floor((cols - ox) * scale).astype(np.int64)
+        x1 = np.maximum(np.floor((cols + 1 - ox) * scale).astype(np.int64), x0 + 1)
+        y0 = np.floor((top - oy) * scale).astype(np.int64)
+        y1 = np.maximum(np.ceil((bottom - oy) * scale).astype(np.int64), y0 + 1)
+        rgba = (*colour(int(label)), MASK_OPACITY)
+        for a, b, c, d in zip(np.clip(x0, 0, width), np.clip(x1, 0, width), np.clip(y0, 0, height),
+                              np.clip(y1, 0, height)):
+            veil[c:d, a:b] = rgba
+    return Image.alpha_composite(canvas.convert("RGBA"), Image.fromarray(veil, "RGBA")).convert("RGB")
 
 
 # -- commands -------------------------------------------------------------------------------------------

@@ -148,6 +148,61 @@ def test_raster_region_draws_the_boxes_of_every_window_in_it(tmp_path):
     assert r.exit_code == 1 and "outside the 300x200 frame" in r.output
 
 
+def test_mask_rcnn_masks_are_drawn_where_they_are_in_a_raster_region_and_scaled(tmp_path):
+    """Mask R-CNN's masks (COCO RLEs over the whole raster) are veiled in their class's colour over exactly their
+    pixels, in a region that shows part of them and in the whole raster scaled down; they were not drawn at all."""
+    from pycocotools import mask as mask_utils
+
+    from jobs.render import MASK_OPACITY
+    from pipeline.output import frame_schema
+
+    tif = tmp_path / "scene.tif"
+    data = _scene(tif)
+    src = canonical_uri(str(tif))
+    yy, xx = np.mgrid[:200, :300]
+    masks = [((xx - 140) / 30) ** 2 + ((yy - 60) / 20) ** 2 <= 1,  # across the windows' border at x = 150
+             (xx >= 200) & (xx < 260) & (yy >= 130) & (yy < 170)]
+    rows = []
+    for k, (m, label) in enumerate(zip(masks, (1, 2))):
+        ys, xs = np.nonzero(m)
+        row = _row(src, "raster", k, None, 300, 200, [(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.9, label)],
+                   (k * 150, 0, 150, 200))
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        row["detections"][0]["mask"] = {"size": [200, 300], "counts": rle["counts"].decode()}
+        rows.append(row)
+    Output(str(tmp_path / "out")).write_frames(pa.Table.from_pylist(rows, schema=frame_schema(with_masks=True)))
+    raw = data.transpose(1, 2, 0).astype(float)
+
+    def veiled(rgb):
+        return np.round(raw * (1 - MASK_OPACITY / 255) + np.array(rgb) * MASK_OPACITY / 255)
+
+    r = invoke("render", tmp_path / "out", tif, tmp_path / "right.png", "--region", 150, 0, 150, 200, "--min-score", 0)
+    assert r.exit_code == 0 and "2 detections drawn" in r.output, r.output
+    img = np.asarray(Image.open(tmp_path / "right.png").convert("RGB")).astype(float)
+    box_free = np.ones((200, 150), bool)  # away from the boxes' outlines
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        x1, y1, x2, y2 = xs.min() - 150, ys.min(), xs.max() + 1 - 150, ys.max() + 1
+        for a, b, c, d in ((x1, x2, y1, y1), (x1, x2, y2, y2), (x1, x1, y1, y2), (x2, x2, y1, y2)):
+            if b + 2 > 0:
+                box_free[max(c - 1, 0):d + 2, max(a - 1, 0):b + 2] = False
+    for m, label in zip(masks, (1, 2)):
+        inside = m[:, 150:] & box_free
+        assert inside.sum() > 100
+        assert np.abs(img[inside] - veiled(colour(label))[:, 150:][inside]).max() <= 1
+    untouched = ~(masks[0] | masks[1])[:, 150:] & box_free
+    assert (img[untouched] == raw[:, 150:][untouched]).all()
+    # the whole raster at half size: the veil covers the masks' places there too
+    r = invoke("render", tmp_path / "out", tif, tmp_path / "half.png", "--max-side", 150, "--min-score", 0)
+    assert r.exit_code == 0, r.output
+    half = np.asarray(Image.open(tmp_path / "half.png").convert("RGB")).astype(float)
+    for y, x in ((70, 105), (75, 115), (80, 125)):  # inside the second mask, away from its box
+        shrunk = raw[2 * y:2 * y + 2, 2 * x:2 * x + 2].reshape(-1, 3).mean(0)  # rasterio's average of 2x2
+        expected = shrunk * (1 - MASK_OPACITY / 255) + np.array(colour(2)) * MASK_OPACITY / 255
+        assert np.abs(half[y, x] - expected).max() <= 2
+    assert np.abs(half[20, 10] - raw[40:42, 20:22].reshape(-1, 3).mean(0)).max() <= 1  # no mask there
+
+
 def test_render_and_report_read_s3_outputs_and_sources_with_the_storage_flags(make_video, s3, tmp_path):
     fs, endpoint = s3
     video = make_video("render12.mp4", 12, 12.0)
