@@ -31,7 +31,7 @@ from pipeline.output import Output, OutputSettingsError, error_row, final_state
 from pipeline.counter import FrameCounter
 from pipeline.plan import Plan, Resources, count_planned, count_written, execute, plan_work, raster_summary
 from pipeline.raydata import (actor_init_death, environ, one_node_execution, patched, quiet_actor_init_deaths,
-                              start_ray_data_helpers)
+                              spend_actor_restart_warning, start_ray_data_helpers)
 from pipeline.sizing import ask_detector_gpu_memory, auto_batch, cluster_nodes, fit, model_input_mpx
 from pipeline.sources import expand_inputs
 from pipeline.storage import check_output_location, one_line, redact_text
@@ -187,6 +187,7 @@ def _init_ray(ray, address: str | None) -> None:
     if address:
         check_address(address)
         ray.init(address=address, log_to_driver=False)
+        spend_actor_restart_warning()
     else:
         # the node's processes start with the CPU detectors' malloc settings (fpn_model.memory), so its workers
         # have them too: a detector then needs no runtime_env of its own and takes one of the workers Ray starts
@@ -196,6 +197,7 @@ def _init_ray(ray, address: str | None) -> None:
             with _lean_local_node(), environ(env), _quiet_auth_notice():
                 ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                          _system_config=_embedded_system_config())
+            spend_actor_restart_warning()
             _worker_env.clear()
             _worker_env.update(env)
             _embedded.set()

@@ -7,7 +7,8 @@ itself.
 - `one_node_execution`: on the embedded one-node cluster, without the four actors that serve only clusters of
   several nodes, the dashboard's metrics or telemetry;
 - `quiet_actor_init_deaths`: an actor that died in its `__init__` is the caller's to report, in one line, not Ray
-  Data's and Ray's on the terminal (an internal error's traceback, and each retry of a call to the dead actor).
+  Data's and Ray's on the terminal (an internal error's traceback, and each retry of a call to the dead actor);
+- `spend_actor_restart_warning`: without the error line Ray's core worker prints as the detectors start.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Iterator
 from .storage import exception_chain
 
 __all__ = ["start_ray_data_helpers", "one_node_execution", "quiet_actor_init_deaths", "actor_init_death", "environ",
-           "patched"]
+           "patched", "spend_actor_restart_warning"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,36 @@ def start_ray_data_helpers() -> threading.Thread:
     thread = threading.Thread(target=start, name="fpn-ray-data-helpers", daemon=True)
     thread.start()
     return thread
+
+
+def spend_actor_restart_warning() -> None:
+    """Spend, out of sight, the line Ray's core worker prints once per process on the terminal the first time it
+    creates an actor that may restart and takes an argument from the object store ("[... E ...] core_worker.cc:
+    Actor with class name: 'MapWorker(MapBatches(Detector))' ... has constructor arguments in the object store and
+    max_restarts > 0. If the arguments ... go out of scope or are lost, the actor restart will fail. See
+    https://github.com/ray-project/ray/issues/53727"): every job printed it across its progress bar, `make demo`'s
+    first. Ray Data hands every pool actor its transformer by reference and restarts them (a detector's restart is
+    how a killed one loses nothing); the driver holds those references for the whole job, so they are not lost
+    while an actor may need them. Ray has no setting for this line: an actor no node can place is created with
+    the standard error sent to /dev/null for that call, and killed before anything schedules it. The line is
+    still in the driver's log (python-core-driver-*.log)."""
+    import ray
+
+    @ray.remote(max_restarts=1, num_cpus=0, resources={"fpn-never-placed": 1})
+    class _Spent:
+        def __init__(self, arg):
+            pass
+
+    ref = ray.put(None)
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        actor = _Spent.remote(ref)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    ray.kill(actor)
 
 
 class _NoRemote:
