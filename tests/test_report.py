@@ -179,3 +179,22 @@ def test_demo_runs_the_bundled_model_on_imagery_it_knows_and_writes_the_report(r
     assert keys["frames"] == 25 and keys["errors"] == 0 and set(classes) == {"Tree"}
     assert "flyover.mp4" in html and "SOAP_061.png" in html and "bikes.mp4" not in html
     assert html.count("<figcaption>frame ") == 6
+
+
+def test_ray_datas_issue_advice_stays_off_the_console_and_in_its_log(capfd):
+    """Ray Data's issue detectors printed 12 lines per operator every 30 s of a job over the bar ("Operator 'Write'
+    uses 306.8MiB of memory per worker ... consider setting `memory=...`"); its other warnings still show."""
+    import logging
+
+    from jobs.progress import quiet_ray_data
+
+    quiet_ray_data()
+    quiet_ray_data()  # twice, one filter
+    console = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
+    assert console and all(sum(type(f).__name__ == "_NoIssueAdvice" for f in h.filters) == 1 for h in console)
+    logging.getLogger("ray.data._internal.issue_detection.issue_detector_manager").warning("Operator 'Write' uses")
+    logging.getLogger("ray.data._internal.execution.streaming_executor").warning("a warning of its own")
+    err = capfd.readouterr().err
+    assert "Operator 'Write' uses" not in err and "a warning of its own" in err
+    logs = [h for h in logging.getLogger("ray.data").handlers if not isinstance(h, logging.StreamHandler)]
+    assert logs and not any(type(f).__name__ == "_NoIssueAdvice" for h in logs for f in h.filters)  # its log file
