@@ -9,7 +9,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SOAP
+from conftest import REPO, SOAP
 from fpn_model.data import read_image
 from fpn_model.predict import Predictor, TileConfig
 from fpn_model.weights import load_checkpoint
@@ -95,6 +95,36 @@ def test_bad_inputs_become_error_rows_and_good_ones_finish(ray_session, make_vid
     assert n >= 15
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("probe failed for")]
     assert len(said) == 11 and said[-1].startswith(f"probe failed for {n - 10} more sources"), said
+
+
+def test_images_that_fail_to_decode_are_an_error_file_per_block_not_per_image(ray_session, tmp_path):
+    """24 of 48 snapshots truncated after a valid header (the probe reads them, the decoder cannot): 24 error rows,
+    each naming its file, in at most a file per decode task (a file each before: 5,000 damaged snapshots, 5,000
+    files), and the good ones' frames once each."""
+    import io
+
+    import ray
+    from PIL import Image
+
+    from pipeline.plan import _unit_blocks
+
+    src = tmp_path / "snaps"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(48):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(buf, "JPEG")
+        data = buf.getvalue()
+        (src / f"s{k:02d}.jpg").write_bytes(data[:len(data) // 3] if k % 2 else data)
+    null = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"
+    doc = job([src], tmp_path / "out", model=null)
+    t, e = frames_table(tmp_path / "out"), errors_table(tmp_path / "out")
+    assert_exactly_once(t)
+    assert sorted(t.column("source").to_pylist()) == [str(src / f"s{k:02d}.jpg") for k in range(0, 48, 2)]
+    assert sorted(e.column("source").to_pylist()) == [str(src / f"s{k:02d}.jpg") for k in range(1, 48, 2)]
+    assert set(e.column("stage").to_pylist()) == {"decode"} and doc["errors"] == 24
+    blocks = len(_unit_blocks([{"kind": "image"}] * 48, ray.cluster_resources()["CPU"]))
+    assert len(list((tmp_path / "out" / "errors").iterdir())) <= blocks < 24
 
 
 def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video, tmp_path, capsys):
