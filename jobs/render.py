@@ -197,6 +197,7 @@ def read_pixels(source: str, kind: str, *, region: Region, max_side: int | None 
 
         window = Window(region.x, region.y, region.width, region.height)
         with open_raster(source, storage_options) as ds:
+            _within(source, region, ds.width, ds.height)
             if (palette := palette_of(ds)) is not None:  # colours, not index values
                 return _display_rgb(read_palette(ds, 1, palette, window, (h, w), downsampling=True))
             chosen = list(bands) if bands and max(bands) <= ds.count else list(range(1, ds.count + 1))
@@ -206,10 +207,19 @@ def read_pixels(source: str, kind: str, *, region: Region, max_side: int | None 
     fs, path = filesystem(source, storage_options)
     with fs.open(path, "rb") as f, Image.open(f) as im:
         full = im.size
+        _within(source, region, *full)
         im.draft("RGB", (w, h))  # JPEG: decode at a reduced scale when that is enough
         sx, sy = im.size[0] / full[0], im.size[1] / full[1]
         box = (region.x * sx, region.y * sy, (region.x + region.width) * sx, (region.y + region.height) * sy)
         return np.asarray(im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR, box=box))
+
+
+def _within(source: str, region: Region, width: int, height: int) -> None:
+    """ValueError, in one line, when `region` (inside the frame as the job read it) lies outside `source` as it is
+    now: the source was replaced by a smaller one since (PIL said "box can't exceed original image size")."""
+    if region.x + region.width > width or region.y + region.height > height:
+        raise ValueError(f"{source} is {width}x{height} pixels now, smaller than when the job read it: it changed "
+                         "since, and its boxes are of the old version (process it into a new output)")
 
 
 def _display_rgb(data: np.ma.MaskedArray) -> np.ndarray:

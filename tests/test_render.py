@@ -271,3 +271,12 @@ def test_a_source_changed_since_the_job_read_it_is_said(make_video, tmp_path):
     assert r.exit_code == 0 and "1 detections drawn" in r.output, r.output
     assert (f"warning: {video} changed since the job read it (size {size} -> {video.stat().st_size} bytes): the "
             "boxes drawn are of the version it read") in r.output
+    # an image replaced by a smaller one: one line saying so (PIL: "box can't exceed original image size")
+    image = tmp_path / "snap.png"
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(image)
+    Output(str(tmp_path / "img")).write_frames(pa.Table.from_pylist(
+        [_row(canonical_uri(str(image)), "image", 0, None, 96, 64, [(10, 10, 40, 30, 0.9, 1)])], schema=FRAME_SCHEMA))
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(image)
+    r = invoke("render", tmp_path / "img", image, tmp_path / "small.png")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert f"Error: {image} is 50x40 pixels now, smaller than when the job read it: it changed since" in r.output
