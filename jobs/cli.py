@@ -168,8 +168,12 @@ def _print_summary(doc: dict) -> None:
         + ")"
     )
     if doc.get("frames_outside_plan"):
-        click.echo(f"of them, {doc['frames_outside_plan']} frames are of earlier runs' sampling, outside this run's "
-                   f"plan ({doc.get('planned_frames')} frames, as fpn status counts)")
+        click.echo(f"of them, {doc['frames_outside_plan']} frames are outside this run's plan ({doc.get('planned_frames')}"
+                   " frames, as fpn status counts): earlier runs' of other inputs, of another sampling, or of sources "
+                   "since changed or gone")
+    if doc.get("errors_of_other_inputs"):
+        click.echo(f"of the errors, {doc['errors_of_other_inputs']} are earlier runs' about inputs this run did not "
+                   "read (kept; this run's state is of its own inputs)")
     if doc.get("decoded_per_sampled") is not None:
         click.echo(f"decoded: {doc['decoded_frames']} frames for the output's {doc['frames']} sampled, all runs "
                    f"({doc['decoded_per_sampled']:.2f} per sampled frame)")

@@ -513,12 +513,13 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             out.write_job(doc)
+            read = {s.canonical for s in sources}  # a changed one too: its error row is this run's
             sources = _skip_changed(out, sources)
             done = frozenset(out.done_ids())
             units, unread = plan_work(plan, out, sources)
             doc["planned_frames"] = count_planned(plan, units)
             doc["skipped_frames"] = count_written(plan, units, done)  # planned, and written by earlier runs
-            doc["frames_outside_plan"] = len(done) - doc["skipped_frames"]  # earlier runs' sampling took them
+            doc["frames_outside_plan"] = len(done) - doc["skipped_frames"]  # other inputs or sampling took them
             doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
             doc["nothing_read"] = unread  # sources the aoi or the time range misses, and why
             doc["work_units"] = len(units)
@@ -548,11 +549,13 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
                 doc["device_errors"] = device_errors
             if plan.video_backend == "nvdec" or written["nvdec_frames"]:  # of this run's frames written
                 doc["frames_decoded_on_gpu"] = written["nvdec_frames"]
-            out.drop_stale_errors()  # this run re-attempted everything they named
+            out.drop_stale_errors(read)  # this run re-attempted everything they named of its sources
             counts = out.counts()
             if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
                 out.write_empty_frames(with_masks=with_masks)
-            state = final_state(frames=counts["frames"], errors=counts["errors"])
+            # the state is this run's: an earlier run's error about a source it did not read is kept, and counted
+            doc["errors_of_other_inputs"] = counts["errors"] - out.errors_of_run()
+            state = final_state(frames=counts["frames"], errors=counts["errors"] - doc["errors_of_other_inputs"])
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 state = "interrupted" if lease.lost else "cancelled"

@@ -128,12 +128,13 @@ class OutputBusyError(RuntimeError):
 
 
 class OutputSettingsError(ValueError):
-    """The output holds frames made with other settings (model, sampling, ...): its frame ids would not mean the
-    same, so a job does not add to it. `differences`: what differs, as "field old -> new; ..."."""
+    """The output holds frames made with other settings (model and its overrides, tiles, raster windows, ...): its
+    frames' detections, or a raster's window ids, would not mean the same as this job's, so a job does not add to
+    it. `differences`: what differs, as "field old -> new; ..."."""
 
     def __init__(self, output: str, differences: str):
         super().__init__(f"{output} holds frames made with other settings ({differences}): write to a new output "
-                         "(frame ids would not mean the same)")
+                         "(an output's frames are all of one model and its settings)")
         self.differences = differences
 
 
@@ -240,20 +241,39 @@ class Output:
         self.write_table(frame_schema(with_masks).empty_table(), "frames/part-empty.parquet")
 
     def write_errors(self, rows: list[dict], key: str) -> None:
-        """Error rows of one unit of work in this run, under a name from `key` (a retry rewrites it). Files of
-        earlier runs are removed when a run completes (`drop_stale_errors`): it re-attempted all they name."""
+        """Error rows of one unit of work in this run, under a name from `key` (a retry rewrites it). Rows of
+        earlier runs are removed when a run completes, of the sources it read again (`drop_stale_errors`)."""
         if rows:
             table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
             name = f"err-r{self.run:04d}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.parquet"
             self.write_table(table, f"errors/{name}")
 
-    def drop_stale_errors(self) -> int:
-        """Remove error files of runs before this one (called when this run went through all its work, so each
-        error still true was written again). Returns how many files went."""
-        stale = [f for f in self.error_files() if _error_run(f) < self.run]
-        for f in stale:
-            self.fs.rm(f)
-        return len(stale)
+    def drop_stale_errors(self, read: set[str]) -> int:
+        """Remove the error rows of runs before this one whose source this run `read` (canonical URIs; called when
+        this run went through all its work, so each of those errors still true was written again). Rows of sources
+        this run did not read stay: a daily run over the day's new files removed every older run's errors. A file
+        whose rows all go is removed, one with some left is rewritten with those, under its name (its run's).
+        Returns how many rows went."""
+        dropped = 0
+        for f in self.error_files():
+            if _error_run(f) >= self.run:
+                continue
+            with self.fs.open(f, "rb") as fh:
+                table = pq.read_table(fh)
+            keep = pc.invert(pc.is_in(table.column("source"), pa.array(sorted(read), pa.string())))
+            kept = table.filter(keep)
+            if kept.num_rows == table.num_rows:
+                continue
+            dropped += table.num_rows - kept.num_rows
+            if kept.num_rows:
+                self.write_table(kept, f"errors/{f.rsplit('/', 1)[-1]}")
+            else:
+                self.fs.rm(f)
+        return dropped
+
+    def errors_of_run(self) -> int:
+        """Error rows this run wrote (from the Parquet footers)."""
+        return sum(self._footer(f).num_rows for f in self.error_files() if _error_run(f) == self.run)
 
     # -- reading --------------------------------------------------------------------------------
     def frame_files(self) -> list[str]:

@@ -178,7 +178,8 @@ class Plan:
         return self.storage_options if self.output_storage_options is None else self.output_storage_options
 
     def identity(self, weights_sha256: str) -> dict[str, Any]:
-        """The settings that change what a frame id means: an output holds frames of one identity only."""
+        """The settings that change what a frame's row means (its detections; a raster window's id and pixels): an
+        output holds frames of one identity only."""
         return {"model": self.model_id, "weights_sha256": weights_sha256,
                 "model_overrides": dict(sorted(self.model_overrides.items())),
                 "tile": None if self.tile is None else dataclasses.asdict(self.tile),

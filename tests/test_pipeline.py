@@ -127,6 +127,32 @@ def test_images_that_fail_to_decode_are_an_error_file_per_block_not_per_image(ra
     assert len(list((tmp_path / "out" / "errors").iterdir())) <= blocks < 24
 
 
+def test_a_run_over_some_inputs_keeps_earlier_runs_errors_about_the_others(ray_session, tmp_path):
+    """A daily run over the day's folder removed every earlier run's error rows (the archive's unreadable files
+    vanished from `errors` and status said 0): only rows of sources the run read again go, an error file of
+    several sources keeps the others' rows, and the run's state is of its own inputs."""
+    from PIL import Image
+
+    null = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"
+    days = {d: tmp_path / d for d in ("day1", "day2")}
+    for d, folder in days.items():
+        folder.mkdir()
+        Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(folder / "good.png")
+        (folder / "bad.jpg").write_bytes(b"")  # fails its probe: one error file for both days' bad ones
+    out = tmp_path / "out"
+    first = job(list(days.values()), out, model=null)
+    assert first["state"] == "finished_with_errors" and errors_table(out).num_rows == 2
+    (days["day2"] / "bad.jpg").unlink()
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(days["day2"] / "bad.jpg")  # re-uploaded, readable
+    second = job([days["day2"]], out, model=null)
+    assert errors_table(out).column("source").to_pylist() == [str(days["day1"] / "bad.jpg")]
+    assert (second["state"], second["errors"], second["errors_of_other_inputs"]) == ("succeeded", 1, 1)
+    third = job(list(days.values()), out, model=null)  # day 1's file read again, still bad: its row, this run's
+    assert errors_table(out).column("source").to_pylist() == [str(days["day1"] / "bad.jpg")]
+    assert (third["state"], third["errors"], third["errors_of_other_inputs"]) == ("finished_with_errors", 1, 0)
+    assert frames_table(out).num_rows == 3
+
+
 def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video, tmp_path, capsys):
     v = make_video("r40.mp4", 40, 10.0)
     out = tmp_path / "out"
@@ -155,8 +181,8 @@ def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video
     from jobs.cli import _print_summary  # "20 frames" beside status's 10 / 10: the summary says why
 
     _print_summary(sparse)
-    assert ("of them, 10 frames are of earlier runs' sampling, outside this run's plan (10 frames, as fpn status "
-            "counts)") in capsys.readouterr().out
+    assert ("of them, 10 frames are outside this run's plan (10 frames, as fpn status counts): earlier runs' of "
+            "other inputs, of another sampling, or of sources since changed or gone") in capsys.readouterr().out
 
 
 def test_only_units_with_a_frame_to_write_run_again(tmp_path):
