@@ -147,6 +147,8 @@ def test_a_run_over_some_inputs_keeps_earlier_runs_errors_about_the_others(ray_s
     second = job([days["day2"]], out, model=null)
     assert errors_table(out).column("source").to_pylist() == [str(days["day1"] / "bad.jpg")]
     assert (second["state"], second["errors"], second["errors_of_other_inputs"]) == ("succeeded", 1, 1)
+    status = Output(str(out)).progress()
+    assert (status["state"], status["errors"], status["errors_of_other_inputs"]) == ("succeeded", 1, 1)
     third = job(list(days.values()), out, model=null)  # day 1's file read again, still bad: its row, this run's
     assert errors_table(out).column("source").to_pylist() == [str(days["day1"] / "bad.jpg")]
     assert (third["state"], third["errors"], third["errors_of_other_inputs"]) == ("finished_with_errors", 1, 0)
