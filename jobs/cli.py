@@ -293,6 +293,9 @@ def _run_and_exit(plan, **kwargs) -> None:
               "there is none), or module:Class of your own.")
 @click.option("--decode-timeout", "decode_timeout_s", type=float,
               help="Seconds to wait for the next decoded batch before a decoder counts as hung.  [default: 300]")
+@click.option("--replace-changed", is_flag=True, default=None,
+              help="A source changed since a run wrote frames of it (size, ETag or mtime): remove its old frames "
+                   "and process it again.  [default: an error row (SourceChanged); its old frames stay]")
 @storage_flags
 @click.option("--bands", help="Raster bands (1-based) in the model's channel order, e.g. 4,3,2; or STAC band "
               "assets to combine, e.g. B04,B03,B02.")
@@ -309,7 +312,7 @@ def _run_and_exit(plan, **kwargs) -> None:
 def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, start_s, end_s, keyframes, tile,
         tile_overlap, no_tile, score_thresh, scale, segment_frames, num_detectors, max_detectors, gpus_per_detector,
         cpus_per_detector, calls_per_detector, precision, compile_model, video_backend, decode_timeout_s,
-        endpoint_url, profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
+        replace_changed, endpoint_url, profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
     """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
 
     INPUTS are files, directories, globs, s3:// or other fsspec URLs, manifests (.txt: one URI a line, relative
@@ -321,7 +324,7 @@ def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, star
 
     flags = _run_flags(output=output, model=model, batch_size=batch_size, score_thresh=score_thresh, scale=scale,
                        min_rows_per_file=min_rows_per_file, segment_frames=segment_frames, video_backend=video_backend,
-                       decode_timeout_s=decode_timeout_s,
+                       decode_timeout_s=decode_timeout_s, changed_sources="replace" if replace_changed else None,
                        sampling=dict(every_n=every_n, fps=fps, start_s=start_s, end_s=end_s,
                                      keyframes=keyframes or None),
                        resources=dict(num_detectors=num_detectors, max_detectors=max_detectors,

@@ -514,7 +514,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
         try:
             out.write_job(doc)
             read = {s.canonical for s in sources}  # a changed one too: its error row is this run's
-            sources = _skip_changed(out, sources)
+            sources = _skip_changed(out, sources, replace=plan.changed_sources == "replace")
             done = frozenset(out.done_ids())
             units, unread = plan_work(plan, out, sources)
             doc["planned_frames"] = count_planned(plan, units)
@@ -618,19 +618,25 @@ def _safe_counts(out: Output) -> dict[str, int]:
         return {}
 
 
-def _skip_changed(out: Output, sources: list) -> list:
+def _skip_changed(out: Output, sources: list, *, replace: bool = False) -> list:
     """Sources that changed (size or version) since an earlier run wrote frames of them become error rows: the
-    frames here are of the old version. Returns the other sources, and records size and version of each source
-    read afresh."""
+    frames here are of the old version. With `replace`, their frames are removed instead, and they are processed
+    again. Returns the sources to process, and records size and version of each source read afresh (of a replaced
+    one, once its old frames are gone: a run that dies before finds it changed again)."""
     recorded = out.read_sources()
     current = {s.canonical: {"size": s.size, "version": None if s.version is None else str(s.version)}
                for s in sources}
     differs = {src: why for src, cur in current.items()
                if src in recorded and (why := Output.source_change(recorded[src], cur))}
     stale = out.sources_with_frames(set(differs)) if differs else set()
+    if replace and stale:
+        dropped = out.drop_frames_of(stale)
+        log.warning("%d source(s) changed since earlier runs (%s%s): their %d frames removed, to be processed again",
+                    len(stale), ", ".join(sorted(stale)[:3]), ", ..." if len(stale) > 3 else "", dropped)
+        stale = set()
     for src in sorted(stale):
         msg = (f"{src} changed since run {recorded[src].get('first_run')} ({differs[src]}): its frames here are of "
-               "the old version; write to a new output to process it again")
+               "the old version; run with --replace-changed to process it again here, or write to a new output")
         out.write_errors([error_row(src, "probe", msg, error_type="SourceChanged")], f"changed:{src}")
     fresh = {src: {**cur, "first_run": out.run} for src, cur in current.items()
              if (src not in recorded or src in differs) and src not in stale}

@@ -364,6 +364,28 @@ class Output:
                              if s in candidates)
         return found
 
+    def drop_frames_of(self, sources: set[str]) -> int:
+        """Remove the frames of `sources` (canonical URIs) from the output, so that a run can process their new
+        version. A file holding only their frames is removed; one holding others too is written again without
+        them (under the name of the frames it keeps) before the original is removed, so no other frame is ever
+        missing; a crash between the two leaves both, which the next run's duplicate check resolves. Returns how
+        many frames went."""
+        dropped = 0
+        wanted = pa.array(sorted(sources), pa.string())
+        for f in self.frame_files():
+            with self.fs.open(f, "rb") as fh:
+                table = pq.read_table(fh)
+            gone = pc.is_in(table.column("source"), wanted)
+            n = pc.sum(gone).as_py() or 0
+            if not n:
+                continue
+            kept = table.filter(pc.invert(gone))
+            if kept.num_rows:
+                self.write_table(kept, frames_file(kept.column("frame_id").to_pylist()))
+            self.fs.rm(f)
+            dropped += n
+        return dropped
+
     def counts(self) -> dict[str, int]:
         """Frames and error rows (from the Parquet footers), detections (one int32 column), raster windows
         skipped as all nodata (one bool column) and frames decoded (one int32 column; a file written before it

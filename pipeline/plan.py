@@ -113,6 +113,9 @@ class Plan:
     windows_per_unit: int = 4
     video_backend: str = "decord"  # decord | pyav | nvdec | module:Class (a VideoDecoder)
     decode_timeout_s: float = 300.0  # longest wait for the next decoded batch; a hung decoder is retried once
+    # a source changed since a run wrote frames of it (size, ETag or mtime): "error" (a SourceChanged row; its old
+    # frames stay) or "replace" (its old frames are removed and the new version processed)
+    changed_sources: str = "error"
     resources: Resources = Resources()
     model_overrides: dict[str, Any] = field(default_factory=dict, hash=False)
     # rasters (pipeline.raster): bands (1-based) in the model's channel order (None: by band name, else the first
@@ -143,6 +146,8 @@ class Plan:
         check_video_backend(self.video_backend)
         if self.decode_timeout_s <= 0:
             raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
+        if self.changed_sources not in ("error", "replace"):
+            raise ValueError(f"changed_sources must be error or replace, got {self.changed_sources!r}")
         if self.bands is not None:
             object.__setattr__(self, "bands", tuple(self.bands))
             numbers = all(isinstance(b, int) and b >= 1 for b in self.bands)

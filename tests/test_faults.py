@@ -462,6 +462,36 @@ def test_a_changed_source_is_an_error_row_on_resume(ray_session, make_video, tmp
     assert_once(frames(out), 12)
 
 
+def test_a_changed_source_is_processed_again_with_replace_changed(ray_session, make_video, tmp_path):
+    """--replace-changed: a source re-uploaded longer (a partial upload completed, a re-encode) loses its old
+    frames and is processed again, once each; another source's frames in the same files stay; the earlier
+    SourceChanged row goes. Without it the new frames were out of reach of that output for good."""
+    src, other = tmp_path / "clip.mp4", tmp_path / "other.mp4"
+    src.write_bytes(make_video("chg12.mp4", 12, 6.0).read_bytes())
+    other.write_bytes(make_video("other8.mp4", 8, 6.0).read_bytes())
+    out = tmp_path / "out"
+    null = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"
+    spec = {"inputs": [str(src), str(other)], "output": str(out), "model": null, "segment_frames": 4,
+            "min_rows_per_file": 20}
+    run(plan_from_dict(spec))
+    assert len(file_rows(out)) == 1  # both sources' frames in one file
+    src.write_bytes(make_video("chg20.mp4", 20, 6.0).read_bytes())
+    assert run(plan_from_dict(spec))["state"] == "finished_with_errors"  # SourceChanged, as before
+    r = invoke("run", *spec["inputs"], "-o", out, "-m", null, "--segment-frames", 4, "--replace-changed")
+    assert r.exit_code == 0, r.output
+    t = frames(out)
+    assert_once(t, 28)
+    by_source = {s: sorted(i for s2, i in zip(t.column("source").to_pylist(), t.column("frame_index").to_pylist())
+                           if s2 == s) for s in (str(src), str(other))}
+    assert by_source == {str(src): list(range(20)), str(other): list(range(8))}
+    assert errors(out) is None
+    doc = json.loads((out / "_job.json").read_text())
+    assert doc["state"] == "succeeded" and doc["spec"]["changed_sources"] == "replace"
+    record("source video replaced (12 -> 20 frames) before a rerun with --replace-changed",
+           "old frames removed, the new version processed; the other source's frames kept", expected=28,
+           frames=t, errors=0, exit_code=0)
+
+
 def test_error_rows_fixed_by_a_resume_disappear(ray_session, make_video, tmp_path):
     src = tmp_path / "late.png"
     src.write_bytes(b"")  # not there yet: an empty file
