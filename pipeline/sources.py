@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -127,6 +128,13 @@ def _is_pattern(item: str, path: str) -> bool:
     return protocol_of(item) not in ("http", "https") and any(ch in path for ch in "*?[")
 
 
+def _recursive(pattern: str) -> str:
+    """`**` starting a path component and followed by more of it (`flights/**.mp4`, as gsutil and many shells
+    read it: files ending .mp4 at any depth) as fsspec spells it, `flights/**/*.mp4` (fsspec refuses a `**` that
+    is not a whole component; its `**/` matches no directory too)."""
+    return re.sub(r"(^|/)\*\*(?=[^/])", r"\1**/*", pattern)
+
+
 def _stac_source(a) -> Source:
     """A STAC asset's Source; band assets combined are identified by their item."""
     return Source(a.href, canonical_uri(a.item_href if a.bands else a.href), stac_item=a.item, datetime=a.datetime,
@@ -140,7 +148,10 @@ def _expand_one(item: str, storage_options: dict | None, stac_asset: str, stac_b
         return [_stac_source(a) for a in stac_assets(item, storage_options, asset=stac_asset, bands=stac_bands)]
     fs, path = filesystem(item, storage_options)
     if _is_pattern(item, path):
-        found = fs.glob(path, detail=True)
+        try:
+            found = fs.glob(_recursive(path), detail=True)
+        except ValueError as e:  # fsspec's "Invalid pattern: ..."
+            raise ValueError(f"input {item}: {e}") from None
         out = [_source(fs, n, i, item) for n, i in found.items() if i.get("type") != "directory" and media_kind(n)]
         if not out:
             raise FileNotFoundError(f"input {item}: the pattern matches no media files")

@@ -326,6 +326,14 @@ def test_expand_inputs_globs_directories_manifests(tmp_path, make_video):
         str(tmp_path / "a" / "sub" / "y.png"), str(tmp_path / "a" / "x.png")]
     with pytest.raises(FileNotFoundError, match="matches no media"):
         expand_inputs([str(tmp_path / "*.mkv")])
+    # `**.png` as the README writes it (fsspec: "Invalid pattern: '**' can only be an entire path component"):
+    # at any depth, the top directory's too; a pattern fsspec cannot read names the input
+    assert [s.url for s in expand_inputs([str(tmp_path / "**.png")])] == [
+        str(tmp_path / "a" / "sub" / "y.png"), str(tmp_path / "a" / "x.png")]
+    assert [s.url for s in expand_inputs([str(tmp_path / "a" / "**.png")])] == [
+        str(tmp_path / "a" / "sub" / "y.png"), str(tmp_path / "a" / "x.png")]
+    with pytest.raises(ValueError, match=r"^input .*/a\*\*/\*.png: Invalid pattern"):
+        expand_inputs([str(tmp_path / "a**" / "*.png")])
 
 
 def test_planning_tasks_import_no_model_and_no_ray_data():

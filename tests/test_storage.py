@@ -321,6 +321,9 @@ def test_expand_inputs_lists_an_s3_prefix_with_etags(s3):
     sources = expand_inputs(["s3://test/vids/", "s3a://test/vids/a.mp4"], options)
     assert [(s.canonical, s.size) for s in sources] == [("s3://test/vids/a.mp4", 4), ("s3://test/vids/b.jpg", 2)]
     assert sources[0].version == fs.info("test/vids/a.mp4")["ETag"].strip('"')
+    fs.pipe("test/vids/deep/d.mp4", b"d")
+    assert [s.canonical for s in expand_inputs(["s3://test/vids/**.mp4"], options)] == [  # as the README writes it
+        "s3://test/vids/a.mp4", "s3://test/vids/deep/d.mp4"]
 
 
 @pytest.mark.slow
