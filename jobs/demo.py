@@ -38,6 +38,18 @@ def make_flyover(image: np.ndarray, path: str | Path, *, size: int = 256, frames
     return write_video((image[y:y + size, x:x + size] for x, y in zip(xs, ys)), path, fps)
 
 
+def _write_if_changed(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write` the file at `path` beside it, and put it in place only when its bytes differ from what is there: a
+    rerun of the demo rewrote the clip, whose new modification time made it a changed source (an error row, the
+    run "finished with errors") where the README promises that a rerun skips what was written."""
+    fresh = path.with_name(f".new-{path.name}")
+    write(fresh)
+    if path.exists() and path.read_bytes() == fresh.read_bytes():
+        fresh.unlink()
+    else:
+        fresh.replace(path)
+
+
 def _earlier_demo(job: str, inputs) -> bool:
     """Whether the output at `job` is one that `run_demo` wrote: its inputs have the names of the demo's."""
     spec = Output(job).read_job(missing_ok=True).get("spec", {})
@@ -53,7 +65,7 @@ def run_demo(output: str | Path, *, min_score: float = 0.3,
     out.mkdir(parents=True, exist_ok=True)
     aerial = DATA_DIR / "aerial-trees" / "SOAP_061.png"
     flyover = out / "flyover.mp4"
-    make_flyover(read_image(aerial), flyover)
+    _write_if_changed(flyover, lambda path: make_flyover(read_image(aerial), path))
     job = str(out / "job")
     plan = plan_from_dict({
         "inputs": [str(aerial), str(flyover)],

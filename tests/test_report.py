@@ -153,6 +153,10 @@ def test_demo_starts_afresh_over_an_earlier_demo_made_with_another_model(ray_ses
     from pipeline.output import OutputSettingsError
 
     run_demo(tmp_path)
+    clip = (tmp_path / "flyover.mp4").stat().st_mtime_ns
+    again, _, _ = run_demo(tmp_path)  # skips what it wrote (the clip was written again: a changed source, an error)
+    assert (again["state"], again["skipped_frames"], again["runs"]) == ("succeeded", 25, 2)
+    assert (tmp_path / "flyover.mp4").stat().st_mtime_ns == clip and not list(tmp_path.glob(".new-*"))
     doc_path = tmp_path / "job" / "_job.json"
     doc = json.loads(doc_path.read_text())
     doc["identity"]["weights_sha256"] = "0" * 64  # as if an older bundled model had made it
