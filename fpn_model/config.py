@@ -237,11 +237,12 @@ def precisions_on(device_type: str) -> tuple[str, ...]:
     return tuple(p for p in PRECISIONS if _ONLY_ON.get(p, device_type) == device_type)
 
 
-def check_precision(precision: str, device_type: str) -> None:
-    """ValueError unless `precision` runs on `device_type` ("cpu", "cuda"): int8 is a CPU path, fp16 a GPU one."""
+def check_precision(precision: str, device_type: str | None) -> None:
+    """ValueError unless `precision` runs on `device_type` ("cpu", "cuda"): int8 is a CPU path, fp16 a GPU one;
+    None (a device not decided yet): unless it is one of PRECISIONS."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision not in precisions_on(device_type):
+    if device_type is not None and precision not in precisions_on(device_type):
         others = " or ".join(p for p in precisions_on(device_type) if p != "exact")
         where = "CPUs" if _ONLY_ON[precision] == "cpu" else "GPUs"
         raise ValueError(f"precision {precision} is for {where}; on {'a CPU' if device_type == 'cpu' else device_type}"

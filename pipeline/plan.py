@@ -79,8 +79,8 @@ class Resources:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.precision is not None and self.gpus_per_detector is not None:  # else checked once fitted
-            check_precision(self.precision, self.device_type)
+        if self.precision is not None:  # for the device once it is decided (pipeline.sizing.fit), if it is not
+            check_precision(self.precision, self.device_type if self.gpus_per_detector is not None else None)
 
     @property
     def device_type(self) -> str:

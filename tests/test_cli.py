@@ -38,6 +38,9 @@ def test_models_lists_bundled_checkpoint_as_json():
     ({"inputs": ["x.mp4"], "output": "o", "score_thresh": 5}, "score_thresh"),  # was a run finding nothing
     ({"inputs": ["x.mp4"], "output": "o", "scale": 0}, "scale"),  # failed in the detector once Ray had started
     ({"inputs": ["x.mp4"], "output": "o", "sampling": {"every_n": 5, "fps": 4}}, "sampling"),  # sampled both ways
+    # caught once Ray had started and the job was planned, naming no field
+    ({"inputs": ["x.mp4"], "output": "o", "resources": {"precision": "int4"}}, "resources"),
+    ({"inputs": ["x.mp4"], "output": "o", "changed_sources": "keep"}, "changed_sources"),
 ])
 def test_bad_spec_fails_before_work_naming_the_field(tmp_path, spec, field):
     import yaml
