@@ -334,7 +334,11 @@ def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, star
                        tile=dict(size=tile, overlap=tile_overlap), no_tile=no_tile)
     flags.update(_storage_flags(endpoint_url, profile, anon))
     flags.update(_raster_flags(bands, stretch, gsd, no_resample, aoi))
-    if len(inputs) == 1 and inputs[0].endswith((".yaml", ".yml")):
+    specs = [i for i in inputs if i.endswith((".yaml", ".yml"))]
+    if specs and len(inputs) > 1:  # a spec among media became an error row ("not a supported media file")
+        raise click.UsageError(f"a job spec is the only input of fpn run: list the others in its inputs field "
+                               f"(given: {', '.join(inputs[:4])}{', ...' if len(inputs) > 4 else ''})")
+    if specs:
         from jobs.manager import restore_secrets  # secrets of a submitted spec travel in the job's environment
 
         plan = plan_from_dict(merge_fields(restore_secrets(read_spec_file(inputs[0])), flags))

@@ -53,6 +53,16 @@ def test_bad_spec_fails_before_work_naming_the_field(tmp_path, spec, field):
     assert "Traceback" not in r.output and not (tmp_path / "o").exists()
 
 
+def test_a_job_spec_among_other_inputs_is_refused_before_any_work(tmp_path):
+    """`fpn run job.yaml x.png -o z` read the spec as a media file (an error row, exit 3); two specs were told
+    "--output is required"."""
+    (tmp_path / "job.yaml").write_text(f"inputs: [{SOAP}]\noutput: {tmp_path / 'o'}\n")
+    for args in ([tmp_path / "job.yaml", SOAP, "-o", tmp_path / "z"], [tmp_path / "job.yaml", tmp_path / "job.yaml"]):
+        r = CliRunner().invoke(cli, ["run", *map(str, args)])
+        assert r.exit_code == 2 and "a job spec is the only input of fpn run" in r.output, r.output
+    assert not (tmp_path / "z").exists() and not (tmp_path / "o").exists()
+
+
 def test_tile_flags_that_contradict_each_other_are_refused(tmp_path):
     r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", str(tmp_path / "o"), "--tile", "256", "--no-tile"])
     assert r.exit_code == 2 and "--no-tile feeds frames whole: give it or --tile/--tile-overlap, not both" in r.output
