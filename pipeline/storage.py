@@ -559,10 +559,14 @@ def check_file_destination(url: str, example: str, storage_options: dict[str, An
         raise ValueError(f"{url} is a directory: name the file to write (e.g. {url.rstrip('/')}/{example})")
 
 
+# what a local output directory holds (pipeline.output): a directory holding other files is no output
+_OUTPUT_ENTRIES = {"_job.json", "frames", "errors", "_tmp", "_lease.json", "_lease.lock", "_sources.parquet"}
+
+
 def check_output_location(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Refuse an output on object storage whose bucket does not exist (FileNotFoundError), cannot be
-    reached (ConnectionError) or is forbidden (PermissionError), and a local output that is a file (ValueError),
-    before any work starts.
+    reached (ConnectionError) or is forbidden (PermissionError), and a local output that is a file or a directory
+    of other files (ValueError), before any work starts.
 
     fpn never creates buckets (a typo would otherwise make one, possibly public, in the wrong
     account): this only looks, and s3fs's `mkdir`/`makedirs`, which create buckets, must never be
@@ -573,6 +577,11 @@ def check_output_location(url: str, storage_options: dict[str, Any] | None = Non
     if proto not in _OBJECT_STORES:
         if fs.exists(path) and not fs.isdir(path):
             raise ValueError(f"output {url} is a file: an output is a directory (a new one, or an fpn output)")
+        others = sorted(set(os.listdir(path)) - _OUTPUT_ENTRIES) if fs.isdir(path) else []
+        if others and not {"_job.json", "frames"} & set(os.listdir(path)):  # a folder of images, say: written among
+            raise ValueError(f"output {url} is a directory of other files ({len(others)}: "
+                             f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): an output is a directory "
+                             "of its own (a new one, or an fpn output)")
         return
     bucket = path.strip("/").split("/", 1)[0]
     what = f"output {url}"

@@ -116,8 +116,14 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
     Path("notout").mkdir()
     Path("bad.xml").write_text("not xml")
     Path("bad.json").write_text('{"images": []}')
+    Path("photos").mkdir()
+    for name in ("a.png", "b.png", "c.png", "notes.txt"):
+        Path("photos", name).write_text("x")
     cases = [(["run", SOAP, "-o", "afile"], "output afile is a file: an output is a directory (a new one, or an fpn "
               "output)"),
+             # it wrote _job.json, frames/, _tmp/ and its lease among a folder of images
+             (["run", SOAP, "-o", "photos"], "output photos is a directory of other files (4: a.png, b.png, c.png, "
+              "...): an output is a directory of its own (a new one, or an fpn output)"),
              (["status", "afile"], "afile: no _job.json (is it an fpn output?)"),
              (["resume", "afile"], "afile: no _job.json (is it an fpn output?)"),
              (["status", "notout"], "notout: no _job.json (is it an fpn output?)"),
@@ -136,6 +142,7 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
         assert (r.exit_code, r.output.strip().splitlines()[-1]) == (1, f"Error: {line}"), args  # run: after its
         assert "Traceback" not in r.output  # header and progress bar
     assert Path("afile").read_text() == "x" and not any(Path("notout").iterdir())
+    assert sorted(p.name for p in Path("photos").iterdir()) == ["a.png", "b.png", "c.png", "notes.txt"]
 
 
 @pytest.mark.slow
