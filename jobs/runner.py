@@ -387,6 +387,12 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
+def _settings_differ(out: Output, identity: dict[str, Any]) -> str | None:
+    """How the settings `out`'s last run recorded differ from `identity` ("field old -> new; ..."), or None."""
+    previous = out.read_job(missing_ok=True).get("identity")
+    return "; ".join(_identity_diff(previous, identity)) if previous and previous != identity else None
+
+
 def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(old) | set(new)):
@@ -463,7 +469,13 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     model_input = read_input_spec(plan.checkpoint)
     plan.raster_settings(model_input)  # the bands chosen fit the model, before any work
     with_masks = cfg.arch == "mask_rcnn"
-    Output(plan.output, plan.output_options).lease(owner=job_id).check_free()  # a live writer: before Ray starts
+    probe = Output(plan.output, plan.output_options)
+    probe.lease(owner=job_id).check_free()  # a live writer: before Ray starts
+    _, digest = model_id(Path(plan.checkpoint))
+    identity = plan.identity(digest)
+    differences = _settings_differ(probe, identity)
+    if differences and probe.has_frames():  # before Ray starts too (checked again under the lease)
+        raise OutputSettingsError(plan.output, differences)
     init_ray(address, alongside_ray)
     start = {"before_run": began - psutil.Process().create_time(), "ray": time.time() - began}
     decoder_note = nvdec_note(plan) if _embedded.is_set() else None
@@ -477,13 +489,10 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     if not _embedded.is_set():
         _ray_threads.append(start_ray_data_helpers())
     counter = FrameCounter()
-    _, digest = model_id(Path(plan.checkpoint))
-    identity = plan.identity(digest)
-    probe = Output(plan.output, plan.output_options)
     with probe.lease(owner=job_id) as lease:
         previous = probe.read_job(missing_ok=True)
-        if previous.get("identity") and previous["identity"] != identity:
-            differences = "; ".join(_identity_diff(previous["identity"], identity))
+        differences = _settings_differ(probe, identity)
+        if differences:
             if probe.has_frames():
                 raise OutputSettingsError(plan.output, differences)
             # runs before wrote no frame (a run that failed at its start, or only error rows): nothing to keep
@@ -549,7 +558,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
                 doc["device_errors"] = device_errors
             if plan.video_backend == "nvdec" or written["nvdec_frames"]:  # of this run's frames written
                 doc["frames_decoded_on_gpu"] = written["nvdec_frames"]
-            out.drop_stale_errors(read)  # this run re-attempted everything they named of its sources
+            # this run re-attempted everything they named of its sources; all of them, when its settings replaced
+            out.drop_stale_errors(None if differences else read)
             counts = out.counts()
             if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
                 out.write_empty_frames(with_masks=with_masks)

@@ -248,18 +248,22 @@ class Output:
             name = f"err-r{self.run:04d}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.parquet"
             self.write_table(table, f"errors/{name}")
 
-    def drop_stale_errors(self, read: set[str]) -> int:
-        """Remove the error rows of runs before this one whose source this run `read` (canonical URIs; called when
-        this run went through all its work, so each of those errors still true was written again). Rows of sources
-        this run did not read stay: a daily run over the day's new files removed every older run's errors. A file
-        whose rows all go is removed, one with some left is rewritten with those, under its name (its run's).
-        Returns how many rows went."""
+    def drop_stale_errors(self, read: set[str] | None) -> int:
+        """Remove the error rows of runs before this one whose source this run `read` (canonical URIs; None: every
+        one, as when this run's settings replaced theirs; called when this run went through all its work, so each
+        of those errors still true was written again). Rows of sources this run did not read stay: a daily run over
+        the day's new files removed every older run's errors. A file whose rows all go is removed, one with some
+        left is rewritten with those, under its name (its run's). Returns how many rows went."""
         dropped = 0
         for f in self.error_files():
             if _error_run(f) >= self.run:
                 continue
             with self.fs.open(f, "rb") as fh:
                 table = pq.read_table(fh)
+            if read is None:
+                self.fs.rm(f)
+                dropped += table.num_rows
+                continue
             keep = pc.invert(pc.is_in(table.column("source"), pa.array(sorted(read), pa.string())))
             kept = table.filter(keep)
             if kept.num_rows == table.num_rows:

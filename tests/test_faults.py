@@ -417,9 +417,14 @@ def test_the_same_input_spelled_three_ways_adds_no_rows(ray_session, tmp_path, m
     assert doc["skipped_frames"] == 1
 
 
-def test_a_rerun_with_settings_that_change_frame_ids_is_refused_naming_them(ray_session, tmp_path):
+def test_a_rerun_with_settings_that_change_frame_ids_is_refused_naming_them(ray_session, tmp_path, monkeypatch):
+    """Before Ray starts: it was refused once Ray had started and the job planned, under a full progress bar of
+    the earlier run's frames ("frames: 18/18"), as if it had run."""
+    import jobs.runner
+
     out = tmp_path / "out"
     run(plan_from_dict({"inputs": [str(SOAP)], "output": str(out), "tile": {"size": 512, "overlap": 64}}))
+    monkeypatch.setattr(jobs.runner, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
     r = invoke("run", SOAP, "-o", out, "--tile", 256, "--score-thresh", 0.2)
     assert r.exit_code == 1 and "tile.size 512 -> 256" in r.output and "score_thresh" in r.output, r.output
     assert "Traceback" not in r.output
