@@ -256,7 +256,8 @@ def _run_and_exit(plan, **kwargs) -> None:
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", help="Output directory or URL (OUTPUT/frames, errors, _job.json).")
-@click.option("-m", "--model", help="Zoo name or checkpoint path.  [default: trees]")
+@click.option("-m", "--model", help="Zoo name (fpn models), checkpoint path, or a model plugin "
+              "path/to/file.py:Class (see README: Models).  [default: trees]")
 @click.option("--batch-size", type=_BATCH, help="Frames per detector call, or auto (by the GPU memory of a detector; "
               "8 on CPUs).")
 @click.option("--min-rows-per-file", type=int, help="Fewest frames per Parquet file (a file lands when it is full; "
@@ -267,19 +268,22 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--end", "end_s", type=float, help="Stop video at this time (s).")
 @click.option("--keyframes", is_flag=True, help="Process only video keyframes (an archive scan: one frame decoded "
               "per frame sampled).")
-@click.option("--tile", type=int, help="Tile frames larger than this many pixels a side.")
-@click.option("--tile-overlap", type=int, help="Overlap between tiles (pixels).")
+@click.option("--tile", type=int, help="Tile frames larger than this many pixels a side.  [default: 1024]")
+@click.option("--tile-overlap", type=int, help="Overlap between tiles (pixels).  [default: 128]")
 @click.option("--no-tile", is_flag=True, help="Feed frames whole, however large.")
 @click.option("--score-thresh", type=float, help="Drop detections scoring below this.")
 @click.option("--scale", type=float, help="Resize frames by this factor on the device (2 = upscale tiny objects).")
-@click.option("--segment-frames", type=int, help="Frames per video segment (decode parallelism).")
+@click.option("--segment-frames", type=int, help="Frames per video segment (decode parallelism; each segment "
+              "after the first starts at the first keyframe at or after a multiple of this).  [default: 256]")
 @click.option("--num-detectors", type=int, help="Detector actors (model copies)  [default: one per GPU when they "
               "get GPUs, else 1].")
 @click.option("--max-detectors", type=int, help="Let the pool of detectors grow to this many while work waits and "
               "the cluster has room (GPUs that join), from --num-detectors.")
 @click.option("--gpus-per-detector", type=float, help="GPUs per detector actor; 0: run on CPUs  [default: 1 on a "
               "cluster with GPUs, else 0].")
-@click.option("--cpus-per-detector", type=float, help="CPUs per detector actor (its torch threads).")
+@click.option("--cpus-per-detector", type=float, help="CPUs each detector actor reserves; on a GPU also its torch "
+              "threads; on a CPU it runs as many threads as its node has cores that decoding does not reserve "
+              "(_job.json resources.detector_threads).  [default: 1]")
 @click.option("--calls-per-detector", type=int, help="Batches each detector runs at once, sharing its torch threads "
               "[default on a CPU: up to 4, one per thread; on a GPU: 2].")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="exact: the model's own detections "
@@ -290,7 +294,8 @@ def _run_and_exit(plan, **kwargs) -> None:
               help="torch.compile the model's backbone, neck and RPN head in each detector: faster batches after a "
                    "compile of a minute or more per input shape (cached on disk by inductor).")
 @click.option("--video-backend", help="Video decoder: decord (default), pyav, nvdec (NVIDIA GPUs; PyAV where "
-              "there is none), or module:Class of your own.")
+              "there is none), or a class of your own: module:Class or path/to/file.py:Class (see README: "
+              "Models).")
 @click.option("--decode-timeout", "decode_timeout_s", type=float,
               help="Seconds to wait for the next decoded batch before a decoder counts as hung.  [default: 300]")
 @click.option("--replace-changed", is_flag=True, default=None,
@@ -771,7 +776,8 @@ def train(train_paths, val_paths, preset_name, sets, single_class, output, steps
           size_limits, address, workers, use_gpu):
     """Train a detector on Pascal-VOC or COCO annotations; writes a checkpoint.
 
-    Example: fpn train --train data/trees/big.xml --val data/trees/val.xml --single-class Tree --minutes 30
+    Example: fpn train --train data/aerial-trees/SOAP_061.xml --single-class Tree --steps 200 -o runs/soap.safetensors
+    (the repository's one annotated image, to try the command; --val VAL.xml adds COCO metrics during training)
     """
     from fpn_model.train import TrainConfig
     from fpn_model.train import train as run_train
@@ -975,6 +981,8 @@ def demo(output):
     Writes OUTPUT/job (the job's Parquet output), OUTPUT/flyover.mp4 and OUTPUT/report.html, and prints a summary.
     The bundled model is for showing the pipeline on imagery like its training image; for real work import a
     COCO detector (fpn import-torchvision) or train one on your data (fpn train).
+
+    Example: fpn demo -o demo-output
     """
     from jobs.demo import run_demo
 
