@@ -278,9 +278,16 @@ class JobNotFound(LookupError):
 
 
 def _job_info(job_id: str, address: str | None) -> Any:
+    return _job_client(job_id, address)[1]
+
+
+def _job_client(job_id: str, address: str | None) -> tuple[Any, Any]:
+    """A client of the cluster at `address` and the job's info there; JobNotFound when it has no job of that id
+    (the Jobs API's own answer to logs or stop of one is a RuntimeError carrying the HTTP 404)."""
     check_job_id(job_id)
+    c = client(address)
     try:
-        return client(address).get_job_info(job_id)
+        return c, c.get_job_info(job_id)
     except RuntimeError as e:
         raise JobNotFound(f"job {job_id}: not found on {address or os.environ.get('RAY_ADDRESS')}") from e
 
@@ -383,8 +390,7 @@ def cancel(job_id: str, *, address: str | None, wait_s: float = 60) -> str:
 
     Raises TimeoutError when it has not ended within `wait_s`: the caller must not report a stop
     that has not happened (a resume now would race the still-running job)."""
-    check_job_id(job_id)
-    c = client(address)
+    c, _ = _job_client(job_id, address)
     c.stop_job(job_id)
     deadline = time.time() + wait_s
     status = str(c.get_job_status(job_id).value)
@@ -398,8 +404,7 @@ def cancel(job_id: str, *, address: str | None, wait_s: float = 60) -> str:
 
 def logs(job_id: str, *, address: str | None, follow: bool = False):
     """The job's driver log; with `follow`, yields chunks until the job ends."""
-    check_job_id(job_id)
-    c = client(address)
+    c, _ = _job_client(job_id, address)
     if not follow:
         yield c.get_job_logs(job_id)
         return

@@ -156,3 +156,48 @@ def test_secrets_are_sealed_with_the_cluster_token_and_open_only_with_it(tmp_pat
     token_file.write_text("c" * 32 + "\n")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
     assert _cluster_token() == "c" * 32
+
+
+class FakeJobsAPI:
+    """Ray's JobSubmissionClient as it answers from a cluster whose only job is `taken`: a request about any other
+    job id is an HTTP 404, a submission under a taken id an HTTP 400 carrying the server's traceback, both raised
+    as RuntimeError (ray.dashboard.modules.dashboard_sdk._raise_error)."""
+
+    taken = "flights-1"
+
+    def __init__(self, address, headers=None):
+        self.address = address
+
+    def _unknown(self, job_id):
+        raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
+
+    get_job_info = stop_job = get_job_logs = _unknown
+
+    def submit_job(self, *, submission_id, **_):
+        assert submission_id == self.taken
+        raise RuntimeError(
+            "Request failed with status code 400: Traceback (most recent call last):\n"
+            '  File "job_head.py", line 410, in submit_job\n    resp = await job_agent_client.submit_job_internal(req)\n'
+            f"ValueError: Job with submission_id {submission_id} already exists. Please use a different "
+            "submission_id.\n.")
+
+
+@pytest.fixture
+def fake_cluster(monkeypatch):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeJobsAPI)
+    return "http://127.0.0.1:8265"
+
+
+@pytest.mark.parametrize("command", [["logs"], ["logs", "--follow"], ["cancel"], ["status"], ["resume"]])
+def test_every_command_about_an_unknown_job_id_says_so_in_one_line(fake_cluster, command):
+    """`fpn logs` and `fpn cancel` of an id the cluster does not know printed Ray's RuntimeError (404) as a
+    traceback, where status and resume said it in a line."""
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    r = CliRunner().invoke(cli, [command[0], "nosuchjob", *command[1:], "--address", fake_cluster])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: job nosuchjob: not found on {fake_cluster}"), r.output
+    assert len(r.output.splitlines()) == 1 and not isinstance(r.exception, RuntimeError)
