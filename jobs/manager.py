@@ -289,7 +289,18 @@ def _job_client(job_id: str, address: str | None) -> tuple[Any, Any]:
     try:
         return c, c.get_job_info(job_id)
     except RuntimeError as e:
-        raise JobNotFound(f"job {job_id}: not found on {address or os.environ.get('RAY_ADDRESS')}") from e
+        raise JobNotFound(f"job {job_id}: not found on {_named(address)}") from e
+
+
+def _named(address: str | None) -> str:
+    return address or os.environ.get("RAY_ADDRESS") or "the cluster"
+
+
+def _refusal(e: RuntimeError) -> str:
+    """Why the Jobs API refused a request: the last line of its answer (a server-side traceback comes before it,
+    and the client adds a '.' line after it), without the exception's type."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip(" .")]
+    return re.sub(r"^\w+(Error|Exception): ", "", lines[-1]) if lines else type(e).__name__
 
 
 def _status(info: Any) -> str:
@@ -319,13 +330,16 @@ def _submit_spec(spec: dict, *, address: str | None, job_id: str | None = None,
     text = yaml.safe_dump(redacted, sort_keys=False)
     with tempfile.TemporaryDirectory(prefix="fpn-submit-") as wd:
         Path(wd, "spec.yaml").write_text(text)
-        c.submit_job(
-            entrypoint=f"fpn run spec.yaml --job-id {shlex.quote(job_id)}",
-            submission_id=job_id,
-            runtime_env={"working_dir": wd, **runtime_env},
-            metadata={_FPN_KEY: "1", "output": str(redacted["output"]), "spec": text},
-            entrypoint_num_cpus=entrypoint_num_cpus,
-        )
+        try:
+            c.submit_job(
+                entrypoint=f"fpn run spec.yaml --job-id {shlex.quote(job_id)}",
+                submission_id=job_id,
+                runtime_env={"working_dir": wd, **runtime_env},
+                metadata={_FPN_KEY: "1", "output": str(redacted["output"]), "spec": text},
+                entrypoint_num_cpus=entrypoint_num_cpus,
+            )
+        except RuntimeError as e:  # a job id taken already, a cluster without room for the entrypoint, ...
+            raise ValueError(f"{_named(address)} refused job {job_id}: {_refusal(e)}") from e
     return job_id, redacted
 
 

@@ -201,3 +201,16 @@ def test_every_command_about_an_unknown_job_id_says_so_in_one_line(fake_cluster,
     r = CliRunner().invoke(cli, [command[0], "nosuchjob", *command[1:], "--address", fake_cluster])
     assert r.exit_code == 1 and r.output.startswith(f"Error: job nosuchjob: not found on {fake_cluster}"), r.output
     assert len(r.output.splitlines()) == 1 and not isinstance(r.exception, RuntimeError)
+
+
+def test_submitting_under_a_job_id_the_cluster_has_already_is_one_line_saying_so(fake_cluster, tmp_path):
+    """It printed the dashboard's answer, a server-side ValueError traceback inside a RuntimeError, as a traceback."""
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"inputs": ["/data/a.mp4"], "output": str(tmp_path / "out")}))
+    r = CliRunner().invoke(cli, ["submit", str(spec), "--job-id", "flights-1", "--address", fake_cluster])
+    assert r.exit_code == 1 and r.output == (f"Error: {fake_cluster} refused job flights-1: Job with submission_id "
+                                             "flights-1 already exists. Please use a different submission_id.\n")
