@@ -222,6 +222,8 @@ def client(address: str | None):
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    if "://" not in address:  # Ray would take it for a GCS address and ask the GCS there, 40 s, for its dashboard
+        raise ValueError(f"Ray dashboard address {address}: it needs http:// (http://{address})")
     try:
         return JobSubmissionClient(address, headers=_auth_headers())
     except (ConnectionError, RuntimeError) as e:

@@ -214,3 +214,26 @@ def test_submitting_under_a_job_id_the_cluster_has_already_is_one_line_saying_so
     r = CliRunner().invoke(cli, ["submit", str(spec), "--job-id", "flights-1", "--address", fake_cluster])
     assert r.exit_code == 1 and r.output == (f"Error: {fake_cluster} refused job flights-1: Job with submission_id "
                                              "flights-1 already exists. Please use a different submission_id.\n")
+
+
+@pytest.mark.parametrize("command", [["submit", "SPEC"], ["status", "job-1"], ["list"], ["logs", "job-1"]])
+def test_a_dashboard_address_without_http_is_refused_at_once(tmp_path, command):
+    """Ray took 127.0.0.1:PORT for a GCS address: fpn submit waited 41 s for a GCS there, then printed an RpcError
+    traceback of 52 lines."""
+    import socket
+    import time
+
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"inputs": ["/data/a.mp4"], "output": str(tmp_path / "out")}))
+    with socket.socket() as listening:  # a port that accepts connections and never answers
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        t0 = time.monotonic()
+        r = CliRunner().invoke(cli, [str(spec) if a == "SPEC" else a for a in command] + ["--address", address])
+    assert time.monotonic() - t0 < 5
+    assert r.exit_code == 1 and r.output == f"Error: Ray dashboard address {address}: it needs http:// (http://{address})\n"
