@@ -36,19 +36,31 @@ def _fail_cleanly(fn):
         except BrokenPipeError:  # a reader that stopped early (`fpn query ... | head`): click ends quietly
             raise
         except (ValueError, FileNotFoundError, PermissionError, LookupError, ConnectionError, OutputBusyError,
-                TimeoutError, IsADirectoryError, NotADirectoryError, FileExistsError, *_loaded_errors()) as e:
+                TimeoutError, IsADirectoryError, NotADirectoryError, FileExistsError,
+                *_loaded(("fpn_model.weights", "CheckpointError"), ("jobs.runner", "DetectorStartError"))) as e:
             raise click.ClickException(redact_text(str(e))) from e
+        except _loaded(("botocore.exceptions", "BotoCoreError")) as e:  # storage settings no library call named
+            raise click.ClickException(_storage_error_line(e, kwargs.get("output") or kwargs.get("target"))) from e
 
     return wrapper
 
 
-def _loaded_errors() -> tuple[type, ...]:
-    """fpn_model.weights.CheckpointError and jobs.runner.DetectorStartError when their modules are loaded: the first
-    imports torch (4 s, 800 MB here), the second Ray, which commands that never use them (status, query, report)
-    should not pay; unloaded, none was raised."""
-    return tuple(getattr(sys.modules[m], name) for m, name in (("fpn_model.weights", "CheckpointError"),
-                                                               ("jobs.runner", "DetectorStartError"))
-                 if m in sys.modules)
+def _loaded(*errors: tuple[str, str]) -> tuple[type, ...]:
+    """The exception classes `(module, name)` of the modules that are loaded: fpn_model.weights.CheckpointError
+    imports torch (4 s, 800 MB here), jobs.runner.DetectorStartError Ray, botocore's errors botocore, which
+    commands that never use them (status, query, report; local outputs) should not pay; unloaded, none was
+    raised."""
+    return tuple(getattr(sys.modules[m], name) for m, name in errors if m in sys.modules)
+
+
+def _storage_error_line(e: BaseException, output: str | None) -> str:
+    """A botocore error that reached a command (a missing AWS profile, an endpoint that cannot be reached) as one
+    line about the command's output (pipeline.storage.translate_error)."""
+    from pipeline.storage import one_line, redact_text, translate_error
+
+    what = f"output {output}" if output else "storage"
+    plain = translate_error(e, what)
+    return str(plain) if plain is not e else redact_text(f"{what}: {one_line(e)}")
 
 
 def _emit(rows: list[dict], fmt: str, columns: list[str], *, upper: bool = True) -> None:

@@ -500,10 +500,13 @@ def _bucket(err: dict, what: str) -> str:
 
 def _translate(e: BaseException, what: str) -> BaseException | None:
     from botocore.exceptions import (ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
-                                     PartialCredentialsError)
+                                     PartialCredentialsError, ProfileNotFound)
 
     chain = list(exception_chain(e))
     for exc in chain:
+        if isinstance(exc, ProfileNotFound):
+            return ValueError(f"{what}: AWS profile {exc.kwargs.get('profile')} not found (in ~/.aws/config, "
+                              "~/.aws/credentials, or the files AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE name)")
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)) or "Unable to locate credentials" in str(exc):
             return PermissionError(_NO_CREDENTIALS.format(what=what))
         if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
@@ -539,7 +542,8 @@ def translate_error(e: BaseException, what: str) -> BaseException:
     """A storage error as the built-in a user expects, one line naming `what`, secrets redacted:
     PermissionError (no credentials, access denied, bad key or signature), FileNotFoundError (no such
     bucket, key or object), ConnectionError (endpoint unreachable, named), OSError "throttled" (after
-    botocore's retries). Anything else comes back as it is. Raise it `from e` to keep the cause."""
+    botocore's retries), ValueError (an AWS profile that does not exist). Anything else comes back as it is. Raise it
+    `from e` to keep the cause."""
     out = _translate(e, what)
     if out is None:
         return e

@@ -145,6 +145,38 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
     assert sorted(p.name for p in Path("photos").iterdir()) == ["a.png", "b.png", "c.png", "notes.txt"]
 
 
+def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp_path, monkeypatch):
+    """An AWS profile that does not exist was botocore's ProfileNotFound as an 83-line traceback (fpn run, fpn
+    status); an s3:// output on an endpoint that cannot be reached an EndpointConnectionError traceback (fpn query,
+    after s3fs's and botocore's retries: 80 s; none here)."""
+    import s3fs
+
+    import pipeline.storage
+
+    options = pipeline.storage._s3_options
+    monkeypatch.setattr(pipeline.storage, "_s3_options", lambda o: {
+        **options(o), "config_kwargs": {**options(o)["config_kwargs"], "retries": {"max_attempts": 1}}})
+    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_CONFIG_FILE": str(tmp_path / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "cr")}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    s3fs.S3FileSystem.clear_instance_cache()
+    closed = "http://127.0.0.1:9"  # discard: nothing listens
+    profile = ("AWS profile nosuch not found (in ~/.aws/config, ~/.aws/credentials, or the files AWS_CONFIG_FILE "
+               "and AWS_SHARED_CREDENTIALS_FILE name)")
+    cases = [(["run", "s3://bkt/in/x.png", "-o", tmp_path / "o", "--profile", "nosuch", "--endpoint-url", closed],
+              f"input s3://bkt/in/x.png: {profile}"),
+             (["status", "s3://bkt/out", "--profile", "nosuch", "--endpoint-url", closed],
+              f"output s3://bkt/out: {profile}"),
+             (["query", "s3://archive/out", "SELECT 1", "--endpoint-url", closed],
+              f"output s3://archive/out: cannot reach {closed} (EndpointConnectionError)")]
+    for args, line in cases:
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+        assert (r.exit_code, r.output.splitlines()[-1]) == (1, f"Error: {line}"), (args, r.output)  # run: after
+        assert "Traceback" not in r.output  # its header and progress bar
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_run_spec_file_with_flag_override_then_render(ray_session, make_video, tmp_path):
     import yaml
