@@ -213,9 +213,25 @@ def _print_summary(doc: dict) -> None:
         click.echo(f"{src}: {why}")
     if doc.get("nodata_windows"):
         click.echo(f"raster windows all nodata (skipped): {doc['nodata_windows']}")
+    flags = _reading_flags(doc["spec"])
     if doc.get("errors"):
-        click.echo(f"errors: fpn query {out} \"SELECT source, stage, error_type, message FROM errors\"")
-    click.echo(f"query it: fpn query {out} \"SELECT count(*) FROM detections\"")
+        click.echo(f"errors: fpn query {out} \"SELECT source, stage, error_type, message FROM errors\"{flags}")
+    click.echo(f"query it: fpn query {out} \"SELECT count(*) FROM detections\"{flags}")
+
+
+def _reading_flags(spec: dict) -> str:
+    """The storage flags (`storage_flags`) with which a command reads the output of `spec` as its run wrote it, as
+    text to print after a command line: the output's s3 endpoint, profile and anon; the spec's other options
+    (credentials, other protocols) come from the environment or a spec."""
+    import shlex
+
+    from pipeline.storage import options_for, protocol_of
+
+    output = spec["output"]
+    opts = options_for(output, spec.get("storage_options") if spec.get("output_storage_options") is None
+                       else spec["output_storage_options"]) if protocol_of(output) == "s3" else {}
+    return "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
+                   for k, v in opts.items() if k in ("endpoint_url", "profile", "anon") and v)
 
 
 def _progress(output: str, storage_options: dict | None = None):
@@ -614,9 +630,9 @@ def resume(target, endpoint_url, address):
 @click.argument("output")
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--endpoint-url", help="S3-compatible endpoint for an s3:// OUTPUT.")
+@storage_flags
 @_fail_cleanly
-def query(output, sql, fmt, endpoint_url):
+def query(output, sql, fmt, endpoint_url, profile, anon):
     """Run read-only SQL (DuckDB) over an output: views `frames`, `detections` (one row per detection), `errors`.
 
     Only files under OUTPUT can be read, and nothing can be written.
@@ -625,7 +641,7 @@ def query(output, sql, fmt, endpoint_url):
     """
     from jobs.query import query as run_query
 
-    cols, rows = run_query(output, sql, _storage_flags(endpoint_url).get("storage_options"))
+    cols, rows = run_query(output, sql, _read_options(endpoint_url, profile, anon))
     _emit([dict(zip(cols, r)) for r in rows], fmt, cols, upper=False)
 
 

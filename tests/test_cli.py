@@ -177,6 +177,36 @@ def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flags,reading", [
+    (["--endpoint-url", "http://127.0.0.1:9000"], " --endpoint-url http://127.0.0.1:9000"),
+    (["--endpoint-url", "http://127.0.0.1:9000", "--profile", "writer"],
+     " --endpoint-url http://127.0.0.1:9000 --profile writer"),
+    (["--anon", "--endpoint-url", "http://127.0.0.1:9000"], " --endpoint-url http://127.0.0.1:9000"),  # inputs only
+    (["--anon"], " --anon"),  # the output too, as the run wrote it
+    ([], ""),
+])
+def test_the_summarys_query_lines_carry_the_storage_flags_that_read_the_output(flags, reading, capsys):
+    """After fpn run s3://... -o s3://archive/out --endpoint-url E, "query it: fpn query s3://archive/out ..." left
+    --endpoint-url out (and fpn query took no --profile or --anon): the line did not run as printed."""
+    import shlex
+
+    from jobs.cli import _print_summary, _storage_flags, query
+    from jobs.spec import plan_from_dict, plan_to_dict
+
+    opts = {"endpoint_url": None, "profile": None, "anon": False}
+    for i, f in enumerate(flags):
+        if f.startswith("--"):
+            opts[f[2:].replace("-", "_")] = True if f == "--anon" else flags[i + 1]
+    plan = plan_from_dict({"inputs": ["s3://in/a.png"], "output": "s3://archive/out", **_storage_flags(**opts)})
+    _print_summary({"state": "finished_with_errors", "wall_s": 1.0, "errors": 1, "spec": plan_to_dict(plan)})
+    lines = [x for x in capsys.readouterr().out.splitlines() if "fpn query" in x]
+    assert [x.endswith(f'"{reading}') for x in lines] == [True, True], lines
+    for line in lines:
+        args = shlex.split(line.split(": ", 1)[1])
+        assert args[:3] == ["fpn", "query", "s3://archive/out"]
+        query.make_context("query", args[2:])  # a flag it does not take: UsageError
+
+
 @pytest.mark.slow
 def test_run_spec_file_with_flag_override_then_render(ray_session, make_video, tmp_path):
     import yaml
