@@ -466,13 +466,22 @@ def submit(spec, output, job_id, address):
     from jobs.manager import submit as submit_job
 
     jid, data = submit_job(spec, address=address, overrides={"output": output}, job_id=job_id)
-    addr = address or "$RAY_ADDRESS"
+    at = _address_flag(address)
     click.echo(f"submitted {jid} (output: {data['output']})\n")
     click.echo("next steps:")
-    click.echo(f"  fpn status {jid} --address {addr}")
-    click.echo(f"  fpn logs {jid} --follow --address {addr}")
-    click.echo(f"  fpn cancel {jid} --address {addr}")
-    click.echo(f"  fpn query {data['output']} \"SELECT label_name, count(*) FROM detections GROUP BY 1\"")
+    click.echo(f"  fpn status {jid}{at}")
+    click.echo(f"  fpn logs {jid} --follow{at}")
+    click.echo(f"  fpn cancel {jid}{at}")
+    click.echo(f"  fpn query {data['output']} \"SELECT label_name, count(*) FROM detections GROUP BY 1\""
+               f"{_reading_flags(data)}")
+
+
+def _address_flag(address: str | None) -> str:
+    """` --address A` for a printed next step about a job, unless A came from RAY_ADDRESS (which it reads too)."""
+    from click.core import ParameterSource
+
+    given = click.get_current_context().get_parameter_source("address") is not ParameterSource.ENVIRONMENT
+    return f" --address {address}" if address and given else ""
 
 
 def _is_output(target: str, address: str | None) -> bool:
@@ -618,7 +627,7 @@ def resume(target, endpoint_url, address):
         with _nor_an_output(target):
             jid = resume_job(target, address=address)
         click.echo(f"resubmitted {target} as {jid}: frames already written are skipped")
-        click.echo(f"  fpn status {jid}")
+        click.echo(f"  fpn status {jid}{_address_flag(address)}")
         return
     flags = _storage_flags(endpoint_url)
     record = Output(target, flags.get("storage_options")).read_job()

@@ -159,9 +159,9 @@ def test_secrets_are_sealed_with_the_cluster_token_and_open_only_with_it(tmp_pat
 
 
 class FakeJobsAPI:
-    """Ray's JobSubmissionClient as it answers from a cluster whose only job is `taken`: a request about any other
-    job id is an HTTP 404, a submission under a taken id an HTTP 400 carrying the server's traceback, both raised
-    as RuntimeError (ray.dashboard.modules.dashboard_sdk._raise_error)."""
+    """Ray's JobSubmissionClient as it answers from a cluster whose only job is `taken`, an fpn job that finished: a
+    request about any other job id is an HTTP 404, a submission under a taken id an HTTP 400 carrying the server's
+    traceback, both raised as RuntimeError (ray.dashboard.modules.dashboard_sdk._raise_error)."""
 
     taken = "flights-1"
 
@@ -171,10 +171,19 @@ class FakeJobsAPI:
     def _unknown(self, job_id):
         raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
 
-    get_job_info = stop_job = get_job_logs = _unknown
+    stop_job = get_job_logs = _unknown
+
+    def get_job_info(self, job_id):
+        if job_id != self.taken:
+            self._unknown(job_id)
+        from types import SimpleNamespace
+
+        spec = {"inputs": ["/data/a.mp4"], "output": "s3://archive/out"}
+        return SimpleNamespace(metadata={"fpn_job": "1", "spec": yaml.safe_dump(spec)}, status="SUCCEEDED")
 
     def submit_job(self, *, submission_id, **_):
-        assert submission_id == self.taken
+        if submission_id != self.taken:
+            return submission_id
         raise RuntimeError(
             "Request failed with status code 400: Traceback (most recent call last):\n"
             '  File "job_head.py", line 410, in submit_job\n    resp = await job_agent_client.submit_job_internal(req)\n'
@@ -237,3 +246,25 @@ def test_a_dashboard_address_without_http_is_refused_at_once(tmp_path, command):
         r = CliRunner().invoke(cli, [str(spec) if a == "SPEC" else a for a in command] + ["--address", address])
     assert time.monotonic() - t0 < 5
     assert r.exit_code == 1 and r.output == f"Error: Ray dashboard address {address}: it needs http:// (http://{address})\n"
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_the_next_steps_printed_name_the_address_unless_it_came_from_ray_address(fake_cluster, tmp_path, monkeypatch,
+                                                                               from_env):
+    """fpn resume JOB --address A printed "fpn status NEW" without it; fpn submit printed --address A also when A
+    was RAY_ADDRESS's."""
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"inputs": ["/data/a.mp4"], "output": str(tmp_path / "out")}))
+    for command in (["submit", str(spec)], ["resume", "flights-1"]):
+        r = CliRunner().invoke(cli, command + ([] if from_env else ["--address", fake_cluster]),
+                               env={"RAY_ADDRESS": fake_cluster} if from_env else {})
+        steps = [line.strip() for line in r.output.splitlines() if line.strip().startswith("fpn ")]
+        assert r.exit_code == 0 and steps, r.output
+        for step in steps:
+            named = not from_env and not step.startswith("fpn query")
+            assert step.endswith(f" --address {fake_cluster}") == named and step.count("--address") == named, step
