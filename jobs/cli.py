@@ -339,7 +339,8 @@ def _run_and_exit(plan, **kwargs) -> None:
 @click.option("--no-resample", is_flag=True, help="Read rasters at their own resolution.")
 @click.option("--aoi", help="Area of interest: minx,miny,maxx,maxy in EPSG:4326, or a GeoJSON file (its CRS: "
               "EPSG:4326); only raster windows meeting it are read.")
-@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join (default: embedded local Ray).")
+@click.option("--address", help="Ray cluster to join by its Ray (GCS) address, HOST:6379  [default: RAY_ADDRESS, "
+              "else embedded local Ray].")
 @click.option("--job-id", help="Id recorded in OUTPUT/_job.json (set by fpn submit).")
 @_fail_cleanly
 def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, start_s, end_s, keyframes, tile,
@@ -802,7 +803,8 @@ def _model_config(preset_name: str, sets: tuple[str, ...]):
               help="With --val: size the model's per-image limits (RPN proposals, detections) from the training "
               "annotations and record them in the checkpoint when they keep AP50 on --val within its spread over 8 "
               "views, as `fpn eval --limits-from --record` does.")
-@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster for --workers (default: embedded local Ray).")
+@click.option("--address", help="Ray cluster for --workers, HOST:6379  [default: RAY_ADDRESS, else embedded local "
+              "Ray].")
 @click.option("--workers", type=int, default=0,
               help="Ray Train workers (DDP; each reserves 1 CPU; every option as in one process; --val shared by the "
               "workers; nodes need share no files); 0 trains in this process.")

@@ -60,10 +60,17 @@ def versions() -> dict[str, str]:
 
 def check_address(address: str | None, timeout_s: float = 10.0) -> None:
     """Fail in seconds with one line when a `host:port` or `ray://host:port` Ray address does not answer: `ray.init`
-    itself retries an unreachable GCS for minutes (measured: over 2 minutes) before it gives up."""
+    itself retries an unreachable GCS for minutes (measured: over 2 minutes) before it gives up. `address` None:
+    RAY_ADDRESS's, and the line says so. A dashboard's http:// address (what `fpn submit` takes) is refused:
+    Ray's own refusal took three lines and named neither."""
+    given = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     if not address or address in ("auto", "local"):
         return
+    if address.split("://", 1)[0].lower() in ("http", "https"):
+        raise ValueError(f"{given} {address} is a Ray dashboard's address (fpn submit's): fpn run (and fpn train "
+                         "--workers) joins a cluster by its Ray (GCS) address, host:6379"
+                         + ("; unset RAY_ADDRESS to run on the embedded local Ray" if given == "RAY_ADDRESS" else ""))
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -183,10 +190,9 @@ def init_ray(address: str | None = None, alongside: Callable[[], Any] | None = N
 def _init_ray(ray, address: str | None) -> None:
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):
         check_address(address)
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False)
         spend_actor_restart_warning()
     else:
         # the node's processes start with the CPU detectors' malloc settings (fpn_model.memory), so its workers

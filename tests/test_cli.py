@@ -207,6 +207,26 @@ def test_the_summarys_query_lines_carry_the_storage_flags_that_read_the_output(f
         query.make_context("query", args[2:])  # a flag it does not take: UsageError
 
 
+@pytest.mark.parametrize("from_env", [False, True])
+def test_a_dashboard_address_for_fpn_run_is_one_line_saying_which_address_it_takes(tmp_path, monkeypatch, from_env):
+    """fpn run --address http://head:8265 (the address every other cluster command takes), or a local fpn run with
+    RAY_ADDRESS set so for them (as the README has it), failed with Ray's three-line "Invalid Ray address"."""
+    import socket
+
+    with socket.socket() as dashboard:  # a port that answers, as a dashboard's does
+        dashboard.bind(("127.0.0.1", 0))
+        dashboard.listen()
+        url = f"http://127.0.0.1:{dashboard.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", url) if from_env else monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", str(tmp_path / "o")] + ([] if from_env else
+                                                                                  ["--address", url]))
+    line = (f"Error: {'RAY_ADDRESS' if from_env else '--address'} {url} is a Ray dashboard's address (fpn submit's): "
+            "fpn run (and fpn train --workers) joins a cluster by its Ray (GCS) address, host:6379"
+            + ("; unset RAY_ADDRESS to run on the embedded local Ray" if from_env else ""))
+    assert (r.exit_code, r.output.splitlines()[-1]) == (1, line), r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_run_spec_file_with_flag_override_then_render(ray_session, make_video, tmp_path):
     import yaml
