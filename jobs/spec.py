@@ -172,6 +172,8 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text()) or {}
     except FileNotFoundError:
         raise SpecError(f"spec file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path} is not a job spec (.yaml): it is not text") from None
     except yaml.YAMLError as e:
         raise SpecError(f"spec file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):

@@ -136,7 +136,8 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
               "notout is a directory: name the file to write (e.g. notout/model.safetensors)"),
              (["import-torchvision", "fasterrcnn_resnet50_fpn", "notout"],
               "notout is a directory: name the file to write (e.g. notout/model.safetensors)"),
-             (["eval", "trees", "bad.json"], "bad.json: not COCO detection JSON (no 'annotations', 'categories')")]
+             (["eval", "trees", "bad.json"], "bad.json: not COCO detection JSON (no 'annotations', 'categories')"),
+             (["submit", SOAP], f"{SOAP} is not a job spec (.yaml): it is not text")]  # was a decoding error
     for args, line in cases:
         r = CliRunner().invoke(cli, [str(a) for a in args])
         assert (r.exit_code, r.output.strip().splitlines()[-1]) == (1, f"Error: {line}"), args  # run: after its
