@@ -115,10 +115,12 @@ def load_annotations(paths: list[str | Path], *, single_class: str | None = None
         else:
             raise FileNotFoundError(f"annotation file {p} does not exist")
         for f in files:
-            if f.suffix == ".json":
-                out.extend(load_coco(f, single_class=single_class))
-            else:
-                out.append(load_voc(f, single_class=single_class))
+            found = load_coco(f, single_class=single_class) if f.suffix == ".json" else \
+                [load_voc(f, single_class=single_class)]
+            missing = next((a.image_path for a in found if not a.image_path.is_file()), None)
+            if missing:  # here, not as the bare "No such file" of the image read at the first step
+                raise FileNotFoundError(f"{f}: the image it annotates, {missing}, does not exist")
+            out.extend(found)
     for i, a in enumerate(out):
         a.image_id = i + 1
     return _shared_classes(out)

@@ -105,14 +105,16 @@ def _plugin_class(ref: str | os.PathLike) -> type:
 
     file, _, name = str(ref).rpartition(":")
     try:
-        cls = runpy.run_path(file)[name]
-        if not isinstance(cls.config, ModelConfig):
+        cls = runpy.run_path(file).get(name)
+        if cls is not None and not isinstance(cls.config, ModelConfig):
             raise TypeError(f"{name}.config is a {type(cls.config).__name__}, not a ModelConfig")
     except Exception as e:  # noqa: BLE001 - the plugin's own code ran: any error of it means it cannot be loaded
         lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == file]
         where = f"line {lines[-1]}: " if lines and not isinstance(e, SyntaxError) else ""  # a SyntaxError says it
         why = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(f"model plugin {ref} cannot be loaded ({where}{type(e).__name__}: {why})") from e
+    if cls is None:
+        raise CheckpointError(f"model plugin {ref}: {file} has no class {name}")
     return cls
 
 

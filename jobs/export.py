@@ -86,6 +86,8 @@ class ExportSummary:
 
 def _dataset(out: Output) -> pads.Dataset:
     files = out.frame_files()
+    if not files and not out.fs.exists(out.path):
+        raise FileNotFoundError(f"output {out.url} does not exist")
     if not files:
         raise FileNotFoundError(f"{out.url}: no frames to export (is it an fpn output?)")
     return pads.dataset(files, filesystem=out.fs, format="parquet")

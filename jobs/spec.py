@@ -86,8 +86,12 @@ def _coerce(field: str, value: Any, tp: Any) -> Any:
         return tuple(_coerce(field, v, args[0]) for v in value)
     if origin is dict and isinstance(value, dict):
         return dict(value)
-    name = getattr(tp, "__name__", str(tp))
+    name = _EXPECTED.get(field) or ("a list" if origin is tuple else getattr(tp, "__name__", str(tp)))
     raise SpecError(f"spec field {field}: expected {name}, got {value!r}")
+
+
+# what a field holds, where its type says too little ("expected tuple") to a user whose value it refuses
+_EXPECTED = {"bands": "a list of band numbers (1-based) or STAC asset keys, e.g. [4, 3, 2] or [B04, B03, B02]"}
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

@@ -119,6 +119,10 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
     Path("photos").mkdir()
     for name in ("a.png", "b.png", "c.png", "notes.txt"):
         Path("photos", name).write_text("x")
+    Path("plugin.py").write_text("class Other:\n    pass\n")
+    Path("bands.yaml").write_text(f"inputs: [{SOAP}]\noutput: o\nbands: red\n")
+    Path("crops").mkdir()
+    Path("crops/crop2.xml").write_text("<annotation><filename>crop2.png</filename></annotation>")
     cases = [(["run", SOAP, "-o", "afile"], "output afile is a file: an output is a directory (a new one, or an fpn "
               "output)"),
              # it wrote _job.json, frames/, _tmp/ and its lease among a folder of images
@@ -137,12 +141,20 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
              (["import-torchvision", "fasterrcnn_resnet50_fpn", "notout"],
               "notout is a directory: name the file to write (e.g. notout/model.safetensors)"),
              (["eval", "trees", "bad.json"], "bad.json: not COCO detection JSON (no 'annotations', 'categories')"),
-             (["submit", SOAP], f"{SOAP} is not a job spec (.yaml): it is not text")]  # was a decoding error
+             (["submit", SOAP], f"{SOAP} is not a job spec (.yaml): it is not text"),  # was a decoding error
+             # each was a weaker line: "no frames to export (is it an fpn output?)" for a path that is not there;
+             # "(KeyError: 'Nope')"; "expected tuple"; a bare "[Errno 2] No such file ...: 'crops/crop2.png'"
+             (["export", "nothere/", "-o", "x.parquet"], "output nothere does not exist"),
+             (["run", SOAP, "-o", "o", "-m", "plugin.py:Nope"],
+              f"model plugin {tmp_path}/plugin.py:Nope: {tmp_path}/plugin.py has no class Nope"),
+             (["run", "bands.yaml"], "spec field bands: expected a list of band numbers (1-based) or STAC asset keys, "
+              "e.g. [4, 3, 2] or [B04, B03, B02], got 'red'"),
+             (["eval", "trees", "crops/"], "crops/crop2.xml: the image it annotates, crops/crop2.png, does not exist")]
     for args, line in cases:
         r = CliRunner().invoke(cli, [str(a) for a in args])
         assert (r.exit_code, r.output.strip().splitlines()[-1]) == (1, f"Error: {line}"), args  # run: after its
         assert "Traceback" not in r.output  # header and progress bar
-    assert Path("afile").read_text() == "x" and not any(Path("notout").iterdir())
+    assert Path("afile").read_text() == "x" and not any(Path("notout").iterdir()) and not Path("o").exists()
     assert sorted(p.name for p in Path("photos").iterdir()) == ["a.png", "b.png", "c.png", "notes.txt"]
 
 
