@@ -102,8 +102,10 @@ def load_coco(json_path: str | Path, *, single_class: str | None = None) -> list
     return out
 
 
-def load_annotations(paths: list[str | Path], *, single_class: str | None = None) -> list[Annotated]:
-    """VOC XML files, COCO JSON files, or directories of either."""
+def load_annotations(paths: list[str | Path], *, single_class: str | None = None,
+                     images: bool = True) -> list[Annotated]:
+    """VOC XML files, COCO JSON files, or directories of either; with `images`, FileNotFoundError naming the
+    annotation file of an image that is not there (off for boxes alone: sizing limits)."""
     out: list[Annotated] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -117,7 +119,7 @@ def load_annotations(paths: list[str | Path], *, single_class: str | None = None
         for f in files:
             found = load_coco(f, single_class=single_class) if f.suffix == ".json" else \
                 [load_voc(f, single_class=single_class)]
-            missing = next((a.image_path for a in found if not a.image_path.is_file()), None)
+            missing = next((a.image_path for a in found if images and not a.image_path.is_file()), None)
             if missing:  # here, not as the bare "No such file" of the image read at the first step
                 raise FileNotFoundError(f"{f}: the image it annotates, {missing}, does not exist")
             out.extend(found)

@@ -976,7 +976,7 @@ def _eval_limits(path, model, annotations, items, limits_from, *, single_class, 
     from fpn_model.weights import load_checkpoint, read_config, record_limits
 
     cfg = read_config(path)[0].replace(**overrides)
-    train = load_annotations(list(limits_from), single_class=single_class)
+    train = load_annotations(list(limits_from), single_class=single_class, images=False)  # their boxes alone
     sized, n = sized_limits(train, cfg, tile=tile)
     variants = {"own": {f: getattr(cfg, f) for f in LIMIT_FIELDS}, "sized": sized}
     results = {}
