@@ -23,8 +23,16 @@ from fpn_model.config import PRECISIONS  # torch-free
 __all__ = ["cli"]
 
 
+class _Busy(click.ClickException):
+    """Another writer holds the output: exit 75 (sysexits' EX_TEMPFAIL, "try again later"), so that a cron job
+    overlapping the last one can tell it from a failure (1)."""
+
+    exit_code = 75
+
+
 def _fail_cleanly(fn):
-    """Turn the project's and storage's expected errors into one clear line (secrets redacted) and exit 1."""
+    """Turn the project's and storage's expected errors into one clear line (secrets redacted) and exit 1 (75 for
+    an output another writer holds)."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -35,7 +43,9 @@ def _fail_cleanly(fn):
             return fn(*args, **kwargs)
         except BrokenPipeError:  # a reader that stopped early (`fpn query ... | head`): click ends quietly
             raise
-        except (ValueError, FileNotFoundError, PermissionError, LookupError, ConnectionError, OutputBusyError,
+        except OutputBusyError as e:
+            raise _Busy(redact_text(str(e))) from e
+        except (ValueError, FileNotFoundError, PermissionError, LookupError, ConnectionError,
                 TimeoutError, IsADirectoryError, NotADirectoryError, FileExistsError,
                 *_loaded(("fpn_model.weights", "CheckpointError"), ("jobs.runner", "DetectorStartError"))) as e:
             raise click.ClickException(redact_text(str(e))) from e
