@@ -190,9 +190,9 @@ def _print_summary(doc: dict) -> None:
         + ")"
     )
     if doc.get("frames_outside_plan"):
-        click.echo(f"of them, {doc['frames_outside_plan']} frames are outside this run's plan ({doc.get('planned_frames')}"
-                   " frames, as fpn status counts): earlier runs' of other inputs, of another sampling, or of sources "
-                   "since changed or gone")
+        click.echo(f"of them, {doc['frames_outside_plan']} frames are outside this run's plan of "
+                   f"{doc.get('planned_frames')} (the frames fpn status counts): earlier runs' of other inputs, of "
+                   "another sampling, or of sources since changed or gone")
     if doc.get("errors_of_other_inputs"):
         click.echo(f"of the errors, {doc['errors_of_other_inputs']} are earlier runs' about inputs this run did not "
                    "read (kept; this run's state is of its own inputs)")

@@ -60,10 +60,15 @@ class RunProgress:
                         bar_format="{desc}: {n_fmt}/{total_fmt} {bar} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fpn-progress", daemon=True)
+        self._runs_before: int | None = None  # the output's run count as this run starts (None: no record yet)
 
     def update(self, *, final: bool = False) -> None:
-        """Poll the output once and redraw (`final`: the run has returned, its record is this run's)."""
+        """Poll the output once and redraw (`final`: the run has returned; its record is this run's unless it was
+        refused before it wrote one, and then the earlier run's frames are not drawn: a rerun refused for other
+        settings showed "frames: 32/32" above its refusal, as if it had run)."""
         p = self.out.progress()
+        if final and p["runs"] == self._runs_before:
+            return
         done, planned = p["frames_done"], p["frames_planned"]
         if planned is not None and self.bar.total is None and (final or p["state"] == "running"):
             # this run's plan is known (a record of an earlier run is not running): start the clock here, from
@@ -85,6 +90,10 @@ class RunProgress:
                 log.debug("progress poll of %s failed: %s", self.out.url, e)
 
     def __enter__(self) -> "RunProgress":
+        try:
+            self._runs_before = self.out.read_job(missing_ok=True).get("runs")
+        except Exception as e:  # noqa: BLE001 - a torn record: the run says so
+            log.debug("progress: %s has no readable record: %s", self.out.url, e)
         self._thread.start()
         return self
 

@@ -183,7 +183,7 @@ def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video
     from jobs.cli import _print_summary  # "20 frames" beside status's 10 / 10: the summary says why
 
     _print_summary(sparse)
-    assert ("of them, 10 frames are outside this run's plan (10 frames, as fpn status counts): earlier runs' of "
+    assert ("of them, 10 frames are outside this run's plan of 10 (the frames fpn status counts): earlier runs' of "
             "other inputs, of another sampling, or of sources since changed or gone") in capsys.readouterr().out
 
 
