@@ -166,6 +166,7 @@ def init_ray(address: str | None = None, alongside: Callable[[], Any] | None = N
         _init_ray(ray, address)
         if alongside is not None:
             alongside()
+        spend_actor_restart_warning()
         return
     for name in RAY_INIT_IMPORTS:
         importlib.import_module(name)
@@ -185,6 +186,7 @@ def init_ray(address: str | None = None, alongside: Callable[[], Any] | None = N
         thread.join()
     if failed:
         raise failed[0]
+    spend_actor_restart_warning()  # its imports (pydantic, ...) not beside Ray Data's on the other thread
 
 
 def _init_ray(ray, address: str | None) -> None:
@@ -193,7 +195,6 @@ def _init_ray(ray, address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         check_address(address)
         ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False)
-        spend_actor_restart_warning()
     else:
         # the node's processes start with the CPU detectors' malloc settings (fpn_model.memory), so its workers
         # have them too: a detector then needs no runtime_env of its own and takes one of the workers Ray starts
@@ -203,7 +204,6 @@ def _init_ray(ray, address: str | None) -> None:
             with _lean_local_node(), environ(env), _quiet_auth_notice():
                 ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                          _system_config=_embedded_system_config())
-            spend_actor_restart_warning()
             _worker_env.clear()
             _worker_env.update(env)
             _embedded.set()

@@ -53,6 +53,9 @@ def start_ray_data_helpers() -> threading.Thread:
     return thread
 
 
+_restart_warning_spent = False
+
+
 def spend_actor_restart_warning() -> None:
     """Spend, out of sight, the line Ray's core worker prints once per process on the terminal the first time it
     creates an actor that may restart and takes an argument from the object store ("[... E ...] core_worker.cc:
@@ -63,8 +66,13 @@ def spend_actor_restart_warning() -> None:
     how a killed one loses nothing); the driver holds those references for the whole job, so they are not lost
     while an actor may need them. Ray has no setting for this line: an actor no node can place is created with
     the standard error sent to /dev/null for that call, and killed before anything schedules it. The line is
-    still in the driver's log (python-core-driver-*.log)."""
+    still in the driver's log (python-core-driver-*.log). Once a process: a later call does nothing."""
     import ray
+
+    global _restart_warning_spent
+    if _restart_warning_spent or not ray.is_initialized():
+        return
+    _restart_warning_spent = True
 
     @ray.remote(max_restarts=1, num_cpus=0, resources={"fpn-never-placed": 1})
     class _Spent:
