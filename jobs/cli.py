@@ -268,10 +268,13 @@ def _ray_data_setup() -> None:
 
 
 def _run_and_exit(plan, **kwargs) -> None:
-    """Run a plan, print the summary and exit with the state's code (pipeline.output.EXIT_CODES)."""
+    """Run a plan (`fpn run`, `fpn resume OUTPUT`), print the summary and exit with the state's code
+    (pipeline.output.EXIT_CODES)."""
     from jobs.runner import run as run_plan
     from jobs.runner import stop_ray
     from pipeline.output import EXIT_CODES
+
+    click.echo(f"running {plan.model_id} over {len(plan.inputs)} input(s) -> {plan.output}", err=True)
 
     try:
         try:
@@ -390,7 +393,6 @@ def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, star
         if not output:
             raise click.UsageError("--output is required (or give a job spec .yaml)")
         plan = plan_from_dict({"inputs": list(inputs), **flags})
-    click.echo(f"running {plan.model_id} over {len(plan.inputs)} input(s) -> {plan.output}", err=True)
     _run_and_exit(plan, address=address, job_id=job_id)
 
 

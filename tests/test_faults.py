@@ -169,7 +169,7 @@ def test_driver_sigkilled_mid_job_reads_as_interrupted_and_resume_writes_every_f
     r = invoke("status", out)  # at once: its driver, a process of this machine, is gone
     assert r.exit_code == 4 and "interrupted" in r.output, r.output
     r = invoke("resume", out)
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and f"-> {out}" in r.output.splitlines()[0], r.output  # its header, as fpn run's
     t = frames(out)
     record("driver SIGKILLed mid-job, then `fpn resume`",
            f"status `interrupted` (exit 4) with {written} frames; resume took the lease over and finished",
