@@ -372,9 +372,13 @@ def _with_output_state(row: dict[str, Any]) -> dict[str, Any]:
             p = Output(row["output"], _spec_storage(row["_spec"])).progress()
         except (OSError, ValueError):
             return row
+        recorded, writer = p.pop("state"), p.pop("job_id", None)
+        if writer not in (None, row["job_id"]):  # a later job (a resume) writes the output now: it was listed
+            # with that job's state and frames (a cancelled job read "succeeded" once its resume had finished)
+            row["message"] = f"its output is job {writer}'s now (fpn status {writer})"
+            return row
         # the cluster knows whether the driver lives; the output knows how a finished one ended (a driver killed
         # before recording its end leaves "running"/"interrupted" there: the cluster's word stands)
-        recorded = p.pop("state")
         if row["status"] in TERMINAL and recorded not in (None, "running", "interrupted"):
             row["state"] = recorded
         row.update(p)

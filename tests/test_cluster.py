@@ -232,6 +232,9 @@ def test_cancel_then_resume_writes_every_frame_once(cluster, tmp_path):
     assert record["runs"] == 2 and record["skipped_frames"] >= partial
     code, text = fpn("list", "--address", cluster)
     assert job_id in text and new_id in text and "STOPPED" in text
+    # the cancelled job is listed as cancelled (it read "succeeded", the state its resume wrote into the output)
+    listed = {r["job_id"]: r for r in json.loads(fpn("list", "--address", cluster, "--format", "json")[1])}
+    assert (listed[job_id]["state"], listed[new_id]["state"]) == ("cancelled", "succeeded"), listed
 
 
 def _kill_worker_node(name: str = "node_worker_1") -> int:

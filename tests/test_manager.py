@@ -268,3 +268,21 @@ def test_the_next_steps_printed_name_the_address_unless_it_came_from_ray_address
         for step in steps:
             named = not from_env and not step.startswith("fpn query")
             assert step.endswith(f" --address {fake_cluster}") == named and step.count("--address") == named, step
+
+
+def test_a_job_whose_output_a_later_job_writes_keeps_its_own_state(tmp_path):
+    """`fpn list`/`fpn status` of a cancelled job read the output's record, which its resume (another job id) had
+    made "succeeded": the cancelled job was listed as succeeded, with the resume's frames."""
+    from jobs.manager import _with_output_state
+    from pipeline.output import Output
+
+    Output(str(tmp_path)).write_job({"job_id": "flights-2", "state": "succeeded", "planned_frames": 10})
+
+    def row(job_id, status):
+        return {"job_id": job_id, "status": status, "output": str(tmp_path), "_spec": None, "message": ""}
+
+    first = _with_output_state(row("flights-1", "STOPPED"))
+    assert first["state"] == "cancelled" and "frames_planned" not in first
+    assert first["message"] == "its output is job flights-2's now (fpn status flights-2)"
+    second = _with_output_state(row("flights-2", "SUCCEEDED"))
+    assert (second["state"], second["frames_planned"]) == ("succeeded", 10)
