@@ -219,15 +219,20 @@ def client(address: str | None):
     """A JobSubmissionClient for the dashboard at `address` (or RAY_ADDRESS)."""
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_ADDRESS")
+    given, address = bool(address), address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     if "://" not in address:  # Ray would take it for a GCS address and ask the GCS there, 40 s, for its dashboard
         raise ValueError(f"Ray dashboard address {address}: it needs http:// (http://{address})")
+    # Ray's client takes RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, over the address it is given: --address
+    # http://a:8265 with RAY_ADDRESS=http://b:8265 asked b. Without them while it starts, the flag wins.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if given and k in os.environ}
     try:
         return JobSubmissionClient(address, headers=_auth_headers())
     except (ConnectionError, RuntimeError) as e:
         raise ConnectionError(f"cannot reach the Ray dashboard at {address}: {str(e).splitlines()[0]}") from e
+    finally:
+        os.environ.update(hidden)
 
 
 def submit(spec_path: str, *, address: str | None, overrides: dict | None = None, job_id: str | None = None,

@@ -1,6 +1,7 @@
 """jobs.manager without a cluster: secrets leave a submitted spec and come back on the cluster; job ids
 are checked before they reach a shell or the Jobs API."""
 import json
+import os
 import shlex
 
 import pytest
@@ -286,3 +287,27 @@ def test_a_job_whose_output_a_later_job_writes_keeps_its_own_state(tmp_path):
     assert first["message"] == "its output is job flights-2's now (fpn status flights-2)"
     second = _with_output_state(row("flights-2", "SUCCEEDED"))
     assert (second["state"], second["frames_planned"]) == ("succeeded", 10)
+
+
+def test_the_address_flag_wins_over_ray_address(monkeypatch):
+    """Ray's JobSubmissionClient takes RAY_ADDRESS (or RAY_API_SERVER_ADDRESS) over the address it is given:
+    `fpn status JOB --address http://a:8265` with RAY_ADDRESS=http://b:8265 asked b."""
+    import ray.job_submission
+
+    from jobs.manager import client
+
+    seen = []
+
+    class Client(FakeJobsAPI):
+        def __init__(self, address, headers=None):
+            from ray.dashboard.utils import get_address_for_submission_client
+
+            seen.append(get_address_for_submission_client(address))
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:2")
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:3")
+    client("http://127.0.0.1:1")
+    client(None)  # no flag: Ray's own choice, as before
+    assert seen == ["http://127.0.0.1:1", "http://127.0.0.1:3"]
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:2" and os.environ["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:3"
