@@ -241,11 +241,14 @@ def submit(spec_path: str, *, address: str | None, overrides: dict | None = None
 
     Returns `(job_id, spec)`, the spec as the cluster records it: secrets replaced by placeholders.
     """
-    from .spec import merge_fields, plan_from_dict, read_spec_file
+    from .spec import local_absolute, merge_fields, plan_from_dict, read_spec_file
 
     if job_id is not None:
         check_job_id(job_id)
-    spec = merge_fields(read_spec_file(spec_path), {k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if isinstance(overrides.get("output"), str):  # `-o rel/out`: from here, as the spec's own paths are from its
+        overrides["output"] = local_absolute(overrides["output"], Path.cwd())  # file (it went to the cluster as is)
+    spec = merge_fields(read_spec_file(spec_path), overrides)
     plan_from_dict(spec)  # validation: a bad field fails here, naming it
     return _submit_spec(spec, address=address, job_id=job_id, entrypoint_num_cpus=entrypoint_num_cpus)
 

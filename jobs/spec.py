@@ -164,7 +164,8 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
         raise SpecError(f"spec: {e}") from e
 
 
-def _local_absolute(value: str, base_dir: Path) -> str:
+def local_absolute(value: str, base_dir: Path) -> str:
+    """A local path relative to `base_dir` as an absolute one; a URL or an absolute path as it is."""
     return value if "://" in value or Path(value).is_absolute() else str((base_dir / value).resolve())
 
 
@@ -187,9 +188,9 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     if isinstance(ins, str):
         ins = [ins]
     if isinstance(ins, list):
-        data["inputs"] = [_local_absolute(i, base) if isinstance(i, str) else i for i in ins]
+        data["inputs"] = [local_absolute(i, base) if isinstance(i, str) else i for i in ins]
     if isinstance(data.get("output"), str) and data["output"]:
-        data["output"] = _local_absolute(data["output"], base)
+        data["output"] = local_absolute(data["output"], base)
     return data
 
 

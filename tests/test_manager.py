@@ -311,3 +311,18 @@ def test_the_address_flag_wins_over_ray_address(monkeypatch):
     client(None)  # no flag: Ray's own choice, as before
     assert seen == ["http://127.0.0.1:1", "http://127.0.0.1:3"]
     assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:2" and os.environ["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:3"
+
+
+def test_a_relative_output_flag_of_submit_is_taken_from_here(fake_cluster, tmp_path, monkeypatch):
+    """`fpn submit SPEC -o rel/out` sent rel/out to the cluster as it was, where the job's working directory (a
+    temporary one) made it something else; the spec's own relative paths are taken from its file."""
+    from jobs.manager import submit
+
+    spec = tmp_path / "specs" / "job.yaml"
+    spec.parent.mkdir()
+    spec.write_text(yaml.safe_dump({"inputs": ["/data/a.mp4"], "output": "spec-out"}))
+    monkeypatch.chdir(tmp_path)
+    assert submit(str(spec), address=fake_cluster)[1]["output"] == str(tmp_path / "specs" / "spec-out")
+    assert submit(str(spec), address=fake_cluster, overrides={"output": "rel/out"})[1]["output"] == str(
+        tmp_path / "rel" / "out")
+    assert submit(str(spec), address=fake_cluster, overrides={"output": "s3://b/out"})[1]["output"] == "s3://b/out"
