@@ -23,7 +23,7 @@ from typing import Any
 
 from .raster import RasterPlan
 from .stac import DEFAULT_ASSET, is_stac, search_assets, stac_assets
-from .storage import canonical_uri, filesystem, object_version, protocol_of, translate_error
+from .storage import canonical_uri, check_endpoint, filesystem, object_version, protocol_of, translate_error
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ def expand_inputs(inputs: list[str], storage_options: dict | None = None, *,
     later as an error row)."""
     by_identity: dict[str, Source] = {}
     for item in inputs:
+        check_endpoint(item, storage_options, f"input {item}")  # at once, where botocore's retries took a minute
         try:
             found = _expand_one(item, storage_options, stac_asset, stac_bands)
         except (FileNotFoundError, PermissionError):

@@ -345,6 +345,18 @@ def test_check_output_location_names_an_unreachable_endpoint():
         check_output_location("s3://b/out", refused)
 
 
+def test_an_s3_endpoint_that_refuses_connections_is_said_at_once_for_inputs_and_output():
+    """With the retries jobs run with (botocore's adaptive 10 attempts, s3fs's 5), a refused endpoint took 69 s for
+    an input and 2 min 38 s for an output before the same one line."""
+    refused = {"s3": {"endpoint_url": "http://127.0.0.1:1", "key": "k", "secret": "s"}}
+    with pytest.raises(ConnectionError, match=r"^input s3://b/x.png: cannot reach http://127\.0\.0\.1:1 \(Connection "
+                                              r"refused\)$"):
+        expand_inputs(["s3://b/x.png"], refused)
+    with pytest.raises(ConnectionError, match=r"^output s3://b/out: cannot reach http://127\.0\.0\.1:1 \(Connection "
+                                              r"refused\)$"):
+        check_output_location("s3://b/out", refused)
+
+
 # ----------------------------------------------------------------------------- local copies
 
 @pytest.fixture
