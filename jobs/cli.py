@@ -621,10 +621,10 @@ def cancel(job_id, wait_s, address):
 
 @cli.command()
 @click.argument("target")
-@click.option("--endpoint-url", help="S3-compatible endpoint for an s3:// OUTPUT.")
+@storage_flags
 @address_option
 @_fail_cleanly
-def resume(target, endpoint_url, address):
+def resume(target, endpoint_url, profile, anon, address):
     """Continue a failed or cancelled job, skipping every frame already written.
 
     TARGET is a job id (resubmitted to the --address cluster with the same spec) or an OUTPUT
@@ -642,7 +642,7 @@ def resume(target, endpoint_url, address):
         click.echo(f"resubmitted {target} as {jid}: frames already written are skipped")
         click.echo(f"  fpn status {jid}{_address_flag(address)}")
         return
-    flags = _storage_flags(endpoint_url)
+    flags = _storage_flags(endpoint_url, profile, anon)
     record = Output(target, flags.get("storage_options")).read_job()
     plan = plan_from_record(record["spec"], flags)
     _run_and_exit(plan, job_id=record.get("job_id"))

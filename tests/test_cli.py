@@ -1,5 +1,6 @@
 """The `fpn` CLI as a user drives it: help everywhere, clear one-line errors, run end to end."""
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,7 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
     assert sorted(p.name for p in Path("photos").iterdir()) == ["a.png", "b.png", "c.png", "notes.txt"]
 
 
-def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp_path, monkeypatch):
+def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp_path, monkeypatch, request):
     """An AWS profile that does not exist was botocore's ProfileNotFound as an 83-line traceback (fpn run, fpn
     status); an s3:// output on an endpoint that cannot be reached an EndpointConnectionError traceback (fpn query,
     after s3fs's and botocore's retries: 80 s; none here)."""
@@ -175,11 +176,16 @@ def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     s3fs.S3FileSystem.clear_instance_cache()
     closed = "http://127.0.0.1:9"  # discard: nothing listens
+    listening = socket.create_server(("127.0.0.1", 0))  # takes connections (run's check that one is taken), answers none
+    request.addfinalizer(listening.close)
+    quiet = f"http://127.0.0.1:{listening.getsockname()[1]}"
     profile = ("AWS profile nosuch not found (in ~/.aws/config, ~/.aws/credentials, or the files AWS_CONFIG_FILE "
                "and AWS_SHARED_CREDENTIALS_FILE name)")
-    cases = [(["run", "s3://bkt/in/x.png", "-o", tmp_path / "o", "--profile", "nosuch", "--endpoint-url", closed],
+    cases = [(["run", "s3://bkt/in/x.png", "-o", tmp_path / "o", "--profile", "nosuch", "--endpoint-url", quiet],
               f"input s3://bkt/in/x.png: {profile}"),
              (["status", "s3://bkt/out", "--profile", "nosuch", "--endpoint-url", closed],
+              f"output s3://bkt/out: {profile}"),
+             (["resume", "s3://bkt/out", "--profile", "nosuch", "--endpoint-url", closed],  # took no --profile
               f"output s3://bkt/out: {profile}"),
              (["query", "s3://archive/out", "SELECT 1", "--endpoint-url", closed],
               f"output s3://archive/out: cannot reach {closed} (EndpointConnectionError)")]
