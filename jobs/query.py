@@ -29,7 +29,7 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.output import ERROR_SCHEMA, FRAME_SCHEMA, Output
-from pipeline.storage import join
+from pipeline.storage import check_endpoint, join
 
 __all__ = ["connect", "query"]
 
@@ -95,6 +95,7 @@ def connect(output: str, storage_options: dict | None = None) -> duckdb.DuckDBPy
     DuckDB itself would still let it write inside `output` (COPY), so SQL from a user goes through
     `query`, which refuses such statements before they run.
     """
+    check_endpoint(output, storage_options, f"output {output}")  # at once, not after botocore's retries (80 s)
     out = Output(output, storage_options)
     fs, path = out.fs, out.path.rstrip("/")
     if not fs.exists(join(path, "frames")):

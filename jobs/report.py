@@ -29,7 +29,7 @@ from PIL import Image
 from pipeline.decode import check_video_backend
 from pipeline.output import Output
 from pipeline.plan import read_scale
-from pipeline.storage import check_file_destination, one_line, redact, redact_text, redact_url
+from pipeline.storage import check_endpoint, check_file_destination, one_line, redact, redact_text, redact_url
 
 from .query import connect
 from .render import Region, boxes, colour, draw_boxes, of_frame, read_pixels, read_video_frames, unnested
@@ -312,6 +312,7 @@ def build_report(output: str, dest: str | Path = "report.html", *, storage_optio
     check_file_destination(str(dest), "report.html")
     if video_backend is not None:
         check_video_backend(video_backend)
+    check_endpoint(output, storage_options, f"output {output}")
     out = Output(output, storage_options)
     counts = out.counts()
     job = _job(out, counts)

@@ -183,12 +183,21 @@ def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp
                "and AWS_SHARED_CREDENTIALS_FILE name)")
     cases = [(["run", "s3://bkt/in/x.png", "-o", tmp_path / "o", "--profile", "nosuch", "--endpoint-url", quiet],
               f"input s3://bkt/in/x.png: {profile}"),
-             (["status", "s3://bkt/out", "--profile", "nosuch", "--endpoint-url", closed],
+             (["status", "s3://bkt/out", "--profile", "nosuch", "--endpoint-url", quiet],
               f"output s3://bkt/out: {profile}"),
-             (["resume", "s3://bkt/out", "--profile", "nosuch", "--endpoint-url", closed],  # took no --profile
+             (["resume", "s3://bkt/out", "--profile", "nosuch", "--endpoint-url", quiet],  # took no --profile
               f"output s3://bkt/out: {profile}"),
+             # at once: it was botocore's EndpointConnectionError after the retries (80 s; cut to one here)
              (["query", "s3://archive/out", "SELECT 1", "--endpoint-url", closed],
-              f"output s3://archive/out: cannot reach {closed} (EndpointConnectionError)")]
+              f"output s3://archive/out: cannot reach {closed} (Connection refused)"),
+             (["status", "s3://archive/out", "--endpoint-url", closed],
+              f"output s3://archive/out: cannot reach {closed} (Connection refused)"),
+             (["resume", "s3://archive/out", "--endpoint-url", closed],
+              f"output s3://archive/out: cannot reach {closed} (Connection refused)"),
+             (["report", "s3://archive/out", "-o", tmp_path / "r.html", "--endpoint-url", closed],
+              f"output s3://archive/out: cannot reach {closed} (Connection refused)"),
+             (["export", "s3://archive/out", "-o", tmp_path / "d.csv", "--format", "csv", "--endpoint-url", closed],
+              f"output s3://archive/out: cannot reach {closed} (Connection refused)")]
     for args, line in cases:
         r = CliRunner().invoke(cli, [str(a) for a in args])
         assert (r.exit_code, r.output.splitlines()[-1]) == (1, f"Error: {line}"), (args, r.output)  # run: after
