@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--latency", type=float, nargs="+", default=[0.0, 0.02], help="seconds before each answer")
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
         os.environ.setdefault(k, v)
     now = sources.MANIFEST_THREADS
     server, counter, endpoint = start_counted_server()

@@ -543,7 +543,8 @@ def status(target, endpoint_url, profile, anon, address, fmt):
     if _is_output(target, address):
         options = _read_options(endpoint_url, profile, anon)
         check_endpoint(target, options, f"output {target}")
-        row = {"output": target, **Output(target, options).progress(missing_ok=False)}  # no _job.json: one line, not "state: ?"
+        # no _job.json: one line, not "state: ?"
+        row = {"output": target, **Output(target, options).progress(missing_ok=False)}
     else:
         from jobs.manager import job_status
 
@@ -564,8 +565,8 @@ def status(target, endpoint_url, profile, anon, address, fmt):
         click.echo(f"frames:   {done if done is not None else '?'} / {planned if planned is not None else '?'}{pct}")
         click.echo(f"rate:     {row['frames_per_s']:.2f} frames/s" if row.get("frames_per_s") else "rate:     -")
         others = row.get("errors_of_other_inputs")
-        click.echo(f"errors:   {row.get('errors', 0)}" + (f" ({others} of them earlier runs', about inputs the last run "
-                                                          "did not read)" if others else ""))
+        click.echo(f"errors:   {row.get('errors', 0)}"
+                   + (f" ({others} of them earlier runs', about inputs the last run did not read)" if others else ""))
         click.echo(f"eta:      {_fmt_s(row.get('eta_s')) or '-'}")
         if row.get("startup_s"):
             click.echo(f"start:    {_start_line(row['startup_s'])}")

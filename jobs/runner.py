@@ -393,9 +393,10 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
-def _settings_differ(out: Output, identity: dict[str, Any]) -> str | None:
-    """How the settings `out`'s last run recorded differ from `identity` ("field old -> new; ..."), or None."""
-    previous = out.read_job(missing_ok=True).get("identity")
+def _settings_differ(record: dict[str, Any], identity: dict[str, Any]) -> str | None:
+    """How the settings an output's record (`_job.json`) holds differ from `identity` ("field old -> new; ..."), or
+    None."""
+    previous = record.get("identity")
     return "; ".join(_identity_diff(previous, identity)) if previous and previous != identity else None
 
 
@@ -479,7 +480,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     probe.lease(owner=job_id).check_free()  # a live writer: before Ray starts
     _, digest = model_id(Path(plan.checkpoint))
     identity = plan.identity(digest)
-    differences = _settings_differ(probe, identity)
+    differences = _settings_differ(probe.read_job(missing_ok=True), identity)
     if differences and probe.has_frames():  # before Ray starts too (checked again under the lease)
         raise OutputSettingsError(plan.output, differences)
     init_ray(address, alongside_ray)
@@ -497,7 +498,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     counter = FrameCounter()
     with probe.lease(owner=job_id) as lease:
         previous = probe.read_job(missing_ok=True)
-        differences = _settings_differ(probe, identity)
+        differences = _settings_differ(previous, identity)
         if differences:
             if probe.has_frames():
                 raise OutputSettingsError(plan.output, differences)

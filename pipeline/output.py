@@ -258,21 +258,18 @@ class Output:
         for f in self.error_files():
             if _error_run(f) >= self.run:
                 continue
-            with self.fs.open(f, "rb") as fh:
-                table = pq.read_table(fh)
             if read is None:
+                dropped += self._footer(f).num_rows
                 self.fs.rm(f)
-                dropped += table.num_rows
                 continue
-            keep = pc.invert(pc.is_in(table.column("source"), pa.array(sorted(read), pa.string())))
-            kept = table.filter(keep)
-            if kept.num_rows == table.num_rows:
+            kept, gone = self._without_sources(f, read)
+            if not gone:
                 continue
-            dropped += table.num_rows - kept.num_rows
             if kept.num_rows:
                 self.write_table(kept, f"errors/{f.rsplit('/', 1)[-1]}")
             else:
                 self.fs.rm(f)
+            dropped += gone
         return dropped
 
     def errors_of_run(self) -> int:
@@ -375,20 +372,22 @@ class Output:
         missing; a crash between the two leaves both, which the next run's duplicate check resolves. Returns how
         many frames went."""
         dropped = 0
-        wanted = pa.array(sorted(sources), pa.string())
         for f in self.frame_files():
-            with self.fs.open(f, "rb") as fh:
-                table = pq.read_table(fh)
-            gone = pc.is_in(table.column("source"), wanted)
-            n = pc.sum(gone).as_py() or 0
-            if not n:
+            kept, gone = self._without_sources(f, sources)
+            if not gone:
                 continue
-            kept = table.filter(pc.invert(gone))
             if kept.num_rows:
                 self.write_table(kept, frames_file(kept.column("frame_id").to_pylist()))
             self.fs.rm(f)
-            dropped += n
+            dropped += gone
         return dropped
+
+    def _without_sources(self, f: str, sources: set[str]) -> tuple[pa.Table, int]:
+        """The rows of Parquet file `f` whose `source` is none of `sources`, and how many rows are left out."""
+        with self.fs.open(f, "rb") as fh:
+            table = pq.read_table(fh)
+        kept = table.filter(pc.invert(pc.is_in(table.column("source"), pa.array(sorted(sources), pa.string()))))
+        return kept, table.num_rows - kept.num_rows
 
     def counts(self) -> dict[str, int]:
         """Frames and error rows (from the Parquet footers), detections (one int32 column), raster windows

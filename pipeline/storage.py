@@ -42,8 +42,8 @@ from fsspec.core import url_to_fs
 __all__ = [
     "filesystem", "join", "parquet_files", "options_for", "normalize_options", "merge_options",
     "canonical_uri", "redact", "redact_url", "redact_text", "drop_redacted", "translate_error",
-    "check_output_location", "check_endpoint", "local_copy", "ranged_opener", "open_ranged", "REMOTE_BLOCK", "protocol_of",
-    "object_version", "exception_chain", "first_line", "one_line", "REDACTED",
+    "check_output_location", "check_endpoint", "local_copy", "ranged_opener", "open_ranged", "REMOTE_BLOCK",
+    "protocol_of", "object_version", "exception_chain", "first_line", "one_line", "REDACTED",
 ]
 
 log = logging.getLogger(__name__)
@@ -608,8 +608,9 @@ def check_output_location(url: str, storage_options: dict[str, Any] | None = Non
     if proto not in _OBJECT_STORES:
         if fs.exists(path) and not fs.isdir(path):
             raise ValueError(f"output {url} is a file: an output is a directory (a new one, or an fpn output)")
-        others = sorted(set(os.listdir(path)) - _OUTPUT_ENTRIES) if fs.isdir(path) else []
-        if others and not {"_job.json", "frames"} & set(os.listdir(path)):  # a folder of images, say: written among
+        entries = set(os.listdir(path)) if fs.isdir(path) else set()
+        others = sorted(entries - _OUTPUT_ENTRIES)
+        if others and not {"_job.json", "frames"} & entries:  # a folder of images, say: it wrote among them
             raise ValueError(f"output {url} is a directory of other files ({len(others)}: "
                              f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): an output is a directory "
                              "of its own (a new one, or an fpn output)")

@@ -176,7 +176,7 @@ def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     s3fs.S3FileSystem.clear_instance_cache()
     closed = "http://127.0.0.1:9"  # discard: nothing listens
-    listening = socket.create_server(("127.0.0.1", 0))  # takes connections (run's check that one is taken), answers none
+    listening = socket.create_server(("127.0.0.1", 0))  # takes connections (run checks one is taken), answers none
     request.addfinalizer(listening.close)
     quiet = f"http://127.0.0.1:{listening.getsockname()[1]}"
     profile = ("AWS profile nosuch not found (in ~/.aws/config, ~/.aws/credentials, or the files AWS_CONFIG_FILE "

@@ -310,7 +310,8 @@ def test_the_address_flag_wins_over_ray_address(monkeypatch):
     client("http://127.0.0.1:1")
     client(None)  # no flag: Ray's own choice, as before
     assert seen == ["http://127.0.0.1:1", "http://127.0.0.1:3"]
-    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:2" and os.environ["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:3"
+    assert (os.environ["RAY_ADDRESS"], os.environ["RAY_API_SERVER_ADDRESS"]) == ("http://127.0.0.1:2",
+                                                                                 "http://127.0.0.1:3")
 
 
 def test_a_relative_output_flag_of_submit_is_taken_from_here(fake_cluster, tmp_path, monkeypatch):
