@@ -260,8 +260,8 @@ def draw_boxes(image: np.ndarray | Image.Image, dets: dict[str, np.ndarray], *, 
 
 
 def _veiled(canvas: Image.Image, dets: dict[str, np.ndarray], scale: float, offset: tuple[float, float]) -> Image.Image:
-    """`canvas` with each detection's mask laid over it in its class's colour, at `MASK_OPACITY`; only the part of
-    a mask the canvas shows is decoded (`rle_columns`)."""
+    """`canvas` with each detection's mask laid over it in its class's colour, at `MASK_OPACITY`: the RLE's runs
+    (`rle_columns`) are painted where they land on the canvas, clipped to it, with no array of the whole frame."""
     width, height = canvas.size
     veil = np.zeros((height, width, 4), np.uint8)
     ox, oy = offset
