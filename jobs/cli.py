@@ -189,6 +189,9 @@ def _print_summary(doc: dict) -> None:
         + (f"; {doc['skipped_frames']} frames already written were skipped" if doc.get("skipped_frames") else "")
         + ")"
     )
+    if doc.get("nothing_new"):
+        click.echo("nothing new: every input was planned and written by earlier runs (unchanged since; no probe, "
+                   "Ray not started)")
     if doc.get("frames_outside_plan"):
         click.echo(f"of them, {doc['frames_outside_plan']} frames are outside this run's plan of "
                    f"{doc.get('planned_frames')} (the frames fpn status counts): earlier runs' of other inputs, of "

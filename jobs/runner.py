@@ -29,7 +29,8 @@ from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
 from pipeline.output import Output, OutputSettingsError, error_row, final_state
 from pipeline.counter import FrameCounter
-from pipeline.plan import Plan, Resources, count_planned, count_written, execute, plan_work, raster_summary
+from pipeline.plan import (Plan, Planned, Resources, count_planned, count_written, execute, plan_known, plan_work,
+                           raster_summary, unwritten)
 from pipeline.raydata import (actor_init_death, environ, one_node_execution, patched, quiet_actor_init_deaths,
                               spend_actor_restart_warning, start_ray_data_helpers)
 from pipeline.sizing import ask_detector_gpu_memory, auto_batch, cluster_nodes, fit, model_input_mpx
@@ -483,6 +484,9 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     differences = _settings_differ(probe.read_job(missing_ok=True), identity)
     if differences and probe.has_frames():  # before Ray starts too (checked again under the lease)
         raise OutputSettingsError(plan.output, differences)
+    job = _Job(plan, cfg, digest, identity, model_input, job_id, t0, began)
+    if not differences and (doc := _when_written(job, probe, sources)) is not None:
+        return doc
     init_ray(address, alongside_ray)
     start = {"before_run": began - psutil.Process().create_time(), "ray": time.time() - began}
     decoder_note = nvdec_note(plan) if _embedded.is_set() else None
@@ -510,35 +514,24 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
         removed = out.clean_temporary()
         if removed:
             log.info("removed %d temporary files left by killed writers", removed)
-        doc: dict[str, Any] = {
-            "job_id": job_id or previous.get("job_id"), "state": "running", "spec": plan_to_dict(plan),
-            "identity": identity,
-            "model": {"id": plan.model_id, "sha256": digest, "arch": cfg.arch, "backbone": cfg.backbone,
-                      "neck": cfg.neck, "levels": list(cfg.levels), "class_names": list(cfg.class_names),
-                      "input": dataclasses.asdict(model_input)},
-            "versions": versions(), "inputs": len(sources), "started_at": _now(), "runs": out.run,
-            "lease": {k: lease.record[k] for k in ("owner", "host", "pid")},
-            "resources": {**sizing.as_record(), "precision": plan.resources.precision},
-        }
+        doc = job.record(plan, previous, lease, out, len(sources))
+        doc["resources"] = {**sizing.as_record(), "precision": plan.resources.precision}
         if decoder_note:
             doc["video_backend_note"] = decoder_note
-        if lease.took_over:
-            doc["took_over_from"] = {k: lease.took_over.get(k) for k in ("owner", "host", "pid", "heartbeat")}
         old_handler = None
         if threading.current_thread() is threading.main_thread():
             old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             out.write_job(doc)
             read = {s.canonical for s in sources}  # a changed one too: its error row is this run's
-            sources = _skip_changed(out, sources, replace=plan.changed_sources == "replace")
+            sources, recorded = _skip_changed(out, sources, replace=plan.changed_sources == "replace")
             done = frozenset(out.done_ids())
-            units, unread = plan_work(plan, out, sources)
-            doc["planned_frames"] = count_planned(plan, units)
-            doc["skipped_frames"] = count_written(plan, units, done)  # planned, and written by earlier runs
-            doc["frames_outside_plan"] = len(done) - doc["skipped_frames"]  # other inputs or sampling took them
-            doc["rasters"] = raster_summary(units)  # CRS, GSD and resampling of each; which have pixels only
-            doc["nothing_read"] = unread  # sources the aoi or the time range misses, and why
-            doc["work_units"] = len(units)
+            planned = plan_work(plan, out, sources, recorded)
+            if planned.probed:  # what the probes found: a later run plans these sources from the record
+                out.write_sources({**recorded, **{src: {**recorded.get(src, {}), **found}
+                                                  for src, found in planned.probed.items()}})
+            units = planned.units
+            doc.update(_plan_record(plan, planned, done))
             plan, batch_record = decide_batch()
             if batch_record:
                 doc["spec"] = plan_to_dict(plan)
@@ -566,13 +559,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             if plan.video_backend == "nvdec" or written["nvdec_frames"]:  # of this run's frames written
                 doc["frames_decoded_on_gpu"] = written["nvdec_frames"]
             # this run re-attempted everything they named of its sources; all of them, when its settings replaced
-            out.drop_stale_errors(None if differences else read)
-            counts = out.counts()
-            if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
-                out.write_empty_frames(with_masks=with_masks)
-            # the state is this run's: an earlier run's error about a source it did not read is kept, and counted
-            doc["errors_of_other_inputs"] = counts["errors"] - out.errors_of_run()
-            state = final_state(frames=counts["frames"], errors=counts["errors"] - doc["errors_of_other_inputs"])
+            counts, state = _complete(out, doc, None if differences else read, with_masks=with_masks)
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 state = "interrupted" if lease.lost else "cancelled"
@@ -599,13 +586,102 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
-        wall = time.monotonic() - t0
-        new_frames = counts["frames"] - len(done)
-        doc.update(state=state, wall_s=round(wall, 2), frames_per_s=round(new_frames / wall, 3) if wall else None,
-                   finished_at=_now(), **counts)
-        doc["decoded_per_sampled"] = round(counts["decoded_frames"] / counts["frames"], 3) if counts["frames"] else None
-        out.write_job(doc)
+        _ended(out, doc, counts, state, t0=t0, new_frames=counts["frames"] - len(done))
     return doc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What a run knows of its job before it takes the output's lease."""
+
+    plan: Plan
+    cfg: Any  # fpn_model.config.ModelConfig
+    digest: str  # sha256 of the weights
+    identity: dict[str, Any]
+    model_input: Any  # fpn_model.weights.InputSpec
+    job_id: str | None
+    t0: float  # time.monotonic() at the start
+    began: float  # time.time() at the start
+
+    def record(self, plan: Plan, previous: dict[str, Any], lease, out: Output, inputs: int) -> dict[str, Any]:
+        """The start of the run's `_job.json` (`plan`: the job's, with what Ray decided in it)."""
+        cfg = self.cfg
+        doc: dict[str, Any] = {
+            "job_id": self.job_id or previous.get("job_id"), "state": "running", "spec": plan_to_dict(plan),
+            "identity": self.identity,
+            "model": {"id": plan.model_id, "sha256": self.digest, "arch": cfg.arch, "backbone": cfg.backbone,
+                      "neck": cfg.neck, "levels": list(cfg.levels), "class_names": list(cfg.class_names),
+                      "input": dataclasses.asdict(self.model_input)},
+            "versions": versions(), "inputs": inputs, "started_at": _now(), "runs": out.run,
+            "lease": {k: lease.record[k] for k in ("owner", "host", "pid")},
+        }
+        if lease.took_over:
+            doc["took_over_from"] = {k: lease.took_over.get(k) for k in ("owner", "host", "pid", "heartbeat")}
+        return doc
+
+
+def _plan_record(plan: Plan, planned: Planned, done: frozenset[str]) -> dict[str, Any]:
+    """What `_job.json` says of the run's plan."""
+    written = count_written(plan, planned.units, done)  # planned, and written by earlier runs
+    return {"planned_frames": count_planned(plan, planned.units), "skipped_frames": written,
+            "frames_outside_plan": len(done) - written,  # other inputs or sampling took them
+            "rasters": raster_summary(planned.units),  # CRS, GSD and resampling of each; which have pixels only
+            "nothing_read": planned.unread,  # sources the aoi or the time range misses, and why
+            "work_units": len(planned.units),
+            "inputs_known": planned.known}  # planned from what earlier runs recorded of them, not probed
+
+
+def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | None:
+    """The run's record when nothing is left to do: every source known to the output (`pipeline.known`: unchanged
+    since an earlier run recorded its units) and every frame they plan written. A rerun over an archive with
+    nothing new ends here, with no probe and no Ray: it read the listing, `_sources.parquet` and the frame ids
+    (benchmarks/daily_rerun.py). None: there is work, or a source to probe. That is seen first without the lease
+    (and again under it): a run with work takes the lease once, and one taking it over from a writer that died
+    records whom from (`took_over_from`)."""
+    plan = job.plan
+    if not sources or (planned := plan_known(plan, sources, probe.read_sources())) is None:
+        return None
+    if unwritten(plan, planned.units, frozenset(probe.done_ids())):
+        return None
+    with probe.lease(owner=job.job_id) as lease:
+        previous = probe.read_job(missing_ok=True)
+        if _settings_differ(previous, job.identity):  # another run replaced them meanwhile
+            return None
+        out = Output(plan.output, plan.output_options, run=previous.get("runs", 0) + 1)
+        planned = plan_known(plan, sources, out.read_sources())
+        done = frozenset(out.done_ids())
+        if planned is None or unwritten(plan, planned.units, done):
+            return None
+        doc = job.record(plan, previous, lease, out, len(sources))
+        doc.update(_plan_record(plan, planned, done), nothing_new=True, work_units_written_before=len(planned.units),
+                   startup_s=_rounded({"before_run": job.began - psutil.Process().create_time(),
+                                       "planned": time.time() - job.began}))
+        counts, state = _complete(out, doc, {s.canonical for s in sources}, with_masks=job.cfg.arch == "mask_rcnn")
+        _ended(out, doc, counts, state, t0=job.t0, new_frames=0)
+    return doc
+
+
+def _complete(out: Output, doc: dict[str, Any], read: set[str] | None, *,
+              with_masks: bool) -> tuple[dict[str, int], str]:
+    """The output's counts and the state of a run that went through all its work, having read the sources `read`
+    (None: all, as when its settings replaced an earlier run's): earlier runs' error rows of those are gone."""
+    out.drop_stale_errors(read)
+    counts = out.counts()
+    if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
+        out.write_empty_frames(with_masks=with_masks)
+    # the state is this run's: an earlier run's error about a source it did not read is kept, and counted
+    doc["errors_of_other_inputs"] = counts["errors"] - out.errors_of_run()
+    return counts, final_state(frames=counts["frames"], errors=counts["errors"] - doc["errors_of_other_inputs"])
+
+
+def _ended(out: Output, doc: dict[str, Any], counts: dict[str, int], state: str, *, t0: float,
+           new_frames: int) -> None:
+    """Record the end of a run that went through all its work."""
+    wall = time.monotonic() - t0
+    doc.update(state=state, wall_s=round(wall, 2), frames_per_s=round(new_frames / wall, 3) if wall else None,
+               finished_at=_now(), **counts)
+    doc["decoded_per_sampled"] = round(counts["decoded_frames"] / counts["frames"], 3) if counts["frames"] else None
+    out.write_job(doc)
 
 
 class DetectorStartError(RuntimeError):
@@ -635,11 +711,12 @@ def _safe_counts(out: Output) -> dict[str, int]:
         return {}
 
 
-def _skip_changed(out: Output, sources: list, *, replace: bool = False) -> list:
+def _skip_changed(out: Output, sources: list, *, replace: bool = False) -> tuple[list, dict[str, dict]]:
     """Sources that changed (size or version) since an earlier run wrote frames of them become error rows: the
     frames here are of the old version. With `replace`, their frames are removed instead, and they are processed
-    again. Returns the sources to process, and records size and version of each source read afresh (of a replaced
-    one, once its old frames are gone: a run that dies before finds it changed again)."""
+    again. Records size and version of each source read afresh (of a replaced one, once its old frames are gone: a
+    run that dies before finds it changed again; what was known of its old version goes). Returns the sources to
+    process, and the record of every source (`Output.read_sources`) as it is now."""
     recorded = out.read_sources()
     current = {s.canonical: {"size": s.size, "version": None if s.version is None else str(s.version)}
                for s in sources}
@@ -658,7 +735,8 @@ def _skip_changed(out: Output, sources: list, *, replace: bool = False) -> list:
     fresh = {src: {**cur, "first_run": out.run} for src, cur in current.items()
              if (src not in recorded or src in differs) and src not in stale}
     if fresh:
-        out.write_sources({**recorded, **fresh})
-    return [s for s in sources if s.canonical not in stale]
+        recorded = {**recorded, **fresh}
+        out.write_sources(recorded)
+    return [s for s in sources if s.canonical not in stale], recorded
 
 

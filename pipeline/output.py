@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
@@ -67,8 +68,13 @@ ERROR_SCHEMA = pa.schema([
     ("error_type", pa.string()), ("message", pa.string()),
 ])
 SOURCES_SCHEMA = pa.schema([("source", pa.string()), ("size", pa.int64()), ("version", pa.string()),
-                            ("first_run", pa.int32())])
+                            ("first_run", pa.int32()),
+                            # what a probe found in it (pipeline.known): its work units (JSON) or why nothing in it
+                            # is read, cut under the settings `probe_key` names; null: not probed yet, or failed
+                            ("probe_key", pa.string()), ("units", pa.string()), ("unread", pa.string())])
 
+# files of an output read at once (s3fs's pool holds as many connections: pipeline.storage.filesystem)
+READ_THREADS = 32
 JOB_RECORD, LEASE_RECORD = "_job.json", "_lease.json"  # OUTPUT/<name>: the job's record, the writer's lease
 
 # Job states, defined once: `_job.json`, the run summary, `fpn status` and `fpn list` all use these.
@@ -274,7 +280,7 @@ class Output:
 
     def errors_of_run(self) -> int:
         """Error rows this run wrote (from the Parquet footers)."""
-        return sum(self._footer(f).num_rows for f in self.error_files() if _error_run(f) == self.run)
+        return sum(self._rows([f for f in self.error_files() if _error_run(f) == self.run]))
 
     # -- reading --------------------------------------------------------------------------------
     def frame_files(self) -> list[str]:
@@ -294,16 +300,27 @@ class Output:
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out
             raise _corrupt(f, e) from e
 
-    def _frame_ids(self) -> Iterator[tuple[str, list[str]]]:
+    def _read_each(self, read: Callable[[str], Any], files: list[str]) -> list[Any]:
+        """`read(f)` of each file, in order, `READ_THREADS` at a time. One after the other, each file of an output
+        on S3 cost its round trips in turn (an open's HEAD, the footer's GET, a column's GET): every run reads
+        every frames file three times (the ids written, the duplicate check, the counts), and an archive's
+        output holds a file or more for each day it was run."""
+        if len(files) < 2:
+            return [read(f) for f in files]
+        with ThreadPoolExecutor(min(READ_THREADS, len(files))) as pool:
+            return list(pool.map(read, files))
+
+    def _ids_of(self, f: str) -> tuple[str, list[str]]:
+        try:
+            with self.fs.open(f, "rb") as fh:
+                return f, pq.ParquetFile(fh).read(columns=["frame_id"]).column("frame_id").to_pylist()
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out
+            raise _corrupt(f, e) from e
+
+    def _frame_ids(self) -> list[tuple[str, list[str]]]:
         """Each frames file and its frame ids (one column read). A corrupt file is one line naming it and the way
         out."""
-        for f in self.frame_files():
-            try:
-                with self.fs.open(f, "rb") as fh:
-                    ids = pq.read_table(fh, columns=["frame_id"]).column("frame_id").to_pylist()
-            except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out
-                raise _corrupt(f, e) from e
-            yield f, ids
+        return self._read_each(self._ids_of, self.frame_files())
 
     def done_ids(self) -> set[str]:
         """Frame ids already written."""
@@ -334,7 +351,7 @@ class Output:
                 log.warning("%s: all its %d frames are in other files too: removed", f, len(ids))
                 continue
             with self.fs.open(f, "rb") as fh:
-                t = pq.read_table(fh)
+                t = pq.ParquetFile(fh).read()
             first, rows = set(), []  # each frame not kept elsewhere, once
             for k, i in enumerate(t.column("frame_id").to_pylist()):
                 if i not in dup and i not in first:
@@ -358,12 +375,11 @@ class Output:
 
     def sources_with_frames(self, candidates: set[str]) -> set[str]:
         """Which of `candidates` have frames in the output (reads the `source` column)."""
-        found: set[str] = set()
-        for f in self.frame_files():
+        def sources_in(f: str) -> set[str]:
             with self.fs.open(f, "rb") as fh:
-                found.update(s for s in set(pq.read_table(fh, columns=["source"]).column("source").to_pylist())
-                             if s in candidates)
-        return found
+                return set(pq.ParquetFile(fh).read(columns=["source"]).column("source").to_pylist()) & candidates
+
+        return set().union(*self._read_each(sources_in, self.frame_files()))
 
     def drop_frames_of(self, sources: set[str]) -> int:
         """Remove the frames of `sources` (canonical URIs) from the output, so that a run can process their new
@@ -385,7 +401,7 @@ class Output:
     def _without_sources(self, f: str, sources: set[str]) -> tuple[pa.Table, int]:
         """The rows of Parquet file `f` whose `source` is none of `sources`, and how many rows are left out."""
         with self.fs.open(f, "rb") as fh:
-            table = pq.read_table(fh)
+            table = pq.ParquetFile(fh).read()
         kept = table.filter(pc.invert(pc.is_in(table.column("source"), pa.array(sorted(sources), pa.string()))))
         return kept, table.num_rows - kept.num_rows
 
@@ -393,28 +409,30 @@ class Output:
         """Frames and error rows (from the Parquet footers), detections (one int32 column), raster windows
         skipped as all nodata (one bool column) and frames decoded (one int32 column; a file written before it
         was recorded counts one per row)."""
-        frames = errors = detections = nodata = decoded = 0
-        for f in self.frame_files():
-            try:  # one open per file: the footer and the two columns
+        def count(f: str) -> tuple[int, int, int, int]:
+            try:  # one open per file: the footer and the columns
                 with self.fs.open(f, "rb") as fh:
                     pf = pq.ParquetFile(fh)
                     if not pf.metadata.num_rows:
-                        continue
-                    frames += pf.metadata.num_rows
+                        return 0, 0, 0, 0
                     cols = [c for c in ("num_detections", "all_nodata", "decoded_frames")
                             if c in pf.schema_arrow.names]
                     t = pf.read(columns=cols)
             except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out (as _footer)
                 raise _corrupt(f, e) from e
-            detections += int(pc.sum(t.column("num_detections")).as_py() or 0)
-            if "all_nodata" in cols:
-                nodata += int(pc.sum(t.column("all_nodata")).as_py() or 0)
-            has = "decoded_frames" in cols
-            decoded += int(pc.sum(t.column("decoded_frames")).as_py() or 0) if has else t.num_rows
-        for f in self.error_files():
-            errors += self._footer(f).num_rows
+            total = lambda c: int(pc.sum(t.column(c)).as_py() or 0)  # noqa: E731
+            return (t.num_rows, total("num_detections"), total("all_nodata") if "all_nodata" in cols else 0,
+                    total("decoded_frames") if "decoded_frames" in cols else t.num_rows)
+
+        per_file = self._read_each(count, self.frame_files())
+        frames, detections, nodata, decoded = (sum(c[k] for c in per_file) for k in range(4))
+        errors = sum(self._rows(self.error_files()))
         return {"frames": frames, "detections": detections, "errors": errors, "nodata_windows": nodata,
                 "decoded_frames": decoded}
+
+    def _rows(self, files: list[str]) -> list[int]:
+        """The rows of each Parquet file (its footer)."""
+        return self._read_each(lambda f: self._footer(f).num_rows, files)
 
     # -- the job record ---------------------------------------------------------------------------
     def read_job(self, *, missing_ok: bool = False) -> dict:
@@ -439,9 +457,11 @@ class Output:
         self._put(json.dumps(doc, indent=2, default=str).encode(), JOB_RECORD)
 
     def read_sources(self) -> dict[str, dict]:
-        """{canonical source: {size, version, first_run}} of the sources earlier runs read."""
+        """{canonical source: {size, version, first_run, probe_key, units, unread}} of the sources earlier runs
+        read (the last three: what a probe found, `pipeline.known`; absent from outputs written before them)."""
         try:
-            rows = pq.read_table(pa.BufferReader(self._read_small("_sources.parquet"))).to_pylist()
+            # a ParquetFile: pq.read_table imports pyarrow.dataset, and pandas with it (0.9 s of a rerun's 1.2)
+            rows = pq.ParquetFile(pa.BufferReader(self._read_small("_sources.parquet"))).read().to_pylist()
         except FileNotFoundError:
             return {}
         return {r.pop("source"): r for r in rows}
@@ -475,8 +495,8 @@ class Output:
         run's sampling took and the job's does not are not counted as done (`frames_outside_plan`). `missing_ok`:
         as `read_job`'s (False: a location without `_job.json` is no output, FileNotFoundError)."""
         doc = self.read_job(missing_ok=missing_ok)
-        written = sum(self._footer(f).num_rows for f in self.frame_files()) - doc.get("frames_outside_plan", 0)
-        errors = sum(self._footer(f).num_rows for f in self.error_files())
+        written = sum(self._rows(self.frame_files())) - doc.get("frames_outside_plan", 0)
+        errors = sum(self._rows(self.error_files()))
         planned, state = doc.get("planned_frames"), self.state()
         rate = eta = None
         if state == "running" and doc.get("started_at"):

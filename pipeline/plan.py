@@ -1,7 +1,8 @@
 """The Ray Data plan: URIs -> work units -> decoded frame batches -> detector actors -> Parquet.
 
-    plan_work(sources)                 Ray tasks: probe each file (headers, indexes), cut videos at keyframes;
-                                       the planned frame count is known up front
+    plan_work(sources)                 Ray tasks: probe each new file (headers, indexes), cut videos at keyframes
+                                       (the output records what they found: pipeline.known); the planned frame
+                                       count is known up front
     from_arrow(units)                  a block per video segment or raster unit, images in runs
       .map_batches(decode)             CPU tasks: sampled uint8 frames, a generator of batches
       .map_batches(Detector, ...)      actor pool: model resident on its device
@@ -31,14 +32,15 @@ from fpn_model.weights import InputSpec, read_input_spec  # torch-free: no model
 
 from .decode import Sampling, check_video_backend, decode_unit, probe, sample_indices, with_cpu_time
 from .isolate import ChildTimeout, IsolationError, process_child
+from .known import known_units, probe_key, record
 from .output import Output, error_row, frame_id
 from .raster import RasterPlan, RasterSettings, Stretch, aoi_geometry, open_rasters, plan_raster
 from .sizing import WRITE_CPUS
 from .sources import Source, WorkUnit
 from .stac import check_search
 
-__all__ = ["Plan", "Resources", "detector_pool", "plan_units", "plan_work", "count_planned", "raster_summary",
-           "unwritten", "build_dataset", "execute"]
+__all__ = ["Plan", "Resources", "Planned", "detector_pool", "plan_units", "plan_work", "plan_known", "count_planned",
+           "raster_summary", "unwritten", "build_dataset", "execute"]
 
 log = logging.getLogger(__name__)
 # a run's detectors may exit this many times each after a device error, to be started anew (pipeline.detect)
@@ -261,17 +263,15 @@ def _check_time_range(plan: Plan, units: list[dict[str, Any]]) -> None:
 
 def _probe_sources(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]]) -> list[list[dict] | dict | str]:
     """A planning task: for each source row its work units (rows), its error row when it cannot be read, or why
-    there is nothing to read in it."""
+    there is nothing to read in it (the time range is checked by `plan_work`, on recorded units too)."""
     out: list[list[dict] | dict] = []
     for row in rows:
         try:
-            units = [u.to_row() for u in plan_units(
+            out.append([u.to_row() for u in plan_units(
                 row["uri"], row["source"], segment_frames=plan.segment_frames, raster_pixels=plan.raster_pixels,
                 windows_per_unit=plan.windows_per_unit, storage_options=plan.storage_options,
                 video_backend=plan.video_backend, raster=raster, stac_item=row["stac_item"],
-                datetime=row["datetime"], assets=tuple(row["assets"]), size=row.get("size"))]
-            _check_time_range(plan, units)
-            out.append(units)
+                datetime=row["datetime"], assets=tuple(row["assets"]), size=row.get("size"))])
         except NothingToRead as e:
             out.append(str(e))
         except Exception as e:  # noqa: BLE001 - any failure of one input is that input's error row
@@ -369,22 +369,79 @@ def _scalar(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def plan_work(plan: Plan, out: Output, sources: list[Source]) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Probe every source and return the work units (rows), in the order of the sources: the planned frame count
-    is known before decoding starts (progress, ETA); and the sources with nothing to read, with why.
+@dataclass
+class Planned:
+    """The work of a job's sources: `units` (rows, in the order of the sources), `unread` (sources with nothing to
+    read, and why), `probed` (what this run's probes found, to record: `pipeline.known.record` by canonical source)
+    and `known` (sources planned from the output's record, not probed)."""
+
+    units: list[dict[str, Any]]
+    unread: dict[str, str]
+    probed: dict[str, dict[str, Any]]
+    known: int
+
+
+def plan_known(plan: Plan, sources: list[Source], recorded: dict[str, dict]) -> Planned | None:
+    """The work of `sources` from what earlier runs recorded of them (`Output.read_sources`), with no probe and no
+    Ray; None when a source must be probed (`pipeline.known.known_units`)."""
+    key = probe_key(plan, plan.raster_settings(read_input_spec(plan.checkpoint)))
+    found = [known_units(s, recorded.get(s.canonical), key) for s in sources]
+    if any(f is None for f in found):
+        return None
+    return _planned(plan, sources, found, {}, known=len(sources))
+
+
+def plan_work(plan: Plan, out: Output, sources: list[Source], recorded: dict[str, dict] | None = None) -> Planned:
+    """Probe the sources and return their work: the planned frame count is known before decoding starts (progress,
+    ETA). A source whose units an earlier run recorded (`recorded`: `Output.read_sources`), unchanged since and cut
+    under the same settings, is planned from the record (`pipeline.known`): a rerun over an archive probes what is
+    new.
 
     Probing reads headers and indexes (by ranges on object storage), in plain Ray tasks, a few per CPU of the
     cluster, each over a share of the sources: one round of tasks is the whole fixed cost (a Ray Data stage, two
     materialisations and a repartition cost seconds more per job). A source whose probe fails becomes its error
     row; a task whose worker dies (a decoder library crashing on a hostile file) is run again one source per
     task, so only the file that crashes it becomes an error row ("probe crashed")."""
+    raster = plan.raster_settings(read_input_spec(plan.checkpoint))
+    key = probe_key(plan, raster)
+    found = [known_units(s, (recorded or {}).get(s.canonical), key) for s in sources]
+    todo = [i for i, f in enumerate(found) if f is None]
+    rows = [{"uri": s.url, "source": s.canonical, "stac_item": s.stac_item, "datetime": s.datetime,
+             "assets": [str(a) for a in s.assets], "size": None if s.assets else s.size}
+            for s in (sources[i] for i in todo)]
+    results = _probe(plan, raster, rows, out) if rows else []
+    probed = {}
+    for i, r in zip(todo, results):
+        found[i] = r
+        if not isinstance(r, dict):  # an error row: probed again next time
+            probed[sources[i].canonical] = record(r, key)
+    return _planned(plan, sources, found, probed, known=len(sources) - len(todo))
+
+
+def _planned(plan: Plan, sources: list[Source], found: list, probed: dict[str, dict[str, Any]], *,
+             known: int) -> Planned:
+    """Each source's units, error row or reason to read nothing (`found`), as the job's work; the time range is
+    checked here, the units of every source known."""
+    units: list[dict[str, Any]] = []
+    unread: dict[str, str] = {}
+    for s, r in zip(sources, found):
+        if isinstance(r, list):
+            try:
+                _check_time_range(plan, r)
+            except NothingToRead as e:
+                r = str(e)
+        if isinstance(r, str):
+            log.warning("%s: %s", s.canonical, r)
+            unread[s.canonical] = r
+        elif isinstance(r, list):
+            units += r
+    return Planned(units, unread, probed, known)
+
+
+def _probe(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]], out: Output) -> list[list[dict] | dict | str]:
+    """Each source row's probe result (`_probe_sources`), run in Ray tasks; the error rows written, one file."""
     import ray
 
-    rows = [{"uri": s.url, "source": s.canonical, "stac_item": s.stac_item, "datetime": s.datetime,
-             "assets": [str(a) for a in s.assets], "size": None if s.assets else s.size} for s in sources]
-    if not rows:
-        return [], {}
-    raster = plan.raster_settings(read_input_spec(plan.checkpoint))
     task = ray.remote(_probe_sources).options(num_cpus=plan.resources.decode_cpus, max_retries=0)
     shares = min(len(rows), 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
     order = [list(range(k, len(rows), shares)) for k in range(shares)]  # interleaved: big files spread out
@@ -402,8 +459,6 @@ def plan_work(plan: Plan, out: Output, sources: list[Source]) -> tuple[list[dict
             else:
                 results[idx[0]] = error_row(rows[idx[0]]["source"], "probe", f"probe crashed ({type(e).__name__})",
                                             error_type="ProbeCrashed")
-    units: list[dict[str, Any]] = []
-    unread: dict[str, str] = {}
     failed = [r for r in results if isinstance(r, dict)]
     for r in failed[:PROBE_ERRORS_LOGGED]:
         log.warning("probe failed for %s: %s", r["source"], r["message"])
@@ -412,13 +467,7 @@ def plan_work(plan: Plan, out: Output, sources: list[Source]) -> tuple[list[dict
     # one file for them all: a file (an S3 PUT, and a GET for each later reading of the output) per row made 5,000
     # files of 1.8 KB for 5,000 empty files among an archive's images
     out.write_errors(failed, "probe:" + "\n".join(r["source"] for r in failed))
-    for row, r in zip(rows, results):
-        if isinstance(r, str):
-            log.warning("%s: %s", row["source"], r)
-            unread[row["source"]] = r
-        elif isinstance(r, list):
-            units += r
-    return units, unread
+    return results
 
 
 def count_planned(plan: Plan, units) -> int:

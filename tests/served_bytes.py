@@ -13,7 +13,7 @@ import time
 
 class ServedBytes:
     """WSGI middleware in front of moto's app: the body bytes and requests the server answers for paths ending in
-    `suffix` (settable; None counts nothing). `latency` (s, settable) holds every request that long before it is
+    `suffix` (settable: a string or a tuple of them; None counts nothing). `latency` (s, settable) holds every request that long before it is
     answered, as a distant server's round trip does; `most_in_flight` is the most requests it held at once."""
 
     def __init__(self, app, suffix: str | None = None):

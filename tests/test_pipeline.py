@@ -215,6 +215,96 @@ def test_only_units_with_a_frame_to_write_run_again(tmp_path):
     assert unwritten(plan, tiles, frozenset({frame_id("/r.tif", 0), frame_id("/r.tif", 1)})) == tiles
 
 
+def test_a_source_is_planned_from_its_record_only_while_the_file_and_the_settings_are_the_same(tmp_path):
+    """`pipeline.known`: an earlier probe's units stand for a source whose size and version are those recorded,
+    cut under the same settings; read with the source's URL of now (a presigned one signed afresh)."""
+    from pipeline.known import known_units, probe_key, record
+    from pipeline.plan import Plan
+    from pipeline.raster import RasterSettings
+    from pipeline.sources import Source, WorkUnit
+
+    plan = Plan(inputs=("v.mp4",), output=str(tmp_path), checkpoint="m", model_id="m")
+    key = probe_key(plan, RasterSettings())
+    src = Source("s3://b/v.mp4?X-Amz-Signature=old", "s3://b/v.mp4", 1000, '"etag1"')
+    units = [WorkUnit(src.url, src.canonical, "video", a, a + 8, 16, 8.0, 64, 48, keyframes=str(a)).to_row()
+             for a in (0, 8)]
+    rec = {"size": 1000, "version": '"etag1"', "first_run": 1, **record(units, key)}
+    assert "Signature" not in rec["units"]
+    signed_now = Source("s3://b/v.mp4?X-Amz-Signature=new", "s3://b/v.mp4", 1000, '"etag1"')
+    assert known_units(signed_now, rec, key) == [{**u, "uri": signed_now.url} for u in units]
+    assert known_units(Source(src.url, src.canonical, 1001, '"etag1"'), rec, key) is None  # size
+    assert known_units(Source(src.url, src.canonical, 1000, '"etag2"'), rec, key) is None  # version
+    assert known_units(Source(src.url, src.canonical), rec, key) is None  # nothing tells it is the same file
+    assert known_units(src, rec, probe_key(dataclasses.replace(plan, segment_frames=64), RasterSettings())) is None
+    assert known_units(src, rec, probe_key(plan, RasterSettings(window=512))) is None
+    assert known_units(src, {"size": 1000, "version": '"etag1"', "first_run": 1}, key) is None  # an older output
+    assert known_units(dataclasses.replace(src, assets=("s3://b/B04.tif",)), rec, key) is None
+    missed = {"size": 1000, "version": '"etag1"', **record("the aoi meets none of its 4 windows", key)}
+    assert known_units(src, missed, key) == "the aoi meets none of its 4 windows"
+
+
+def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_session, make_video, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A daily run over a growing archive probed every file again, in Ray tasks, and started Ray for them (50 files:
+    14.5 s with nothing new): the output records what each probe found (`_sources.parquet`), a rerun probes the new
+    sources alone, and with nothing new it reads the record and the frame ids and ends, Ray never started."""
+    import shutil
+
+    import jobs.runner
+    import pipeline.plan
+
+    null = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copy(make_video("k24.mp4", 24, 8.0), archive / "clip.mp4")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(archive / "a.png")
+    shutil.copy(SOAP, archive / "big.png")  # 400 x 400, over raster_pixels: a raster of windows
+    out = tmp_path / "out"
+    spec = {"model": null, "segment_frames": 8, "raster_pixels": 100_000, "raster_window": 256,
+            "windows_per_unit": 1}
+    probed: list[list[str]] = []
+    real_probe, real_init = pipeline.plan._probe, jobs.runner.init_ray
+
+    def spy(plan, raster, rows, out):
+        probed.append(sorted(r["source"].rsplit("/", 1)[1] for r in rows))
+        return real_probe(plan, raster, rows, out)
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(pipeline.plan, "_probe", spy)
+    first = job([archive], out, **spec)
+    assert first["state"] == "succeeded" and first["inputs_known"] == 0 and probed == [["a.png", "big.png", "clip.mp4"]]
+    units, t = first["work_units"], frames_table(out)
+    assert units == 3 + 1 + 4  # the video's segments, the image, the raster's windows
+
+    monkeypatch.setattr(jobs.runner, "init_ray", no_ray)
+    again = job([archive], out, **spec)
+    assert (again["state"], again["nothing_new"], again["inputs_known"], again["runs"]) == ("succeeded", True, 3, 2)
+    assert (again["planned_frames"], again["skipped_frames"], again["work_units"]) == (t.num_rows, t.num_rows, units)
+    assert probed == [["a.png", "big.png", "clip.mp4"]] and frames_table(out).equals(t)
+    assert again["rasters"] == first["rasters"]
+    from jobs.cli import _print_summary
+
+    _print_summary(again)
+    assert "nothing new: every input was planned and written by earlier runs" in capsys.readouterr().out
+    # the record's units are sampled anew: a time range past the clip's end reads nothing of it, still no probe
+    late = job([archive / "clip.mp4"], out, sampling={"start_s": 10.0}, **spec)
+    assert "meets none of its 24 frames" in late["nothing_read"][str(archive / "clip.mp4")]
+    assert late["nothing_new"] and probed == [["a.png", "big.png", "clip.mp4"]]
+
+    monkeypatch.setattr(jobs.runner, "init_ray", real_init)
+    shutil.copy(archive / "a.png", archive / "b.png")  # the day's new file
+    day2 = job([archive], out, **spec)
+    assert day2["state"] == "succeeded" and day2["inputs_known"] == 3 and probed[-1] == ["b.png"]
+    assert "nothing_new" not in day2 and frames_table(out).num_rows == t.num_rows + 1
+    other_cut = job([archive], out, **{**spec, "segment_frames": 16})  # other segments: every source probed
+    assert other_cut["inputs_known"] == 0 and len(probed[-1]) == 4 and other_cut["work_units"] == units + 1 - 1
+    assert_exactly_once(frames_table(out))
+
+
 def test_min_rows_per_file_writes_few_files_of_whole_bundles(ray_session, make_video, tmp_path):
     v = make_video("m40.mp4", 40, 10.0)
     out = tmp_path / "out"

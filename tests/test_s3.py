@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
@@ -119,6 +120,44 @@ def test_a_small_remote_image_costs_a_request_to_probe_and_one_to_decode(counted
     (unit,) = plan_units("s3://snaps/cam/big-exif.jpg", "s3://snaps/cam/big-exif.jpg", segment_frames=8,
                          raster_pixels=10**8, windows_per_unit=1, storage_options=opts)
     assert (unit.kind, unit.width, unit.height) == ("image", 64, 48)
+
+
+def test_a_rerun_over_an_unchanged_bucket_asks_for_no_input_object_and_starts_no_ray(
+        ray_session, counted_s3_server, make_video, tmp_path, monkeypatch):
+    """A daily rerun probed every object again (a ranged GET or more each, in Ray tasks: Ray started for them) to
+    find what the output's record now holds (`pipeline.known`): with nothing new it lists the bucket, reads the
+    output's record and frame ids, and asks for no input object."""
+    import s3fs
+    from PIL import Image
+
+    import jobs.runner
+    from conftest import REPO
+
+    endpoint, counter = counted_s3_server
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    fs.mkdir("daily")
+    for i in range(3):
+        Image.fromarray(np.full((48, 64, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
+        fs.put(str(tmp_path / f"{i}.png"), f"daily/in/cam/{i}.png")
+    fs.put(str(make_video("daily16.mp4", 16, 8.0)), "daily/in/cam/clip.mp4")
+    spec = plan_from_dict({"inputs": ["s3://daily/in/"], "output": "s3://daily/out",
+                           "storage_options": {"s3": {"endpoint_url": endpoint}}, "segment_frames": 8,
+                           "model": f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"})
+    counter.suffix = (".png", ".mp4")
+    counter.take()
+    first = run(spec)
+    time.sleep(0.2)  # the server counts a request once it has sent the answer
+    assert first["state"] == "succeeded" and first["frames"] == 3 + 16
+    assert counter.take()[1] >= 4 + 4  # each object probed and decoded
+
+    monkeypatch.setattr(jobs.runner, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    again = run(spec)
+    time.sleep(0.2)
+    assert (again["state"], again["nothing_new"], again["inputs_known"], again["frames"]) == ("succeeded", True, 4, 19)
+    assert counter.take() == (0, 0)
 
 
 def test_a_manifests_remote_entries_are_looked_up_together(counted_s3_server, monkeypatch):

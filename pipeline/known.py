@@ -1,0 +1,64 @@
+"""What earlier runs found in each input, kept in the output, so that a rerun probes only what is new.
+
+A daily run over a growing archive probed every file again (headers and indexes: ranged GETs on object storage, in
+Ray tasks, so Ray started for them too) to find the same work units as the day before. `OUTPUT/_sources.parquet`
+records each source's size and version (`Output.read_sources`); beside them it keeps the work units a probe cut the
+source into, or why nothing in it is read (an aoi that misses a raster), and `probe_key`, the settings they were
+cut under. A source whose size and version are those recorded, and whose units were cut under the same settings,
+is planned from the record; the rest are probed (`pipeline.plan.plan_work`).
+
+Not recorded: sources that combine STAC band assets (their raster plan names the assets' URLs, which a catalogue
+may sign for an hour), and sources whose listing gives neither size nor version (nothing tells that they
+changed). A source whose probe failed has no record: it is probed again, as its error row says.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from .output import Output
+from .sources import Source
+
+__all__ = ["PROBE_VERSION", "probe_key", "known_units", "record"]
+
+# what a probe makes of a file: raised when a change to probing or cutting makes other units of the same file, so
+# that no output plans from units cut the old way
+PROBE_VERSION = 1
+
+
+def probe_key(plan: Any, raster: Any) -> str:
+    """The settings a source's units are cut under (a `pipeline.plan.Plan`'s, its `RasterSettings`), hashed: a
+    rerun with another segment length, decoder, window or aoi probes again. Sampling is not among them (it picks
+    frames of the units when they are planned)."""
+    settings = {"probe_version": PROBE_VERSION, "segment_frames": plan.segment_frames,
+                "windows_per_unit": plan.windows_per_unit, "raster_pixels": plan.raster_pixels,
+                "video_backend": plan.video_backend, "raster": dataclasses.asdict(raster)}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def known_units(source: Source, rec: dict[str, Any] | None, key: str) -> list[dict[str, Any]] | str | None:
+    """`source`'s work units (rows, with its URL of now: a presigned one is signed afresh) or why nothing in it is
+    read, as an earlier run recorded them (`rec`, its entry of `Output.read_sources`); None when it must be
+    probed: not recorded, cut under other settings (`key`), or not known to be the same file."""
+    if rec is None or source.assets or rec.get("probe_key") != key:
+        return None
+    if rec.get("units") is None and rec.get("unread") is None:
+        return None
+    now = {"size": source.size, "version": None if source.version is None else str(source.version)}
+    same = (now["size"] is not None and rec.get("size") is not None) or (now["version"] and rec.get("version"))
+    if not same or Output.source_change(rec, now):
+        return None
+    if rec.get("unread") is not None:
+        return rec["unread"]
+    return [{**u, "uri": source.url, "source": source.canonical} for u in json.loads(rec["units"])]
+
+
+def record(found: list[dict[str, Any]] | str, key: str) -> dict[str, Any]:
+    """What `_sources.parquet` keeps of a source's probe: its units (without the URL they were read with, and the
+    source, which is the record's key) or why nothing in it is read."""
+    if isinstance(found, str):
+        return {"probe_key": key, "units": None, "unread": found}
+    units = [{k: v for k, v in u.items() if k not in ("uri", "source")} for u in found]
+    return {"probe_key": key, "units": json.dumps(units, separators=(",", ":")), "unread": None}
