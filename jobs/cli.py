@@ -272,11 +272,15 @@ def _ray_data_setup() -> None:
 
 def _run_and_exit(plan, **kwargs) -> None:
     """Run a plan (`fpn run`, `fpn resume OUTPUT`), print the summary and exit with the state's code
-    (pipeline.output.EXIT_CODES)."""
+    (pipeline.output.EXIT_CODES). The model is read first (a plugin's file run, its class found): a model that
+    cannot be loaded is its one-line error alone, not one under a header and a planning bar of a job that never
+    starts."""
+    from fpn_model.weights import read_config
     from jobs.runner import run as run_plan
     from jobs.runner import stop_ray
     from pipeline.output import EXIT_CODES
 
+    read_config(plan.checkpoint)
     click.echo(f"running {plan.model_id} over {len(plan.inputs)} input(s) -> {plan.output}", err=True)
 
     try:

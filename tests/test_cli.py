@@ -153,10 +153,28 @@ def test_paths_that_are_not_what_a_command_reads_or_writes_are_one_clear_line(tm
              (["eval", "trees", "crops/"], "crops/crop2.xml: the image it annotates, crops/crop2.png, does not exist")]
     for args, line in cases:
         r = CliRunner().invoke(cli, [str(a) for a in args])
-        assert (r.exit_code, r.output.strip().splitlines()[-1]) == (1, f"Error: {line}"), args  # run: after its
-        assert "Traceback" not in r.output  # header and progress bar
+        assert (r.exit_code, r.output.strip().splitlines()[-1]) == (1, f"Error: {line}"), args
+        assert "Traceback" not in r.output
     assert Path("afile").read_text() == "x" and not any(Path("notout").iterdir()) and not Path("o").exists()
     assert sorted(p.name for p in Path("photos").iterdir()) == ["a.png", "b.png", "c.png", "notes.txt"]
+
+
+def test_a_model_that_cannot_be_loaded_is_its_one_line_alone(tmp_path, monkeypatch):
+    """A plugin without its class, one whose file fails as it runs, a file that is no checkpoint: `fpn run` printed
+    "running Nope@... over 1 input(s) -> o" and a planning bar above the error, as if a job had started."""
+    monkeypatch.chdir(tmp_path)
+    Path("plugin.py").write_text("class Other:\n    pass\n")
+    Path("broken.py").write_text("import no_such_module_here\n")
+    Path("notes.txt").write_text("not a checkpoint")
+    cases = [("plugin.py:Nope", f"model plugin {tmp_path}/plugin.py:Nope: {tmp_path}/plugin.py has no class Nope"),
+             ("broken.py:Model", f"model plugin {tmp_path}/broken.py:Model cannot be loaded (line 1: "
+              "ModuleNotFoundError: No module named 'no_such_module_here')"),
+             ("notes.txt", f"{tmp_path}/notes.txt is not an fpn-pipeline checkpoint (safetensors): ")]
+    for model, line in cases:
+        r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", "o", "-m", model])
+        assert r.exit_code == 1 and r.output.startswith(f"Error: {line}"), r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+    assert not Path("o").exists()
 
 
 def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp_path, monkeypatch, request):
