@@ -24,12 +24,13 @@ from typing import Any
 
 import jinja2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.decode import check_video_backend
 from pipeline.output import Output
 from pipeline.plan import read_scale
-from pipeline.storage import check_endpoint, check_file_destination, one_line, redact, redact_text, redact_url
+from pipeline.storage import (check_endpoint, check_file_destination, first_line, redact, redact_text, redact_url,
+                              translate_error)
 
 from .query import connect
 from .render import Region, boxes, colour, draw_boxes, of_frame, read_pixels, read_video_frames, unnested
@@ -157,7 +158,7 @@ def _video_section(con, row: tuple, labels: set[int], min_score: float, strip: i
         pixels = read_video_frames(source, [int(i) for i, _ in picks], storage_options=storage_options,
                                    video_backend=video_backend)
     except Exception as e:  # noqa: BLE001 - a source gone or unreadable: the rest of the page stands
-        section["strip_error"] = _why(e)
+        section["strip_error"] = _why(e, source)
         return section
     found = boxes(con, source, frames=[int(i) for i, _ in picks], min_score=min_score)
     for (index, pts), frame in zip(picks, pixels):
@@ -175,9 +176,17 @@ def _resize(frame: np.ndarray, scale: float) -> Image.Image:
                                          Image.Resampling.BILINEAR)
 
 
-def _why(e: BaseException) -> str:
-    """Why a source's pixels could not be drawn, in one redacted line."""
-    return redact_text(one_line(e))
+def _why(e: BaseException, source: str) -> str:
+    """Why `source`'s pixels could not be drawn, in one redacted line that names it, without the exception's class
+    ("FileNotFoundError: [Errno 2] ..."; the page is read by whoever ran the job): a file gone or forbidden as the
+    pipeline's one-line errors say it (translate_error: "SOURCE does not exist"), an error that names the source
+    as it is ("SOURCE is 50x40 pixels now, ..."), any other after the source. PIL names the file object it was
+    given, an address, not the file: said as the pipeline's probe says it."""
+    plain = translate_error(e, source)
+    if plain is not e:
+        return str(plain)
+    why = "not an image format PIL reads" if isinstance(e, UnidentifiedImageError) else first_line(e)
+    return redact_text(why if source in why else f"{source}: {why}")
 
 
 def _still_section(con, row: tuple, min_score: float, storage_options, rasters: dict) -> dict[str, Any]:
@@ -199,7 +208,7 @@ def _still_section(con, row: tuple, min_score: float, storage_options, rasters: 
         scale = pixels.shape[1] / width
         section["thumb"] = _image_uri(draw_boxes(pixels, d, scale=scale, width=1))
     except Exception as e:  # noqa: BLE001 - a source gone or unreadable: the rest of the page stands
-        section["error"] = _why(e)
+        section["error"] = _why(e, source)
     if kind == "raster" or (dets or 0) >= DENSITY_MIN:
         section["density"] = _density(con, source, width, height, min_score)
     return section

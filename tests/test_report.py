@@ -117,6 +117,33 @@ def test_report_and_status_of_an_s3_output_take_the_storage_flags(run_output, s3
     assert r.exit_code == 1 and "Traceback" not in r.output and "s3://test/missing" in r.output
 
 
+def test_a_source_that_cannot_be_drawn_is_said_as_a_plain_cause_naming_it(tmp_path):
+    """Sources moved, replaced or damaged since the job: "image not drawn: FileNotFoundError: [Errno 2] No such
+    file or directory: '...'", "ValueError: ... is 20x10 pixels now", "UnidentifiedImageError: cannot identify
+    image file <fsspec...LocalFileOpener object at 0x...>"."""
+    import pyarrow as pa
+
+    from pipeline.output import FRAME_SCHEMA, Output, frame_id
+    from pipeline.storage import canonical_uri
+
+    gone, small, damaged, video = (tmp_path / n for n in ("gone.png", "small.png", "damaged.png", "gone.mp4"))
+    rows = [{"frame_id": frame_id(canonical_uri(str(p)), 0), "source": canonical_uri(str(p)), "source_kind": kind,
+             "frame_index": 0, "pts_s": 0.0 if kind == "video" else None, "width": 96, "height": 64,
+             "num_detections": 0, "detections": [], "window_x": 0, "window_y": 0, "window_width": 96,
+             "window_height": 64} for p, kind in ((gone, "image"), (small, "image"), (damaged, "image"),
+                                                  (video, "video"))]
+    Output(str(tmp_path / "out")).write_frames(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA))
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(small)
+    damaged.write_bytes(b"not a png")
+    r = invoke("report", tmp_path / "out", "-o", tmp_path / "r.html")
+    assert r.exit_code == 0, r.output
+    said = re.findall(r"not drawn: ([^<]*)</p>", (tmp_path / "r.html").read_text().replace("&#39;", "'"))
+    assert sorted(said) == sorted([
+        f"{gone} does not exist", f"{video} does not exist", f"{damaged}: not an image format PIL reads",
+        f"{small} is 20x10 pixels now, smaller than when the job read it: it changed since, and its boxes are of "
+        "the old version (process it into a new output)"]), said
+
+
 def test_progress_bar_counts_what_the_output_holds(tmp_path):
     """The bar reads the output as `fpn status` does: frames written of planned, and error rows."""
     import pyarrow as pa
