@@ -560,8 +560,6 @@ def status(target, endpoint_url, profile, anon, address, fmt):
     if fmt == "json":
         click.echo(json.dumps(row, indent=2, default=str))
     else:
-        done, planned = row.get("frames_done"), row.get("frames_planned")
-        pct = f" ({100 * done / planned:.0f}%)" if planned and done is not None else ""
         if row.get("job_id"):
             click.echo(f"job:      {row['job_id']}\ncluster:  {row.get('status')}")
         click.echo(f"state:    {(row.get('state') or '?').replace('_', ' ')}")
@@ -569,7 +567,7 @@ def status(target, endpoint_url, profile, anon, address, fmt):
             if row.get(key):
                 click.echo(f"{key + ':':<10}{row[key]}")
         click.echo(f"output:   {row.get('output')}")
-        click.echo(f"frames:   {done if done is not None else '?'} / {planned if planned is not None else '?'}{pct}")
+        click.echo(f"frames:   {_frames_line(row, _read_options(endpoint_url, profile, anon))}")
         click.echo(f"rate:     {row['frames_per_s']:.2f} frames/s" if row.get("frames_per_s") else "rate:     -")
         others = row.get("errors_of_other_inputs")
         click.echo(f"errors:   {row.get('errors', 0)}"
@@ -580,6 +578,27 @@ def status(target, endpoint_url, profile, anon, address, fmt):
         if row.get("job_id"):
             click.echo(f"started:  {row.get('start_time')}  ended: {row.get('end_time') or '-'}")
     sys.exit(EXIT_CODES.get(row.get("state") or "", 0))
+
+
+def _frames_line(row: dict, options: dict | None) -> str:
+    """`fpn status`'s frames written of planned: with the share done for a job under way or one that `fpn resume`
+    continues (cancelled, interrupted); for a finished job that left frames unwritten, how many and why, not a
+    share ("150 / 300 (50%)" read as a job half done): it stopped, or they are behind its error rows. No count of
+    those frames by row: a row may stand for a frame, a segment or a whole source."""
+    done, planned = row.get("frames_done"), row.get("frames_planned")
+    if done is None or not planned:
+        return f"{'?' if done is None else done} / {'?' if planned is None else planned}"
+    if row.get("state") not in ("succeeded", "finished_with_errors", "failed") or done >= planned:
+        return f"{done} / {planned} ({100 * done / planned:.0f}%)"
+    why = ""
+    # it stopped: its error (the `error:` line above) is recorded only then, and a run that went through its work
+    # fails only when it wrote no frame (pipeline.output.final_state); a cluster's driver that died records neither
+    if row.get("error") or row["state"] == "failed" and done:
+        why = " (the job stopped before them: fpn resume continues it)"
+    elif row.get("errors", 0) > row.get("errors_of_other_inputs", 0) and row.get("output"):
+        flags = _reading_flags({"output": row["output"], "storage_options": options})
+        why = f' (error rows: fpn query {row["output"]} "SELECT * FROM errors"{flags})'
+    return f"{done} / {planned} written, {planned - done} not{why}"
 
 
 @cli.command("list")

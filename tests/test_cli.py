@@ -177,6 +177,49 @@ def test_a_model_that_cannot_be_loaded_is_its_one_line_alone(tmp_path, monkeypat
     assert not Path("o").exists()
 
 
+def test_status_of_a_finished_job_with_unwritten_frames_says_how_many_and_why_not_a_share(tmp_path):
+    """A job that went through its inputs with 6 of its 10 planned frames behind error rows (one a frame's, one a
+    whole segment's) said "frames:   4 / 10 (40%)", as if it were under way; so did one that stopped on its error.
+    A job that fpn resume continues (cancelled, interrupted) or that runs keeps its share."""
+    import pyarrow as pa
+
+    from pipeline.output import FRAME_SCHEMA, Output, error_row, frame_id
+
+    out = Output(str(tmp_path / "out"))
+    out.write_frames(pa.Table.from_pylist([
+        {"frame_id": frame_id("/v.mp4", i), "source": "/v.mp4", "source_kind": "video", "frame_index": i,
+         "num_detections": 0, "detections": []} for i in range(4)], schema=FRAME_SCHEMA))
+    out.write_errors([error_row("/v.mp4", "decode", "frame 4 cannot be decoded", 4, "UndecodableFrame")], "a")
+    out.write_errors([error_row("/w.mp4", "decode", "cannot decode video", None, "ValueError")], "b")
+    to_query = f'(error rows: fpn query {out.url} "SELECT * FROM errors")'
+    cases = [({"state": "finished_with_errors"}, 3, f"4 / 10 written, 6 not {to_query}"),
+             ({"state": "failed", "error": "the detector could not start: RuntimeError: no kernel"}, 1,
+              "4 / 10 written, 6 not (the job stopped before them: fpn resume continues it)"),
+             # a cluster's driver that died: the cluster says failed, the record nothing of it
+             ({"state": "failed"}, 1, "4 / 10 written, 6 not (the job stopped before them: fpn resume continues it)"),
+             # its error rows are earlier runs', of inputs it did not read: they are not why
+             ({"state": "finished_with_errors", "errors_of_other_inputs": 2}, 3, "4 / 10 written, 6 not"),
+             ({"state": "cancelled", "error": "stopped by Ctrl-C (SIGINT)"}, 130, "4 / 10 (40%)"),
+             ({"state": "running"}, 4, "4 / 10 (40%)")]  # no live lease: interrupted
+    for doc, code, line in cases:
+        out.write_job({**doc, "planned_frames": 10})
+        r = CliRunner().invoke(cli, ["status", str(out.url)])
+        assert r.exit_code == code and f"frames:   {line}\n" in r.output, (doc, r.output)
+    out.write_job({"state": "running", "planned_frames": 10, "started_at": "2026-01-01T00:00:00"})
+    with out.lease():
+        r = CliRunner().invoke(cli, ["status", str(out.url)])
+    assert r.exit_code == 0 and "frames:   4 / 10 (40%)\n" in r.output and "eta:      -" not in r.output, r.output
+    out.write_job({"state": "finished_with_errors", "planned_frames": 4})  # every planned frame written
+    r = CliRunner().invoke(cli, ["status", str(out.url)])
+    assert r.exit_code == 3 and "frames:   4 / 4 (100%)\n" in r.output, r.output
+    none = Output(str(tmp_path / "none"))  # every input failed: no frame written, the job failed
+    none.write_errors([error_row("/v.mp4", "decode", "cannot decode video", None, "ValueError")], "a")
+    none.write_job({"state": "failed", "planned_frames": 3})
+    r = CliRunner().invoke(cli, ["status", str(none.url)])
+    assert r.exit_code == 1 and (f'frames:   0 / 3 written, 3 not (error rows: fpn query {none.url} "SELECT * FROM '
+                                 'errors")\n') in r.output, r.output
+
+
 def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp_path, monkeypatch, request):
     """An AWS profile that does not exist was botocore's ProfileNotFound as an 83-line traceback (fpn run, fpn
     status); an s3:// output on an endpoint that cannot be reached an EndpointConnectionError traceback (fpn query,
