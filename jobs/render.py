@@ -30,7 +30,7 @@ from pipeline.storage import canonical_uri, check_file_destination, filesystem
 from .query import connect
 
 __all__ = ["Region", "Rendered", "render_frame", "render_clip", "write_video", "source_kind", "unnested", "boxes",
-           "read_pixels", "read_video_frames", "draw_boxes", "of_frame", "colour"]
+           "read_pixels", "read_video_frames", "draw_boxes", "mask_veil", "of_frame", "colour"]
 
 # one colour per class label (matplotlib's tab10, as the report's charts use)
 _PICTURES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")  # what render_frame writes (.tif: GeoTIFF)
@@ -243,13 +243,17 @@ def of_frame(dets: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
 
 
 def draw_boxes(image: np.ndarray | Image.Image, dets: dict[str, np.ndarray], *, scale: float = 1.0,
-               offset: tuple[float, float] = (0.0, 0.0), width: int | None = None) -> Image.Image:
+               offset: tuple[float, float] = (0.0, 0.0), width: int | None = None,
+               veil: Image.Image | None = None) -> Image.Image:
     """`image` with `dets` (source-frame pixels) drawn as rectangles coloured by class, and their masks, if they
     have any, as a veil of the same colour: a box at (x, y) lands at ((x - offset_x) * scale, (y - offset_y) *
-    scale)."""
+    scale). `veil`: the masks' layer `mask_veil` made of these `dets` for a canvas of this size at this scale
+    and offset, drawn instead of making it again (a clip reuses the one of the processed frame it holds)."""
     canvas = image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(image)
-    if "mask" in dets and len(dets["mask"]):
-        canvas = _veiled(canvas, dets, scale, offset)
+    if veil is None:
+        veil = mask_veil(canvas.size, dets, scale, offset)
+    if veil is not None:
+        canvas = Image.alpha_composite(canvas.convert("RGBA"), veil).convert("RGB")
     draw = ImageDraw.Draw(canvas)
     width = width or max(1, round(max(canvas.size) / 400))
     ox, oy = offset
@@ -259,10 +263,14 @@ def draw_boxes(image: np.ndarray | Image.Image, dets: dict[str, np.ndarray], *, 
     return canvas
 
 
-def _veiled(canvas: Image.Image, dets: dict[str, np.ndarray], scale: float, offset: tuple[float, float]) -> Image.Image:
-    """`canvas` with each detection's mask laid over it in its class's colour, at `MASK_OPACITY`: the RLE's runs
+def mask_veil(size: tuple[int, int], dets: dict[str, np.ndarray], scale: float = 1.0,
+              offset: tuple[float, float] = (0.0, 0.0)) -> Image.Image | None:
+    """The RGBA layer `draw_boxes` lays over a canvas of `size` (width, height): each detection's mask in its
+    class's colour at `MASK_OPACITY`, elsewhere clear; None when `dets` have no masks. The RLE's runs
     (`rle_columns`) are painted where they land on the canvas, clipped to it, with no array of the whole frame."""
-    width, height = canvas.size
+    if "mask" not in dets or not len(dets["mask"]):
+        return None
+    width, height = size
     veil = np.zeros((height, width, 4), np.uint8)
     ox, oy = offset
     for counts, mask_height, label in zip(dets["mask"], dets["mask_height"], dets["label"]):
@@ -277,7 +285,7 @@ def _veiled(canvas: Image.Image, dets: dict[str, np.ndarray], scale: float, offs
         for a, b, c, d in zip(np.clip(x0, 0, width), np.clip(x1, 0, width), np.clip(y0, 0, height),
                               np.clip(y1, 0, height)):
             veil[c:d, a:b] = rgba
-    return Image.alpha_composite(canvas.convert("RGBA"), Image.fromarray(veil, "RGBA")).convert("RGB")
+    return Image.fromarray(veil, "RGBA")
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -356,7 +364,8 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
                 storage_options: dict | None = None, video_backend: str | None = None, chunk: int = 32) -> Rendered:
     """An MP4 of `source`'s frames whose times lie from `start_s` to `end_s`, at the video's average frame rate,
     each frame with the boxes of the latest processed frame at or before it (frames before the first processed
-    one have none). `video_backend`: default, the job's."""
+    one have none); a Mask R-CNN's masks of a processed frame are decoded into their veil once, for all the frames
+    that hold it. `video_backend`: default, the job's."""
     if end_s <= start_s:
         raise ValueError(f"--clip {start_s:g} {end_s:g}: the end must be after the start")
     check_file_destination(str(dest), "clip.mp4")
@@ -385,13 +394,17 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
 
         def annotated() -> Iterator[np.ndarray]:
             nonlocal drawn
+            held = None  # (processed frame, canvas size, its masks' veil): made once, drawn on every frame it holds
             for i in range(first, stop, chunk):
                 idx = list(range(i, min(stop, i + chunk)))
                 for j, frame in zip(idx, v.frames(idx)):
                     k = bisect.bisect_right(keys, j)
                     d = dets[keys[k - 1]] if k else {c: np.empty(0) for c in ("x1", "y1", "x2", "y2", "label")}
+                    size = (frame.shape[1], frame.shape[0])
+                    if held is None or held[:2] != (k, size):
+                        held = (k, size, mask_veil(size, d))
                     drawn += len(d["x1"])
-                    yield np.asarray(draw_boxes(frame, d))
+                    yield np.asarray(draw_boxes(frame, d, veil=held[2]))
 
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         n = write_video(annotated(), dest, v.fps)

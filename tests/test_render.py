@@ -105,6 +105,46 @@ def test_clip_is_an_mp4_of_the_range_with_the_held_boxes(video_output, tmp_path)
     assert outline_diff(5, VIDEO_BOXES[8][0]) > 60
 
 
+def test_a_clip_decodes_the_masks_of_a_processed_frame_once_for_the_frames_it_holds(make_video, tmp_path,
+                                                                                     monkeypatch):
+    """A Mask R-CNN output's clip: the veil of a processed frame's masks is made once and drawn on each frame that
+    holds its detections (each was decoded again for every frame shown: 4 times here), and each frame written is
+    the one that frame drawn on its own gives, pixel for pixel."""
+    from pycocotools import mask as mask_utils
+
+    import jobs.render as render
+    from jobs.query import connect
+    from pipeline.output import frame_schema
+
+    video = make_video("render12.mp4", 12, 12.0)
+    src = canonical_uri(str(video))
+    yy, xx = np.mgrid[:64, :96]
+    rows = []
+    for i, ((x1, y1, x2, y2, s, label),) in VIDEO_BOXES.items():
+        row = _row(src, "video", i, i / 12.0, 96, 64, [(x1, y1, x2, y2, s, label), (5, 40, 30, 60, 0.5, 4)])
+        for det, m in zip(row["detections"], ((xx - (x1 + x2) / 2) ** 2 / ((x2 - x1) / 2) ** 2
+                                              + (yy - (y1 + y2) / 2) ** 2 / ((y2 - y1) / 2) ** 2 <= 1,
+                                              (xx >= 5 + i) & (xx < 30) & (yy >= 40) & (yy < 60))):
+            det["mask"] = {"size": [64, 96], "counts": mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))[
+                "counts"].decode()}
+        rows.append(row)
+    Output(str(tmp_path / "out")).write_frames(pa.Table.from_pylist(rows, schema=frame_schema(with_masks=True)))
+    decoded, written = [], []
+    columns = render.rle_columns
+    monkeypatch.setattr(render, "rle_columns", lambda counts, height: decoded.append(counts) or columns(counts, height))
+    monkeypatch.setattr(render, "write_video", lambda frames, path, fps: len(written.extend(frames) or written))
+    r = render.render_clip(str(tmp_path / "out"), str(video), tmp_path / "clip.mp4", 0.0, 1.0)
+    assert r.frames == 12 and len(written) == 12 and r.boxes == 24
+    masks = [det["mask"]["counts"] for row in rows for det in row["detections"]]
+    assert len(set(masks)) == 6 and sorted(decoded) == sorted(masks)  # each once
+    raw = open_video(str(video)).frames(list(range(12)))
+    with connect(str(tmp_path / "out")) as con:
+        found = render.boxes(con, src, frames=list(VIDEO_BOXES))
+    for j, frame in enumerate(written):
+        alone = render.draw_boxes(raw[j], render.of_frame(found, j // 4 * 4))
+        assert (frame == np.asarray(alone)).all(), j
+
+
 # a 300x200 raster read as four 150x100 windows, one box in each (source pixels)
 SCENE_BOXES = {0: (20, 20, 60, 50), 1: (200, 30, 240, 70), 2: (30, 130, 80, 170), 3: (160, 110, 190, 150)}
 
