@@ -545,13 +545,11 @@ def status(target, endpoint_url, profile, anon, address, fmt):
     Example: fpn status fpn-20261124-120000-ab12cd; fpn status s3://bucket/out --endpoint-url http://127.0.0.1:9000
     """
     from pipeline.output import EXIT_CODES, Output
-    from pipeline.storage import check_endpoint
 
     if _is_output(target, address):
         options = _read_options(endpoint_url, profile, anon)
-        check_endpoint(target, options, f"output {target}")
         # no _job.json: one line, not "state: ?"
-        row = {"output": target, **Output(target, options).progress(missing_ok=False)}
+        row = {"output": target, **Output.for_reading(target, options).progress(missing_ok=False)}
     else:
         from jobs.manager import job_status
 
@@ -664,7 +662,6 @@ def resume(target, endpoint_url, profile, anon, address):
     from jobs.manager import resume as resume_job
     from jobs.spec import plan_from_record
     from pipeline.output import Output
-    from pipeline.storage import check_endpoint
 
     if not _is_output(target, address):
         with _nor_an_output(target):
@@ -673,8 +670,7 @@ def resume(target, endpoint_url, profile, anon, address):
         click.echo(f"  fpn status {jid}{_address_flag(address)}")
         return
     flags = _storage_flags(endpoint_url, profile, anon)
-    check_endpoint(target, flags.get("storage_options"), f"output {target}")
-    record = Output(target, flags.get("storage_options")).read_job()
+    record = Output.for_reading(target, flags.get("storage_options")).read_job()
     plan = plan_from_record(record["spec"], flags)
     _run_and_exit(plan, job_id=record.get("job_id"))
 

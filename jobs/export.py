@@ -39,7 +39,7 @@ import pyarrow.dataset as pads
 
 from pipeline.output import Output
 from pipeline.raster import box_polygons
-from pipeline.storage import check_endpoint, check_file_destination, filesystem
+from pipeline.storage import check_file_destination, filesystem
 
 from .dedup import duplicates
 
@@ -291,8 +291,7 @@ def export(output: str, dest: str, *, fmt: str | None = None, storage_options: d
     if dedup_iou is not None and not 0 < dedup_iou < 1:
         raise ValueError(f"dedup IoU must be between 0 and 1, got {dedup_iou}")
     check_file_destination(dest, f"detections.{_SUFFIX[fmt]}", storage_options)
-    check_endpoint(output, storage_options, f"output {output}")
-    out = Output(output, storage_options)
+    out = Output.for_reading(output, storage_options)
     ds = _dataset(out)
     target = _target_crs(ds, fmt, crs, output, dedup_iou is not None)
     if dedup_iou is not None and target is None:

@@ -29,7 +29,7 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.output import ERROR_SCHEMA, FRAME_SCHEMA, Output
-from pipeline.storage import check_endpoint, join
+from pipeline.storage import join
 
 __all__ = ["connect", "query"]
 
@@ -95,8 +95,7 @@ def connect(output: str, storage_options: dict | None = None) -> duckdb.DuckDBPy
     DuckDB itself would still let it write inside `output` (COPY), so SQL from a user goes through
     `query`, which refuses such statements before they run.
     """
-    check_endpoint(output, storage_options, f"output {output}")  # at once, not after botocore's retries (80 s)
-    out = Output(output, storage_options)
+    out = Output.for_reading(output, storage_options)  # an unreachable endpoint at once, not after retries (80 s)
     fs, path = out.fs, out.path.rstrip("/")
     if not fs.exists(join(path, "frames")):
         raise FileNotFoundError(f"{output}: no frames/ directory (is it an fpn output?)")

@@ -29,8 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.decode import check_video_backend
 from pipeline.output import Output
 from pipeline.plan import read_scale
-from pipeline.storage import (check_endpoint, check_file_destination, first_line, redact, redact_text, redact_url,
-                              translate_error)
+from pipeline.storage import check_file_destination, first_line, redact, redact_text, redact_url, translate_error
 
 from .query import connect
 from .render import Region, boxes, colour, draw_boxes, of_frame, read_pixels, read_video_frames, unnested
@@ -321,8 +320,7 @@ def build_report(output: str, dest: str | Path = "report.html", *, storage_optio
     check_file_destination(str(dest), "report.html")
     if video_backend is not None:
         check_video_backend(video_backend)
-    check_endpoint(output, storage_options, f"output {output}")
-    out = Output(output, storage_options)
+    out = Output.for_reading(output, storage_options)
     counts = out.counts()
     job = _job(out, counts)
     video_backend = video_backend or job.pop("video_backend") or "decord"

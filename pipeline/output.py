@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .storage import exception_chain, filesystem, first_line, join, one_line, parquet_files, redact_text
+from .storage import (check_endpoint, exception_chain, filesystem, first_line, join, one_line, parquet_files,
+                      redact_text)
 
 __all__ = [
     "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_schema", "frame_id", "frames_file", "Output", "Lease",
@@ -162,6 +163,14 @@ class Output:
 
     def __setstate__(self, state):
         self.__init__(state["url"], state["storage_options"], run=state["run"])
+
+    @classmethod
+    def for_reading(cls, url: str, storage_options: dict | None = None) -> "Output":
+        """An existing output to read (`fpn status`, `resume`, `query`, `report`, `export`), its S3 endpoint
+        checked first: one that refuses connections is said at once, as "output URL: cannot reach ...", not after
+        botocore's and s3fs's retries (80 s; `storage.check_endpoint`)."""
+        check_endpoint(url, storage_options, f"output {url}")
+        return cls(url, storage_options)
 
     @property
     def fs(self):
