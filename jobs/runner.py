@@ -27,7 +27,7 @@ import psutil
 from fpn_model.memory import keep_freed_memory_env
 from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
-from pipeline.output import Output, OutputSettingsError, error_row, final_state
+from pipeline.output import Output, OutputSettingsError, check_output_location, error_row, final_state
 from pipeline.counter import FrameCounter
 from pipeline.plan import (Plan, Planned, Resources, count_planned, count_written, execute, plan_known, plan_work,
                            raster_summary, unwritten)
@@ -35,7 +35,7 @@ from pipeline.raydata import (actor_init_death, environ, one_node_execution, pat
                               spend_actor_restart_warning, start_ray_data_helpers)
 from pipeline.sizing import ask_detector_gpu_memory, auto_batch, cluster_nodes, fit, model_input_mpx
 from pipeline.sources import expand_inputs
-from pipeline.storage import check_output_location, one_line, redact_text
+from pipeline.storage import one_line, redact_text
 
 from .spec import plan_to_dict
 from .watchdog import Watchdog

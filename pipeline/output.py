@@ -6,6 +6,7 @@ counts, the job record and job states. Everything else reads and writes an outpu
     OUTPUT/_job.json           spec (secrets redacted), identity, model, versions, state, counts
     OUTPUT/_sources.parquet    each source's canonical URI, size and version (ETag/mtime) when first read
     OUTPUT/_lease.json         the single writer's lease: owner, host, pid, heartbeat
+    OUTPUT/_lease.lock         what a local output's writers `flock` to take the lease
     OUTPUT/_tmp/               files being written (local outputs); never under frames/ or errors/
 
 Invariants: a Parquet file becomes visible only complete (written under `_tmp/` then renamed, or one PUT on
@@ -32,11 +33,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .storage import (check_endpoint, exception_chain, filesystem, first_line, join, one_line, parquet_files,
-                      redact_text)
+                      protocol_of, redact_text, translate_error)
 
 __all__ = [
     "DETECTION_TYPE", "FRAME_SCHEMA", "ERROR_SCHEMA", "frame_schema", "frame_id", "frames_file", "Output", "Lease",
     "OutputBusyError", "OutputSettingsError", "STATES", "EXIT_CODES", "LEASE_TIMEOUT_S", "final_state", "error_row",
+    "check_output_location",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,10 @@ SOURCES_SCHEMA = pa.schema([("source", pa.string()), ("size", pa.int64()), ("ver
 # files of an output read at once (s3fs's pool holds as many connections: pipeline.storage.filesystem)
 READ_THREADS = 32
 JOB_RECORD, LEASE_RECORD = "_job.json", "_lease.json"  # OUTPUT/<name>: the job's record, the writer's lease
+SOURCES_RECORD, LEASE_LOCK, TMP_DIR = "_sources.parquet", "_lease.lock", "_tmp"
+# every name the layout (the module docstring) puts in a local output's directory: one holding others is no output
+OUTPUT_ENTRIES = frozenset({"frames", "errors", JOB_RECORD, SOURCES_RECORD, LEASE_RECORD, LEASE_LOCK, TMP_DIR})
+_OBJECT_STORES = {"s3", "gcs", "az", "abfs", "adl", "oss", "r2"}
 
 # Job states, defined once: `_job.json`, the run summary, `fpn status` and `fpn list` all use these.
 STATES = {
@@ -145,6 +151,41 @@ class OutputSettingsError(ValueError):
         self.differences = differences
 
 
+def check_output_location(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse an output on object storage whose bucket does not exist (FileNotFoundError), cannot be
+    reached (ConnectionError) or is forbidden (PermissionError), and a local output that is a file or a directory
+    of other files (ValueError), before any work starts.
+
+    fpn never creates buckets (a typo would otherwise make one, possibly public, in the wrong
+    account): this only looks, and s3fs's `mkdir`/`makedirs`, which create buckets, must never be
+    called on object storage. A local output's directory is created when written.
+    """
+    proto = protocol_of(url)
+    fs, path = filesystem(url, storage_options)
+    if proto not in _OBJECT_STORES:
+        if fs.exists(path) and not fs.isdir(path):
+            raise ValueError(f"output {url} is a file: an output is a directory (a new one, or an fpn output)")
+        entries = set(os.listdir(path)) if fs.isdir(path) else set()
+        others = sorted(entries - OUTPUT_ENTRIES)
+        if others and not {JOB_RECORD, "frames"} & entries:  # a folder of images, say: it wrote among them
+            raise ValueError(f"output {url} is a directory of other files ({len(others)}: "
+                             f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): an output is a directory "
+                             "of its own (a new one, or an fpn output)")
+        return
+    bucket = path.strip("/").split("/", 1)[0]
+    what = f"output {url}"
+    check_endpoint(url, storage_options, what)
+    try:
+        if proto == "s3":
+            fs.call_s3("head_bucket", Bucket=bucket)
+        elif not fs.exists(bucket):
+            raise FileNotFoundError(f"{what}: bucket {bucket} does not exist")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(redact_text(f"{what}: bucket {bucket} does not exist (fpn never creates buckets)")) from e
+    except Exception as e:
+        raise translate_error(e, what) from e
+
+
 def _is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
@@ -197,7 +238,7 @@ class Output:
                 before_commit()
             fs.pipe_file(dest, data)
             return
-        tmpdir = self._p("_tmp")
+        tmpdir = self._p(TMP_DIR)
         fs.makedirs(tmpdir, exist_ok=True)
         fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
         tmp = join(tmpdir, f"{uuid.uuid4().hex}-{rel.rsplit('/', 1)[-1]}")
@@ -470,7 +511,7 @@ class Output:
         read (the last three: what a probe found, `pipeline.known`; absent from outputs written before them)."""
         try:
             # a ParquetFile: pq.read_table imports pyarrow.dataset, and pandas with it (0.9 s of a rerun's 1.2)
-            rows = pq.ParquetFile(pa.BufferReader(self._read_small("_sources.parquet"))).read().to_pylist()
+            rows = pq.ParquetFile(pa.BufferReader(self._read_small(SOURCES_RECORD))).read().to_pylist()
         except FileNotFoundError:
             return {}
         return {r.pop("source"): r for r in rows}
@@ -486,7 +527,7 @@ class Output:
 
     def write_sources(self, sources: dict[str, dict]) -> None:
         rows = [{"source": s, **v} for s, v in sorted(sources.items())]
-        self.write_table(pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA), "_sources.parquet")
+        self.write_table(pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA), SOURCES_RECORD)
 
     def state(self) -> str | None:
         """The recorded state, with `running` read as `interrupted` when no live lease backs it."""
@@ -529,7 +570,7 @@ class Output:
         """Remove what killed writers left in `_tmp/` (only the lease holder calls this). Returns files removed."""
         if not _is_local(self.url):
             return 0  # object storage writes are single PUTs: nothing temporary exists
-        tmp = self._p("_tmp")
+        tmp = self._p(TMP_DIR)
         if not self.fs.exists(tmp):
             return 0
         files = self.fs.find(tmp)
@@ -692,7 +733,7 @@ class Lease:
         import fcntl
 
         self.out.fs.makedirs(self.out.path, exist_ok=True)
-        with open(os.path.join(self.out.path, "_lease.lock"), "a") as f:
+        with open(os.path.join(self.out.path, LEASE_LOCK), "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield

@@ -17,8 +17,8 @@ local prefixes are written `file:///abs/dir/`.
 logged or written. `translate_error` turns s3fs/botocore failures into plain built-in exceptions.
 
 fpn never creates a bucket: s3fs's `makedirs`/`mkdir` CREATE a bucket when given a bare bucket
-name, so nothing in the project may call them on object storage (`check_output_location` is the
-check to make instead; writing an object needs no directory).
+name, so nothing in the project may call them on object storage (`pipeline.output.check_output_location` is
+the check to make instead; writing an object needs no directory).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from fsspec.core import url_to_fs
 __all__ = [
     "filesystem", "join", "parquet_files", "options_for", "normalize_options", "merge_options",
     "canonical_uri", "redact", "redact_url", "redact_text", "drop_redacted", "translate_error",
-    "check_output_location", "check_endpoint", "local_copy", "ranged_opener", "open_ranged", "REMOTE_BLOCK",
+    "check_endpoint", "local_copy", "ranged_opener", "open_ranged", "REMOTE_BLOCK",
     "protocol_of", "object_version", "exception_chain", "first_line", "one_line", "REDACTED",
 ]
 
@@ -552,9 +552,6 @@ def translate_error(e: BaseException, what: str) -> BaseException:
     return out
 
 
-_OBJECT_STORES = {"s3", "gcs", "az", "abfs", "adl", "oss", "r2"}
-
-
 def check_file_destination(url: str, example: str, storage_options: dict[str, Any] | None = None) -> None:
     """Refuse a destination for one file (an export, a report, a picture) that is an existing directory, before
     any work: writing there failed late with a traceback, or (fsspec's local transaction) replaced nothing and
@@ -562,10 +559,6 @@ def check_file_destination(url: str, example: str, storage_options: dict[str, An
     fs, path = filesystem(url, storage_options)
     if fs.isdir(path):
         raise ValueError(f"{url} is a directory: name the file to write (e.g. {url.rstrip('/')}/{example})")
-
-
-# what a local output directory holds (pipeline.output): a directory holding other files is no output
-_OUTPUT_ENTRIES = {"_job.json", "frames", "errors", "_tmp", "_lease.json", "_lease.lock", "_sources.parquet"}
 
 
 def check_endpoint(url: str, storage_options: dict[str, Any] | None, what: str) -> None:
@@ -592,41 +585,6 @@ def _reach(endpoint: str, timeout_s: float = 5.0) -> None:
     parts = urlsplit(endpoint)
     socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
                              timeout=timeout_s).close()
-
-
-def check_output_location(url: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Refuse an output on object storage whose bucket does not exist (FileNotFoundError), cannot be
-    reached (ConnectionError) or is forbidden (PermissionError), and a local output that is a file or a directory
-    of other files (ValueError), before any work starts.
-
-    fpn never creates buckets (a typo would otherwise make one, possibly public, in the wrong
-    account): this only looks, and s3fs's `mkdir`/`makedirs`, which create buckets, must never be
-    called on object storage. A local output's directory is created when written.
-    """
-    proto = protocol_of(url)
-    fs, path = filesystem(url, storage_options)
-    if proto not in _OBJECT_STORES:
-        if fs.exists(path) and not fs.isdir(path):
-            raise ValueError(f"output {url} is a file: an output is a directory (a new one, or an fpn output)")
-        entries = set(os.listdir(path)) if fs.isdir(path) else set()
-        others = sorted(entries - _OUTPUT_ENTRIES)
-        if others and not {"_job.json", "frames"} & entries:  # a folder of images, say: it wrote among them
-            raise ValueError(f"output {url} is a directory of other files ({len(others)}: "
-                             f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): an output is a directory "
-                             "of its own (a new one, or an fpn output)")
-        return
-    bucket = path.strip("/").split("/", 1)[0]
-    what = f"output {url}"
-    check_endpoint(url, storage_options, what)
-    try:
-        if proto == "s3":
-            fs.call_s3("head_bucket", Bucket=bucket)
-        elif not fs.exists(bucket):
-            raise FileNotFoundError(f"{what}: bucket {bucket} does not exist")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(redact_text(f"{what}: bucket {bucket} does not exist (fpn never creates buckets)")) from e
-    except Exception as e:
-        raise translate_error(e, what) from e
 
 
 # ---------------------------------------------------------------------------------------------

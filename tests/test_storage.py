@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from botocore.exceptions import ClientError
 
+from pipeline.output import check_output_location
 from pipeline.sources import Source, expand_inputs
-from pipeline.storage import (canonical_uri, check_output_location, filesystem, local_copy, normalize_options,
+from pipeline.storage import (canonical_uri, filesystem, local_copy, normalize_options,
                               options_for, redact, redact_text, redact_url, translate_error)
 
 PRESIGNED = ("https://bucket.s3.amazonaws.com/vids/clip.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256"
