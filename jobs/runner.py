@@ -374,15 +374,15 @@ def stop_ray() -> None:
     allows before SIGKILL. The embedded cluster starts without that monitor (`_lean_local_node`); where it has one
     (FPN_RAY_FULL_NODE=1), it has nothing to finish, so it is killed first and `ray.shutdown()` stops the rest in
     Ray's order (0.4 s). The process list is Ray's internal (Ray is pinned): if it moves, this is a plain
-    `ray.shutdown()`."""
-    import ray
-
+    `ray.shutdown()`. Ray is not imported here (0.4 s) unless a run started it: a rerun with nothing new does not."""
     while _ray_threads:  # a Ray call after the shutdown ends the process (a job refused at once, say)
         _ray_threads.pop().join(30)
     if not _embedded.is_set():
         return
     _embedded.clear()
     _worker_env.clear()
+    import ray
+
     try:
         from ray._private import ray_constants, worker
 
@@ -510,7 +510,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             # consistent, and this run re-attempts everything their error rows name (removed when it completes)
             log.warning("%s holds no frames yet: this run's settings replace the earlier run's (%s)",
                         plan.output, differences)
-        out = Output(plan.output, plan.output_options, run=previous.get("runs", 0) + 1)
+        out = probe.as_run(previous.get("runs", 0) + 1)
         removed = out.clean_temporary()
         if removed:
             log.info("removed %d temporary files left by killed writers", removed)
@@ -604,7 +604,7 @@ class _Job:
     began: float  # time.time() at the start
 
     def record(self, plan: Plan, previous: dict[str, Any], lease, out: Output, inputs: int) -> dict[str, Any]:
-        """The start of the run's `_job.json` (`plan`: the job's, with what Ray decided in it)."""
+        """The start of the run's `_job.json` (`plan`: as it runs, with what Ray decided in it once Ray started)."""
         cfg = self.cfg
         doc: dict[str, Any] = {
             "job_id": self.job_id or previous.get("job_id"), "state": "running", "spec": plan_to_dict(plan),
@@ -647,7 +647,7 @@ def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | N
         previous = probe.read_job(missing_ok=True)
         if _settings_differ(previous, job.identity):  # another run replaced them meanwhile
             return None
-        out = Output(plan.output, plan.output_options, run=previous.get("runs", 0) + 1)
+        out = probe.as_run(previous.get("runs", 0) + 1)
         planned = plan_known(plan, sources, out.read_sources())
         done = frozenset(out.done_ids())
         if planned is None or unwritten(plan, planned.units, done):

@@ -4,7 +4,8 @@ counts, the job record and job states. Everything else reads and writes an outpu
     OUTPUT/frames/*.parquet    one row per sampled frame, exactly once (readers glob these)
     OUTPUT/errors/*.parquet    one row per input, segment or frame that failed (latest run's view of them)
     OUTPUT/_job.json           spec (secrets redacted), identity, model, versions, state, counts
-    OUTPUT/_sources.parquet    each source's canonical URI, size and version (ETag/mtime) when first read
+    OUTPUT/_sources.parquet    each source's canonical URI, size and version (ETag/mtime) when first read, and
+                               the work units its probe found (pipeline.known)
     OUTPUT/_lease.json         the single writer's lease: owner, host, pid, heartbeat
     OUTPUT/_lease.lock         what a local output's writers `flock` to take the lease
     OUTPUT/_tmp/               files being written (local outputs); never under frames/ or errors/
@@ -26,6 +27,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
@@ -198,6 +200,15 @@ class Output:
     def __init__(self, url: str, storage_options: dict | None = None, *, run: int = 0):
         self.url, self.storage_options, self.run = url.rstrip("/") or url, storage_options, run
         self._fs = None
+        self._read: dict[str, _FileSummary] = {}  # frames files read, by path (`_summary`)
+
+    def as_run(self, run: int) -> "Output":
+        """This output as run `run` writes it, sharing its filesystem and what was read of its frames files."""
+        other = Output(self.url, self.storage_options, run=run)
+        other._fs, other._read = self._fs, self._read
+        if self._fs is not None:
+            other._path = self._path
+        return other
 
     def __getstate__(self):
         return {"url": self.url, "storage_options": self.storage_options, "run": self.run}
@@ -260,6 +271,7 @@ class Output:
         return self.fs.cat_file(self._p(rel))
 
     def write_table(self, table: pa.Table, rel: str, *, before_commit: Callable[[], None] | None = None) -> None:
+        self._read.pop(self._p(rel), None)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         self._put(sink.getvalue().to_pybytes(), rel, before_commit=before_commit)
@@ -351,26 +363,38 @@ class Output:
             raise _corrupt(f, e) from e
 
     def _read_each(self, read: Callable[[str], Any], files: list[str]) -> list[Any]:
-        """`read(f)` of each file, in order, `READ_THREADS` at a time. One after the other, each file of an output
-        on S3 cost its round trips in turn (an open's HEAD, the footer's GET, a column's GET): every run reads
-        every frames file three times (the ids written, the duplicate check, the counts), and an archive's
+        """`read(f)` of each file, in order, `READ_THREADS` at a time: one after the other, each file of an output
+        on S3 cost its round trips in turn (an open's HEAD, the footer's GET, the columns' GET), and an archive's
         output holds a file or more for each day it was run."""
         if len(files) < 2:
             return [read(f) for f in files]
         with ThreadPoolExecutor(min(READ_THREADS, len(files))) as pool:
             return list(pool.map(read, files))
 
-    def _ids_of(self, f: str) -> tuple[str, list[str]]:
-        try:
-            with self.fs.open(f, "rb") as fh:
-                return f, pq.ParquetFile(fh).read(columns=["frame_id"]).column("frame_id").to_pylist()
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out
-            raise _corrupt(f, e) from e
+    def _summary(self, f: str) -> "_FileSummary":
+        """A frames file's frame ids and the sums `counts` takes, read in one open, and kept: its name is the hash
+        of its frame ids (`frames_file`), so it holds the same rows for as long as it is there (a rewrite under
+        the same name forgets it: `write_table`). A run reads each file once: its ids at the start, the duplicate
+        check and the counts at its end read only the files written since (each read them all again)."""
+        if f not in self._read:
+            try:
+                with self.fs.open(f, "rb") as fh:
+                    pf = pq.ParquetFile(fh)
+                    cols = [c for c in ("frame_id", "num_detections", "all_nodata", "decoded_frames")
+                            if c in pf.schema_arrow.names]
+                    t = pf.read(columns=cols)
+            except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out
+                raise _corrupt(f, e) from e
+            total = lambda c: int(pc.sum(t.column(c)).as_py() or 0) if c in cols else None  # noqa: E731
+            decoded = total("decoded_frames")  # a file written before it was recorded: one a row
+            self._read[f] = _FileSummary(t.column("frame_id").to_pylist(), total("num_detections") or 0,
+                                         total("all_nodata") or 0, t.num_rows if decoded is None else decoded)
+        return self._read[f]
 
     def _frame_ids(self) -> list[tuple[str, list[str]]]:
-        """Each frames file and its frame ids (one column read). A corrupt file is one line naming it and the way
-        out."""
-        return self._read_each(self._ids_of, self.frame_files())
+        """Each frames file and its frame ids. A corrupt file is one line naming it and the way out."""
+        files = self.frame_files()
+        return list(zip(files, (s.ids for s in self._read_each(self._summary, files))))
 
     def done_ids(self) -> set[str]:
         """Frame ids already written."""
@@ -456,26 +480,12 @@ class Output:
         return kept, table.num_rows - kept.num_rows
 
     def counts(self) -> dict[str, int]:
-        """Frames and error rows (from the Parquet footers), detections (one int32 column), raster windows
-        skipped as all nodata (one bool column) and frames decoded (one int32 column; a file written before it
-        was recorded counts one per row)."""
-        def count(f: str) -> tuple[int, int, int, int]:
-            try:  # one open per file: the footer and the columns
-                with self.fs.open(f, "rb") as fh:
-                    pf = pq.ParquetFile(fh)
-                    if not pf.metadata.num_rows:
-                        return 0, 0, 0, 0
-                    cols = [c for c in ("num_detections", "all_nodata", "decoded_frames")
-                            if c in pf.schema_arrow.names]
-                    t = pf.read(columns=cols)
-            except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out (as _footer)
-                raise _corrupt(f, e) from e
-            total = lambda c: int(pc.sum(t.column(c)).as_py() or 0)  # noqa: E731
-            return (t.num_rows, total("num_detections"), total("all_nodata") if "all_nodata" in cols else 0,
-                    total("decoded_frames") if "decoded_frames" in cols else t.num_rows)
-
-        per_file = self._read_each(count, self.frame_files())
-        frames, detections, nodata, decoded = (sum(c[k] for c in per_file) for k in range(4))
+        """Frames, detections, raster windows skipped as all nodata and frames decoded (each frames file's
+        `_summary`; a file written before `decoded_frames` was recorded counts one per row), and error rows (the
+        Parquet footers)."""
+        read = self._read_each(self._summary, self.frame_files())
+        frames, detections = sum(len(s.ids) for s in read), sum(s.detections for s in read)
+        nodata, decoded = sum(s.nodata for s in read), sum(s.decoded for s in read)
         errors = sum(self._rows(self.error_files()))
         return {"frames": frames, "detections": detections, "errors": errors, "nodata_windows": nodata,
                 "decoded_frames": decoded}
@@ -580,6 +590,16 @@ class Output:
 
     def lease(self, owner: str | None = None, *, timeout_s: float | None = None) -> "Lease":
         return Lease(self, owner=owner, timeout_s=timeout_s)
+
+
+@dataclass(frozen=True)
+class _FileSummary:
+    """What `Output._summary` keeps of a frames file."""
+
+    ids: list[str]
+    detections: int
+    nodata: int  # raster windows all nodata
+    decoded: int  # frames decoded to produce its rows
 
 
 def _error_run(path: str) -> int:

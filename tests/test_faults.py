@@ -398,6 +398,34 @@ def test_duplicate_frames_are_removed_keeping_each_frame_once(tmp_path):
     names = sorted(Path(f).name for f in out.frame_files())
     assert names == sorted(Path(frames_file(x)).name for x in (ids[:10], ids[10:13], ids[13:]))
     assert out.drop_duplicate_frames() == {"files_removed": 0, "files_rewritten": 0, "rows_removed": 0}
+    assert out.counts()["frames"] == 14  # what it read of the files it rewrote or removed is not counted
+
+
+def test_a_run_reads_each_frames_file_once(tmp_path, monkeypatch):
+    """The frame ids written at a run's start; the duplicate check and the counts at its end read only the files
+    written since (each read every file again: on S3 an open's round trips per file, for every file of an
+    archive's output); a run of the same output (`as_run`) shares what was read."""
+    import fsspec.implementations.local as local
+
+    ids = [f"f{k:02d}" for k in range(12)]
+    for a in range(0, 9, 3):
+        Output(str(tmp_path / "out")).write_frames(_rows(ids[a:a + 3]))
+    opened: list[str] = []
+    real = local.LocalFileSystem.open
+
+    def spy(self, path, mode="rb", *a, **k):
+        if mode == "rb" and "/frames/" in str(path):
+            opened.append(Path(path).name)
+        return real(self, path, mode, *a, **k)
+
+    monkeypatch.setattr(local.LocalFileSystem, "open", spy)
+    probe = Output(str(tmp_path / "out"))
+    assert len(probe.done_ids()) == 9 and len(opened) == 3
+    out = probe.as_run(2)
+    assert len(out.done_ids()) == 9 and len(opened) == 3
+    Output(str(tmp_path / "out"), run=2).write_frames(_rows(ids[9:]))  # a detector's write task
+    assert out.drop_duplicate_frames()["rows_removed"] == 0 and len(opened) == 4
+    assert out.counts()["frames"] == 12 and len(opened) == 4
 
 
 # -- identity ---------------------------------------------------------------------------------------
