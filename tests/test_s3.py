@@ -77,7 +77,19 @@ def counted_s3_server():
     server.stop()
 
 
-def test_a_small_remote_image_costs_a_request_to_probe_and_one_to_decode(counted_s3_server, tmp_path, monkeypatch):
+@pytest.fixture
+def counted_s3(counted_s3_server, monkeypatch):
+    """(s3fs filesystem, endpoint, counter) of `counted_s3_server`, with credentials in the environment."""
+    import s3fs
+
+    endpoint, counter = counted_s3_server
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True), endpoint, counter
+
+
+def test_a_small_remote_image_costs_a_request_to_probe_and_one_to_decode(counted_s3, tmp_path, monkeypatch):
     """Its size comes from the listing: s3fs asked for it again before each read (3 HEADs and 2 GETs an image, a
     request a few ms even on loopback, for archives of 100,000 snapshots)."""
     import numpy as np
@@ -88,13 +100,9 @@ def test_a_small_remote_image_costs_a_request_to_probe_and_one_to_decode(counted
     from pipeline.plan import plan_units
     from pipeline.sources import expand_inputs
 
-    endpoint, counter = counted_s3_server
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
+    fs, endpoint, counter = counted_s3
     pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
     Image.fromarray(pixels).save(tmp_path / "snap.png")
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
     fs.mkdir("snaps")
     fs.put(str(tmp_path / "snap.png"), "snaps/cam/snap.png")
     opts = {"s3": {"endpoint_url": endpoint}}
@@ -123,21 +131,16 @@ def test_a_small_remote_image_costs_a_request_to_probe_and_one_to_decode(counted
 
 
 def test_a_rerun_over_an_unchanged_bucket_asks_for_no_input_object_and_starts_no_ray(
-        ray_session, counted_s3_server, make_video, tmp_path, monkeypatch):
+        ray_session, counted_s3, make_video, tmp_path, monkeypatch):
     """A daily rerun probed every object again (a ranged GET or more each, in Ray tasks: Ray started for them) to
     find what the output's record now holds (`pipeline.known`): with nothing new it lists the bucket, reads the
     output's record and frame ids, and asks for no input object."""
-    import s3fs
     from PIL import Image
 
     import jobs.runner
     from conftest import REPO
 
-    endpoint, counter = counted_s3_server
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    fs, endpoint, counter = counted_s3
     fs.mkdir("daily")
     for i in range(3):
         Image.fromarray(np.full((48, 64, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
@@ -160,18 +163,14 @@ def test_a_rerun_over_an_unchanged_bucket_asks_for_no_input_object_and_starts_no
     assert counter.take() == (0, 0)
 
 
-def test_a_manifests_remote_entries_are_looked_up_together(counted_s3_server, monkeypatch):
+def test_a_manifests_remote_entries_are_looked_up_together(counted_s3, monkeypatch):
     """A manifest of objects on S3 asks for them MANIFEST_THREADS at a time (one after the other, 100,000 entries
     took 100,000 round trips before any work), and its Sources are the same, in order, a missing one among them."""
     import s3fs
 
     from pipeline.sources import MANIFEST_THREADS, expand_inputs
 
-    endpoint, counter = counted_s3_server
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    fs, endpoint, counter = counted_s3
     fs.mkdir("listed")
     names = [f"s3://listed/cam{i % 3}/snap{i:03d}.jpg" for i in range(80)]
     for i, name in enumerate(names):
@@ -200,27 +199,22 @@ def _noise_clip(path: Path, frames: int, gop: int) -> Path:
     return path
 
 
-def test_a_remote_video_is_read_by_ranges_each_segment_about_its_share(ray_session, counted_s3_server, tmp_path,
+def test_a_remote_video_is_read_by_ranges_each_segment_about_its_share(ray_session, counted_s3, tmp_path,
                                                                         monkeypatch):
     """Bytes served by the S3 server, counted at the server: the probe reads the header and index, each segment
     the packets it decodes (its share of the file, plus a few cache blocks), the whole job at most 1.5x the object
     (before: a whole download for the probe and for each segment, 5x here). A keyframes-only scan reads less."""
     import av
     import numpy as np
-    import s3fs
 
     from pipeline.decode import Sampling, decode_unit, probe
     from pipeline.plan import plan_units
 
-    endpoint, counter = counted_s3_server
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
+    fs, endpoint, counter = counted_s3
     clip = _noise_clip(tmp_path / "noise.mp4", 96, 24)
     with av.open(str(clip)) as c:
         packet_sizes = [e.size for e in c.streams.video[0].index_entries]
     size = clip.stat().st_size
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
     fs.mkdir("ranged")
     fs.put(str(clip), "ranged/in/noise.mp4")
     url, opts = "s3://ranged/in/noise.mp4", {"s3": {"endpoint_url": endpoint}}
