@@ -571,7 +571,9 @@ def status(target, endpoint_url, profile, anon, address, fmt):
         click.echo(f"errors:   {row.get('errors', 0)}"
                    + (f" ({others} of them earlier runs', about inputs the last run did not read)" if others else ""))
         click.echo(f"eta:      {_fmt_s(row.get('eta_s')) or '-'}")
-        if row.get("startup_s"):
+        if row.get("nothing_new"):  # its start line would read as a run that did nothing else
+            click.echo("last run: nothing new (every input known and written; no probe, Ray not started)")
+        elif row.get("startup_s"):
             click.echo(f"start:    {_start_line(row['startup_s'])}")
         if row.get("job_id"):
             click.echo(f"started:  {row.get('start_time')}  ended: {row.get('end_time') or '-'}")

@@ -29,8 +29,8 @@ from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
 from pipeline.output import Output, OutputSettingsError, check_output_location, error_row, final_state
 from pipeline.counter import FrameCounter
-from pipeline.plan import (Plan, Planned, Resources, count_planned, count_written, execute, plan_known, plan_work,
-                           raster_summary, unwritten)
+from pipeline.plan import (Plan, Planned, Resources, count_planned, count_written, drop_duplicates, execute,
+                           plan_known, plan_work, raster_summary, unwritten)
 from pipeline.raydata import (actor_init_death, environ, one_node_execution, patched, quiet_actor_init_deaths,
                               spend_actor_restart_warning, start_ray_data_helpers)
 from pipeline.sizing import ask_detector_gpu_memory, auto_batch, cluster_nodes, fit, model_input_mpx
@@ -621,7 +621,9 @@ class _Job:
 
 
 def _plan_record(plan: Plan, planned: Planned, done: frozenset[str]) -> dict[str, Any]:
-    """What `_job.json` says of the run's plan."""
+    """What `_job.json` says of the run's plan (and a line for each source with nothing to read)."""
+    for src, why in planned.unread.items():
+        log.warning("%s: %s", src, why)
     written = count_written(plan, planned.units, done)  # planned, and written by earlier runs
     return {"planned_frames": count_planned(plan, planned.units), "skipped_frames": written,
             "frames_outside_plan": len(done) - written,  # other inputs or sampling took them
@@ -656,6 +658,10 @@ def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | N
         doc.update(_plan_record(plan, planned, done), nothing_new=True, work_units_written_before=len(planned.units),
                    startup_s=_rounded({"before_run": job.began - psutil.Process().create_time(),
                                        "planned": time.time() - job.began}))
+        # what a killed writer left: as every run that holds the lease, this one tidies it
+        if removed := out.clean_temporary():
+            log.info("removed %d temporary files left by killed writers", removed)
+        doc["duplicate_rows_removed"] = drop_duplicates(out)["rows_removed"]
         counts, state = _complete(out, doc, {s.canonical for s in sources}, with_masks=job.cfg.arch == "mask_rcnn")
         _ended(out, doc, counts, state, t0=job.t0, new_frames=0)
     return doc

@@ -520,10 +520,17 @@ class Output:
         """{canonical source: {size, version, first_run, probe_key, units, unread}} of the sources earlier runs
         read (the last three: what a probe found, `pipeline.known`; absent from outputs written before them)."""
         try:
-            # a ParquetFile: pq.read_table imports pyarrow.dataset, and pandas with it (0.9 s of a rerun's 1.2)
-            rows = pq.ParquetFile(pa.BufferReader(self._read_small(SOURCES_RECORD))).read().to_pylist()
+            data = self._read_small(SOURCES_RECORD)
         except FileNotFoundError:
             return {}
+        try:  # a ParquetFile: pq.read_table imports pyarrow.dataset, and pandas with it (0.9 s of a rerun's 1.2)
+            rows = pq.ParquetFile(pa.BufferReader(data)).read().to_pylist()
+        except Exception as e:  # noqa: BLE001 - any unreadable record gets the same way out
+            raise ValueError(
+                f"{self._p(SOURCES_RECORD)} is not a readable Parquet file ({one_line(e)}): it records each source's "
+                "size and version, by which a run tells a source that changed since its frames were written; "
+                "delete it and the next run probes every source again, but a source changed before then is not "
+                "seen (its frames here stay of the old version): write to a new output to be sure") from None
         return {r.pop("source"): r for r in rows}
 
     @staticmethod
@@ -571,7 +578,7 @@ class Output:
             rate = doc["frames_per_s"]
         return {"state": state, "frames_done": written, "frames_planned": planned, "errors": errors,
                 "frames_per_s": rate, "eta_s": eta, "runs": doc.get("runs"), "error": doc.get("error"),
-                "startup_s": doc.get("startup_s"), "job_id": doc.get("job_id"),
+                "startup_s": doc.get("startup_s"), "job_id": doc.get("job_id"), "nothing_new": doc.get("nothing_new"),
                 # of `errors`, earlier runs' about inputs the last run did not read (its state is of its own)
                 "errors_of_other_inputs": doc.get("errors_of_other_inputs", 0) if state != "running" else 0}
 

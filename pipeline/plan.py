@@ -40,7 +40,7 @@ from .sources import Source, WorkUnit
 from .stac import check_search
 
 __all__ = ["Plan", "Resources", "Planned", "detector_pool", "plan_units", "plan_work", "plan_known", "count_planned",
-           "raster_summary", "unwritten", "build_dataset", "execute"]
+           "raster_summary", "unwritten", "build_dataset", "drop_duplicates", "execute"]
 
 log = logging.getLogger(__name__)
 # a run's detectors may exit this many times each after a device error, to be started anew (pipeline.detect)
@@ -431,7 +431,6 @@ def _planned(plan: Plan, sources: list[Source], found: list, probed: dict[str, d
             except NothingToRead as e:
                 r = str(e)
         if isinstance(r, str):
-            log.warning("%s: %s", s.canonical, r)
             unread[s.canonical] = r
         elif isinstance(r, list):
             units += r
@@ -504,12 +503,14 @@ def _sampled(plan: Plan, u: dict[str, Any]) -> list[int]:
 
 
 def unwritten(plan: Plan, units, done: frozenset[str]) -> list[dict[str, Any]]:
-    """The units with a frame not in `done` (or none at all: a unit whose decode fails writes its error row
-    again). A rerun of a finished job starts no decoder and no detector."""
+    """The units with a frame not in `done`, and those whose decode fails (sampled by keyframes, a video without
+    an index: its error row is written again). A unit that samples no frame (a time range ending before it, a step
+    longer than it) is not: it was run again by each rerun, which started Ray for it. A rerun of a finished job
+    starts no decoder and no detector."""
     if not done:  # a first run: every unit
         return list(units)
-    return [u for u in units if not (ids := _sampled(plan, u)) or any(frame_id(u["source"], k) not in done
-                                                                      for k in ids)]
+    return [u for u in units if any(frame_id(u["source"], k) not in done for k in _sampled(plan, u))
+            or (plan.sampling.keyframes and u["kind"] == "video" and not u["keyframes"])]
 
 
 def raster_summary(units) -> dict[str, Any]:
@@ -626,6 +627,15 @@ def build_dataset(plan: Plan, out: Output, units, done: frozenset[str] = frozens
     )
 
 
+def drop_duplicates(out: Output) -> dict[str, int]:
+    """`Output.drop_duplicate_frames`, and a line when it found a frame written twice."""
+    dups = out.drop_duplicate_frames()
+    if dups["rows_removed"]:
+        log.warning("a frame reached the output twice: removed %d duplicate row(s) (%d file(s) removed, %d "
+                    "rewritten)", dups["rows_removed"], dups["files_removed"], dups["files_rewritten"])
+    return dups
+
+
 def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), *, planned: int,
             fence: str | None = None, with_masks: bool = False, threads: int | None = None, calls: int = 1,
             counter: Any = None, worker_env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -655,9 +665,6 @@ def execute(plan: Plan, out: Output, units, done: frozenset[str] = frozenset(), 
         log_once("cpu_warning")
         build_dataset(plan, out, todo, done, threads=threads, calls=calls, counter=counter,
                       worker_env=worker_env).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
-    dups = out.drop_duplicate_frames()
-    if dups["rows_removed"]:
-        log.warning("a frame reached the output twice: removed %d duplicate row(s) (%d file(s) removed, %d "
-                    "rewritten)", dups["rows_removed"], dups["files_removed"], dups["files_rewritten"])
+    dups = drop_duplicates(out)
     return {"rows_per_file": rows, **dups, "core_ms_per_frame": sink.cost, "nvdec_frames": sink.nvdec_frames,
             "times": sink.times, "units_written_before": len(units) - len(todo)}

@@ -400,19 +400,22 @@ def test_a_time_range_that_misses_a_video_is_said_not_silent(tmp_path):
     """--start 5.2 on a 2 s video ended "succeeded: 0 frames" without a word."""
     from fpn_model.weights import read_input_spec
     from jobs.spec import plan_from_dict
-    from pipeline.plan import _probe_sources
+    from pipeline.plan import _planned, _probe_sources
+    from pipeline.sources import Source
 
     path = gop_clip(tmp_path / "short", 20, 10.0, 8)
     row = {"uri": path, "source": path, "stac_item": None, "datetime": None, "assets": []}
 
-    def probed(**sampling):
+    def probed(**sampling):  # why nothing is read, or the units (the time range is checked on units recorded too)
         plan = plan_from_dict({"inputs": [path], "output": str(tmp_path / "o"), "sampling": sampling})
-        return _probe_sources(plan, plan.raster_settings(read_input_spec(plan.checkpoint)), [row])[0]
+        found = _probe_sources(plan, plan.raster_settings(read_input_spec(plan.checkpoint)), [row])
+        planned = _planned(plan, [Source(str(path), str(path))], found, {}, known=0)
+        return planned.unread.get(str(path), planned.units)
 
     assert probed(start_s=5.2) == "the time range 5.2 s to the end meets none of its 20 frames (0 to 1.90 s): nothing read"
     assert probed(start_s=0.51, end_s=0.58) == ("the time range 0.51 s to 0.58 s meets none of its 20 frames (0 to "
                                                 "1.90 s): nothing read")
-    assert isinstance(probed(start_s=1.5), list) and isinstance(probed(every_n=5), list)  # frames to read
+    assert probed(start_s=1.5) and isinstance(probed(every_n=5), list)  # frames to read
 
 
 def test_a_16_bit_png_is_stretched_as_the_same_pixels_in_a_tiff_are(tmp_path):

@@ -401,6 +401,18 @@ def test_duplicate_frames_are_removed_keeping_each_frame_once(tmp_path):
     assert out.counts()["frames"] == 14  # what it read of the files it rewrote or removed is not counted
 
 
+def test_an_unreadable_source_record_is_one_line_naming_it_and_what_deleting_it_costs(tmp_path):
+    out = Output(str(tmp_path / "out"))
+    out.write_sources({"/a.mp4": {"size": 1, "version": "1", "first_run": 1}})
+    assert out.read_sources()["/a.mp4"]["size"] == 1
+    (tmp_path / "out" / "_sources.parquet").write_bytes(b"garbage")
+    with pytest.raises(ValueError) as e:
+        out.read_sources()
+    said = str(e.value)
+    assert "\n" not in said and said.startswith(f"{tmp_path / 'out' / '_sources.parquet'} is not a readable Parquet")
+    assert "delete it and the next run probes every source again" in said and "write to a new output" in said
+
+
 def test_a_run_reads_each_frames_file_once(tmp_path, monkeypatch):
     """The frame ids written at a run's start; the duplicate check and the counts at its end read only the files
     written since (each read every file again: on S3 an open's round trips per file, for every file of an

@@ -206,6 +206,9 @@ def test_only_units_with_a_frame_to_write_run_again(tmp_path):
     keyframes_only = dataclasses.replace(plan, sampling=Sampling(keyframes=True))
     no_index = [{**unit, "keyframes": ""}]  # sampled by keyframes, a unit without an index samples none
     assert count_planned(keyframes_only, no_index) == 0 and unwritten(keyframes_only, no_index, first) == no_index
+    # a unit that samples no frame (a time range ending before it) has nothing to run: reruns started Ray for it
+    first_second = dataclasses.replace(plan, sampling=Sampling(every_n=2, end_s=0.9))
+    assert count_planned(first_second, units) == 5 and unwritten(first_second, units, first) == []
     # a raster's units: windows window_ids()[start:stop] (an area of interest keeps 1, 4, 6 and 7)
     raster = RasterPlan(width=40, height=30, crs=None, transform=(1, 0, 0, 0, -1, 0), bands=(1, 2, 3), low=(0,) * 3,
                         high=(255,) * 3, scale=1.0, window=10, margin=0, gsd_m=None, keep=(1, 4, 6, 7)).to_json()
@@ -290,6 +293,24 @@ def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_
 
     _print_summary(again)
     assert "nothing new: every input was planned and written by earlier runs" in capsys.readouterr().out
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    status = CliRunner().invoke(cli, ["status", str(out)])
+    assert status.exit_code == 0 and "last run: nothing new (every input known and written" in status.output
+    # a time range ending in the clip's first segment: its later segments sample no frame, and need no run
+    early = job([archive], out, sampling={"end_s": 0.5}, **spec)
+    assert early["nothing_new"] and early["planned_frames"] == 4 + 1 + 4 and early["work_units"] == units
+    # what a killed writer may leave, a frames file twice and a temporary file, goes as in any run
+    first_file = sorted((out / "frames").glob("*.parquet"))[0]
+    shutil.copy(first_file, out / "frames" / f"part-again-{first_file.name}")
+    (out / "_tmp").mkdir(exist_ok=True)
+    (out / "_tmp" / "left.parquet").write_bytes(b"half")
+    tidy = job([archive], out, **spec)
+    assert tidy["nothing_new"] and tidy["duplicate_rows_removed"] > 0 and tidy["frames"] == t.num_rows
+    assert frames_table(out).sort_by("frame_id").equals(t.sort_by("frame_id"))
+    assert not list((out / "_tmp").iterdir())
     # the record's units are sampled anew: a time range past the clip's end reads nothing of it, still no probe
     late = job([archive / "clip.mp4"], out, sampling={"start_s": 10.0}, **spec)
     assert "meets none of its 24 frames" in late["nothing_read"][str(archive / "clip.mp4")]
