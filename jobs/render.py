@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from fpn_model.rle import rle_columns
 from pipeline.decode import read_video
 from pipeline.raster import open_raster, palette_of, read_palette, valid_values
 from pipeline.output import Output
-from pipeline.storage import canonical_uri, check_file_destination, filesystem
+from pipeline.storage import canonical_uri, check_file_destination, filesystem, translate_error
 
 from .query import connect
 
@@ -205,13 +205,21 @@ def read_pixels(source: str, kind: str, *, region: Region, max_side: int | None 
                                         resampling=Resampling.average, masked=True))
         return _display_rgb(data)
     fs, path = filesystem(source, storage_options)
-    with fs.open(path, "rb") as f, Image.open(f) as im:
-        full = im.size
-        _within(source, region, *full)
-        im.draft("RGB", (w, h))  # JPEG: decode at a reduced scale when that is enough
-        sx, sy = im.size[0] / full[0], im.size[1] / full[1]
-        box = (region.x * sx, region.y * sy, (region.x + region.width) * sx, (region.y + region.height) * sy)
-        return np.asarray(im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR, box=box))
+    try:
+        with fs.open(path, "rb") as f, Image.open(f) as im:
+            full = im.size
+            _within(source, region, *full)
+            im.draft("RGB", (w, h))  # JPEG: decode at a reduced scale when that is enough
+            sx, sy = im.size[0] / full[0], im.size[1] / full[1]
+            box = (region.x * sx, region.y * sy, (region.x + region.width) * sx, (region.y + region.height) * sy)
+            return np.asarray(im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR, box=box))
+    except UnidentifiedImageError:  # PIL names the file object it was given, an address, not the file
+        raise ValueError(f"{source}: not an image format PIL reads") from None
+    except OSError as e:  # gone, forbidden, unreachable: "SOURCE does not exist", not "[Errno 2] ..."
+        plain = translate_error(e, source)
+        if plain is e:
+            raise
+        raise plain from e
 
 
 def _within(source: str, region: Region, width: int, height: int) -> None:

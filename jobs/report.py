@@ -24,7 +24,7 @@ from typing import Any
 
 import jinja2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pipeline.decode import check_video_backend
 from pipeline.output import Output
@@ -179,12 +179,11 @@ def _why(e: BaseException, source: str) -> str:
     """Why `source`'s pixels could not be drawn, in one redacted line that names it, without the exception's class
     ("FileNotFoundError: [Errno 2] ..."; the page is read by whoever ran the job): a file gone or forbidden as the
     pipeline's one-line errors say it (translate_error: "SOURCE does not exist"), an error that names the source
-    as it is ("SOURCE is 50x40 pixels now, ..."), any other after the source. PIL names the file object it was
-    given, an address, not the file: said as the pipeline's probe says it."""
+    as it is ("SOURCE is 50x40 pixels now, ...", `render.read_pixels`'s), any other after the source."""
     plain = translate_error(e, source)
     if plain is not e:
         return str(plain)
-    why = "not an image format PIL reads" if isinstance(e, UnidentifiedImageError) else first_line(e)
+    why = first_line(e)
     return redact_text(why if source in why else f"{source}: {why}")
 
 

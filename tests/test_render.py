@@ -293,6 +293,21 @@ def test_a_clip_of_a_variable_frame_rate_video_takes_the_frames_of_its_time_rang
         assert [read_index(f) for f in clip.frames(list(range(clip.num_frames)))] == want, backend
 
 
+def test_an_image_gone_or_damaged_since_the_job_is_one_line_naming_it(tmp_path):
+    """`fpn render` of an image damaged since the job printed PIL's traceback ("UnidentifiedImageError: cannot
+    identify image file <...LocalFileOpener object at 0x...>"), of one deleted "Error: [Errno 2] No such file ..."."""
+    src = tmp_path / "snap.png"
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(src)
+    rows = [_row(canonical_uri(str(src)), "image", 0, None, 60, 40, [(5, 5, 20, 20, 0.9, 1)])]
+    Output(str(tmp_path / "out")).write_frames(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA))
+    src.write_bytes(b"not a png any more")
+    r = invoke("render", tmp_path / "out", src, tmp_path / "pic.png")
+    assert r.exit_code == 1 and r.output == f"Error: {src}: not an image format PIL reads\n", r.output
+    src.unlink()
+    r = invoke("render", tmp_path / "out", src, tmp_path / "pic.png")
+    assert r.exit_code == 1 and r.output == f"Error: {src} does not exist\n", r.output
+
+
 def test_a_source_changed_since_the_job_read_it_is_said(make_video, tmp_path):
     """Its boxes are of the version the job read: drawn on other pixels without a word before."""
     import shutil
