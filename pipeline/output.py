@@ -183,7 +183,8 @@ def check_output_location(url: str, storage_options: dict[str, Any] | None = Non
         elif not fs.exists(bucket):
             raise FileNotFoundError(f"{what}: bucket {bucket} does not exist")
     except FileNotFoundError as e:
-        raise FileNotFoundError(redact_text(f"{what}: bucket {bucket} does not exist (fpn never creates buckets)")) from e
+        raise FileNotFoundError(
+            redact_text(f"{what}: bucket {bucket} does not exist (fpn never creates buckets)")) from e
     except Exception as e:
         raise translate_error(e, what) from e
 

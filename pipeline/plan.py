@@ -263,7 +263,7 @@ def _check_time_range(plan: Plan, units: list[dict[str, Any]]) -> None:
 
 def _probe_sources(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]]) -> list[list[dict] | dict | str]:
     """A planning task: for each source row its work units (rows), its error row when it cannot be read, or why
-    there is nothing to read in it (the time range is checked by `plan_work`, on recorded units too)."""
+    there is nothing to read in it (the time range is checked by `_planned`, on recorded units too)."""
     out: list[list[dict] | dict] = []
     for row in rows:
         try:
@@ -420,8 +420,8 @@ def plan_work(plan: Plan, out: Output, sources: list[Source], recorded: dict[str
 
 def _planned(plan: Plan, sources: list[Source], found: list, probed: dict[str, dict[str, Any]], *,
              known: int) -> Planned:
-    """Each source's units, error row or reason to read nothing (`found`), as the job's work; the time range is
-    checked here, the units of every source known."""
+    """The job's work from each source's units, error row or reason to read nothing (`found`): the time range is
+    checked here, on probed and recorded units alike."""
     units: list[dict[str, Any]] = []
     unread: dict[str, str] = {}
     for s, r in zip(sources, found):
@@ -437,7 +437,8 @@ def _planned(plan: Plan, sources: list[Source], found: list, probed: dict[str, d
     return Planned(units, unread, probed, known)
 
 
-def _probe(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]], out: Output) -> list[list[dict] | dict | str]:
+def _probe(plan: Plan, raster: RasterSettings, rows: list[dict[str, Any]],
+           out: Output) -> list[list[dict] | dict | str]:
     """Each source row's probe result (`_probe_sources`), run in Ray tasks; the error rows written, one file."""
     import ray
 
