@@ -546,8 +546,8 @@ def status(target, endpoint_url, profile, anon, address, fmt):
     """
     from pipeline.output import EXIT_CODES, Output
 
+    options = _read_options(endpoint_url, profile, anon)
     if _is_output(target, address):
-        options = _read_options(endpoint_url, profile, anon)
         # no _job.json: one line, not "state: ?"
         row = {"output": target, **Output.for_reading(target, options).progress(missing_ok=False)}
     else:
@@ -565,7 +565,7 @@ def status(target, endpoint_url, profile, anon, address, fmt):
             if row.get(key):
                 click.echo(f"{key + ':':<10}{row[key]}")
         click.echo(f"output:   {row.get('output')}")
-        click.echo(f"frames:   {_frames_line(row, _read_options(endpoint_url, profile, anon))}")
+        click.echo(f"frames:   {_frames_line(row, options)}")
         click.echo(f"rate:     {row['frames_per_s']:.2f} frames/s" if row.get("frames_per_s") else "rate:     -")
         others = row.get("errors_of_other_inputs")
         click.echo(f"errors:   {row.get('errors', 0)}"

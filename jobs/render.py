@@ -216,10 +216,7 @@ def read_pixels(source: str, kind: str, *, region: Region, max_side: int | None 
     except UnidentifiedImageError:  # PIL names the file object it was given, an address, not the file
         raise ValueError(f"{source}: not an image format PIL reads") from None
     except OSError as e:  # gone, forbidden, unreachable: "SOURCE does not exist", not "[Errno 2] ..."
-        plain = translate_error(e, source)
-        if plain is e:
-            raise
-        raise plain from e
+        raise translate_error(e, source) from e
 
 
 def _within(source: str, region: Region, width: int, height: int) -> None:

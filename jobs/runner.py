@@ -475,7 +475,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     check_output_location(plan.output, plan.output_options)
     cfg, _ = read_config(plan.checkpoint)
     model_input = read_input_spec(plan.checkpoint)
-    plan.raster_settings(model_input)  # the bands chosen fit the model, before any work
+    raster = plan.raster_settings(model_input)  # the bands chosen fit the model, before any work
     with_masks = cfg.arch == "mask_rcnn"
     probe = Output(plan.output, plan.output_options)
     probe.lease(owner=job_id).check_free()  # a live writer: before Ray starts
@@ -484,7 +484,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     differences = _settings_differ(probe.read_job(missing_ok=True), identity)
     if differences and probe.has_frames():  # before Ray starts too (checked again under the lease)
         raise OutputSettingsError(plan.output, differences)
-    job = _Job(plan, cfg, digest, identity, model_input, job_id, t0, began)
+    job = _Job(plan, cfg, digest, identity, model_input, raster, job_id, t0, began)
     if not differences and (doc := _when_written(job, probe, sources)) is not None:
         return doc
     init_ray(address, alongside_ray)
@@ -526,7 +526,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             read = {s.canonical for s in sources}  # a changed one too: its error row is this run's
             sources, recorded = _skip_changed(out, sources, replace=plan.changed_sources == "replace")
             done = frozenset(out.done_ids())
-            planned = plan_work(plan, out, sources, recorded)
+            planned = plan_work(plan, raster, out, sources, recorded)
             if planned.probed:  # what the probes found: a later run plans these sources from the record
                 out.write_sources({**recorded, **{src: {**recorded.get(src, {}), **found}
                                                   for src, found in planned.probed.items()}})
@@ -599,6 +599,7 @@ class _Job:
     digest: str  # sha256 of the weights
     identity: dict[str, Any]
     model_input: Any  # fpn_model.weights.InputSpec
+    raster: Any  # pipeline.raster.RasterSettings: `plan.raster_settings(model_input)`
     job_id: str | None
     t0: float  # time.monotonic() at the start
     began: float  # time.time() at the start
@@ -641,7 +642,7 @@ def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | N
     (and again under it): a run with work takes the lease once, and one taking it over from a writer that died
     records whom from (`took_over_from`)."""
     plan = job.plan
-    if not sources or (planned := plan_known(plan, sources, probe.read_sources())) is None:
+    if not sources or (planned := plan_known(plan, job.raster, sources, probe.read_sources())) is None:
         return None
     if unwritten(plan, planned.units, frozenset(probe.done_ids())):
         return None
@@ -650,7 +651,7 @@ def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | N
         if _settings_differ(previous, job.identity):  # another run replaced them meanwhile
             return None
         out = probe.as_run(previous.get("runs", 0) + 1)
-        planned = plan_known(plan, sources, out.read_sources())
+        planned = plan_known(plan, job.raster, sources, out.read_sources())
         done = frozenset(out.done_ids())
         if planned is None or unwritten(plan, planned.units, done):
             return None
@@ -724,8 +725,7 @@ def _skip_changed(out: Output, sources: list, *, replace: bool = False) -> tuple
     run that dies before finds it changed again; what was known of its old version goes). Returns the sources to
     process, and the record of every source (`Output.read_sources`) as it is now."""
     recorded = out.read_sources()
-    current = {s.canonical: {"size": s.size, "version": None if s.version is None else str(s.version)}
-               for s in sources}
+    current = {s.canonical: s.size_and_version() for s in sources}
     differs = {src: why for src, cur in current.items()
                if src in recorded and (why := Output.source_change(recorded[src], cur))}
     stale = out.sources_with_frames(set(differs)) if differs else set()

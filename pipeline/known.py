@@ -46,7 +46,7 @@ def known_units(source: Source, rec: dict[str, Any] | None, key: str) -> list[di
         return None
     if rec.get("units") is None and rec.get("unread") is None:
         return None
-    now = {"size": source.size, "version": None if source.version is None else str(source.version)}
+    now = source.size_and_version()
     same = (now["size"] is not None and rec.get("size") is not None) or (now["version"] and rec.get("version"))
     if not same or Output.source_change(rec, now):
         return None

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from fpn_model.config import TileConfig, check_precision
 from fpn_model.memory import keep_freed_memory_env
-from fpn_model.weights import InputSpec, read_input_spec  # torch-free: no model is built here
+from fpn_model.weights import InputSpec  # torch-free: no model is built here
 
 from .decode import Sampling, check_video_backend, decode_unit, probe, sample_indices, with_cpu_time
 from .isolate import ChildTimeout, IsolationError, process_child
@@ -381,28 +381,29 @@ class Planned:
     known: int
 
 
-def plan_known(plan: Plan, sources: list[Source], recorded: dict[str, dict]) -> Planned | None:
+def plan_known(plan: Plan, raster: RasterSettings, sources: list[Source], recorded: dict[str, dict]) -> Planned | None:
     """The work of `sources` from what earlier runs recorded of them (`Output.read_sources`), with no probe and no
-    Ray; None when a source must be probed (`pipeline.known.known_units`)."""
-    key = probe_key(plan, plan.raster_settings(read_input_spec(plan.checkpoint)))
+    Ray; None when a source must be probed (`pipeline.known.known_units`). `raster`: the job's raster settings
+    (`Plan.raster_settings` for its model)."""
+    key = probe_key(plan, raster)
     found = [known_units(s, recorded.get(s.canonical), key) for s in sources]
     if any(f is None for f in found):
         return None
     return _planned(plan, sources, found, {}, known=len(sources))
 
 
-def plan_work(plan: Plan, out: Output, sources: list[Source], recorded: dict[str, dict] | None = None) -> Planned:
+def plan_work(plan: Plan, raster: RasterSettings, out: Output, sources: list[Source],
+              recorded: dict[str, dict] | None = None) -> Planned:
     """Probe the sources and return their work: the planned frame count is known before decoding starts (progress,
     ETA). A source whose units an earlier run recorded (`recorded`: `Output.read_sources`), unchanged since and cut
     under the same settings, is planned from the record (`pipeline.known`): a rerun over an archive probes what is
-    new.
+    new. `raster`: the job's raster settings (`Plan.raster_settings` for its model).
 
     Probing reads headers and indexes (by ranges on object storage), in plain Ray tasks, a few per CPU of the
     cluster, each over a share of the sources: one round of tasks is the whole fixed cost (a Ray Data stage, two
     materialisations and a repartition cost seconds more per job). A source whose probe fails becomes its error
     row; a task whose worker dies (a decoder library crashing on a hostile file) is run again one source per
     task, so only the file that crashes it becomes an error row ("probe crashed")."""
-    raster = plan.raster_settings(read_input_spec(plan.checkpoint))
     key = probe_key(plan, raster)
     found = [known_units(s, (recorded or {}).get(s.canonical), key) for s in sources]
     todo = [i for i, f in enumerate(found) if f is None]

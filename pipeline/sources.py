@@ -106,6 +106,10 @@ class Source:
     datetime: str = ""
     assets: tuple[str, ...] = ()  # STAC band assets combined into one raster (`url` is the first)
 
+    def size_and_version(self) -> dict[str, Any]:
+        """What an output records of the file to tell, at a later run, that it changed (`Output.read_sources`)."""
+        return {"size": self.size, "version": None if self.version is None else str(self.version)}
+
 
 def _source(fs, name: str, info: dict, original: str) -> Source:
     """A Source from one listing entry; remote names get their protocol back, local ones stay paths."""
