@@ -123,6 +123,34 @@ class _BatchSize(click.ParamType):
 
 _BATCH = _BatchSize()
 
+
+class _Duration(click.ParamType):
+    """Seconds, or a number with a unit: 90s, 10m, 2h, 1d."""
+
+    name = "DURATION"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = self._UNITS.get(text[-1:], None)
+        try:
+            seconds = float(text[:-1] if unit else text) * (unit or 1)
+        except ValueError:
+            seconds = -1
+        if not seconds >= 0:
+            self.fail(f"{value!r} is not a duration (seconds, or a number with s, m, h or d: 10m)", param, ctx)
+        return seconds
+
+
+def _age(seconds: float) -> str:
+    """A duration as `--min-age` takes it, in its largest whole unit: 600 -> 10m."""
+    for unit, n in sorted(_Duration._UNITS.items(), key=lambda u: -u[1]):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:g}{unit}"
+    return f"{seconds:g}s"
+
 format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                              show_default=True, help="Output format.")
 
@@ -189,9 +217,13 @@ def _print_summary(doc: dict) -> None:
         + (f"; {doc['skipped_frames']} frames already written were skipped" if doc.get("skipped_frames") else "")
         + ")"
     )
-    if doc.get("nothing_new"):
+    if doc.get("nothing_new") and doc.get("inputs") == 0:
+        click.echo("nothing to do yet: every input was left for a later run (Ray not started)")
+    elif doc.get("nothing_new"):
         click.echo("nothing new: every input was planned and written by earlier runs (unchanged since; no probe, "
                    "Ray not started)")
+    if doc.get("not_settled"):
+        click.echo("waiting: " + _not_settled_line(doc["not_settled"]))
     if doc.get("frames_outside_plan"):
         click.echo(f"of them, {doc['frames_outside_plan']} frames are outside this run's plan of "
                    f"{doc.get('planned_frames')} (the frames fpn status counts): earlier runs' of other inputs, of "
@@ -230,6 +262,13 @@ def _print_summary(doc: dict) -> None:
     if doc.get("errors"):
         click.echo(f"errors: fpn query {out} \"SELECT source, stage, error_type, message FROM errors\"{flags}")
     click.echo(f"query it: fpn query {out} \"SELECT count(*) FROM detections\"{flags}")
+
+
+def _not_settled_line(left: dict) -> str:
+    """What a run left for a later one (`_job.json` not_settled)."""
+    n, first = left["sources"], left["first"]
+    return (f"{n} input(s) written within the last {_age(left['min_age_s'])} (--min-age), left for a later run: "
+            + ", ".join(first[:3]) + (", ..." if n > 3 else ""))
 
 
 def _reading_flags(spec: dict) -> str:
@@ -346,6 +385,8 @@ def _run_and_exit(plan, **kwargs) -> None:
               "Models).")
 @click.option("--decode-timeout", "decode_timeout_s", type=float,
               help="Seconds to wait for the next decoded batch before a decoder counts as hung.  [default: 300]")
+@click.option("--min-age", "min_age_s", type=_Duration(), help="Leave inputs written less than this long ago (files a "
+              "camera or an upload is still writing) for a later run: 90s, 10m, 2h.  [default: 0, read them all]")
 @click.option("--replace-changed", is_flag=True, default=None,
               help="A source changed since a run wrote frames of it (size, ETag or mtime): remove its old frames "
                    "and process it again.  [default: an error row (SourceChanged); its old frames stay]")
@@ -366,7 +407,8 @@ def _run_and_exit(plan, **kwargs) -> None:
 def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, start_s, end_s, keyframes, tile,
         tile_overlap, no_tile, score_thresh, scale, segment_frames, num_detectors, max_detectors, gpus_per_detector,
         cpus_per_detector, calls_per_detector, precision, compile_model, video_backend, decode_timeout_s,
-        replace_changed, endpoint_url, profile, anon, bands, stretch, gsd, no_resample, aoi, address, job_id):
+        min_age_s, replace_changed, endpoint_url, profile, anon, bands, stretch, gsd, no_resample, aoi, address,
+        job_id):
     """Detect objects in images, videos and rasters; one Parquet row per sampled frame.
 
     INPUTS are files, directories, globs, s3:// or other fsspec URLs, manifests (.txt: one URI a line, relative
@@ -379,6 +421,7 @@ def run(inputs, output, model, batch_size, min_rows_per_file, every_n, fps, star
     flags = _run_flags(output=output, model=model, batch_size=batch_size, score_thresh=score_thresh, scale=scale,
                        min_rows_per_file=min_rows_per_file, segment_frames=segment_frames, video_backend=video_backend,
                        decode_timeout_s=decode_timeout_s, changed_sources="replace" if replace_changed else None,
+                       min_age_s=min_age_s,
                        sampling=dict(every_n=every_n, fps=fps, start_s=start_s, end_s=end_s,
                                      keyframes=keyframes or None),
                        resources=dict(num_detectors=num_detectors, max_detectors=max_detectors,
@@ -571,7 +614,11 @@ def status(target, endpoint_url, profile, anon, address, fmt):
         click.echo(f"errors:   {row.get('errors', 0)}"
                    + (f" ({others} of them earlier runs', about inputs the last run did not read)" if others else ""))
         click.echo(f"eta:      {_fmt_s(row.get('eta_s')) or '-'}")
-        if row.get("nothing_new"):  # its start line would read as a run that did nothing else
+        if row.get("not_settled"):
+            click.echo(f"waiting:  {_not_settled_line(row['not_settled'])}")
+        if row.get("nothing_new") and row.get("inputs") == 0:
+            click.echo("last run: nothing to do yet (every input left for a later run; Ray not started)")
+        elif row.get("nothing_new"):  # its start line would read as a run that did nothing else
             click.echo("last run: nothing new (every input known and written; no probe, Ray not started)")
         elif row.get("startup_s"):
             click.echo(f"start:    {_start_line(row['startup_s'])}")

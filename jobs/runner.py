@@ -34,7 +34,7 @@ from pipeline.plan import (Plan, Planned, Resources, count_planned, count_writte
 from pipeline.raydata import (actor_init_death, environ, one_node_execution, patched, quiet_actor_init_deaths,
                               spend_actor_restart_warning, start_ray_data_helpers)
 from pipeline.sizing import ask_detector_gpu_memory, auto_batch, cluster_nodes, fit, model_input_mpx
-from pipeline.sources import expand_inputs
+from pipeline.sources import expand_inputs, settled
 from pipeline.storage import one_line, redact_text
 
 from .spec import plan_to_dict
@@ -43,6 +43,7 @@ from .watchdog import Watchdog
 __all__ = ["run", "init_ray", "stop_ray", "check_address", "versions"]
 
 log = logging.getLogger(__name__)
+NOT_SETTLED_NAMED = 20  # sources left for a later run (`min_age_s`) that `_job.json` names
 
 
 def versions() -> dict[str, str]:
@@ -472,6 +473,10 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     check_address(address)
     sources = expand_inputs(list(plan.inputs), plan.storage_options, stac_asset=plan.stac_asset,
                             stac_bands=plan.asset_bands, stac_search=plan.stac_search)
+    sources, young = settled(sources, plan.min_age_s)
+    if young:
+        log.warning("%d input(s) written within the last %g s (min_age_s), left for a later run: %s%s", len(young),
+                    plan.min_age_s, ", ".join(s.canonical for s in young[:3]), ", ..." if len(young) > 3 else "")
     check_output_location(plan.output, plan.output_options)
     cfg, _ = read_config(plan.checkpoint)
     model_input = read_input_spec(plan.checkpoint)
@@ -484,7 +489,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     differences = _settings_differ(probe.read_job(missing_ok=True), identity)
     if differences and probe.has_frames():  # before Ray starts too (checked again under the lease)
         raise OutputSettingsError(plan.output, differences)
-    job = _Job(plan, cfg, digest, identity, model_input, raster, job_id, t0, began)
+    job = _Job(plan, cfg, digest, identity, model_input, raster, job_id, t0, began,
+               tuple(s.canonical for s in young))
     if not differences and (doc := _when_written(job, probe, sources)) is not None:
         return doc
     init_ray(address, alongside_ray)
@@ -603,6 +609,7 @@ class _Job:
     job_id: str | None
     t0: float  # time.monotonic() at the start
     began: float  # time.time() at the start
+    young: tuple[str, ...] = ()  # sources written within `plan.min_age_s`: left for a later run
 
     def record(self, plan: Plan, previous: dict[str, Any], lease, out: Output, inputs: int) -> dict[str, Any]:
         """The start of the run's `_job.json` (`plan`: as it runs, with what Ray decided in it once Ray started)."""
@@ -616,6 +623,9 @@ class _Job:
             "versions": versions(), "inputs": inputs, "started_at": _now(), "runs": out.run,
             "lease": {k: lease.record[k] for k in ("owner", "host", "pid")},
         }
+        if self.young:  # the first of them by name; a run over a camera's day may leave one file per camera
+            doc["not_settled"] = {"sources": len(self.young), "min_age_s": plan.min_age_s,
+                                  "first": list(self.young[:NOT_SETTLED_NAMED])}
         if lease.took_over:
             doc["took_over_from"] = {k: lease.took_over.get(k) for k in ("owner", "host", "pid", "heartbeat")}
         return doc
@@ -638,11 +648,12 @@ def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | N
     """The run's record when nothing is left to do: every source known to the output (`pipeline.known`: unchanged
     since an earlier run recorded its units) and every frame they plan written. A rerun over an archive with
     nothing new ends here, with no probe and no Ray: it read the listing, `_sources.parquet` and the frame ids
-    (benchmarks/daily_rerun.py). None: there is work, or a source to probe. That is seen first without the lease
+    (benchmarks/daily_rerun.py); so does a run whose every source was left for a later run (`min_age_s`). None: there
+    is work, or a source to probe. That is seen first without the lease
     (and again under it): a run with work takes the lease once, and one taking it over from a writer that died
     records whom from (`took_over_from`)."""
     plan = job.plan
-    if not sources or (planned := plan_known(plan, job.raster, sources, probe.read_sources())) is None:
+    if not (sources or job.young) or (planned := plan_known(plan, job.raster, sources, probe.read_sources())) is None:
         return None
     if unwritten(plan, planned.units, frozenset(probe.done_ids())):
         return None

@@ -14,6 +14,7 @@ A spec file mirrors the Plan's fields, nested where the Plan nests:
     batch_size: 8                      # or auto: by the GPU memory a detector gets (8 on CPUs)
     min_rows_per_file: 1000            # fewest frames per Parquet file (default: 1/20 of the job, 1 batch..1000)
     changed_sources: replace           # a source changed since its frames were written: error (default) or replace
+    min_age_s: 600                     # leave sources written within 10 minutes (still being written) for later
     score_thresh: 0.3                  # model overrides: score_thresh, scale, detections_per_img
     resources: {num_detectors: 2, gpus_per_detector: 1}
     bands: [4, 3, 2]                   # rasters: bands in the model's channel order

@@ -580,6 +580,8 @@ class Output:
         return {"state": state, "frames_done": written, "frames_planned": planned, "errors": errors,
                 "frames_per_s": rate, "eta_s": eta, "runs": doc.get("runs"), "error": doc.get("error"),
                 "startup_s": doc.get("startup_s"), "job_id": doc.get("job_id"), "nothing_new": doc.get("nothing_new"),
+                # sources its last run read, and those it left for a later one (min_age_s)
+                "inputs": doc.get("inputs"), "not_settled": doc.get("not_settled"),
                 # of `errors`, earlier runs' about inputs the last run did not read (its state is of its own)
                 "errors_of_other_inputs": doc.get("errors_of_other_inputs", 0) if state != "running" else 0}
 

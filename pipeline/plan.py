@@ -118,6 +118,9 @@ class Plan:
     # a source changed since a run wrote frames of it (size, ETag or mtime): "error" (a SourceChanged row; its old
     # frames stay) or "replace" (its old frames are removed and the new version processed)
     changed_sources: str = "error"
+    # a source last written less than this many seconds before the run (a file still being written) is left for a
+    # later run (`pipeline.sources.settled`); 0: every source is read
+    min_age_s: float = 0.0
     resources: Resources = Resources()
     model_overrides: dict[str, Any] = field(default_factory=dict, hash=False)
     # rasters (pipeline.raster): bands (1-based) in the model's channel order (None: by band name, else the first
@@ -150,6 +153,8 @@ class Plan:
             raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
         if self.changed_sources not in ("error", "replace"):
             raise ValueError(f"changed_sources must be error or replace, got {self.changed_sources!r}")
+        if not self.min_age_s >= 0:
+            raise ValueError(f"min_age_s must be >= 0 (seconds), got {self.min_age_s}")
         if self.bands is not None:
             object.__setattr__(self, "bands", tuple(self.bands))
             numbers = all(isinstance(b, int) and b >= 1 for b in self.bands)

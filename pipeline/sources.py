@@ -17,17 +17,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .raster import RasterPlan
 from .stac import DEFAULT_ASSET, is_stac, search_assets, stac_assets
-from .storage import canonical_uri, check_endpoint, filesystem, object_version, protocol_of, translate_error
+from .storage import (canonical_uri, check_endpoint, filesystem, object_mtime, object_version, protocol_of,
+                      translate_error)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Source", "WorkUnit", "expand_inputs", "media_kind", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
+__all__ = ["Source", "WorkUnit", "expand_inputs", "settled", "media_kind", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
 
 VIDEO_EXT = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -96,7 +98,8 @@ class Source:
     """One input object: `url` to read it with (a presigned URL keeps its signature), `canonical` its
     identity (`storage.canonical_uri`: frame ids and the `source` column), and `size` (bytes) and
     `version` (ETag on object storage and HTTP, else the modification time) from the same listing,
-    so that a resumed job can tell that a source changed."""
+    so that a resumed job can tell that a source changed; `modified`: when it was last written (epoch seconds,
+    None when the listing does not say), to leave a file still being written for a later run (`settled`)."""
 
     url: str
     canonical: str
@@ -105,6 +108,7 @@ class Source:
     stac_item: str = ""  # a STAC input's item id and datetime (ISO 8601)
     datetime: str = ""
     assets: tuple[str, ...] = ()  # STAC band assets combined into one raster (`url` is the first)
+    modified: float | None = None
 
     def size_and_version(self) -> dict[str, Any]:
         """What an output records of the file to tell, at a later run, that it changed (`Output.read_sources`)."""
@@ -115,7 +119,8 @@ def _source(fs, name: str, info: dict, original: str) -> Source:
     """A Source from one listing entry; remote names get their protocol back, local ones stay paths."""
     url = name if protocol_of(original) == "file" else fs.unstrip_protocol(name)
     size = info.get("size")
-    return Source(url, canonical_uri(url), int(size) if size is not None else None, object_version(info))
+    return Source(url, canonical_uri(url), int(size) if size is not None else None, object_version(info),
+                  modified=object_mtime(info))
 
 
 def _beside(manifest: str, entry: str) -> str:
@@ -176,7 +181,8 @@ def _expand_one(item: str, storage_options: dict | None, stac_asset: str, stac_b
             lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
         return _manifest_sources(item, [_beside(item, ln) for ln in lines], storage_options, stac_asset, stac_bands)
     size = info.get("size")
-    return [Source(_read_url(item), canonical_uri(item), int(size) if size is not None else None, object_version(info))]
+    return [Source(_read_url(item), canonical_uri(item), int(size) if size is not None else None, object_version(info),
+                   modified=object_mtime(info))]
 
 
 def _read_url(item: str) -> str:
@@ -244,3 +250,18 @@ def expand_inputs(inputs: list[str], storage_options: dict | None = None, *,
         src = _stac_source(a)
         by_identity.setdefault(src.canonical, src)
     return [by_identity[k] for k in sorted(by_identity)]
+
+
+def settled(sources: list[Source], min_age_s: float, now: float | None = None) -> tuple[list[Source], list[Source]]:
+    """`sources` split into those last written at least `min_age_s` seconds before `now` (default: this machine's
+    clock) and those written since: a file a camera or an upload is still writing, which a run would read half of
+    and a later run find changed (a SourceChanged row, or its frames replaced). A source whose listing gives no time
+    (a STAC asset, some HTTP servers) counts as settled. On object storage the time is the server's."""
+    if min_age_s <= 0:
+        return sources, []
+    limit = (time.time() if now is None else now) - min_age_s
+    young = [s for s in sources if s.modified is not None and s.modified > limit]
+    if not young:
+        return sources, []
+    left = {s.canonical for s in young}
+    return [s for s in sources if s.canonical not in left], young

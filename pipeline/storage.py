@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import email.utils
 import inspect
 import logging
 import os
@@ -43,7 +44,7 @@ __all__ = [
     "filesystem", "join", "parquet_files", "options_for", "normalize_options", "merge_options",
     "canonical_uri", "redact", "redact_url", "redact_text", "drop_redacted", "translate_error",
     "check_endpoint", "local_copy", "ranged_opener", "open_ranged", "REMOTE_BLOCK",
-    "protocol_of", "object_version", "exception_chain", "first_line", "one_line", "REDACTED",
+    "protocol_of", "object_version", "object_mtime", "exception_chain", "first_line", "one_line", "REDACTED",
 ]
 
 log = logging.getLogger(__name__)
@@ -671,13 +672,38 @@ def _iso(value: Any) -> str | None:
     return str(value)
 
 
+_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "Last-Modified", "updated", "modified", "created")
+
+
+def object_mtime(info: dict[str, Any]) -> float | None:
+    """When an object was last written (epoch seconds) from its fsspec `info`/listing entry: `mtime` of local
+    files, `LastModified` on S3, `updated` on GCS, an HTTP `Last-Modified`; None when the entry does not say."""
+    for key in _MTIME_KEYS:
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, _dt.datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)).timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            when = _dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(str(value))  # an HTTP date
+            except (TypeError, ValueError):
+                continue
+        return (when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc)).timestamp()
+    return None
+
+
 def object_version(info: dict[str, Any]) -> str | None:
     """The version of an object from its fsspec `info`/listing entry, to tell that a source changed:
     its ETag (quotes stripped) on object storage and HTTP, else its modification time (ISO, UTC)."""
     for key in ("ETag", "etag", "generation", "version_id", "VersionId"):
         if info.get(key):
             return str(info[key]).strip('"')
-    for key in ("mtime", "LastModified", "last_modified", "Last-Modified", "updated", "modified", "created"):
+    for key in _MTIME_KEYS:
         if info.get(key) is not None:
             return _iso(info[key])
     return None

@@ -70,6 +70,18 @@ def test_tile_flags_that_contradict_each_other_are_refused(tmp_path):
     assert not (tmp_path / "o").exists()  # --no-tile used to win silently
 
 
+def test_min_age_takes_a_duration_and_refuses_what_is_not_one(tmp_path):
+    from jobs.cli import _age, _Duration
+
+    assert [_Duration().convert(v, None, None) for v in ("90", "90s", "10m", "1.5h", "1d", 30)] == [
+        90, 90, 600, 5400, 86400, 30]
+    assert [_age(s) for s in (90, 600, 5400, 86400, 0.5)] == ["90s", "10m", "90m", "1d", "0.5s"]
+    for bad in ("soon", "-5m", "nan", "10y"):
+        r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", str(tmp_path / "o"), "--min-age", bad])
+        assert r.exit_code == 2 and f"{bad!r} is not a duration" in r.output, (bad, r.output)
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_sampling_flag_replaces_the_specs_other_way_and_nan_is_refused(tmp_path):
     """`fpn run job.yaml --fps 5` over `sampling: {every_n: 10}` failed ("two ways to choose frames") though flags
     override the spec; `--fps nan` processed every frame and wrote a bare NaN into _job.json."""

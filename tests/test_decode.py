@@ -297,6 +297,33 @@ def test_large_image_becomes_raster_windows(tmp_path):
     np.testing.assert_array_equal(b["image"][0], img[224:544, 224:544])
 
 
+def test_sources_written_within_min_age_are_left_for_a_later_run(tmp_path):
+    """A file a camera or an upload is still writing was read in part, and the next run found it changed: with
+    `min_age_s`, a source last written less long ago than that waits, whichever way it was named."""
+    import os
+    import time
+
+    from pipeline.sources import Source, settled
+
+    (tmp_path / "a").mkdir()
+    for name in ("old.png", "new.png"):
+        (tmp_path / "a" / name).write_bytes(b"x")
+    hour_ago = time.time() - 3600
+    os.utime(tmp_path / "a" / "old.png", (hour_ago, hour_ago))
+    (tmp_path / "list.txt").write_text("a/old.png\na/new.png\n")
+    for spelling in ("a", "a/*.png", "list.txt"):
+        found = expand_inputs([str(tmp_path / spelling)])
+        assert [s.modified for s in found] == [os.stat(s.url).st_mtime for s in found], spelling
+        ready, young = settled(found, 600)
+        assert ([s.canonical for s in ready], [s.canonical for s in young]) == (
+            [str(tmp_path / "a" / "old.png")], [str(tmp_path / "a" / "new.png")]), spelling
+    one = expand_inputs([str(tmp_path / "a" / "new.png")])
+    assert settled(one, 600)[0] == [] and settled(one, 0) == (one, [])
+    assert settled(one, 600, now=time.time() + 601) == (one, [])
+    unknown = [Source("https://h/x.png", "https://h/x.png")]  # no time in the listing: read
+    assert settled(unknown, 600) == (unknown, [])
+
+
 def test_expand_inputs_globs_directories_manifests(tmp_path, make_video):
     v = make_video("idx40.mp4", 40, 10.0)
     (tmp_path / "a").mkdir()

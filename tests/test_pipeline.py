@@ -2,6 +2,7 @@
 and detections equal to calling the model directly."""
 import dataclasses
 import json
+import time
 
 import duckdb
 import numpy as np
@@ -323,6 +324,51 @@ def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_
     assert "nothing_new" not in day2 and frames_table(out).num_rows == t.num_rows + 1
     other_cut = job([archive], out, **{**spec, "segment_frames": 16})  # other segments: every source probed
     assert other_cut["inputs_known"] == 0 and len(probed[-1]) == 4 and other_cut["work_units"] == units + 1 - 1
+    assert_exactly_once(frames_table(out))
+
+
+def test_inputs_still_being_written_wait_for_a_later_run(ray_session, tmp_path, monkeypatch, capsys):
+    """A daily run over a folder a camera writes into read the file being written in part; the next day's run found
+    it changed (a SourceChanged row, its frames of the half file kept). With `min_age_s` it waits for a run after
+    it was last written, and the run says so."""
+    import os
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    import jobs.runner
+    from jobs.cli import _print_summary, cli
+
+    null = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    archive.mkdir()
+    for i, name in enumerate(("done.png", "writing.png")):
+        Image.fromarray(np.full((48, 64, 3), i, np.uint8)).save(archive / name)
+    hour_ago = time.time() - 3600
+    os.utime(archive / "done.png", (hour_ago, hour_ago))
+    first = job([archive], out, model=null, min_age_s=600)
+    assert first["state"] == "succeeded"
+    assert frames_table(out).column("source").to_pylist() == [str(archive / "done.png")]
+    assert first["not_settled"] == {"sources": 1, "min_age_s": 600.0, "first": [str(archive / "writing.png")]}
+    _print_summary(first)
+    assert ("waiting: 1 input(s) written within the last 10m (--min-age), left for a later run: "
+            f"{archive / 'writing.png'}") in capsys.readouterr().out
+    status = CliRunner().invoke(cli, ["status", str(out)])
+    assert "left for a later run" in status.output
+
+    real_init = jobs.runner.init_ray
+    monkeypatch.setattr(jobs.runner, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    assert job([archive], out, model=null, min_age_s=600)["nothing_new"]  # the young file is no work of today's
+    fresh = job([archive / "writing.png"], tmp_path / "fresh", model=null, min_age_s=600)  # every input waits
+    assert (fresh["state"], fresh["nothing_new"], fresh["inputs"], fresh["frames"]) == ("succeeded", True, 0, 0)
+    _print_summary(fresh)
+    assert "nothing to do yet: every input was left for a later run" in capsys.readouterr().out
+    monkeypatch.setattr(jobs.runner, "init_ray", real_init)
+
+    os.utime(archive / "writing.png", (hour_ago, hour_ago))  # written out: the next run reads it
+    later = job([archive], out, model=null, min_age_s=600)
+    assert later["state"] == "succeeded" and "not_settled" not in later and later["frames"] == 2
+    assert "left for a later run" not in CliRunner().invoke(cli, ["status", str(out)]).output
     assert_exactly_once(frames_table(out))
 
 

@@ -163,6 +163,21 @@ def test_a_rerun_over_an_unchanged_bucket_asks_for_no_input_object_and_starts_no
     assert counter.take() == (0, 0)
 
 
+def test_an_objects_last_modified_time_decides_whether_it_waits_for_a_later_run(s3):
+    """`min_age_s` on object storage: S3's LastModified (the server's clock) from the listing, the object's info and
+    a manifest's lookups alike."""
+    from pipeline.sources import expand_inputs, settled
+
+    fs, endpoint = s3
+    fs.pipe("test/cam/a.jpg", b"a")
+    fs.pipe("test/list.txt", b"s3://test/cam/a.jpg\n")
+    opts = {"s3": {"endpoint_url": endpoint}}
+    for spelling in ("s3://test/cam/", "s3://test/cam/*.jpg", "s3://test/cam/a.jpg", "s3://test/list.txt"):
+        (src,) = expand_inputs([spelling], opts)
+        assert abs(src.modified - time.time()) < 120, spelling
+        assert settled([src], 3600) == ([], [src]) and settled([src], 3600, now=src.modified + 3601) == ([src], [])
+
+
 def test_a_manifests_remote_entries_are_looked_up_together(counted_s3, monkeypatch):
     """A manifest of objects on S3 asks for them MANIFEST_THREADS at a time (one after the other, 100,000 entries
     took 100,000 round trips before any work), and its Sources are the same, in order, a missing one among them."""
