@@ -29,6 +29,23 @@ def test_models_lists_bundled_checkpoint_as_json():
     assert {"small", "trees", "faster_rcnn_r50_fpn", "fasterrcnn_resnet50_fpn"} <= {x["name"] for x in rows}
 
 
+def test_models_shows_the_recorded_held_out_ap50_and_marks_a_training_figure(tmp_path):
+    """`fpn models` showed the trees checkpoint's AP50 as 0.424: its training's validation figure, on the image that
+    chose the checkpoint; the evaluation recorded in it says 0.3547 over 8 views."""
+    import shutil
+
+    from fpn_model.weights import _rewrite_metadata
+    from fpn_model.zoo import bundled
+    from jobs.cli import _recorded_ap50
+
+    trees = [x for x in json.loads(invoke("models", "--format", "json").output) if x["kind"] == "checkpoint"]
+    assert (trees[0]["AP50"], trees[0]["AP50_sd"], trees[0]["AP50_from"]) == (0.3547, 0.0318, "fpn eval --views 8")
+    assert "0.3547" in invoke("models").output and "0.424" not in invoke("models").output
+    unevaluated = shutil.copy(bundled()["trees"], tmp_path / "t.safetensors")
+    _rewrite_metadata(unevaluated, limits="{}")
+    assert _recorded_ap50(unevaluated) == {"AP50": 0.424, "AP50_from": "training"}
+
+
 @pytest.mark.parametrize("spec,field", [
     ({"inputs": ["x.mp4"], "output": "o", "sampling": {"evry_n": 3}}, "sampling.evry_n"),
     ({"inputs": ["x.mp4"], "output": "o", "batch_size": "big"}, "batch_size"),
