@@ -224,10 +224,10 @@ def _print_summary(doc: dict) -> None:
                    "Ray not started)")
     if doc.get("not_settled"):
         click.echo("waiting: " + _not_settled_line(doc["not_settled"]))
-    if doc.get("frames_outside_plan"):
-        click.echo(f"of them, {doc['frames_outside_plan']} frames are outside this run's plan of "
-                   f"{doc.get('planned_frames')} (the frames fpn status counts): earlier runs' of other inputs, of "
-                   "another sampling, or of sources since changed or gone")
+    if doc.get("frames_outside_plan"):  # "of them" read as of the inputs after "nothing new: every input ..."
+        click.echo(f"of the output's {doc.get('frames', 0)} frames, {doc['frames_outside_plan']} are outside this "
+                   f"run's plan of {doc.get('planned_frames')} (the frames fpn status counts): earlier runs' of other "
+                   "inputs, of another sampling, or of sources since changed or gone")
     if doc.get("errors_of_other_inputs"):
         click.echo(f"of the errors, {doc['errors_of_other_inputs']} are earlier runs' about inputs this run did not "
                    "read (kept; this run's state is of its own inputs)")
@@ -309,23 +309,33 @@ def _ray_data_setup() -> None:
         quiet_ray_data()
 
 
+def _sources_read(sources: int, inputs: int) -> str:
+    """What a run reads, as its first line says it: the sources its inputs name ("2 sources from 1 input": a
+    directory, a glob or a manifest is one input), not the inputs themselves (it said "over 1 input(s)" of a
+    directory of images)."""
+    said = f"{sources} source{'' if sources == 1 else 's'}"
+    return said if sources == inputs else f"{said} from {inputs} input{'' if inputs == 1 else 's'}"
+
+
 def _run_and_exit(plan, **kwargs) -> None:
     """Run a plan (`fpn run`, `fpn resume OUTPUT`), print the summary and exit with the state's code
-    (pipeline.output.EXIT_CODES). The model is read first (a plugin's file run, its class found): a model that
-    cannot be loaded is its one-line error alone, not one under a header and a planning bar of a job that never
-    starts."""
+    (pipeline.output.EXIT_CODES). The model is read first (a plugin's file run, its class found), and the inputs
+    expanded: a model that cannot be loaded, or an input that does not exist, is its one-line error alone, not one
+    under a header and a planning bar of a job that never starts."""
     from fpn_model.weights import read_config
+    from jobs.runner import plan_sources
     from jobs.runner import run as run_plan
     from jobs.runner import stop_ray
     from pipeline.output import EXIT_CODES
 
     read_config(plan.checkpoint)
-    click.echo(f"running {plan.model_id} over {len(plan.inputs)} input(s) -> {plan.output}", err=True)
-
     try:
         try:
+            sources = plan_sources(plan)
+            click.echo(f"running {plan.model_id} over {_sources_read(len(sources), len(plan.inputs))} -> "
+                       f"{plan.output}", err=True)
             with _progress(plan.output, plan.output_options):
-                doc = run_plan(plan, alongside_ray=_ray_data_setup, **kwargs)
+                doc = run_plan(plan, alongside_ray=_ray_data_setup, sources=sources, **kwargs)
         except KeyboardInterrupt:
             from pipeline.output import Output
 

@@ -54,13 +54,23 @@ class RunProgress:
                  file: IO[str] | None = None):
         """`interval_s`: seconds between polls (default 1 on a terminal, 15 into a log file or pipe)."""
         self.out = Output(output, storage_options)
+        self.file = file
         stream = file or sys.stderr
         self.interval_s = interval_s or (1.0 if stream.isatty() else 15.0)
-        self.bar = tqdm(total=None, unit="frame", desc="planning", file=file, smoothing=0, dynamic_ncols=True,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} {bar} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+        self.bar: tqdm | None = None  # drawn at the first poll (`_drawn`)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fpn-progress", daemon=True)
         self._runs_before: int | None = None  # the output's run count as this run starts (None: no record yet)
+
+    def _drawn(self) -> tqdm:
+        """The bar, drawn first at the first poll, not as the run starts: a run refused at once (an output another
+        writer holds, or made with other settings) printed "planning: 0/?" twice above its error, once as it was
+        made and once as it closed."""
+        if self.bar is None:
+            self.bar = tqdm(total=None, unit="frame", desc="planning", file=self.file, smoothing=0,
+                            dynamic_ncols=True, bar_format="{desc}: {n_fmt}/{total_fmt} {bar} "
+                                                           "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+        return self.bar
 
     def update(self, *, final: bool = False) -> None:
         """Poll the output once and redraw (`final`: the run has returned; its record is this run's unless it was
@@ -68,19 +78,22 @@ class RunProgress:
         settings showed "frames: 32/32" above its refusal, as if it had run)."""
         p = self.out.progress()
         if final and p["runs"] == self._runs_before:
+            if self.bar is not None:  # drawn while it was refused (a slow listing): it goes, as no job ran
+                self.bar.leave = False
             return
+        bar = self._drawn()
         done, planned = p["frames_done"], p["frames_planned"]
-        if planned is not None and self.bar.total is None and (final or p["state"] == "running"):
+        if planned is not None and bar.total is None and (final or p["state"] == "running"):
             # this run's plan is known (a record of an earlier run is not running): start the clock here, from
             # what earlier runs already wrote
-            self.bar.reset(total=planned)
-            self.bar.initial = self.bar.n = done
-            self.bar.set_description_str("frames", refresh=False)
-        elif self.bar.total is not None and done > self.bar.n:  # while planning, an earlier run's frames are no rate
-            self.bar.update(done - self.bar.n)
-        self.bar.set_postfix_str(f"{p['errors']} errors", refresh=False)
+            bar.reset(total=planned)
+            bar.initial = bar.n = done
+            bar.set_description_str("frames", refresh=False)
+        elif bar.total is not None and done > bar.n:  # while planning, an earlier run's frames are no rate
+            bar.update(done - bar.n)
+        bar.set_postfix_str(f"{p['errors']} errors", refresh=False)
         if not final:
-            self.bar.refresh()  # at the end, close() draws the last state once
+            bar.refresh()  # at the end, close() draws the last state once
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -104,4 +117,5 @@ class RunProgress:
             self.update(final=True)
         except Exception as e:  # noqa: BLE001
             log.debug("progress poll of %s failed: %s", self.out.url, e)
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()

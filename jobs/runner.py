@@ -40,7 +40,7 @@ from pipeline.storage import one_line, redact_text
 from .spec import plan_to_dict
 from .watchdog import Watchdog
 
-__all__ = ["run", "init_ray", "stop_ray", "check_address", "versions"]
+__all__ = ["run", "plan_sources", "init_ray", "stop_ray", "check_address", "versions"]
 
 log = logging.getLogger(__name__)
 NOT_SETTLED_NAMED = 20  # sources left for a later run (`min_age_s`) that `_job.json` names
@@ -461,18 +461,25 @@ def ask_batch(plan: Plan, cfg, *, calls: int) -> Callable[[], tuple[Plan, dict[s
     return decided
 
 
+def plan_sources(plan: Plan) -> list:
+    """The sources `plan`'s inputs name, what a run reads: a directory's or a glob's files, a manifest's entries,
+    STAC items (pipeline.sources.expand_inputs). Raises on a missing input."""
+    return expand_inputs(list(plan.inputs), plan.storage_options, stac_asset=plan.stac_asset,
+                         stac_bands=plan.asset_bands, stac_search=plan.stac_search)
+
+
 def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
-        alongside_ray: Callable[[], Any] | None = None) -> dict[str, Any]:
+        alongside_ray: Callable[[], Any] | None = None, sources: list | None = None) -> dict[str, Any]:
     """Execute `plan`; returns the summary that `_job.json` also records (its `state` says how it ended).
 
     Raises before any work (nothing written) on a missing input or output bucket, an unreachable Ray address,
     resources the cluster cannot hold (pipeline.sizing.fit), an output held by a live writer (OutputBusyError)
     or written with other settings (OutputSettingsError, a ValueError naming what differs). `alongside_ray`: run
-    while Ray starts (`init_ray`)."""
+    while Ray starts (`init_ray`). `sources`: `plan_sources(plan)`, when the caller has them already (`fpn run`
+    counts them in its first line)."""
     t0, began = time.monotonic(), time.time()
     check_address(address)
-    sources = expand_inputs(list(plan.inputs), plan.storage_options, stac_asset=plan.stac_asset,
-                            stac_bands=plan.asset_bands, stac_search=plan.stac_search)
+    sources = plan_sources(plan) if sources is None else sources
     sources, young = settled(sources, plan.min_age_s)
     if young:
         log.warning("%d input(s) written within the last %g s (min_age_s), left for a later run: %s%s", len(young),

@@ -295,6 +295,46 @@ def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_a_refused_run_counts_the_sources_it_would_read_and_draws_no_planning_bar(tmp_path):
+    """Its first line said "over 1 input(s)" of a directory of two images, and "planning: 0/?" was drawn twice
+    above the refusal of an output made with other settings, as if a job had started."""
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from pipeline.output import FRAME_SCHEMA, Output, frame_id
+
+    (tmp_path / "snaps").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "snaps" / name)
+    out = Output(str(tmp_path / "out"))
+    out.write_frames(pa.Table.from_pylist([{"frame_id": frame_id("/v.mp4", 0), "source": "/v.mp4",
+                                            "source_kind": "video", "frame_index": 0, "num_detections": 0,
+                                            "detections": []}], schema=FRAME_SCHEMA))
+    out.write_job({"state": "succeeded", "runs": 1, "identity": {"model": "another"}})
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "snaps"), "-o", out.url])
+    lines = r.output.splitlines()
+    assert r.exit_code == 1 and len(lines) == 2 and "planning" not in r.output, r.output
+    assert lines[0].startswith("running trees@") and lines[0].endswith(f" over 2 sources from 1 input -> {out.url}")
+    assert lines[1].startswith(f"Error: {out.url} holds frames made with other settings")
+
+
+def test_after_nothing_new_the_frames_outside_the_plan_are_said_as_the_outputs(capsys):
+    """A rerun that found nothing new said "nothing new: every input was planned and written ..." and then "of
+    them, 10 frames are outside this run's plan": of the inputs, it read."""
+    from jobs.cli import _print_summary
+    from jobs.spec import plan_from_dict, plan_to_dict
+
+    spec = plan_to_dict(plan_from_dict({"inputs": ["day/"], "output": "out"}))
+    _print_summary({"state": "succeeded", "wall_s": 0.0, "frames": 21, "skipped_frames": 11, "planned_frames": 11,
+                    "frames_outside_plan": 10, "nothing_new": True, "spec": spec})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("nothing new: every input was planned and written by earlier runs"), lines
+    assert lines[3] == ("of the output's 21 frames, 10 are outside this run's plan of 11 (the frames fpn status "
+                        "counts): earlier runs' of other inputs, of another sampling, or of sources since changed or "
+                        "gone"), lines
+
+
 @pytest.mark.parametrize("flags,reading", [
     (["--endpoint-url", "http://127.0.0.1:9000"], " --endpoint-url http://127.0.0.1:9000"),
     (["--endpoint-url", "http://127.0.0.1:9000", "--profile", "writer"],

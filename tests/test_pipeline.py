@@ -184,8 +184,9 @@ def test_rerun_skips_written_frames_and_never_duplicates(ray_session, make_video
     from jobs.cli import _print_summary  # "20 frames" beside status's 10 / 10: the summary says why
 
     _print_summary(sparse)
-    assert ("of them, 10 frames are outside this run's plan of 10 (the frames fpn status counts): earlier runs' of "
-            "other inputs, of another sampling, or of sources since changed or gone") in capsys.readouterr().out
+    assert ("of the output's 20 frames, 10 are outside this run's plan of 10 (the frames fpn status counts): earlier "
+            "runs' of other inputs, of another sampling, or of sources since changed or gone"
+            ) in capsys.readouterr().out
 
 
 def test_only_units_with_a_frame_to_write_run_again(tmp_path):
