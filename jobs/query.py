@@ -28,7 +28,7 @@ import logging
 import duckdb
 import pyarrow as pa
 
-from pipeline.output import ERROR_SCHEMA, FRAME_SCHEMA, Output
+from pipeline.output import ERROR_SCHEMA, ERRORS_DIR, FRAME_SCHEMA, FRAMES_DIR, Output
 from pipeline.storage import join
 
 __all__ = ["connect", "query"]
@@ -71,7 +71,8 @@ def _scan(con: duckdb.DuckDBPyConnection, pattern: str, found: list[str], schema
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, root: str, out: Output) -> None:
-    con.execute(f"CREATE VIEW frames AS {_scan(con, f'{root}/frames/*.parquet', out.frame_files(), FRAME_SCHEMA)}")
+    frames = _scan(con, f"{root}/{FRAMES_DIR}/*.parquet", out.frame_files(), FRAME_SCHEMA)
+    con.execute(f"CREATE VIEW frames AS {frames}")
     # georeferenced rasters and STAC inputs: map boxes (in the raster's CRS) and the item; outputs written before
     # these columns existed have none
     types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE frames)").fetchall())
@@ -85,20 +86,25 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: str, out: Output) -> Non
                (d.x2 - d.x1) AS box_width, (d.y2 - d.y1) AS box_height
         FROM frames f, unnest(f.detections) AS t(d)
     """)
-    con.execute(f"CREATE VIEW errors AS {_scan(con, f'{root}/errors/*.parquet', out.error_files(), ERROR_SCHEMA)}")
+    errors = _scan(con, f"{root}/{ERRORS_DIR}/*.parquet", out.error_files(), ERROR_SCHEMA)
+    con.execute(f"CREATE VIEW errors AS {errors}")
 
 
-def connect(output: str, storage_options: dict | None = None) -> duckdb.DuckDBPyConnection:
-    """A read-only DuckDB connection with views `frames`, `detections` and `errors` over `output`.
+def connect(output: str | Output, storage_options: dict | None = None) -> duckdb.DuckDBPyConnection:
+    """A read-only DuckDB connection with views `frames`, `detections` and `errors` over `output`: its URL, or
+    the `Output.for_reading` a caller that reads more of it has already (its endpoint checked there, once).
 
     The connection can read files under `output` and nothing else, and cannot change its settings;
     DuckDB itself would still let it write inside `output` (COPY), so SQL from a user goes through
     `query`, which refuses such statements before they run.
     """
-    out = Output.for_reading(output, storage_options)  # an unreachable endpoint at once, not after retries (80 s)
+    if isinstance(output, Output):
+        out, output = output, output.url
+    else:  # an unreachable endpoint at once, not after retries (80 s)
+        out = Output.for_reading(output, storage_options)
     fs, path = out.fs, out.path.rstrip("/")
-    if not fs.exists(join(path, "frames")):
-        raise FileNotFoundError(f"{output}: no frames/ directory (is it an fpn output?)")
+    if not fs.exists(join(path, FRAMES_DIR)):
+        raise FileNotFoundError(f"{output}: no {FRAMES_DIR}/ directory (is it an fpn output?)")
     local = _is_local(fs)
     root = path if local else fs.unstrip_protocol(path)
     con = duckdb.connect()

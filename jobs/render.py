@@ -75,16 +75,14 @@ class Rendered:
     changed: str | None = None  # how the source differs from the version the job read (its boxes are of that)
 
 
-def source_changed(output: str, source: str, storage_options: dict | None = None) -> str | None:
-    """How `source` differs now (size, version) from the version the job that wrote `output` read, or None."""
+def source_changed(out: Output, source: str, storage_options: dict | None = None) -> str | None:
+    """How `source` differs now (size, version) from the version the job that wrote `out` read, or None."""
     from pipeline.sources import expand_inputs
 
-    recorded = Output(output, storage_options).read_sources().get(canonical_uri(source))
+    recorded = out.read_sources().get(canonical_uri(source))
     if not recorded:
         return None
-    now = expand_inputs([source], storage_options)[0]
-    return Output.source_change(recorded, {"size": now.size, "version": None if now.version is None else
-                                           str(now.version)})
+    return Output.source_change(recorded, expand_inputs([source], storage_options)[0].size_and_version())
 
 
 # -- detections ---------------------------------------------------------------------------------------
@@ -166,16 +164,16 @@ def read_video_frames(source: str, indices: list[int], *, storage_options: dict 
         return v.frames(indices)
 
 
-def raster_bands(output: str, source: str, storage_options: dict | None = None) -> list[int] | None:
-    """The bands of raster `source` the job that wrote `output` fed its model, as its record says (None: not
+def raster_bands(out: Output, source: str) -> list[int] | None:
+    """The bands of raster `source` the job that wrote `out` fed its model, as its record says (None: not
     recorded): a picture of what the model saw, not of the file's first three bands (NIR first: false colour)."""
-    job = Output(output, storage_options).read_job(missing_ok=True)
+    job = out.read_job(missing_ok=True)
     return ((job.get("rasters") or {}).get("georeferenced") or {}).get(canonical_uri(source), {}).get("bands")
 
 
-def job_video_backend(output: str, storage_options: dict | None = None) -> str:
-    """The video backend the job that wrote `output` decoded with (decord when it does not say)."""
-    job = Output(output, storage_options).read_job(missing_ok=True)
+def job_video_backend(out: Output) -> str:
+    """The video backend the job that wrote `out` decoded with (decord when it does not say)."""
+    job = out.read_job(missing_ok=True)
     return (job.get("spec") or {}).get("video_backend") or "decord"
 
 
@@ -310,7 +308,8 @@ def render_frame(output: str, source: str, dest: str | Path, *, frame_index: int
     if frame_index is not None and time_s is not None:
         raise ValueError("give a frame index or a time, not both")
     src = canonical_uri(source)
-    with connect(output, storage_options) as con:
+    out = Output.for_reading(output, storage_options)
+    with connect(out) as con:
         kind, width, height = source_kind(con, src, output)
         region = (region or Region(0, 0, width, height)).clip(width, height)
         if kind == "video":
@@ -326,13 +325,13 @@ def render_frame(output: str, source: str, dest: str | Path, *, frame_index: int
         max_side = 4096
     if kind == "video":
         pixels = read_video_frames(source, [index], storage_options=storage_options,
-                                   video_backend=video_backend or job_video_backend(output, storage_options))[0]
+                                   video_backend=video_backend or job_video_backend(out))[0]
         pixels = pixels[region.y:region.y + region.height, region.x:region.x + region.width]
         w, h = _fit(region.width, region.height, max_side)
         picture = Image.fromarray(pixels).resize((w, h)) if (w, h) != (region.width, region.height) else pixels
     else:
         picture = read_pixels(source, kind, region=region, max_side=max_side, storage_options=storage_options,
-                              bands=raster_bands(output, source, storage_options) if kind == "raster" else None)
+                              bands=raster_bands(out, source) if kind == "raster" else None)
     scale = _fit(region.width, region.height, max_side)[0] / region.width
     canvas = draw_boxes(picture, dets, scale=scale, offset=(region.x, region.y))
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
@@ -340,7 +339,7 @@ def render_frame(output: str, source: str, dest: str | Path, *, frame_index: int
         _save_geotiff(canvas, source, kind, region, dest, storage_options)
     else:
         canvas.save(dest)
-    return Rendered(Path(dest), len(dets["score"]), index, pts, changed=source_changed(output, source, storage_options))
+    return Rendered(Path(dest), len(dets["score"]), index, pts, changed=source_changed(out, source, storage_options))
 
 
 def _save_geotiff(canvas: Image.Image, source: str, kind: str, region: Region, dest: str | Path,
@@ -377,7 +376,8 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
     if Path(dest).suffix.lower() != ".mp4":
         raise ValueError(f"{dest}: a clip is written as MP4 (name it .mp4)")
     src = canonical_uri(source)
-    with connect(output, storage_options) as con:
+    out = Output.for_reading(output, storage_options)
+    with connect(out) as con:
         kind, _, _ = source_kind(con, src, output)
         if kind != "video":
             raise ValueError(f"{source} is {'an' if kind == 'image' else 'a'} {kind}: --clip is for videos")
@@ -389,7 +389,7 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
         found = boxes(con, src, frames=keys, min_score=min_score)
     dets = {k: of_frame(found, k) for k in keys}
     drawn = 0
-    backend = video_backend or job_video_backend(output, storage_options)
+    backend = video_backend or job_video_backend(out)
     with read_video(source, storage_options, backend) as v:
         times = v.timestamps(list(range(v.num_frames)))  # a variable rate's own times
         first, stop = (int(np.searchsorted(times, t - 1e-6)) for t in (start_s, end_s))
@@ -414,7 +414,7 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         n = write_video(annotated(), dest, v.fps)
     return Rendered(Path(dest), drawn, first, float(times[first]), frames=n,
-                    changed=source_changed(output, source, storage_options))
+                    changed=source_changed(out, source, storage_options))
 
 
 def write_video(frames: Iterable[np.ndarray], path: str | Path, fps: float, *, codec: str = "libx264",

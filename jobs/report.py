@@ -324,7 +324,7 @@ def build_report(output: str, dest: str | Path = "report.html", *, storage_optio
     job = _job(out, counts)
     video_backend = video_backend or job.pop("video_backend") or "decord"
     rasters = job.pop("rasters")
-    with connect(output, storage_options) as con:
+    with connect(out) as con:
         classes = con.execute(f"SELECT d.label, any_value(d.label_name), count(*) FROM {unnested()} GROUP BY 1 "
                               "ORDER BY 3 DESC, 1").fetchall()
         kinds = dict(con.execute("SELECT source_kind, count(DISTINCT source) FROM frames GROUP BY 1").fetchall())

@@ -80,10 +80,11 @@ SOURCES_SCHEMA = pa.schema([("source", pa.string()), ("size", pa.int64()), ("ver
 
 # files of an output read at once (s3fs's pool holds as many connections: pipeline.storage.filesystem)
 READ_THREADS = 32
+FRAMES_DIR, ERRORS_DIR = "frames", "errors"  # OUTPUT/<name>/*.parquet: the frame rows, the error rows
 JOB_RECORD, LEASE_RECORD = "_job.json", "_lease.json"  # OUTPUT/<name>: the job's record, the writer's lease
 SOURCES_RECORD, LEASE_LOCK, TMP_DIR = "_sources.parquet", "_lease.lock", "_tmp"
 # every name the layout (the module docstring) puts in a local output's directory: one holding others is no output
-OUTPUT_ENTRIES = frozenset({"frames", "errors", JOB_RECORD, SOURCES_RECORD, LEASE_RECORD, LEASE_LOCK, TMP_DIR})
+OUTPUT_ENTRIES = frozenset({FRAMES_DIR, ERRORS_DIR, JOB_RECORD, SOURCES_RECORD, LEASE_RECORD, LEASE_LOCK, TMP_DIR})
 _OBJECT_STORES = {"s3", "gcs", "az", "abfs", "adl", "oss", "r2"}
 
 # Job states, defined once: `_job.json`, the run summary, `fpn status` and `fpn list` all use these.
@@ -126,7 +127,7 @@ def frames_file(ids: list[str]) -> str:
     h = hashlib.sha1()
     for i in sorted(ids):
         h.update(i.encode())
-    return f"frames/part-{h.hexdigest()[:20]}.parquet"
+    return f"{FRAMES_DIR}/part-{h.hexdigest()[:20]}.parquet"
 
 
 def error_row(source: str, stage: str, e: BaseException | str, frame_index: int | None = None,
@@ -169,7 +170,7 @@ def check_output_location(url: str, storage_options: dict[str, Any] | None = Non
             raise ValueError(f"output {url} is a file: an output is a directory (a new one, or an fpn output)")
         entries = set(os.listdir(path)) if fs.isdir(path) else set()
         others = sorted(entries - OUTPUT_ENTRIES)
-        if others and not {JOB_RECORD, "frames"} & entries:  # a folder of images, say: it wrote among them
+        if others and not {JOB_RECORD, FRAMES_DIR} & entries:  # a folder of images, say: it wrote among them
             raise ValueError(f"output {url} is a directory of other files ({len(others)}: "
                              f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): an output is a directory "
                              "of its own (a new one, or an fpn output)")
@@ -307,7 +308,7 @@ class Output:
 
     def write_empty_frames(self, *, with_masks: bool = False) -> None:
         """A zero-row frames file, so readers of an output without frames still find the schema."""
-        self.write_table(frame_schema(with_masks).empty_table(), "frames/part-empty.parquet")
+        self.write_table(frame_schema(with_masks).empty_table(), f"{FRAMES_DIR}/part-empty.parquet")
 
     def write_errors(self, rows: list[dict], key: str) -> None:
         """Error rows of one unit of work in this run, under a name from `key` (a retry rewrites it). Rows of
@@ -315,7 +316,7 @@ class Output:
         if rows:
             table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
             name = f"err-r{self.run:04d}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.parquet"
-            self.write_table(table, f"errors/{name}")
+            self.write_table(table, f"{ERRORS_DIR}/{name}")
 
     def drop_stale_errors(self, read: set[str] | None) -> int:
         """Remove the error rows of runs before this one whose source this run `read` (canonical URIs; None: every
@@ -335,7 +336,7 @@ class Output:
             if not gone:
                 continue
             if kept.num_rows:
-                self.write_table(kept, f"errors/{f.rsplit('/', 1)[-1]}")
+                self.write_table(kept, f"{ERRORS_DIR}/{f.rsplit('/', 1)[-1]}")
             else:
                 self.fs.rm(f)
             dropped += gone
@@ -347,10 +348,10 @@ class Output:
 
     # -- reading --------------------------------------------------------------------------------
     def frame_files(self) -> list[str]:
-        return parquet_files(self.fs, self._p("frames"))
+        return parquet_files(self.fs, self._p(FRAMES_DIR))
 
     def error_files(self) -> list[str]:
-        return parquet_files(self.fs, self._p("errors"))
+        return parquet_files(self.fs, self._p(ERRORS_DIR))
 
     def has_frames(self) -> bool:
         """Whether any frame is written (the footers; an empty frames file holds none)."""
