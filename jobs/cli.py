@@ -260,7 +260,7 @@ def _print_summary(doc: dict) -> None:
         click.echo(f"raster windows all nodata (skipped): {doc['nodata_windows']}")
     flags = _reading_flags(doc["spec"])
     if doc.get("errors"):
-        click.echo(f"errors: fpn query {out} \"SELECT source, stage, error_type, message FROM errors\"{flags}")
+        click.echo(f"errors: {_errors_query(out, flags)}")
     click.echo(f"query it: fpn query {out} \"SELECT count(*) FROM detections\"{flags}")
 
 
@@ -269,6 +269,14 @@ def _not_settled_line(left: dict) -> str:
     n, first = left["sources"], left["first"]
     return (f"{n} input(s) written within the last {_age(left['min_age_s'])} (--min-age), left for a later run: "
             + ", ".join(first[:3]) + (", ..." if n > 3 else ""))
+
+
+def _errors_query(output: str, flags: str) -> str:
+    """The command that lists an output's error rows, as the run summary and `fpn status` print it (`flags`:
+    `_reading_flags`)."""
+    from pipeline.output import ERRORS_QUERY
+
+    return f'fpn query {output} "{ERRORS_QUERY}"{flags}'
 
 
 def _reading_flags(spec: dict) -> str:
@@ -654,7 +662,7 @@ def _frames_line(row: dict, options: dict | None) -> str:
         why = " (the job stopped before them: fpn resume continues it)"
     elif row.get("errors", 0) > row.get("errors_of_other_inputs", 0) and row.get("output"):
         flags = _reading_flags({"output": row["output"], "storage_options": options})
-        why = f' (error rows: fpn query {row["output"]} "SELECT * FROM errors"{flags})'
+        why = f" (error rows: {_errors_query(row['output'], flags)})"
     return f"{done} / {planned} written, {planned - done} not{why}"
 
 

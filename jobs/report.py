@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.decode import check_video_backend
-from pipeline.output import Output
+from pipeline.output import ERRORS_QUERY, Output
 from pipeline.plan import read_scale
 from pipeline.storage import check_file_destination, first_line, redact, redact_text, redact_url, translate_error
 
@@ -351,7 +351,7 @@ def build_report(output: str, dest: str | Path = "report.html", *, storage_optio
             "sizes": _sizes(con, labels, min_score) if counts["detections"] else None,
             "scores": _scores(con, labels) if counts["detections"] else None,
             "charted_classes": len(labels) if len(classes) > len(labels) else None,
-            "errors": _errors(con), "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "errors": _errors(con), "errors_query": ERRORS_QUERY, "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
     html = _TEMPLATE.render(**page)
     dest = Path(dest)
@@ -438,7 +438,7 @@ img { max-width: 100%; }
 {% if errors.rows %}<table id="error-kinds"><tr><th>stage</th><th>type</th><th>rows</th><th>sources</th></tr>
 {% for k in errors.kinds %}<tr><td>{{ k.stage }}</td><td>{{ k.type }}</td><td class="n">{{ k.n }}</td><td class="n">{{ k.sources }}</td></tr>{% endfor %}
 </table>
-{% if errors.groups > errors.rows|length %}<p class="muted">The {{ errors.rows|length }} sources with most error rows, of {{ errors.groups }}; all of them: <code>fpn query {{ job.output }} "SELECT * FROM errors"</code></p>{% endif %}
+{% if errors.groups > errors.rows|length %}<p class="muted">The {{ errors.rows|length }} sources with most error rows, of {{ errors.groups }}; all of them: <code>fpn query {{ job.output }} "{{ errors_query }}"</code></p>{% endif %}
 <table id="errors" class="err"><tr><th>source</th><th>stage</th><th>type</th><th>rows</th><th>message</th></tr>
 {% for e in errors.rows %}<tr><td><code>{{ e.source }}</code>{% if e.frame is not none %} (frame {{ e.frame }}){% endif %}</td><td>{{ e.stage }}</td><td>{{ e.type }}</td><td class="n">{{ e.n }}</td><td>{{ e.message }}</td></tr>
 {% endfor %}</table>

@@ -85,6 +85,8 @@ JOB_RECORD, LEASE_RECORD = "_job.json", "_lease.json"  # OUTPUT/<name>: the job'
 SOURCES_RECORD, LEASE_LOCK, TMP_DIR = "_sources.parquet", "_lease.lock", "_tmp"
 # every name the layout (the module docstring) puts in a local output's directory: one holding others is no output
 OUTPUT_ENTRIES = frozenset({FRAMES_DIR, ERRORS_DIR, JOB_RECORD, SOURCES_RECORD, LEASE_RECORD, LEASE_LOCK, TMP_DIR})
+# the error rows as a person reads them: the query that fpn run's summary, fpn status and fpn report point to
+ERRORS_QUERY = "SELECT source, stage, error_type, message FROM errors"
 _OBJECT_STORES = {"s3", "gcs", "az", "abfs", "adl", "oss", "r2"}
 
 # Job states, defined once: `_job.json`, the run summary, `fpn status` and `fpn list` all use these.

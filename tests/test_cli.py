@@ -220,7 +220,8 @@ def test_status_of_a_finished_job_with_unwritten_frames_says_how_many_and_why_no
          "num_detections": 0, "detections": []} for i in range(4)], schema=FRAME_SCHEMA))
     out.write_errors([error_row("/v.mp4", "decode", "frame 4 cannot be decoded", 4, "UndecodableFrame")], "a")
     out.write_errors([error_row("/w.mp4", "decode", "cannot decode video", None, "ValueError")], "b")
-    to_query = f'(error rows: fpn query {out.url} "SELECT * FROM errors")'
+    # the query the run summary prints, as it prints it (status printed "SELECT * FROM errors")
+    to_query = f'(error rows: fpn query {out.url} "SELECT source, stage, error_type, message FROM errors")'
     cases = [({"state": "finished_with_errors"}, 3, f"4 / 10 written, 6 not {to_query}"),
              ({"state": "failed", "error": "the detector could not start: RuntimeError: no kernel"}, 1,
               "4 / 10 written, 6 not (the job stopped before them: fpn resume continues it)"),
@@ -245,8 +246,8 @@ def test_status_of_a_finished_job_with_unwritten_frames_says_how_many_and_why_no
     none.write_errors([error_row("/v.mp4", "decode", "cannot decode video", None, "ValueError")], "a")
     none.write_job({"state": "failed", "planned_frames": 3})
     r = CliRunner().invoke(cli, ["status", str(none.url)])
-    assert r.exit_code == 1 and (f'frames:   0 / 3 written, 3 not (error rows: fpn query {none.url} "SELECT * FROM '
-                                 'errors")\n') in r.output, r.output
+    assert r.exit_code == 1 and (f'frames:   0 / 3 written, 3 not (error rows: fpn query {none.url} "SELECT source, '
+                                 'stage, error_type, message FROM errors")\n') in r.output, r.output
 
 
 def test_storage_settings_that_cannot_work_are_one_line_naming_what_was_read(tmp_path, monkeypatch, request):
