@@ -13,6 +13,12 @@ come from the source. `fpn report` draws its frame strips and thumbnails with th
 from __future__ import annotations
 
 import bisect
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -31,6 +37,8 @@ from .query import connect
 
 __all__ = ["Region", "Rendered", "render_frame", "render_clip", "write_video", "source_kind", "unnested", "boxes",
            "read_pixels", "read_video_frames", "draw_boxes", "mask_veil", "of_frame", "colour"]
+
+log = logging.getLogger(__name__)
 
 # one colour per class label (matplotlib's tab10, as the report's charts use)
 _PICTURES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")  # what render_frame writes (.tif: GeoTIFF)
@@ -159,9 +167,61 @@ def _video_frame(con, source: str, output: str, frame_index: int | None, time_s:
 # -- pixels ---------------------------------------------------------------------------------------------
 def read_video_frames(source: str, indices: list[int], *, storage_options: dict | None = None,
                       video_backend: str = "decord") -> np.ndarray:
-    """`[N, H, W, 3]` uint8 frames of a video at sorted `indices`, decoded as the pipeline decodes them."""
-    with read_video(source, storage_options, video_backend) as v:
+    """`[N, H, W, 3]` uint8 frames of a video at sorted `indices`, decoded as the pipeline decodes them; a video
+    that cannot be decoded is one line naming it (`_decoding`)."""
+    with _decoding(source), read_video(source, storage_options, video_backend) as v:
         return v.frames(indices)
+
+
+@contextlib.contextmanager
+def _decoding(source: str) -> Iterator[None]:
+    """Around a video decoder's calls for a picture of `source` (`fpn render`, `fpn report`'s strips):
+
+    - what decord and FFmpeg print from C on the process's standard error (fd 2: "[mov,mp4,m4a,3gp,3g2,mj2 @
+      0x...] moov atom not found", "[17:32:52] .../video_reader.cc:83: ERROR opening: ...") stays off the user's
+      terminal, where it stood above the command's own lines, and is logged at debug level (`fpn -vv`); the
+      command's own errors come once fd 2 is back;
+    - the decoders' own errors (decord's "Error reading SRC..." or its C++ checks' text, PyAV's) are one line
+      naming `source` (ValueError): `fpn render` of a damaged video was a traceback, the report's strip showed
+      decord's text. A file gone or forbidden is left as it is (an OSError: "SRC does not exist" once
+      `translate_error` says it).
+
+    One thread at a time: fd 2 is the process's."""
+    try:
+        with _native_stderr_logged(source):
+            yield
+    except Exception as e:
+        if isinstance(e, OSError) or not (isinstance(e, RuntimeError) or type(e).__module__.partition(".")[0] in
+                                          ("decord", "av")):
+            raise
+        raise ValueError(f"{source}: the video cannot be decoded (a damaged or truncated file?)") from e
+
+
+# a line the native decoders print: FFmpeg's "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55b5e578b1c0] moov atom not found",
+# decord's "[17:32:52] /github/workspace/src/video/video_reader.cc:83: ERROR opening: ..."
+_DECODER_LINE = re.compile(r"\[[^]@]+ @ 0x[0-9a-f]+\] |\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+@contextlib.contextmanager
+def _native_stderr_logged(source: str) -> Iterator[None]:
+    """fd 2 into a temporary file while the block runs (`_decoding`); after it, the decoders' lines are logged at
+    debug level and any other line (a Python warning, a log record) is written to the standard error as it was."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as caught:
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines()
+            if theirs := [ln for ln in lines if _DECODER_LINE.match(ln)]:
+                log.debug("%s: the video decoder printed: %s", source, "\n".join(theirs))
+            if ours := [ln for ln in lines if ln.strip() and not _DECODER_LINE.match(ln)]:
+                sys.stderr.write("\n".join(ours) + "\n")
 
 
 def raster_bands(out: Output, source: str) -> list[int] | None:
@@ -390,8 +450,10 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
     dets = {k: of_frame(found, k) for k in keys}
     drawn = 0
     backend = video_backend or job_video_backend(out)
-    with read_video(source, storage_options, backend) as v:
-        times = v.timestamps(list(range(v.num_frames)))  # a variable rate's own times
+    with contextlib.ExitStack() as stack:
+        with _decoding(source):
+            v = stack.enter_context(read_video(source, storage_options, backend))
+            times = v.timestamps(list(range(v.num_frames)))  # a variable rate's own times
         first, stop = (int(np.searchsorted(times, t - 1e-6)) for t in (start_s, end_s))
         if first >= stop:
             raise ValueError(f"--clip {start_s:g} {end_s:g}: no frame of {source} in that range "
@@ -402,7 +464,9 @@ def render_clip(output: str, source: str, dest: str | Path, start_s: float, end_
             held = None  # (processed frame, canvas size, its masks' veil): made once, drawn on every frame it holds
             for i in range(first, stop, chunk):
                 idx = list(range(i, min(stop, i + chunk)))
-                for j, frame in zip(idx, v.frames(idx)):
+                with _decoding(source):
+                    frames = v.frames(idx)
+                for j, frame in zip(idx, frames):
                     k = bisect.bisect_right(keys, j)
                     d = dets[keys[k - 1]] if k else {c: np.empty(0) for c in ("x1", "y1", "x2", "y2", "label")}
                     size = (frame.shape[1], frame.shape[0])

@@ -335,3 +335,39 @@ def test_a_source_changed_since_the_job_read_it_is_said(make_video, tmp_path):
     r = invoke("render", tmp_path / "img", image, tmp_path / "small.png")
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert f"Error: {image} is 50x40 pixels now, smaller than when the job read it: it changed since" in r.output
+
+
+def test_a_video_damaged_since_the_job_is_one_line_naming_it_without_the_decoders_log(make_video, tmp_path, capfd):
+    """`fpn render` of a video cut short since the job (its index gone) was a traceback ending in decord's
+    "RuntimeError: Error reading SRC...", under what decord and FFmpeg print on the standard error from C
+    ("[mov,mp4,m4a,3gp,3g2,mj2 @ 0x...] moov atom not found", "[...] .../video_reader.cc:83: ERROR opening: ...")."""
+    import shutil
+
+    video = tmp_path / "v.mp4"
+    shutil.copy(make_video("render12.mp4", 12, 12.0), video)
+    rows = [_row(canonical_uri(str(video)), "video", i, i / 12.0, 96, 64, dets) for i, dets in VIDEO_BOXES.items()]
+    Output(str(tmp_path / "out")).write_frames(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA))
+    video.write_bytes(video.read_bytes()[:video.stat().st_size // 2])
+    capfd.readouterr()
+    for args in ((tmp_path / "pic.png",), (tmp_path / "clip.mp4", "--clip", 0, 1)):
+        r = invoke("render", tmp_path / "out", video, *args)
+        assert (r.exit_code, r.output) == (1, f"Error: {video}: the video cannot be decoded (a damaged or truncated "
+                                              "file?)\n"), r.output
+    err = capfd.readouterr().err
+    assert "moov atom" not in err and "video_reader" not in err, err
+
+
+def test_only_the_decoders_lines_are_kept_off_the_standard_error_while_they_decode(capfd, caplog):
+    """What decord and FFmpeg print from C goes to the debug log; any other line written on fd 2 meanwhile (a
+    warning of our own, a library's) is still written out."""
+    import logging
+    import os
+
+    from jobs.render import _native_stderr_logged
+
+    with caplog.at_level(logging.DEBUG, logger="jobs.render"), _native_stderr_logged("/v.mp4"):
+        os.write(2, b"[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55b5e578b1c0] moov atom not found\n"
+                    b"[17:32:52] /github/workspace/src/video/video_reader.cc:83: ERROR opening: /v.mp4\n"
+                    b"WARNING pipeline.x: a line of ours\n")
+    assert capfd.readouterr().err == "WARNING pipeline.x: a line of ours\n"
+    assert "moov atom not found" in caplog.text and "video_reader.cc:83" in caplog.text

@@ -144,6 +144,34 @@ def test_a_source_that_cannot_be_drawn_is_said_as_a_plain_cause_naming_it(tmp_pa
         "the old version (process it into a new output)"]), said
 
 
+def test_a_video_damaged_since_the_job_is_a_plain_cause_and_its_decoders_log_stays_off_the_terminal(make_video,
+                                                                                                    tmp_path, capfd):
+    """The strip of a video cut short since the job read "not drawn: Error reading SRC..." (decord's text), and
+    decord and FFmpeg printed "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x...] moov atom not found" and "[...] .../video_reader.cc:83:
+    ERROR opening: ..." on the terminal of `fpn report`."""
+    import shutil
+
+    import pyarrow as pa
+
+    from pipeline.output import FRAME_SCHEMA, Output, frame_id
+    from pipeline.storage import canonical_uri
+
+    video = tmp_path / "v.mp4"
+    shutil.copy(make_video("report12.mp4", 12, 12.0), video)
+    src = canonical_uri(str(video))
+    rows = [{"frame_id": frame_id(src, i), "source": src, "source_kind": "video", "frame_index": i, "pts_s": i / 12,
+             "width": 96, "height": 64, "num_detections": 0, "detections": []} for i in (0, 4, 8)]
+    Output(str(tmp_path / "out")).write_frames(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA))
+    video.write_bytes(video.read_bytes()[:video.stat().st_size // 2])
+    capfd.readouterr()
+    r = invoke("report", tmp_path / "out", "-o", tmp_path / "r.html")
+    assert r.exit_code == 0, r.output
+    said = re.findall(r"not drawn: ([^<]*)</p>", (tmp_path / "r.html").read_text())
+    assert said == [f"{video}: the video cannot be decoded (a damaged or truncated file?)"], said
+    err = capfd.readouterr().err
+    assert "moov atom" not in err and "video_reader" not in err, err
+
+
 def test_progress_bar_counts_what_the_output_holds(tmp_path):
     """The bar reads the output as `fpn status` does: frames written of planned, and error rows."""
     import pyarrow as pa
