@@ -39,6 +39,7 @@ bench: venv
 	$(PY) benchmarks/forward_speed.py
 	$(PY) benchmarks/fold_norms.py
 	$(PY) benchmarks/mask_rle.py
+	$(PY) benchmarks/render_clip.py
 	scripts/loopback-only $(PY) benchmarks/ranged_reads.py
 	scripts/loopback-only $(PY) benchmarks/manifest_lookup.py
 	$(PY) benchmarks/throughput.py

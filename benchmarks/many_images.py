@@ -6,9 +6,10 @@ N small RGB PNGs (160 x 120, noise, in 10 directories) are made once; then `fpn 
 this tree and, with `--before TREE` (another source tree, e.g. a `git worktree` of an older commit), of that one,
 alternating `--repeats` rounds, each a fresh process into a fresh output. Each run's wall time, its own record of
 frames/s and of where its start went (`_job.json` `frames_per_s`, `startup_s`). Writes
-benchmarks/results/many_images.json.
+benchmarks/results/many_images.json with `--before` (the comparison the README quotes), else
+benchmarks/results/many_images_this.json (this tree alone, as `make bench` runs it), or `--out`.
 
-    .venv/bin/python benchmarks/many_images.py [--images 2000] [--repeats 2] [--before /tmp/old]
+    .venv/bin/python benchmarks/many_images.py [--images 2000] [--repeats 2] [--before /tmp/old] [--out FILE]
 """
 from __future__ import annotations
 
@@ -59,7 +60,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--before", type=Path, help="another source tree to run alternately (e.g. a git worktree)")
+    ap.add_argument("--out", type=Path, help="where the JSON goes  [default: results/many_images.json with --before, "
+                    "else results/many_images_this.json]")
     a = ap.parse_args()
+    out = a.out or (RESULTS if a.before else RESULTS.with_name("many_images_this.json"))
     trees = {"this": REPO, **({"before": a.before.resolve()} if a.before else {})}
     runs: dict[str, list[dict]] = {k: [] for k in trees}
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +82,7 @@ def main() -> None:
            "before": str(a.before) if a.before else None,
            "before_code": code_of(a.before) if a.before else None, "cpus": os.cpu_count(),
            "summary": summary, "runs": runs}
-    RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
+    out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
 

@@ -7,9 +7,11 @@ of this tree and, with `--before TREE` (another source tree, e.g. a checkout of 
 alternating `--rounds`: `clip_s` the whole call (the source decoded, the frames drawn, the MP4 encoded),
 `draw_s` the same with the encoder replaced by a loop that only takes the frames, and `decodes` the masks decoded
 (calls of `jobs.render.rle_columns`). Medians; `same_clip`: the two trees' MP4s decode to the same pixels.
-Writes benchmarks/results/render_clip.json.
+Writes benchmarks/results/render_clip.json with `--before` (the comparison the README quotes), else
+benchmarks/results/render_clip_this.json (this tree alone, as `make bench` runs it), or `--out`.
 
     .venv/bin/python benchmarks/render_clip.py [--every 10] [--detections 30] [--rounds 3] [--before /tmp/old]
+        [--out FILE]
 """
 from __future__ import annotations
 
@@ -106,8 +108,10 @@ def main() -> None:
     ap.add_argument("--detections", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--before", type=Path, help="another source tree to run alternately")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, help="where the JSON goes  [default: results/render_clip.json with --before, "
+                    "else results/render_clip_this.json]")
     a = ap.parse_args()
+    out = a.out or (RESULTS if a.before else RESULTS.with_name("render_clip_this.json"))
     trees = {"this": REPO, **({"before": a.before.resolve()} if a.before else {})}
     runs: dict[str, dict[str, list[dict]]] = {k: {"mp4": [], "draw": []} for k in trees}
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +135,7 @@ def main() -> None:
            "detections_per_frame": a.detections, "before": str(a.before) if a.before else None,
            "before_code": code_of(a.before) if a.before else None, "cpus": os.cpu_count(), "same_clip": same,
            "summary": summary, "runs": runs}
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps({**summary, "same_clip": same}, indent=1))
 
 
