@@ -42,6 +42,8 @@ bench: venv
 	$(PY) benchmarks/render_clip.py
 	scripts/loopback-only $(PY) benchmarks/ranged_reads.py
 	scripts/loopback-only $(PY) benchmarks/manifest_lookup.py
+	scripts/loopback-only $(PY) benchmarks/daily_rerun.py
+	$(PY) benchmarks/worker_niceness.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/throughput.py --street --out benchmarks/results/throughput_street.json
 
