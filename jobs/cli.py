@@ -139,7 +139,7 @@ class _Duration(click.ParamType):
             seconds = float(text[:-1] if unit else text) * (unit or 1)
         except ValueError:
             seconds = -1
-        if not seconds >= 0:
+        if not 0 <= seconds < float("inf"):
             self.fail(f"{value!r} is not a duration (seconds, or a number with s, m, h or d: 10m)", param, ctx)
         return seconds
 
@@ -266,9 +266,11 @@ def _print_summary(doc: dict) -> None:
 
 def _not_settled_line(left: dict) -> str:
     """What a run left for a later one (`_job.json` not_settled)."""
-    n, first = left["sources"], left["first"]
+    n, first, ahead = left["sources"], left["first"], left.get("dated_ahead")
     return (f"{n} input(s) written within the last {_age(left['min_age_s'])} (--min-age), left for a later run: "
-            + ", ".join(first[:3]) + (", ..." if n > 3 else ""))
+            + ", ".join(first[:3]) + (", ..." if n > 3 else "")
+            + (f"; {ahead} of them dated after this machine's clock (wrong clocks? --min-age 0 reads them)"
+               if ahead else ""))
 
 
 def _errors_query(output: str, flags: str) -> str:

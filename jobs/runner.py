@@ -34,7 +34,7 @@ from pipeline.plan import (Plan, Planned, Resources, count_planned, count_writte
 from pipeline.raydata import (actor_init_death, environ, one_node_execution, patched, quiet_actor_init_deaths,
                               spend_actor_restart_warning, start_ray_data_helpers)
 from pipeline.sizing import ask_detector_gpu_memory, auto_batch, cluster_nodes, fit, model_input_mpx
-from pipeline.sources import expand_inputs, settled
+from pipeline.sources import ahead_of, expand_inputs, settled
 from pipeline.storage import one_line, redact_text
 
 from .spec import plan_to_dict
@@ -480,10 +480,14 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     t0, began = time.monotonic(), time.time()
     check_address(address)
     sources = plan_sources(plan) if sources is None else sources
-    sources, young = settled(sources, plan.min_age_s)
+    sources, young = settled(sources, plan.min_age_s, began)
+    ahead = ahead_of(young, began)
     if young:
         log.warning("%d input(s) written within the last %g s (min_age_s), left for a later run: %s%s", len(young),
                     plan.min_age_s, ", ".join(s.canonical for s in young[:3]), ", ..." if len(young) > 3 else "")
+    if ahead:
+        log.warning("%d of them dated after this machine's clock (%s, %.0f s ahead): wrong clocks? --min-age 0 "
+                    "reads them", len(ahead), ahead[0].canonical, ahead[0].modified - began)
     check_output_location(plan.output, plan.output_options)
     cfg, _ = read_config(plan.checkpoint)
     model_input = read_input_spec(plan.checkpoint)
@@ -497,7 +501,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     if differences and probe.has_frames():  # before Ray starts too (checked again under the lease)
         raise OutputSettingsError(plan.output, differences)
     job = _Job(plan, cfg, digest, identity, model_input, raster, job_id, t0, began,
-               tuple(s.canonical for s in young))
+               tuple(s.canonical for s in young), len(ahead))
     if not differences and (doc := _when_written(job, probe, sources)) is not None:
         return doc
     init_ray(address, alongside_ray)
@@ -617,6 +621,7 @@ class _Job:
     t0: float  # time.monotonic() at the start
     began: float  # time.time() at the start
     young: tuple[str, ...] = ()  # sources written within `plan.min_age_s`: left for a later run
+    ahead: int = 0  # of them, dated after this machine's clock
 
     def record(self, plan: Plan, previous: dict[str, Any], lease, out: Output, inputs: int) -> dict[str, Any]:
         """The start of the run's `_job.json` (`plan`: as it runs, with what Ray decided in it once Ray started)."""
@@ -632,7 +637,7 @@ class _Job:
         }
         if self.young:  # the first of them by name; a run over a camera's day may leave one file per camera
             doc["not_settled"] = {"sources": len(self.young), "min_age_s": plan.min_age_s,
-                                  "first": list(self.young[:NOT_SETTLED_NAMED])}
+                                  "first": list(self.young[:NOT_SETTLED_NAMED]), "dated_ahead": self.ahead}
         if lease.took_over:
             doc["took_over_from"] = {k: lease.took_over.get(k) for k in ("owner", "host", "pid", "heartbeat")}
         return doc

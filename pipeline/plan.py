@@ -153,7 +153,7 @@ class Plan:
             raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
         if self.changed_sources not in ("error", "replace"):
             raise ValueError(f"changed_sources must be error or replace, got {self.changed_sources!r}")
-        if not self.min_age_s >= 0:
+        if not 0 <= self.min_age_s < float("inf"):
             raise ValueError(f"min_age_s must be >= 0 (seconds), got {self.min_age_s}")
         if self.bands is not None:
             object.__setattr__(self, "bands", tuple(self.bands))

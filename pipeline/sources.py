@@ -29,7 +29,7 @@ from .storage import (canonical_uri, check_endpoint, filesystem, object_mtime, o
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Source", "WorkUnit", "expand_inputs", "settled", "media_kind", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
+__all__ = ["Source", "WorkUnit", "expand_inputs", "settled", "ahead_of", "media_kind", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
 
 VIDEO_EXT = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -116,8 +116,14 @@ class Source:
 
 
 def _source(fs, name: str, info: dict, original: str) -> Source:
-    """A Source from one listing entry; remote names get their protocol back, local ones stay paths."""
-    url = name if protocol_of(original) == "file" else fs.unstrip_protocol(name)
+    """A Source from one listing entry; remote names get their protocol back, local ones stay paths. A local
+    symlink is its target's size and time, as when it is named alone: fsspec's listing gives it the target's size
+    but its own mtime, so a link to a file still being written counted as settled (`settled`), and the same file
+    listed in a directory and named alone had two versions (a SourceChanged row for an unchanged file)."""
+    local = protocol_of(original) == "file"
+    if local and info.get("islink"):
+        info = fs.info(name)
+    url = name if local else fs.unstrip_protocol(name)
     size = info.get("size")
     return Source(url, canonical_uri(url), int(size) if size is not None else None, object_version(info),
                   modified=object_mtime(info))
@@ -256,7 +262,8 @@ def settled(sources: list[Source], min_age_s: float, now: float | None = None) -
     """`sources` split into those last written at least `min_age_s` seconds before `now` (default: this machine's
     clock) and those written since: a file a camera or an upload is still writing, which a run would read half of
     and a later run find changed (a SourceChanged row, or its frames replaced). A source whose listing gives no time
-    (a STAC asset, some HTTP servers) counts as settled. On object storage the time is the server's."""
+    (a STAC asset, some HTTP servers) counts as settled. On object storage the time is the server's; one dated after
+    `now` (a clock behind, or a camera's ahead, copied with its times) waits too: `ahead_of` tells them apart."""
     if min_age_s <= 0:
         return sources, []
     limit = (time.time() if now is None else now) - min_age_s
@@ -265,3 +272,8 @@ def settled(sources: list[Source], min_age_s: float, now: float | None = None) -
         return sources, []
     left = {s.canonical for s in young}
     return [s for s in sources if s.canonical not in left], young
+
+
+def ahead_of(sources: list[Source], now: float) -> list[Source]:
+    """Those of `sources` dated after `now`: "written within the last 10m" would not be true of them."""
+    return [s for s in sources if s.modified is not None and s.modified > now]

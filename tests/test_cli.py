@@ -93,7 +93,7 @@ def test_min_age_takes_a_duration_and_refuses_what_is_not_one(tmp_path):
     assert [_Duration().convert(v, None, None) for v in ("90", "90s", "10m", "1.5h", "1d", 30)] == [
         90, 90, 600, 5400, 86400, 30]
     assert [_age(s) for s in (90, 600, 5400, 86400, 0.5)] == ["90s", "10m", "90m", "1d", "0.5s"]
-    for bad in ("soon", "-5m", "nan", "10y"):
+    for bad in ("soon", "-5m", "nan", "10y", "inf", "1e400"):  # infinity was written into _job.json, not JSON
         r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", str(tmp_path / "o"), "--min-age", bad])
         assert r.exit_code == 2 and f"{bad!r} is not a duration" in r.output, (bad, r.output)
     assert not (tmp_path / "o").exists()

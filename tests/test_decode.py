@@ -303,7 +303,7 @@ def test_sources_written_within_min_age_are_left_for_a_later_run(tmp_path):
     import os
     import time
 
-    from pipeline.sources import Source, settled
+    from pipeline.sources import Source, ahead_of, settled
 
     (tmp_path / "a").mkdir()
     for name in ("old.png", "new.png"):
@@ -322,6 +322,19 @@ def test_sources_written_within_min_age_are_left_for_a_later_run(tmp_path):
     assert settled(one, 600, now=time.time() + 601) == (one, [])
     unknown = [Source("https://h/x.png", "https://h/x.png")]  # no time in the listing: read
     assert settled(unknown, 600) == (unknown, [])
+    # a link to a file being written: its target's time and size however it is named (a directory's listing gave
+    # the link's own mtime, so it counted as settled, and another version than the link named alone)
+    os.symlink(tmp_path / "a" / "new.png", tmp_path / "a" / "latest.png")
+    os.utime(tmp_path / "a" / "latest.png", (hour_ago, hour_ago), follow_symlinks=False)
+    listed = {s.canonical: s for s in expand_inputs([str(tmp_path / "a")])}
+    link = listed[str(tmp_path / "a" / "latest.png")]
+    assert link == expand_inputs([str(tmp_path / "a" / "latest.png")])[0]
+    assert link.modified == os.stat(tmp_path / "a" / "new.png").st_mtime and settled([link], 600)[1] == [link]
+    # dated after the clock (a camera's clock ahead, its files copied with their times): waiting, and told apart
+    future = time.time() + 7200
+    os.utime(tmp_path / "a" / "old.png", (future, future))
+    ready, young = settled(expand_inputs([str(tmp_path / "a")]), 600)
+    assert not ready and [s.canonical for s in ahead_of(young, time.time())] == [str(tmp_path / "a" / "old.png")]
 
 
 def test_expand_inputs_globs_directories_manifests(tmp_path, make_video):

@@ -350,7 +350,8 @@ def test_inputs_still_being_written_wait_for_a_later_run(ray_session, tmp_path, 
     first = job([archive], out, model=null, min_age_s=600)
     assert first["state"] == "succeeded"
     assert frames_table(out).column("source").to_pylist() == [str(archive / "done.png")]
-    assert first["not_settled"] == {"sources": 1, "min_age_s": 600.0, "first": [str(archive / "writing.png")]}
+    assert first["not_settled"] == {"sources": 1, "min_age_s": 600.0, "first": [str(archive / "writing.png")],
+                                    "dated_ahead": 0}
     _print_summary(first)
     assert ("waiting: 1 input(s) written within the last 10m (--min-age), left for a later run: "
             f"{archive / 'writing.png'}") in capsys.readouterr().out
@@ -360,10 +361,16 @@ def test_inputs_still_being_written_wait_for_a_later_run(ray_session, tmp_path, 
     real_init = jobs.runner.init_ray
     monkeypatch.setattr(jobs.runner, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
     assert job([archive], out, model=null, min_age_s=600)["nothing_new"]  # the young file is no work of today's
-    fresh = job([archive / "writing.png"], tmp_path / "fresh", model=null, min_age_s=600)  # every input waits
+    ahead = tmp_path / "camera-clock-ahead.png"  # copied with its times from a camera whose clock is 2 h ahead
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(ahead)
+    os.utime(ahead, (time.time() + 7200,) * 2)
+    fresh = job([archive / "writing.png", ahead], tmp_path / "fresh", model=null, min_age_s=600)  # every input waits
     assert (fresh["state"], fresh["nothing_new"], fresh["inputs"], fresh["frames"]) == ("succeeded", True, 0, 0)
+    assert (fresh["not_settled"]["sources"], fresh["not_settled"]["dated_ahead"]) == (2, 1)
     _print_summary(fresh)
-    assert "nothing to do yet: every input was left for a later run" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "nothing to do yet: every input was left for a later run" in said
+    assert "1 of them dated after this machine's clock (wrong clocks? --min-age 0 reads them)" in said
     monkeypatch.setattr(jobs.runner, "init_ray", real_init)
 
     os.utime(archive / "writing.png", (hour_ago, hour_ago))  # written out: the next run reads it
