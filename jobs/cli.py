@@ -217,11 +217,15 @@ def _print_summary(doc: dict) -> None:
         + (f"; {doc['skipped_frames']} frames already written were skipped" if doc.get("skipped_frames") else "")
         + ")"
     )
+    out, flags = doc["spec"]["output"], _reading_flags(doc["spec"])
     if doc.get("nothing_new") and doc.get("inputs") == 0:
         click.echo("nothing to do yet: every input was left for a later run (Ray not started)")
     elif doc.get("nothing_new"):
-        click.echo("nothing new: every input was planned and written by earlier runs (unchanged since; no probe, "
-                   "Ray not started)")
+        click.echo("nothing new: every input was planned and written by earlier runs (unchanged since"
+                   + (", or changed and left as below" if doc.get("changed_left") else "")
+                   + "; no probe, Ray not started)")
+    for line in _changed_lines(doc.get("changed_left"), out, flags):
+        click.echo(line)
     if doc.get("not_settled"):
         click.echo("waiting: " + _not_settled_line(doc["not_settled"]))
     if doc.get("frames_outside_plan"):  # "of them" read as of the inputs after "nothing new: every input ..."
@@ -245,7 +249,6 @@ def _print_summary(doc: dict) -> None:
         click.echo("CPU per frame: " + ", ".join(f"{k} {v:g} ms" for k, v in doc["core_ms_per_frame"].items()))
     if doc.get("startup_s"):
         click.echo("start: " + _start_line(doc["startup_s"]))
-    out = doc["spec"]["output"]
     click.echo(f"output: {out}")
     rasters = doc.get("rasters") or {}
     for src, r in (rasters.get("georeferenced") or {}).items():
@@ -258,7 +261,6 @@ def _print_summary(doc: dict) -> None:
         click.echo(f"{src}: {why}")
     if doc.get("nodata_windows"):
         click.echo(f"raster windows all nodata (skipped): {doc['nodata_windows']}")
-    flags = _reading_flags(doc["spec"])
     if doc.get("errors"):
         click.echo(f"errors: {_errors_query(out, flags)}")
     click.echo(f"query it: fpn query {out} \"SELECT count(*) FROM detections\"{flags}")
@@ -279,6 +281,22 @@ def _errors_query(output: str, flags: str) -> str:
     from pipeline.output import ERRORS_QUERY
 
     return f'fpn query {output} "{ERRORS_QUERY}"{flags}'
+
+
+# changed sources a run left (`changed_left`) that the summary and fpn status name, a line each
+CHANGED_SHOWN = 3
+
+
+def _changed_lines(left: dict[str, str] | None, output: str, flags: str) -> list[str]:
+    """A line for each changed source a run left (jobs.runner._skip_changed: `_job.json`'s `changed_left`, the
+    message of its SourceChanged row, which says how to process it), the first CHANGED_SHOWN; the rest, a query
+    that lists them."""
+    left = left or {}
+    lines = [f"changed, left: {msg}" for msg in list(left.values())[:CHANGED_SHOWN]]
+    if len(left) > CHANGED_SHOWN:
+        lines.append(f"changed, left: {len(left) - CHANGED_SHOWN} more (fpn query {output} \"SELECT source, message "
+                     f"FROM errors WHERE error_type = 'SourceChanged'\"{flags})")
+    return lines
 
 
 def _reading_flags(spec: dict) -> str:
@@ -642,6 +660,10 @@ def status(target, endpoint_url, profile, anon, address, fmt):
             click.echo("last run: nothing new (every input known and written; no probe, Ray not started)")
         elif row.get("startup_s"):
             click.echo(f"start:    {_start_line(row['startup_s'])}")
+        if row.get("output"):
+            flags = _reading_flags({"output": row["output"], "storage_options": options})
+            for line in _changed_lines(row.get("changed_left"), row["output"], flags):
+                click.echo(line)
         if row.get("job_id"):
             click.echo(f"started:  {row.get('start_time')}  ended: {row.get('end_time') or '-'}")
     sys.exit(EXIT_CODES.get(row.get("state") or "", 0))

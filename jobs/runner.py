@@ -27,6 +27,7 @@ import psutil
 from fpn_model.memory import keep_freed_memory_env
 from fpn_model.weights import default_precision, read_config, read_input_spec
 from fpn_model.zoo import model_id
+from pipeline.known import LEFT_FIELDS, left_as_changed, left_at
 from pipeline.output import Output, OutputSettingsError, check_output_location, error_row, final_state
 from pipeline.counter import FrameCounter
 from pipeline.plan import (Plan, Planned, Resources, count_planned, count_written, drop_duplicates, execute,
@@ -541,14 +542,15 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
         try:
             out.write_job(doc)
             read = {s.canonical for s in sources}  # a changed one too: its error row is this run's
-            sources, recorded = _skip_changed(out, sources, replace=plan.changed_sources == "replace")
+            sources, recorded, left = _skip_changed(out, sources, replace=plan.changed_sources == "replace")
+            kept = {src for src in left if recorded[src]["left_run"] != out.run}  # their rows are earlier runs'
             done = frozenset(out.done_ids())
             planned = plan_work(plan, raster, out, sources, recorded)
             if planned.probed:  # what the probes found: a later run plans these sources from the record
                 out.write_sources({**recorded, **{src: {**recorded.get(src, {}), **found}
                                                   for src, found in planned.probed.items()}})
             units = planned.units
-            doc.update(_plan_record(plan, planned, done))
+            doc.update(_plan_record(plan, planned, done, left))
             plan, batch_record = decide_batch()
             if batch_record:
                 doc["spec"] = plan_to_dict(plan)
@@ -576,7 +578,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
             if plan.video_backend == "nvdec" or written["nvdec_frames"]:  # of this run's frames written
                 doc["frames_decoded_on_gpu"] = written["nvdec_frames"]
             # this run re-attempted everything they named of its sources; all of them, when its settings replaced
-            counts, state = _complete(out, doc, None if differences else read, with_masks=with_masks)
+            counts, state = _complete(out, doc, None if differences else read, kept=kept, with_masks=with_masks)
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 state = "interrupted" if lease.lost else "cancelled"
@@ -643,8 +645,9 @@ class _Job:
         return doc
 
 
-def _plan_record(plan: Plan, planned: Planned, done: frozenset[str]) -> dict[str, Any]:
-    """What `_job.json` says of the run's plan (and a line for each source with nothing to read)."""
+def _plan_record(plan: Plan, planned: Planned, done: frozenset[str], left: dict[str, str]) -> dict[str, Any]:
+    """What `_job.json` says of the run's plan (and a line for each source with nothing to read); `left`: the
+    changed sources it leaves, and their error rows' messages (`_skip_changed`)."""
     for src, why in planned.unread.items():
         log.warning("%s: %s", src, why)
     written = count_written(plan, planned.units, done)  # planned, and written by earlier runs
@@ -653,7 +656,8 @@ def _plan_record(plan: Plan, planned: Planned, done: frozenset[str]) -> dict[str
             "rasters": raster_summary(planned.units),  # CRS, GSD and resampling of each; which have pixels only
             "nothing_read": planned.unread,  # sources the aoi or the time range misses, and why
             "work_units": len(planned.units),
-            "inputs_known": planned.known}  # planned from what earlier runs recorded of them, not probed
+            "inputs_known": planned.known,  # planned from what earlier runs recorded of them, not probed
+            "changed_left": left}  # changed since their frames were written, not processed: an error row each
 
 
 def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | None:
@@ -663,9 +667,17 @@ def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | N
     (benchmarks/daily_rerun.py); so does a run whose every source was left for a later run (`min_age_s`). None: there
     is work, or a source to probe. That is seen first without the lease
     (and again under it): a run with work takes the lease once, and one taking it over from a writer that died
-    records whom from (`took_over_from`)."""
+    records whom from (`took_over_from`). A source changed since its frames were written that an earlier run left
+    so, and still at the version it saw, is left again (`_left_changed`): its row, of that run, stays; unless the
+    run replaces changed sources (`_skip_changed`)."""
     plan = job.plan
-    if not (sources or job.young) or (planned := plan_known(plan, job.raster, sources, probe.read_sources())) is None:
+
+    def known(output: Output) -> tuple[Planned | None, dict[str, str]]:
+        recorded = output.read_sources()
+        left = {} if plan.changed_sources == "replace" else _left_changed(sources, recorded)
+        return plan_known(plan, job.raster, [s for s in sources if s.canonical not in left], recorded), left
+
+    if not (sources or job.young) or (planned := known(probe)[0]) is None:
         return None
     if unwritten(plan, planned.units, frozenset(probe.done_ids())):
         return None
@@ -674,33 +686,37 @@ def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | N
         if _settings_differ(previous, job.identity):  # another run replaced them meanwhile
             return None
         out = probe.as_run(previous.get("runs", 0) + 1)
-        planned = plan_known(plan, job.raster, sources, out.read_sources())
+        planned, left = known(out)
         done = frozenset(out.done_ids())
         if planned is None or unwritten(plan, planned.units, done):
             return None
         doc = job.record(plan, previous, lease, out, len(sources))
-        doc.update(_plan_record(plan, planned, done), nothing_new=True, work_units_written_before=len(planned.units),
+        doc.update(_plan_record(plan, planned, done, left), nothing_new=True,
+                   work_units_written_before=len(planned.units),
                    startup_s=_rounded({"before_run": job.began - psutil.Process().create_time(),
                                        "planned": time.time() - job.began}))
         # what a killed writer left: as every run that holds the lease, this one tidies it
         if removed := out.clean_temporary():
             log.info("removed %d temporary files left by killed writers", removed)
         doc["duplicate_rows_removed"] = drop_duplicates(out)["rows_removed"]
-        counts, state = _complete(out, doc, {s.canonical for s in sources}, with_masks=job.cfg.arch == "mask_rcnn")
+        counts, state = _complete(out, doc, {s.canonical for s in sources}, kept=set(left),
+                                  with_masks=job.cfg.arch == "mask_rcnn")
         _ended(out, doc, counts, state, t0=job.t0, new_frames=0)
     return doc
 
 
-def _complete(out: Output, doc: dict[str, Any], read: set[str] | None, *,
+def _complete(out: Output, doc: dict[str, Any], read: set[str] | None, *, kept: set[str],
               with_masks: bool) -> tuple[dict[str, int], str]:
     """The output's counts and the state of a run that went through all its work, having read the sources `read`
-    (None: all, as when its settings replaced an earlier run's): earlier runs' error rows of those are gone."""
-    out.drop_stale_errors(read)
+    (None: all, as when its settings replaced an earlier run's): earlier runs' error rows of those are gone, but of
+    `kept`, changed sources an earlier run left as they still are (its SourceChanged row stays, and is this run's
+    error too: one of its inputs)."""
+    out.drop_stale_errors(None if read is None else read - kept)
     counts = out.counts()
     if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
         out.write_empty_frames(with_masks=with_masks)
     # the state is this run's: an earlier run's error about a source it did not read is kept, and counted
-    doc["errors_of_other_inputs"] = counts["errors"] - out.errors_of_run()
+    doc["errors_of_other_inputs"] = counts["errors"] - out.errors_of_run() - (out.errors_of(kept) if kept else 0)
     return counts, final_state(frames=counts["frames"], errors=counts["errors"] - doc["errors_of_other_inputs"])
 
 
@@ -741,14 +757,19 @@ def _safe_counts(out: Output) -> dict[str, int]:
         return {}
 
 
-def _skip_changed(out: Output, sources: list, *, replace: bool = False) -> tuple[list, dict[str, dict]]:
+def _skip_changed(out: Output, sources: list, *, replace: bool = False) -> tuple[list, dict[str, dict], dict[str, str]]:
     """Sources that changed (size or version) since an earlier run wrote frames of them become error rows: the
-    frames here are of the old version. With `replace`, their frames are removed instead, and they are processed
-    again. Records size and version of each source read afresh (of a replaced one, once its old frames are gone: a
-    run that dies before finds it changed again; what was known of its old version goes). Returns the sources to
-    process, and the record of every source (`Output.read_sources`) as it is now."""
+    frames here are of the old version. Each is recorded as left at the version seen (`pipeline.known.left_at`), so
+    that later runs leave it too without a row of their own (this one's stays) and, with nothing else new, end
+    without Ray (`_when_written`); one that changes again is reported again, one changed back is processed as
+    before. With `replace`, their frames are removed instead (a source left earlier too), and they are processed
+    again. Records size and version of each source read afresh (of a replaced one, once its old frames are gone:
+    a run that dies before finds it changed again; what was known of its old version goes). Returns the sources to
+    process, the record of every source (`Output.read_sources`) as it is now, and the changed sources left, with
+    their rows' messages."""
     recorded = out.read_sources()
-    current = {s.canonical: s.size_and_version() for s in sources}
+    left = {} if replace else _left_changed(sources, recorded)
+    current = {s.canonical: s.size_and_version() for s in sources if s.canonical not in left}
     differs = {src: why for src, cur in current.items()
                if src in recorded and (why := Output.source_change(recorded[src], cur))}
     stale = out.sources_with_frames(set(differs)) if differs else set()
@@ -757,15 +778,29 @@ def _skip_changed(out: Output, sources: list, *, replace: bool = False) -> tuple
         log.warning("%d source(s) changed since earlier runs (%s%s): their %d frames removed, to be processed again",
                     len(stale), ", ".join(sorted(stale)[:3]), ", ..." if len(stale) > 3 else "", dropped)
         stale = set()
+    now = {src: {**recorded[src], **left_at(current[src], out.run)} for src in stale}
     for src in sorted(stale):
-        msg = (f"{src} changed since run {recorded[src].get('first_run')} ({differs[src]}): its frames here are of "
-               "the old version; run with --replace-changed to process it again here, or write to a new output")
-        out.write_errors([error_row(src, "probe", msg, error_type="SourceChanged")], f"changed:{src}")
-    fresh = {src: {**cur, "first_run": out.run} for src, cur in current.items()
-             if (src not in recorded or src in differs) and src not in stale}
-    if fresh:
-        recorded = {**recorded, **fresh}
+        left[src] = _changed_message(src, recorded[src], differs[src])
+        out.write_errors([error_row(src, "probe", left[src], error_type="SourceChanged")], f"changed:{src}")
+    now.update({src: {**cur, "first_run": out.run} for src, cur in current.items()
+                if (src not in recorded or src in differs) and src not in stale})
+    # left earlier, and back at the version its frames are of: no longer left
+    now.update({src: {**recorded[src], **dict.fromkeys(LEFT_FIELDS)} for src in current
+                if src not in now and recorded.get(src, {}).get("left_run") is not None})
+    if now:
+        recorded = {**recorded, **now}
         out.write_sources(recorded)
-    return [s for s in sources if s.canonical not in stale], recorded
+    return [s for s in sources if s.canonical not in left], recorded, left
 
 
+def _left_changed(sources: list, recorded: dict[str, dict]) -> dict[str, str]:
+    """Of `sources`, those an earlier run left as changed and still at the version it saw
+    (`pipeline.known.left_as_changed`), with their error rows' messages."""
+    return {s.canonical: _changed_message(s.canonical, rec, why) for s in sources
+            if (why := left_as_changed(s, rec := recorded.get(s.canonical)))}
+
+
+def _changed_message(src: str, rec: dict[str, Any], why: str) -> str:
+    """The message of the SourceChanged row of `src` (`rec`: its record), and how to process it."""
+    return (f"{src} changed since run {rec.get('first_run')} ({why}): its frames here are of the old version; run "
+            "with --replace-changed to process it again here, or write to a new output")

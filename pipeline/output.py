@@ -4,8 +4,9 @@ counts, the job record and job states. Everything else reads and writes an outpu
     OUTPUT/frames/*.parquet    one row per sampled frame, exactly once (readers glob these)
     OUTPUT/errors/*.parquet    one row per input, segment or frame that failed (latest run's view of them)
     OUTPUT/_job.json           spec (secrets redacted), identity, model, versions, state, counts
-    OUTPUT/_sources.parquet    each source's canonical URI, size and version (ETag/mtime) when first read, and
-                               the work units its probe found (pipeline.known)
+    OUTPUT/_sources.parquet    each source's canonical URI, size and version (ETag/mtime) when first read, the
+                               work units its probe found, and of a changed source left so the size and version
+                               it was seen at (pipeline.known)
     OUTPUT/_lease.json         the single writer's lease: owner, host, pid, heartbeat
     OUTPUT/_lease.lock         what a local output's writers `flock` to take the lease
     OUTPUT/_tmp/               files being written (local outputs); never under frames/ or errors/
@@ -76,7 +77,11 @@ SOURCES_SCHEMA = pa.schema([("source", pa.string()), ("size", pa.int64()), ("ver
                             ("first_run", pa.int32()),
                             # what a probe found in it (pipeline.known): its work units (JSON) or why nothing in it
                             # is read, cut under the settings `probe_key` names; null: not probed yet, or failed
-                            ("probe_key", pa.string()), ("units", pa.string()), ("unread", pa.string())])
+                            ("probe_key", pa.string()), ("units", pa.string()), ("unread", pa.string()),
+                            # a source changed since its frames were written and left so, its SourceChanged row
+                            # written (pipeline.known.LEFT_FIELDS): the size and version it was seen at, that run;
+                            # null: not changed, or processed again
+                            ("left_size", pa.int64()), ("left_version", pa.string()), ("left_run", pa.int32())])
 
 # files of an output read at once (s3fs's pool holds as many connections: pipeline.storage.filesystem)
 READ_THREADS = 32
@@ -348,6 +353,10 @@ class Output:
         """Error rows this run wrote (from the Parquet footers)."""
         return sum(self._rows([f for f in self.error_files() if _error_run(f) == self.run]))
 
+    def errors_of(self, sources: set[str]) -> int:
+        """Error rows, of any run, about `sources` (canonical URIs)."""
+        return sum(self._read_each(lambda f: self._without_sources(f, sources)[1], self.error_files()))
+
     # -- reading --------------------------------------------------------------------------------
     def frame_files(self) -> list[str]:
         return parquet_files(self.fs, self._p(FRAMES_DIR))
@@ -521,8 +530,9 @@ class Output:
         self._put(json.dumps(doc, indent=2, default=str).encode(), JOB_RECORD)
 
     def read_sources(self) -> dict[str, dict]:
-        """{canonical source: {size, version, first_run, probe_key, units, unread}} of the sources earlier runs
-        read (the last three: what a probe found, `pipeline.known`; absent from outputs written before them)."""
+        """{canonical source: {size, version, first_run, probe_key, units, unread, left_size, left_version,
+        left_run}} of the sources earlier runs read (from probe_key: what a probe found, and of a changed source left
+        so when it was seen, `pipeline.known`; absent from outputs written before them)."""
         try:
             data = self._read_small(SOURCES_RECORD)
         except FileNotFoundError:
@@ -585,6 +595,7 @@ class Output:
                 "startup_s": doc.get("startup_s"), "job_id": doc.get("job_id"), "nothing_new": doc.get("nothing_new"),
                 # sources its last run read, and those it left for a later one (min_age_s)
                 "inputs": doc.get("inputs"), "not_settled": doc.get("not_settled"),
+                "changed_left": doc.get("changed_left"),  # changed sources the last run left: an error row each
                 # of `errors`, earlier runs' about inputs the last run did not read (its state is of its own)
                 "errors_of_other_inputs": doc.get("errors_of_other_inputs", 0) if state != "running" else 0}
 

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -536,6 +537,74 @@ def test_a_changed_source_is_processed_again_with_replace_changed(ray_session, m
     record("source video replaced (12 -> 20 frames) before a rerun with --replace-changed",
            "old frames removed, the new version processed; the other source's frames kept", expected=28,
            frames=t, errors=0, exit_code=0)
+
+
+def test_a_changed_source_left_stays_left_and_a_rerun_with_nothing_else_new_starts_no_ray(ray_session, tmp_path,
+                                                                                          monkeypatch):
+    """A changed source left as its SourceChanged row was not recorded so: every later run found it changed again,
+    started Ray (4-7 s a day over an archive with nothing else new) and wrote its row again. Recorded as left at
+    the version seen, a rerun ends without Ray, its row (of the run that saw the change) kept and still this run's
+    error; the summary and fpn status name it and how to process it. Changed again, it is reported again; back at
+    the version its frames are of, processed as before; --replace-changed processes it."""
+    import jobs.runner
+    from PIL import Image
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((48, 64, 3), 60 * i, np.uint8)).save(archive / f"s{i}.png")
+    src, out = archive / "s1.png", tmp_path / "out"
+    null = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"
+    spec = {"inputs": [str(archive)], "output": str(out), "model": null}
+    t1 = src.stat().st_mtime
+
+    def touch(t: float) -> None:  # a local file's version is its mtime
+        os.utime(src, (t, t))
+
+    def error_files() -> list[str]:
+        return sorted(p.name for p in (out / "errors").iterdir())
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    assert run(plan_from_dict(spec))["state"] == "succeeded"
+    touch(t1 + 60)
+    seen = run(plan_from_dict(spec))
+    assert seen["state"] == "finished_with_errors" and list(seen["changed_left"]) == [str(src)]
+    rows = error_files()
+    assert len(rows) == 1 and rows[0].startswith("err-r0002-")
+
+    real_init = jobs.runner.init_ray
+    monkeypatch.setattr(jobs.runner, "init_ray", no_ray)
+    r = invoke("run", archive, "-o", out, "-m", null)
+    assert r.exit_code == 3, r.output
+    assert f"changed, left: {src} changed since run 1" in r.output and "--replace-changed" in r.output
+    again = json.loads((out / "_job.json").read_text())
+    assert again["nothing_new"] and again["runs"] == 3 and again["changed_left"] == seen["changed_left"]
+    assert again["state"] == "finished_with_errors" and (again["errors"], again["errors_of_other_inputs"]) == (1, 0)
+    assert error_files() == rows  # its row stays, once: neither written again nor dropped as stale
+    status = invoke("status", out)
+    assert status.exit_code == 3 and f"changed, left: {src} changed since run 1" in status.output, status.output
+    record("source image touched, then a rerun with nothing else new", "its SourceChanged row kept, once; Ray not "
+           "started", expected=3, frames=frames(out), errors=again["errors"], exit_code=r.exit_code)
+
+    monkeypatch.setattr(jobs.runner, "init_ray", real_init)
+    touch(t1 + 120)  # changed again: reported again, the earlier row gone
+    doc = run(plan_from_dict(spec))
+    assert doc["state"] == "finished_with_errors" and len(errors(out)) == 1
+    assert error_files()[0].startswith("err-r0004-")
+    assert doc["changed_left"] != seen["changed_left"]
+    touch(t1)  # back at the version its frames are of: nothing to do, and no error
+    back = run(plan_from_dict(spec))
+    assert back["state"] == "succeeded" and back["changed_left"] == {} and errors(out) is None
+    touch(t1 + 60)  # the version left at run 2 once more: a change since, reported again
+    assert run(plan_from_dict(spec))["changed_left"] == seen["changed_left"] and len(errors(out)) == 1
+
+    r = invoke("run", archive, "-o", out, "-m", null, "--replace-changed")
+    assert r.exit_code == 0 and errors(out) is None, r.output
+    assert_once(frames(out), 3)
+    monkeypatch.setattr(jobs.runner, "init_ray", no_ray)
+    assert run(plan_from_dict(spec))["state"] == "succeeded"  # processed: known as it is now
 
 
 def test_error_rows_fixed_by_a_resume_disappear(ray_session, make_video, tmp_path):

@@ -223,7 +223,7 @@ def test_only_units_with_a_frame_to_write_run_again(tmp_path):
 def test_a_source_is_planned_from_its_record_only_while_the_file_and_the_settings_are_the_same(tmp_path):
     """`pipeline.known`: an earlier probe's units stand for a source whose size and version are those recorded,
     cut under the same settings; read with the source's URL of now (a presigned one signed afresh)."""
-    from pipeline.known import known_units, probe_key, record
+    from pipeline.known import known_units, left_as_changed, left_at, probe_key, record
     from pipeline.plan import Plan
     from pipeline.raster import RasterSettings
     from pipeline.sources import Source, WorkUnit
@@ -246,6 +246,12 @@ def test_a_source_is_planned_from_its_record_only_while_the_file_and_the_setting
     assert known_units(dataclasses.replace(src, assets=("s3://b/B04.tif",)), rec, key) is None
     missed = {"size": 1000, "version": '"etag1"', **record("the aoi meets none of its 4 windows", key)}
     assert known_units(src, missed, key) == "the aoi meets none of its 4 windows"
+    # a changed source left so (a SourceChanged row): left while at the version seen, never planned from the record
+    left = {**rec, **left_at({"size": 1200, "version": '"etag2"'}, 3)}
+    seen = Source(src.url, src.canonical, 1200, '"etag2"')
+    assert left_as_changed(seen, left) == "size 1000 -> 1200 bytes" and left_as_changed(seen, rec) is None
+    assert left_as_changed(Source(src.url, src.canonical, 1200, '"etag3"'), left) is None  # changed again
+    assert left_as_changed(src, left) is None and known_units(src, left, key) is None  # back: `_skip_changed` first
 
 
 def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_session, make_video, tmp_path,
@@ -313,6 +319,11 @@ def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_
     assert tidy["nothing_new"] and tidy["duplicate_rows_removed"] > 0 and tidy["frames"] == t.num_rows
     assert frames_table(out).sort_by("frame_id").equals(t.sort_by("frame_id"))
     assert not list((out / "_tmp").iterdir())
+    # a record written before it kept changed sources left (pipeline.known.LEFT_FIELDS) reads as it is
+    from pipeline.known import LEFT_FIELDS
+
+    pq.write_table(pq.read_table(out / "_sources.parquet").drop_columns(list(LEFT_FIELDS)), out / "_sources.parquet")
+    assert job([archive], out, **spec)["nothing_new"]
     # the record's units are sampled anew: a time range past the clip's end reads nothing of it, still no probe
     late = job([archive / "clip.mp4"], out, sampling={"start_s": 10.0}, **spec)
     assert "meets none of its 24 frames" in late["nothing_read"][str(archive / "clip.mp4")]
