@@ -299,6 +299,14 @@ def _changed_lines(left: dict[str, str] | None, output: str, flags: str) -> list
     return lines
 
 
+def _work_line(work: dict) -> str:
+    """`fpn status`'s line on the last run that did work (`_job.json`'s `last_work`, of a run with nothing new)."""
+    rate = work.get("frames_per_s")
+    return (f"run {work.get('runs', '?')} ({(work.get('state') or '?').replace('_', ' ')}), ended "
+            f"{work.get('finished_at') or '?'}: {work.get('new_frames', '?')} new frames"
+            + (f", {rate:.2f} frames/s" if rate is not None else ""))
+
+
 def _reading_flags(spec: dict) -> str:
     """The storage flags (`storage_flags`) with which a command reads the output of `spec` as its run wrote it, as
     text to print after a command line: the output's s3 endpoint, profile and anon; the spec's other options
@@ -658,6 +666,8 @@ def status(target, endpoint_url, profile, anon, address, fmt):
             click.echo("last run: nothing to do yet (every input left for a later run; Ray not started)")
         elif row.get("nothing_new"):  # its start line would read as a run that did nothing else
             click.echo("last run: nothing new (every input known and written; no probe, Ray not started)")
+            if row.get("last_work"):
+                click.echo(f"last work: {_work_line(row['last_work'])}")
         elif row.get("startup_s"):
             click.echo(f"start:    {_start_line(row['startup_s'])}")
         if row.get("output"):

@@ -4,7 +4,8 @@ The runner expands the inputs (failing before any work on a missing input or a m
 the output's single-writer lease, refuses an output written with other settings, records the job (state
 `running`), turns sources that changed since an earlier run into error rows, reads the frame ids already
 written so a rerun or resume skips them, executes the Ray Data plan and records the final state (one of
-`pipeline.output.STATES`), whatever happens: SIGINT/SIGTERM end as `cancelled`, any error as `failed`.
+`pipeline.output.STATES`), whatever happens: SIGINT/SIGTERM end as `cancelled`, any error as `failed`. A rerun
+with nothing new records itself without Ray, and carries the figures of the last run that did work (`last_work`).
 """
 from __future__ import annotations
 
@@ -695,6 +696,8 @@ def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | N
                    work_units_written_before=len(planned.units),
                    startup_s=_rounded({"before_run": job.began - psutil.Process().create_time(),
                                        "planned": time.time() - job.began}))
+        if last_work := _last_work(previous):
+            doc["last_work"] = last_work
         # what a killed writer left: as every run that holds the lease, this one tidies it
         if removed := out.clean_temporary():
             log.info("removed %d temporary files left by killed writers", removed)
@@ -703,6 +706,26 @@ def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | N
                                   with_masks=job.cfg.arch == "mask_rcnn")
         _ended(out, doc, counts, state, t0=job.t0, new_frames=0)
     return doc
+
+
+# what `last_work` keeps of the last run that did work: when it ran, what it did, how fast, on what
+_WORK_FIGURES = ("runs", "job_id", "state", "error", "started_at", "finished_at", "wall_s", "new_frames",
+                 "frames_per_s", "planned_frames", "skipped_frames", "inputs", "inputs_known", "work_units",
+                 "work_units_written_before", "resources", "startup_s", "core_ms_per_frame", "min_rows_per_file",
+                 "duplicate_rows_removed", "device_errors", "frames_decoded_on_gpu", "video_backend_note")
+
+
+def _last_work(previous: dict[str, Any]) -> dict[str, Any] | None:
+    """The figures of the last run that did work, for the record of a run with nothing new (`previous`: the record
+    before it): that run's own, or the `last_work` a run with nothing new carried. Without it, one day with nothing
+    new left no trace of how the archive's last work ran (its resources, rate, start)."""
+    if previous.get("nothing_new"):
+        return previous.get("last_work")
+    work = {k: previous[k] for k in _WORK_FIGURES if k in previous}
+    if "new_frames" not in work and "frames" in previous:  # a run that stopped, or recorded before new_frames
+        work["new_frames"] = (previous["frames"] - previous.get("skipped_frames", 0)
+                              - previous.get("frames_outside_plan", 0))
+    return work or None
 
 
 def _complete(out: Output, doc: dict[str, Any], read: set[str] | None, *, kept: set[str],
@@ -724,8 +747,8 @@ def _ended(out: Output, doc: dict[str, Any], counts: dict[str, int], state: str,
            new_frames: int) -> None:
     """Record the end of a run that went through all its work."""
     wall = time.monotonic() - t0
-    doc.update(state=state, wall_s=round(wall, 2), frames_per_s=round(new_frames / wall, 3) if wall else None,
-               finished_at=_now(), **counts)
+    doc.update(state=state, wall_s=round(wall, 2), new_frames=new_frames,
+               frames_per_s=round(new_frames / wall, 3) if wall else None, finished_at=_now(), **counts)
     doc["decoded_per_sampled"] = round(counts["decoded_frames"] / counts["frames"], 3) if counts["frames"] else None
     out.write_job(doc)
 

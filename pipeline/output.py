@@ -596,6 +596,7 @@ class Output:
                 # sources its last run read, and those it left for a later one (min_age_s)
                 "inputs": doc.get("inputs"), "not_settled": doc.get("not_settled"),
                 "changed_left": doc.get("changed_left"),  # changed sources the last run left: an error row each
+                "last_work": doc.get("last_work"),  # of a run with nothing new: the last run that did work
                 # of `errors`, earlier runs' about inputs the last run did not read (its state is of its own)
                 "errors_of_other_inputs": doc.get("errors_of_other_inputs", 0) if state != "running" else 0}
 

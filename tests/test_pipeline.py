@@ -258,7 +258,9 @@ def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_
                                                                            monkeypatch, capsys):
     """A daily run over a growing archive probed every file again, in Ray tasks, and started Ray for them (50 files:
     14.5 s with nothing new): the output records what each probe found (`_sources.parquet`), a rerun probes the new
-    sources alone, and with nothing new it reads the record and the frame ids and ends, Ray never started."""
+    sources alone, and with nothing new it reads the record and the frame ids and ends, Ray never started. Its
+    record keeps the figures of the last run that did work (`last_work`: one day with nothing new lost them), which
+    fpn status shows."""
     import shutil
 
     import jobs.runner
@@ -297,6 +299,11 @@ def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_
     assert (again["planned_frames"], again["skipped_frames"], again["work_units"]) == (t.num_rows, t.num_rows, units)
     assert probed == [["a.png", "big.png", "clip.mp4"]] and frames_table(out).equals(t)
     assert again["rasters"] == first["rasters"]
+    work = again["last_work"]
+    assert (work["runs"], work["state"], work["new_frames"]) == (1, "succeeded", t.num_rows)
+    figures = ("started_at", "finished_at", "wall_s", "frames_per_s", "resources", "startup_s", "core_ms_per_frame",
+               "min_rows_per_file", "work_units")
+    assert {k: work[k] for k in figures} == {k: first[k] for k in figures}
     from jobs.cli import _print_summary
 
     _print_summary(again)
@@ -307,9 +314,12 @@ def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_
 
     status = CliRunner().invoke(cli, ["status", str(out)])
     assert status.exit_code == 0 and "last run: nothing new (every input known and written" in status.output
+    assert (f"last work: run 1 (succeeded), ended {first['finished_at']}: {t.num_rows} new frames, "
+            f"{first['frames_per_s']:.2f} frames/s") in status.output, status.output
     # a time range ending in the clip's first segment: its later segments sample no frame, and need no run
     early = job([archive], out, sampling={"end_s": 0.5}, **spec)
     assert early["nothing_new"] and early["planned_frames"] == 4 + 1 + 4 and early["work_units"] == units
+    assert early["last_work"] == work  # carried by each run with nothing new
     # what a killed writer may leave, a frames file twice and a temporary file, goes as in any run
     first_file = sorted((out / "frames").glob("*.parquet"))[0]
     shutil.copy(first_file, out / "frames" / f"part-again-{first_file.name}")
@@ -336,6 +346,9 @@ def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_
     assert "nothing_new" not in day2 and frames_table(out).num_rows == t.num_rows + 1
     other_cut = job([archive], out, **{**spec, "segment_frames": 16})  # other segments: every source probed
     assert other_cut["inputs_known"] == 0 and len(probed[-1]) == 4 and other_cut["work_units"] == units + 1 - 1
+    later = job([archive], out, **{**spec, "segment_frames": 16})
+    assert later["nothing_new"] and later["last_work"]["runs"] == other_cut["runs"]
+    assert later["last_work"]["new_frames"] == other_cut["new_frames"]
     assert_exactly_once(frames_table(out))
 
 
