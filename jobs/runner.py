@@ -543,6 +543,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
         try:
             out.write_job(doc)
             read = {s.canonical for s in sources}  # a changed one too: its error row is this run's
+            out.recall_errors(read)  # before any error row of this run: a failure recorded is not written again
             sources, recorded, left = _skip_changed(out, sources, replace=plan.changed_sources == "replace")
             kept = {src for src in left if recorded[src]["left_run"] != out.run}  # their rows are earlier runs'
             done = frozenset(out.done_ids())
@@ -731,15 +732,15 @@ def _last_work(previous: dict[str, Any]) -> dict[str, Any] | None:
 def _complete(out: Output, doc: dict[str, Any], read: set[str] | None, *, kept: set[str],
               with_masks: bool) -> tuple[dict[str, int], str]:
     """The output's counts and the state of a run that went through all its work, having read the sources `read`
-    (None: all, as when its settings replaced an earlier run's): earlier runs' error rows of those are gone, but of
-    `kept`, changed sources an earlier run left as they still are (its SourceChanged row stays, and is this run's
-    error too: one of its inputs)."""
-    out.drop_stale_errors(None if read is None else read - kept)
+    (None: all, as when its settings replaced an earlier run's): earlier runs' error rows of those are gone, but
+    for failures it met again (`Output.settle_errors`), and of `kept`, changed sources an earlier run left as they
+    still are (its SourceChanged row stays, and is this run's error too: one of its inputs)."""
+    others = out.settle_errors(None if read is None else read - kept)
+    # the state is this run's: an earlier run's error about a source it did not read is kept, and counted
+    doc["errors_of_other_inputs"] = others - (out.errors_of(kept) if read is not None and kept else 0)
     counts = out.counts()
     if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
         out.write_empty_frames(with_masks=with_masks)
-    # the state is this run's: an earlier run's error about a source it did not read is kept, and counted
-    doc["errors_of_other_inputs"] = counts["errors"] - out.errors_of_run() - (out.errors_of(kept) if kept else 0)
     return counts, final_state(frames=counts["frames"], errors=counts["errors"] - doc["errors_of_other_inputs"])
 
 

@@ -2,7 +2,10 @@
 counts, the job record and job states. Everything else reads and writes an output through this module.
 
     OUTPUT/frames/*.parquet    one row per sampled frame, exactly once (readers glob these)
-    OUTPUT/errors/*.parquet    one row per input, segment or frame that failed (latest run's view of them)
+    OUTPUT/errors/*.parquet    one row per input, segment or frame that failed (latest run's view of them), at
+                               every moment: a run does not write again a failure an earlier run's row records
+    OUTPUT/_recurring/         a run's rows of failures an earlier run's rows record: they replace those rows when
+                               the run completes (`Output.write_errors`, `Output.settle_errors`)
     OUTPUT/_job.json           spec (secrets redacted), identity, model, versions, state, counts
     OUTPUT/_sources.parquet    each source's canonical URI, size and version (ETag/mtime) when first read, the
                                work units its probe found, and of a changed source left so the size and version
@@ -70,9 +73,13 @@ FRAME_SCHEMA = pa.schema([
     ("decoded_frames", pa.int32()),
 ])
 ERROR_SCHEMA = pa.schema([
+    # frame_index: the video frame (or raster window, as `frames` numbers them) a decode or detect error is at; for
+    # a raster's windows that could not be read, the first of them; null for a probe error and an image's decode error
     ("source", pa.string()), ("stage", pa.string()), ("frame_index", pa.int64()),
     ("error_type", pa.string()), ("message", pa.string()),
 ])
+# `_recurring/`'s rows: an error row, and the frame indices of the earlier rows of its source and stage it replaces
+RECURRING_SCHEMA = ERROR_SCHEMA.append(pa.field("replaces", pa.list_(pa.int64())))
 SOURCES_SCHEMA = pa.schema([("source", pa.string()), ("size", pa.int64()), ("version", pa.string()),
                             ("first_run", pa.int32()),
                             # what a probe found in it (pipeline.known): its work units (JSON) or why nothing in it
@@ -87,11 +94,10 @@ SOURCES_SCHEMA = pa.schema([("source", pa.string()), ("size", pa.int64()), ("ver
 READ_THREADS = 32
 FRAMES_DIR, ERRORS_DIR = "frames", "errors"  # OUTPUT/<name>/*.parquet: the frame rows, the error rows
 JOB_RECORD, LEASE_RECORD = "_job.json", "_lease.json"  # OUTPUT/<name>: the job's record, the writer's lease
-SOURCES_RECORD, LEASE_LOCK, TMP_DIR = "_sources.parquet", "_lease.lock", "_tmp"
+SOURCES_RECORD, LEASE_LOCK, TMP_DIR, RECURRING_DIR = "_sources.parquet", "_lease.lock", "_tmp", "_recurring"
 # every name the layout (the module docstring) puts in a local output's directory: one holding others is no output
-OUTPUT_ENTRIES = frozenset({FRAMES_DIR, ERRORS_DIR, JOB_RECORD, SOURCES_RECORD, LEASE_RECORD, LEASE_LOCK, TMP_DIR})
-# the error rows as a person reads them: the query that fpn run's summary, fpn status and fpn report point to
-ERRORS_QUERY = "SELECT source, stage, error_type, message FROM errors"
+OUTPUT_ENTRIES = frozenset({FRAMES_DIR, ERRORS_DIR, JOB_RECORD, SOURCES_RECORD, LEASE_RECORD, LEASE_LOCK, TMP_DIR,
+                            RECURRING_DIR})
 _OBJECT_STORES = {"s3", "gcs", "az", "abfs", "adl", "oss", "r2"}
 
 # Job states, defined once: `_job.json`, the run summary, `fpn status` and `fpn list` all use these.
@@ -203,11 +209,14 @@ def _is_local(url: str) -> bool:
 
 class Output:
     """An output location: `Output(url, storage_options, run=N)` (`run`: the number of the run writing, which
-    names its error files). Picklable (it keeps the URL and options, and makes
+    names its error files). Picklable (it keeps the URL and options, and what `recall_errors` found, and makes
     its filesystem when first used), so Ray tasks and actors write through it too."""
 
-    def __init__(self, url: str, storage_options: dict | None = None, *, run: int = 0):
+    def __init__(self, url: str, storage_options: dict | None = None, *, run: int = 0,
+                 recorded: dict[tuple[str, str], frozenset] | None = None):
         self.url, self.storage_options, self.run = url.rstrip("/") or url, storage_options, run
+        # the frame indices of earlier runs' error rows, by source and stage (`recall_errors`)
+        self.recorded = recorded or {}
         self._fs = None
         self._read: dict[str, _FileSummary] = {}  # frames files read, by path (`_summary`)
 
@@ -220,10 +229,10 @@ class Output:
         return other
 
     def __getstate__(self):
-        return {"url": self.url, "storage_options": self.storage_options, "run": self.run}
+        return {"url": self.url, "storage_options": self.storage_options, "run": self.run, "recorded": self.recorded}
 
     def __setstate__(self, state):
-        self.__init__(state["url"], state["storage_options"], run=state["run"])
+        self.__init__(state["url"], state["storage_options"], run=state["run"], recorded=state.get("recorded"))
 
     @classmethod
     def for_reading(cls, url: str, storage_options: dict | None = None) -> "Output":
@@ -317,41 +326,101 @@ class Output:
         """A zero-row frames file, so readers of an output without frames still find the schema."""
         self.write_table(frame_schema(with_masks).empty_table(), f"{FRAMES_DIR}/part-empty.parquet")
 
-    def write_errors(self, rows: list[dict], key: str) -> None:
-        """Error rows of one unit of work in this run, under a name from `key` (a retry rewrites it). Rows of
-        earlier runs are removed when a run completes, of the sources it read again (`drop_stale_errors`)."""
-        if rows:
-            table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
-            name = f"err-r{self.run:04d}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.parquet"
-            self.write_table(table, f"{ERRORS_DIR}/{name}")
+    def recall_errors(self, sources: set[str]) -> None:
+        """Note which failures earlier runs' error rows record of `sources` (canonical URIs: this run's), before this
+        run writes any error row (`write_errors`). Reads the three columns of every error file of earlier runs."""
+        def read(f: str) -> list[dict]:
+            return self._table(f, ["source", "stage", "frame_index"]).to_pylist()
 
-    def drop_stale_errors(self, read: set[str] | None) -> int:
-        """Remove the error rows of runs before this one whose source this run `read` (canonical URIs; None: every
-        one, as when this run's settings replaced theirs; called when this run went through all its work, so each
-        of those errors still true was written again). Rows of sources this run did not read stay: a daily run over
-        the day's new files removed every older run's errors. A file whose rows all go is removed, one with some
-        left is rewritten with those, under its name (its run's). Returns how many rows went."""
-        dropped = 0
+        recorded: dict[tuple[str, str], set] = {}
+        for rows in self._read_each(read, [f for f in self.error_files() if _error_run(f) < self.run]):
+            for r in rows:
+                if r["source"] in sources:
+                    recorded.setdefault((r["source"], r["stage"]), set()).add(r["frame_index"])
+        self.recorded = {k: frozenset(v) for k, v in recorded.items()}
+
+    def write_errors(self, rows: list[dict], key: str, scopes: list | None = None) -> None:
+        """Error rows of one unit of work in this run, under a name from `key` (a retry rewrites it).
+
+        A failure that an earlier run's row records (`recall_errors`) is not written to `errors/` again: a rerun or
+        `fpn resume` does every unit with a frame to write again, the failed ones among them, and `errors` held each
+        of their failures twice until the run completed, and for good when it was stopped before. That row stands
+        for it meanwhile, so that `errors` holds one row per failure at every moment and after any crash (no object
+        store renames or writes two objects at once: adding one row and removing another cannot be one step). The
+        row goes to `_recurring/` instead, naming the earlier rows it replaces when the run completes
+        (`settle_errors`). An earlier row records a failure of this row's when it is of the same source and stage
+        and its frame index is in `scopes[i]` (the frames of the row's unit of work), or, where that is None, is the
+        row's own (a probe's and an image's: null; a detect error's frame)."""
+        new, again = [], []
+        for row, scope in zip(rows, scopes or [None] * len(rows)):
+            known = self.recorded.get((row["source"], row["stage"]), ())
+            replaces = [i for i in known if (i == row.get("frame_index") if scope is None else i in scope)]
+            if replaces:
+                again.append({**row, "replaces": replaces})
+            else:
+                new.append(row)
+        name = self._error_file(key)
+        if new:
+            self.write_table(pa.Table.from_pylist(new, schema=ERROR_SCHEMA), f"{ERRORS_DIR}/{name}")
+        if again:
+            self.write_table(pa.Table.from_pylist(again, schema=RECURRING_SCHEMA), f"{RECURRING_DIR}/{name}")
+
+    def settle_errors(self, read: set[str] | None) -> int:
+        """Make `errors` this run's view of the failures, once it went through all its work: the rows of runs
+        before it about the sources it `read` (canonical URIs; None: every one, as when this run's settings
+        replaced theirs) go, but for those of failures that happened again, which take their new row in their
+        place (`_recurring/`: `write_errors`). Rows of sources this run did not read stay: a daily run over the
+        day's new files removed every older run's errors. Each earlier file that changes is written again under its
+        name (its run's) with what it keeps, or removed when it keeps nothing: one write each, so no failure is
+        without its row, nor has two, whenever a crash stops this. `_recurring/` is emptied last (what runs that
+        did not complete left there goes too). Returns the rows kept of sources this run did not read."""
+        recurring = self._recurring_files()
+        again: dict[tuple, dict] = {}  # (source, stage, frame index of an earlier row) -> the row replacing it
+        for f in recurring:
+            if _error_run(f) == self.run:
+                for r in self._table(f).to_pylist():
+                    row = {k: r[k] for k in ERROR_SCHEMA.names}
+                    again.update({(r["source"], r["stage"], i): row for i in r["replaces"]})
+        placed: set[int] = set()  # ids of the rows of `again` in a file now
+        others = 0
         for f in self.error_files():
             if _error_run(f) >= self.run:
                 continue
-            if read is None:
-                dropped += self._footer(f).num_rows
-                self.fs.rm(f)
+            kept, changed = [], False
+            for r in self._table(f).to_pylist():
+                if read is not None and r["source"] not in read:
+                    kept.append(r)
+                    others += 1
+                    continue
+                new = again.get((r["source"], r["stage"], r["frame_index"]))
+                if new is not None and id(new) not in placed:  # an earlier row of a failure seen again: its new row
+                    placed.add(id(new))
+                    kept.append(new)
+                    changed = changed or new != r
+                else:
+                    changed = True
+            if not changed:
                 continue
-            kept, gone = self._without_sources(f, read)
-            if not gone:
-                continue
-            if kept.num_rows:
-                self.write_table(kept, f"{ERRORS_DIR}/{f.rsplit('/', 1)[-1]}")
+            if kept:
+                self.write_table(pa.Table.from_pylist(kept, schema=ERROR_SCHEMA),
+                                 f"{ERRORS_DIR}/{f.rsplit('/', 1)[-1]}")
             else:
                 self.fs.rm(f)
-            dropped += gone
-        return dropped
+        # rows whose earlier rows were gone (nothing removes them meanwhile: never lost if something did)
+        left = list({id(r): r for r in again.values() if id(r) not in placed}.values())
+        if left:
+            self.write_table(pa.Table.from_pylist(left, schema=ERROR_SCHEMA),
+                             f"{ERRORS_DIR}/{self._error_file('recurring')}")
+        for f in recurring:
+            self.fs.rm(f)
+        return others
 
-    def errors_of_run(self) -> int:
-        """Error rows this run wrote (from the Parquet footers)."""
-        return sum(self._rows([f for f in self.error_files() if _error_run(f) == self.run]))
+    def _error_file(self, key: str) -> str:
+        """The name of this run's error file of `key` (`_error_run` reads the run back)."""
+        return f"err-r{self.run:04d}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.parquet"
+
+    def _recurring_files(self) -> list[str]:
+        return parquet_files(self.fs, self._p(RECURRING_DIR))
 
     def errors_of(self, sources: set[str]) -> int:
         """Error rows, of any run, about `sources` (canonical URIs)."""
@@ -485,10 +554,17 @@ class Output:
             dropped += gone
         return dropped
 
+    def _table(self, f: str, columns: list[str] | None = None) -> pa.Table:
+        """Parquet file `f` (its `columns`, else all); a corrupt file is one line naming it and the way out."""
+        try:
+            with self.fs.open(f, "rb") as fh:
+                return pq.ParquetFile(fh).read(columns=columns)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same way out
+            raise _corrupt(f, e) from e
+
     def _without_sources(self, f: str, sources: set[str]) -> tuple[pa.Table, int]:
         """The rows of Parquet file `f` whose `source` is none of `sources`, and how many rows are left out."""
-        with self.fs.open(f, "rb") as fh:
-            table = pq.ParquetFile(fh).read()
+        table = self._table(f)
         kept = table.filter(pc.invert(pc.is_in(table.column("source"), pa.array(sorted(sources), pa.string()))))
         return kept, table.num_rows - kept.num_rows
 

@@ -305,7 +305,8 @@ class _Decode:
             yield from self._unit(WorkUnit(**{f: _scalar(batch[f][k]) for f in WorkUnit.__dataclass_fields__}), failed)
         if failed:  # named by the units that failed: a retried block with the same failures rewrites the file
             self.out.write_errors([row for _, row in failed],
-                                  "decode:" + "\n".join(f"{u.source}:{u.start}" for u, _ in failed))
+                                  "decode:" + "\n".join(f"{u.source}:{u.start}" for u, _ in failed),
+                                  scopes=[_scope(u) for u, _ in failed])
 
     def _unit(self, unit: WorkUnit, failed: list[tuple[WorkUnit, dict[str, Any]]]) -> Iterator[dict[str, Any]]:
         # only this unit's written ids go to the child: a resumed job's whole done set would be pickled per unit
@@ -336,11 +337,24 @@ class _Decode:
 
 
 def _failure(unit: WorkUnit, e: BaseException | str, error_type: str) -> dict[str, Any]:
-    """The error row of a unit that could not be decoded."""
-    at = getattr(e, "frame_index", unit.start) if unit.kind == "video" else None  # the frame that failed
+    """The error row of a unit that could not be decoded: at the video frame that failed, or at a raster unit's first
+    window (the id its frame rows have: raster units' rows were all null, and told no unit of a raster from another);
+    an image's holds none."""
+    if unit.kind == "video":
+        at = getattr(e, "frame_index", unit.start)
+    else:
+        at = unit.frame_indices()[0] if unit.kind == "raster" else None
     row = error_row(unit.source, "decode", e, at, error_type=error_type)
     log.warning("decode failed: %s (%s)", row["message"], row["error_type"])
     return row
+
+
+def _scope(unit: WorkUnit) -> range | frozenset[int] | None:
+    """The frame indices an error row of `unit`'s decode can hold (`_failure`): a failure an earlier run's row
+    at one of them records is that row's (`Output.write_errors`). None: an image's, whose rows hold none."""
+    if unit.kind == "video":
+        return range(unit.start, unit.stop)
+    return frozenset(unit.frame_indices()) if unit.kind == "raster" else None
 
 
 def _unit_name(unit: WorkUnit) -> str:

@@ -691,3 +691,166 @@ def test_a_bad_ray_address_fails_in_seconds_with_one_line_and_leaves_nothing_run
     assert "running" not in r.output
     record("unreachable Ray address", "one line naming it, in seconds; no job record left `running`", expected=0,
            written=0, duplicates=0, errors=0, exit_code=1)
+
+
+# -- error rows across runs ---------------------------------------------------------------------------------
+def _failing_inputs(folder: Path) -> None:
+    """One input failing at each stage, and one that does not: an empty image (probe), a JPEG cut after its header
+    (decode), a GeoTIFF cut short (decode, window by window), a video cut short (decode, at a frame), an image the
+    model `fakes.OverscoresBrightFrames` gets wrong (detect)."""
+    import io
+
+    import av
+    import numpy as np
+    import rasterio
+    from PIL import Image
+
+    folder.mkdir()
+    (folder / "empty.png").write_bytes(b"")
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(folder / "good.png")
+    Image.fromarray(np.full((24, 32, 3), 255, np.uint8)).save(folder / "bright.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)).save(buf, "JPEG")
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 3])
+    tif = folder / "cut.tif"
+    with rasterio.open(tif, "w", driver="GTiff", width=400, height=400, count=3, dtype="uint8") as ds:
+        ds.write(np.random.default_rng(0).integers(0, 100, (3, 400, 400), np.uint8))
+    tif.write_bytes(tif.read_bytes()[:150_000])
+    video = folder / "cut.mp4"
+    noise = np.random.default_rng(0).integers(-20, 20, (40, 64, 96, 3))  # frames of some size: the cut falls inside
+    with av.open(str(video), "w", options={"movflags": "faststart"}) as c:
+        st = c.add_stream("libx264", rate=10, options={"x264-params": "keyint=8:min-keyint=8:scenecut=0"})
+        st.height, st.width, st.pix_fmt = 64, 96, "yuv420p"
+        for i in range(40):
+            img = (index_frame(i) + noise[i]).clip(0, 255).astype(np.uint8)
+            for packet in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(packet)
+        for packet in st.encode():
+            c.mux(packet)
+    video.write_bytes(video.read_bytes()[:video.stat().st_size * 6 // 10])
+
+
+def _failures(t) -> list[tuple]:
+    return sorted((r["source"], r["stage"], r["frame_index"] if r["frame_index"] is not None else -1, r["error_type"])
+                  for r in t.to_pylist())
+
+
+def test_a_rerun_stopped_before_its_end_leaves_one_error_row_per_failure(ray_session, tmp_path, monkeypatch):
+    """A rerun (or `fpn resume`) does again every unit of work that has a frame to write, the failed ones among them,
+    and wrote their error rows again: until it went through all its work (it removed the earlier runs' rows then),
+    `errors` held each failure twice, and for good when it was stopped before (Ctrl-C, a kill, a lost node). Here it
+    is stopped just before its end, when everything it does is done: each failure has one row, at each stage."""
+    import fakes
+    import pipeline.plan
+
+    _failing_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    spec = {"inputs": [str(tmp_path / "in")], "output": str(out), "model": fakes.backend(fakes.OverscoresBrightFrames),
+            "raster_window": 200, "raster_margin": 16, "windows_per_unit": 1, "tile": None}
+    first = run(plan_from_dict(spec))
+    failed = _failures(errors(out))
+    assert first["state"] == "finished_with_errors" and first["errors"] == len(failed), first
+    assert {stage for _, stage, _, _ in failed} == {"probe", "decode", "detect"}, failed
+
+    seen = []
+
+    def stopped_at_the_end(o):  # everything written, nothing completed: as a run that is stopped there
+        seen.append(_failures(errors(out)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.plan, "drop_duplicates", stopped_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        run(plan_from_dict(spec))
+    assert json.loads((out / "_job.json").read_text())["state"] == "cancelled"
+    assert seen == [failed]  # while it ran
+    assert _failures(errors(out)) == failed  # and once it had stopped
+    monkeypatch.undo()
+    third = run(plan_from_dict(spec))
+    assert _failures(errors(out)) == failed
+    assert (third["state"], third["errors"], third["errors_of_other_inputs"]) == ("finished_with_errors",
+                                                                                 len(failed), 0), third
+    assert not list((out / "_recurring").glob("*"))  # its rows of the failures met again replaced the earlier ones
+    windows = [f[2] for f in failed if f[0].endswith("cut.tif")]  # each unit's row at its first window, as frames
+    assert len(windows) > 1 and len(set(windows)) == len(windows) and min(windows) >= 0, failed
+    record("rerun of a job with failures at each stage, stopped before its end", "each failure one error row, "
+           "while it ran and after", expected=1, frames=frames(out), errors=len(failed), exit_code=None)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_failure_met_again_keeps_one_row_which_its_run_replaces_as_it_completes(where, tmp_path, request):
+    """How `Output` keeps one row per failure across runs: a run writes to `errors/` only failures no earlier row
+    records; the rows of those it meets again (the same source and stage, an earlier row's frame within the unit that
+    failed) replace the earlier rows, in their files, when it completes; earlier rows of the sources it read that it
+    did not meet again go, those of sources it did not read stay, and rows an older version wrote twice become one."""
+    from pipeline.output import ERROR_SCHEMA, error_row
+
+    if where == "s3":
+        fs, endpoint = request.getfixturevalue("s3")
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+        request.addfinalizer(lambda: os.environ.pop("AWS_ENDPOINT_URL_S3", None))
+        url = "s3://test/errors-again"
+    else:
+        url = str(tmp_path / "out")
+
+    def rows(o):
+        t = pa.concat_tables([pq.read_table(f, filesystem=o.fs) for f in o.error_files()])
+        return sorted((r["source"], r["stage"], r["frame_index"], r["message"]) for r in t.to_pylist())
+
+    first = Output(url, run=1)
+    first.write_errors([error_row("a.png", "probe", "empty file"), error_row("v.mp4", "decode", "frame 5", 5),
+                        error_row("w.jpg", "decode", "truncated")], "block 1")
+    first.write_errors([error_row("other.png", "probe", "empty file")], "block 2")
+    twice = pa.Table.from_pylist([error_row("v.mp4", "decode", "frame 5", 5)], schema=ERROR_SCHEMA)
+    first.write_table(twice, "errors/part-0.parquet")  # a file of a version before run numbers, a row again
+    second = Output(url, run=2)
+    read = {"a.png", "v.mp4", "w.jpg", "c.png"}
+    second.recall_errors(read)
+    second.write_errors([error_row("a.png", "probe", "still empty"), error_row("v.mp4", "decode", "frame 7", 7),
+                         error_row("c.png", "probe", "not an image")], "block 3", scopes=[None, range(0, 10), None])
+    assert rows(second) == [("a.png", "probe", None, "empty file"), ("c.png", "probe", None, "not an image"),
+                            ("other.png", "probe", None, "empty file"), ("v.mp4", "decode", 5, "frame 5"),
+                            ("v.mp4", "decode", 5, "frame 5"), ("w.jpg", "decode", None, "truncated")]
+    assert second.settle_errors(read) == 1  # other.png's row, of a source this run did not read
+    assert rows(second) == [("a.png", "probe", None, "still empty"), ("c.png", "probe", None, "not an image"),
+                            ("other.png", "probe", None, "empty file"), ("v.mp4", "decode", 7, "frame 7")]
+    assert not [f for f in second.error_files() if f.endswith("part-0.parquet")]  # all its rows went
+    assert second.fs.glob(f"{second.path}/_recurring/*") == []
+
+
+def _run_planned(out) -> dict:
+    """The output's run number, and whether that run has planned its work (`_job.json` says how many frames)."""
+    doc = json.loads((out / "_job.json").read_text())
+    return {"runs": doc.get("runs"), "planned": "planned_frames" in doc}
+
+
+def test_a_resume_killed_mid_job_leaves_each_failure_its_one_row(ray_session, make_video, tmp_path):
+    """`fpn resume` SIGKILLed while it decodes, after it probed the sources again (an empty image fails its probe
+    again) and maybe after it decoded the damaged JPEG again: each failure has its row, once; the next resume ends
+    with the same rows."""
+    import fakes
+
+    _failing_inputs(tmp_path / "in")
+    for name in ("cut.tif", "cut.mp4", "bright.png"):  # a probe error and a decode error are enough here
+        (tmp_path / "in" / name).unlink()
+    out = tmp_path / "out"
+    null = f"{REPO / 'benchmarks' / 'null_model.py'}:NullModel"
+    spec = {"inputs": [str(tmp_path / "in")], "output": str(out), "model": null, "decode_timeout_s": 60,
+            "video_backend": fakes.backend(fakes.HangingVideo)}
+    assert run(plan_from_dict(spec))["state"] == "finished_with_errors"
+    failed = _failures(errors(out))
+    assert [stage for _, stage, _, _ in failed] == ["decode", "probe"], failed
+    hang = tmp_path / "in" / "hang.mp4"  # new since: its decode hangs at frame 8, two minutes before a row
+    hang.write_bytes(make_video("hang16.mp4", 16, 8.0).read_bytes())
+    p = fpn_process("resume", out)
+    deadline = time.time() + 300
+    while not {"runs": 2, "planned": True}.items() <= _run_planned(out).items():  # probed, planned: decoding
+        assert p.poll() is None and time.time() < deadline, p.stdout.read() if p.poll() is not None else "waited"
+        time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert _failures(errors(out)) == failed
+    hang.unlink()
+    r = invoke("resume", out)
+    assert r.exit_code == 3 and _failures(errors(out)) == failed, r.output
+    record("`fpn resume` of a job with failures SIGKILLed mid-job, then resumed", "each failure one error row, "
+           "after the kill and after the resume", expected=1, frames=frames(out), errors=len(failed), exit_code=3)
