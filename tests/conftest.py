@@ -30,6 +30,25 @@ def index_frame(i: int, h: int = 64, w: int = 96) -> np.ndarray:
     return img
 
 
+def cut_video(path: Path) -> Path:
+    """A 40-frame H.264 MP4 of noisy `index_frame`s (frames of some size, so the cut falls inside one), its index up
+    front (faststart), cut to 60% of its bytes: a file decoders open and read up to the cut."""
+    import av
+
+    noise = np.random.default_rng(0).integers(-20, 20, (40, 64, 96, 3))
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        st = c.add_stream("libx264", rate=10, options={"x264-params": "keyint=8:min-keyint=8:scenecut=0"})
+        st.height, st.width, st.pix_fmt = 64, 96, "yuv420p"
+        for i in range(40):
+            img = (index_frame(i) + noise[i]).clip(0, 255).astype(np.uint8)
+            for packet in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(packet)
+        for packet in st.encode():
+            c.mux(packet)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size * 6 // 10])
+    return path
+
+
 def read_index(frame: np.ndarray) -> int:
     bar = frame.shape[1] // 8
     return sum(1 << k for k in range(8) if frame[:, k * bar + bar // 4:(k + 1) * bar - bar // 4].mean() > 135)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import index_frame, read_index
+from conftest import cut_video, index_frame, read_index
 from pipeline.decode import PyAVVideo, Sampling, decode_unit, probe, sample_indices
 from pipeline.output import frame_id
 from pipeline.raster import RasterSettings
@@ -190,23 +190,9 @@ def test_a_truncated_video_keeps_the_frames_before_the_damage_and_names_the_firs
     such files whole ("av_read_frame failed"), which PyAV reads up to the cut."""
     import re
 
-    import av
-
     from pipeline.decode import UndecodableFrame
 
-    path = tmp_path / "cut.mp4"
-    noise = np.random.default_rng(0).integers(-20, 20, (40, 64, 96, 3))  # frames of some size: the cut falls inside
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
-        st = c.add_stream("libx264", rate=10, options={"x264-params": "keyint=8:min-keyint=8:scenecut=0"})
-        st.height, st.width, st.pix_fmt = 64, 96, "yuv420p"
-        for i in range(40):
-            img = (index_frame(i) + noise[i]).clip(0, 255).astype(np.uint8)
-            for packet in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(packet)
-        for packet in st.encode():
-            c.mux(packet)
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) * 6 // 10])
+    path = cut_video(tmp_path / "cut.mp4")
     unit = next(iter(plan_units(str(path), str(path), segment_frames=64, raster_pixels=10**8, windows_per_unit=4,
                                 video_backend=backend)))
     assert (unit.start, unit.stop) == (0, 40)  # the index still lists every frame

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import GOP, REPO, SOAP, index_frame
+from conftest import GOP, REPO, SOAP, cut_video, index_frame
 from faulttable import record
 from jobs.cli import cli
 from jobs.runner import run
@@ -700,7 +700,6 @@ def _failing_inputs(folder: Path) -> None:
     model `fakes.OverscoresBrightFrames` gets wrong (detect)."""
     import io
 
-    import av
     import numpy as np
     import rasterio
     from PIL import Image
@@ -716,18 +715,7 @@ def _failing_inputs(folder: Path) -> None:
     with rasterio.open(tif, "w", driver="GTiff", width=400, height=400, count=3, dtype="uint8") as ds:
         ds.write(np.random.default_rng(0).integers(0, 100, (3, 400, 400), np.uint8))
     tif.write_bytes(tif.read_bytes()[:150_000])
-    video = folder / "cut.mp4"
-    noise = np.random.default_rng(0).integers(-20, 20, (40, 64, 96, 3))  # frames of some size: the cut falls inside
-    with av.open(str(video), "w", options={"movflags": "faststart"}) as c:
-        st = c.add_stream("libx264", rate=10, options={"x264-params": "keyint=8:min-keyint=8:scenecut=0"})
-        st.height, st.width, st.pix_fmt = 64, 96, "yuv420p"
-        for i in range(40):
-            img = (index_frame(i) + noise[i]).clip(0, 255).astype(np.uint8)
-            for packet in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(packet)
-        for packet in st.encode():
-            c.mux(packet)
-    video.write_bytes(video.read_bytes()[:video.stat().st_size * 6 // 10])
+    cut_video(folder / "cut.mp4")
 
 
 def _failures(t) -> list[tuple]:
