@@ -98,6 +98,8 @@ SOURCES_RECORD, LEASE_LOCK, TMP_DIR, RECURRING_DIR = "_sources.parquet", "_lease
 # every name the layout (the module docstring) puts in a local output's directory: one holding others is no output
 OUTPUT_ENTRIES = frozenset({FRAMES_DIR, ERRORS_DIR, JOB_RECORD, SOURCES_RECORD, LEASE_RECORD, LEASE_LOCK, TMP_DIR,
                             RECURRING_DIR})
+# the error rows as a person reads them: the query that fpn run's summary, fpn status and fpn report point to
+ERRORS_QUERY = "SELECT source, stage, error_type, message FROM errors"
 _OBJECT_STORES = {"s3", "gcs", "az", "abfs", "adl", "oss", "r2"}
 
 # Job states, defined once: `_job.json`, the run summary, `fpn status` and `fpn list` all use these.
