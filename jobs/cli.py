@@ -268,11 +268,11 @@ def _print_summary(doc: dict) -> None:
 
 def _not_settled_line(left: dict) -> str:
     """What a run left for a later one (`_job.json` not_settled)."""
-    n, first, ahead = left["sources"], left["first"], left.get("dated_ahead")
-    return (f"{n} input(s) written within the last {_age(left['min_age_s'])} (--min-age), left for a later run: "
-            + ", ".join(first[:3]) + (", ..." if n > 3 else "")
-            + (f"; {ahead} of them dated after this machine's clock (wrong clocks? --min-age 0 reads them)"
-               if ahead else ""))
+    n, first, ahead = left["sources"], left["first"], left.get("dated_ahead") or 0
+    said = " and ".join(part for part in (
+        f"{n - ahead} input(s) written within the last {_age(left['min_age_s'])}" if n > ahead else "",
+        f"{ahead} dated after this machine's clock (wrong clocks? --min-age 0 reads them)" if ahead else "") if part)
+    return f"{said} (--min-age), left for a later run: " + ", ".join(first[:3]) + (", ..." if n > 3 else "")
 
 
 def _errors_query(output: str, flags: str) -> str:

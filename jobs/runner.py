@@ -482,14 +482,6 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     t0, began = time.monotonic(), time.time()
     check_address(address)
     sources = plan_sources(plan) if sources is None else sources
-    sources, young = settled(sources, plan.min_age_s, began)
-    ahead = ahead_of(young, began)
-    if young:
-        log.warning("%d input(s) written within the last %g s (min_age_s), left for a later run: %s%s", len(young),
-                    plan.min_age_s, ", ".join(s.canonical for s in young[:3]), ", ..." if len(young) > 3 else "")
-    if ahead:
-        log.warning("%d of them dated after this machine's clock (%s, %.0f s ahead): wrong clocks? --min-age 0 "
-                    "reads them", len(ahead), ahead[0].canonical, ahead[0].modified - began)
     check_output_location(plan.output, plan.output_options)
     cfg, _ = read_config(plan.checkpoint)
     model_input = read_input_spec(plan.checkpoint)
@@ -497,6 +489,7 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
     with_masks = cfg.arch == "mask_rcnn"
     probe = Output(plan.output, plan.output_options)
     probe.lease(owner=job_id).check_free()  # a live writer: before Ray starts
+    sources, young, ahead = _waiting(plan, sources, probe, began)
     _, digest = model_id(Path(plan.checkpoint))
     identity = plan.identity(digest)
     differences = _settings_differ(probe.read_job(missing_ok=True), identity)
@@ -609,6 +602,29 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
                 signal.signal(signal.SIGTERM, old_handler)
         _ended(out, doc, counts, state, t0=t0, new_frames=counts["frames"] - len(done))
     return doc
+
+
+def _waiting(plan: Plan, sources: list, probe: Output, now: float) -> tuple[list, list, list]:
+    """`sources` split into those this run reads and those left for a later one (`plan.min_age_s`: written since,
+    or dated after `now`; `pipeline.sources.settled`), and of those, the ones dated after `now`. A source the
+    output knows as it is now (size and version as recorded: read when it was older, say, or by a run without the
+    age) is read, not left: there is nothing of it to wait for."""
+    sources, young = settled(sources, plan.min_age_s, now)
+    if young:
+        recorded = probe.read_sources()
+        same = {s.canonical for s in young if (rec := recorded.get(s.canonical)) is not None
+                and rec.get("left_run") is None and not Output.source_change(rec, s.size_and_version())}
+        if same:
+            sources = sorted(sources + [s for s in young if s.canonical in same], key=lambda s: s.canonical)
+            young = [s for s in young if s.canonical not in same]
+    ahead = ahead_of(young, now)
+    if young:
+        log.warning("%d input(s) not yet %g s old (min_age_s), left for a later run: %s%s", len(young),
+                    plan.min_age_s, ", ".join(s.canonical for s in young[:3]), ", ..." if len(young) > 3 else "")
+    if ahead:
+        log.warning("%d of them dated after this machine's clock (%s, %.0f s ahead): wrong clocks? --min-age 0 "
+                    "reads them", len(ahead), ahead[0].canonical, ahead[0].modified - now)
+    return sources, young, ahead
 
 
 @dataclasses.dataclass(frozen=True)

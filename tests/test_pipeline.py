@@ -394,7 +394,8 @@ def test_inputs_still_being_written_wait_for_a_later_run(ray_session, tmp_path, 
     _print_summary(fresh)
     said = capsys.readouterr().out
     assert "nothing to do yet: every input was left for a later run" in said
-    assert "1 of them dated after this machine's clock (wrong clocks? --min-age 0 reads them)" in said
+    assert ("1 input(s) written within the last 10m and 1 dated after this machine's clock (wrong clocks? --min-age 0 "
+            "reads them) (--min-age), left for a later run") in said
     monkeypatch.setattr(jobs.runner, "init_ray", real_init)
 
     os.utime(archive / "writing.png", (hour_ago, hour_ago))  # written out: the next run reads it
@@ -402,6 +403,12 @@ def test_inputs_still_being_written_wait_for_a_later_run(ray_session, tmp_path, 
     assert later["state"] == "succeeded" and "not_settled" not in later and later["frames"] == 2
     assert "left for a later run" not in CliRunner().invoke(cli, ["status", str(out)]).output
     assert_exactly_once(frames_table(out))
+    # read by a run without the age, and as it is now: nothing of it to wait for (it waited, and the output looked
+    # empty: "frames 0 / 0")
+    (archive / "again.png").write_bytes((archive / "done.png").read_bytes())
+    job([archive / "again.png"], tmp_path / "read", model=null)
+    known = job([archive / "again.png"], tmp_path / "read", model=null, min_age_s=600)
+    assert known["nothing_new"] and known["inputs"] == 1 and "not_settled" not in known
 
 
 def test_min_rows_per_file_writes_few_files_of_whole_bundles(ray_session, make_video, tmp_path):
