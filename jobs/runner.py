@@ -600,6 +600,8 @@ def run(plan: Plan, *, address: str | None = None, job_id: str | None = None,
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
+        if counts["frames"] == len(done) and (work := _last_work(previous)):  # no frame written: not this one
+            doc["last_work"] = work
         _ended(out, doc, counts, state, t0=t0, new_frames=counts["frames"] - len(done))
     return doc
 
@@ -733,10 +735,11 @@ _WORK_FIGURES = ("runs", "job_id", "state", "error", "started_at", "finished_at"
 
 
 def _last_work(previous: dict[str, Any]) -> dict[str, Any] | None:
-    """The figures of the last run that did work, for the record of a run with nothing new (`previous`: the record
-    before it): that run's own, or the `last_work` a run with nothing new carried. Without it, one day with nothing
-    new left no trace of how the archive's last work ran (its resources, rate, start)."""
-    if previous.get("nothing_new"):
+    """The figures of the last run that did work, for the record of a run with nothing new or none written
+    (`previous`: the record before it): that run's own, or the `last_work` such a run carried. Without it, one day
+    with nothing new left no trace of how the archive's last work ran (its resources, rate, start); a run that only
+    found a source changed (Ray started, 0 frames) stood for it ("0 new frames, 0.00 frames/s")."""
+    if previous.get("nothing_new") or (previous.get("new_frames") == 0 and "last_work" in previous):
         return previous.get("last_work")
     work = {k: previous[k] for k in _WORK_FIGURES if k in previous}
     if "new_frames" not in work and "frames" in previous:  # a run that stopped, or recorded before new_frames

@@ -581,6 +581,8 @@ def test_a_changed_source_left_stays_left_and_a_rerun_with_nothing_else_new_star
     assert f"changed, left: {src} changed since run 1" in r.output and "--replace-changed" in r.output
     again = json.loads((out / "_job.json").read_text())
     assert again["nothing_new"] and again["runs"] == 3 and again["changed_left"] == seen["changed_left"]
+    # the last run that wrote frames is the first: run 2 only found the change (its own record says so too)
+    assert seen["last_work"]["runs"] == again["last_work"]["runs"] == 1
     assert again["state"] == "finished_with_errors" and (again["errors"], again["errors_of_other_inputs"]) == (1, 0)
     assert error_files() == rows  # its row stays, once: neither written again nor dropped as stale
     status = invoke("status", out)

@@ -347,8 +347,9 @@ def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_
     other_cut = job([archive], out, **{**spec, "segment_frames": 16})  # other segments: every source probed
     assert other_cut["inputs_known"] == 0 and len(probed[-1]) == 4 and other_cut["work_units"] == units + 1 - 1
     later = job([archive], out, **{**spec, "segment_frames": 16})
-    assert later["nothing_new"] and later["last_work"]["runs"] == other_cut["runs"]
-    assert later["last_work"]["new_frames"] == other_cut["new_frames"]
+    # the last run that wrote frames: day 2's (the other cut probed again and wrote none)
+    assert other_cut["new_frames"] == 0 and other_cut["last_work"]["runs"] == day2["runs"]
+    assert later["nothing_new"] and later["last_work"]["runs"] == day2["runs"] and later["last_work"]["new_frames"] == 1
     assert_exactly_once(frames_table(out))
 
 
