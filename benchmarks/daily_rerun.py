@@ -8,7 +8,13 @@ record is cut before each such rerun (which writes it again). With new files, ea
 so both do the same detection work. `--latency` holds every request of moto's S3 server (in this process, on
 127.0.0.1: tests/served_bytes.py) that long, a distant region's round trip; the server counts the requests of
 each command. The first run writes files of about 1/100 of its frames, as if about 100 daily runs had written the
-output. The detector is benchmarks/null_model.py (no model cost). Writes benchmarks/results/daily_rerun.json.
+output. The detector is benchmarks/null_model.py (no model cost).
+
+Then one source changes (an image rewritten) and is left as a SourceChanged row (no --replace-changed): after the
+rerun that finds it, each rerun with nothing else new is measured on the output as it is, which records the source
+as left at the version seen (`pipeline.known.LEFT_FIELDS`), and with those fields cut, as outputs held before,
+so that the rerun finds it changed again, starts Ray to plan it and writes its row again, as every rerun did.
+Writes benchmarks/results/daily_rerun.json (or --out).
 
     scripts/loopback-only .venv/bin/python benchmarks/daily_rerun.py [--images 1000] [--videos 4] [--new 5]
 """
@@ -40,18 +46,19 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import s3fs  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pipeline.known import LEFT_FIELDS  # noqa: E402
 from served_bytes import start_counted_server  # noqa: E402  the tests' moto server, with its latency
 
 OLD_COLUMNS = ["source", "size", "version", "first_run"]  # what _sources.parquet held before pipeline.known
 
 
-def fpn_run(args: list[str], env: dict[str, str]) -> tuple[float, dict]:
-    """(wall seconds, the output's _job.json) of one `fpn run` in its own process."""
+def fpn_run(args: list[str], env: dict[str, str], ok: tuple[int, ...] = (0,)) -> tuple[float, dict]:
+    """(wall seconds, the completed process) of one `fpn run` in its own process, which must exit with one of `ok`."""
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "jobs.cli", "run", *args], cwd=REPO, env=env, capture_output=True,
                        text=True)
     wall = time.perf_counter() - t
-    if p.returncode != 0:
+    if p.returncode not in ok:
         raise SystemExit(f"fpn run {' '.join(args)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return wall, p
 
@@ -87,13 +94,22 @@ class Archive:
 
     def forget_probes(self) -> None:
         """Cut `_sources.parquet` to the columns outputs held before pipeline.known."""
+        self._cut(lambda t: t.select(OLD_COLUMNS))
+
+    def forget_left(self) -> None:
+        """Cut from `_sources.parquet` what it says of changed sources left so (outputs held nothing of them)."""
+        self._cut(lambda t: t.drop_columns(list(LEFT_FIELDS)))
+
+    def job(self) -> dict:
+        return json.loads(Path(self.output, "_job.json").read_text() if self.fs is None else
+                          self.fs.cat_file(f"{self.output}/_job.json".removeprefix("s3://")))
+
+    def _cut(self, how) -> None:
         if self.fs is None:
-            t = pq.read_table(self._record())
-            pq.write_table(t.select(OLD_COLUMNS), self._record())
+            pq.write_table(how(pq.read_table(self._record())), self._record())
         else:
-            t = pq.read_table(pa.BufferReader(self.fs.cat_file(self._record())))
             sink = pa.BufferOutputStream()
-            pq.write_table(t.select(OLD_COLUMNS), sink)
+            pq.write_table(how(pq.read_table(pa.BufferReader(self.fs.cat_file(self._record())))), sink)
             self.fs.pipe_file(self._record(), sink.getvalue().to_pybytes())
 
 
@@ -131,8 +147,7 @@ def scenario(name: str, archive: Archive, a, env: dict[str, str], extra: list[st
                 if counter is not None:
                     counter.take()
                 wall, _ = fpn_run(args, env)
-                job = json.loads(Path(archive.output, "_job.json").read_text() if archive.fs is None else
-                                 archive.fs.cat_file(f"{archive.output}/_job.json".removeprefix("s3://")))
+                job = archive.job()
                 assert job["state"] == "succeeded", job.get("state")
                 assert job.get("inputs_known", 0) == (0 if how == "probe_every_input" else job["inputs"] - new), job
                 times[how].append(round(wall, 2))
@@ -144,7 +159,36 @@ def scenario(name: str, archive: Archive, a, env: dict[str, str], extra: list[st
         row[f"new_{new}"] = {"wall_s": times, "ray_started": ray, "ratio": round(after / before, 3),
                              **({"requests": requests} if counter is not None else {})}
         print(f"{name}, {new} new: {json.dumps(row[f'new_{new}'])}", flush=True)
+    row["changed_1"] = changed(archive, a, args, env, counter)
+    print(f"{name}, 1 changed: {json.dumps(row['changed_1'])}", flush=True)
     return row
+
+
+def changed(archive: Archive, a, args: list[str], env: dict[str, str], counter=None) -> dict:
+    """Reruns with one source changed and left (exit 3: its SourceChanged row), nothing else new: the output's
+    record as it is against the same without what it says of sources left so (`Archive.forget_left`)."""
+    archive.put("cam00/snap000000.png", png_bytes(250))  # other pixels: another size or ETag, another mtime
+    fpn_run(args, env, ok=(3,))  # the run that finds it changed
+    times: dict[str, list[float]] = {"forget_left": [], "record": []}
+    requests: dict[str, list[int]] = {"forget_left": [], "record": []}
+    ray: dict[str, list[bool]] = {"forget_left": [], "record": []}
+    for _ in range(a.repeats):
+        for how in ("forget_left", "record"):
+            if how == "forget_left":
+                archive.forget_left()
+            if counter is not None:
+                counter.take()
+            wall, _ = fpn_run(args, env, ok=(3,))
+            job = archive.job()
+            assert job["state"] == "finished_with_errors" and job["errors"] == 1, job
+            times[how].append(round(wall, 2))
+            ray[how].append("ray" in job["startup_s"])
+            if counter is not None:
+                time.sleep(0.3)
+                requests[how].append(counter.take()[1])
+    return {"wall_s": times, "ray_started": ray,
+            "ratio": round(statistics.median(times["record"]) / statistics.median(times["forget_left"]), 3),
+            **({"requests": requests} if counter is not None else {})}
 
 
 def main() -> None:
@@ -155,6 +199,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.02, help="seconds before each S3 answer")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=["local", "s3"])
+    ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1"})
@@ -178,7 +223,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     doc = {**measured(), "images": a.images, "videos": a.videos, "new_per_day": a.new, "s3_latency_s": a.latency,
            "repeats": a.repeats, "rows": rows}
-    RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
+    Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":
