@@ -125,31 +125,20 @@ _BATCH = _BatchSize()
 
 
 class _Duration(click.ParamType):
-    """Seconds, or a number with a unit: 90s, 10m, 2h, 1d."""
+    """Seconds, or a number with a unit: 90s, 10m, 2h, 1d (`jobs.spec.parse_duration`)."""
 
     name = "DURATION"
-    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
     def convert(self, value, param, ctx):
+        from jobs.spec import parse_duration
+
         if isinstance(value, (int, float)):
             return float(value)
-        text = str(value).strip().lower()
-        unit = self._UNITS.get(text[-1:], None)
         try:
-            seconds = float(text[:-1] if unit else text) * (unit or 1)
-        except ValueError:
-            seconds = -1
-        if not 0 <= seconds < float("inf"):
-            self.fail(f"{value!r} is not a duration (seconds, or a number with s, m, h or d: 10m)", param, ctx)
-        return seconds
+            return parse_duration(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
-
-def _age(seconds: float) -> str:
-    """A duration as `--min-age` takes it, in its largest whole unit: 600 -> 10m."""
-    for unit, n in sorted(_Duration._UNITS.items(), key=lambda u: -u[1]):
-        if seconds >= n and seconds % n == 0:
-            return f"{seconds / n:g}{unit}"
-    return f"{seconds:g}s"
 
 format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                              show_default=True, help="Output format.")
@@ -268,9 +257,11 @@ def _print_summary(doc: dict) -> None:
 
 def _not_settled_line(left: dict) -> str:
     """What a run left for a later one (`_job.json` not_settled)."""
+    from jobs.spec import duration_text
+
     n, first, ahead = left["sources"], left["first"], left.get("dated_ahead") or 0
     said = " and ".join(part for part in (
-        f"{n - ahead} input(s) written within the last {_age(left['min_age_s'])}" if n > ahead else "",
+        f"{n - ahead} input(s) written within the last {duration_text(left['min_age_s'])}" if n > ahead else "",
         f"{ahead} dated after this machine's clock (wrong clocks? --min-age 0 reads them)" if ahead else "") if part)
     return f"{said} (--min-age), left for a later run: " + ", ".join(first[:3]) + (", ..." if n > 3 else "")
 
@@ -667,7 +658,7 @@ def status(target, endpoint_url, profile, anon, address, fmt):
         elif row.get("nothing_new"):  # its start line would read as a run that did nothing else
             click.echo("last run: nothing new (every input known and written; no probe, Ray not started)")
             if row.get("last_work"):
-                click.echo(f"last work: {_work_line(row['last_work'])}")
+                click.echo(f"work:     {_work_line(row['last_work'])} (the last run that wrote frames)")
         elif row.get("startup_s"):
             click.echo(f"start:    {_start_line(row['startup_s'])}")
         if row.get("output"):

@@ -14,7 +14,7 @@ A spec file mirrors the Plan's fields, nested where the Plan nests:
     batch_size: 8                      # or auto: by the GPU memory a detector gets (8 on CPUs)
     min_rows_per_file: 1000            # fewest frames per Parquet file (default: 1/20 of the job, 1 batch..1000)
     changed_sources: replace           # a source changed since its frames were written: error (default) or replace
-    min_age_s: 600                     # leave sources written within 10 minutes (still being written) for later
+    min_age_s: 10m                     # leave sources written within 10 minutes (still being written) for later
     score_thresh: 0.3                  # model overrides: score_thresh, scale, detections_per_img
     resources: {num_detectors: 2, gpus_per_detector: 1}
     bands: [4, 3, 2]                   # rasters: bands in the model's channel order
@@ -77,6 +77,11 @@ def _coerce(field: str, value: Any, tp: Any) -> Any:
         raise errors[0]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if field in _DURATIONS and isinstance(value, str):  # "10m", as the flag takes it
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise SpecError(f"spec field {field}: {e}") from None
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, str):
@@ -89,6 +94,31 @@ def _coerce(field: str, value: Any, tp: Any) -> Any:
         return dict(value)
     name = _EXPECTED.get(field) or ("a list" if origin is tuple else getattr(tp, "__name__", str(tp)))
     raise SpecError(f"spec field {field}: expected {name}, got {value!r}")
+
+
+_DURATIONS = {"min_age_s"}  # seconds, or a duration with its unit (parse_duration)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "10m", "1.5h" or "1d" (`--min-age`, spec `min_age_s`); ValueError otherwise."""
+    t = text.strip().lower()
+    unit = _UNITS.get(t[-1:])
+    try:
+        seconds = float(t[:-1] if unit else t) * (unit or 1)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{text!r} is not a duration (seconds, or a number with s, m, h or d: 10m)")
+    return seconds
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as `parse_duration` takes it, in its largest whole unit: 600 -> 10m."""
+    for unit, n in sorted(_UNITS.items(), key=lambda u: -u[1]):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:g}{unit}"
+    return f"{seconds:g}s"
 
 
 # what a field holds, where its type says too little ("expected tuple") to a user whose value it refuses

@@ -713,8 +713,10 @@ def _error_run(path: str) -> int:
 
 
 def _corrupt(f: str, e: BaseException) -> ValueError:
-    return ValueError(f"{f} is not a readable Parquet file ({one_line(e)}): move it out of the "
-                      "output; the next run detects its frames again")
+    """One line naming an unreadable file of the output, and the way out: what the next run then does again."""
+    again = "a complete run writes the rows of the failures that happen again" if f"/{ERRORS_DIR}/" in f or f"/{RECURRING_DIR}/" in f \
+        else "the next run detects its frames again"
+    return ValueError(f"{f} is not a readable Parquet file ({one_line(e)}): move it out of the output; {again}")
 
 
 def _process_space() -> str | None:

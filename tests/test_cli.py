@@ -88,11 +88,17 @@ def test_tile_flags_that_contradict_each_other_are_refused(tmp_path):
 
 
 def test_min_age_takes_a_duration_and_refuses_what_is_not_one(tmp_path):
-    from jobs.cli import _age, _Duration
+    from jobs.cli import _Duration
+    from jobs.spec import duration_text, plan_from_dict
 
     assert [_Duration().convert(v, None, None) for v in ("90", "90s", "10m", "1.5h", "1d", 30)] == [
         90, 90, 600, 5400, 86400, 30]
-    assert [_age(s) for s in (90, 600, 5400, 86400, 0.5)] == ["90s", "10m", "90m", "1d", "0.5s"]
+    assert [duration_text(s) for s in (90, 600, 5400, 86400, 0.5)] == ["90s", "10m", "90m", "1d", "0.5s"]
+    # a spec takes what the flag takes (it refused "10m": "expected float")
+    spec = {"inputs": [str(SOAP)], "output": str(tmp_path / "o")}
+    assert [plan_from_dict({**spec, "min_age_s": v}).min_age_s for v in ("10m", 90, 2.5)] == [600.0, 90.0, 2.5]
+    with pytest.raises(ValueError, match="spec field min_age_s: 'soon' is not a duration"):
+        plan_from_dict({**spec, "min_age_s": "soon"})
     for bad in ("soon", "-5m", "nan", "10y", "inf", "1e400"):  # infinity was written into _job.json, not JSON
         r = CliRunner().invoke(cli, ["run", str(SOAP), "-o", str(tmp_path / "o"), "--min-age", bad])
         assert r.exit_code == 2 and f"{bad!r} is not a duration" in r.output, (bad, r.output)

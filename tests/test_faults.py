@@ -671,9 +671,16 @@ def test_torn_job_record_and_corrupt_parquet_give_one_line_and_a_way_out(ray_ses
     r = invoke("run", SOAP, "-o", out)
     assert r.exit_code == 1 and "part-broken.parquet is not a readable Parquet file" in r.output
     assert "Traceback" not in r.output
+    assert "the next run detects its frames again" in r.output
     (out / "frames" / "part-broken.parquet").unlink()
     r = invoke("run", SOAP, "-o", out)
     assert r.exit_code == 0
+    # an error file's way out says what comes back of it ("detects its frames again" was of frames files)
+    (out / "errors").mkdir(exist_ok=True)
+    (out / "errors" / "err-r0001-broken.parquet").write_bytes(b"PAR1 not really")
+    r = invoke("run", SOAP, "-o", out)
+    assert r.exit_code == 1 and "err-r0001-broken.parquet is not a readable Parquet file" in r.output, r.output
+    assert "a complete run writes the rows of the failures that happen again" in r.output
     record("torn _job.json; a corrupt Parquet file in frames/", "one line each naming the file and the way out "
            "(exit 1); after that, a rerun adds nothing", expected=1, frames=frames(out), errors=0, exit_code=1)
     assert_once(frames(out), 1)

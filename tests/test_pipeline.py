@@ -314,7 +314,7 @@ def test_a_rerun_probes_only_new_sources_and_with_nothing_new_starts_no_ray(ray_
 
     status = CliRunner().invoke(cli, ["status", str(out)])
     assert status.exit_code == 0 and "last run: nothing new (every input known and written" in status.output
-    assert (f"last work: run 1 (succeeded), ended {first['finished_at']}: {t.num_rows} new frames, "
+    assert (f"work:     run 1 (succeeded), ended {first['finished_at']}: {t.num_rows} new frames, "
             f"{first['frames_per_s']:.2f} frames/s") in status.output, status.output
     # a time range ending in the clip's first segment: its later segments sample no frame, and need no run
     early = job([archive], out, sampling={"end_s": 0.5}, **spec)
