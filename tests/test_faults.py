@@ -770,7 +770,7 @@ def test_a_rerun_stopped_before_its_end_leaves_one_error_row_per_failure(ray_ses
     windows = [f[2] for f in failed if f[0].endswith("cut.tif")]  # each unit's row at its first window, as frames
     assert len(windows) > 1 and len(set(windows)) == len(windows) and min(windows) >= 0, failed
     record("rerun of a job with failures at each stage, stopped before its end", "each failure one error row, "
-           "while it ran and after", expected=1, frames=frames(out), errors=len(failed), exit_code=None)
+           "while it ran and after", expected=first["frames"], frames=frames(out), errors=len(failed), exit_code=None)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
