@@ -684,12 +684,12 @@ def _when_written(job: _Job, probe: Output, sources: list) -> dict[str, Any] | N
     """The run's record when nothing is left to do: every source known to the output (`pipeline.known`: unchanged
     since an earlier run recorded its units) and every frame they plan written. A rerun over an archive with
     nothing new ends here, with no probe and no Ray: it read the listing, `_sources.parquet` and the frame ids
-    (benchmarks/daily_rerun.py); so does a run whose every source was left for a later run (`min_age_s`). None: there
-    is work, or a source to probe. That is seen first without the lease
-    (and again under it): a run with work takes the lease once, and one taking it over from a writer that died
-    records whom from (`took_over_from`). A source changed since its frames were written that an earlier run left
-    so, and still at the version it saw, is left again (`_left_changed`): its row, of that run, stays; unless the
-    run replaces changed sources (`_skip_changed`)."""
+    (benchmarks/daily_rerun.py); so does a run whose every source was left for a later run (`min_age_s`). None:
+    there is work, or a source to probe. That is seen first without the lease (and again under it): a run with work
+    takes the lease once, and one taking it over from a writer that died records whom from (`took_over_from`). A
+    source changed since its frames were written that an earlier run left so, and still at the version it saw, is
+    left again (`_left_changed`): its row, of that run, stays; unless the run replaces changed sources
+    (`_skip_changed`)."""
     plan = job.plan
 
     def known(output: Output) -> tuple[Planned | None, dict[str, str]]:
@@ -754,9 +754,8 @@ def _complete(out: Output, doc: dict[str, Any], read: set[str] | None, *, kept: 
     (None: all, as when its settings replaced an earlier run's): earlier runs' error rows of those are gone, but
     for failures it met again (`Output.settle_errors`), and of `kept`, changed sources an earlier run left as they
     still are (its SourceChanged row stays, and is this run's error too: one of its inputs)."""
-    others = out.settle_errors(None if read is None else read - kept)
     # the state is this run's: an earlier run's error about a source it did not read is kept, and counted
-    doc["errors_of_other_inputs"] = others - (out.errors_of(kept) if read is not None and kept else 0)
+    doc["errors_of_other_inputs"] = out.settle_errors(read, keep=kept)
     counts = out.counts()
     if counts["frames"] == 0:  # every input failed or nothing was sampled: frames/ still holds the schema
         out.write_empty_frames(with_masks=with_masks)
@@ -800,7 +799,8 @@ def _safe_counts(out: Output) -> dict[str, int]:
         return {}
 
 
-def _skip_changed(out: Output, sources: list, *, replace: bool = False) -> tuple[list, dict[str, dict], dict[str, str]]:
+def _skip_changed(out: Output, sources: list, *,
+                  replace: bool = False) -> tuple[list, dict[str, dict], dict[str, str]]:
     """Sources that changed (size or version) since an earlier run wrote frames of them become error rows: the
     frames here are of the old version. Each is recorded as left at the version seen (`pipeline.known.left_at`), so
     that later runs leave it too without a row of their own (this one's stays) and, with nothing else new, end

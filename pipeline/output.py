@@ -367,11 +367,12 @@ class Output:
         if again:
             self.write_table(pa.Table.from_pylist(again, schema=RECURRING_SCHEMA), f"{RECURRING_DIR}/{name}")
 
-    def settle_errors(self, read: set[str] | None) -> int:
+    def settle_errors(self, read: set[str] | None, keep: set[str] = frozenset()) -> int:
         """Make `errors` this run's view of the failures, once it went through all its work: the rows of runs
         before it about the sources it `read` (canonical URIs; None: every one, as when this run's settings
         replaced theirs) go, but for those of failures that happened again, which take their new row in their
-        place (`_recurring/`: `write_errors`). Rows of sources this run did not read stay: a daily run over the
+        place (`_recurring/`: `write_errors`), and those of sources in `keep` (of `read`: changed sources an earlier
+        run left, whose row is still true). Rows of sources this run did not read stay: a daily run over the
         day's new files removed every older run's errors. Each earlier file that changes is written again under its
         name (its run's) with what it keeps, or removed when it keeps nothing: one write each, so no failure is
         without its row, nor has two, whenever a crash stops this. `_recurring/` is emptied last (what runs that
@@ -385,14 +386,13 @@ class Output:
                     again.update({(r["source"], r["stage"], i): row for i in r["replaces"]})
         placed: set[int] = set()  # ids of the rows of `again` in a file now
         others = 0
-        for f in self.error_files():
-            if _error_run(f) >= self.run:
-                continue
+        earlier = [f for f in self.error_files() if _error_run(f) < self.run]
+        for f, table in zip(earlier, self._read_each(self._table, earlier)):
             kept, changed = [], False
-            for r in self._table(f).to_pylist():
-                if read is not None and r["source"] not in read:
+            for r in table.to_pylist():
+                if read is not None and (r["source"] not in read or r["source"] in keep):
                     kept.append(r)
-                    others += 1
+                    others += r["source"] not in read
                     continue
                 new = again.get((r["source"], r["stage"], r["frame_index"]))
                 if new is not None and id(new) not in placed:  # an earlier row of a failure seen again: its new row
@@ -423,10 +423,6 @@ class Output:
 
     def _recurring_files(self) -> list[str]:
         return parquet_files(self.fs, self._p(RECURRING_DIR))
-
-    def errors_of(self, sources: set[str]) -> int:
-        """Error rows, of any run, about `sources` (canonical URIs)."""
-        return sum(self._read_each(lambda f: self._without_sources(f, sources)[1], self.error_files()))
 
     # -- reading --------------------------------------------------------------------------------
     def frame_files(self) -> list[str]:
@@ -714,8 +710,9 @@ def _error_run(path: str) -> int:
 
 def _corrupt(f: str, e: BaseException) -> ValueError:
     """One line naming an unreadable file of the output, and the way out: what the next run then does again."""
-    again = "a complete run writes the rows of the failures that happen again" if f"/{ERRORS_DIR}/" in f or f"/{RECURRING_DIR}/" in f \
-        else "the next run detects its frames again"
+    errors = f"/{ERRORS_DIR}/" in f or f"/{RECURRING_DIR}/" in f
+    again = ("a complete run writes the rows of the failures that happen again" if errors
+             else "the next run detects its frames again")
     return ValueError(f"{f} is not a readable Parquet file ({one_line(e)}): move it out of the output; {again}")
 
 

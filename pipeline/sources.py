@@ -29,7 +29,8 @@ from .storage import (canonical_uri, check_endpoint, filesystem, object_mtime, o
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Source", "WorkUnit", "expand_inputs", "settled", "ahead_of", "media_kind", "VIDEO_EXT", "IMAGE_EXT", "RASTER_EXT"]
+__all__ = ["Source", "WorkUnit", "expand_inputs", "settled", "ahead_of", "media_kind", "VIDEO_EXT", "IMAGE_EXT",
+           "RASTER_EXT"]
 
 VIDEO_EXT = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -124,8 +125,13 @@ def _source(fs, name: str, info: dict, original: str) -> Source:
     if local and info.get("islink"):
         info = fs.info(name)
     url = name if local else fs.unstrip_protocol(name)
+    return _listed(url, canonical_uri(url), info)
+
+
+def _listed(url: str, canonical: str, info: dict) -> Source:
+    """A Source with what its fsspec `info`/listing entry says of it: size, version, when it was last written."""
     size = info.get("size")
-    return Source(url, canonical_uri(url), int(size) if size is not None else None, object_version(info),
+    return Source(url, canonical, int(size) if size is not None else None, object_version(info),
                   modified=object_mtime(info))
 
 
@@ -186,9 +192,7 @@ def _expand_one(item: str, storage_options: dict | None, stac_asset: str, stac_b
         with fs.open(path, "rt") as f:
             lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
         return _manifest_sources(item, [_beside(item, ln) for ln in lines], storage_options, stac_asset, stac_bands)
-    size = info.get("size")
-    return [Source(_read_url(item), canonical_uri(item), int(size) if size is not None else None, object_version(info),
-                   modified=object_mtime(info))]
+    return [_listed(_read_url(item), canonical_uri(item), info)]
 
 
 def _read_url(item: str) -> str:
